@@ -1,0 +1,130 @@
+/* arena.c -- formatting a new segment, validating one before trusting it, and O(1) statistics.
+ *
+ * shm_arena_format() lays out the header and one free block spanning the heap, and writes the
+ * magic last (with a release fence), so a process that attaches while another is still formatting
+ * sees no magic and is refused rather than seeing half an arena. shm_handle_open() checks every
+ * header field it will rely on [A1] [A2] against the mapping it was given before it returns. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shm_internal.h"
+
+#define PIN(type, field, off) _Static_assert(offsetof(type, field) == (off), #type "." #field)
+PIN(shm_block_t, size, 0x00);
+PIN(shm_block_t, prev_size, 0x08);
+PIN(shm_block_t, owner, 0x10);
+PIN(shm_block_t, flags, 0x14);
+PIN(shm_block_t, refcount, 0x18);
+PIN(shm_block_t, check, 0x1c);
+_Static_assert(sizeof(shm_block_t) == 32, "block header is 32 bytes");
+_Static_assert(sizeof(shm_block_t) + sizeof(shm_free_links_t) <= SHM_MIN_BLOCK, "min block");
+_Static_assert(sizeof(shm_proc_t) == 128, "process slot is two cache lines");
+PIN(shm_arena_t, version, 0x08);
+PIN(shm_arena_t, capacity, 0x10);
+PIN(shm_arena_t, heap_off, 0x18);
+PIN(shm_arena_t, salt, 0x28);
+PIN(shm_arena_t, counters, 0x40);
+PIN(shm_arena_t, heap_lock, 0xc0);
+PIN(shm_arena_t, bitmap, 0x140);
+PIN(shm_arena_t, bins, 0x160);
+PIN(shm_arena_t, procs, 0x840);
+PIN(shm_counters_t, reserved_top, 0x40);
+
+uint64_t shm_header_size(void) { return (sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
+
+static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, uint64_t salt) {
+    h->base = base;
+    h->arena = base;
+    h->capacity = capacity;
+    h->heap_off = shm_header_size();
+    h->heap_end = capacity;
+    h->salt = salt;
+    h->fd = fd;
+}
+
+int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns) {
+    uint64_t hs = shm_header_size();
+    if (capacity % SHM_PAGE || capacity < hs + SHM_PAGE || capacity > SHM_MAX_CAPACITY)
+        return err_set(SHM_EINVAL, capacity,
+                       "capacity %llu must be a multiple of %d between %llu and %llu bytes",
+                       (unsigned long long)capacity, SHM_PAGE, (unsigned long long)(hs + SHM_PAGE),
+                       (unsigned long long)SHM_MAX_CAPACITY);
+    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0)
+        return errno == ENOSPC ? err_oom(SHM_ENOSPC, hs + SHM_PAGE, 0, 0, capacity)
+                               : err_sys(errno, "fallocate on the new segment");
+    shm_arena_t *a = base;
+    memset(a, 0, sizeof *a);
+    a->version = SHM_LAYOUT_VERSION;
+    a->header_size = sizeof(shm_arena_t);
+    a->capacity = capacity;
+    a->heap_off = hs;
+    a->heap_size = capacity - hs;
+    a->salt = salt;
+    a->created_ns = now_ns;
+    a->max_procs = SHM_MAX_PROCS;
+    a->nbins = SHM_NBINS;
+    a->counters.reserved_top = hs + SHM_PAGE;
+    int rc = lock_init(&a->heap_lock);
+    if (rc != SHM_OK) return rc;
+
+    shm_handle_t h;
+    handle_fill(&h, base, capacity, fd, salt);
+    block_write(&h, hs, capacity - hs, 0, 0, SHM_BF_FREE, 0);
+    if ((rc = freelist_insert(&h, hs)) != SHM_OK) return rc;
+    a->counters.free_bytes = capacity - hs;
+    a->counters.free_blocks = 1;
+    __atomic_store_n(&a->magic, (uint64_t)SHM_MAGIC, __ATOMIC_RELEASE);
+    return SHM_OK;
+}
+
+int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
+    const shm_arena_t *a = base;
+    uint64_t hs = shm_header_size();
+    if (capacity < hs + SHM_PAGE)
+        return err_set(SHM_ELAYOUT, 0, "the segment is %llu bytes, too small for an arena",
+                       (unsigned long long)capacity);
+    if (__atomic_load_n(&a->magic, __ATOMIC_ACQUIRE) != SHM_MAGIC)
+        return err_set(SHM_ELAYOUT, 0, "no shmalloc magic at offset 0 (found %#llx)",
+                       (unsigned long long)a->magic);
+    if (a->version != SHM_LAYOUT_VERSION || a->header_size != sizeof(shm_arena_t))
+        return err_set(SHM_ELAYOUT, 8, "layout version %u (header %u bytes); this build reads %d (%zu)",
+                       a->version, a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
+    if (a->capacity != capacity || a->heap_off != hs || a->heap_size != capacity - hs ||
+        a->max_procs != SHM_MAX_PROCS || a->nbins != SHM_NBINS)
+        return err_set(SHM_ELAYOUT, 0x10,
+                       "header says capacity %llu, heap at %llu; the segment is %llu bytes",
+                       (unsigned long long)a->capacity, (unsigned long long)a->heap_off,
+                       (unsigned long long)capacity);
+    shm_handle_t *h = malloc(sizeof *h);
+    if (!h) return err_sys(ENOMEM, "malloc");
+    handle_fill(h, base, capacity, fd, a->salt);
+    *out = h;
+    return SHM_OK;
+}
+
+void shm_handle_close(shm_handle_t *h) { free(h); }
+
+int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
+    const shm_counters_t *c = &h->arena->counters;
+    memset(out, 0, sizeof *out);
+    out->total = h->heap_end - h->heap_off;
+    out->capacity = h->capacity;
+    out->used = A_LOAD(&c->used);
+    out->peak = A_LOAD(&c->peak);
+    out->allocated_blocks = A_LOAD(&c->allocated_blocks);
+    out->free_blocks = A_LOAD(&c->free_blocks);
+    out->overhead = out->allocated_blocks * SHM_HDR;
+    uint64_t fb = A_LOAD(&c->free_bytes), fh = out->free_blocks * SHM_HDR;
+    out->available = fb > fh ? fb - fh : 0;
+    out->allocations = A_LOAD(&c->allocations);
+    out->deallocations = A_LOAD(&c->deallocations);
+    out->frees_since_gc = A_LOAD(&c->frees_since_gc);
+    out->reserved = A_LOAD(&c->reserved_top);
+    out->lock_recoveries = A_LOAD(&c->lock_recoveries);
+    out->oom_events = A_LOAD(&c->oom_events);
+    out->gc_runs = A_LOAD(&c->gc_runs);
+    return SHM_OK;
+}

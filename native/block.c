@@ -1,0 +1,90 @@
+/* block.c -- block headers: writing them, sealing them with a checksum, and validating them.
+ *
+ * Every header write goes through block_write()/block_reseal() so the checksum [B1] is always
+ * current. Nothing read from a header is trusted before block_validate() has checked its offset
+ * against the heap's bounds, its size [B2] and its checksum [B1]. */
+#include "shm_internal.h"
+
+static inline uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b) {
+    uint64_t x = h->salt ^ mix64(off);
+    x = mix64(x ^ b->size);
+    x = mix64(x ^ b->prev_size);
+    x = mix64(x ^ (((uint64_t)b->owner << 32) | b->flags));
+    x = mix64(x ^ b->refcount);
+    return (uint32_t)(x ^ (x >> 32));
+}
+
+void block_write(const shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
+                 uint32_t owner, uint32_t flags, uint32_t refcount) {
+    shm_block_t *b = block_at(h, off);
+    b->size = size;
+    b->prev_size = prev_size;
+    b->owner = owner;
+    b->flags = flags;
+    b->refcount = refcount;
+    b->check = block_checksum(h, off, b);
+}
+
+void block_reseal(const shm_handle_t *h, uint64_t off) {
+    shm_block_t *b = block_at(h, off);
+    b->check = block_checksum(h, off, b);
+}
+
+/* Is there a sound block header at off? [B1] [B2] */
+int block_validate(const shm_handle_t *h, uint64_t off) {
+    if (UNLIKELY(off < h->heap_off || off % SHM_ALIGN || off > h->heap_end - SHM_MIN_BLOCK))
+        return err_set(SHM_ECORRUPT, off, "block offset %#llx lies outside the heap [%#llx, %#llx)",
+                       (unsigned long long)off, (unsigned long long)h->heap_off,
+                       (unsigned long long)h->heap_end);
+    const shm_block_t *b = block_at(h, off);
+    shm_block_t copy = *b; /* one read of the fields the checksum covers */
+    if (UNLIKELY(copy.check != block_checksum(h, off, &copy)))
+        return err_set(SHM_ECORRUPT, off, "block header at %#llx fails its checksum",
+                       (unsigned long long)off);
+    if (UNLIKELY(copy.size < SHM_MIN_BLOCK || copy.size % SHM_ALIGN ||
+                 copy.size > h->heap_end - off))
+        return err_set(SHM_ECORRUPT, off, "block at %#llx has impossible size %llu",
+                       (unsigned long long)off, (unsigned long long)copy.size);
+    return SHM_OK;
+}
+
+/* Walk the heap from its start to decide whether off is a block start whose header is damaged
+ * (corruption) or no block start at all (a bad address). Only error paths come here. */
+static int block_classify_bad(const shm_handle_t *h, uint64_t address, uint64_t off) {
+    uint64_t cur = h->heap_off;
+    while (cur < off) {
+        if (block_validate(h, cur) != SHM_OK) return SHM_ECORRUPT;
+        cur += block_at(h, cur)->size;
+    }
+    if (cur == off)
+        return err_set(SHM_ECORRUPT, off, "the header of the block at address %#llx is damaged",
+                       (unsigned long long)address);
+    return err_set(SHM_EADDR, address, "address %#llx lies inside a block, not at its start",
+                   (unsigned long long)address);
+}
+
+/* Map a user address to its block's offset; the block must be allocated. */
+int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out) {
+    if (UNLIKELY(address < h->heap_off + SHM_HDR || address >= h->heap_end ||
+                 address % SHM_ALIGN))
+        return err_set(SHM_EADDR, address,
+                       "address %#llx is outside the heap [%#llx, %#llx) or not 16-byte aligned",
+                       (unsigned long long)address, (unsigned long long)(h->heap_off + SHM_HDR),
+                       (unsigned long long)h->heap_end);
+    uint64_t off = address - SHM_HDR;
+    if (UNLIKELY(block_validate(h, off) != SHM_OK)) return block_classify_bad(h, address, off);
+    if (UNLIKELY(block_at(h, off)->flags & SHM_BF_FREE))
+        return err_set(SHM_EADDR, address, "the block at address %#llx is free (already freed?)",
+                       (unsigned long long)address);
+    *off_out = off;
+    return SHM_OK;
+}

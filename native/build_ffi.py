@@ -1,0 +1,40 @@
+"""The only cffi build script: compiles the C core into ``shmalloc._native`` (API mode).
+
+setuptools runs it through ``cffi_modules`` in setup.py; nobody runs it by hand. The cdef is
+the text of the two parser-clean headers, so the layout and the API are declared exactly once.
+``SHMALLOC_DEBUG`` (0..3) and ``SHMALLOC_SANITIZE=1`` in the environment select debug builds.
+"""
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ["arena.c", "block.c", "check.c", "error.c", "freelist.c", "heap.c", "lock.c", "process.c"]
+
+ffibuilder = FFI()
+ffibuilder.cdef((HERE / "shm_layout.h").read_text() + (HERE / "shm_api.h").read_text())
+
+_debug = int(os.environ.get("SHMALLOC_DEBUG", "0"))
+_args = ["-std=gnu11", "-Wall", "-Wextra", f"-DSHMALLOC_DEBUG={_debug}"]
+_link: list[str] = []
+if _debug:
+    _args += ["-O1", "-g"]
+else:
+    _args += ["-O2", "-DNDEBUG"]
+if os.environ.get("SHMALLOC_SANITIZE") == "1":
+    _args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    _link += ["-fsanitize=address,undefined"]
+
+ffibuilder.set_source(
+    "shmalloc._native",
+    '#include "shm_internal.h"',
+    sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
+    include_dirs=[str(HERE.relative_to(HERE.parent))],
+    extra_compile_args=_args,
+    extra_link_args=_link,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

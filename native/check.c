@@ -1,0 +1,127 @@
+/* check.c -- the full heap walk: every invariant of shm_layout.h, cited by its id.
+ *
+ * Runs under the heap lock. Every step is bounded (the heap walk by the heap's size, each list
+ * walk by the number of free blocks the heap walk found), so a corrupt segment gives
+ * SHM_ECORRUPT with the first bad offset, never a hang or a read outside the segment. */
+#include "shm_internal.h"
+
+#define FAIL(off, ...) return err_set(SHM_ECORRUPT, (off), __VA_ARGS__)
+#define ULL(x) ((unsigned long long)(x))
+
+typedef struct {
+    uint64_t usage, nblocks;
+} proc_sums_t;
+
+static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums) {
+    uint64_t off = h->heap_off, prev_size = 0;
+    int prev_free = 0;
+    while (off < h->heap_end) {
+        if (block_validate(h, off) != SHM_OK) return SHM_ECORRUPT; /* [B1] [B2] */
+        const shm_block_t *b = block_at(h, off);
+        if (b->prev_size != prev_size)
+            FAIL(off, "[B3] block %#llx says prev_size %llu, the previous block is %llu bytes",
+                 ULL(off), ULL(b->prev_size), ULL(prev_size));
+        int is_free = (b->flags & SHM_BF_FREE) != 0;
+        if (is_free) {
+            if (b->owner || b->refcount || b->flags != SHM_BF_FREE)
+                FAIL(off, "[B4] free block %#llx has owner %u, refcount %u, flags %#x", ULL(off),
+                     b->owner, b->refcount, b->flags);
+            if (prev_free) FAIL(off, "[B5] free block %#llx follows a free block", ULL(off));
+            r->free_blocks++;
+            r->free_bytes += b->size;
+            if (b->size - SHM_HDR > r->largest_free) r->largest_free = b->size - SHM_HDR;
+        } else {
+            if (b->owner && !proc_slot_is_valid(h, b->owner))
+                FAIL(off, "[B6] block %#llx is owned by slot %u, which is not attached", ULL(off),
+                     b->owner - 1);
+            if (b->owner) {
+                sums[b->owner - 1].usage += b->size - SHM_HDR;
+                sums[b->owner - 1].nblocks++;
+            }
+            r->allocated_blocks++;
+            r->used += b->size - SHM_HDR;
+        }
+        r->blocks++;
+        prev_free = is_free;
+        prev_size = b->size;
+        off += b->size;
+    }
+    if (off != h->heap_end) FAIL(off, "the heap walk ends at %#llx, not at the heap end", ULL(off));
+    return SHM_OK;
+}
+
+static int check_bins(shm_handle_t *h, const shm_check_report_t *r) {
+    const shm_arena_t *a = h->arena;
+    uint64_t listed = 0;
+    for (unsigned bin = 0; bin < SHM_NBINS; bin++) {
+        uint64_t head = a->bins[bin], bin_off = (uint64_t)((const uint8_t *)&a->bins[bin] - h->base);
+        int bit = (a->bitmap[bin / 64] >> (bin % 64)) & 1;
+        if (bit != (head != 0))
+            FAIL(bin_off, "[F3] bin %u: bitmap bit %d but head %#llx", bin, bit, ULL(head));
+        uint64_t prev = 0;
+        for (uint64_t cur = head; cur; cur = block_links(h, cur)->next) {
+            if (++listed > r->free_blocks)
+                FAIL(cur, "[F2] the free lists hold more blocks than the heap (a cycle?) in bin %u", bin);
+            if (block_validate(h, cur) != SHM_OK) return SHM_ECORRUPT;
+            const shm_block_t *b = block_at(h, cur);
+            if (!(b->flags & SHM_BF_FREE)) FAIL(cur, "[F1] bin %u lists allocated block %#llx", bin, ULL(cur));
+            if (bin_of_size(b->size) != bin)
+                FAIL(cur, "[F2] block %#llx of %llu bytes is in bin %u, belongs in %u", ULL(cur),
+                     ULL(b->size), bin, bin_of_size(b->size));
+            if (block_links(h, cur)->prev != prev)
+                FAIL(cur, "[F1] block %#llx: prev link %#llx, expected %#llx", ULL(cur),
+                     ULL(block_links(h, cur)->prev), ULL(prev));
+            prev = cur;
+        }
+    }
+    if (listed != r->free_blocks)
+        FAIL(0, "[F2] the free lists hold %llu blocks, the heap has %llu free", ULL(listed),
+             ULL(r->free_blocks));
+    return SHM_OK;
+}
+
+static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums) {
+    const shm_arena_t *a = h->arena;
+    const shm_counters_t *c = &a->counters;
+    uint64_t coff = offsetof(shm_arena_t, counters);
+    if (A_LOAD(&c->used) != r->used)
+        FAIL(coff, "[C1] used counter %llu, blocks sum to %llu", ULL(c->used), ULL(r->used));
+    if (A_LOAD(&c->free_bytes) != r->free_bytes)
+        FAIL(coff, "[C2] free_bytes counter %llu, free blocks sum to %llu", ULL(c->free_bytes),
+             ULL(r->free_bytes));
+    if (A_LOAD(&c->allocated_blocks) != r->allocated_blocks || A_LOAD(&c->free_blocks) != r->free_blocks)
+        FAIL(coff, "[C3] block counters %llu/%llu, the walk found %llu/%llu",
+             ULL(c->allocated_blocks), ULL(c->free_blocks), ULL(r->allocated_blocks),
+             ULL(r->free_blocks));
+    if (A_LOAD(&c->reserved_top) > h->capacity)
+        FAIL(coff, "[A3] reserved_top %llu beyond capacity", ULL(c->reserved_top));
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        const shm_proc_t *p = &a->procs[i];
+        uint64_t poff = offsetof(shm_arena_t, procs) + (uint64_t)i * sizeof *p;
+        if (p->state > SHM_PROC_DEAD) FAIL(poff, "[P1] slot %d has state %u", i, p->state);
+        if (p->usage != sums[i].usage || p->nblocks != sums[i].nblocks)
+            FAIL(poff, "[P2] slot %d (pid %u) counts %llu bytes in %llu blocks, owns %llu in %llu", i,
+                 p->pid, ULL(p->usage), ULL(p->nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
+        if (p->peak < p->usage) FAIL(poff, "[P3] slot %d peak below usage", i);
+        if (p->state == SHM_PROC_LIVE) r->live_procs++;
+        if (p->state == SHM_PROC_DEAD) r->dead_procs++;
+    }
+    return SHM_OK;
+}
+
+int shm_check(shm_handle_t *h, shm_check_report_t *out) {
+    const shm_arena_t *a = h->arena;
+    if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
+        a->heap_off != h->heap_off || a->salt != h->salt)
+        return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    shm_check_report_t r = {0};
+    proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
+    rc = check_heap(h, &r, sums);
+    if (rc == SHM_OK) rc = check_bins(h, &r);
+    if (rc == SHM_OK) rc = check_counters(h, &r, sums);
+    lock_release(&h->arena->heap_lock);
+    if (rc == SHM_OK) *out = r;
+    return rc;
+}

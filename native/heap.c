@@ -1,0 +1,260 @@
+/* heap.c -- allocate, free, split, coalesce, and reserve backing pages.
+ *
+ * The heap is one run of blocks from heap_off to the end of the segment; a new arena holds a
+ * single free block spanning it. Allocation finds a good fit (freelist.c), carves an aligned start
+ * out of it if asked (the front remainder goes back as a free block), then splits off the tail when
+ * what is left is at least SHM_MIN_BLOCK. Freeing merges with free physical neighbours at once
+ * (boundary tags: prev_size in every header), so [B5] holds after every operation.
+ *
+ * Pages are reserved lazily. A 1 GiB arena is a sparse tmpfs file; touching a page that tmpfs
+ * cannot supply would raise SIGBUS. So before a block is handed out, or a header written, past
+ * reserved_top, we fallocate() the range on the segment's descriptor. If that fails the caller gets
+ * SHM_ENOSPC (OutOfMemory in Python) and nothing in the arena has changed.
+ *
+ * Everything here runs under the heap lock. Counters are updated with relaxed atomics so that
+ * stats can be read without the lock. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+
+#include "shm_internal.h"
+
+#define RESERVE_CHUNK ((uint64_t)1 << 20)
+
+static inline uint64_t round_up(uint64_t x, uint64_t to) { return (x + to - 1) & ~(to - 1); }
+
+static int reserve_to(shm_handle_t *h, uint64_t top) {
+    shm_counters_t *c = &h->arena->counters;
+    uint64_t cur = A_LOAD(&c->reserved_top);
+    top = round_up(top, SHM_PAGE);
+    if (top > h->capacity) top = h->capacity;
+    if (LIKELY(top <= cur)) return SHM_OK;
+    uint64_t want = cur + RESERVE_CHUNK > top ? cur + RESERVE_CHUNK : top;
+    if (want > h->capacity) want = h->capacity;
+    if (cur > h->capacity) cur = 0; /* a damaged counter: reserve from the start again */
+    int rc = fallocate(h->fd, 0, (off_t)cur, (off_t)(want - cur));
+    if (rc != 0 && errno == ENOSPC && want > top) {
+        want = top;
+        rc = fallocate(h->fd, 0, (off_t)cur, (off_t)(want - cur));
+    }
+    if (rc != 0) {
+        if (errno == ENOSPC || errno == ENOMEM) return SHM_ENOSPC;
+        return err_sys(errno, "fallocate on the arena's segment");
+    }
+    A_STORE(&c->reserved_top, want);
+    return SHM_OK;
+}
+
+static int oom(shm_handle_t *h, int status, uint64_t requested) {
+    shm_counters_t *c = &h->arena->counters;
+    A_ADD(&c->oom_events, 1);
+    uint64_t nfree = A_LOAD(&c->free_blocks), fb = A_LOAD(&c->free_bytes);
+    uint64_t avail = fb > nfree * SHM_HDR ? fb - nfree * SHM_HDR : 0;
+    return err_oom(status, requested, avail, A_LOAD(&c->used), h->heap_end - h->heap_off);
+}
+
+/* Set the prev_size of the block after [off, off+size), if there is one. */
+static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
+    uint64_t next = off + size;
+    if (next >= h->heap_end) return SHM_OK;
+    if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
+    block_at(h, next)->prev_size = size;
+    block_reseal(h, next);
+    return SHM_OK;
+}
+
+static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
+    shm_counters_t *c = &h->arena->counters;
+    uint64_t usable = round_up(size, SHM_ALIGN);
+    uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
+    int rc = proc_charge(h, owner, 0);
+    if (rc != SHM_OK) return rc;
+    if (owner) {
+        shm_proc_t *p = &h->arena->procs[owner - 1];
+        uint64_t limit = A_LOAD(&p->limit), used = A_LOAD(&p->usage);
+        if (limit && used + (need - SHM_HDR) > limit) return err_limit(p->pid, limit, used, size);
+    }
+    uint64_t search = align ? need + align + SHM_MIN_BLOCK : need;
+    uint64_t off;
+    rc = freelist_find(h, search, &off);
+    if (rc == SHM_ENOMEM) return oom(h, SHM_ENOMEM, size);
+    if (rc != SHM_OK) return rc;
+
+    shm_block_t *b = block_at(h, off);
+    uint64_t bsize = b->size, prev_size = b->prev_size;
+    uint64_t front = 0;
+    if (align && (off + SHM_HDR) % align)
+        front = round_up(off + SHM_HDR + SHM_MIN_BLOCK, align) - SHM_HDR - off;
+    uint64_t start = off + front, rest = bsize - front;
+    uint64_t tail = rest - need >= SHM_MIN_BLOCK ? rest - need : 0;
+    uint64_t mine = rest - tail;
+    /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
+    rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
+    if (rc == SHM_ENOSPC) return oom(h, SHM_ENOSPC, size);
+    if (rc != SHM_OK) return rc;
+
+    if ((rc = freelist_remove(h, off)) != SHM_OK) return rc;
+    uint64_t new_free = 0;
+    if (front) {
+        block_write(h, off, front, prev_size, 0, SHM_BF_FREE, 0);
+        if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
+        prev_size = front;
+        new_free++;
+    }
+    block_write(h, start, mine, prev_size, owner, 0, 0);
+    if (tail) {
+        block_write(h, start + mine, tail, mine, 0, SHM_BF_FREE, 0);
+        if ((rc = fix_next_prev_size(h, start + mine, tail)) != SHM_OK) return rc;
+        if ((rc = freelist_insert(h, start + mine)) != SHM_OK) return rc;
+        new_free++;
+    } else if (front && (rc = fix_next_prev_size(h, start, mine)) != SHM_OK) {
+        return rc;
+    }
+
+    uint64_t got = mine - SHM_HDR;
+    uint64_t used = A_ADD(&c->used, got);
+    if (used > A_LOAD(&c->peak)) A_STORE(&c->peak, used);
+    A_SUB(&c->free_bytes, mine);
+    A_ADD(&c->allocated_blocks, 1);
+    A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + new_free - 1);
+    A_ADD(&c->allocations, 1);
+    proc_charge(h, owner, got);
+    return (int64_t)(start + SHM_HDR);
+}
+
+int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
+    if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
+        return size ? oom(h, SHM_ENOMEM, size)
+                    : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
+    if (align <= SHM_ALIGN) {
+        align = 0;
+    } else if (align > SHM_PAGE || (align & (align - 1))) {
+        return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two in [16, %d]",
+                       (unsigned long long)align, SHM_PAGE);
+    }
+    if (UNLIKELY(slot < -1 || slot >= SHM_MAX_PROCS))
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    int64_t r = alloc_locked(h, size, align, (uint32_t)(slot + 1));
+    lock_release(&h->arena->heap_lock);
+    return r;
+}
+
+static int64_t free_locked(shm_handle_t *h, uint64_t address) {
+    shm_counters_t *c = &h->arena->counters;
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    shm_block_t *b = block_at(h, off);
+    uint64_t size = b->size, prev_size = b->prev_size, got = size - SHM_HDR;
+    uint32_t owner = b->owner;
+    uint64_t merged = 0;
+
+    uint64_t next = off + size;
+    if (next < h->heap_end) {
+        if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
+        if (block_at(h, next)->prev_size != size)
+            return err_set(SHM_ECORRUPT, next, "block %#llx: prev_size disagrees with its neighbour",
+                           (unsigned long long)next);
+    }
+    if (prev_size) {
+        if (prev_size > off - h->heap_off || block_validate(h, off - prev_size) != SHM_OK ||
+            block_at(h, off - prev_size)->size != prev_size)
+            return err_set(SHM_ECORRUPT, off, "block %#llx: prev_size %llu names no block",
+                           (unsigned long long)off, (unsigned long long)prev_size);
+    }
+    if (next < h->heap_end && (block_at(h, next)->flags & SHM_BF_FREE)) {
+        if ((rc = freelist_remove(h, next)) != SHM_OK) return rc;
+        size += block_at(h, next)->size;
+        merged++;
+    }
+    if (prev_size && (block_at(h, off - prev_size)->flags & SHM_BF_FREE)) {
+        uint64_t prev = off - prev_size;
+        if ((rc = freelist_remove(h, prev)) != SHM_OK) return rc;
+        off = prev;
+        size += prev_size;
+        prev_size = block_at(h, prev)->prev_size;
+        merged++;
+    }
+    block_write(h, off, size, prev_size, 0, SHM_BF_FREE, 0);
+    if ((rc = fix_next_prev_size(h, off, size)) != SHM_OK) return rc;
+    if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
+
+    proc_credit(h, owner, got);
+    A_SUB(&c->used, got);
+    A_ADD(&c->free_bytes, got + SHM_HDR);
+    A_SUB(&c->allocated_blocks, 1);
+    A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + 1 - merged);
+    A_ADD(&c->deallocations, 1);
+    A_ADD(&c->frees_since_gc, 1);
+    return (int64_t)got;
+}
+
+int64_t shm_free(shm_handle_t *h, uint64_t address) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    int64_t r = free_locked(h, address);
+    lock_release(&h->arena->heap_lock);
+    return r;
+}
+
+/* Usable size of the live block at address; with for_write, sealed blocks are refused.
+ * Runs without the lock: a header torn by a concurrent writer fails its checksum, and then the
+ * answer is taken again under the lock. */
+int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (UNLIKELY(rc == SHM_ECORRUPT)) {
+        if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+        rc = block_from_address(h, address, &off);
+        lock_release(&h->arena->heap_lock);
+    }
+    if (rc != SHM_OK) return rc;
+    const shm_block_t *b = block_at(h, off);
+    if (for_write && (b->flags & SHM_BF_SEALED))
+        return err_set(SHM_EPROTECT, address, "the block at %#llx is sealed",
+                       (unsigned long long)address);
+    return (int64_t)(b->size - SHM_HDR);
+}
+
+int shm_block_seal(shm_handle_t *h, uint64_t address) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    uint64_t off;
+    rc = block_from_address(h, address, &off);
+    if (rc == SHM_OK) {
+        block_at(h, off)->flags |= SHM_BF_SEALED;
+        block_reseal(h, off);
+    }
+    lock_release(&h->arena->heap_lock);
+    return rc;
+}
+
+int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    uint64_t off;
+    rc = block_from_address(h, address, &off);
+    if (rc == SHM_OK) {
+        const shm_block_t *b = block_at(h, off);
+        out->address = address;
+        out->size = b->size - SHM_HDR;
+        out->flags = b->flags;
+        out->refcount = b->refcount;
+        out->slot = (int32_t)b->owner - 1;
+        out->pid = b->owner && proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
+    }
+    lock_release(&h->arena->heap_lock);
+    return rc;
+}
+
+int64_t shm_largest_free(shm_handle_t *h) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    uint64_t s = 0;
+    rc = freelist_largest(h, &s);
+    lock_release(&h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    return s ? (int64_t)(s - SHM_HDR) : 0;
+}

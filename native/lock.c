@@ -1,0 +1,54 @@
+/* lock.c -- the process-shared robust mutex that guards the heap, the bins and the process table.
+ *
+ * The mutex lives in the segment (shm_lock_t.mutex). It is PTHREAD_PROCESS_SHARED so every
+ * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder
+ * dies (kill -9 at any instruction) the next taker gets EOWNERDEAD instead of waiting forever.
+ * On EOWNERDEAD we mark the mutex consistent and count the recovery; what the dead holder left
+ * half-done is found by shm_check() (the operation journal that repairs it belongs to the
+ * reliability work and is not here yet). */
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "shm_internal.h"
+
+_Static_assert(sizeof(pthread_mutex_t) <= sizeof(((shm_lock_t *)0)->mutex),
+               "shm_lock_t.mutex too small for pthread_mutex_t");
+
+static pthread_mutex_t *lock_mutex(shm_lock_t *l) { return (pthread_mutex_t *)(void *)l->mutex; }
+
+int lock_init(shm_lock_t *l) {
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc) return err_sys(rc, "pthread_mutexattr_init");
+    if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) ||
+        (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST))) {
+        pthread_mutexattr_destroy(&attr);
+        return err_sys(rc, "pthread_mutexattr_set*");
+    }
+    memset(l, 0, sizeof *l);
+    rc = pthread_mutex_init(lock_mutex(l), &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc) return err_sys(rc, "pthread_mutex_init");
+    return SHM_OK;
+}
+
+int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
+    int rc = pthread_mutex_lock(lock_mutex(l));
+    if (UNLIKELY(rc == EOWNERDEAD)) {
+        A_ADD(&h->arena->counters.lock_recoveries, 1);
+        rc = pthread_mutex_consistent(lock_mutex(l));
+        if (rc) {
+            pthread_mutex_unlock(lock_mutex(l));
+            return err_sys(rc, "pthread_mutex_consistent");
+        }
+    } else if (UNLIKELY(rc)) {
+        if (rc == ENOTRECOVERABLE)
+            return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
+                           "the heap lock is not recoverable");
+        return err_sys(rc, "pthread_mutex_lock");
+    }
+    return SHM_OK;
+}
+
+void lock_release(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }

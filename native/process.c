@@ -1,0 +1,105 @@
+/* process.c -- the process table: one slot per attached process, keyed by (pid, start time).
+ *
+ * A slot is claimed by shm_proc_attach() under the heap lock and stays LIVE while its process
+ * runs. The start time (field 22 of /proc/<pid>/stat) tells a recycled pid from the process that
+ * held the slot before: an attach that finds the same pid with another start time marks the old
+ * slot DEAD. A slot returns to FREE only once it owns nothing, so a block's owner always names the
+ * process that allocated it [B6]. Usage counters are atomics: readers take no lock. */
+#include "shm_internal.h"
+
+int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
+    return owner >= 1 && owner <= SHM_MAX_PROCS &&
+           A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
+}
+
+int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
+    if (!owner) return SHM_OK;
+    if (UNLIKELY(owner > SHM_MAX_PROCS || h->arena->procs[owner - 1].state != SHM_PROC_LIVE))
+        return err_set(SHM_EINVAL, owner - 1, "process slot %u is not attached", owner - 1);
+    if (!bytes) return SHM_OK;
+    shm_proc_t *p = &h->arena->procs[owner - 1];
+    uint64_t u = A_ADD(&p->usage, bytes);
+    if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
+    A_ADD(&p->nblocks, 1);
+    A_ADD(&p->nallocs, 1);
+    return SHM_OK;
+}
+
+void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
+    if (!proc_slot_is_valid(h, owner)) return;
+    shm_proc_t *p = &h->arena->procs[owner - 1];
+    A_SUB(&p->usage, bytes);
+    A_SUB(&p->nblocks, 1);
+    A_ADD(&p->nfrees, 1);
+}
+
+int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
+    if (pid == 0) return err_set(SHM_EINVAL, 0, "pid 0 cannot own memory");
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    int found = -1, free_slot = -1;
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        shm_proc_t *p = &h->arena->procs[i];
+        if (p->state == SHM_PROC_FREE) {
+            if (free_slot < 0) free_slot = i;
+        } else if (p->pid == pid && p->state == SHM_PROC_LIVE) {
+            if (p->start_time == start_time) {
+                found = i;
+            } else {
+                A_STORE(&p->state, SHM_PROC_DEAD); /* the pid was recycled */
+                if (!A_LOAD(&p->nblocks) && free_slot < 0) free_slot = i;
+            }
+        }
+    }
+    if (found < 0 && free_slot >= 0) {
+        shm_proc_t *p = &h->arena->procs[free_slot];
+        p->pid = pid;
+        p->start_time = start_time;
+        A_STORE(&p->usage, 0);
+        A_STORE(&p->peak, 0);
+        A_STORE(&p->limit, 0);
+        A_STORE(&p->nblocks, 0);
+        A_STORE(&p->nallocs, 0);
+        A_STORE(&p->nfrees, 0);
+        A_STORE(&p->trim_seq, 0);
+        A_STORE(&p->state, SHM_PROC_LIVE);
+        found = free_slot;
+    }
+    lock_release(&h->arena->heap_lock);
+    if (found < 0)
+        return err_set(SHM_EPROCS, 0, "all %d process slots are taken; collect dead processes",
+                       SHM_MAX_PROCS);
+    return found;
+}
+
+int shm_proc_find(shm_handle_t *h, uint32_t pid) {
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        const shm_proc_t *p = &h->arena->procs[i];
+        if (A_LOAD(&p->state) == SHM_PROC_LIVE && A_LOAD(&p->pid) == pid) return i;
+    }
+    return err_set(SHM_EINVAL, pid, "process %u is not attached to this arena", pid);
+}
+
+int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    const shm_proc_t *p = &h->arena->procs[slot];
+    out->slot = slot;
+    out->state = A_LOAD(&p->state);
+    out->pid = A_LOAD(&p->pid);
+    out->start_time = A_LOAD(&p->start_time);
+    out->usage = A_LOAD(&p->usage);
+    out->peak = A_LOAD(&p->peak);
+    out->limit = A_LOAD(&p->limit);
+    out->nblocks = A_LOAD(&p->nblocks);
+    out->nallocs = A_LOAD(&p->nallocs);
+    out->nfrees = A_LOAD(&p->nfrees);
+    return SHM_OK;
+}
+
+int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS || A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
+    A_STORE(&h->arena->procs[slot].limit, limit);
+    return SHM_OK;
+}

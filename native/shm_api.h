@@ -1,0 +1,118 @@
+/* shm_api.h -- what Python may call. Parser-clean for cffi (see shm_layout.h).
+ *
+ * Conventions: functions return an int status (SHM_OK or a negative SHM_E*). The hot paths
+ * (shm_alloc, shm_free, shm_block_size) return an int64 that is the result when >= 0 and a
+ * status when < 0, so that one call answers without an out-parameter. After any failure the
+ * calling thread's shm_last_error() says what was asked, what was found and where.
+ *
+ * Addresses are payload offsets from the segment base. A handle is process-local: it holds this
+ * process's mapping address and descriptor, never anything another process needs. */
+
+#define SHM_OK 0
+#define SHM_ENOMEM -1    /* the arena has no free block large enough */
+#define SHM_ENOSPC -2    /* the backing tmpfs could not supply pages (fallocate) */
+#define SHM_EADDR -3     /* not the address of a live block of this arena */
+#define SHM_ECORRUPT -4  /* a structure in the segment fails its invariants */
+#define SHM_EALIGN -5    /* alignment not a power of two between 16 and SHM_PAGE */
+#define SHM_EPROTECT -6  /* write to a sealed block */
+#define SHM_ELIMIT -7    /* the owner's process limit would be exceeded */
+#define SHM_EINVAL -8    /* an argument value is out of range */
+#define SHM_EPROCS -9    /* the process table is full */
+#define SHM_ESYS -10     /* a system call failed; sys_errno says why */
+#define SHM_ELAYOUT -11  /* the segment is not an arena of this layout version */
+
+typedef struct shm_handle shm_handle_t;
+
+typedef struct shm_error_info {
+    int status;
+    int sys_errno;
+    uint64_t offset;    /* the address or segment offset concerned */
+    uint64_t requested; /* OOM / limit: bytes asked for */
+    uint64_t available; /* OOM: free bytes in the arena */
+    uint64_t used;      /* OOM: arena used bytes; limit: the process's usage */
+    uint64_t total;     /* OOM: heap bytes */
+    uint64_t limit;     /* limit: the process's limit */
+    uint32_t pid;       /* limit: the process */
+    uint32_t pad;
+    char detail[200];   /* what was found, for a person */
+} shm_error_info_t;
+
+typedef struct shm_stats {
+    uint64_t total;            /* heap bytes (capacity less the arena header) */
+    uint64_t used;             /* usable bytes of allocated blocks */
+    uint64_t available;        /* usable bytes of free blocks (their sizes less one header each) */
+    uint64_t overhead;         /* headers of allocated blocks */
+    uint64_t peak;
+    uint64_t allocated_blocks;
+    uint64_t free_blocks;
+    uint64_t allocations;
+    uint64_t deallocations;
+    uint64_t frees_since_gc;
+    uint64_t reserved;         /* bytes of tmpfs reserved so far */
+    uint64_t capacity;
+    uint64_t lock_recoveries;
+    uint64_t oom_events;
+    uint64_t gc_runs;
+} shm_stats_t;
+
+typedef struct shm_check_report {
+    uint64_t blocks;
+    uint64_t allocated_blocks;
+    uint64_t free_blocks;
+    uint64_t used;
+    uint64_t free_bytes;
+    uint64_t largest_free;     /* usable bytes of the largest free block */
+    uint64_t live_procs;
+    uint64_t dead_procs;
+} shm_check_report_t;
+
+typedef struct shm_block_info {
+    uint64_t address;
+    uint64_t size;       /* usable bytes */
+    uint32_t pid;        /* owner's pid, 0 when the block has no owner */
+    uint32_t flags;      /* SHM_BF_* */
+    uint32_t refcount;
+    int32_t slot;        /* owner's slot, -1 when none */
+} shm_block_info_t;
+
+typedef struct shm_proc_info {
+    int32_t slot;
+    uint32_t state;
+    uint32_t pid;
+    uint32_t pad;
+    uint64_t start_time;
+    uint64_t usage;
+    uint64_t peak;
+    uint64_t limit;
+    uint64_t nblocks;
+    uint64_t nallocs;
+    uint64_t nfrees;
+} shm_proc_info_t;
+
+/* arena.c */
+int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns);
+int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
+void shm_handle_close(shm_handle_t *h);
+int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
+uint64_t shm_header_size(void);
+
+/* error.c */
+const shm_error_info_t *shm_last_error(void);
+const char *shm_strerror(int status);
+
+/* heap.c */
+int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
+int64_t shm_free(shm_handle_t *h, uint64_t address);
+int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
+int shm_block_seal(shm_handle_t *h, uint64_t address);
+int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
+int64_t shm_largest_free(shm_handle_t *h);
+
+/* process.c */
+int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
+int shm_proc_find(shm_handle_t *h, uint32_t pid);
+int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
+int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
+
+/* check.c */
+int shm_check(shm_handle_t *h, shm_check_report_t *out);

@@ -1,0 +1,78 @@
+/* shm_internal.h -- the C side's single include: the parser-clean layout and API headers behind
+ * a guard, the process-local handle, and the file-private prototypes grouped by the file that
+ * defines them. */
+#ifndef SHM_INTERNAL_H
+#define SHM_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shm_layout.h"
+#include "shm_api.h"
+
+#ifndef SHMALLOC_DEBUG
+#define SHMALLOC_DEBUG 0
+#endif
+
+#define SHM_HDR ((uint64_t)sizeof(shm_block_t))
+#define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
+#define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
+
+/* Relaxed atomics for counters that are read without the lock. */
+#define A_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define A_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
+#define A_SUB(p, v) __atomic_sub_fetch((p), (v), __ATOMIC_RELAXED)
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* Process-local view of an arena. Nothing in here is shared. */
+struct shm_handle {
+    uint8_t *base;
+    shm_arena_t *arena;
+    uint64_t capacity; /* the mapping's length, trusted over the copy in the segment */
+    uint64_t heap_off;
+    uint64_t heap_end;
+    uint64_t salt;
+    int fd;
+};
+
+/* error.c */
+int err_set(int status, uint64_t offset, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int err_sys(int sys_errno, const char *what);
+int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
+int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+
+/* lock.c */
+int lock_init(shm_lock_t *l);
+int lock_acquire(shm_handle_t *h, shm_lock_t *l);
+void lock_release(shm_lock_t *l);
+
+/* block.c */
+static inline shm_block_t *block_at(const shm_handle_t *h, uint64_t off) {
+    return (shm_block_t *)(h->base + off);
+}
+static inline shm_free_links_t *block_links(const shm_handle_t *h, uint64_t off) {
+    return (shm_free_links_t *)(h->base + off + SHM_HDR);
+}
+uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
+void block_write(const shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
+                 uint32_t owner, uint32_t flags, uint32_t refcount);
+void block_reseal(const shm_handle_t *h, uint64_t off);
+int block_validate(const shm_handle_t *h, uint64_t off);
+int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
+
+/* freelist.c */
+unsigned bin_of_size(uint64_t size);
+int freelist_insert(shm_handle_t *h, uint64_t off);
+int freelist_remove(shm_handle_t *h, uint64_t off);
+int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out);
+int freelist_largest(shm_handle_t *h, uint64_t *size_out);
+
+/* process.c */
+int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
+
+#endif

@@ -1,0 +1,142 @@
+/* shm_layout.h -- every struct that lives in the shared segment, defined once.
+ *
+ * This file is read twice: by the C compiler (through shm_internal.h) and by cffi's cdef parser
+ * (through build_ffi.py). It must therefore stay parser-clean: no #include, no #if, no include
+ * guards, no _Alignas, no expressions in array sizes other than integer literals. Offsets noted as
+ * "+0x.." are pinned with _Static_assert in arena.c.
+ *
+ * Glossary
+ *   segment   the POSIX shared-memory object; every process maps it at its own address
+ *   arena     the header at offset 0 of the segment (shm_arena_t)
+ *   heap      [heap_off, heap_off + heap_size): a sequence of blocks that tiles it exactly
+ *   block     a shm_block_t header followed by its payload; addresses handed to users are the
+ *             payload offsets (block offset + sizeof(shm_block_t))
+ *   bin       a doubly linked list of free blocks whose sizes fall in one size range
+ *   slot      an entry of the process table; block owners are slot numbers
+ *
+ * All links inside the segment are byte offsets from the segment base, never pointers.
+ * Fields shared between processes are read and written with __atomic builtins in C.
+ */
+
+/* Bin layout (by whole block size s, header included; s is a multiple of 16 and >= 64):
+ *   small   bins  0..5   powers of two:   [64,128) [128,256) ... [2048,4096)
+ *   medium  bins  6..20  4 KiB steps:     [4K,8K) [8K,12K) ... [60K,64K)
+ *   large   bins 21..212 two-level (TLSF): first level log2(s) in 16..39, second level 8 linear
+ *                                        subdivisions of each power of two
+ * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
+#define SHM_MAGIC 0x434f4c4c414d4853
+#define SHM_LAYOUT_VERSION 1
+#define SHM_ALIGN 16
+#define SHM_MIN_BLOCK 64
+#define SHM_NBINS 213
+#define SHM_BITMAP_WORDS 4
+#define SHM_MAX_PROCS 128
+#define SHM_PAGE 4096
+
+/* Block header: 32 bytes in front of every payload.
+ * Written by whichever process holds the heap lock; read without the lock only through
+ * shm_block_size() for bounds checks (a torn read fails the checksum and is retried under lock).
+ * Invariants checked by check.c:
+ *   [B1] check == block_checksum(offset, header)          (smashed headers are detected)
+ *   [B2] size % 16 == 0, size >= SHM_MIN_BLOCK, offset + size <= heap end
+ *   [B3] prev_size == size of the physically previous block (0 for the first block)
+ *   [B4] a free block has owner == 0, refcount == 0 and no flag but FREE
+ *   [B5] no two physically adjacent blocks are both free (coalescing is eager)
+ *   [B6] an allocated block's owner is 0 (persistent) or a slot that is not FREE */
+typedef struct shm_block {
+    uint64_t size;      /* +0x00 whole block in bytes, header included */
+    uint64_t prev_size; /* +0x08 whole size of the physically previous block; 0 for the first */
+    uint32_t owner;     /* +0x10 owning slot + 1; 0 = no owner (free or persistent) */
+    uint32_t flags;     /* +0x14 SHM_BF_* */
+    uint32_t refcount;  /* +0x18 references held by live processes (retain/release) */
+    uint32_t check;     /* +0x1c checksum over the fields above, the block's offset and the salt */
+} shm_block_t;
+
+/* A free block's payload starts with its bin links.
+ *   [F1] next/prev are 0 or offsets of free blocks in the same bin; next->prev == this
+ *   [F2] every free block is on exactly one list, the bin of its size */
+typedef struct shm_free_links {
+    uint64_t next; /* +0x00 */
+    uint64_t prev; /* +0x08 */
+} shm_free_links_t;
+
+/* Block flags */
+#define SHM_BF_FREE 1
+#define SHM_BF_SEALED 2
+#define SHM_BF_PERSIST 4
+
+/* Process table slot, one cache line pair per attached process.
+ * state/pid/start_time change only under the heap lock; counters are atomics so that readers
+ * (stats, the coordinator) need no lock.
+ *   [P1] state in {FREE, LIVE, DEAD}; a FREE slot has usage == 0 and nblocks == 0
+ *   [P2] sum over slots of usage == arena.used - persistent bytes, likewise nblocks
+ *   [P3] peak >= usage */
+typedef struct shm_proc {
+    uint32_t state;      /* +0x00 SHM_PROC_* */
+    uint32_t pid;        /* +0x04 */
+    uint64_t start_time; /* +0x08 starttime of /proc/<pid>/stat, clock ticks since boot */
+    uint64_t usage;      /* +0x10 usable bytes of the blocks it owns */
+    uint64_t peak;       /* +0x18 high-water mark of usage */
+    uint64_t limit;      /* +0x20 0 = unlimited */
+    uint64_t nblocks;    /* +0x28 blocks it owns */
+    uint64_t nallocs;    /* +0x30 allocations made on its account, ever */
+    uint64_t nfrees;     /* +0x38 blocks of its account freed, ever */
+    uint64_t trim_seq;   /* +0x40 bumped by a collector asking this process to trim */
+    uint64_t reserved[7];
+} shm_proc_t;
+
+#define SHM_PROC_FREE 0
+#define SHM_PROC_LIVE 1
+#define SHM_PROC_DEAD 2
+
+/* Arena-wide counters, each written with atomics under the heap lock and read without it.
+ *   [C1] used == sum of (size - header) over allocated blocks
+ *   [C2] free_bytes == sum of size over free blocks; used + overhead + free_bytes == heap_size
+ *        where overhead == allocated_blocks * sizeof(shm_block_t)
+ *   [C3] allocated_blocks, free_blocks == counts from the heap walk */
+typedef struct shm_counters {
+    uint64_t used;             /* +0x00 */
+    uint64_t peak;             /* +0x08 */
+    uint64_t free_bytes;       /* +0x10 */
+    uint64_t allocated_blocks; /* +0x18 */
+    uint64_t free_blocks;      /* +0x20 */
+    uint64_t allocations;      /* +0x28 ever */
+    uint64_t deallocations;    /* +0x30 ever */
+    uint64_t frees_since_gc;   /* +0x38 */
+    uint64_t reserved_top;     /* +0x40 offset below which tmpfs pages are reserved (fallocate) */
+    uint64_t lock_recoveries;  /* +0x48 times a dead holder's lock was recovered */
+    uint64_t oom_events;       /* +0x50 */
+    uint64_t gc_runs;          /* +0x58 */
+    uint64_t pad[4];
+} shm_counters_t;
+
+/* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
+typedef struct shm_lock {
+    uint8_t mutex[64];    /* +0x00 pthread_mutex_t, PTHREAD_PROCESS_SHARED | PTHREAD_MUTEX_ROBUST */
+    uint64_t pad[8];      /* +0x40 keeps the next field on its own cache line */
+} shm_lock_t;
+
+/* Arena header: offset 0 of the segment, written once by create (but the counters, the bins and
+ * the process table, which change under the lock or with atomics).
+ * Invariants checked by check.c:
+ *   [A1] magic == SHM_MAGIC, version == SHM_LAYOUT_VERSION, header_size == sizeof(shm_arena_t)
+ *   [A2] heap_off % SHM_PAGE == 0, heap_off + heap_size == capacity, heap_size % 16 == 0
+ *   [A3] reserved_top <= capacity */
+typedef struct shm_arena {
+    uint64_t magic;       /* +0x00 */
+    uint32_t version;     /* +0x08 bump SHM_LAYOUT_VERSION on any change to this file */
+    uint32_t header_size; /* +0x0c sizeof(shm_arena_t) */
+    uint64_t capacity;    /* +0x10 the segment's size */
+    uint64_t heap_off;    /* +0x18 */
+    uint64_t heap_size;   /* +0x20 */
+    uint64_t salt;        /* +0x28 random per arena, mixed into block checksums */
+    uint64_t created_ns;  /* +0x30 CLOCK_REALTIME at create */
+    uint32_t max_procs;   /* +0x38 SHM_MAX_PROCS */
+    uint32_t nbins;       /* +0x3c SHM_NBINS */
+    shm_counters_t counters;               /* +0x40 */
+    shm_lock_t heap_lock;                  /* +0xc0 guards the heap, the bins and the slots */
+    uint64_t bitmap[4];                    /* +0x140 one bit per non-empty bin */
+    uint64_t bins[213];                    /* +0x160 head offset of each bin's list, 0 = empty */
+    uint64_t pad_bins[7];
+    shm_proc_t procs[128];                 /* +0x840 the process table */
+} shm_arena_t;
