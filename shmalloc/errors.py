@@ -1,0 +1,103 @@
+"""The exceptions of SPEC.md. Each carries the fields SPEC.md lists, pickles with them, and has a
+message that says what was asked, what was found, and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+class ShmallocError(Exception):
+    """Base class of every shmalloc error."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, tuple(getattr(self, f) for f in self._fields))
+
+
+class OutOfMemory(ShmallocError, MemoryError):
+    """The arena (or the tmpfs behind it) cannot supply the requested bytes."""
+
+    _fields = ("requested", "available", "used", "total", "detail")
+
+    def __init__(self, requested: int, available: int, used: int, total: int, detail: str = "") -> None:
+        self.requested, self.available, self.used, self.total = requested, available, used, total
+        self.detail = detail
+        why = detail or "the arena has no free block large enough"
+        super().__init__(
+            f"cannot allocate {_fmt_bytes(requested)}: {why} "
+            f"(available {_fmt_bytes(available)}, used {_fmt_bytes(used)} of {_fmt_bytes(total)}); "
+            "free blocks, run a collection, or create the arena with a larger capacity"
+        )
+
+
+class ProcessLimitExceeded(ShmallocError):
+    """An allocation would take a process past the limit set with set_process_limit()."""
+
+    _fields = ("pid", "limit", "used", "requested")
+
+    def __init__(self, pid: int, limit: int, used: int, requested: int) -> None:
+        self.pid, self.limit, self.used, self.requested = pid, limit, used, requested
+        super().__init__(
+            f"process {pid} asked for {_fmt_bytes(requested)} but already uses {_fmt_bytes(used)} "
+            f"of its {_fmt_bytes(limit)} limit; free some of its blocks or raise the limit with "
+            "set_process_limit()"
+        )
+
+
+class InvalidAddress(ShmallocError):
+    """Not a live block of this arena: out of bounds, interior, already freed, or reused since."""
+
+    _fields = ("address", "detail")
+
+    def __init__(self, address: int, detail: str = "") -> None:
+        self.address, self.detail = address, detail
+        super().__init__(
+            f"invalid address {address:#x}: {detail or 'not a live block of this arena'}; "
+            "pass an address returned by allocate() that has not been freed"
+        )
+
+
+class CorruptionDetected(ShmallocError):
+    """A structure in the segment fails its invariants; it was not followed."""
+
+    _fields = ("offset", "detail")
+
+    def __init__(self, offset: int, detail: str) -> None:
+        self.offset, self.detail = offset, detail
+        super().__init__(
+            f"corruption at segment offset {offset:#x}: {detail}; stop writing to this arena, "
+            "run `shmalloc check` and recreate it"
+        )
+
+
+class AlignmentError(ShmallocError, ValueError):
+    """An alignment that is not a power of two between 16 and the page size."""
+
+    _fields = ("alignment",)
+
+    def __init__(self, alignment: int) -> None:
+        self.alignment = alignment
+        super().__init__(
+            f"alignment {alignment} is not supported: use a power of two from 16 to 4096"
+        )
+
+
+class ProtectionViolation(ShmallocError):
+    """A write to a sealed (immutable) block."""
+
+    _fields = ("address",)
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+        super().__init__(
+            f"the block at {address:#x} is sealed and cannot be written; copy it into a new block"
+        )

@@ -1,0 +1,77 @@
+"""Value types that describe an arena: statistics, pressure levels and the checker's report."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class MemoryPressure(enum.IntEnum):
+    """How close the arena is to full, by usage percentage."""
+
+    LOW = 0  # < 60 %
+    MEDIUM = 1  # 60 .. 79 %
+    HIGH = 2  # 80 .. 94 %: a WARNING on the shmalloc logger
+    CRITICAL = 3  # >= 95 %: a CRITICAL log and an automatic collection
+
+    @classmethod
+    def from_percentage(cls, pct: float) -> MemoryPressure:
+        if pct >= 95.0:
+            return cls.CRITICAL
+        if pct >= 80.0:
+            return cls.HIGH
+        if pct >= 60.0:
+            return cls.MEDIUM
+        return cls.LOW
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """A snapshot of an arena's counters (read without a lock; each field is exact on its own).
+
+    ``total`` is the heap: the capacity less the arena header. ``used`` is the usable bytes of
+    live blocks, ``available`` the usable bytes of free blocks; the difference to ``total`` is
+    block headers (``overhead`` for live blocks).
+    """
+
+    total: int
+    used: int
+    available: int
+    peak: int
+    allocated_blocks: int
+    free_blocks: int
+    allocations: int
+    deallocations: int
+    largest_free_block: int
+    overhead: int = 0
+    capacity: int = 0
+    reserved: int = 0
+
+    def usage_percentage(self) -> float:
+        """Share of the heap that is not available to a new allocation, in percent."""
+        if self.total == 0:
+            return 0.0
+        return 100.0 * (self.total - self.available) / self.total
+
+    def memory_pressure(self) -> MemoryPressure:
+        return MemoryPressure.from_percentage(self.usage_percentage())
+
+    def fragmentation_ratio(self) -> float:
+        """1 - largest free block / all free bytes; 0.0 when nothing is free."""
+        if self.available == 0:
+            return 0.0
+        return max(0.0, 1.0 - self.largest_free_block / self.available)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What a clean full heap walk (``MemoryManager.check()``) counted."""
+
+    blocks: int
+    allocated_blocks: int
+    free_blocks: int
+    used: int
+    free_bytes: int
+    largest_free: int
+    live_processes: int
+    dead_processes: int
