@@ -1,0 +1,48 @@
+"""Shared fixtures: every test gets its own uniquely named arena and destroys it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from shmalloc import MemoryManager
+
+SHM_DIR = "/dev/shm"
+
+
+def unique_name(tag: str = "t") -> str:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return f"shmalloc-test-{worker}-{tag}-{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+def arena_name() -> Iterator[str]:
+    """A fresh name; whatever segment ends up under it is unlinked after the test."""
+    name = unique_name()
+    yield name
+    path = os.path.join(SHM_DIR, name)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+@pytest.fixture
+def mgr(arena_name: str) -> Iterator[MemoryManager]:
+    """A 64 MiB arena, closed and destroyed after the test."""
+    m = MemoryManager.create(arena_name, 64 << 20)
+    try:
+        yield m
+    finally:
+        if not m.closed:
+            m.close()
+        m.destroy()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_segments_left() -> Iterator[None]:
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    left = [n for n in os.listdir(SHM_DIR) if n.startswith(f"shmalloc-test-{worker}-")]
+    assert not left, f"tests left segments behind: {left}"
