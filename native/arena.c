@@ -31,6 +31,11 @@ PIN(shm_arena_t, heap_lock, 0xc0);
 PIN(shm_arena_t, bitmap, 0x140);
 PIN(shm_arena_t, bins, 0x160);
 PIN(shm_arena_t, procs, 0x840);
+PIN(shm_arena_t, refs, 0x4840);
+PIN(shm_arena_t, names, 0x14840);
+PIN(shm_arena_t, ring, 0x24840);
+PIN(shm_ring_t, slots, 0xc0);
+_Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
 
 uint64_t shm_header_size(void) { return (sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
@@ -52,7 +57,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
                        "capacity %llu must be a multiple of %d between %llu and %llu bytes",
                        (unsigned long long)capacity, SHM_PAGE, (unsigned long long)(hs + SHM_PAGE),
                        (unsigned long long)SHM_MAX_CAPACITY);
-    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0)
+    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0)  /* header + first heap page */
         return errno == ENOSPC ? err_oom(SHM_ENOSPC, hs + SHM_PAGE, 0, 0, capacity)
                                : err_sys(errno, "fallocate on the new segment");
     shm_arena_t *a = base;
@@ -67,6 +72,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     a->max_procs = SHM_MAX_PROCS;
     a->nbins = SHM_NBINS;
     a->counters.reserved_top = hs + SHM_PAGE;
+    for (uint64_t i = 0; i < SHM_RING_SLOTS; i++) a->ring.slots[i].seq = i;
     int rc = lock_init(&a->heap_lock);
     if (rc != SHM_OK) return rc;
 
@@ -128,3 +134,5 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     out->gc_runs = A_LOAD(&c->gc_runs);
     return SHM_OK;
 }
+
+int shm_pressure_level(shm_handle_t *h) { return (int)A_LOAD(&h->arena->counters.pressure_level); }

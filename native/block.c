@@ -39,6 +39,14 @@ void block_reseal(const shm_handle_t *h, uint64_t off) {
     b->check = block_checksum(h, off, b);
 }
 
+/* The header at off is now inside a merged block: wipe it, so that a stale address pointing at it
+ * (a double free, a use after free) finds no header rather than an old but intact one. */
+void block_scrub(const shm_handle_t *h, uint64_t off) {
+    shm_block_t *b = block_at(h, off);
+    b->size = 0;
+    b->check = ~block_checksum(h, off, b);
+}
+
 /* Is there a sound block header at off? [B1] [B2] */
 int block_validate(const shm_handle_t *h, uint64_t off) {
     if (UNLIKELY(off < h->heap_off || off % SHM_ALIGN || off > h->heap_end - SHM_MIN_BLOCK))

@@ -11,7 +11,10 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["arena.c", "block.c", "check.c", "error.c", "freelist.c", "heap.c", "lock.c", "process.c"]
+SOURCES = [
+    "arena.c", "block.c", "check.c", "error.c", "freelist.c", "gc.c", "heap.c", "lock.c",
+    "names.c", "own.c", "process.c", "ring.c",
+]
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "shm_layout.h").read_text() + (HERE / "shm_api.h").read_text())

@@ -3,6 +3,8 @@
  * Runs under the heap lock. Every step is bounded (the heap walk by the heap's size, each list
  * walk by the number of free blocks the heap walk found), so a corrupt segment gives
  * SHM_ECORRUPT with the first bad offset, never a hang or a read outside the segment. */
+#include <string.h>
+
 #include "shm_internal.h"
 
 #define FAIL(off, ...) return err_set(SHM_ECORRUPT, (off), __VA_ARGS__)
@@ -11,6 +13,8 @@
 typedef struct {
     uint64_t usage, nblocks;
 } proc_sums_t;
+
+static __thread uint64_t heap_refcounts; /* sum of refcount over allocated blocks, from check_heap */
 
 static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums) {
     uint64_t off = h->heap_off, prev_size = 0;
@@ -38,8 +42,11 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
                 sums[b->owner - 1].usage += b->size - SHM_HDR;
                 sums[b->owner - 1].nblocks++;
             }
+            if (!b->owner && !(b->flags & SHM_BF_PERSIST))
+                FAIL(off, "[B6] block %#llx has no owner and is not persistent", ULL(off));
             r->allocated_blocks++;
             r->used += b->size - SHM_HDR;
+            heap_refcounts += b->refcount;
         }
         r->blocks++;
         prev_free = is_free;
@@ -109,6 +116,47 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
     return SHM_OK;
 }
 
+static int check_refs_names(shm_handle_t *h) {
+    const shm_arena_t *a = h->arena;
+    uint64_t total = 0;
+    for (int i = 0; i < SHM_MAX_REFS; i++) {
+        const shm_ref_t *e = &a->refs[i];
+        uint64_t eoff = offsetof(shm_arena_t, refs) + (uint64_t)i * sizeof *e;
+        if (!e->holder) continue;
+        if (!proc_slot_is_valid(h, e->holder) || !e->count)
+            FAIL(eoff, "[R1] reference entry %d: holder slot %u, count %u", i, e->holder - 1, e->count);
+        if (block_validate(h, e->block) != SHM_OK || (block_at(h, e->block)->flags & SHM_BF_FREE))
+            FAIL(eoff, "[R1] reference entry %d names %#llx, not an allocated block", i, ULL(e->block));
+        total += e->count;
+        int first = 1;
+        uint64_t sum = 0;
+        for (int j = 0; j < SHM_MAX_REFS; j++) {
+            if (a->refs[j].holder && a->refs[j].block == e->block) {
+                if (j < i) first = 0;
+                sum += a->refs[j].count;
+            }
+        }
+        if (first && sum != block_at(h, e->block)->refcount)
+            FAIL(e->block, "[R2] block %#llx has refcount %u, the table holds %llu", ULL(e->block),
+                 block_at(h, e->block)->refcount, ULL(sum));
+    }
+    if (total != heap_refcounts)
+        FAIL(offsetof(shm_arena_t, refs), "[R2] blocks count %llu references, the table %llu",
+             ULL(heap_refcounts), ULL(total));
+    for (int i = 0; i < SHM_MAX_NAMES; i++) {
+        const shm_name_t *e = &a->names[i];
+        uint64_t eoff = offsetof(shm_arena_t, names) + (uint64_t)i * sizeof *e;
+        if (!e->address) continue;
+        uint64_t off;
+        if (block_from_address(h, e->address, &off) != SHM_OK ||
+            (block_at(h, off)->flags & (SHM_BF_NAMED | SHM_BF_PERSIST)) != (SHM_BF_NAMED | SHM_BF_PERSIST))
+            FAIL(eoff, "[N1] name entry %d names %#llx, not a named persistent block", i, ULL(e->address));
+        if (strnlen(e->name, SHM_NAME_LEN) == SHM_NAME_LEN || !e->name[0])
+            FAIL(eoff, "[N2] name entry %d is not a NUL-terminated name", i);
+    }
+    return SHM_OK;
+}
+
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     const shm_arena_t *a = h->arena;
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
@@ -118,9 +166,11 @@ int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     if (rc != SHM_OK) return rc;
     shm_check_report_t r = {0};
     proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
+    heap_refcounts = 0;
     rc = check_heap(h, &r, sums);
     if (rc == SHM_OK) rc = check_bins(h, &r);
     if (rc == SHM_OK) rc = check_counters(h, &r, sums);
+    if (rc == SHM_OK) rc = check_refs_names(h);
     lock_release(&h->arena->heap_lock);
     if (rc == SHM_OK) *out = r;
     return rc;

@@ -24,6 +24,9 @@ static const char *const messages[] = {
     [9] = "the process table is full",
     [10] = "a system call failed",
     [11] = "the segment is not an arena of this layout version",
+    [12] = "the name is already bound",
+    [13] = "no such name or reference",
+    [14] = "a fixed table in the segment is full",
 };
 
 const char *shm_strerror(int status) {

@@ -6,8 +6,9 @@
  *   2. otherwise look at the first few blocks of need's own bin for one that fits (first fit,
  *      bounded by FIRST_FIT_PROBES so the cost stays constant);
  *   3. otherwise take the head of the first non-empty bin above need's, found with the bitmap in
- *      at most SHM_BITMAP_WORDS word scans; every block there is larger than need.
- * All three are O(1). Links are validated as they are followed: a bad link is corruption. */
+ *      at most SHM_BITMAP_WORDS word scans; every block there is larger than need;
+ *   4. only when no bin above has a block: scan all of need's own bin before saying out of memory.
+ * The first three are O(1); the fourth runs only on the way to an out-of-memory error. Links are validated as they are followed: a bad link is corruption. */
 #include "shm_internal.h"
 
 #define FIRST_FIT_PROBES 8
@@ -93,6 +94,22 @@ int freelist_remove(shm_handle_t *h, uint64_t off) {
     return SHM_OK;
 }
 
+/* Last resort before out-of-memory: the whole of bin b, first fit, bounded against cycles. */
+static int bin_scan(shm_handle_t *h, unsigned b, uint64_t need, uint64_t *off_out) {
+    if (b >= SHM_NBINS) return SHM_ENOMEM;
+    uint64_t bin_off = (uint64_t)((uint8_t *)&h->arena->bins[b] - h->base);
+    uint64_t limit = (h->heap_end - h->heap_off) / SHM_MIN_BLOCK, steps = 0;
+    for (uint64_t cur = h->arena->bins[b]; cur; cur = block_links(h, cur)->next) {
+        if (link_check(h, bin_off, cur) != SHM_OK) return SHM_ECORRUPT;
+        if (++steps > limit) return err_set(SHM_ECORRUPT, cur, "bin %u's list has a cycle", b);
+        if (block_at(h, cur)->size >= need) {
+            *off_out = cur;
+            return SHM_OK;
+        }
+    }
+    return SHM_ENOMEM;
+}
+
 int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out) {
     shm_arena_t *a = h->arena;
     unsigned b = bin_of_size(need);
@@ -110,7 +127,9 @@ int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out) {
         b++;
     }
     unsigned found = b < SHM_NBINS ? bin_first_from(a, b) : SHM_NBINS;
-    if (found == SHM_NBINS) return SHM_ENOMEM;
+    if (found == SHM_NBINS)
+        return need != bin_min_size(bin_of_size(need)) ? bin_scan(h, bin_of_size(need), need, off_out)
+                                                        : SHM_ENOMEM;
     uint64_t head = a->bins[found];
     if (link_check(h, (uint64_t)((uint8_t *)&a->bins[found] - h->base), head) != SHM_OK)
         return SHM_ECORRUPT;

@@ -63,6 +63,22 @@ static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
     return SHM_OK;
 }
 
+/* Recompute the arena's pressure level from its counters; *rose is set when it went up. */
+void pressure_update(shm_handle_t *h, int *rose) {
+    shm_counters_t *c = &h->arena->counters;
+    uint64_t total = h->heap_end - h->heap_off;
+    uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
+    uint64_t busy = total - (fb > fh ? fb - fh : 0);
+    uint64_t level = busy * 100 >= total * 95   ? SHM_PRESSURE_CRITICAL
+                     : busy * 100 >= total * 80 ? SHM_PRESSURE_HIGH
+                     : busy * 100 >= total * 60 ? SHM_PRESSURE_MEDIUM
+                                                : SHM_PRESSURE_LOW;
+    uint64_t old = A_LOAD(&c->pressure_level);
+    if (LIKELY(level == old)) return;
+    A_STORE(&c->pressure_level, level);
+    if (rose && level > old && level >= SHM_PRESSURE_HIGH) *rose = 1;
+}
+
 static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
     shm_counters_t *c = &h->arena->counters;
     uint64_t usable = round_up(size, SHM_ALIGN);
@@ -119,20 +135,26 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + new_free - 1);
     A_ADD(&c->allocations, 1);
     proc_charge(h, owner, got);
-    return (int64_t)(start + SHM_HDR);
+    int rose = 0;
+    pressure_update(h, &rose);
+    int64_t flags = rose ? (int64_t)SHM_ALLOC_PRESSURE_FLAG : 0;
+    if (owner) {
+        const shm_proc_t *p = &h->arena->procs[owner - 1];
+        if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack))) flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
+    }
+    return (int64_t)(start + SHM_HDR) | flags;
 }
 
 int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
     if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
         return size ? oom(h, SHM_ENOMEM, size)
                     : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
-    if (align <= SHM_ALIGN) {
-        align = 0;
-    } else if (align > SHM_PAGE || (align & (align - 1))) {
-        return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two in [16, %d]",
+    if (align > SHM_PAGE || (align & (align - 1))) {
+        return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two up to %d",
                        (unsigned long long)align, SHM_PAGE);
     }
-    if (UNLIKELY(slot < -1 || slot >= SHM_MAX_PROCS))
+    if (align <= SHM_ALIGN) align = 0; /* every block is 16-byte aligned already */
+    if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
@@ -141,15 +163,16 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
     return r;
 }
 
-static int64_t free_locked(shm_handle_t *h, uint64_t address) {
+/* Free the allocated block at off (validated by the caller): drop its names and references,
+ * merge it with free neighbours, put the result on its list. *merged_end, if given, receives the
+ * end of the merged free block, where a heap walk can continue. */
+int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     shm_counters_t *c = &h->arena->counters;
-    uint64_t off;
-    int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK) return rc;
     shm_block_t *b = block_at(h, off);
     uint64_t size = b->size, prev_size = b->prev_size, got = size - SHM_HDR;
     uint32_t owner = b->owner;
     uint64_t merged = 0;
+    int rc;
 
     uint64_t next = off + size;
     if (next < h->heap_end) {
@@ -164,14 +187,18 @@ static int64_t free_locked(shm_handle_t *h, uint64_t address) {
             return err_set(SHM_ECORRUPT, off, "block %#llx: prev_size %llu names no block",
                            (unsigned long long)off, (unsigned long long)prev_size);
     }
+    if (UNLIKELY(b->refcount) && (rc = refs_drop_block(h, off)) != SHM_OK) return rc;
+    if (UNLIKELY(b->flags & SHM_BF_NAMED)) names_drop_address(h, off + SHM_HDR);
     if (next < h->heap_end && (block_at(h, next)->flags & SHM_BF_FREE)) {
         if ((rc = freelist_remove(h, next)) != SHM_OK) return rc;
         size += block_at(h, next)->size;
+        block_scrub(h, next);
         merged++;
     }
     if (prev_size && (block_at(h, off - prev_size)->flags & SHM_BF_FREE)) {
         uint64_t prev = off - prev_size;
         if ((rc = freelist_remove(h, prev)) != SHM_OK) return rc;
+        block_scrub(h, off);
         off = prev;
         size += prev_size;
         prev_size = block_at(h, prev)->prev_size;
@@ -188,7 +215,18 @@ static int64_t free_locked(shm_handle_t *h, uint64_t address) {
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + 1 - merged);
     A_ADD(&c->deallocations, 1);
     A_ADD(&c->frees_since_gc, 1);
-    return (int64_t)got;
+    pressure_update(h, NULL);
+    if (merged_end) *merged_end = off + size;
+    return SHM_OK;
+}
+
+static int64_t free_locked(shm_handle_t *h, uint64_t address) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    int64_t got = (int64_t)(block_at(h, off)->size - SHM_HDR);
+    rc = heap_free_block(h, off, NULL);
+    return rc == SHM_OK ? got : rc;
 }
 
 int64_t shm_free(shm_handle_t *h, uint64_t address) {

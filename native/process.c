@@ -62,6 +62,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
         A_STORE(&p->nallocs, 0);
         A_STORE(&p->nfrees, 0);
         A_STORE(&p->trim_seq, 0);
+        A_STORE(&p->trim_ack, 0);
         A_STORE(&p->state, SHM_PROC_LIVE);
         found = free_slot;
     }
@@ -102,4 +103,54 @@ int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
         return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
     A_STORE(&h->arena->procs[slot].limit, limit);
     return SHM_OK;
+}
+
+/* Move the accounting of one block of `bytes` from owner `from` to owner `to` (either may be 0). */
+void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
+    if (from == to) return;
+    if (proc_slot_is_valid(h, from)) {
+        shm_proc_t *p = &h->arena->procs[from - 1];
+        A_SUB(&p->usage, bytes);
+        A_SUB(&p->nblocks, 1);
+    }
+    if (proc_slot_is_valid(h, to)) {
+        shm_proc_t *p = &h->arena->procs[to - 1];
+        uint64_t u = A_ADD(&p->usage, bytes);
+        if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
+        A_ADD(&p->nblocks, 1);
+    }
+}
+
+/* Ask the process in slot to trim: it runs its on_pressure callbacks when it next enters the
+ * library (it compares trim_seq with the last value it saw). */
+int shm_proc_trim_request(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    A_ADD(&h->arena->procs[slot].trim_seq, 1);
+    return SHM_OK;
+}
+
+int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    shm_proc_t *p = &h->arena->procs[slot];
+    A_STORE(&p->trim_ack, A_LOAD(&p->trim_seq));
+    return SHM_OK;
+}
+
+/* This process detaches (close): a slot that owns nothing and holds no references is given back;
+ * otherwise it stays LIVE until the process ends and a collection cleans it. Returns 1 if freed. */
+int shm_proc_detach(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    shm_proc_t *p = &h->arena->procs[slot];
+    int freed = 0;
+    if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) == 0 && !refs_held_by(h, (uint32_t)slot + 1)) {
+        A_STORE(&p->state, SHM_PROC_FREE);
+        freed = 1;
+    }
+    lock_release(&h->arena->heap_lock);
+    return freed;
 }

@@ -20,6 +20,24 @@
 #define SHM_EPROCS -9    /* the process table is full */
 #define SHM_ESYS -10     /* a system call failed; sys_errno says why */
 #define SHM_ELAYOUT -11  /* the segment is not an arena of this layout version */
+#define SHM_EEXIST -12   /* the name is already bound */
+#define SHM_ENOENT -13   /* no such name, or no such reference */
+#define SHM_EFULL -14    /* a fixed table in the segment (names, references) is full */
+
+/* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
+ * level (once per crossing, arena-wide); the address is the result with the bit cleared. */
+#define SHM_ALLOC_PRESSURE_FLAG 4611686018427387904
+/* Bit set in shm_alloc's result when a collector asked the allocating process to trim. */
+#define SHM_ALLOC_TRIM_FLAG 2305843009213693952
+
+/* Event kinds in the ring (names in shmalloc/events.py) */
+#define SHM_EV_ALLOCATED 1
+#define SHM_EV_DEALLOCATED 2
+#define SHM_EV_OOM 3
+#define SHM_EV_PRESSURE_HIGH 4
+#define SHM_EV_PRESSURE_CRITICAL 5
+#define SHM_EV_GC_TRIGGERED 6
+#define SHM_EV_PROCESS_RECLAIMED 7
 
 typedef struct shm_handle shm_handle_t;
 
@@ -75,6 +93,13 @@ typedef struct shm_block_info {
     int32_t slot;        /* owner's slot, -1 when none */
 } shm_block_info_t;
 
+typedef struct shm_gc_result {
+    uint64_t freed_blocks;
+    uint64_t freed_bytes;
+    uint64_t procs_cleaned;
+    uint64_t refs_dropped;
+} shm_gc_result_t;
+
 typedef struct shm_proc_info {
     int32_t slot;
     uint32_t state;
@@ -95,6 +120,7 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
 uint64_t shm_header_size(void);
+int shm_pressure_level(shm_handle_t *h);
 
 /* error.c */
 const shm_error_info_t *shm_last_error(void);
@@ -113,6 +139,34 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
 int shm_proc_find(shm_handle_t *h, uint32_t pid);
 int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
 int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
+
+int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
+int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
+int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
+int shm_proc_detach(shm_handle_t *h, int32_t slot);
+
+/* own.c */
+int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_block_persist(shm_handle_t *h, uint64_t address);
+int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
+                    uint64_t *count);
+
+/* names.c */
+int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);
+int64_t shm_name_lookup(shm_handle_t *h, const char *name);
+int shm_name_unbind(shm_handle_t *h, const char *name);
+int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
+
+/* gc.c */
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out);
+
+/* ring.c */
+int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
+                   uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4);
+int shm_event_pop(shm_handle_t *h, shm_event_t *out);
+uint64_t shm_event_dropped(shm_handle_t *h);
 
 /* check.c */
 int shm_check(shm_handle_t *h, shm_check_report_t *out);

@@ -60,6 +60,7 @@ uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *
 void block_write(const shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
                  uint32_t owner, uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
+void block_scrub(const shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
 
@@ -70,9 +71,22 @@ int freelist_remove(shm_handle_t *h, uint64_t off);
 int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out);
 int freelist_largest(shm_handle_t *h, uint64_t *size_out);
 
+/* heap.c */
+int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+void pressure_update(shm_handle_t *h, int *rose);
+
+/* own.c */
+int refs_drop_block(shm_handle_t *h, uint64_t off);
+uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder);
+int refs_held_by(shm_handle_t *h, uint32_t holder);
+
+/* names.c */
+void names_drop_address(shm_handle_t *h, uint64_t address);
+
 /* process.c */
 int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
+void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
 
 #endif

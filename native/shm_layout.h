@@ -25,13 +25,17 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 1
+#define SHM_LAYOUT_VERSION 2
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
 #define SHM_BITMAP_WORDS 4
 #define SHM_MAX_PROCS 128
 #define SHM_PAGE 4096
+#define SHM_MAX_REFS 4096
+#define SHM_MAX_NAMES 1024
+#define SHM_NAME_LEN 56
+#define SHM_RING_SLOTS 4096
 
 /* Block header: 32 bytes in front of every payload.
  * Written by whichever process holds the heap lock; read without the lock only through
@@ -64,6 +68,7 @@ typedef struct shm_free_links {
 #define SHM_BF_FREE 1
 #define SHM_BF_SEALED 2
 #define SHM_BF_PERSIST 4
+#define SHM_BF_NAMED 8
 
 /* Process table slot, one cache line pair per attached process.
  * state/pid/start_time change only under the heap lock; counters are atomics so that readers
@@ -82,12 +87,51 @@ typedef struct shm_proc {
     uint64_t nallocs;    /* +0x30 allocations made on its account, ever */
     uint64_t nfrees;     /* +0x38 blocks of its account freed, ever */
     uint64_t trim_seq;   /* +0x40 bumped by a collector asking this process to trim */
-    uint64_t reserved[7];
+    uint64_t trim_ack;   /* +0x48 the trim_seq this process last answered */
+    uint64_t reserved[6];
 } shm_proc_t;
 
 #define SHM_PROC_FREE 0
 #define SHM_PROC_LIVE 1
 #define SHM_PROC_DEAD 2
+
+/* A reference held on a block by a process (retain/release). Under the heap lock.
+ *   [R1] holder == 0 (empty entry) or holder - 1 is a slot that is not FREE, and count > 0
+ *   [R2] for every allocated block, refcount == sum of count over the entries naming it */
+typedef struct shm_ref {
+    uint64_t block;  /* +0x00 the block's offset (header, not address) */
+    uint32_t holder; /* +0x08 holding slot + 1; 0 = empty entry */
+    uint32_t count;  /* +0x0c */
+} shm_ref_t;
+
+/* A named block (bind/lookup/unbind). Under the heap lock; a bound block is persistent.
+ *   [N1] address == 0 (empty) or the address of an allocated block with SHM_BF_PERSIST
+ *   [N2] name is NUL-terminated within SHM_NAME_LEN bytes and unique among entries */
+typedef struct shm_name {
+    uint64_t address;  /* +0x00 */
+    char name[56];     /* +0x08 UTF-8, NUL-terminated */
+} shm_name_t;
+
+/* One event in the ring: kind is an SHM_EV_* number, fields depend on it (see events.py). */
+typedef struct shm_event {
+    uint64_t seq;     /* +0x00 ring sequence: publish/consume protocol, see ring.c */
+    uint32_t kind;    /* +0x08 */
+    uint32_t pid;     /* +0x0c */
+    uint64_t time_ns; /* +0x10 CLOCK_REALTIME */
+    uint64_t f[5];    /* +0x18 */
+} shm_event_t;
+
+/* Bounded lock-free multi-producer ring of events (ring.c), drained by the coordinator.
+ * A producer that finds the ring full counts the event in `dropped` and goes on. */
+typedef struct shm_ring {
+    uint64_t head;     /* +0x00 next sequence to claim (producers, CAS) */
+    uint64_t pad0[7];
+    uint64_t tail;     /* +0x40 next sequence to consume (consumers, CAS) */
+    uint64_t pad1[7];
+    uint64_t dropped;  /* +0x80 events lost to a full ring */
+    uint64_t pad2[7];
+    shm_event_t slots[4096]; /* +0xc0 */
+} shm_ring_t;
 
 /* Arena-wide counters, each written with atomics under the heap lock and read without it.
  *   [C1] used == sum of (size - header) over allocated blocks
@@ -107,8 +151,14 @@ typedef struct shm_counters {
     uint64_t lock_recoveries;  /* +0x48 times a dead holder's lock was recovered */
     uint64_t oom_events;       /* +0x50 */
     uint64_t gc_runs;          /* +0x58 */
-    uint64_t pad[4];
+    uint64_t pressure_level;   /* +0x60 SHM_PRESSURE_* the arena was last seen at */
+    uint64_t pad[3];
 } shm_counters_t;
+
+#define SHM_PRESSURE_LOW 0
+#define SHM_PRESSURE_MEDIUM 1
+#define SHM_PRESSURE_HIGH 2
+#define SHM_PRESSURE_CRITICAL 3
 
 /* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
 typedef struct shm_lock {
@@ -139,4 +189,7 @@ typedef struct shm_arena {
     uint64_t bins[213];                    /* +0x160 head offset of each bin's list, 0 = empty */
     uint64_t pad_bins[7];
     shm_proc_t procs[128];                 /* +0x840 the process table */
+    shm_ref_t refs[4096];                  /* +0x4840 references held by live processes */
+    shm_name_t names[1024];                /* +0x14840 the named-block directory */
+    shm_ring_t ring;                       /* +0x24840 the event ring */
 } shm_arena_t;

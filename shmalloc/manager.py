@@ -23,14 +23,20 @@ import posix_ipc
 from . import process
 from ._binding import ffi, lib, raise_status
 from .errors import AlignmentError, CorruptionDetected, InvalidAddress, ProtectionViolation
+from .collection import DEFAULT_THRESHOLD, CollectionMixin
 from .events import Event
 from .guard import MemoryGuard
+from .ownership import OwnershipMixin
 from .stats import CheckReport, MemoryStats
+from .tracking import TrackingMixin
 
 __all__ = ["MemoryManager", "DEFAULT_CAPACITY"]
 
 DEFAULT_CAPACITY = 1 << 30
 _U64_MAX = (1 << 64) - 1
+_FLAGS = 1 << 61  # shm_alloc results at or above this carry pressure/trim flag bits
+_shm_alloc = lib.shm_alloc
+_shm_free = lib.shm_free
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
 _ATTACH_WAIT = 2.0  # seconds an attach waits for a concurrent create to finish formatting
 
@@ -64,7 +70,7 @@ def _check_int(value: object, what: str) -> int:
     return value
 
 
-class MemoryManager:
+class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
     """A shared-memory arena. ``MemoryManager()`` creates a new one with a unique name.
 
     Use :meth:`create` for a named arena and :meth:`attach` to join one from another process.
@@ -90,7 +96,10 @@ class MemoryManager:
             name = f"shmalloc-{os.getpid()}-{secrets.token_hex(6)}"
         self._name = validate_name(name)
         self._collector = collector
+        self._threshold = DEFAULT_THRESHOLD
+        self._pressure_callbacks = []
         self._slot = -1
+        self._slot_pid = 0
         self._lock = threading.Lock()
         if _attach:
             self._open_existing()
@@ -227,6 +236,8 @@ class MemoryManager:
         """
         if self._closed:
             return
+        if self._slot >= 0 and self._slot_pid == os.getpid():
+            lib.shm_proc_detach(self._h, self._slot)
         self._mv.release()
         ffi.release(self._base)
         try:
@@ -240,6 +251,7 @@ class MemoryManager:
             ) from None
         lib.shm_handle_close(self._h)
         self._h = None
+        self._slot = -1
         os.close(self._fd)
         self._closed = True
         _live.discard(self)
@@ -287,10 +299,8 @@ class MemoryManager:
         with self._lock:
             if self._slot < 0:
                 pid, started = process.self_identity()
-                slot = lib.shm_proc_attach(self._handle(), pid, started)
-                if slot < 0:
-                    raise_status(slot)
-                self._slot = slot
+                self._slot = self._attach_slot(pid, started)
+                self._slot_pid = pid
             return self._slot
 
     def _slot_for(self, pid: int | None) -> int:
@@ -302,7 +312,15 @@ class MemoryManager:
         started = process.start_time(pid)
         if started is None:
             raise ValueError(f"no process with pid {pid}: memory can only be accounted to a live one")
+        return self._attach_slot(pid, started)
+
+    def _attach_slot(self, pid: int, started: int) -> int:
+        """Claim (or find) the slot of (pid, started); when the table is full, collect the slots
+        of dead processes once and try again."""
         slot = lib.shm_proc_attach(self._handle(), pid, started)
+        if slot == lib.SHM_EPROCS:
+            self.collect()
+            slot = lib.shm_proc_attach(self._handle(), pid, started)
         if slot < 0:
             raise_status(slot)
         return int(slot)
@@ -312,37 +330,63 @@ class MemoryManager:
     def allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int:
         """Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or
         ``align``-aligned). The block is accounted to ``pid`` (default: this process)."""
-        if size.__class__ is not int or size <= 0:
-            size = _check_int(size, "size")
-            if size <= 0:
-                raise ValueError(f"size must be positive, got {size}")
+        if size.__class__ is int and pid is None and align is None:
+            try:
+                r = _shm_alloc(self._h, size, 0, self._slot)
+            except (OverflowError, TypeError):  # negative or huge size, or a closed manager
+                return self._allocate_slow(size, pid, align)
+            if 0 < r < _FLAGS:
+                if self._collector is not None:
+                    self._emit("memory.allocated", address=r, size=size, pid=os.getpid())
+                return r
+            if r != lib.SHM_EINVAL or self._slot >= 0:  # EINVAL with no slot yet: take the slow path
+                return self._alloc_result(r, size, None)
+        return self._allocate_slow(size, pid, align)
+
+    def _allocate_slow(self, size: int, pid: int | None, align: int | None) -> int:
+        size = _check_int(size, "size")
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
         if align is None:
             align = 0
         elif align.__class__ is not int or align <= 0:
             raise AlignmentError(_check_int(align, "align"))
-        h = self._h if self._h is not None else self._handle()
-        slot = self._slot if pid is None and self._slot >= 0 else self._slot_for(pid)
+        h = self._handle()
+        slot = self._slot_for(pid)
         r = lib.shm_alloc(h, size if size <= _U64_MAX else _U64_MAX, align, slot)
+        return self._alloc_result(r, size, pid)
+
+    def _alloc_result(self, r: int, size: int, pid: int | None) -> int:
+        """Finish an allocation from shm_alloc's raw result: raise, or handle flags and events."""
         if r < 0:
             if r == lib.SHM_ENOMEM or r == lib.SHM_ENOSPC:
                 self._emit("memory.oom", requested=size, available=int(lib.shm_last_error().available))
             raise_status(r)
+        if r >= _FLAGS:
+            r = self._after_alloc_flags(r)
         if self._collector is not None:
             self._emit("memory.allocated", address=r, size=size, pid=pid or os.getpid())
         return r
 
     def deallocate(self, address: int) -> int:
         """Free the block at ``address`` (from any process); return its usable size."""
-        if address.__class__ is not int or not 0 <= address <= _U64_MAX:
-            address = _check_int(address, "address")
-            raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
-        h = self._h
-        r = lib.shm_free(h if h is not None else self._handle(), address)
+        if address.__class__ is int:
+            try:
+                r = _shm_free(self._h, address)
+            except (OverflowError, TypeError):  # negative or huge address, or a closed manager
+                r = self._deallocate_slow(address)
+        else:
+            r = self._deallocate_slow(address)
         if r < 0:
             raise_status(r, address)
         if self._collector is not None:
             self._emit("memory.deallocated", address=address, size=r)
         return r
+
+    def _deallocate_slow(self, address: object) -> int:
+        address = _check_int(address, "address")
+        self._handle()
+        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
 
     def allocate_guarded(self, size: int, pid: int | None = None) -> MemoryGuard:
         """Allocate a block that is freed when the returned guard's ``with`` block ends."""
@@ -485,9 +529,3 @@ class MemoryManager:
     def with_collector(self, collector: Callable[[Event], None]) -> MemoryManager:
         self.set_collector(collector)
         return self
-
-    def _emit(self, name: str, **fields: Any) -> None:
-        collector = self._collector
-        if collector is not None:
-            collector(Event(name, os.getpid(), time.time(), fields))
-

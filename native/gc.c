@@ -1,0 +1,81 @@
+/* gc.c -- reclaiming the blocks of dead processes, and cleaning their slots.
+ *
+ * Which processes are dead is decided in Python (process.py compares pid and start time); it
+ * marks their slots DEAD with shm_proc_mark_dead(). shm_gc() then, under the heap lock:
+ *   1. drops the references held by DEAD slots (references die with their holder);
+ *   2. walks the heap and frees, for slot == -1, every block whose owner is DEAD and which no live
+ *      process references; for slot >= 0 the same restricted to that slot, or with all_blocks
+ *      every block of that slot, dead or alive, referenced or not (an operator's targeted action);
+ *   3. returns DEAD slots that own nothing to FREE.
+ * Freeing merges neighbours at once, so the walk continues from the end of the merged block. */
+#include "shm_internal.h"
+
+int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    shm_proc_t *p = &h->arena->procs[slot];
+    int marked = 0;
+    if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time) {
+        A_STORE(&p->state, SHM_PROC_DEAD);
+        marked = 1;
+    }
+    lock_release(&h->arena->heap_lock);
+    return marked;
+}
+
+static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) {
+    shm_arena_t *a = h->arena;
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (a->procs[i].state == SHM_PROC_DEAD && (slot < 0 || slot == i))
+            out->refs_dropped += refs_drop_slot(h, (uint32_t)i + 1);
+    uint64_t off = h->heap_off;
+    while (off < h->heap_end) {
+        if (block_validate(h, off) != SHM_OK) return SHM_ECORRUPT;
+        const shm_block_t *b = block_at(h, off);
+        uint64_t size = b->size;
+        int32_t owner = (int32_t)b->owner - 1;
+        int take = 0;
+        if (!(b->flags & SHM_BF_FREE) && owner >= 0 && owner < SHM_MAX_PROCS) {
+            if (slot >= 0 && owner != slot)
+                take = 0;
+            else if (slot >= 0 && all_blocks)
+                take = 1;
+            else
+                take = a->procs[owner].state == SHM_PROC_DEAD && b->refcount == 0;
+        }
+        if (!take) {
+            off += size;
+            continue;
+        }
+        int rc = heap_free_block(h, off, &off);
+        if (rc != SHM_OK) return rc;
+        out->freed_blocks++;
+        out->freed_bytes += size - SHM_HDR;
+    }
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        shm_proc_t *p = &a->procs[i];
+        if (p->state == SHM_PROC_DEAD && A_LOAD(&p->nblocks) == 0 && (slot < 0 || slot == i)) {
+            refs_drop_slot(h, (uint32_t)i + 1);
+            A_STORE(&p->usage, 0);
+            A_STORE(&p->state, SHM_PROC_FREE);
+            out->procs_cleaned++;
+        }
+    }
+    A_ADD(&a->counters.gc_runs, 1);
+    A_STORE(&a->counters.frees_since_gc, 0);
+    return SHM_OK;
+}
+
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) {
+    if (slot < -1 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    shm_gc_result_t r = {0};
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    rc = gc_locked(h, slot, all_blocks, &r);
+    lock_release(&h->arena->heap_lock);
+    *out = r; /* partial figures too: what was freed before a failure stays freed */
+    return rc;
+}

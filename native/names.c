@@ -1,0 +1,121 @@
+/* names.c -- the named-block directory: bind/lookup/unbind/names.
+ *
+ * A fixed table of (address, name) entries in the segment, under the heap lock. Binding a name
+ * makes its block persistent (no owner, never collected) and marks it SHM_BF_NAMED so that freeing
+ * it removes its names [N1]. Names are at most SHM_NAME_LEN - 1 bytes and unique [N2]. */
+#include <string.h>
+
+#include "shm_internal.h"
+
+static int name_check(const char *name) {
+    size_t n = strnlen(name, SHM_NAME_LEN);
+    if (n == 0 || n >= SHM_NAME_LEN)
+        return err_set(SHM_EINVAL, n, "a block name must be 1 to %d bytes of UTF-8", SHM_NAME_LEN - 1);
+    return SHM_OK;
+}
+
+static shm_name_t *name_find(shm_handle_t *h, const char *name) {
+    shm_name_t *t = h->arena->names;
+    for (int i = 0; i < SHM_MAX_NAMES; i++)
+        if (t[i].address && strncmp(t[i].name, name, SHM_NAME_LEN) == 0) return &t[i];
+    return NULL;
+}
+
+static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    if (name_find(h, name))
+        return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first", name);
+    shm_name_t *t = h->arena->names, *slot = NULL;
+    for (int i = 0; i < SHM_MAX_NAMES && !slot; i++)
+        if (!t[i].address) slot = &t[i];
+    if (!slot)
+        return err_set(SHM_EFULL, address, "all %d names are in use; unbind some", SHM_MAX_NAMES);
+    shm_block_t *b = block_at(h, off);
+    proc_move(h, b->owner, 0, b->size - SHM_HDR);
+    b->owner = 0;
+    b->flags |= SHM_BF_PERSIST | SHM_BF_NAMED;
+    block_reseal(h, off);
+    memset(slot->name, 0, SHM_NAME_LEN);
+    memcpy(slot->name, name, strlen(name));
+    slot->address = address;
+    return SHM_OK;
+}
+
+int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
+    int rc = name_check(name);
+    if (rc != SHM_OK) return rc;
+    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    rc = bind_locked(h, name, address);
+    lock_release(&h->arena->heap_lock);
+    return rc;
+}
+
+int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
+    int rc = name_check(name);
+    if (rc != SHM_OK) return rc;
+    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    shm_name_t *e = name_find(h, name);
+    int64_t r = e ? (int64_t)e->address
+                  : err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
+    lock_release(&h->arena->heap_lock);
+    return r;
+}
+
+static int address_is_named(shm_handle_t *h, uint64_t address) {
+    const shm_name_t *t = h->arena->names;
+    for (int i = 0; i < SHM_MAX_NAMES; i++)
+        if (t[i].address == address) return 1;
+    return 0;
+}
+
+static int unbind_locked(shm_handle_t *h, const char *name) {
+    shm_name_t *e = name_find(h, name);
+    if (!e) return err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
+    uint64_t address = e->address, off;
+    e->address = 0;
+    memset(e->name, 0, SHM_NAME_LEN);
+    if (address_is_named(h, address)) return SHM_OK;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    block_at(h, off)->flags &= ~(uint32_t)SHM_BF_NAMED; /* stays persistent */
+    block_reseal(h, off);
+    return SHM_OK;
+}
+
+int shm_name_unbind(shm_handle_t *h, const char *name) {
+    int rc = name_check(name);
+    if (rc != SHM_OK) return rc;
+    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    rc = unbind_locked(h, name);
+    lock_release(&h->arena->heap_lock);
+    return rc;
+}
+
+/* The block at address is being freed: its names go. */
+void names_drop_address(shm_handle_t *h, uint64_t address) {
+    shm_name_t *t = h->arena->names;
+    for (int i = 0; i < SHM_MAX_NAMES; i++)
+        if (t[i].address == address) {
+            t[i].address = 0;
+            memset(t[i].name, 0, SHM_NAME_LEN);
+        }
+}
+
+/* Entry `index` of the directory: 1 and its name and address if in use, 0 if empty. */
+int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out) {
+    if (index >= SHM_MAX_NAMES) return err_set(SHM_EINVAL, index, "no directory entry %u", index);
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    const shm_name_t *e = &h->arena->names[index];
+    rc = 0;
+    if (e->address) {
+        memcpy(name_out, e->name, SHM_NAME_LEN);
+        name_out[SHM_NAME_LEN - 1] = 0;
+        *address_out = e->address;
+        rc = 1;
+    }
+    lock_release(&h->arena->heap_lock);
+    return rc;
+}

@@ -1,0 +1,183 @@
+/* own.c -- ownership of blocks across processes: adopt, persist, and references.
+ *
+ * A block's owner is the slot whose process answers for it. When that process ends its blocks are
+ * orphaned and gc.c frees them, except those a live process still references. References are
+ * entries (block, holder slot, count) in the arena's refs table; the block header's refcount is
+ * their sum [R2], so a free path needs to look at the table only when refcount != 0. References die
+ * with their holder (refs_drop_slot, called by gc.c for dead slots). All under the heap lock. */
+#include "shm_internal.h"
+
+#define LOCKED(h, expr)                                          \
+    do {                                                         \
+        int rc_ = lock_acquire((h), &(h)->arena->heap_lock);     \
+        if (rc_ != SHM_OK) return rc_;                           \
+        rc_ = (expr);                                            \
+        lock_release(&(h)->arena->heap_lock);                    \
+        return rc_;                                              \
+    } while (0)
+
+static int live_slot(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS || h->arena->procs[slot].state != SHM_PROC_LIVE)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
+    return SHM_OK;
+}
+
+static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK) return rc;
+    shm_block_t *b = block_at(h, off);
+    if (b->flags & SHM_BF_NAMED)
+        return err_set(SHM_EINVAL, address, "the block at %#llx is named; unbind it before adopting",
+                       (unsigned long long)address);
+    proc_move(h, b->owner, (uint32_t)slot + 1, b->size - SHM_HDR);
+    b->owner = (uint32_t)slot + 1;
+    b->flags &= ~(uint32_t)SHM_BF_PERSIST;
+    block_reseal(h, off);
+    return SHM_OK;
+}
+
+int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot) {
+    LOCKED(h, adopt_locked(h, address, slot));
+}
+
+static int persist_locked(shm_handle_t *h, uint64_t address) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    shm_block_t *b = block_at(h, off);
+    proc_move(h, b->owner, 0, b->size - SHM_HDR);
+    b->owner = 0;
+    b->flags |= SHM_BF_PERSIST;
+    block_reseal(h, off);
+    return SHM_OK;
+}
+
+int shm_block_persist(shm_handle_t *h, uint64_t address) { LOCKED(h, persist_locked(h, address)); }
+
+static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK) return rc;
+    shm_ref_t *refs = h->arena->refs, *empty = NULL;
+    uint32_t holder = (uint32_t)slot + 1;
+    for (int i = 0; i < SHM_MAX_REFS; i++) {
+        if (refs[i].holder == holder && refs[i].block == off) {
+            empty = &refs[i];
+            break;
+        }
+        if (!refs[i].holder && !empty) empty = &refs[i];
+    }
+    if (!empty)
+        return err_set(SHM_EFULL, address, "all %d reference entries are in use; release some",
+                       SHM_MAX_REFS);
+    shm_block_t *b = block_at(h, off);
+    if (b->refcount == UINT32_MAX)
+        return err_set(SHM_EINVAL, address, "the block at %#llx has too many references",
+                       (unsigned long long)address);
+    if (!empty->holder) {
+        empty->block = off;
+        empty->count = 0;
+        empty->holder = holder;
+    }
+    empty->count++;
+    b->refcount++;
+    block_reseal(h, off);
+    return SHM_OK;
+}
+
+int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot) {
+    LOCKED(h, retain_locked(h, address, slot));
+}
+
+/* Drop one reference; an orphan (owner dead) whose last reference goes is freed: returns 1. */
+static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
+    uint64_t off;
+    int rc = block_from_address(h, address, &off);
+    if (rc != SHM_OK) return rc;
+    uint32_t holder = (uint32_t)slot + 1;
+    shm_ref_t *refs = h->arena->refs;
+    shm_block_t *b = block_at(h, off);
+    for (int i = 0; i < SHM_MAX_REFS; i++) {
+        if (refs[i].holder != holder || refs[i].block != off) continue;
+        if (!b->refcount)
+            return err_set(SHM_ECORRUPT, off, "[R2] block %#llx has references but refcount 0",
+                           (unsigned long long)off);
+        if (--refs[i].count == 0) refs[i].holder = 0;
+        b->refcount--;
+        block_reseal(h, off);
+        if (!b->refcount && b->owner && h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD) {
+            rc = heap_free_block(h, off, NULL);
+            return rc == SHM_OK ? 1 : rc;
+        }
+        return SHM_OK;
+    }
+    return err_set(SHM_ENOENT, address, "this process holds no reference on the block at %#llx",
+                   (unsigned long long)address);
+}
+
+int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
+    LOCKED(h, release_locked(h, address, slot));
+}
+
+/* The block at off is being freed: forget every reference to it. */
+int refs_drop_block(shm_handle_t *h, uint64_t off) {
+    shm_ref_t *refs = h->arena->refs;
+    for (int i = 0; i < SHM_MAX_REFS; i++)
+        if (refs[i].holder && refs[i].block == off) refs[i].holder = 0;
+    block_at(h, off)->refcount = 0;
+    block_reseal(h, off);
+    return SHM_OK;
+}
+
+/* The process in slot holder-1 is gone: its references go with it. Returns how many. */
+uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder) {
+    shm_ref_t *refs = h->arena->refs;
+    uint64_t dropped = 0;
+    for (int i = 0; i < SHM_MAX_REFS; i++) {
+        if (refs[i].holder != holder) continue;
+        uint64_t off = refs[i].block;
+        refs[i].holder = 0;
+        dropped += refs[i].count;
+        if (block_validate(h, off) != SHM_OK) continue; /* check() reports it */
+        shm_block_t *b = block_at(h, off);
+        b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
+        block_reseal(h, off);
+    }
+    return dropped;
+}
+
+static int list_locked(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
+                       uint64_t *count) {
+    uint64_t n = 0;
+    for (uint64_t off = h->heap_off; off < h->heap_end; off += block_at(h, off)->size) {
+        if (block_validate(h, off) != SHM_OK) return SHM_ECORRUPT;
+        const shm_block_t *b = block_at(h, off);
+        if (b->flags & SHM_BF_FREE) continue;
+        if (slot >= -1 && (int32_t)b->owner - 1 != slot) continue;
+        if (n < cap) {
+            shm_block_info_t *o = &out[n];
+            o->address = off + SHM_HDR;
+            o->size = b->size - SHM_HDR;
+            o->flags = b->flags;
+            o->refcount = b->refcount;
+            o->slot = (int32_t)b->owner - 1;
+            o->pid = b->owner && proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
+        }
+        n++;
+    }
+    *count = n;
+    return SHM_OK;
+}
+
+/* Blocks owned by slot (-1: persistent ones, -2: every allocated block). */
+int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
+                    uint64_t *count) {
+    LOCKED(h, list_locked(h, slot, out, cap, count));
+}
+
+int refs_held_by(shm_handle_t *h, uint32_t holder) {
+    for (int i = 0; i < SHM_MAX_REFS; i++)
+        if (h->arena->refs[i].holder == holder) return 1;
+    return 0;
+}

@@ -1,0 +1,86 @@
+/* ring.c -- the bounded lock-free event ring (a multi-producer, multi-consumer queue of
+ * sequence-numbered cells, after Dmitry Vyukov's bounded MPMC queue).
+ *
+ * Cell i starts with seq == i. A producer claims position pos by CAS on head when the cell's
+ * seq == pos, fills it, then publishes seq = pos + 1 (release). A consumer takes position pos when
+ * seq == pos + 1, copies it, then frees the cell for the next lap with seq = pos + SLOTS. A full
+ * ring (seq < pos) makes a producer count the event in `dropped` and return: producers never wait.
+ * A producer killed between its claim and its publish leaves a cell that consumers see as "not
+ * yet published"; shm_event_pop retires such a cell once producers have moved
+ * half a ring past it, and a writer that publishes too late finds its cell retired (a CAS on seq
+ * decides between the two) and counts its event as dropped. */
+#include <string.h>
+
+#include "shm_internal.h"
+
+#define MASK (SHM_RING_SLOTS - 1)
+_Static_assert((SHM_RING_SLOTS & MASK) == 0, "ring size is a power of two");
+
+int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
+                   uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4) {
+    shm_ring_t *r = &h->arena->ring;
+    uint64_t pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
+    for (;;) {
+        shm_event_t *cell = &r->slots[pos & MASK];
+        uint64_t seq = __atomic_load_n(&cell->seq, __ATOMIC_ACQUIRE);
+        int64_t dif = (int64_t)(seq - pos);
+        if (dif == 0) {
+            if (__atomic_compare_exchange_n(&r->head, &pos, pos + 1, 1, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED)) {
+                cell->kind = kind;
+                cell->pid = pid;
+                cell->time_ns = time_ns;
+                cell->f[0] = f0, cell->f[1] = f1, cell->f[2] = f2, cell->f[3] = f3, cell->f[4] = f4;
+                /* publish, unless a consumer gave this cell up for dead meanwhile */
+                uint64_t expect = pos;
+                if (__atomic_compare_exchange_n(&cell->seq, &expect, pos + 1, 0, __ATOMIC_RELEASE,
+                                                __ATOMIC_RELAXED))
+                    return SHM_OK;
+                return SHM_EFULL;
+            }
+        } else if (dif < 0) {
+            __atomic_add_fetch(&r->dropped, 1, __ATOMIC_RELAXED);
+            return SHM_EFULL;
+        } else {
+            pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
+        }
+    }
+}
+
+/* 1 and the event in *out, or 0 when nothing is ready. */
+int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
+    shm_ring_t *r = &h->arena->ring;
+    uint64_t pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
+    for (;;) {
+        shm_event_t *cell = &r->slots[pos & MASK];
+        uint64_t seq = __atomic_load_n(&cell->seq, __ATOMIC_ACQUIRE);
+        int64_t dif = (int64_t)(seq - (pos + 1));
+        if (dif == 0) {
+            if (__atomic_compare_exchange_n(&r->tail, &pos, pos + 1, 1, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED)) {
+                memcpy(out, cell, sizeof *out);
+                __atomic_store_n(&cell->seq, pos + SHM_RING_SLOTS, __ATOMIC_RELEASE);
+                return 1;
+            }
+        } else if (dif < 0) {
+            uint64_t head = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
+            if (head - pos <= SHM_RING_SLOTS / 2) return 0; /* empty, or the next is being written */
+            /* a claimed cell far behind the producers: its writer died (or stalls); retire it.
+             * The CAS on seq races the writer's publishing CAS: exactly one of them wins. */
+            uint64_t expect = pos;
+            if (__atomic_compare_exchange_n(&cell->seq, &expect, pos + SHM_RING_SLOTS, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                __atomic_add_fetch(&r->dropped, 1, __ATOMIC_RELAXED);
+                __atomic_compare_exchange_n(&r->tail, &pos, pos + 1, 0, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED);
+            }
+            pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
+        } else {
+            pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
+        }
+    }
+}
+
+uint64_t shm_event_dropped(shm_handle_t *h) {
+    return __atomic_load_n(&h->arena->ring.dropped, __ATOMIC_RELAXED);
+}

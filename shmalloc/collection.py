@@ -1,0 +1,176 @@
+"""Manager-level garbage collection, pressure reactions, trim requests and the event ring.
+
+A mixin of MemoryManager. Which processes are dead is decided here, with (pid, start time) from
+/proc (process.py); the C core (native/gc.c) then frees their orphaned blocks under the heap lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import process
+from ._binding import ffi, lib, raise_status
+from .events import RARE, Event, decode, encode
+from .stats import MemoryPressure, MemoryStats
+
+logger = logging.getLogger("shmalloc")
+
+DEFAULT_THRESHOLD = 1000
+FLAG_MASK = (1 << 61) - 1
+
+
+class CollectionMixin:
+    _h: Any
+    _name: str
+    _slot: int
+    _collector: Callable[[Event], None] | None
+    _threshold: int
+    _pressure_callbacks: list[Callable[[], None]]
+
+    def _handle(self) -> Any: ...
+    def stats(self) -> MemoryStats: ...
+
+    # ------------------------------------------------------------ collection
+
+    def set_threshold(self, n: int) -> None:
+        """Collect after ``n`` deallocated blocks (should_collect() turns true); default 1000."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"the threshold must be an int, not {type(n).__name__}")
+        if n <= 0:
+            raise ValueError(f"the threshold must be positive, got {n}")
+        self._threshold = n
+
+    def should_collect(self) -> bool:
+        """True once ``threshold`` blocks were freed since the last collection, or a process
+        holding memory in the arena has died."""
+        s = ffi.new("shm_stats_t *")
+        lib.shm_stats_read(self._handle(), s)
+        if s.frees_since_gc >= self._threshold:
+            return True
+        return bool(self._dead_rows(mark=False))
+
+    def _dead_rows(self, mark: bool) -> list[Any]:
+        """Slots whose process has ended; with mark, LIVE ones among them are marked DEAD."""
+        h = self._handle()
+        dead = []
+        for slot in range(lib.SHM_MAX_PROCS):
+            info = ffi.new("shm_proc_info_t *")
+            lib.shm_proc_info(h, slot, info)
+            if info.state == lib.SHM_PROC_DEAD:
+                dead.append(info)
+            elif info.state == lib.SHM_PROC_LIVE and not process.is_alive(info.pid, info.start_time):
+                if mark:
+                    rc = lib.shm_proc_mark_dead(h, slot, info.pid, info.start_time)
+                    if rc < 0:
+                        raise_status(rc)
+                dead.append(info)
+        return dead
+
+    def _collect_dead(self, slot: int = -1) -> tuple[Any, list[tuple[int, int]]]:
+        """Reclaim dead processes (or one dead slot); returns the C result and, per process
+        reclaimed, (pid, bytes)."""
+        h = self._handle()
+        dead = [r for r in self._dead_rows(mark=True) if slot < 0 or r.slot == slot]
+        res = ffi.new("shm_gc_result_t *")
+        rc = lib.shm_gc(h, slot, 0, res)
+        if rc < 0:
+            raise_status(rc)
+        reclaimed = []
+        for r in dead:
+            after = ffi.new("shm_proc_info_t *")
+            lib.shm_proc_info(h, r.slot, after)
+            left = after.usage if after.state != lib.SHM_PROC_FREE else 0
+            if r.usage > left:
+                reclaimed.append((int(r.pid), int(r.usage - left)))
+                self._emit("memory.process_reclaimed", pid=r.pid, bytes=r.usage - left)
+        return res, reclaimed
+
+    def collect(self) -> int:
+        """Free the orphaned blocks of dead processes (unless retained or persistent) and clean
+        their slots; return the number of blocks freed."""
+        res, _ = self._collect_dead()
+        self._emit("memory.gc_triggered", freed_blocks=res.freed_blocks)
+        return int(res.freed_blocks)
+
+    def force_collect(self) -> int:
+        """collect() now, whatever should_collect() says, and run this process's trim callbacks."""
+        self._run_pressure_callbacks()
+        return self.collect()
+
+    # ------------------------------------------------------------ pressure
+
+    def on_pressure(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when a collector asks this process to trim (on its next allocation)."""
+        if not callable(callback):
+            raise TypeError("on_pressure takes a callable")
+        self._pressure_callbacks.append(callback)
+
+    def _run_pressure_callbacks(self) -> None:
+        for cb in list(self._pressure_callbacks):
+            cb()
+
+    def request_trim(self, pid: int) -> None:
+        """Ask the live process ``pid`` to trim: its on_pressure callbacks run on its next
+        allocation."""
+        for slot in range(lib.SHM_MAX_PROCS):
+            info = ffi.new("shm_proc_info_t *")
+            lib.shm_proc_info(self._handle(), slot, info)
+            if info.state == lib.SHM_PROC_LIVE and info.pid == pid:
+                lib.shm_proc_trim_request(self._handle(), slot)
+                return
+        raise ValueError(f"process {pid} is not attached to arena {self._name!r}")
+
+    def _after_alloc_flags(self, r: int) -> int:
+        """Handle the flag bits of shm_alloc's result; return the address."""
+        address = r & FLAG_MASK
+        if r & lib.SHM_ALLOC_TRIM_FLAG:
+            lib.shm_proc_trim_ack(self._handle(), self._slot)
+            self._run_pressure_callbacks()
+        if r & lib.SHM_ALLOC_PRESSURE_FLAG:
+            level = MemoryPressure(lib.shm_pressure_level(self._handle()))
+            pct = self.stats().usage_percentage()
+            if level == MemoryPressure.HIGH:
+                logger.warning(
+                    "arena %s is under HIGH memory pressure: %.1f%% used", self._name, pct
+                )
+                self._emit("memory.pressure_high", usage_percentage=pct)
+            elif level == MemoryPressure.CRITICAL:
+                logger.critical(
+                    "arena %s is under CRITICAL memory pressure: %.1f%% used; collecting",
+                    self._name,
+                    pct,
+                )
+                self._emit("memory.pressure_critical", usage_percentage=pct)
+                self.force_collect()
+        return address
+
+    # ------------------------------------------------------------ events
+
+    def _emit(self, name: str, **fields: Any) -> None:
+        collector = self._collector
+        if collector is None and name not in RARE:
+            return
+        ev = Event(name, os.getpid(), time.time(), fields)
+        if collector is not None:
+            collector(ev)
+        kind, f = encode(ev)
+        lib.shm_event_push(self._handle(), kind, ev.pid, time.time_ns(), *f)
+
+    def drain_events(self, limit: int | None = None) -> list[Event]:
+        """Take the events waiting in the arena's ring (from every process), oldest first."""
+        h = self._handle()
+        cell = ffi.new("shm_event_t *")
+        out: list[Event] = []
+        while (limit is None or len(out) < limit) and lib.shm_event_pop(h, cell) == 1:
+            ev = decode(cell)
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    def dropped_events(self) -> int:
+        """Events lost because the ring was full."""
+        return int(lib.shm_event_dropped(self._handle()))

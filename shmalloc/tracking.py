@@ -1,0 +1,149 @@
+"""Per-process tracking: the process table as seen from Python.
+
+A mixin of MemoryManager. Usage, peak and block counts are atomics in the segment (O(1) reads);
+listing a process's blocks walks the heap under the lock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import process
+from ._binding import ffi, lib, raise_status
+
+
+@dataclass(frozen=True)
+class MemoryBlock:
+    """One allocated block: where, how big, whose, and its protection and references."""
+
+    address: int
+    size: int
+    pid: int
+    sealed: bool
+    refcount: int
+    persistent: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One entry of the arena's process table."""
+
+    pid: int
+    alive: bool
+    usage: int
+    peak: int
+    limit: int | None
+    allocations: int
+    start_time: int = 0
+    total_allocations: int = 0
+    total_frees: int = 0
+    slot: int = -1
+
+
+def _block(b: Any) -> MemoryBlock:
+    return MemoryBlock(
+        address=b.address,
+        size=b.size,
+        pid=b.pid,
+        sealed=bool(b.flags & lib.SHM_BF_SEALED),
+        refcount=b.refcount,
+        persistent=bool(b.flags & lib.SHM_BF_PERSIST),
+    )
+
+
+class TrackingMixin:
+    _h: Any
+
+    def _handle(self) -> Any: ...
+    def _slot_for(self, pid: int | None) -> int: ...
+
+    def _proc_rows(self) -> list[Any]:
+        h = self._handle()
+        rows = []
+        for slot in range(lib.SHM_MAX_PROCS):
+            info = ffi.new("shm_proc_info_t *")
+            lib.shm_proc_info(h, slot, info)
+            if info.state != lib.SHM_PROC_FREE:
+                rows.append(info)
+        return rows
+
+    def _rows_for(self, pid: int) -> list[Any]:
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+        return [r for r in self._proc_rows() if r.pid == pid]
+
+    def processes(self) -> list[ProcessInfo]:
+        """Every process in the table: attached, or dead with blocks not yet collected."""
+        out = []
+        for r in self._proc_rows():
+            alive = r.state == lib.SHM_PROC_LIVE and process.is_alive(r.pid, r.start_time)
+            out.append(
+                ProcessInfo(
+                    pid=r.pid,
+                    alive=alive,
+                    usage=r.usage,
+                    peak=r.peak,
+                    limit=r.limit or None,
+                    allocations=r.nblocks,
+                    start_time=r.start_time,
+                    total_allocations=r.nallocs,
+                    total_frees=r.nfrees,
+                    slot=r.slot,
+                )
+            )
+        return out
+
+    def process_memory(self, pid: int) -> int:
+        """Usable bytes of the blocks ``pid`` owns (0 for a process the arena never saw)."""
+        return sum(r.usage for r in self._rows_for(pid))
+
+    def process_peak(self, pid: int) -> int:
+        """The high-water mark of process_memory(pid)."""
+        return max((r.peak for r in self._rows_for(pid)), default=0)
+
+    def process_allocations(self, pid: int) -> list[MemoryBlock]:
+        """The blocks ``pid`` owns, in address order."""
+        blocks: list[MemoryBlock] = []
+        for r in self._rows_for(pid):
+            blocks += self._blocks_of(r.slot, r.nblocks)
+        return sorted(blocks, key=lambda b: b.address)
+
+    def _blocks_of(self, slot: int, hint: int) -> list[MemoryBlock]:
+        h = self._handle()
+        count = ffi.new("uint64_t *")
+        cap = max(16, hint + 16)
+        while True:
+            buf = ffi.new("shm_block_info_t[]", cap)
+            rc = lib.shm_blocks_list(h, slot, buf, cap, count)
+            if rc < 0:
+                raise_status(rc)
+            if count[0] <= cap:
+                return [_block(buf[i]) for i in range(count[0])]
+            cap = count[0] + 16
+
+    def all_blocks(self) -> list[MemoryBlock]:
+        """Every allocated block of the arena, in address order."""
+        return self._blocks_of(-2, 1024)
+
+    def free_process_memory(self, pid: int) -> int:
+        """Free every block ``pid`` owns, alive or not; return the bytes freed."""
+        freed = 0
+        for r in self._rows_for(pid):
+            res = ffi.new("shm_gc_result_t *")
+            rc = lib.shm_gc(self._handle(), r.slot, 1, res)
+            if rc < 0:
+                raise_status(rc)
+            freed += res.freed_bytes
+        return freed
+
+    def set_process_limit(self, pid: int, nbytes: int | None) -> None:
+        """Cap the bytes ``pid`` may own (None: no cap); beyond it allocate() raises
+        ProcessLimitExceeded."""
+        if nbytes is not None:
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+                raise TypeError(f"a limit must be an int or None, not {type(nbytes).__name__}")
+            if nbytes <= 0:
+                raise ValueError(f"a limit must be positive (or None for none), got {nbytes}")
+        rc = lib.shm_proc_set_limit(self._handle(), self._slot_for(pid), nbytes or 0)
+        if rc < 0:
+            raise_status(rc)
