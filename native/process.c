@@ -154,3 +154,30 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     lock_release(&h->arena->heap_lock);
     return freed;
 }
+
+/* The coordinator's lease: (pid, start time) of the process that holds the role, 0 for none.
+ * Whether a holder is alive is decided in Python; the swap only succeeds from the expected
+ * holder, so two contenders cannot both take over from the same dead one. */
+int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    *pid = h->arena->counters.lease_pid;
+    *start_time = h->arena->counters.lease_start;
+    lock_release(&h->arena->heap_lock);
+    return SHM_OK;
+}
+
+int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
+                   uint64_t new_start) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    shm_counters_t *c = &h->arena->counters;
+    int swapped = 0;
+    if (c->lease_pid == old_pid && c->lease_start == old_start) {
+        c->lease_pid = new_pid;
+        c->lease_start = new_start;
+        swapped = 1;
+    }
+    lock_release(&h->arena->heap_lock);
+    return swapped;
+}

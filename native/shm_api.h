@@ -145,6 +145,10 @@ int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
 int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
 int shm_proc_detach(shm_handle_t *h, int32_t slot);
 
+int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
+int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
+                   uint64_t new_start);
+
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_block_persist(shm_handle_t *h, uint64_t address);

@@ -152,7 +152,9 @@ typedef struct shm_counters {
     uint64_t oom_events;       /* +0x50 */
     uint64_t gc_runs;          /* +0x58 */
     uint64_t pressure_level;   /* +0x60 SHM_PRESSURE_* the arena was last seen at */
-    uint64_t pad[3];
+    uint64_t lease_pid;        /* +0x68 the coordinator holding the lease (0 = none), heap lock */
+    uint64_t lease_start;      /* +0x70 its start time */
+    uint64_t pad[1];
 } shm_counters_t;
 
 #define SHM_PRESSURE_LOW 0
