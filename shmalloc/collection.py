@@ -151,14 +151,19 @@ class CollectionMixin:
     # ------------------------------------------------------------ events
 
     def _emit(self, name: str, **fields: Any) -> None:
+        """Deliver an event to this process's collector, if any; rare events (all but
+        allocated/deallocated) also go to the arena's ring for the coordinator, collector or not.
+        The hot pair stays out of the ring: the coordinator reads their totals from counters."""
         collector = self._collector
-        if collector is None and name not in RARE:
+        rare = name in RARE
+        if collector is None and not rare:
             return
-        ev = Event(name, os.getpid(), time.time(), fields)
+        ev = Event(name, process.current_pid(), time.time(), fields)
         if collector is not None:
             collector(ev)
-        kind, f = encode(ev)
-        lib.shm_event_push(self._handle(), kind, ev.pid, time.time_ns(), *f)
+        if rare:
+            kind, f = encode(ev)
+            lib.shm_event_push(self._handle(), kind, ev.pid, int(ev.time * 1e9), *f)
 
     def drain_events(self, limit: int | None = None) -> list[Event]:
         """Take the events waiting in the arena's ring (from every process), oldest first."""

@@ -10,7 +10,7 @@ from typing import Any
 from ._binding import lib
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
     """One event: ``name`` such as ``memory.allocated``, the emitting ``pid``, a wall-clock
     ``time`` (seconds since the epoch) and the event's ``fields`` (see SPEC.md, Observability)."""

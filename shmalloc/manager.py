@@ -35,6 +35,8 @@ __all__ = ["MemoryManager", "DEFAULT_CAPACITY"]
 DEFAULT_CAPACITY = 1 << 30
 _U64_MAX = (1 << 64) - 1
 _FLAGS = 1 << 61  # shm_alloc results at or above this carry pressure/trim flag bits
+_ALLOCATED, _DEALLOCATED = "memory.allocated", "memory.deallocated"
+_now = time.time
 _shm_alloc = lib.shm_alloc
 _shm_free = lib.shm_free
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
@@ -336,8 +338,10 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             except (OverflowError, TypeError):  # negative or huge size, or a closed manager
                 return self._allocate_slow(size, pid, align)
             if 0 < r < _FLAGS:
-                if self._collector is not None:
-                    self._emit("memory.allocated", address=r, size=size, pid=os.getpid())
+                collector = self._collector
+                if collector is not None:
+                    pid = process.current_pid()
+                    collector(Event(_ALLOCATED, pid, _now(), {"address": r, "size": size, "pid": pid}))
                 return r
             if r != lib.SHM_EINVAL or self._slot >= 0:  # EINVAL with no slot yet: take the slow path
                 return self._alloc_result(r, size, None)
@@ -365,7 +369,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         if r >= _FLAGS:
             r = self._after_alloc_flags(r)
         if self._collector is not None:
-            self._emit("memory.allocated", address=r, size=size, pid=pid or os.getpid())
+            self._emit("memory.allocated", address=r, size=size, pid=pid or process.current_pid())
         return r
 
     def deallocate(self, address: int) -> int:
@@ -379,8 +383,11 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             r = self._deallocate_slow(address)
         if r < 0:
             raise_status(r, address)
-        if self._collector is not None:
-            self._emit("memory.deallocated", address=address, size=r)
+        collector = self._collector
+        if collector is not None:
+            collector(
+                Event(_DEALLOCATED, process.current_pid(), _now(), {"address": address, "size": r})
+            )
         return r
 
     def _deallocate_slow(self, address: object) -> int:

@@ -33,6 +33,22 @@ def is_alive(pid: int, started: int) -> bool:
     return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def current_pid() -> int:
+    """os.getpid(), cached (and refreshed in fork children): it is on the event path."""
+    return _pid
+
+
 def self_identity() -> tuple[int, int]:
     pid = os.getpid()
     st = start_time(pid)
