@@ -104,6 +104,7 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
                        "header says capacity %llu, heap at %llu; the segment is %llu bytes",
                        (unsigned long long)a->capacity, (unsigned long long)a->heap_off,
                        (unsigned long long)capacity);
+    fault_init();
     shm_handle_t *h = malloc(sizeof *h);
     if (!h) return err_sys(ENOMEM, "malloc");
     handle_fill(h, base, capacity, fd, a->salt);

@@ -158,6 +158,7 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
+    FAULT_POINT(FAULT_ALLOC_LOCKED);
     int64_t r = alloc_locked(h, size, align, (uint32_t)(slot + 1));
     lock_release(&h->arena->heap_lock);
     return r;
@@ -232,6 +233,7 @@ static int64_t free_locked(shm_handle_t *h, uint64_t address) {
 int64_t shm_free(shm_handle_t *h, uint64_t address) {
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
+    FAULT_POINT(FAULT_FREE_LOCKED);
     int64_t r = free_locked(h, address);
     lock_release(&h->arena->heap_lock);
     return r;

@@ -44,6 +44,16 @@ int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
 
+/* fault.c */
+enum { FAULT_ALLOC_LOCKED, FAULT_FREE_LOCKED };
+extern int fault_step;
+void fault_init(void);
+void fault_fire(void);
+#define FAULT_POINT(id)                                 \
+    do {                                                \
+        if (UNLIKELY(fault_step == (id))) fault_fire(); \
+    } while (0)
+
 /* lock.c */
 int lock_init(shm_lock_t *l);
 int lock_acquire(shm_handle_t *h, shm_lock_t *l);

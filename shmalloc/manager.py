@@ -505,6 +505,9 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             overhead=s.overhead,
             capacity=s.capacity,
             reserved=s.reserved,
+            lock_recoveries=s.lock_recoveries,
+            oom_events=s.oom_events,
+            gc_runs=s.gc_runs,
         )
 
     def check(self) -> CheckReport:

@@ -46,6 +46,9 @@ class MemoryStats:
     overhead: int = 0
     capacity: int = 0
     reserved: int = 0
+    lock_recoveries: int = 0
+    oom_events: int = 0
+    gc_runs: int = 0
 
     def usage_percentage(self) -> float:
         """Share of the heap that is not available to a new allocation, in percent."""
