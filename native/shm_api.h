@@ -13,7 +13,7 @@
 #define SHM_ENOSPC -2    /* the backing tmpfs could not supply pages (fallocate) */
 #define SHM_EADDR -3     /* not the address of a live block of this arena */
 #define SHM_ECORRUPT -4  /* a structure in the segment fails its invariants */
-#define SHM_EALIGN -5    /* alignment not a power of two between 16 and SHM_PAGE */
+#define SHM_EALIGN -5    /* alignment not a power of two up to SHM_PAGE */
 #define SHM_EPROTECT -6  /* write to a sealed block */
 #define SHM_ELIMIT -7    /* the owner's process limit would be exceeded */
 #define SHM_EINVAL -8    /* an argument value is out of range */

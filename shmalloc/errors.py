@@ -80,14 +80,15 @@ class CorruptionDetected(ShmallocError):
 
 
 class AlignmentError(ShmallocError, ValueError):
-    """An alignment that is not a power of two between 16 and the page size."""
+    """An alignment that is not a power of two up to the page size (4096)."""
 
     _fields = ("alignment",)
 
     def __init__(self, alignment: int) -> None:
         self.alignment = alignment
         super().__init__(
-            f"alignment {alignment} is not supported: use a power of two from 16 to 4096"
+            f"alignment {alignment} is not supported: use a power of two up to 4096 "
+            "(every block is 16-byte aligned already)"
         )
 
 

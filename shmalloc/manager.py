@@ -40,7 +40,7 @@ _now = time.time
 _shm_alloc = lib.shm_alloc
 _shm_free = lib.shm_free
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
-_ATTACH_WAIT = 2.0  # seconds an attach waits for a concurrent create to finish formatting
+_ATTACH_WAIT = 1.0  # seconds an attach waits for a concurrent create to finish formatting
 
 # Managers alive in this process, so that a fork child re-registers itself on first use.
 _live: weakref.WeakSet[MemoryManager] = weakref.WeakSet()
@@ -238,8 +238,9 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         """
         if self._closed:
             return
-        if self._slot >= 0 and self._slot_pid == os.getpid():
-            lib.shm_proc_detach(self._h, self._slot)
+        # Python cannot ask an mmap how many views it has, so detach first and, if the close is
+        # refused, forget the slot: the next allocation claims it again.
+        self._detach_slot()
         self._mv.release()
         ffi.release(self._base)
         try:
@@ -247,6 +248,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         except BufferError:
             self._base = ffi.from_buffer(self._mm)
             self._mv = memoryview(self._mm)
+            self._slot = -1
             raise BufferError(
                 f"cannot close arena {self._name!r}: views or arrays into it are still alive; "
                 "release them (view.release(), del array) first"
@@ -257,6 +259,15 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         os.close(self._fd)
         self._closed = True
         _live.discard(self)
+
+    def _detach_slot(self) -> None:
+        """Give this process's slot back if it owns nothing and no other open manager in this
+        process uses the same arena (they share the slot: it is keyed by pid and start time)."""
+        if self._slot < 0 or self._slot_pid != os.getpid():
+            return
+        if any(m is not self and not m._closed and m._name == self._name for m in list(_live)):
+            return
+        lib.shm_proc_detach(self._h, self._slot)
 
     def destroy(self) -> None:
         """Unlink the segment. Mappings already open (here and elsewhere) keep working until closed."""
@@ -333,8 +344,9 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         """Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or
         ``align``-aligned). The block is accounted to ``pid`` (default: this process)."""
         if size.__class__ is int and pid is None and align is None:
+            slot = self._slot  # read once: another thread may claim it meanwhile
             try:
-                r = _shm_alloc(self._h, size, 0, self._slot)
+                r = _shm_alloc(self._h, size, 0, slot)
             except (OverflowError, TypeError):  # negative or huge size, or a closed manager
                 return self._allocate_slow(size, pid, align)
             if 0 < r < _FLAGS:
@@ -343,7 +355,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
                     pid = process.current_pid()
                     collector(Event(_ALLOCATED, pid, _now(), {"address": r, "size": size, "pid": pid}))
                 return r
-            if r != lib.SHM_EINVAL or self._slot >= 0:  # EINVAL with no slot yet: take the slow path
+            if r != lib.SHM_EINVAL or slot >= 0:  # EINVAL with no slot yet: take the slow path
                 return self._alloc_result(r, size, None)
         return self._allocate_slow(size, pid, align)
 

@@ -11,11 +11,12 @@ import pytest
 from shmalloc import MemoryManager
 
 SHM_DIR = "/dev/shm"
+_SESSION = secrets.token_hex(3)  # per test process: concurrent pytest runs never share a prefix
 
 
 def unique_name(tag: str = "t") -> str:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return f"shmalloc-test-{worker}-{tag}-{secrets.token_hex(5)}"
+    return f"shmalloc-test-{worker}-{_SESSION}-{tag}-{secrets.token_hex(5)}"
 
 
 @pytest.fixture
@@ -35,14 +36,14 @@ def mgr(arena_name: str) -> Iterator[MemoryManager]:
     try:
         yield m
     finally:
+        m.destroy()
         if not m.closed:
             m.close()
-        m.destroy()
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_segments_left() -> Iterator[None]:
     yield
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    left = [n for n in os.listdir(SHM_DIR) if n.startswith(f"shmalloc-test-{worker}-")]
+    left = [n for n in os.listdir(SHM_DIR) if n.startswith(f"shmalloc-test-{worker}-{_SESSION}-")]
     assert not left, f"tests left segments behind: {left}"

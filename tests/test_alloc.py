@@ -246,7 +246,7 @@ def test_all_size_classes_live_together_do_not_overlap(mgr: MemoryManager) -> No
 # ------------------------------------------------------------------------------- alignment
 
 
-@pytest.mark.parametrize("align", [16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("align", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_power_of_two_alignment(mgr: MemoryManager, align: int) -> None:
     # make the free block's start unaligned for every alignment above 16 first
     pre = mgr.allocate(48)
@@ -279,7 +279,7 @@ def test_non_power_of_two_alignment_is_refused(mgr: MemoryManager, align: int) -
     assert mgr.stats() == before
 
 
-@pytest.mark.parametrize("align", [8, 8192, 1 << 20, 0, -1, -16, -4096])
+@pytest.mark.parametrize("align", [8192, 1 << 20, 0, -1, -16, -4096])
 def test_out_of_range_alignment_is_refused(mgr: MemoryManager, align: int) -> None:
     before = mgr.stats()
     with pytest.raises(AlignmentError) as ei:
