@@ -35,6 +35,7 @@ PIN(shm_arena_t, refs, 0x4840);
 PIN(shm_arena_t, names, 0x14840);
 PIN(shm_arena_t, ring, 0x24840);
 PIN(shm_ring_t, slots, 0xc0);
+PIN(shm_arena_t, journal, 0x64900);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
 

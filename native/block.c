@@ -1,7 +1,7 @@
 /* block.c -- block headers: writing them, sealing them with a checksum, and validating them.
  *
- * Every header write goes through block_write()/block_reseal() so the checksum [B1] is always
- * current. Nothing read from a header is trusted before block_validate() has checked its offset
+ * Every header write goes through block_write() or block_edit() ... block_reseal(), so the old
+ * header is journaled first (journal.c) and the checksum [B1] is always current. Nothing read from a header is trusted before block_validate() has checked its offset
  * against the heap's bounds, its size [B2] and its checksum [B1]. */
 #include "shm_internal.h"
 
@@ -23,9 +23,16 @@ uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *
     return (uint32_t)(x ^ (x >> 32));
 }
 
-void block_write(const shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
-                 uint32_t owner, uint32_t flags, uint32_t refcount) {
+/* Journal the header at off and return it for changes; finish with block_reseal(). */
+shm_block_t *block_edit(shm_handle_t *h, uint64_t off) {
     shm_block_t *b = block_at(h, off);
+    J(h, b);
+    return b;
+}
+
+void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
+                 uint32_t owner, uint32_t flags, uint32_t refcount) {
+    shm_block_t *b = block_edit(h, off);
     b->size = size;
     b->prev_size = prev_size;
     b->owner = owner;
@@ -41,8 +48,8 @@ void block_reseal(const shm_handle_t *h, uint64_t off) {
 
 /* The header at off is now inside a merged block: wipe it, so that a stale address pointing at it
  * (a double free, a use after free) finds no header rather than an old but intact one. */
-void block_scrub(const shm_handle_t *h, uint64_t off) {
-    shm_block_t *b = block_at(h, off);
+void block_scrub(shm_handle_t *h, uint64_t off) {
+    shm_block_t *b = block_edit(h, off);
     b->size = 0;
     b->check = ~block_checksum(h, off, b);
 }

@@ -13,7 +13,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 SOURCES = [
     "arena.c", "block.c", "check.c", "error.c", "fault.c", "freelist.c", "gc.c", "heap.c", "lock.c",
-    "names.c", "own.c", "process.c", "ring.c",
+    "journal.c", "names.c", "own.c", "process.c", "ring.c",
 ]
 
 ffibuilder = FFI()

@@ -171,7 +171,7 @@ int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     if (rc == SHM_OK) rc = check_bins(h, &r);
     if (rc == SHM_OK) rc = check_counters(h, &r, sums);
     if (rc == SHM_OK) rc = check_refs_names(h);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     if (rc == SHM_OK) *out = r;
     return rc;
 }

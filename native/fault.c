@@ -4,7 +4,14 @@
  * process SIGKILL itself when it reaches that step, so tests hit a critical window exactly.
  * Compiled in always; costs one predictable branch per step when unset. Steps:
  *   alloc.locked   right after taking the heap lock in shm_alloc, before any change
- *   free.locked    right after taking the heap lock in shm_free, before any change */
+ *   alloc.removed  the chosen free block is off its list, nothing written yet
+ *   alloc.carved   the new block's header is written, the tail not yet split off
+ *   alloc.done     everything written but the counters
+ *   free.locked    right after taking the heap lock in shm_free, before any change
+ *   free.unlinked  the free neighbours are off their lists, the merged header not yet written
+ *   free.inserted  the merged block is on its list, the counters not yet updated
+ *   retain.half    the reference entry is taken, the block's refcount not yet raised
+ *   gc.step        a collection has freed its first block and is about to free the next */
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +21,13 @@
 
 int fault_step = -1;
 
-static const char *const steps[] = {[FAULT_ALLOC_LOCKED] = "alloc.locked",
-                                    [FAULT_FREE_LOCKED] = "free.locked"};
+static const char *const steps[] = {
+    [FAULT_ALLOC_LOCKED] = "alloc.locked",   [FAULT_ALLOC_REMOVED] = "alloc.removed",
+    [FAULT_ALLOC_CARVED] = "alloc.carved",   [FAULT_ALLOC_DONE] = "alloc.done",
+    [FAULT_FREE_LOCKED] = "free.locked",     [FAULT_FREE_UNLINKED] = "free.unlinked",
+    [FAULT_FREE_INSERTED] = "free.inserted", [FAULT_RETAIN_HALF] = "retain.half",
+    [FAULT_GC_STEP] = "gc.step",
+};
 
 void fault_init(void) {
     static int done;

@@ -31,8 +31,23 @@ static uint64_t bin_min_size(unsigned b) {
     return ((uint64_t)1 << fl) + (uint64_t)sl * ((uint64_t)1 << (fl - 3));
 }
 
-static void bit_set(shm_arena_t *a, unsigned b) { a->bitmap[b / 64] |= (uint64_t)1 << (b % 64); }
-static void bit_clear(shm_arena_t *a, unsigned b) { a->bitmap[b / 64] &= ~((uint64_t)1 << (b % 64)); }
+static void bit_set(shm_handle_t *h, unsigned b) {
+    J(h, &h->arena->bitmap[b / 64]);
+    h->arena->bitmap[b / 64] |= (uint64_t)1 << (b % 64);
+}
+static void bit_clear(shm_handle_t *h, unsigned b) {
+    J(h, &h->arena->bitmap[b / 64]);
+    h->arena->bitmap[b / 64] &= ~((uint64_t)1 << (b % 64));
+}
+static void bin_set(shm_handle_t *h, unsigned b, uint64_t head) {
+    J(h, &h->arena->bins[b]);
+    h->arena->bins[b] = head;
+}
+static shm_free_links_t *links_edit(shm_handle_t *h, uint64_t off) {
+    shm_free_links_t *l = block_links(h, off);
+    J(h, l);
+    return l;
+}
 
 /* First non-empty bin with index >= from, or SHM_NBINS. */
 static unsigned bin_first_from(const shm_arena_t *a, unsigned from) {
@@ -60,19 +75,19 @@ int freelist_insert(shm_handle_t *h, uint64_t off) {
     unsigned b = bin_of_size(block_at(h, off)->size);
     uint64_t head = a->bins[b];
     if (head && link_check(h, off, head) != SHM_OK) return SHM_ECORRUPT;
-    shm_free_links_t *l = block_links(h, off);
+    shm_free_links_t *l = links_edit(h, off);
     l->next = head;
     l->prev = 0;
-    if (head) block_links(h, head)->prev = off;
-    a->bins[b] = off;
-    bit_set(a, b);
+    if (head) links_edit(h, head)->prev = off;
+    bin_set(h, b, off);
+    if (!head) bit_set(h, b);
     return SHM_OK;
 }
 
 int freelist_remove(shm_handle_t *h, uint64_t off) {
     shm_arena_t *a = h->arena;
     unsigned b = bin_of_size(block_at(h, off)->size);
-    shm_free_links_t *l = block_links(h, off);
+    shm_free_links_t *l = links_edit(h, off);
     uint64_t next = l->next, prev = l->prev;
     if (next && (link_check(h, off, next) != SHM_OK || block_links(h, next)->prev != off))
         return err_set(SHM_ECORRUPT, off, "free block %#llx: next link %#llx does not point back",
@@ -81,15 +96,15 @@ int freelist_remove(shm_handle_t *h, uint64_t off) {
         if (link_check(h, off, prev) != SHM_OK || block_links(h, prev)->next != off)
             return err_set(SHM_ECORRUPT, off, "free block %#llx: prev link %#llx does not point back",
                            (unsigned long long)off, (unsigned long long)prev);
-        block_links(h, prev)->next = next;
+        links_edit(h, prev)->next = next;
     } else {
         if (a->bins[b] != off)
             return err_set(SHM_ECORRUPT, off, "free block %#llx has no prev link but is not the head of bin %u",
                            (unsigned long long)off, b);
-        a->bins[b] = next;
-        if (!next) bit_clear(a, b);
+        bin_set(h, b, next);
+        if (!next) bit_clear(h, b);
     }
-    if (next) block_links(h, next)->prev = prev;
+    if (next) links_edit(h, next)->prev = prev;
     l->next = l->prev = 0;
     return SHM_OK;
 }

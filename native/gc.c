@@ -18,18 +18,21 @@ int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t sta
     shm_proc_t *p = &h->arena->procs[slot];
     int marked = 0;
     if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time) {
+        J(h, p);
         A_STORE(&p->state, SHM_PROC_DEAD);
         marked = 1;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return marked;
 }
 
 static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) {
     shm_arena_t *a = h->arena;
     for (int i = 0; i < SHM_MAX_PROCS; i++)
-        if (a->procs[i].state == SHM_PROC_DEAD && (slot < 0 || slot == i))
+        if (a->procs[i].state == SHM_PROC_DEAD && (slot < 0 || slot == i)) {
             out->refs_dropped += refs_drop_slot(h, (uint32_t)i + 1);
+            journal_checkpoint(h);
+        }
     uint64_t off = h->heap_off;
     while (off < h->heap_end) {
         if (block_validate(h, off) != SHM_OK) return SHM_ECORRUPT;
@@ -53,11 +56,14 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
         if (rc != SHM_OK) return rc;
         out->freed_blocks++;
         out->freed_bytes += size - SHM_HDR;
+        journal_checkpoint(h); /* each freed block is a step of its own */
+        FAULT_POINT(FAULT_GC_STEP);
     }
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         shm_proc_t *p = &a->procs[i];
         if (p->state == SHM_PROC_DEAD && A_LOAD(&p->nblocks) == 0 && (slot < 0 || slot == i)) {
             refs_drop_slot(h, (uint32_t)i + 1);
+            J(h, p);
             A_STORE(&p->usage, 0);
             A_STORE(&p->state, SHM_PROC_FREE);
             out->procs_cleaned++;
@@ -75,7 +81,7 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) 
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     rc = gc_locked(h, slot, all_blocks, &r);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     *out = r; /* partial figures too: what was freed before a failure stays freed */
     return rc;
 }

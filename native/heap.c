@@ -58,7 +58,7 @@ static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
     uint64_t next = off + size;
     if (next >= h->heap_end) return SHM_OK;
     if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
-    block_at(h, next)->prev_size = size;
+    block_edit(h, next)->prev_size = size;
     block_reseal(h, next);
     return SHM_OK;
 }
@@ -85,11 +85,9 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
     int rc = proc_charge(h, owner, 0);
     if (rc != SHM_OK) return rc;
-    if (owner) {
-        shm_proc_t *p = &h->arena->procs[owner - 1];
-        uint64_t limit = A_LOAD(&p->limit), used = A_LOAD(&p->usage);
-        if (limit && used + (need - SHM_HDR) > limit) return err_limit(p->pid, limit, used, size);
-    }
+    const shm_proc_t *p = owner ? &h->arena->procs[owner - 1] : NULL;
+    uint64_t limit = p ? A_LOAD(&p->limit) : 0, pused = p ? A_LOAD(&p->usage) : 0;
+    if (limit && pused + (need - SHM_HDR) > limit) return err_limit(p->pid, limit, pused, size);
     uint64_t search = align ? need + align + SHM_MIN_BLOCK : need;
     uint64_t off;
     rc = freelist_find(h, search, &off);
@@ -104,12 +102,15 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     uint64_t start = off + front, rest = bsize - front;
     uint64_t tail = rest - need >= SHM_MIN_BLOCK ? rest - need : 0;
     uint64_t mine = rest - tail;
+    /* the block may keep a remainder too small to split off: the limit counts what is charged */
+    if (limit && pused + (mine - SHM_HDR) > limit) return err_limit(p->pid, limit, pused, size);
     /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
     rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
     if (rc == SHM_ENOSPC) return oom(h, SHM_ENOSPC, size);
     if (rc != SHM_OK) return rc;
 
     if ((rc = freelist_remove(h, off)) != SHM_OK) return rc;
+    FAULT_POINT(FAULT_ALLOC_REMOVED);
     uint64_t new_free = 0;
     if (front) {
         block_write(h, off, front, prev_size, 0, SHM_BF_FREE, 0);
@@ -118,6 +119,7 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
         new_free++;
     }
     block_write(h, start, mine, prev_size, owner, 0, 0);
+    FAULT_POINT(FAULT_ALLOC_CARVED);
     if (tail) {
         block_write(h, start + mine, tail, mine, 0, SHM_BF_FREE, 0);
         if ((rc = fix_next_prev_size(h, start + mine, tail)) != SHM_OK) return rc;
@@ -127,6 +129,7 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
         return rc;
     }
 
+    FAULT_POINT(FAULT_ALLOC_DONE);
     uint64_t got = mine - SHM_HDR;
     uint64_t used = A_ADD(&c->used, got);
     if (used > A_LOAD(&c->peak)) A_STORE(&c->peak, used);
@@ -160,7 +163,7 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
     if (rc != SHM_OK) return rc;
     FAULT_POINT(FAULT_ALLOC_LOCKED);
     int64_t r = alloc_locked(h, size, align, (uint32_t)(slot + 1));
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return r;
 }
 
@@ -205,9 +208,11 @@ int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
         prev_size = block_at(h, prev)->prev_size;
         merged++;
     }
+    FAULT_POINT(FAULT_FREE_UNLINKED);
     block_write(h, off, size, prev_size, 0, SHM_BF_FREE, 0);
     if ((rc = fix_next_prev_size(h, off, size)) != SHM_OK) return rc;
     if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
+    FAULT_POINT(FAULT_FREE_INSERTED);
 
     proc_credit(h, owner, got);
     A_SUB(&c->used, got);
@@ -235,7 +240,7 @@ int64_t shm_free(shm_handle_t *h, uint64_t address) {
     if (rc != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_LOCKED);
     int64_t r = free_locked(h, address);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return r;
 }
 
@@ -248,7 +253,7 @@ int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
     if (UNLIKELY(rc == SHM_ECORRUPT)) {
         if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
         rc = block_from_address(h, address, &off);
-        lock_release(&h->arena->heap_lock);
+        lock_release(h, &h->arena->heap_lock);
     }
     if (rc != SHM_OK) return rc;
     const shm_block_t *b = block_at(h, off);
@@ -264,10 +269,10 @@ int shm_block_seal(shm_handle_t *h, uint64_t address) {
     uint64_t off;
     rc = block_from_address(h, address, &off);
     if (rc == SHM_OK) {
-        block_at(h, off)->flags |= SHM_BF_SEALED;
+        block_edit(h, off)->flags |= SHM_BF_SEALED;
         block_reseal(h, off);
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return rc;
 }
 
@@ -285,7 +290,7 @@ int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out) {
         out->slot = (int32_t)b->owner - 1;
         out->pid = b->owner && proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return rc;
 }
 
@@ -294,7 +299,7 @@ int64_t shm_largest_free(shm_handle_t *h) {
     if (rc != SHM_OK) return rc;
     uint64_t s = 0;
     rc = freelist_largest(h, &s);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     return s ? (int64_t)(s - SHM_HDR) : 0;
 }

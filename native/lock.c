@@ -3,9 +3,9 @@
  * The mutex lives in the segment (shm_lock_t.mutex). It is PTHREAD_PROCESS_SHARED so every
  * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder
  * dies (kill -9 at any instruction) the next taker gets EOWNERDEAD instead of waiting forever.
- * On EOWNERDEAD we mark the mutex consistent and count the recovery; what the dead holder left
- * half-done is found by shm_check() (the operation journal that repairs it belongs to the
- * reliability work and is not here yet). */
+ * On EOWNERDEAD the dead holder's half-done step is rolled back from the undo journal
+ * (journal.c), the mutex is marked consistent and the recovery counted. Every lock_acquire begins
+ * a journal and every lock_release ends it. */
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
@@ -36,11 +36,20 @@ int lock_init(shm_lock_t *l) {
 int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
     int rc = pthread_mutex_lock(lock_mutex(l));
     if (UNLIKELY(rc == EOWNERDEAD)) {
+        /* The holder died: undo its half-done step (the counters come back with it), then count
+         * the recovery. If we die in here, the next taker gets EOWNERDEAD and rolls back again. */
+        int undone = journal_rollback(h);
         A_ADD(&h->arena->counters.lock_recoveries, 1);
+        if (undone > 0) A_ADD(&h->arena->journal.rollbacks, 1);
         rc = pthread_mutex_consistent(lock_mutex(l));
         if (rc) {
             pthread_mutex_unlock(lock_mutex(l));
             return err_sys(rc, "pthread_mutex_consistent");
+        }
+        if (undone < 0) {
+            journal_begin(h);
+            lock_release(h, l);
+            return undone;
         }
     } else if (UNLIKELY(rc)) {
         if (rc == ENOTRECOVERABLE)
@@ -48,7 +57,11 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
                            "the heap lock is not recoverable");
         return err_sys(rc, "pthread_mutex_lock");
     }
+    journal_begin(h);
     return SHM_OK;
 }
 
-void lock_release(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
+void lock_release(shm_handle_t *h, shm_lock_t *l) {
+    journal_end(h);
+    pthread_mutex_unlock(lock_mutex(l));
+}

@@ -27,16 +27,22 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     if (rc != SHM_OK) return rc;
     if (name_find(h, name))
         return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first", name);
+    int names_here = 0;
+    for (int i = 0; i < SHM_MAX_NAMES; i++) names_here += h->arena->names[i].address == address;
+    if (names_here >= SHM_MAX_NAMES_PER_BLOCK)
+        return err_set(SHM_EFULL, address, "the block at %#llx already has %d names",
+                       (unsigned long long)address, SHM_MAX_NAMES_PER_BLOCK);
     shm_name_t *t = h->arena->names, *slot = NULL;
     for (int i = 0; i < SHM_MAX_NAMES && !slot; i++)
         if (!t[i].address) slot = &t[i];
     if (!slot)
         return err_set(SHM_EFULL, address, "all %d names are in use; unbind some", SHM_MAX_NAMES);
-    shm_block_t *b = block_at(h, off);
+    shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, 0, b->size - SHM_HDR);
     b->owner = 0;
     b->flags |= SHM_BF_PERSIST | SHM_BF_NAMED;
     block_reseal(h, off);
+    J(h, slot);
     memset(slot->name, 0, SHM_NAME_LEN);
     memcpy(slot->name, name, strlen(name));
     slot->address = address;
@@ -48,7 +54,7 @@ int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
     if (rc != SHM_OK) return rc;
     if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
     rc = bind_locked(h, name, address);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return rc;
 }
 
@@ -59,7 +65,7 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
     shm_name_t *e = name_find(h, name);
     int64_t r = e ? (int64_t)e->address
                   : err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return r;
 }
 
@@ -74,12 +80,13 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
     shm_name_t *e = name_find(h, name);
     if (!e) return err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
     uint64_t address = e->address, off;
+    J(h, e);
     e->address = 0;
     memset(e->name, 0, SHM_NAME_LEN);
     if (address_is_named(h, address)) return SHM_OK;
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK) return rc;
-    block_at(h, off)->flags &= ~(uint32_t)SHM_BF_NAMED; /* stays persistent */
+    block_edit(h, off)->flags &= ~(uint32_t)SHM_BF_NAMED; /* stays persistent */
     block_reseal(h, off);
     return SHM_OK;
 }
@@ -89,7 +96,7 @@ int shm_name_unbind(shm_handle_t *h, const char *name) {
     if (rc != SHM_OK) return rc;
     if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
     rc = unbind_locked(h, name);
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return rc;
 }
 
@@ -98,6 +105,7 @@ void names_drop_address(shm_handle_t *h, uint64_t address) {
     shm_name_t *t = h->arena->names;
     for (int i = 0; i < SHM_MAX_NAMES; i++)
         if (t[i].address == address) {
+            J(h, &t[i]);
             t[i].address = 0;
             memset(t[i].name, 0, SHM_NAME_LEN);
         }
@@ -116,6 +124,6 @@ int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *addre
         *address_out = e->address;
         rc = 1;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return rc;
 }

@@ -12,7 +12,7 @@
         int rc_ = lock_acquire((h), &(h)->arena->heap_lock);     \
         if (rc_ != SHM_OK) return rc_;                           \
         rc_ = (expr);                                            \
-        lock_release(&(h)->arena->heap_lock);                    \
+        lock_release((h), &(h)->arena->heap_lock);                    \
         return rc_;                                              \
     } while (0)
 
@@ -26,10 +26,10 @@ static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK) return rc;
-    shm_block_t *b = block_at(h, off);
-    if (b->flags & SHM_BF_NAMED)
+    if (block_at(h, off)->flags & SHM_BF_NAMED)
         return err_set(SHM_EINVAL, address, "the block at %#llx is named; unbind it before adopting",
                        (unsigned long long)address);
+    shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, (uint32_t)slot + 1, b->size - SHM_HDR);
     b->owner = (uint32_t)slot + 1;
     b->flags &= ~(uint32_t)SHM_BF_PERSIST;
@@ -45,7 +45,7 @@ static int persist_locked(shm_handle_t *h, uint64_t address) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK) return rc;
-    shm_block_t *b = block_at(h, off);
+    shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, 0, b->size - SHM_HDR);
     b->owner = 0;
     b->flags |= SHM_BF_PERSIST;
@@ -75,12 +75,15 @@ static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     if (b->refcount == UINT32_MAX)
         return err_set(SHM_EINVAL, address, "the block at %#llx has too many references",
                        (unsigned long long)address);
+    J(h, empty);
+    block_edit(h, off);
     if (!empty->holder) {
         empty->block = off;
         empty->count = 0;
         empty->holder = holder;
     }
     empty->count++;
+    FAULT_POINT(FAULT_RETAIN_HALF);
     b->refcount++;
     block_reseal(h, off);
     return SHM_OK;
@@ -103,6 +106,8 @@ static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         if (!b->refcount)
             return err_set(SHM_ECORRUPT, off, "[R2] block %#llx has references but refcount 0",
                            (unsigned long long)off);
+        J(h, &refs[i]);
+        block_edit(h, off);
         if (--refs[i].count == 0) refs[i].holder = 0;
         b->refcount--;
         block_reseal(h, off);
@@ -124,25 +129,32 @@ int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
 int refs_drop_block(shm_handle_t *h, uint64_t off) {
     shm_ref_t *refs = h->arena->refs;
     for (int i = 0; i < SHM_MAX_REFS; i++)
-        if (refs[i].holder && refs[i].block == off) refs[i].holder = 0;
-    block_at(h, off)->refcount = 0;
+        if (refs[i].holder && refs[i].block == off) {
+            J(h, &refs[i]);
+            refs[i].holder = 0;
+        }
+    block_edit(h, off)->refcount = 0;
     block_reseal(h, off);
     return SHM_OK;
 }
 
-/* The process in slot holder-1 is gone: its references go with it. Returns how many. */
+/* The process in slot holder-1 is gone: its references go with it. Returns how many.
+ * Called only by collection (gc.c), between whose steps a checkpoint is safe. */
 uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder) {
     shm_ref_t *refs = h->arena->refs;
     uint64_t dropped = 0;
     for (int i = 0; i < SHM_MAX_REFS; i++) {
         if (refs[i].holder != holder) continue;
         uint64_t off = refs[i].block;
+        J(h, &refs[i]);
         refs[i].holder = 0;
         dropped += refs[i].count;
-        if (block_validate(h, off) != SHM_OK) continue; /* check() reports it */
-        shm_block_t *b = block_at(h, off);
-        b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
-        block_reseal(h, off);
+        if (block_validate(h, off) == SHM_OK) { /* else check() reports it */
+            shm_block_t *b = block_edit(h, off);
+            b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
+            block_reseal(h, off);
+        }
+        journal_checkpoint(h); /* one entry and its block agree again [R2]: a step of its own */
     }
     return dropped;
 }

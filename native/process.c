@@ -18,6 +18,7 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
         return err_set(SHM_EINVAL, owner - 1, "process slot %u is not attached", owner - 1);
     if (!bytes) return SHM_OK;
     shm_proc_t *p = &h->arena->procs[owner - 1];
+    J(h, p);
     uint64_t u = A_ADD(&p->usage, bytes);
     if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
     A_ADD(&p->nblocks, 1);
@@ -28,6 +29,7 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
     if (!proc_slot_is_valid(h, owner)) return;
     shm_proc_t *p = &h->arena->procs[owner - 1];
+    J(h, p);
     A_SUB(&p->usage, bytes);
     A_SUB(&p->nblocks, 1);
     A_ADD(&p->nfrees, 1);
@@ -46,6 +48,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
             if (p->start_time == start_time) {
                 found = i;
             } else {
+                J(h, p);
                 A_STORE(&p->state, SHM_PROC_DEAD); /* the pid was recycled */
                 if (!A_LOAD(&p->nblocks) && free_slot < 0) free_slot = i;
             }
@@ -53,6 +56,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
     }
     if (found < 0 && free_slot >= 0) {
         shm_proc_t *p = &h->arena->procs[free_slot];
+        J(h, p);
         p->pid = pid;
         p->start_time = start_time;
         A_STORE(&p->usage, 0);
@@ -66,7 +70,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
         A_STORE(&p->state, SHM_PROC_LIVE);
         found = free_slot;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     if (found < 0)
         return err_set(SHM_EPROCS, 0, "all %d process slots are taken; collect dead processes",
                        SHM_MAX_PROCS);
@@ -110,11 +114,13 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
     if (from == to) return;
     if (proc_slot_is_valid(h, from)) {
         shm_proc_t *p = &h->arena->procs[from - 1];
+        J(h, p);
         A_SUB(&p->usage, bytes);
         A_SUB(&p->nblocks, 1);
     }
     if (proc_slot_is_valid(h, to)) {
         shm_proc_t *p = &h->arena->procs[to - 1];
+        J(h, p);
         uint64_t u = A_ADD(&p->usage, bytes);
         if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
         A_ADD(&p->nblocks, 1);
@@ -148,10 +154,11 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     shm_proc_t *p = &h->arena->procs[slot];
     int freed = 0;
     if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) == 0 && !refs_held_by(h, (uint32_t)slot + 1)) {
+        J(h, p);
         A_STORE(&p->state, SHM_PROC_FREE);
         freed = 1;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return freed;
 }
 
@@ -163,7 +170,7 @@ int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time) {
     if (rc != SHM_OK) return rc;
     *pid = h->arena->counters.lease_pid;
     *start_time = h->arena->counters.lease_start;
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return SHM_OK;
 }
 
@@ -178,6 +185,6 @@ int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64
         c->lease_start = new_start;
         swapped = 1;
     }
-    lock_release(&h->arena->heap_lock);
+    lock_release(h, &h->arena->heap_lock);
     return swapped;
 }

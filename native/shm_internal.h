@@ -44,8 +44,19 @@ int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
 
+/* journal.c */
+void journal_save(shm_handle_t *h, const void *p, uint64_t len);
+void journal_begin(shm_handle_t *h);
+void journal_checkpoint(shm_handle_t *h);
+void journal_end(shm_handle_t *h);
+int journal_rollback(shm_handle_t *h);
+#define J(h, p) journal_save((h), (p), sizeof *(p))
+
 /* fault.c */
-enum { FAULT_ALLOC_LOCKED, FAULT_FREE_LOCKED };
+enum {
+    FAULT_ALLOC_LOCKED, FAULT_ALLOC_REMOVED, FAULT_ALLOC_CARVED, FAULT_ALLOC_DONE,
+    FAULT_FREE_LOCKED, FAULT_FREE_UNLINKED, FAULT_FREE_INSERTED, FAULT_RETAIN_HALF, FAULT_GC_STEP,
+};
 extern int fault_step;
 void fault_init(void);
 void fault_fire(void);
@@ -57,7 +68,7 @@ void fault_fire(void);
 /* lock.c */
 int lock_init(shm_lock_t *l);
 int lock_acquire(shm_handle_t *h, shm_lock_t *l);
-void lock_release(shm_lock_t *l);
+void lock_release(shm_handle_t *h, shm_lock_t *l);
 
 /* block.c */
 static inline shm_block_t *block_at(const shm_handle_t *h, uint64_t off) {
@@ -67,10 +78,11 @@ static inline shm_free_links_t *block_links(const shm_handle_t *h, uint64_t off)
     return (shm_free_links_t *)(h->base + off + SHM_HDR);
 }
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
-void block_write(const shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
+shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
+void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
                  uint32_t owner, uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
-void block_scrub(const shm_handle_t *h, uint64_t off);
+void block_scrub(shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
 

@@ -25,7 +25,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 2
+#define SHM_LAYOUT_VERSION 3
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -36,6 +36,9 @@
 #define SHM_MAX_NAMES 1024
 #define SHM_NAME_LEN 56
 #define SHM_RING_SLOTS 4096
+#define SHM_JOURNAL_BYTES 65536
+#define SHM_JOURNAL_MAX_RECORDS 4096
+#define SHM_MAX_NAMES_PER_BLOCK 16
 
 /* Block header: 32 bytes in front of every payload.
  * Written by whichever process holds the heap lock; read without the lock only through
@@ -133,6 +136,18 @@ typedef struct shm_ring {
     shm_event_t slots[4096]; /* +0xc0 */
 } shm_ring_t;
 
+/* The undo journal (journal.c explains the protocol). Written only by the heap lock's holder.
+ *   [J1] count == 0 whenever the heap lock is free
+ *   [J2] the first `count` records of log are well formed and lie in the segment */
+typedef struct shm_journal {
+    uint64_t count;      /* +0x00 records that describe writes which may have happened */
+    uint64_t used;       /* +0x08 bytes of log in use */
+    uint64_t rollbacks;  /* +0x10 operations undone after their process died */
+    uint64_t overflows;  /* +0x18 records that did not fit (should stay 0) */
+    uint64_t pad[4];
+    uint8_t log[65536];  /* +0x40 records: offset (8), len (8), the old bytes (len, padded to 8) */
+} shm_journal_t;
+
 /* Arena-wide counters, each written with atomics under the heap lock and read without it.
  *   [C1] used == sum of (size - header) over allocated blocks
  *   [C2] free_bytes == sum of size over free blocks; used + overhead + free_bytes == heap_size
@@ -194,4 +209,5 @@ typedef struct shm_arena {
     shm_ref_t refs[4096];                  /* +0x4840 references held by live processes */
     shm_name_t names[1024];                /* +0x14840 the named-block directory */
     shm_ring_t ring;                       /* +0x24840 the event ring */
+    shm_journal_t journal;                 /* +0x64900 the undo journal */
 } shm_arena_t;

@@ -31,6 +31,7 @@ does not stop it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -45,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import psutil
 
@@ -54,15 +55,13 @@ from ._binding import ffi, lib, raise_status
 from .errors import ShmallocError
 from .events import Event
 from .gc import GcStats, GlobalGarbageCollector, handle_of, scan
+from .manager import MemoryManager
 from .stats import MemoryPressure
 
-if TYPE_CHECKING:
-    from .manager import MemoryManager
-
 __all__ = [
+    "EXIT_LEASE_HELD",
     "Coordinator",
     "CoordinatorRunning",
-    "EXIT_LEASE_HELD",
     "coordinator_command",
     "lease_holder",
     "main",
@@ -77,6 +76,13 @@ EXIT_LEASE_HELD = 3
 SHM_DIR = "/dev/shm"
 _START_TIMEOUT = 15.0  # seconds start_coordinator waits for the child to show in the lease
 _DRAIN_LIMIT = 2 * 4096  # events per tick at most (two laps of the ring)
+_LOG_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
 _EVENT_LEVELS = {
     "memory.allocated": logging.DEBUG,
     "memory.deallocated": logging.DEBUG,
@@ -141,14 +147,16 @@ def _acquire_lease(manager: MemoryManager) -> tuple[int, int]:
             raise_status(rc)
         if rc == 1:
             return me
-    raise ShmallocError(f"could not take the coordinator lease of arena {manager.name!r}: contended")
+    raise ShmallocError(
+        f"could not take the coordinator lease of arena {manager.name!r}: contended"
+    )
 
 
 def _release_lease(manager: MemoryManager, me: tuple[int, int]) -> bool:
     rc = lib.shm_lease_swap(handle_of(manager), me[0], me[1], 0, 0)
     if rc < 0:
         raise_status(rc)
-    return rc == 1
+    return bool(rc == 1)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -218,11 +226,17 @@ class _Metrics:
                     ("available_bytes", "Usable bytes of free blocks", s.available),
                     ("allocated_blocks", "Blocks allocated now", s.allocated_blocks),
                     ("free_blocks", "Free blocks now", s.free_blocks),
-                    ("pressure_level", "Arena pressure: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
-                     s.pressure),
+                    (
+                        "pressure_level",
+                        "Arena pressure: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
+                        s.pressure,
+                    ),
                     ("live_processes", "Processes attached and running", s.live_processes),
-                    ("dead_processes", "Ended processes whose memory is not reclaimed yet",
-                     s.dead_processes),
+                    (
+                        "dead_processes",
+                        "Ended processes whose memory is not reclaimed yet",
+                        s.dead_processes,
+                    ),
                 ):
                     yield GaugeMetricFamily(f"shmalloc_{name}", doc, value=value)
                 sysp = GaugeMetricFamily(
@@ -234,7 +248,8 @@ class _Metrics:
                 sysp.add_metric(["shm_filesystem"], s.shm_filesystem_pressure)
                 yield sysp
                 per = GaugeMetricFamily(
-                    "shmalloc_process_usage_bytes", "Usable bytes owned by each process",
+                    "shmalloc_process_usage_bytes",
+                    "Usable bytes owned by each process",
                     labels=["pid"],
                 )
                 for pid, nbytes in sorted(usage.items()):
@@ -245,8 +260,11 @@ class _Metrics:
                     ("deallocations", "Deallocations in the arena", s.deallocations),
                     ("gc_runs", "Collections run by any process (memory.gc_triggered)", s.gc_runs),
                     ("gc_freed_blocks", "Blocks freed by collections", s.gc_freed_blocks),
-                    ("gc_freed_bytes", "Bytes reclaimed from processes (memory.process_reclaimed)",
-                     s.reclaimed_bytes),
+                    (
+                        "gc_freed_bytes",
+                        "Bytes reclaimed from processes (memory.process_reclaimed)",
+                        s.reclaimed_bytes,
+                    ),
                     ("processes_reclaimed", "Process reclamations", s.processes_reclaimed),
                     ("dropped_events", "Events lost to a full ring", s.dropped_events),
                 ):
@@ -259,7 +277,7 @@ class _Metrics:
                 yield ev
 
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector())  # type: ignore[arg-type]
+        self.registry.register(_Collector())
         started = start_http_server(port, addr=host, registry=self.registry)
         # prometheus_client >= 0.17 returns (server, thread); older ones nothing to shut down
         self._server = started[0] if isinstance(started, tuple) else None
@@ -299,13 +317,19 @@ class _Pressure:
         if old != level:
             where = f"arena {self._arena}" if source == "arena" else source
             severity = (
-                logging.CRITICAL if level == MemoryPressure.CRITICAL
-                else logging.WARNING if level == MemoryPressure.HIGH and (old or 0) < level
+                logging.CRITICAL
+                if level == MemoryPressure.CRITICAL
+                else logging.WARNING
+                if level == MemoryPressure.HIGH and (old or 0) < level
                 else logging.INFO
             )
             logger.log(
-                severity, "pressure of %s: %s -> %s (%.1f%% used)", where,
-                "start" if old is None else _level_name(old), level.name, pct or 0.0,
+                severity,
+                "pressure of %s: %s -> %s (%.1f%% used)",
+                where,
+                "start" if old is None else _level_name(old),
+                level.name,
+                pct or 0.0,
             )
         return level
 
@@ -363,13 +387,19 @@ class Coordinator:
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self.events_path = None if events_path is None else os.fspath(events_path)
-        self.log_level = logging.getLevelName(log_level) if isinstance(log_level, str) else log_level
-        if not isinstance(self.log_level, int):
-            raise ValueError(f"unknown log level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+        if isinstance(log_level, str):
+            if log_level.upper() not in _LOG_LEVELS:
+                raise ValueError(
+                    f"unknown log level {log_level!r}: use one of {', '.join(_LOG_LEVELS)}"
+                )
+            self.log_level = _LOG_LEVELS[log_level.upper()]
+        else:
+            self.log_level = int(log_level)
         self.trim_threshold = trim_threshold
         self.min_interval = min_interval
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        self._wake_r = self._wake_w = -1  # the self-pipe, open while run() runs
         self.lost_lease = False
         # what the loop keeps between ticks
         self._watch: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, start time)
@@ -390,10 +420,12 @@ class Coordinator:
     def stop(self) -> None:
         """Ask run() to return (from any thread or a signal handler)."""
         self._stopping.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # the pipe is full (already woken) or closed (already stopped)
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full: the loop is woken already
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum  # logged by the loop: no logging inside a signal handler
@@ -401,15 +433,35 @@ class Coordinator:
 
     def run(self) -> None:
         """Serve until stopped. Raises CoordinatorRunning if another live process holds the
-        lease, FileNotFoundError if there is no such arena."""
-        from .manager import MemoryManager
+        lease, FileNotFoundError if there is no such arena, ShmallocError if the lease was
+        taken away while serving."""
+        with self._wake_lock:
+            if self._wake_r >= 0:
+                raise RuntimeError("this Coordinator is already running")
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._run()
+        finally:
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
+        if self.lost_lease:
+            raise ShmallocError(
+                f"the coordinator of arena {self.name!r} lost its lease to another process and "
+                "stopped; only one coordinator may serve an arena"
+            )
 
+    def _run(self) -> None:
         shm_logger = logging.getLogger("shmalloc")
+        old_level = shm_logger.level
         shm_logger.setLevel(self.log_level)
         handler = None
         if not logging.getLogger().handlers and not shm_logger.handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+            )
             shm_logger.addHandler(handler)
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -419,8 +471,12 @@ class Coordinator:
             manager = MemoryManager.attach(self.name)
             try:
                 me = _acquire_lease(manager)
-                logger.info("coordinator of arena %s: pid %d, interval %.3gs", self.name, me[0],
-                            self.interval)
+                logger.info(
+                    "coordinator of arena %s: pid %d, interval %.3gs",
+                    self.name,
+                    me[0],
+                    self.interval,
+                )
                 try:
                     self._serve(manager, me)
                 finally:
@@ -435,6 +491,7 @@ class Coordinator:
                 signal.signal(sig, old)
             if handler is not None:
                 shm_logger.removeHandler(handler)
+            shm_logger.setLevel(old_level)
 
     # ------------------------------------------------------------ the loop
 
@@ -451,16 +508,13 @@ class Coordinator:
             self._inode: int | None = os.stat(os.path.join(SHM_DIR, self.name)).st_ino
         except OSError:
             self._inode = None
-        events: IO[str] | None = None
-        metrics: _Metrics | None = None
-        try:
+        with contextlib.ExitStack() as stack:
             if self.events_path is not None:
-                events = open(self.events_path, "a", encoding="utf-8")
-            self._events = events
+                self._events = stack.enter_context(open(self.events_path, "a", encoding="utf-8"))
             if self.metrics_port is not None:
-                metrics = _Metrics(self.name, self.metrics_host, self.metrics_port)
+                self._metrics = _Metrics(self.name, self.metrics_host, self.metrics_port)
+                stack.callback(self._metrics.close)
                 logger.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
-            self._metrics = metrics
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
             next_tick = time.monotonic()
@@ -486,11 +540,6 @@ class Coordinator:
                 logger.info("received %s: stopping", signal.Signals(self._signal).name)
             # a last drain so that nothing emitted before the stop is lost
             self._step("draining events", self._drain_events)
-        finally:
-            if metrics is not None:
-                metrics.close()
-            if events is not None:
-                events.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -598,11 +647,6 @@ class Coordinator:
     def _close_watches(self) -> None:
         for fd in list(self._watch):
             self._unwatch(fd)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def _reclaim(self) -> None:
         stats = self._gc.reclaim_dead()
@@ -638,8 +682,13 @@ class Coordinator:
     def _log_auto(self, stats: GcStats, level: MemoryPressure) -> None:
         logger.info(
             "automatic collection under %s pressure: %d blocks, %d bytes freed, %d processes "
-            "cleaned, %d asked to trim, in %.1f ms", level.name, stats.freed_blocks,
-            stats.freed_bytes, stats.processes_cleaned, len(stats.trimmed), stats.duration * 1e3,
+            "cleaned, %d asked to trim, in %.1f ms",
+            level.name,
+            stats.freed_blocks,
+            stats.freed_bytes,
+            stats.processes_cleaned,
+            len(stats.trimmed),
+            stats.duration * 1e3,
         )
 
     # ------------------------------------------------------------ events
@@ -661,8 +710,13 @@ class Coordinator:
                 c.reclaimed_bytes += int(ev.fields.get("bytes", 0))
             level = logging.DEBUG if ev.pid == mine else _EVENT_LEVELS.get(ev.name, logging.INFO)
             if logger.isEnabledFor(level):
-                logger.log(level, "event %s from process %d: %s", ev.name, ev.pid,
-                           " ".join(f"{k}={v}" for k, v in ev.fields.items()))
+                logger.log(
+                    level,
+                    "event %s from process %d: %s",
+                    ev.name,
+                    ev.pid,
+                    " ".join(f"{k}={v}" for k, v in ev.fields.items()),
+                )
         if self._events is not None:
             self._events.write("".join(_event_line(ev) for ev in evs))
             self._events.flush()
@@ -738,17 +792,18 @@ def start_coordinator(
     if holder is not None:
         raise CoordinatorRunning(manager.name, holder)
     cmd = coordinator_command(manager.name, **kwargs)
-    out: Any = subprocess.DEVNULL
-    if log_path is not None:
-        out = open(log_path, "ab")
-    try:
+    with contextlib.ExitStack() as stack:
+        out: Any = subprocess.DEVNULL
+        if log_path is not None:
+            out = stack.enter_context(open(log_path, "ab"))
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
             close_fds=True,
         )
-    finally:
-        if log_path is not None:
-            out.close()
     h = handle_of(manager)
     deadline = time.monotonic() + timeout
     while True:
@@ -810,21 +865,49 @@ def build_parser(prog: str = "shmalloc coordinator") -> argparse.ArgumentParser:
         f"the arena, {EXIT_ERROR} on other errors.",
     )
     p.add_argument("name", help="the arena's name")
-    p.add_argument("--interval", type=_positive, default=DEFAULT_INTERVAL, metavar="S",
-                   help=f"seconds between two ticks (default {DEFAULT_INTERVAL})")
-    p.add_argument("--metrics-port", type=_port, metavar="P",
-                   help="serve Prometheus metrics on this port (needs shmalloc[metrics])")
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="H",
-                   help="address the metrics server binds (default 127.0.0.1)")
+    p.add_argument(
+        "--interval",
+        type=_positive,
+        default=DEFAULT_INTERVAL,
+        metavar="S",
+        help=f"seconds between two ticks (default {DEFAULT_INTERVAL})",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="P",
+        help="serve Prometheus metrics on this port (needs shmalloc[metrics])",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="H",
+        help="address the metrics server binds (default 127.0.0.1)",
+    )
     p.add_argument("--events", metavar="FILE", help="append every event to FILE as JSON lines")
-    p.add_argument("--log-level", default="INFO", metavar="L",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                   type=str.upper, help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
-    p.add_argument("--trim-threshold", type=int, default=0, metavar="BYTES",
-                   help="under HIGH pressure, ask processes owning more than this to trim "
-                   "(default 0: all that own memory)")
-    p.add_argument("--min-interval", type=_non_negative, default=5.0, metavar="S",
-                   help="seconds between two automatic collections (default 5)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        metavar="L",
+        choices=list(_LOG_LEVELS),
+        type=str.upper,
+        help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+    )
+    p.add_argument(
+        "--trim-threshold",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="under HIGH pressure, ask processes owning more than this to trim "
+        "(default 0: all that own memory)",
+    )
+    p.add_argument(
+        "--min-interval",
+        type=_non_negative,
+        default=5.0,
+        metavar="S",
+        help="seconds between two automatic collections (default 5)",
+    )
     return p
 
 
@@ -832,7 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``shmalloc coordinator NAME ...``: returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
+        level=args.log_level,
+        stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
     )
     try:

@@ -44,7 +44,7 @@ from .stats import MemoryPressure
 if TYPE_CHECKING:
     from .manager import MemoryManager
 
-__all__ = ["GcStrategy", "GcStats", "GlobalGarbageCollector", "DEFAULT_MIN_INTERVAL"]
+__all__ = ["DEFAULT_MIN_INTERVAL", "GcStats", "GcStrategy", "GlobalGarbageCollector"]
 
 DEFAULT_MIN_INTERVAL = 5.0
 
@@ -141,8 +141,14 @@ def scan(h: Any) -> list[_Row]:
         lib.shm_proc_info(h, slot, info)
         if info.state != lib.SHM_PROC_FREE:
             rows.append(
-                _Row(slot, int(info.state), int(info.pid), int(info.start_time), int(info.usage),
-                     int(info.nblocks))
+                _Row(
+                    slot,
+                    int(info.state),
+                    int(info.pid),
+                    int(info.start_time),
+                    int(info.usage),
+                    int(info.nblocks),
+                )
             )
     return rows
 
@@ -326,7 +332,8 @@ class GlobalGarbageCollector:
         )
 
     def _threshold_collect(self, h: Any, nbytes: int, t0: float) -> GcStats:
-        dead, live = [], []
+        dead: list[_Row] = []
+        live: list[_Row] = []
         for r in scan(h):
             if r.usage <= nbytes:
                 continue  # neither collected nor asked: no need to ask /proc about it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import process
 from ._binding import ffi, lib, raise_status
 
 
@@ -44,6 +45,7 @@ class OwnershipMixin:
     def release(self, address: int) -> bool:
         """Drop a reference taken with retain(). Returns True if that freed an orphaned block."""
         self._block_size(address, 0)
+        self._mark_owner_if_dead(address)
         rc = lib.shm_block_release(self._handle(), address, self._slot_for(None))
         if rc == lib.SHM_ENOENT:
             raise ValueError(
@@ -52,6 +54,18 @@ class OwnershipMixin:
         if rc < 0:
             raise_status(rc, address)
         return rc == 1
+
+    def _mark_owner_if_dead(self, address: int) -> None:
+        """If the block's owner has ended, mark its slot dead now, so that dropping the last
+        reference frees the orphan at once instead of at the next collection."""
+        h = self._handle()
+        info = ffi.new("shm_block_info_t *")
+        if lib.shm_block_info(h, address, info) != 0 or info.slot < 0:
+            return
+        row = ffi.new("shm_proc_info_t *")
+        lib.shm_proc_info(h, info.slot, row)
+        if row.state == lib.SHM_PROC_LIVE and not process.is_alive(row.pid, row.start_time):
+            lib.shm_proc_mark_dead(h, info.slot, row.pid, row.start_time)
 
     def persist(self, address: int) -> None:
         """Give the block no owner: it is never collected, only freed by deallocate()."""

@@ -1,0 +1,90 @@
+/* journal.c -- the undo journal that makes every locked operation all-or-nothing.
+ *
+ * Protocol. Only the holder of the heap lock writes the heap, the bins, the counters, the process
+ * table, the references and the names, so one journal in the segment suffices.
+ *   1. lock_acquire() calls journal_begin(): the journal is empty; the counters are saved.
+ *   2. Before the holder changes any other byte under the lock it calls journal_save(ptr, len),
+ *      which appends (offset, len, old bytes) to the log and only then bumps `count` (release
+ *      store). A record that is not counted describes a write that has not happened yet.
+ *   3. Long operations (collection) call journal_checkpoint() between self-contained steps: the
+ *      steps done so far are kept, the log restarts.
+ *   4. lock_release() calls journal_end(): count = 0 (one aligned store), then unlocks.
+ * If the holder dies anywhere in between, the robust mutex hands the next taker EOWNERDEAD, and
+ * journal_rollback() writes the counted records back, newest first: the heap is exactly as it was
+ * before the dead holder's (current step of its) operation. Rolling back twice is harmless (the
+ * same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
+ * validated before use; a damaged journal is reported, not followed.
+ *
+ * Invariants: [J1] count == 0 whenever the lock is free; [J2] used <= sizeof log. */
+#include <string.h>
+
+#include "shm_internal.h"
+
+#define REC_HDR 16 /* offset (8) + len (8) */
+
+static inline uint64_t rec_size(uint64_t len) { return REC_HDR + ((len + 7) & ~(uint64_t)7); }
+
+void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
+    shm_journal_t *j = &h->arena->journal;
+    uint64_t used = j->used;
+    uint64_t off = (uint64_t)((const uint8_t *)p - h->base);
+    if (UNLIKELY(used + rec_size(len) > sizeof j->log)) {
+        /* Cannot happen within the bounds of our own operations (see the checkpoints); if it did,
+         * keep going without a record: the operation is then no longer crash-atomic. */
+        A_ADD(&j->overflows, 1);
+        return;
+    }
+    uint8_t *rec = j->log + used;
+    memcpy(rec, &off, 8);
+    memcpy(rec + 8, &len, 8);
+    memcpy(rec + REC_HDR, p, len);
+    j->used = used + rec_size(len);
+    __atomic_store_n(&j->count, j->count + 1, __ATOMIC_RELEASE);
+}
+
+void journal_begin(shm_handle_t *h) {
+    shm_journal_t *j = &h->arena->journal;
+    j->used = 0;
+    __atomic_store_n(&j->count, 0, __ATOMIC_RELEASE);
+    journal_save(h, &h->arena->counters, sizeof h->arena->counters);
+}
+
+void journal_checkpoint(shm_handle_t *h) { journal_begin(h); }
+
+void journal_end(shm_handle_t *h) {
+    shm_journal_t *j = &h->arena->journal;
+    __atomic_store_n(&j->count, 0, __ATOMIC_RELEASE);
+    j->used = 0;
+}
+
+/* Undo what a dead lock holder left half done. Returns the records rolled back, or a status. */
+int journal_rollback(shm_handle_t *h) {
+    shm_journal_t *j = &h->arena->journal;
+    uint64_t count = __atomic_load_n(&j->count, __ATOMIC_ACQUIRE);
+    uint64_t joff = (uint64_t)((uint8_t *)j - h->base);
+    uint64_t starts[SHM_JOURNAL_MAX_RECORDS];
+    if (count > SHM_JOURNAL_MAX_RECORDS)
+        return err_set(SHM_ECORRUPT, joff, "[J2] the journal claims %llu records",
+                       (unsigned long long)count);
+    uint64_t pos = 0;
+    for (uint64_t i = 0; i < count; i++) { /* validate every record before writing any */
+        uint64_t off, len;
+        if (pos + REC_HDR > sizeof j->log) return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
+        memcpy(&off, j->log + pos, 8);
+        memcpy(&len, j->log + pos + 8, 8);
+        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log || off > h->capacity ||
+            len > h->capacity - off || (off < h->heap_off && off + len > h->heap_off))
+            return err_set(SHM_ECORRUPT, joff, "[J2] journal record %llu: %llu bytes at %#llx",
+                           (unsigned long long)i, (unsigned long long)len, (unsigned long long)off);
+        starts[i] = pos;
+        pos += rec_size(len);
+    }
+    for (uint64_t i = count; i-- > 0;) {
+        uint64_t off, len;
+        memcpy(&off, j->log + starts[i], 8);
+        memcpy(&len, j->log + starts[i] + 8, 8);
+        memcpy(h->base + off, j->log + starts[i] + REC_HDR, len);
+    }
+    journal_end(h);
+    return (int)count;
+}
