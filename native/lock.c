@@ -8,7 +8,9 @@
  * a journal and every lock_release ends it. */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <string.h>
+#include <time.h>
 
 #include "shm_internal.h"
 
@@ -33,8 +35,29 @@ int lock_init(shm_lock_t *l) {
     return SHM_OK;
 }
 
+/* Wait for the mutex, but never forever on a holder that does not exist: damaged lock bytes can
+ * name a thread that is gone without the kernel's owner-died mark. Every second of waiting, look
+ * at the holder's thread id; if there is no such thread, report corruption instead of hanging. */
+static int lock_wait(shm_handle_t *h, shm_lock_t *l) {
+    pthread_mutex_t *m = lock_mutex(l);
+    int rc = pthread_mutex_trylock(m);
+    if (LIKELY(rc != EBUSY)) return rc;
+    for (;;) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 1;
+        rc = pthread_mutex_timedlock(m, &until);
+        if (rc != ETIMEDOUT) return rc;
+        int tid = m->__data.__owner & 0x3fffffff; /* glibc: the holder's tid, flag bits masked */
+        if (tid <= 0 || (kill(tid, 0) != 0 && errno == ESRCH))
+            return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
+                           "the heap lock is held by thread %d, which does not exist", tid);
+    }
+}
+
 int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
-    int rc = pthread_mutex_lock(lock_mutex(l));
+    int rc = lock_wait(h, l);
+    if (UNLIKELY(rc == SHM_ECORRUPT)) return rc;
     if (UNLIKELY(rc == EOWNERDEAD)) {
         /* The holder died: undo its half-done step (the counters come back with it), then count
          * the recovery. If we die in here, the next taker gets EOWNERDEAD and rolls back again. */

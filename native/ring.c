@@ -14,13 +14,14 @@
 #include "shm_internal.h"
 
 #define MASK (SHM_RING_SLOTS - 1)
+#define MAX_SPINS 1024 /* a ring whose numbers never line up is damaged: give up, do not spin */
 _Static_assert((SHM_RING_SLOTS & MASK) == 0, "ring size is a power of two");
 
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
                    uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4) {
     shm_ring_t *r = &h->arena->ring;
     uint64_t pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
-    for (;;) {
+    for (int spins = 0; spins < MAX_SPINS; spins++) {
         shm_event_t *cell = &r->slots[pos & MASK];
         uint64_t seq = __atomic_load_n(&cell->seq, __ATOMIC_ACQUIRE);
         int64_t dif = (int64_t)(seq - pos);
@@ -45,13 +46,15 @@ int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_n
             pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
         }
     }
+    __atomic_add_fetch(&r->dropped, 1, __ATOMIC_RELAXED);
+    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base), "the event ring's sequence numbers are damaged");
 }
 
 /* 1 and the event in *out, or 0 when nothing is ready. */
 int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
     shm_ring_t *r = &h->arena->ring;
     uint64_t pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
-    for (;;) {
+    for (int spins = 0; spins < MAX_SPINS; spins++) {
         shm_event_t *cell = &r->slots[pos & MASK];
         uint64_t seq = __atomic_load_n(&cell->seq, __ATOMIC_ACQUIRE);
         int64_t dif = (int64_t)(seq - (pos + 1));
@@ -79,6 +82,7 @@ int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
             pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
         }
     }
+    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base), "the event ring's sequence numbers are damaged");
 }
 
 uint64_t shm_event_dropped(shm_handle_t *h) {

@@ -1,0 +1,73 @@
+"""Hostile surroundings: another user, damaged lock bytes, damaged ring numbers."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from shmalloc import CorruptionDetected, MemoryManager
+from shmalloc._native import ffi
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_another_user_cannot_attach(mgr: MemoryManager) -> None:
+    st = os.stat(f"/dev/shm/{mgr.name}")
+    assert st.st_mode & 0o777 == 0o600
+    # fork (the interpreter and shmalloc are loaded already), become nobody, try to attach
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, leave with os._exit
+        os.close(r)
+        outcome = b"attached"
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            MemoryManager.attach(mgr.name)
+        except PermissionError as e:
+            outcome = b"refused: " + str(e).encode()
+        except BaseException as e:  # report anything else to the parent, which fails the test
+            outcome = b"other: " + repr(e).encode()
+        os.write(w, outcome)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        outcome = f.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome.startswith("refused"), outcome
+    assert mgr.name in outcome
+
+
+def _poke(mgr: MemoryManager, offset: int, data: bytes) -> None:
+    with open(f"/dev/shm/{mgr.name}", "r+b") as f, mmap.mmap(f.fileno(), mgr.capacity) as m:
+        m[offset : offset + len(data)] = data
+
+
+def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryManager) -> None:
+    a = mgr.allocate(100)
+    # a pid that does not exist: beyond the kernel's pid_max
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    ghost = pid_max + 7
+    if ghost >= 1 << 30:
+        pytest.skip("pid_max leaves no room for a ghost thread id")
+    lock_off = ffi.offsetof("shm_arena_t", "heap_lock")
+    # glibc's pthread_mutex_t: int __lock (the futex word) then unsigned __count, int __owner
+    _poke(mgr, lock_off, ghost.to_bytes(4, "little") + b"\0\0\0\0" + ghost.to_bytes(4, "little"))
+    with pytest.raises(CorruptionDetected) as ei:
+        mgr.deallocate(a)
+    assert ei.value.offset == lock_off
+    assert str(ghost) in ei.value.detail
+
+
+def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:
+    slots = ffi.offsetof("shm_arena_t", "ring") + ffi.offsetof("shm_ring_t", "slots")
+    # every cell claims to be far in the future: producers and consumers must give up, not spin
+    cell = ffi.sizeof("shm_event_t")
+    for i in range(4096):
+        _poke(mgr, slots + i * cell, (1 << 62).to_bytes(8, "little"))
+    assert mgr.drain_events() == []
+    mgr._emit("memory.gc_triggered", freed_blocks=1)  # a rare event: goes to the ring
+    assert mgr.dropped_events() >= 1
