@@ -115,6 +115,8 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
 
 void shm_handle_close(shm_handle_t *h) { free(h); }
 
+int shm_debug_level(void) { return SHMALLOC_DEBUG; }
+
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     const shm_counters_t *c = &h->arena->counters;
     memset(out, 0, sizeof *out);

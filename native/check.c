@@ -157,6 +157,19 @@ static int check_refs_names(shm_handle_t *h) {
     return SHM_OK;
 }
 
+/* The whole walk, the lock already held. */
+int check_locked(shm_handle_t *h, shm_check_report_t *out) {
+    shm_check_report_t r = {0};
+    proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
+    heap_refcounts = 0;
+    int rc = check_heap(h, &r, sums);
+    if (rc == SHM_OK) rc = check_bins(h, &r);
+    if (rc == SHM_OK) rc = check_counters(h, &r, sums);
+    if (rc == SHM_OK) rc = check_refs_names(h);
+    if (rc == SHM_OK) *out = r;
+    return rc;
+}
+
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     const shm_arena_t *a = h->arena;
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
@@ -164,14 +177,7 @@ int shm_check(shm_handle_t *h, shm_check_report_t *out) {
         return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
-    shm_check_report_t r = {0};
-    proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
-    heap_refcounts = 0;
-    rc = check_heap(h, &r, sums);
-    if (rc == SHM_OK) rc = check_bins(h, &r);
-    if (rc == SHM_OK) rc = check_counters(h, &r, sums);
-    if (rc == SHM_OK) rc = check_refs_names(h);
+    rc = check_locked(h, out);
     lock_release(h, &h->arena->heap_lock);
-    if (rc == SHM_OK) *out = r;
     return rc;
 }

@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -85,6 +87,14 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
 }
 
 void lock_release(shm_handle_t *h, shm_lock_t *l) {
+#if SHMALLOC_DEBUG >= 3
+    /* debug level 3: every operation leaves a heap that passes the full walk */
+    shm_check_report_t r;
+    if (check_locked(h, &r) != SHM_OK) {
+        fprintf(stderr, "shmalloc debug: heap invariant broken: %s\n", shm_last_error()->detail);
+        abort();
+    }
+#endif
     journal_end(h);
     pthread_mutex_unlock(lock_mutex(l));
 }

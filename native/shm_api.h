@@ -120,6 +120,7 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
 uint64_t shm_header_size(void);
+int shm_debug_level(void); /* SHMALLOC_DEBUG this core was built with */
 int shm_pressure_level(shm_handle_t *h);
 
 /* error.c */

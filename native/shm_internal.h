@@ -105,6 +105,9 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
 
+/* check.c */
+int check_locked(shm_handle_t *h, shm_check_report_t *out);
+
 /* process.c */
 int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
