@@ -171,8 +171,10 @@ class GlobalGarbageCollector:
 
     ``auto_collect()`` runs ``collect(GcStrategy.threshold(threshold))`` when the arena is under
     HIGH pressure or worse and at least ``min_interval`` seconds (default 5) passed since this
-    collector's last run; the threshold (``set_threshold``, default 0) is the usage above which
-    a live process is asked to trim.
+    collector's last run (any ``collect()`` counts; ``reclaim_dead()`` does not); the threshold
+    (``set_threshold``, default 0) is the usage above which a live process is asked to trim.
+    Thread-safe: one collection at a time per collector; across processes the heap lock
+    serialises them.
     """
 
     def __init__(self, manager: MemoryManager) -> None:

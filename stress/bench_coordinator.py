@@ -1,0 +1,340 @@
+"""Coordinator benchmark: how fast the memory of a killed process comes back, and what an idle
+coordinator costs.
+
+    python -m stress.bench_coordinator [--quick] [--json PATH] [--procs N] [--kills N]
+                                       [--seconds S] [--interval S]
+
+What is measured (issue 5, "Numbers to reach"):
+
+  reclaim   latency from ``kill -9`` of an attached worker that owns blocks until its slot is gone
+            from the arena's process table (its blocks freed): median and worst of 20 kills.
+            Each victim is killed after living a random 2-3 coordinator intervals, so kills are
+            not in phase with the coordinator's ticks. The other workers stay attached meanwhile.
+  idle CPU  the coordinator's own CPU time (psutil cpu_times, user + system) over ~10 s on an idle
+            arena with 64 attached processes, at the default interval (0.25 s), as a percentage of
+            one core. Target: under 1 %.
+
+Workers are forked from this process after it imported shmalloc (copy-on-write: 64 of them cost
+little memory); each allocates, says it is ready through a pipe, then blocks until killed or
+until the pipe closes. The coordinator is a real ``python -m shmalloc.coordinator`` child.
+
+Output: a table on stdout (progress on stderr) and JSON (default
+``stress/results/bench_coordinator.json``). Targets are reported, never asserted: the exit code
+is 0 whether or not they are met. The arena and every child are gone on the way out, Ctrl-C and
+SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shmalloc import MemoryManager
+from shmalloc._binding import ffi, lib
+from shmalloc.coordinator import DEFAULT_INTERVAL, coordinator_command, lease_holder
+from shmalloc.gc import handle_of
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_coordinator.json"
+ARENA = 256 << 20
+VICTIM_BLOCKS = [4096, 65536, 300, 1 << 20, 12345, 777, 8192, 100_000]
+CPU_TARGET = 1.0  # percent of one core
+RECLAIM_TARGET = 1.0  # seconds ("within about a second")
+
+
+def log(msg: str) -> None:
+    print(f"[bench_coordinator {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+class Workers:
+    """Forked workers attached to the arena; all killed and reaped by close()."""
+
+    def __init__(self, m: MemoryManager) -> None:
+        self.m = m
+        self.hold: dict[int, int] = {}  # pid -> write end of its hold pipe
+
+    def fork(self, sizes: list[int]) -> int:
+        ready_r, ready_w = os.pipe()
+        hold_r, hold_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(ready_r)
+                os.close(hold_w)
+                for fd in self.hold.values():
+                    os.close(fd)
+                for s in sizes:
+                    self.m.allocate(s)
+                os.write(ready_w, b"x")
+                os.read(hold_r, 1)  # returns at EOF, when the parent closes its end
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        os.close(hold_r)
+        self.hold[pid] = hold_w
+        if os.read(ready_r, 1) != b"x":
+            raise RuntimeError(f"worker {pid} failed to attach")
+        os.close(ready_r)
+        return pid
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    def reap(self, pid: int) -> None:
+        os.close(self.hold.pop(pid))
+        os.waitpid(pid, 0)
+
+    def close(self) -> None:
+        for pid in list(self.hold):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.reap(pid)
+
+
+class SlotWatch:
+    """Is (pid's slot) still taken? One lock-free read of one slot, so polling it is cheap."""
+
+    def __init__(self, m: MemoryManager, pid: int) -> None:
+        self.h = handle_of(m)
+        self.pid = pid
+        self.slot = next(p.slot for p in m.processes() if p.pid == pid)
+        self.info = ffi.new("shm_proc_info_t *")
+
+    def taken(self) -> bool:
+        lib.shm_proc_info(self.h, self.slot, self.info)
+        return bool(self.info.state != lib.SHM_PROC_FREE and self.info.pid == self.pid)
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds on CPU of every thread of pid (/proc/<pid>/task/*/schedstat, field 1)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.monotonic()
+    m = MemoryManager(ARENA)
+    workers = Workers(m)
+    coord: subprocess.Popen[bytes] | None = None
+    try:
+        log(f"forking {args.procs} idle workers")
+        for _ in range(args.procs):
+            workers.fork([4096])
+        idle_pids = list(workers.hold)
+        log(f"starting the coordinator (interval {args.interval} s)")
+        coord = subprocess.Popen(
+            coordinator_command(m.name, interval=args.interval, log_level="WARNING"),
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while lease_holder(m) != coord.pid:
+            if coord.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator did not start (exit {coord.poll()})")
+            time.sleep(0.01)
+        cp = psutil.Process(coord.pid)
+        time.sleep(max(1.0, 4 * args.interval))  # let it settle: open its pidfds, import lazily
+
+        log(f"idle CPU over {args.seconds} s with {args.procs} attached processes")
+        c0, n0, w0 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
+        time.sleep(args.seconds)
+        c1, n1, w1 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
+        user, system, wall = c1.user - c0.user, c1.system - c0.system, w1 - w0
+        cpu_pct = 100.0 * (user + system) / wall  # psutil: clock ticks (10 ms) resolution
+        sched_pct = 100.0 * (n1 - n0) / 1e9 / wall  # the scheduler's nanoseconds
+        attached = sum(1 for p in m.processes() if p.alive)
+
+        log(f"reclamation latency over {args.kills} kill -9")
+        rng = random.Random(5)
+        samples = []
+        for i in range(args.kills):
+            pid = workers.fork(VICTIM_BLOCKS)
+            held = m.process_memory(pid)
+            watch = SlotWatch(m, pid)
+            time.sleep(args.interval * (2 + rng.random()))
+            t0 = time.perf_counter()
+            workers.kill(pid)
+            while watch.taken():
+                time.sleep(0.0002)
+                if time.perf_counter() - t0 > 30:
+                    raise RuntimeError(f"worker {pid} was not reclaimed within 30 s")
+            dt = time.perf_counter() - t0
+            samples.append(dt)
+            workers.reap(pid)
+            log(
+                f"  kill {i + 1}: {held} bytes in {len(VICTIM_BLOCKS)} blocks back in "
+                f"{dt * 1e3:.2f} ms"
+            )
+        assert all(p in workers.hold for p in idle_pids)
+        alive = coord.poll() is None
+        coord.send_signal(signal.SIGTERM)
+        code = coord.wait(timeout=30)
+        coord = None
+        return {
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "python_version": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "config": {
+                "quick": args.quick,
+                "procs": args.procs,
+                "kills": args.kills,
+                "seconds": args.seconds,
+                "interval": args.interval,
+                "arena_bytes": ARENA,
+                "victim_blocks": VICTIM_BLOCKS,
+            },
+            "reclaim": {
+                "samples_ms": [s * 1e3 for s in samples],
+                "median_ms": statistics.median(samples) * 1e3,
+                "worst_ms": max(samples) * 1e3,
+                "best_ms": min(samples) * 1e3,
+            },
+            "idle_cpu": {
+                "percent_of_core": cpu_pct,
+                "percent_of_core_schedstat": sched_pct,
+                "user_s": user,
+                "system_s": system,
+                "wall_s": wall,
+                "attached_processes": attached,
+            },
+            "coordinator": {"alive_through_run": alive, "exit_code_on_sigterm": code},
+            "targets": {
+                "idle_cpu_under_1pct": cpu_pct < CPU_TARGET,
+                "worst_reclaim_under_1s": max(samples) < RECLAIM_TARGET,
+            },
+            "elapsed_seconds": time.monotonic() - t_start,
+        }
+    finally:
+        workers.close()
+        if coord is not None:
+            coord.kill()
+            coord.wait()
+        m.close()
+        m.destroy()
+
+
+def report(res: dict[str, Any]) -> None:
+    c, r, u = res["config"], res["reclaim"], res["idle_cpu"]
+    quick = " (--quick)" if c["quick"] else ""
+    print(
+        f"shmalloc bench_coordinator{quick}: {res['machine']['cpu_count']} CPUs, "
+        f"Python {res['machine']['python_version']}, interval {c['interval']} s"
+    )
+    rows = [
+        (
+            "reclaim after kill -9, median",
+            f"{r['median_ms']:.2f} ms",
+            f"{c['kills']} kills, {c['procs']} other processes attached",
+        ),
+        (
+            "reclaim after kill -9, worst",
+            f"{r['worst_ms']:.2f} ms",
+            f"target < {RECLAIM_TARGET:g} s: {'met' if res['targets']['worst_reclaim_under_1s'] else 'NOT met'}",
+        ),
+        ("reclaim after kill -9, best", f"{r['best_ms']:.2f} ms", ""),
+        (
+            "coordinator CPU, idle",
+            f"{u['percent_of_core']:.3f} % of a core",
+            (
+                f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < {CPU_TARGET:g} %: "
+                f"{'met' if res['targets']['idle_cpu_under_1pct'] else 'NOT met'}"
+            ),
+        ),
+        (
+            "  of which user / system",
+            f"{u['user_s']:.3f} / {u['system_s']:.3f} s",
+            "psutil cpu_times (10 ms ticks)",
+        ),
+        (
+            "coordinator CPU, idle (schedstat)",
+            f"{u['percent_of_core_schedstat']:.3f} % of a core",
+            "the scheduler's ns count, all threads",
+        ),
+        ("exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""),
+    ]
+    w0 = max(len(a) for a, _, _ in rows)
+    w1 = max(len(b) for _, b, _ in rows)
+    print(f"{'measure'.ljust(w0)}  {'value'.rjust(w1)}  notes")
+    print("-" * (w0 + w1 + 40))
+    for a, b, n in rows:
+        print(f"{a.ljust(w0)}  {b.rjust(w1)}  {n}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stress.bench_coordinator",
+        description="Reclamation latency after kill -9 and the idle coordinator's CPU use.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="16 processes, 5 kills, 3 s of idle CPU: a smoke run"
+    )
+    p.add_argument("--procs", type=int, help="idle attached processes (default 64)")
+    p.add_argument("--kills", type=int, help="victims killed with SIGKILL (default 20)")
+    p.add_argument("--seconds", type=float, help="idle CPU measurement (default 10)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        help=f"the coordinator's interval (default {DEFAULT_INTERVAL})",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        help=f"where to write the results (default: {DEFAULT_JSON.relative_to(REPO_ROOT)})",
+    )
+    a = p.parse_args(argv)
+    a.procs = a.procs if a.procs is not None else (16 if a.quick else 64)
+    a.kills = a.kills if a.kills is not None else (5 if a.quick else 20)
+    a.seconds = a.seconds if a.seconds is not None else (3.0 if a.quick else 10.0)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        res = run(args)
+    except (KeyboardInterrupt, _Stop):
+        print("\ninterrupted: arena destroyed, children reaped, nothing written", file=sys.stderr)
+        return 130
+    report(res)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
