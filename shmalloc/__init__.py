@@ -13,13 +13,20 @@ from .errors import (
     ProtectionViolation,
     ShmallocError,
 )
+from typing import Any
+
 from .events import Event
+from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .manager import DEFAULT_CAPACITY, MemoryManager
 from .stats import CheckReport, MemoryPressure, MemoryStats
 
 __all__ = [
     "AlignmentError",
+    "Coordinator",
+    "GcStats",
+    "GcStrategy",
+    "GlobalGarbageCollector",
     "CheckReport",
     "CorruptionDetected",
     "DEFAULT_CAPACITY",
@@ -35,3 +42,12 @@ __all__ = [
     "ShmallocError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `python -m shmalloc.coordinator` must not find the module imported already
+    if name == "Coordinator":
+        from .coordinator import Coordinator
+
+        return Coordinator
+    raise AttributeError(f"module 'shmalloc' has no attribute {name!r}")

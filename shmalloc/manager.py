@@ -540,6 +540,19 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             dead_processes=r.dead_procs,
         )
 
+    # ---------------------------------------------------------------- coordinator
+
+    def start_coordinator(self, **kwargs: Any) -> int:
+        """Start a detached coordinator for this arena; return its pid once it holds the lease.
+
+        Keywords: interval, metrics_port, metrics_host, events_path, log_level, trim_threshold,
+        min_interval, log_path (its output; default nowhere), timeout (default 15 s).
+        Raises shmalloc.coordinator.CoordinatorRunning if a live coordinator already serves it.
+        """
+        from .coordinator import start_coordinator  # coordinator imports this module
+
+        return start_coordinator(self, **kwargs)
+
     # ---------------------------------------------------------------- events
 
     def set_collector(self, collector: Callable[[Event], None] | None) -> None:
