@@ -30,7 +30,6 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import psutil
 from rich import box
@@ -51,6 +50,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape as _escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -61,7 +61,7 @@ from .manager import MemoryManager, validate_name
 from .stats import MemoryPressure, MemoryStats
 from .tracking import ProcessInfo
 
-__all__ = ["main", "parse_size", "format_bytes"]
+__all__ = ["format_bytes", "main", "parse_size"]
 
 SHM_DIR = "/dev/shm"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -111,7 +111,7 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """``512 B``, ``3.0 KiB``, ``64.0 MiB``: what a person reads."""
     if abs(n) < 1024:
         return f"{int(n)} B"
@@ -120,6 +120,13 @@ def format_bytes(n: int | float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             break
     return f"{n:.1f} {unit}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 block``, ``2 blocks``, ``0 processes``."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _size_arg(text: str) -> int:
@@ -175,7 +182,9 @@ def _identify(name: str) -> str:
     try:
         head = _read_header(name)
     except PermissionError:
-        raise CliError(f"arena {name!r} exists but this user may not open it; {_owner_hint(name)}") from None
+        raise CliError(
+            f"arena {name!r} exists but this user may not open it; {_owner_hint(name)}"
+        ) from None
     if head is None:
         raise CliError(f"no arena named {name!r} (see `shmalloc list`); create it first")
     if head[:8] == _MAGIC:
@@ -217,7 +226,9 @@ def open_arena(name: str) -> MemoryManager:
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
     except PermissionError:
-        raise CliError(f"arena {name!r} exists but this user may not open it; {_owner_hint(name)}") from None
+        raise CliError(
+            f"arena {name!r} exists but this user may not open it; {_owner_hint(name)}"
+        ) from None
     except CorruptionDetected as e:
         raise CliError(f"arena {name!r} cannot be opened: {e}", EXIT_FAILED) from None
 
@@ -310,12 +321,12 @@ def _overview(snap: Snapshot) -> Table:
     grid.add_row("capacity", f"{format_bytes(snap.capacity)} (heap {format_bytes(s.total)})")
     grid.add_row(
         "used",
-        f"{format_bytes(s.used)} in {s.allocated_blocks} blocks, "
+        f"{format_bytes(s.used)} in {_count(s.allocated_blocks, 'block')}, "
         f"{s.usage_percentage():.1f} % of the heap unavailable",
     )
     grid.add_row(
         "free",
-        f"{format_bytes(s.available)} in {s.free_blocks} blocks, largest "
+        f"{format_bytes(s.available)} in {_count(s.free_blocks, 'block')}, largest "
         f"{format_bytes(s.largest_free_block)}",
     )
     grid.add_row("peak", format_bytes(s.peak))
@@ -347,12 +358,14 @@ def _process_table(snap: Snapshot, title: str | None = None) -> Table:
             str(p.total_frees),
         )
     if not snap.processes:
-        t.add_row("-", "", "", "", "", "", "", "")
+        t.caption = "no process is attached"
     return t
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    """Rich output; 100 columns when writing to a pipe or a file (unless COLUMNS says)."""
+    width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 100
+    return Console(highlight=False, width=width)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -398,6 +411,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             s = mgr.stats()
             procs = mgr.processes()
+        except (ShmallocError, ValueError, OSError) as e:
+            row["status"] = f"cannot read: {e}"
+            rows.append(row)
+            continue
         finally:
             mgr.close()
         row.update(
@@ -413,32 +430,40 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"arenas": rows, "unreadable": unreadable}, indent=2))
         return EXIT_OK
+    longest = max((len(r["name"]) for r in rows), default=0)
     console = _console()
+    if not console.is_terminal:
+        console.width = max(console.width, longest + 72)  # a pipe or a file: never cut a name
     if not rows:
         console.print(f"no shmalloc arenas in {SHM_DIR}")
     else:
         t = Table(box=box.SIMPLE_HEAD)
-        t.add_column("NAME", overflow="fold")
+        t.add_column("NAME", no_wrap=True, min_width=longest)
         for col in ("CAPACITY", "USED", "USE %", "PRESSURE", "PROCESSES"):
             t.add_column(col, justify="right", no_wrap=True)
         for r in rows:
             if r["status"] != "ok":
-                t.add_row(r["name"], Text(r["status"], style="yellow"), "", "", "", "")
                 continue
-            procs = str(r["processes"])
+            attached = str(r["processes"])
             if r["dead_processes"]:
-                procs += f" (+{r['dead_processes']} dead)"
+                attached += f" (+{r['dead_processes']} dead)"
             t.add_row(
                 r["name"],
                 format_bytes(r["capacity"]),
                 format_bytes(r["used"]),
                 f"{r['usage_percentage']:.1f}",
                 _pressure_text(MemoryPressure[r["pressure"]]),
-                procs,
+                attached,
             )
-        console.print(t)
+        if any(r["status"] == "ok" for r in rows):
+            console.print(t)
+        for r in rows:
+            if r["status"] != "ok":
+                console.print(Text.assemble(r["name"], ": ", (r["status"], "yellow")))
     if unreadable:
-        console.print(f"({unreadable} segment(s) in {SHM_DIR} could not be read by this user)", style="dim")
+        console.print(
+            f"({unreadable} segment(s) in {SHM_DIR} could not be read by this user)", style="dim"
+        )
     return EXIT_OK
 
 
@@ -504,8 +529,21 @@ def _top_view(snap: Snapshot, prev: Snapshot | None, interval: float) -> Rendera
         f"blocks {s.allocated_blocks} used / {s.free_blocks} free   processes {live} live, "
         f"{len(snap.processes) - live} dead   coordinator {coord}{rate}"
     )
-    foot = Text(f"q quits · refresh every {interval:g} s · {time.strftime('%H:%M:%S')}", style="dim")
-    return Group(head, line2, _process_table(snap), foot)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        Text("usage"),
+        ProgressBar(
+            total=100.0,
+            completed=s.usage_percentage(),
+            width=50,
+            complete_style=_PRESSURE_STYLE[snap.pressure],
+        ),
+        Text(f"{s.usage_percentage():5.1f} %"),
+    )
+    foot = Text(
+        f"q quits · refresh every {interval:g} s · {time.strftime('%H:%M:%S')}", style="dim"
+    )
+    return Group(head, line2, bar, _process_table(snap), foot)
 
 
 def _plain_lines(snap: Snapshot) -> list[str]:
@@ -514,10 +552,12 @@ def _plain_lines(snap: Snapshot) -> list[str]:
     stamp = time.strftime("%H:%M:%S")
     coord = "-" if snap.coordinator is None else str(snap.coordinator[0])
     lines = [
-        f"{stamp} arena={snap.name} used={s.used} ({format_bytes(s.used)}) total={s.total} "
-        f"usage={s.usage_percentage():.1f}% pressure={snap.pressure.name} "
-        f"fragmentation={s.fragmentation_ratio():.3f} blocks={s.allocated_blocks} "
-        f"free_blocks={s.free_blocks} processes={len(snap.processes)} coordinator={coord}"
+        (
+            f"{stamp} arena={snap.name} used={s.used} ({format_bytes(s.used)}) total={s.total} "
+            f"usage={s.usage_percentage():.1f}% pressure={snap.pressure.name} "
+            f"fragmentation={s.fragmentation_ratio():.3f} blocks={s.allocated_blocks} "
+            f"free_blocks={s.free_blocks} processes={len(snap.processes)} coordinator={coord}"
+        )
     ]
     for p in snap.processes:
         lines.append(
@@ -598,7 +638,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             report = mgr.check()
         except CorruptionDetected as e:
             if args.json:
-                print(json.dumps({"name": args.name, "ok": False, "offset": e.offset, "detail": e.detail}))
+                print(
+                    json.dumps(
+                        {"name": args.name, "ok": False, "offset": e.offset, "detail": e.detail}
+                    )
+                )
             else:
                 print(f"{args.name}: CORRUPT at offset {e.offset:#x}: {e.detail}")
             return EXIT_FAILED
@@ -606,7 +650,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps({"name": args.name, "ok": True, **asdict(report)}))
     else:
         print(
-            f"{args.name}: clean: {report.blocks} blocks ({report.allocated_blocks} allocated, "
+            f"{args.name}: clean: {_count(report.blocks, 'block')} ({report.allocated_blocks} allocated, "
             f"{report.free_blocks} free), {format_bytes(report.used)} used, "
             f"{format_bytes(report.free_bytes)} free, largest free {format_bytes(report.largest_free)}, "
             f"{report.live_processes} live and {report.dead_processes} dead processes"
@@ -620,7 +664,10 @@ def _parse_strategy(text: str) -> tuple[str, int | None]:
     if kind in ("global", "unreferenced") and not value:
         return kind, None
     if kind == "threshold" and value:
-        return kind, parse_size(value)
+        try:
+            return kind, parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"invalid strategy {text!r}: {e}") from None
     if kind == "targeted" and value.strip().isdigit():
         return kind, int(value)
     raise ValueError(
@@ -652,8 +699,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         elif kind == "unreferenced":
             strategy = GcStrategy.UNREFERENCED
         elif kind == "threshold":
+            assert value is not None
             strategy = GcStrategy.threshold(value)
         else:
+            assert value is not None
             strategy = GcStrategy.targeted(value)
         result = GlobalGarbageCollector(mgr).collect(strategy)
     out = {
@@ -668,8 +717,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(
-            f"{args.name}: gc {args.strategy} freed {out['freed_blocks']} blocks "
-            f"({format_bytes(out['freed_bytes'])}) of {out['processes_cleaned']} process(es) "
+            f"{args.name}: gc {args.strategy} freed {_count(out['freed_blocks'], 'block')} "
+            f"({format_bytes(out['freed_bytes'])}) of {_count(out['processes_cleaned'], 'process')} "
             f"in {out['duration'] * 1000:.1f} ms"
         )
     return EXIT_OK
@@ -710,14 +759,18 @@ def _stress_available() -> bool:
     return (_REPO_ROOT / "stress" / "bench_alloc.py").is_file()
 
 
-def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if not args.builtin and _stress_available():
-        cmd = [sys.executable, "-m", "stress.bench_alloc", *rest]
-        print(f"running {' '.join(cmd[1:])} in {_REPO_ROOT}", file=sys.stderr)
-        return subprocess.call(cmd, cwd=_REPO_ROOT)
-    if rest:
-        raise CliError(f"unrecognized arguments for the built-in benchmark: {' '.join(rest)}")
+def cmd_bench(args: argparse.Namespace) -> int:
     return _bench_builtin(args.ops, args.capacity)
+
+
+def _bench_delegated(argv: list[str]) -> int | None:
+    """``shmalloc bench ARGS`` runs ``python -m stress.bench_alloc ARGS`` from the repository
+    checkout when there is one (None when the built-in benchmark is wanted instead)."""
+    if not _stress_available() or {"-h", "--help", "--builtin"} & set(argv):
+        return None
+    cmd = [sys.executable, "-m", "stress.bench_alloc", *argv]
+    print(f"running {' '.join(cmd[1:])} in {_REPO_ROOT}", file=sys.stderr)
+    return subprocess.call(cmd, cwd=_REPO_ROOT)
 
 
 def _bench_builtin(ops: int, capacity: int) -> int:
@@ -726,7 +779,9 @@ def _bench_builtin(ops: int, capacity: int) -> int:
 
     sizes = [16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20]
     console = _console()
-    t = Table(title=f"allocate + deallocate pairs, {ops} per trial, median of 5", box=box.SIMPLE_HEAD)
+    t = Table(
+        title=f"allocate + deallocate pairs, {ops} per trial, median of 5", box=box.SIMPLE_HEAD
+    )
     for col in ("SIZE", "NS/PAIR", "PAIRS/S", "STDLIB NS/SEGMENT"):
         t.add_column(col, justify="right")
     with MemoryManager(capacity) as mgr:
@@ -770,7 +825,8 @@ def _bench_builtin(ops: int, capacity: int) -> int:
 # left orphaned by a worker that exited before its neighbour adopted it.
 
 _CHURN = 6  # private allocate/write/read/free cycles per round
-_PARCEL_TIMEOUT = 30.0
+_PARCEL_TIMEOUT = 30.0  # seconds a worker waits for its neighbour's parcel
+_SILENCE = 60.0  # seconds without a message from any demo process before the demo gives up
 _CONFIG = b"shmalloc demo configuration: every worker reads this named block" * 8
 
 
@@ -785,9 +841,9 @@ def _demo_worker(
     rounds: int,
     churn_max: int,
     seed: int,
-    ctl: Connection,
     to_next: Connection,
     from_prev: Connection,
+    ctl: Connection,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     rng = random.Random(seed * 1009 + index)
@@ -835,15 +891,15 @@ def _demo_worker(
             if r % 10 == 9 or r == rounds - 1:
                 ctl.send(("progress", r + 1, ops, nbytes))
         result = json.dumps({"pid": pid, "ops": ops, "bytes": nbytes, "adopted": handed}).encode()
-        a = mgr.allocate(len(result))
-        mgr.write(a, result)
+        a = mgr.allocate(4 + len(result))
+        mgr.write(a, len(result).to_bytes(4, "little") + result)
         mgr.bind(f"demo.result.{index}", a)
         ops += 3
         ctl.send(("done", ops, nbytes, handed))
         ctl.recv()  # "exit": every worker is done, no parcel is in flight
     except (EOFError, BrokenPipeError):
         pass  # the main process went away: just leave
-    except BaseException as e:  # report it; the main process decides
+    except Exception as e:  # noqa: BLE001 - any failure is reported; the main process decides
         with contextlib.suppress(OSError):
             ctl.send(("error", f"worker {index} (pid {pid}): {type(e).__name__}: {e}"))
     finally:
@@ -854,7 +910,7 @@ def _demo_worker(
 def _demo_victim(mgr: MemoryManager, ballast: int, ctl: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     chunk = 256 << 10
-    held = []
+    held: list[int] = []
     try:
         while len(held) * chunk < ballast:
             a = mgr.allocate(chunk)
@@ -867,7 +923,7 @@ def _demo_victim(mgr: MemoryManager, ballast: int, ctl: Connection) -> None:
         ctl.recv()  # never answered: the main process kills this one
     except (EOFError, BrokenPipeError):
         pass
-    except BaseException as e:
+    except Exception as e:  # noqa: BLE001 - any failure is reported; the main process decides
         with contextlib.suppress(OSError):
             ctl.send(("error", f"victim (pid {os.getpid()}): {type(e).__name__}: {e}"))
     finally:
@@ -885,7 +941,7 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-        self.show(f"[yellow]logged[/] {record.levelname}: {record.getMessage()}")
+        self.show(f"[yellow]logged[/] {record.levelname}: {_escape(record.getMessage())}")
 
 
 class _Interrupted(Exception):
@@ -941,7 +997,7 @@ class Demo:
 
     def say(self, markup: str) -> None:
         elapsed = time.monotonic() - self.started
-        self.console.print(f"[dim]{elapsed:5.1f}s[/] {markup}")
+        self.console.print(f"[dim]{elapsed:5.1f}s[/] {markup}", soft_wrap=True)
 
     # -------------------------------------------------------------- run
 
@@ -1012,7 +1068,9 @@ class Demo:
                 log_level="INFO",
             )
         )
-        self.say(f"started the coordinator: pid [bold]{self.coordinator_pid}[/] (it holds the lease)")
+        self.say(
+            f"started the coordinator: pid [bold]{self.coordinator_pid}[/] (it holds the lease)"
+        )
 
     # -------------------------------------------------------------- workers
 
@@ -1024,7 +1082,7 @@ class Demo:
         theirs.close()
         self.procs.append(p)
         self.ctl.append(mine)
-        return mine
+        return cast(Connection, mine)
 
     def run_workers(self) -> None:
         assert self.mgr is not None
@@ -1047,15 +1105,27 @@ class Demo:
             for i in range(n):
                 reader_from_prev = links[(i - 1) % n][0]
                 writer_to_next = links[i][1]
-                self._spawn(ctx, _demo_worker, f"demo-worker-{i}", i, self.rounds, churn_max,
-                            self.seed, writer_to_next, reader_from_prev)
+                self._spawn(
+                    ctx,
+                    _demo_worker,
+                    f"demo-worker-{i}",
+                    i,
+                    self.rounds,
+                    churn_max,
+                    self.seed,
+                    writer_to_next,
+                    reader_from_prev,
+                )
             for r, w in links:
                 r.close()
                 w.close()
             self._spawn(ctx, _demo_victim, "demo-victim", ballast)
             for i, p in enumerate(self.procs[:n]):
                 tasks[i] = progress.add_task(
-                    f"worker {p.pid}", total=self.rounds, rounds=f"   0/{self.rounds}", status="starting"
+                    f"worker {p.pid}",
+                    total=self.rounds,
+                    rounds=f"   0/{self.rounds}",
+                    status="starting",
                 )
             victim = self.procs[n]
             victim_task = progress.add_task(
@@ -1066,20 +1136,25 @@ class Demo:
             done_rounds = dict.fromkeys(range(n), 0)
             killed_at: float | None = None
             reclaim_deadline = 0.0
-            deadline = time.monotonic() + 120
-            while pending or (killed_at is not None and res.reclaim_seconds is None) or killed_at is None:
-                if time.monotonic() > deadline:
-                    raise ShmallocError("the demo's workers made no progress for two minutes")
+            last_news = time.monotonic()
+            while pending or res.reclaim_seconds is None:  # it is set once the victim is killed
+                if time.monotonic() - last_news > _SILENCE:
+                    raise ShmallocError(f"the demo's processes sent no news for {_SILENCE:g} s")
                 alive_conns = [c for c in self.ctl if not c.closed]
                 for conn in wait_connections(alive_conns, timeout=0.05):
                     assert isinstance(conn, Connection)
                     idx = self.ctl.index(conn)
+                    last_news = time.monotonic()
                     try:
                         msg = conn.recv()
                     except (EOFError, OSError):
                         conn.close()
                         if idx in pending:
-                            raise ShmallocError(f"worker {self.procs[idx].pid} died unexpectedly") from None
+                            w = self.procs[idx]
+                            w.join(5)
+                            raise ShmallocError(
+                                f"worker {w.pid} died unexpectedly ({_exit_text(w.exitcode)})"
+                            ) from None
                         continue
                     kind = msg[0]
                     if kind == "error":
@@ -1107,12 +1182,18 @@ class Demo:
                         )
                     elif kind == "holding":
                         _, held, blocks = msg
-                        res.victim_pid, res.victim_held, res.victim_blocks = victim.pid, held, blocks
-                        progress.update(victim_task, status=f"holding {format_bytes(held)} in {blocks} blocks")
+                        res.victim_pid, res.victim_held, res.victim_blocks = (
+                            victim.pid,
+                            held,
+                            blocks,
+                        )
+                        progress.update(
+                            victim_task, status=f"holding {format_bytes(held)} in {blocks} blocks"
+                        )
                 self.monitor()
                 # kill the victim once the workers are well under way
-                share = sum(done_rounds.values()) / (n * self.rounds)
-                if killed_at is None and res.victim_pid and (share >= 0.3 or not pending):
+                under_way = min(done_rounds.values()) >= min(500, self.rounds * 0.3)
+                if killed_at is None and res.victim_pid and (under_way or not pending):
                     before = mgr.process_memory(victim.pid)
                     os.kill(victim.pid, signal.SIGKILL)
                     killed_at = time.monotonic()
@@ -1133,7 +1214,8 @@ class Demo:
                         res.reclaimed = res.victim_held
                         res.reclaimed_by = (
                             f"coordinator pid {self.coordinator_pid}"
-                            if self.coordinator_pid else "the demo process (no coordinator)"
+                            if self.coordinator_pid
+                            else "the demo process (no coordinator)"
                         )
                         progress.update(
                             victim_task,
@@ -1145,6 +1227,7 @@ class Demo:
                             f"victim in {res.reclaim_seconds:.2f} s, by {res.reclaimed_by}"
                         )
                         self.monitor()
+                        self.check_while_running(len(pending))
                     elif time.monotonic() > reclaim_deadline:
                         res.problems.append(
                             f"the killed victim's {format_bytes(left)} were not reclaimed within 15 s"
@@ -1158,9 +1241,12 @@ class Demo:
             p.join(10)
         for i in range(n):
             a = mgr.lookup(f"demo.result.{i}")
-            got = json.loads(mgr.read(a).rstrip(b"\0"))
+            n_json = int.from_bytes(mgr.read(a, 4), "little")
+            got = json.loads(mgr.read(a, n_json, offset=4))
             if got["pid"] != self.procs[i].pid:
-                res.problems.append(f"demo.result.{i} names pid {got['pid']}, not {self.procs[i].pid}")
+                res.problems.append(
+                    f"demo.result.{i} names pid {got['pid']}, not {self.procs[i].pid}"
+                )
             mgr.unbind(f"demo.result.{i}")
             mgr.deallocate(a)
             res.results_read += 1
@@ -1170,7 +1256,7 @@ class Demo:
         mgr.deallocate(note)
         self.say(
             f"all {n} workers finished: {res.ops:,} operations, {format_bytes(res.bytes)} allocated, "
-            f"{res.handed} parcels adopted; read their results from the named blocks "
+            f"{res.handed:,} parcels adopted; read their results from the named blocks "
             "demo.result.*; the victim's persistent note "
             + ("survived it" if res.note_survived else "[red]was lost[/]")
         )
@@ -1196,7 +1282,9 @@ class Demo:
             m = re.search(r"\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)", line)
             if m is None or m.group(2).startswith(("coordinator of arena", "event memory.")):
                 continue
-            style = {"WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}.get(m.group(1), "")
+            style = {"WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}.get(
+                m.group(1), ""
+            )
             level = f"[{style}]{m.group(1)}[/]" if style else m.group(1)
             self.say(f"[magenta]coordinator[/] {level} {_escape(m.group(2))}")
         for line in self._new_lines(self.events_path):
@@ -1236,7 +1324,9 @@ class Demo:
                     mgr.write(a, b"\x5a" * 4096)
                     held.append(a)
                     s = mgr.stats()
-                    progress.update(task, completed=s.usage_percentage(), level=s.memory_pressure().name)
+                    progress.update(
+                        task, completed=s.usage_percentage(), level=s.memory_pressure().name
+                    )
             s = mgr.stats()
             res.pressure, res.pressure_pct = s.memory_pressure(), s.usage_percentage()
             res.warning_logged = len(records.records) > logged_before
@@ -1258,7 +1348,9 @@ class Demo:
                 time.sleep(0.05)
             self.monitor()
             if "memory.pressure_high" not in res.monitor_events:
-                res.problems.append("the coordinator drained no memory.pressure_high event within 15 s")
+                res.problems.append(
+                    "the coordinator drained no memory.pressure_high event within 15 s"
+                )
             if trim_requests:
                 res.trimmed = sum(mgr.deallocate(a) for a in held)
                 held.clear()
@@ -1272,6 +1364,19 @@ class Demo:
         s = mgr.stats()
         self.say(f"usage back to {s.usage_percentage():.1f} %, pressure {s.memory_pressure().name}")
 
+    def check_while_running(self, running: int) -> None:
+        assert self.mgr is not None
+        try:
+            r = self.mgr.check()
+        except CorruptionDetected as e:
+            self.res.problems.append(f"check() with {running} workers running: {e}")
+            self.say(f"[red]check() found corruption at {e.offset:#x}: {_escape(e.detail)}[/]")
+            return
+        self.say(
+            f"check() with {running} workers running: [green]clean[/], {r.blocks} blocks "
+            f"({r.allocated_blocks} allocated), {r.live_processes} live processes"
+        )
+
     def finish(self) -> None:
         assert self.mgr is not None
         config = self.mgr.lookup("demo.config")
@@ -1280,29 +1385,47 @@ class Demo:
         try:
             r = self.mgr.check()
             self.res.check_ok = True
-            self.res.check = f"clean: {r.blocks} blocks, {r.allocated_blocks} allocated"
+            self.res.check = f"clean: {_count(r.blocks, 'block')}, {r.allocated_blocks} allocated"
+            if r.allocated_blocks == 0:
+                self.res.check += " (everything freed and merged back)"
         except CorruptionDetected as e:
             self.res.check = f"CORRUPT at {e.offset:#x}: {e.detail}"
             self.res.problems.append(f"check() failed: {e}")
 
     def summary(self) -> None:
         res = self.res
-        t = Table(title="demo summary", box=box.SIMPLE_HEAD, title_style="bold", title_justify="left")
+        t = Table(
+            title="demo summary", box=box.SIMPLE_HEAD, title_style="bold", title_justify="left"
+        )
         t.add_column("what", style="bold")
         t.add_column("result")
         t.add_row("arena", f"{self.name} ({format_bytes(self.capacity)})")
         t.add_row("workers", f"{self.n_workers} x {self.rounds} rounds, plus 1 victim")
         t.add_row("operations", f"{res.ops:,}")
-        t.add_row("bytes allocated", format_bytes(res.bytes))
-        t.add_row("parcels adopted", f"{res.handed:,} (allocated by one worker, adopted and freed by the next)")
-        t.add_row("named blocks", f"demo.config retained by every worker; {res.results_read} demo.result.* read back")
-        t.add_row("killed", f"pid {res.victim_pid} with SIGKILL, holding {format_bytes(res.victim_held)}")
+        t.add_row("bytes allocated", f"{format_bytes(res.bytes)} in total")
+        t.add_row(
+            "parcels adopted",
+            f"{res.handed:,} (allocated by one worker, adopted and freed by the next)",
+        )
+        t.add_row(
+            "named blocks",
+            f"demo.config retained by every worker; {res.results_read} demo.result.* read back",
+        )
+        t.add_row(
+            "killed", f"pid {res.victim_pid} with SIGKILL, holding {format_bytes(res.victim_held)}"
+        )
         if res.reclaim_seconds is not None and not math.isnan(res.reclaim_seconds):
-            t.add_row("reclaimed", f"{format_bytes(res.reclaimed)} in {res.reclaim_seconds:.2f} s by {res.reclaimed_by}")
+            t.add_row(
+                "reclaimed",
+                f"{format_bytes(res.reclaimed)} in {res.reclaim_seconds:.2f} s by {res.reclaimed_by}",
+            )
         else:
             t.add_row("reclaimed", Text("not within the deadline", style="red"))
         t.add_row("persistent note", "survived its owner" if res.note_survived else "lost")
-        t.add_row("pressure reached", Text.assemble(_pressure_text(res.pressure), f" ({res.pressure_pct:.1f} %)"))
+        t.add_row(
+            "pressure reached",
+            Text.assemble(_pressure_text(res.pressure), f" ({res.pressure_pct:.1f} %)"),
+        )
         reactions = []
         if res.warning_logged:
             reactions.append("WARNING logged")
@@ -1320,7 +1443,16 @@ class Demo:
     # -------------------------------------------------------------- cleanup
 
     def cleanup(self) -> None:
-        """Stop and reap every process this demo started, then destroy the arena. Runs always."""
+        """Stop and reap every process this demo started, then destroy the arena. Runs always,
+        with SIGINT and SIGTERM held off so that an impatient second Ctrl-C cannot cut it short."""
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._cleanup()
+        finally:
+            for s, h in held.items():
+                signal.signal(s, h)
+
+    def _cleanup(self) -> None:
         notes = []
         for p in self.procs:
             if p.is_alive():
@@ -1340,9 +1472,35 @@ class Demo:
             notes.append(f"arena {self.name} destroyed")
         if self.tmpdir is not None:
             self.tmpdir.cleanup()
+        _stop_resource_tracker()
         left = os.path.exists(_segment_path(self.name))
         if notes:
-            self.say("cleaned up: " + ", ".join(notes) + ("" if not left else " [red](segment still there!)[/]"))
+            self.say(
+                "cleaned up: "
+                + ", ".join(notes)
+                + ("" if not left else " [red](segment still there!)[/]")
+            )
+
+
+def _stop_resource_tracker() -> None:
+    """Stop the resource tracker that starting ``spawn`` children launched, and reap it, so that
+    the demo leaves no process behind, not even for the moment after it exits. (It would stop by
+    itself when this process exits, as an orphan for init to reap.) Private API, used defensively."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None and getattr(tracker, "_pid", None) is not None:
+        with contextlib.suppress(Exception):
+            stop()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
 
 
 def _stop(pid: int, timeout: float = 10.0) -> None:
@@ -1368,8 +1526,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="shmalloc",
         description="Inspect and operate shmalloc shared-memory arenas.",
         epilog="exit codes: 0 done; 1 the arena is unhealthy or the operation failed; "
@@ -1380,7 +1545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"shmalloc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def add(
+        name: str, help: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func)
         return sp
@@ -1390,8 +1557,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("create", "create a named arena", cmd_create)
     sp.add_argument("name", help="the arena's name (what processes attach by)")
-    sp.add_argument("--capacity", type=_size_arg, default=64 << 20, metavar="SIZE",
-                    help="size such as 64M, 1G, 512KiB or a number of bytes (default 64M)")
+    sp.add_argument(
+        "--capacity",
+        type=_size_arg,
+        default=64 << 20,
+        metavar="SIZE",
+        help="size such as 64M, 1G, 512KiB or a number of bytes (default 64M)",
+    )
     sp.add_argument("--mode", default="0600", help="permission bits, octal (default 0600)")
 
     sp = add("info", "show an arena's statistics, pressure and processes", cmd_info)
@@ -1400,10 +1572,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("top", "live per-process view of an arena (q quits)", cmd_top)
     sp.add_argument("name")
-    sp.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
-                    help="seconds between refreshes (default 1)")
-    sp.add_argument("--iterations", type=_positive_int, metavar="N",
-                    help="stop after N refreshes (default: until q or Ctrl-C)")
+    sp.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default 1)",
+    )
+    sp.add_argument(
+        "--iterations",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N refreshes (default: until q or Ctrl-C)",
+    )
 
     sp = add("check", "walk the heap and verify every invariant", cmd_check)
     sp.add_argument("name")
@@ -1411,38 +1592,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("gc", "run the global garbage collector once", cmd_gc)
     sp.add_argument("name")
-    sp.add_argument("--strategy", default="global", metavar="STRATEGY",
-                    help="global (every dead process, the default), unreferenced (orphaned blocks "
-                    "without a live reference), threshold=SIZE (dead processes holding more than "
-                    "SIZE), targeted=PID (all of one process's blocks, alive or not)")
+    sp.add_argument(
+        "--strategy",
+        default="global",
+        metavar="STRATEGY",
+        help="global (every dead process, the default), unreferenced (orphaned blocks "
+        "without a live reference), threshold=SIZE (dead processes holding more than "
+        "SIZE), targeted=PID (all of one process's blocks, alive or not)",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = add("destroy", "unlink an arena (open mappings keep working until closed)", cmd_destroy)
     sp.add_argument("name")
 
-    sub.add_parser("coordinator", add_help=False,
-                   help="run the arena's coordinator in the foreground (see: shmalloc coordinator --help)")
+    sub.add_parser(
+        "coordinator",
+        add_help=False,
+        help="run the arena's coordinator in the foreground (see: shmalloc coordinator --help)",
+    )
 
-    sp = add("demo", "the main job: workers share an arena, one is killed, the coordinator "
-             "reclaims its memory, the pressure monitor reacts", cmd_demo)
+    sp = add(
+        "demo",
+        "the main job: workers share an arena, one is killed, the coordinator "
+        "reclaims its memory, the pressure monitor reacts",
+        cmd_demo,
+    )
     sp.add_argument("--workers", type=_positive_int, default=4, help="worker processes (default 4)")
-    sp.add_argument("--rounds", type=_positive_int, default=300, help="rounds per worker (default 300)")
-    sp.add_argument("--capacity", type=_size_arg, default=64 << 20, metavar="SIZE",
-                    help="arena size (default 64M)")
+    sp.add_argument(
+        "--rounds", type=_positive_int, default=8000, help="rounds per worker (default 8000)"
+    )
+    sp.add_argument(
+        "--capacity",
+        type=_size_arg,
+        default=64 << 20,
+        metavar="SIZE",
+        help="arena size (default 64M)",
+    )
     sp.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
 
-    sp = sub.add_parser(
-        "bench",
-        help="allocation benchmark",
-        description="Runs `python -m stress.bench_alloc` (the full benchmark) when the stress "
-        "package is in the repository checkout, passing it every other argument (try "
-        "`shmalloc bench --quick`); otherwise, or with --builtin, a small built-in benchmark of "
-        "allocate+deallocate pairs.",
+    sp = add("bench", "allocation benchmark", cmd_bench)
+    sp.description = (
+        "Runs `python -m stress.bench_alloc` (the full benchmark) when the stress package is in "
+        "the repository checkout, passing it every argument (try `shmalloc bench --quick`; "
+        "its options: `python -m stress.bench_alloc --help`); otherwise, or with --builtin, a "
+        "small built-in benchmark of allocate+deallocate pairs with the options below."
     )
     sp.add_argument("--builtin", action="store_true", help="run the built-in benchmark")
     sp.add_argument("--ops", type=_positive_int, default=20000, help="built-in: pairs per trial")
-    sp.add_argument("--capacity", type=_size_arg, default=256 << 20, metavar="SIZE",
-                    help="built-in: arena size (default 256M)")
+    sp.add_argument(
+        "--capacity",
+        type=_size_arg,
+        default=256 << 20,
+        metavar="SIZE",
+        help="built-in: arena size (default 256M)",
+    )
     return p
 
 
@@ -1454,8 +1657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_coordinator(args_list[1:])
         parser = build_parser()
         if args_list and args_list[0] == "bench":
-            args, rest = parser.parse_known_args(args_list)
-            return cmd_bench(args, rest)
+            rc = _bench_delegated(args_list[1:])
+            if rc is not None:
+                return rc
         args = parser.parse_args(args_list)
         return int(args.func(args))
     except CliError as e:
@@ -1471,7 +1675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("SHMALLOC_TRACEBACK"):
             raise
-        _error(args_list, f"{type(e).__name__}: {e}" if not isinstance(e, (ShmallocError, OSError)) else str(e))
+        _error(
+            args_list,
+            f"{type(e).__name__}: {e}" if not isinstance(e, (ShmallocError, OSError)) else str(e),
+        )
         return EXIT_FAILED
 
 
