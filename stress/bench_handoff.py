@@ -1,0 +1,361 @@
+"""Array hand-off between two processes: shmalloc zero-copy beside pickling and stdlib segments.
+
+    python -m stress.bench_handoff [--quick] [--json PATH] [--trials N]
+
+One hand-off: the producer (this process) holds a numpy array; the consumer (one spawned
+process, started once) must end up with an ndarray of the same data, look at it and let it go;
+the producer learns that it has. Every method uses the same two multiprocessing.Queues, so the
+transport costs the same for all. Measured from the producer, per hand-off, side by side in the
+same run (methods interleaved trial by trial; each figure is the median of the trials, min and
+max also kept):
+
+  memcpy      np.copyto(dst, src) of the same size within one process: the floor for one copy
+  ping        a tiny message there and back: the floor for the transport
+  shmalloc    share_array(mgr, a) (one copy into a block), put the handle; the consumer opens it
+              (zero-copy, mgr.ndarray), reads it, frees the block
+  stdlib_shm  SharedMemory(create=True, size), np.ndarray over .buf, copy in, put the name; the
+              consumer attaches, builds np.ndarray over .buf, reads, closes; the producer closes
+              and unlinks: one segment per array, what shmalloc.compat replaces
+  compat_shm  the very same code with ``from shmalloc import compat as shared_memory``: each
+              SharedMemory is a block of the benchmark's arena (compat.set_arena in both)
+  pickle      put the array itself on the Queue (pickled, written through a pipe, unpickled)
+
+"Reads" is the first and last element: what every method must deliver is an array the consumer
+can use; reading all of it afterwards costs the same whichever way it came. Before timing, each
+method's delivery is checked once with a CRC of the whole array on both sides.
+
+Output: a table on stdout (progress on stderr) and JSON (default
+stress/results/bench_handoff.json). The arena is destroyed and the consumer stopped on the way
+out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing import shared_memory
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from shmalloc import MemoryManager, compat
+from shmalloc.arrays import SharedArray, share_array
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
+METHODS = ["memcpy", "ping", "shmalloc", "compat_shm", "stdlib_shm", "pickle"]
+SHM_MODULES: dict[str, ModuleType] = {"stdlib_shm": shared_memory, "compat_shm": compat}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_handoff.json"
+# hand-offs per trial, by size: enough that one trial takes milliseconds, not microseconds
+REPS = {
+    "full": {64 * KiB: 200, 1 * MiB: 50, 64 * MiB: 3},
+    "quick": {64 * KiB: 20, 1 * MiB: 5, 64 * MiB: 1},
+}
+TIMEOUT = 120.0
+perf_counter_ns = time.perf_counter_ns
+
+
+def progress(msg: str) -> None:
+    print(f"[bench_handoff] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ the consumer
+
+
+def _look(a: Any) -> float:
+    return float(a.flat[0]) + float(a.flat[-1])
+
+
+def _crc(a: Any) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).data.cast("B"))
+
+
+def consumer(arena: str, requests: Any, replies: Any) -> None:
+    """The other process: turn each request into an ndarray, look at it, let it go, reply."""
+    mgr = MemoryManager.attach(arena)
+    compat.set_arena(mgr)
+    while True:
+        kind, payload, check = requests.get()
+        if kind == "stop":
+            break
+        if kind == "ping":
+            replies.put(0)
+            continue
+        shm = handle = None
+        if kind == "pickle":
+            a = payload
+        elif kind == "shmalloc":
+            handle = payload
+            a = handle.open(mgr)
+        elif kind in SHM_MODULES:
+            name, shape, dtype = payload
+            shm = SHM_MODULES[kind].SharedMemory(name)
+            a = np.ndarray(shape, dtype, buffer=shm.buf)
+        else:
+            raise ValueError(kind)
+        r = _crc(a) if check else _look(a)
+        del a, payload  # let go of it now, not when the next request arrives
+        if handle is not None:
+            handle.free(mgr)
+        if shm is not None:
+            shm.close()
+        replies.put(r)
+    mgr.close()
+
+
+# ------------------------------------------------------------------------------ the producer
+
+
+class Bench:
+    def __init__(self, mgr: MemoryManager, requests: Any, replies: Any, proc: Any) -> None:
+        self.mgr, self.requests, self.replies, self.proc = mgr, requests, replies, proc
+
+    def _round_trip(self, kind: str, payload: Any, check: bool) -> Any:
+        self.requests.put((kind, payload, check))
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                return self.replies.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"the consumer died (exit code {self.proc.exitcode})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer from the consumer in {TIMEOUT} s") from None
+
+    def handoff(self, method: str, a: Any, check: bool = False) -> Any:
+        """One hand-off of ``a`` by ``method``; returns the consumer's reply."""
+        if method == "ping":
+            return self._round_trip("ping", None, False)
+        if method == "pickle":
+            return self._round_trip("pickle", a, check)
+        if method == "shmalloc":
+            h: SharedArray = share_array(self.mgr, a)
+            return self._round_trip("shmalloc", h, check)
+        if method in SHM_MODULES:
+            shm = SHM_MODULES[method].SharedMemory(create=True, size=a.nbytes)
+            try:
+                dst = np.ndarray(a.shape, a.dtype, buffer=shm.buf)
+                np.copyto(dst, a)
+                del dst
+                return self._round_trip(method, (shm.name, a.shape, a.dtype.str), check)
+            finally:
+                shm.close()
+                shm.unlink()
+        raise ValueError(method)
+
+    def runner(self, method: str, a: Any) -> Callable[[int], int]:
+        """A function that runs n hand-offs and returns the nanoseconds they took."""
+        if method == "memcpy":
+            dst = np.empty_like(a)
+
+            def run_copy(n: int) -> int:
+                t0 = perf_counter_ns()
+                for _ in range(n):
+                    np.copyto(dst, a)
+                return perf_counter_ns() - t0
+
+            return run_copy
+
+        def run(n: int) -> int:
+            t0 = perf_counter_ns()
+            for _ in range(n):
+                self.handoff(method, a)
+            elapsed = perf_counter_ns() - t0
+            if method == "pickle":
+                # the Queue's feeder thread holds the last pickle until its next message: hand
+                # it one now, untimed, so that freeing 64 MiB is not charged to the next method
+                self.handoff("ping", a)
+            return elapsed
+
+        return run
+
+
+def stat(per_op_ns: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(per_op_ns),
+        "min": min(per_op_ns),
+        "max": max(per_op_ns),
+        "trials": per_op_ns,
+    }
+
+
+def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
+    a = np.random.default_rng(size).standard_normal(size // 8)
+    expected = _crc(a)
+    for m in METHODS[2:]:  # every method delivers the very same bytes
+        got = b.handoff(m, a, check=True)
+        if got != expected:
+            raise AssertionError(f"{m} delivered different data (crc {got:#x} != {expected:#x})")
+    runners = {m: b.runner(m, a) for m in METHODS}
+    for r in runners.values():  # warm up: first-touch page faults, imports, caches
+        r(1)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    gc.disable()
+    try:
+        for t in range(trials):
+            order = METHODS[t % len(METHODS) :] + METHODS[: t % len(METHODS)]
+            for m in order:
+                times[m].append(runners[m](reps) / reps)
+    finally:
+        gc.enable()
+    row: dict[str, Any] = {"size": size, "reps": reps, "verified": True}
+    row.update({m: stat(times[m]) for m in METHODS})
+    med = {m: row[m]["median"] for m in METHODS}
+    row["pickle_over_shmalloc"] = med["pickle"] / med["shmalloc"]
+    row["stdlib_over_shmalloc"] = med["stdlib_shm"] / med["shmalloc"]
+    row["stdlib_over_compat"] = med["stdlib_shm"] / med["compat_shm"]
+    row["shmalloc_over_memcpy"] = med["shmalloc"] / med["memcpy"]
+    row["shmalloc_over_memcpy_plus_ping"] = med["shmalloc"] / (med["memcpy"] + med["ping"])
+    return row
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def fmt_size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def fmt_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e3:.1f} µs"
+
+
+def table(res: dict[str, Any]) -> str:
+    ratios = {
+        "pickle/shmalloc": "pickle_over_shmalloc",
+        "stdlib/shmalloc": "stdlib_over_shmalloc",
+        "stdlib/compat": "stdlib_over_compat",
+    }
+    head = ["size", *METHODS, *ratios]
+    lines = [head]
+    for r in res["rows"]:
+        lines.append(
+            [fmt_size(r["size"])]
+            + [fmt_ns(r[m]["median"]) for m in METHODS]
+            + [f"{r[k]:.1f}x" for k in ratios.values()]
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in lines
+    ]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy_version": np.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------ main
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stress.bench_handoff",
+        description="Array hand-off between two processes: shmalloc zero-copy vs pickling "
+        "through a Queue vs one stdlib SharedMemory per array, with the memcpy floor.",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer trials and repetitions (< 20 s)")
+    p.add_argument("--trials", type=int, default=None, help="trials per method and size")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default: {DEFAULT_JSON}")
+    a = p.parse_args(argv)
+    if a.trials is not None and a.trials < 1:
+        p.error("--trials must be positive")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    trials = args.trials or (3 if args.quick else 7)
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "bench_handoff",
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "config": {
+            "quick": args.quick,
+            "trials": trials,
+            "reps": {str(k): v for k, v in REPS[mode].items()},
+            "sizes": SIZES,
+            "methods": METHODS,
+            "unit": "ns per hand-off",
+            "statistic": "median of trials (min, max also given)",
+            "dtype": "float64",
+            "consumer": "spawned process, reads first and last element",
+        },
+    }
+    ctx = mp.get_context("spawn")
+    try:
+        with sigterm_as_interrupt(), MemoryManager(max(SIZES) * 4) as mgr:
+            requests, replies = ctx.Queue(), ctx.Queue()
+            proc = ctx.Process(target=consumer, args=(mgr.name, requests, replies), daemon=True)
+            proc.start()
+            compat.set_arena(mgr)
+            try:
+                b = Bench(mgr, requests, replies, proc)
+                rows = []
+                for size in SIZES:
+                    progress(f"{fmt_size(size)}: {trials} trials x {REPS[mode][size]} hand-offs")
+                    rows.append(bench_size(b, size, trials, REPS[mode][size]))
+                res["rows"] = rows
+                requests.put(("stop", None, False))
+                proc.join(TIMEOUT)
+            finally:
+                compat.set_arena(None)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
+    except KeyboardInterrupt:
+        print("\ninterrupted: arena destroyed, consumer stopped, nothing written", file=sys.stderr)
+        return 130
+    res["elapsed_seconds"] = time.perf_counter() - t_start
+    print(table(res))
+    print(
+        "\nper hand-off, median; ping = transport floor, memcpy = one copy in one process; "
+        "a/b = how many times a takes b's time"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
