@@ -86,7 +86,7 @@ from typing import Any
 
 import posix_ipc  # type: ignore[import-not-found]  # no stubs published
 
-from .errors import ShmallocError
+from .errors import InvalidAddress, ShmallocError
 from .manager import DEFAULT_CAPACITY, MemoryManager
 
 __all__ = [
@@ -284,15 +284,14 @@ def _lookup(mgr: MemoryManager, name: str) -> tuple[int, int]:
 
 
 def _refcount(mgr: MemoryManager, address: int) -> int:
-    """References on a block this process owns; FileNotFoundError if it owns no such block.
-
-    One heap walk in C (all_blocks): cheap for the few blocks of a compat arena, O(blocks) in a
-    big shared one. A per-block query on the manager would make it O(1)."""
-    pid = os.getpid()
-    for b in mgr.all_blocks():
-        if b.address == address and b.pid == pid:
-            return b.refcount
-    raise _not_found(f"block {address:#x}")
+    """References on a block this process owns; FileNotFoundError if it owns no such block."""
+    try:
+        b = mgr.block_info(address)
+    except InvalidAddress:
+        raise _not_found(f"block {address:#x}") from None
+    if b.pid != os.getpid():
+        raise _not_found(f"block {address:#x}")
+    return b.refcount
 
 
 def _free_if_unreferenced(mgr: MemoryManager, address: int) -> None:

@@ -56,6 +56,7 @@ class TrackingMixin:
 
     def _handle(self) -> Any: ...
     def _slot_for(self, pid: int | None) -> int: ...
+    def _block_size(self, address: int, for_write: int) -> int: ...
 
     def _proc_rows(self) -> list[Any]:
         h = self._handle()
@@ -120,6 +121,15 @@ class TrackingMixin:
             if count[0] <= cap:
                 return [_block(buf[i]) for i in range(count[0])]
             cap = count[0] + 16
+
+    def block_info(self, address: int) -> MemoryBlock:
+        """The live block at ``address``: size, owner, seal and references."""
+        self._block_size(address, 0)
+        out = ffi.new("shm_block_info_t *")
+        rc = lib.shm_block_info(self._handle(), address, out)
+        if rc < 0:
+            raise_status(rc, address)
+        return _block(out)
 
     def all_blocks(self) -> list[MemoryBlock]:
         """Every allocated block of the arena, in address order."""
