@@ -26,19 +26,12 @@ and SIGTERM included.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import math
-import os
-import platform
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -49,16 +42,31 @@ import cffi
 from shmalloc import MemoryManager
 from shmalloc._native import lib
 
-perf_counter_ns = time.perf_counter_ns
+from ._common import (
+    REPO_ROOT,
+    Arenas,
+    KiB,
+    MiB,
+    Runner,
+    fmt_count,
+    fmt_ns,
+    fmt_size,
+    fmt_stat,
+    machine_info,
+    make_progress,
+    measure,
+    print_table,
+    sigterm_as_interrupt,
+    verdict,
+    write_json,
+)
+from ._common import judge as _judge
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+perf_counter_ns = time.perf_counter_ns
 
 SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB]
 SCALING_SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 COLLECTOR_SIZE = 1 * KiB
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_alloc.json"
 
 TARGETS = {
@@ -66,9 +74,6 @@ TARGETS = {
     "stdlib_over_public": (">=", 100.0),
     "scaling_max_over_1e3": ("<=", 1.2),
 }
-
-Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
-
 
 @dataclass(frozen=True)
 class Config:
@@ -105,89 +110,7 @@ class Config:
 # --------------------------------------------------------------------------- bookkeeping
 
 
-def progress(msg: str) -> None:
-    print(f"[bench_alloc {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Arenas:
-    """Every arena the benchmark makes, so that all of them are destroyed however it ends."""
-
-    def __init__(self) -> None:
-        self._live: list[MemoryManager] = []
-
-    def new(self, capacity: int) -> MemoryManager:
-        m = MemoryManager(capacity)
-        self._live.append(m)
-        return m
-
-    def drop(self, m: MemoryManager) -> None:
-        try:
-            if not m.closed:
-                m.close()
-        finally:
-            m.destroy()
-            if m in self._live:
-                self._live.remove(m)
-
-    def drop_all(self) -> None:
-        while self._live:
-            m = self._live[-1]
-            try:
-                self.drop(m)
-            except Exception as e:  # keep destroying the others
-                progress(f"warning: could not close arena {m.name}: {e!r}")
-                if m in self._live:
-                    self._live.remove(m)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that the finally blocks destroy the arenas."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def summarize(per_op: list[float], n: int) -> dict[str, Any]:
-    return {
-        "median": statistics.median(per_op),
-        "min": min(per_op),
-        "max": max(per_op),
-        "trials": per_op,
-        "ops_per_trial": n,
-    }
-
-
-def measure(runners: dict[str, Runner], n: int, trials: int) -> dict[str, dict[str, Any]]:
-    """Interleaved trials: trial t runs every runner once (in a rotated order), n ops each.
-
-    One untimed warm-up run each first. The cyclic GC is off while the loops run."""
-    labels = list(runners)
-    per_op: dict[str, list[float]] = {k: [] for k in labels}
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for k in labels:
-            runners[k](max(1, n // 10))
-        for t in range(trials):
-            order = labels[t % len(labels):] + labels[: t % len(labels)]
-            for k in order:
-                per_op[k].append(runners[k](n) / n)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return {k: summarize(v, n) for k, v in per_op.items()}
+progress = make_progress("bench_alloc")
 
 
 # --------------------------------------------------------------------------- the timed loops
@@ -425,96 +348,9 @@ def bench_collector(cfg: Config, arenas: Arenas) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python_version": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "libc": " ".join(platform.libc_ver()),
-        "cffi_version": cffi.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import shmalloc
-
-        info["shmalloc_version"] = shmalloc.__version__
-    except AttributeError:
-        pass
-    try:  # which build of the C core was measured (it is rebuilt in place by pip install -e)
-        import hashlib
-
-        from shmalloc import _native
-
-        so = Path(_native.__file__)
-        info["native_build"] = {
-            "path": str(so),
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime)),
-            "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16],
-        }
-    except (OSError, AttributeError, TypeError):
-        pass
-    try:
-        git = ["git", "-C", str(REPO_ROOT)]
-        info["git_commit"] = subprocess.run(
-            git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
-        dirty = subprocess.run(
-            git + ["status", "--porcelain", "--", "shmalloc", "native"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-        info["core_tree_dirty"] = bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def fmt_ns(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-
-
-def fmt_stat(s: dict[str, Any]) -> str:
-    return f"{fmt_ns(s['median'])} [{fmt_ns(s['min'])}-{fmt_ns(s['max'])}]"
-
-
-def fmt_count(n: int) -> str:
-    """1000 -> '1e3', 1000000 -> '1e6', anything else with separators."""
-    e = round(math.log10(n)) if n > 0 else 0
-    return f"1e{e}" if n == 10**e else f"{n:,}"
-
-
-def fmt_size(n: int) -> str:
-    for unit, div in (("MiB", MiB), ("KiB", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
-
-
-def print_table(headers: list[str], rows: list[list[str]], title: str) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-
-
 def judge(name: str, value: float | None) -> dict[str, Any]:
     op, target = TARGETS[name]
-    if value is None:
-        return {"value": None, "target": target, "op": op, "met": None}
-    met = value <= target if op == "<=" else value >= target
-    return {"value": value, "target": target, "op": op, "met": met}
+    return _judge(op, target, value)
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -562,12 +398,6 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if col:
         d["collector_ratio"] = {"value": col["ratio"], "target": None, "added_ns": col["added_ns"]}
     return d
-
-
-def verdict(j: dict[str, Any]) -> str:
-    if j.get("met") is None:
-        return "(not judged)"
-    return "MET" if j["met"] else "MISSED"
 
 
 def report(res: dict[str, Any]) -> None:
@@ -768,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
     }
-    arenas = Arenas()
+    arenas = Arenas(progress)
     try:
         with sigterm_as_interrupt():
             try:
@@ -786,8 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     res["derived"] = derive(res)
     res["elapsed_seconds"] = time.perf_counter() - t_start
     report(res)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     if args.plot:
         plot(res, args.plot)

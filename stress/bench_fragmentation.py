@@ -1,0 +1,425 @@
+"""Fragmentation: peak arena footprint over peak live bytes on mixed-size allocation traces.
+
+    python -m stress.bench_fragmentation [--quick] [--json PATH] [--traces LIST] [--seeds N]
+
+Each trace is a deterministic list of allocate/free events, synthesised with the size and
+lifetime distributions of the workloads in ``bench_workloads`` (and one more), and replayed into
+a fresh arena by one process:
+
+  larson           C live blocks of 8..1000 B (uniform); each step frees a random one and
+                   allocates a new one
+  mstress          many live blocks of power-of-two sizes with mstress's rare x100 / x1000 /
+                   x10000 giants; rounds free a random half and reallocate, and each round also
+                   allocates long-lived ("retained") blocks that live to the end
+  xmalloc          batches of objects of xmalloc-test's mixed sizes (8..2048 B) plus the batch's
+                   own address array, a few batches in flight, freed in FIFO order
+  random-lifetime  sizes log-uniform between 16 B and 1 MiB, each block living an exponentially
+                   distributed number of allocations (mean --lifetime)
+
+Definitions (per trace and seed):
+  live       sum of the *requested* bytes of the blocks live at a moment; peak live is its maximum
+  footprint  highest byte ever handed out: max(address + size_of(address)) - heap start, over the
+             whole replay (the heap start is the C core's header size); peak footprint is that
+  ratio      peak footprint / peak live: the target is <= 1.25 on every trace
+It is split into two factors that multiply to it (approximately: the peaks can fall at different
+moments): headers+rounding = peak of the live blocks' whole sizes (usable size + block header)
+/ peak live, and placement = peak footprint / that. Also given: ``reserved``, the tmpfs pages the
+arena fallocated (1 MiB steps) over peak live, and the same trace replayed through glibc
+``malloc`` by the C program of ``bench_c`` (``bench_c replay``; its footprint is mallinfo2's
+arena + mmapped bytes less what was in use before, sampled every 16 events and at every new live
+peak, with M_TOP_PAD 0): a reference for what the trace allows. Without a C compiler the glibc
+column is skipped.
+
+Targets are reported, never asserted; the exit code is 0 whether or not they are met. Every
+arena is destroyed on the way out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shmalloc._binding import ffi as shm_ffi
+from shmalloc._binding import lib as shm_lib
+
+from ._common import (
+    GiB,
+    MiB,
+    REPO_ROOT,
+    RESULTS_DIR,
+    Arenas,
+    check_interrupt,
+    fmt_bytes,
+    judge,
+    load_pyplot,
+    machine_info,
+    make_progress,
+    noise_note,
+    print_table,
+    sigterm_as_interrupt,
+    target_row,
+    verdict,
+    write_json,
+)
+from .bench_c import BuildError, build_core
+from .bench_workloads import mstress_size
+
+progress = make_progress("bench_fragmentation")
+
+DEFAULT_JSON = RESULTS_DIR / "bench_fragmentation.json"
+TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
+TARGET = ("<=", 1.25)
+XMALLOC_SIZES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is 0 for frees
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def trace_larson(rng: random.Random, scale: float) -> Iterator[Event]:
+    chunks, steps = int(2000 * scale), int(100_000 * scale)
+    slots = list(range(chunks))
+    for i in slots:
+        yield 1, i, rng.randint(8, 1000)
+    nxt = chunks
+    for _ in range(steps):
+        v = rng.randrange(chunks)
+        yield -1, slots[v], 0
+        slots[v] = nxt
+        yield 1, nxt, rng.randint(8, 1000)
+        nxt += 1
+    for b in slots:
+        yield -1, b, 0
+
+
+def trace_mstress(rng: random.Random, scale: float) -> Iterator[Event]:
+    live, rounds = int(10_000 * scale), 8
+    data = list(range(live))
+    for i in data:
+        yield 1, i, mstress_size(rng, 5)
+    nxt = live
+    retained = []
+    for _ in range(rounds):
+        for v in rng.sample(range(live), live // 2):
+            yield -1, data[v], 0
+            data[v] = nxt
+            yield 1, nxt, mstress_size(rng, 5)
+            nxt += 1
+        for _ in range(live // 16):  # long-lived blocks, up to 512 B as in mstress
+            retained.append(nxt)
+            yield 1, nxt, mstress_size(rng, 7)
+            nxt += 1
+    for b in data + retained:
+        yield -1, b, 0
+
+
+def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
+    batches, batch, in_flight = int(200 * scale), 256, 4
+    queue: list[list[int]] = []
+    nxt = 0
+    for _ in range(batches):
+        ids = []
+        for _ in range(batch):
+            ids.append(nxt)
+            yield 1, nxt, rng.choice(XMALLOC_SIZES)
+            nxt += 1
+        ids.append(nxt)
+        yield 1, nxt, batch * 8  # the batch's address array
+        nxt += 1
+        queue.append(ids)
+        if len(queue) > in_flight:
+            for b in queue.pop(0):
+                yield -1, b, 0
+    for ids in queue:
+        for b in ids:
+            yield -1, b, 0
+
+
+def trace_random_lifetime(rng: random.Random, scale: float, lifetime: float = 500.0
+                          ) -> Iterator[Event]:
+    n = int(50_000 * scale)
+    lo, hi = math.log(16), math.log(1 * MiB)
+    deaths: list[tuple[int, int]] = []
+    for step in range(n):
+        while deaths and deaths[0][0] <= step:
+            yield -1, heapq.heappop(deaths)[1], 0
+        yield 1, step, int(math.exp(rng.uniform(lo, hi)))
+        heapq.heappush(deaths, (step + 1 + int(rng.expovariate(1.0 / lifetime)), step))
+    while deaths:
+        yield -1, heapq.heappop(deaths)[1], 0
+
+
+GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
+    "larson": trace_larson,
+    "mstress": trace_mstress,
+    "xmalloc": trace_xmalloc,
+    "random-lifetime": trace_random_lifetime,
+}
+
+
+def make_trace(name: str, seed: int, scale: float) -> list[Event]:
+    return list(GENERATORS[name](random.Random(f"{name}:{seed}"), scale))
+
+
+# --------------------------------------------------------------------------- replays
+
+
+def replay_shmalloc(trace: list[Event], arenas: Arenas, capacity: int) -> dict[str, Any]:
+    mgr = arenas.new(capacity)
+    try:
+        heap_start = int(shm_lib.shm_header_size())
+        hdr = shm_ffi.sizeof("shm_block_t")
+        a, d, size_of = mgr.allocate, mgr.deallocate, mgr.size_of
+        addr: dict[int, int] = {}
+        req: dict[int, int] = {}
+        whole: dict[int, int] = {}
+        live = peak_live = blocks = peak_blocks = top = 0
+        t0 = time.perf_counter()
+        for op, i, size in trace:
+            if op > 0:
+                p = a(size)
+                u = size_of(p)
+                addr[i], req[i], whole[i] = p, size, u + hdr
+                live += size
+                blocks += u + hdr
+                if p + u > top:
+                    top = p + u
+                if live > peak_live:
+                    peak_live = live
+                if blocks > peak_blocks:
+                    peak_blocks = blocks
+            else:
+                d(addr.pop(i))
+                live -= req.pop(i)
+                blocks -= whole.pop(i)
+        elapsed = time.perf_counter() - t0
+        st = mgr.stats()
+        if st.allocated_blocks != 0 or addr:
+            raise RuntimeError(f"replay left {st.allocated_blocks} blocks allocated")
+        mgr.check()
+        footprint = top - heap_start
+        return {
+            "peak_live": peak_live,
+            "peak_block_bytes": peak_blocks,
+            "peak_footprint": footprint,
+            "reserved": st.reserved - heap_start,
+            "ratio": footprint / peak_live,
+            "headers_and_rounding": peak_blocks / peak_live,
+            "placement": footprint / peak_blocks,
+            "reserved_ratio": (st.reserved - heap_start) / peak_live,
+            "replay_seconds": elapsed,
+            "allocations": st.allocations,
+        }
+    finally:
+        arenas.drop(mgr)
+
+
+def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
+    """Replay the trace through glibc malloc in bench_c's ``replay`` mode (a fresh C process)."""
+    rec = struct.Struct("<IIQ")
+    with tempfile.NamedTemporaryFile(prefix="shmalloc-trace-", suffix=".bin") as f:
+        buf = bytearray(rec.size * len(trace))
+        for n, (op, i, size) in enumerate(trace):
+            rec.pack_into(buf, n * rec.size, 1 if op > 0 else 2, i, size)
+        f.write(buf)
+        f.flush()
+        r = subprocess.run([str(binary), "replay", f.name], capture_output=True, text=True,
+                           timeout=600, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"glibc replay failed ({r.returncode}): {r.stderr.strip()}")
+    out: dict[str, Any] = json.loads(r.stdout)
+    out["ratio"] = out["peak_footprint"] / out["peak_live"]
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    binary = None
+    if not args.no_glibc:
+        try:
+            binary, _ = build_core()
+        except BuildError as e:
+            progress(f"glibc reference skipped: {e}")
+    for name in args.traces:
+        per_seed = []
+        for s in range(args.seeds):
+            check_interrupt()
+            seed = args.seed + s
+            trace = make_trace(name, seed, args.scale)
+            n_alloc = sum(1 for e in trace if e[0] > 0)
+            progress(f"{name}: seed {seed}, {n_alloc:,} allocations")
+            r = replay_shmalloc(trace, arenas, args.capacity)
+            r["seed"] = seed
+            r["events"] = len(trace)
+            r["glibc"] = replay_glibc(trace, binary) if binary is not None else None
+            del trace
+            per_seed.append(r)
+        worst = max(per_seed, key=lambda r: r["ratio"])
+        out[name] = {"seeds": per_seed, "worst_ratio": worst["ratio"], "worst_seed": worst["seed"]}
+    return out
+
+
+def derive(res: dict[str, Any]) -> dict[str, Any]:
+    op, target = TARGET
+    d: dict[str, Any] = {}
+    for name, t in res["traces"].items():
+        d[f"fragmentation_{name}"] = {**judge(op, target, t["worst_ratio"]), "trace": name,
+                                       "aggregate": "worst seed (max)"}
+    if d:
+        worst = max(d.values(), key=lambda j: j["value"])
+        d["fragmentation_worst"] = {**judge(op, target, worst["value"]), "trace": worst["trace"],
+                                    "aggregate": "worst trace"}
+    return d
+
+
+def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, t in res["traces"].items():
+        j = res["derived"][f"fragmentation_{name}"]
+        w = next(s for s in t["seeds"] if s["seed"] == t["worst_seed"])
+        note = f"headers+rounding {w['headers_and_rounding']:.2f}x, placement {w['placement']:.2f}x"
+        if w.get("glibc"):
+            note += f"; glibc {w['glibc']['ratio']:.2f}x"
+        rows.append(target_row(f"fragmentation, {name} trace (footprint/live)", j, "x", note))
+    return rows
+
+
+def report(res: dict[str, Any]) -> None:
+    m = res["machine"]
+    print(f"shmalloc bench_fragmentation{' (--quick)' if res['config']['quick'] else ''}: "
+          f"Python {m['python_version']}, {m['platform']}")
+    rows = []
+    for name, t in res["traces"].items():
+        for r in t["seeds"]:
+            g = r.get("glibc")
+            rows.append([
+                name, str(r["seed"]), f"{r['events']:,}", fmt_bytes(r["peak_live"]),
+                fmt_bytes(r["peak_footprint"]), f"{r['ratio']:.3f}",
+                f"{r['headers_and_rounding']:.3f}", f"{r['placement']:.3f}",
+                f"{r['reserved_ratio']:.2f}", f"{g['ratio']:.3f}" if g else "-",
+            ])
+    print_table(
+        ["trace", "seed", "events", "peak live", "peak footprint", "ratio", "hdr+round",
+         "placement", "reserved", "glibc ratio"],
+        rows,
+        "Peak footprint / peak live bytes (target <= 1.25 on every trace); "
+        "ratio ~= hdr+round x placement",
+    )
+    print()
+    for key, j in res["derived"].items():
+        if key == "fragmentation_worst":
+            continue
+        print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   target <= {j['target']:g}  "
+              f"{verdict(j)}")
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    plt = load_pyplot(f"--plot {path}")
+    if plt is None:
+        return
+    names = list(res["traces"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(names))
+    sh = [res["traces"][n]["worst_ratio"] for n in names]
+    gl = [max((s["glibc"] or {}).get("ratio", 0) for s in res["traces"][n]["seeds"])
+          for n in names]
+    ax.bar([i - 0.2 for i in x], sh, width=0.4, label="shmalloc")
+    ax.bar([i + 0.2 for i in x], gl, width=0.4, label="glibc malloc (approx.)")
+    ax.axhline(TARGET[1], color="red", linestyle="--", label=f"target {TARGET[1]}")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("peak footprint / peak live bytes")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    progress(f"plot written to {path}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stress.bench_fragmentation",
+        description="Replay mixed-size allocation traces (larson-, mstress- and xmalloc-like, "
+        "and random lifetimes with log-uniform sizes 16 B..1 MiB) into a fresh arena and report "
+        "peak footprint / peak live bytes, beside glibc malloc on the same traces.",
+    )
+    p.add_argument("--quick", action="store_true", help="shorter traces, one seed")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                   help=f"where to write the results (default: "
+                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    p.add_argument("--plot", type=Path, metavar="PATH", help="also write a PNG (needs matplotlib)")
+    p.add_argument("--traces", default=",".join(TRACES),
+                   help=f"comma-separated subset of {','.join(TRACES)}")
+    p.add_argument("--seeds", type=int, help="seeds per trace (default 3; quick 1)")
+    p.add_argument("--seed", type=int, default=1, help="first seed")
+    p.add_argument("--scale", type=float, help="trace length multiplier (default 1; quick 0.2)")
+    p.add_argument("--no-glibc", action="store_true", help="skip the glibc malloc reference")
+    a = p.parse_args(argv)
+    a.traces = tuple(t.strip() for t in a.traces.split(",") if t.strip())
+    bad = set(a.traces) - set(TRACES)
+    if bad or not a.traces:
+        p.error(f"unknown trace(s) {sorted(bad)}; choose from {', '.join(TRACES)}")
+    if a.seeds is None:
+        a.seeds = 1 if a.quick else 3
+    if a.scale is None:
+        a.scale = 0.2 if a.quick else 1.0
+    if a.seeds < 1 or a.scale <= 0:
+        p.error("--seeds and --scale must be positive")
+    a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "bench_fragmentation",
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "config": {"quick": args.quick, "traces": list(args.traces), "seeds": args.seeds,
+                   "first_seed": args.seed, "scale": args.scale, "glibc": not args.no_glibc,
+                   "block_header_bytes": shm_ffi.sizeof("shm_block_t"),
+                   "heap_start": int(shm_lib.shm_header_size()),
+                   "random_lifetime_sizes": [16, 1 * MiB]},
+        "targets": {"footprint_over_live": {"op": TARGET[0], "value": TARGET[1]}},
+    }
+    arenas = Arenas(progress)
+    try:
+        with sigterm_as_interrupt():
+            try:
+                res["traces"] = run(args, arenas)
+            finally:
+                arenas.drop_all()
+    except KeyboardInterrupt:
+        print("\ninterrupted: all arenas destroyed, nothing written", file=sys.stderr)
+        return 130
+    res["noise_note"] = noise_note(res["machine"])
+    res["derived"] = derive(res)
+    res["targets_summary"] = targets_summary(res)
+    res["elapsed_seconds"] = time.perf_counter() - t_start
+    report(res)
+    write_json(args.json, res)
+    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    if args.plot:
+        plot(res, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Scaling curves: cost per operation against live blocks, and throughput against processes.
+
+    python -m stress.bench_scaling [--quick] [--json PATH] [--plot PATH | --no-plot]
+
+Two parts, each also alone with ``--parts``:
+
+  live   ns per allocate+free pair (public API and C core through cffi; 64 B, 1 KiB, 16 KiB and
+         256 KiB) with 1e3, 1e4, 1e5 and 1e6 other blocks live (16..1024 B, a quarter of them
+         freed at random first to fragment the heap). This is bench_alloc's scaling part, run
+         from here (``python -m stress.bench_alloc --parts scaling`` runs the same code).
+         Target (issue 7): cost at 1e6 live within 1.2x of 1e3 (judged only when the run
+         reaches 1e6; --quick stops at 1e5).
+  procs  throughput of a simple loop (allocate 256 B, write 64 B into it, free it) in 1, 2 and 4
+         processes, each allocating from the one shared arena, beside the same loop on a
+         private cffi malloc heap per process (what the machine gives when nothing is shared).
+         Summed operations per second, median [min-max] of interleaved trials; no target of
+         its own (larson in bench_workloads carries the 2-process target).
+
+Output: a table on stdout, JSON (default ``stress/results/bench_scaling.json``) and, when
+matplotlib is installed, a PNG with both curves (default ``stress/results/bench_scaling.png``).
+Targets are reported, never asserted: the exit code is 0 whether or not they are met. Every
+arena is destroyed and every worker joined on the way out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+from . import bench_alloc
+from ._common import (
+    GiB,
+    REPO_ROOT,
+    RESULTS_DIR,
+    Arenas,
+    WorkerCtx,
+    WorkerPool,
+    fmt_count,
+    fmt_rate_stat,
+    fmt_size,
+    fmt_stat,
+    load_pyplot,
+    machine_info,
+    make_progress,
+    noise_note,
+    print_table,
+    rotated,
+    sigterm_as_interrupt,
+    summarize_rates,
+    target_row,
+    throughput,
+    verdict,
+    write_json,
+)
+
+progress = make_progress("bench_scaling")
+perf_counter = time.perf_counter
+
+DEFAULT_JSON = RESULTS_DIR / "bench_scaling.json"
+DEFAULT_PLOT = RESULTS_DIR / "bench_scaling.png"
+PROCS = (1, 2, 4)
+LOOP_SIZE, LOOP_WRITE = 256, 64
+METHODS = {
+    "shmalloc": "shmalloc public API, one shared arena",
+    "malloc_private": "cffi malloc/free + memmove, private heap per process",
+}
+
+_ffi = cffi.FFI()
+_ffi.cdef("void *malloc(size_t); void free(void *);")
+_libc = _ffi.dlopen(None)
+
+
+# --------------------------------------------------------------------------- worker loops
+
+
+def loop_shm(ctx: WorkerCtx, *, arena: str, n: int, size: int, nwrite: int) -> dict[str, Any]:
+    mgr = ctx.attach(arena)
+    a, d, w = mgr.allocate, mgr.deallocate, mgr.write
+    data = bytes(range(nwrite))
+    r = range(n)
+    ctx.wait()
+    t0 = perf_counter()
+    for _ in r:
+        p = a(size)
+        w(p, data)
+        d(p)
+    t1 = perf_counter()
+    return {"ops": n, "t0": t0, "t1": t1}
+
+
+def loop_malloc(ctx: WorkerCtx, *, n: int, size: int, nwrite: int) -> dict[str, Any]:
+    ma, fr, mm = _libc.malloc, _libc.free, _ffi.memmove
+    data = bytes(range(nwrite))
+    r = range(n)
+    ctx.wait()
+    t0 = perf_counter()
+    for _ in r:
+        p = ma(size)
+        mm(p, data, nwrite)
+        fr(p)
+    t1 = perf_counter()
+    return {"ops": n, "t0": t0, "t1": t1}
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def part_live(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+    cfg = bench_alloc.Config(
+        quick=args.quick, trials=args.trials, ops=args.live_ops, stdlib_ops=0,
+        scaling_ops=args.live_ops, live_levels=args.live_levels, free_fraction=0.25,
+        seed=args.seed, parts=("scaling",))
+    return bench_alloc.bench_scaling(cfg, arenas)
+
+
+def part_procs(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+    mgr = arenas.new(1 * GiB)
+    rates: dict[str, dict[int, list[float]]] = {m: {k: [] for k in args.procs} for m in METHODS}
+    pool: WorkerPool | None = None
+    try:
+        progress(f"procs: starting {max(args.procs)} worker processes")
+        pool = WorkerPool(max(args.procs))
+        used0 = mgr.stats().used
+        for t in range(args.trials):
+            progress(f"procs: trial {t + 1}/{args.trials}")
+            for k in args.procs:
+                for m in rotated(list(METHODS), t + k):
+                    if m == "shmalloc":
+                        res = pool.run(loop_shm, k, arena=mgr.name, n=args.loop_ops,
+                                       size=LOOP_SIZE, nwrite=LOOP_WRITE)
+                    else:
+                        res = pool.run(loop_malloc, k, n=args.loop_ops, size=LOOP_SIZE,
+                                       nwrite=LOOP_WRITE)
+                    rates[m][k].append(throughput(res)[0])
+        if mgr.stats().used != used0:
+            raise RuntimeError("procs: the loops did not free what they allocated")
+        pool.detach(mgr.name)
+    finally:
+        if pool is not None:
+            pool.close()
+        arenas.drop(mgr)
+    out: dict[str, Any] = {"procs": list(args.procs), "size": LOOP_SIZE, "write": LOOP_WRITE,
+                           "ops_per_process": args.loop_ops, "unit": "allocate+write+free loops/s",
+                           "methods": {}}
+    for m, label in METHODS.items():
+        by = {str(k): summarize_rates(rates[m][k]) for k in args.procs}
+        base = by[str(args.procs[0])]["median"]
+        out["methods"][m] = {
+            "label": label,
+            "by_procs": by,
+            "speedup": {str(k): by[str(k)]["median"] / base for k in args.procs},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def derive(res: dict[str, Any]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if res.get("live"):
+        d.update({k: v for k, v in bench_alloc.derive({"scaling": res["live"]}).items()
+                  if k == "scaling_max_over_1e3"})
+    pr = res.get("procs")
+    if pr and "2" in pr["methods"]["shmalloc"]["speedup"]:
+        d["loop_2p_over_1p"] = {
+            "value": pr["methods"]["shmalloc"]["speedup"]["2"], "target": None, "met": None,
+            "baseline": pr["methods"]["malloc_private"]["speedup"]["2"],
+        }
+    return d
+
+
+def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    j = res["derived"].get("scaling_max_over_1e3")
+    if j:
+        note = (f"worst size {fmt_size(j['worst_size'])}; C core {j['core_worst']:.2f}x; "
+                f"measured at {fmt_count(j['base_live'])}..{fmt_count(j['max_live'])} live")
+        if j["met"] is None:
+            note += " (not judged: the target is at 1e6 live)"
+        rows.append(target_row(f"pair cost at {fmt_count(j['max_live'])} live / at "
+                               f"{fmt_count(j['base_live'])} live", j, "x", note))
+    return rows
+
+
+def report(res: dict[str, Any]) -> None:
+    m = res["machine"]
+    print(f"shmalloc bench_scaling{' (--quick)' if res['config']['quick'] else ''}: "
+          f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
+          f"{m['platform']}")
+    note = noise_note(m)
+    if note:
+        print(f"NOTE: {note}")
+    sc = res.get("live")
+    if sc:
+        base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in sc["sizes"]}
+        rows = []
+        for lv in sc["levels"]:
+            for s in sc["sizes"]:
+                p = lv["public"][str(s)]
+                rows.append([f"{lv['live']:,}", fmt_size(s), fmt_stat(p),
+                             fmt_stat(lv["core"][str(s)]), f"{p['median'] / base[s]:.2f}x",
+                             f"{lv['fragmentation_ratio']:.2f}"])
+        print_table(["live blocks", "size", "public ns", "core ns",
+                     f"vs {sc['base_live']:,} live", "frag"], rows,
+                    "Cost per allocate+free pair with N other blocks live (median [min-max])")
+    pr = res.get("procs")
+    if pr:
+        rows = []
+        for meth, v in pr["methods"].items():
+            rows.append([meth] + [fmt_rate_stat(v["by_procs"][str(k)]) for k in pr["procs"]]
+                        + [f"{v['speedup'][str(k)]:.2f}x" for k in pr["procs"] if k != 1])
+        print_table(["method"] + [f"{k} proc{'s' if k > 1 else ''}" for k in pr["procs"]]
+                    + [f"{k}p/1p" for k in pr["procs"] if k != 1], rows,
+                    f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
+                    "over processes (loops/s)")
+        print("  " + "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
+    d = res["derived"]
+    print()
+    if "scaling_max_over_1e3" in d:
+        j = d["scaling_max_over_1e3"]
+        print(f"  cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])} live: "
+              f"{j['value']:.2f}x worst (at {fmt_size(j['worst_size'])}; core "
+              f"{j['core_worst']:.2f}x)   target <= {j['target']:g}x (at 1e6)  {verdict(j)}")
+    if "loop_2p_over_1p" in d:
+        j = d["loop_2p_over_1p"]
+        print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x "
+              f"(private malloc: {j['baseline']:.2f}x; no target)")
+
+
+def plot(res: dict[str, Any], path: Path) -> bool:
+    plt = load_pyplot(f"plot {path}")
+    if plt is None:
+        return False
+    panels = [p for p in ("live", "procs") if res.get(p)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    it = iter(axes[0])
+    if res.get("live"):
+        plot_live(next(it), res["live"])
+    if res.get("procs"):
+        plot_procs(next(it), res["procs"])
+    m = res["machine"]
+    fig.suptitle(f"shmalloc bench_scaling: {m.get('cpu_model', '')} x{m['cpu_count']}, "
+                 f"Python {m['python_version']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    progress(f"plot written to {path}")
+    return True
+
+
+def plot_live(ax: Any, sc: dict[str, Any]) -> None:
+    lives = [lv["live"] for lv in sc["levels"]]
+    for s in sc["sizes"]:
+        med = [lv["public"][str(s)]["median"] for lv in sc["levels"]]
+        ax.plot(lives, med, marker="o", label=f"public, {fmt_size(s)}")
+    for s in sc["sizes"][:1]:
+        med = [lv["core"][str(s)]["median"] for lv in sc["levels"]]
+        ax.plot(lives, med, marker="s", linestyle="--", label=f"C core (cffi), {fmt_size(s)}")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("other blocks live (fragmented)")
+    ax.set_ylabel("ns per allocate+free pair")
+    ax.set_title("Pair cost vs live blocks")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_procs(ax: Any, pr: dict[str, Any]) -> None:
+    procs = pr["procs"]
+    for meth, v in pr["methods"].items():
+        med = [v["by_procs"][str(k)]["median"] for k in procs]
+        lo = [a - v["by_procs"][str(k)]["min"] for a, k in zip(med, procs)]
+        hi = [v["by_procs"][str(k)]["max"] - a for a, k in zip(med, procs)]
+        ax.errorbar(procs, med, yerr=[lo, hi], marker="o", capsize=3, label=v["label"])
+    ax.set_xticks(procs)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("processes")
+    ax.set_ylabel("loops per second (sum)")
+    ax.set_title(f"Throughput vs processes (alloc {LOOP_SIZE} B, write, free)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stress.bench_scaling",
+        description="Cost per allocate+free pair from 1e3 to 1e6 live blocks, and throughput of "
+        "an allocate/write/free loop in 1, 2 and 4 processes beside private malloc. Prints a "
+        "table, writes JSON and (with matplotlib) a PNG.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="1e3..1e5 live blocks, short loops, 3 trials (a CI smoke run)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                   help=f"where to write the results (default: "
+                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT, metavar="PATH",
+                   help=f"PNG to write when matplotlib is installed (default: "
+                   f"{DEFAULT_PLOT.relative_to(REPO_ROOT)})")
+    p.add_argument("--no-plot", action="store_true", help="do not write a PNG")
+    p.add_argument("--parts", default="live,procs", help="comma-separated: live, procs")
+    p.add_argument("--trials", type=int, help="trials per figure (default 7; quick 3)")
+    p.add_argument("--max-live", type=int, metavar="N",
+                   help="largest live-block level (default 1e6; quick 1e5)")
+    p.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    p.add_argument("--seed", type=int, default=12345)
+    a = p.parse_args(argv)
+    a.parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    if not a.parts or set(a.parts) - {"live", "procs"}:
+        p.error("--parts takes live and/or procs")
+    try:
+        a.procs = tuple(sorted({1, *(int(x) for x in a.procs.split(",") if x.strip())}))
+    except ValueError:
+        p.error("--procs takes integers")
+    if any(k < 1 or k > 64 for k in a.procs):
+        p.error("--procs values must be between 1 and 64")
+    a.trials = a.trials or (3 if a.quick else 7)
+    if a.trials < 1:
+        p.error("--trials must be positive")
+    max_live = a.max_live or (100_000 if a.quick else 1_000_000)
+    a.live_levels = tuple(n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+                          if n <= max_live) or (1_000,)
+    a.live_ops = 10_000 if a.quick else 30_000
+    a.loop_ops = 20_000 if a.quick else 100_000
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "bench_scaling",
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "config": {"quick": args.quick, "parts": list(args.parts), "trials": args.trials,
+                   "live_levels": list(args.live_levels), "live_ops": args.live_ops,
+                   "procs": list(args.procs), "loop_ops": args.loop_ops, "seed": args.seed,
+                   "statistic": "median of trials (min, max also given)"},
+        "targets": {"scaling_max_over_1e3": {"op": "<=", "value": 1.2}},
+    }
+    arenas = Arenas(progress)
+    try:
+        with sigterm_as_interrupt():
+            try:
+                if "live" in args.parts:
+                    res["live"] = part_live(args, arenas)
+                if "procs" in args.parts:
+                    res["procs"] = part_procs(args, arenas)
+            finally:
+                arenas.drop_all()
+    except KeyboardInterrupt:
+        print("\ninterrupted: workers joined, all arenas destroyed, nothing written",
+              file=sys.stderr)
+        return 130
+    res["noise_note"] = noise_note(res["machine"])
+    res["derived"] = derive(res)
+    res["targets_summary"] = targets_summary(res)
+    res["elapsed_seconds"] = time.perf_counter() - t_start
+    report(res)
+    if not args.no_plot and plot(res, args.plot):
+        res["plot"] = str(args.plot)
+    write_json(args.json, res)
+    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
