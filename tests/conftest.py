@@ -1,12 +1,16 @@
-"""Shared fixtures: every test gets its own uniquely named arena and destroys it."""
+"""Shared fixtures: every test gets its own uniquely named arena and destroys it; children (see
+children.py) are killed and joined after the test."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
+from children import Child
 
 from shmalloc import MemoryManager
 
@@ -39,6 +43,39 @@ def mgr(arena_name: str) -> Iterator[MemoryManager]:
         m.destroy()
         if not m.closed:
             m.close()
+
+
+@contextmanager
+def destroyed_after(m: MemoryManager) -> Iterator[MemoryManager]:
+    """Yield ``m``; afterwards close it (unless that is done) and destroy its segment."""
+    try:
+        yield m
+    finally:
+        if not m.closed:
+            m.close()
+        m.destroy()
+
+
+@pytest.fixture
+def small(arena_name: str) -> Iterator[MemoryManager]:
+    """A 1 MiB arena: small enough to fill, or to compare the whole segment byte for byte."""
+    with destroyed_after(MemoryManager.create(arena_name, 1 << 20)) as m:
+        yield m
+
+
+@pytest.fixture
+def children() -> Iterator[Any]:
+    """Start children with children(method, mgr); every one is killed and joined afterwards."""
+    started: list[Child] = []
+
+    def start(method: str, m: MemoryManager) -> Child:
+        c = Child(method, m)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.cleanup()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,7 +3,6 @@ another process (spawn or fork) opens the same memory: what it writes, the produ
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import subprocess
@@ -13,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from children import TIMEOUT, run_child
 
 from shmalloc import InvalidAddress, MemoryManager
 from shmalloc.arrays import SharedArray, share_array
 
-TIMEOUT = 60.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -40,23 +39,6 @@ def _produce(arena: str, persist: bool, conn: Any) -> None:
     conn.close()
 
 
-def _run(method: str, target: Any, *args: Any) -> list[Any]:
-    ctx = mp.get_context(method)
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=target, args=(*args, child))
-    p.start()
-    child.close()
-    got = []
-    try:
-        while True:
-            got.append(parent.recv())
-    except EOFError:
-        pass
-    p.join(TIMEOUT)
-    assert p.exitcode == 0, f"child exited with {p.exitcode}"
-    return got
-
-
 @pytest.mark.parametrize("nbytes", [64 * KiB, 1 * MiB])
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_child_gets_the_same_array_without_copying(
@@ -65,7 +47,7 @@ def test_child_gets_the_same_array_without_copying(
     src = np.random.default_rng(nbytes).standard_normal(nbytes // 8)
     h = share_array(mgr, src)
     assert len(pickle.dumps(h)) < 300  # whatever the array's size
-    [(shape, dtype, same, writeable)] = _run(method, _consume, h, float(src.sum()))
+    [(shape, dtype, same, writeable)] = run_child(method, _consume, h, float(src.sum()))
     assert (shape, dtype, same, writeable) == (src.shape, "float64", True, True)
     mine = h.open(mgr)
     expected = -src
@@ -133,7 +115,7 @@ def test_a_handle_refuses_another_arena(mgr: MemoryManager) -> None:
 def test_a_producer_that_ends_leaves_its_block_to_the_collector_unless_persistent(
     mgr: MemoryManager, persist: bool
 ) -> None:
-    [h] = _run("spawn", _produce, mgr.name, persist)
+    [h] = run_child("spawn", _produce, mgr.name, persist)
     mgr.collect()
     if persist:
         a = h.open(mgr)

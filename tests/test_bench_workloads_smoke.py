@@ -8,42 +8,18 @@ numbers. No timing thresholds: the figures depend on the machine; the suite repo
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHM_DIR = "/dev/shm"
+from bench_runs import arenas_left, check_stat, positive, run_module
+
 MODULES = ["bench_workloads", "bench_fragmentation", "bench_scaling", "bench_c"]
 
 
-def _positive(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def _check_stat(s: dict[str, Any], where: str) -> None:
-    for k in ("median", "min", "max"):
-        assert _positive(s[k]), f"{where}.{k} = {s.get(k)!r}"
-    assert s["min"] <= s["median"] <= s["max"], where
-    assert s["trials"] and all(_positive(t) for t in s["trials"]), where
-
-
 def test_bench_all_quick(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stress.bench_all", "--quick", "--no-echo", "--out-dir",
-         str(tmp_path), "--only", ",".join(MODULES)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    _, stdout = run_module(
+        "stress.bench_all", "--quick", "--no-echo", "--out-dir", str(tmp_path),
+        "--only", ",".join(MODULES),
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     assert "Summary of every target" in stdout
 
     res = json.loads((tmp_path / "all.json").read_text())
@@ -52,7 +28,7 @@ def test_bench_all_quick(tmp_path: Path) -> None:
     for mod, entry in res["modules"].items():
         assert entry["status"] == "ok", (mod, entry)
         # every arena a module made (named after its pid) is gone
-        left = [n for n in os.listdir(SHM_DIR) if n.startswith(f"shmalloc-{entry['pid']}-")]
+        left = arenas_left(entry["pid"])
         assert not left, f"{mod} left arenas behind: {left}"
         assert json.loads((tmp_path / f"{mod}.json").read_text())["benchmark"] == mod
 
@@ -64,7 +40,7 @@ def test_bench_all_quick(tmp_path: Path) -> None:
     for r in rows:
         assert set(r) >= {"source", "name", "op", "target", "value", "met"}, r
         if r["value"] is not None:
-            assert _positive(r["value"]), r
+            assert positive(r["value"]), r
     md = (tmp_path / "summary.md").read_text()
     assert "| module | target | goal | measured | met |" in md
 
@@ -75,18 +51,18 @@ def test_bench_all_quick(tmp_path: Path) -> None:
         assert "shmalloc" in w["methods"] and len(w["methods"]) >= 2, name
         for meth, v in w["methods"].items():
             for k in ("1", "2", "4"):
-                _check_stat(v["by_procs"][k], f"{name}.{meth}.{k}")
-            assert _positive(v["scaling"]["2_over_1"]), (name, meth)
+                check_stat(v["by_procs"][k], f"{name}.{meth}.{k}")
+            assert positive(v["scaling"]["2_over_1"]), (name, meth)
     lar = wl["workloads"]["larson"]["methods"]["shmalloc"]["by_procs"]
     assert lar["2"]["remote_free_fraction"] > 0  # blocks really were freed by other processes
-    assert _positive(wl["derived"]["larson_2p_over_1p"]["value"])
+    assert positive(wl["derived"]["larson_2p_over_1p"]["value"])
 
     fr = res["modules"]["bench_fragmentation"]["result"]
     assert set(fr["traces"]) == {"larson", "mstress", "xmalloc", "random-lifetime"}
     for name, t in fr["traces"].items():
         for s in t["seeds"]:
             for k in ("peak_live", "peak_footprint", "ratio", "headers_and_rounding", "placement"):
-                assert _positive(s[k]), (name, k, s[k])
+                assert positive(s[k]), (name, k, s[k])
             assert s["peak_footprint"] >= s["peak_live"], name
 
     sc = res["modules"]["bench_scaling"]["result"]
@@ -94,19 +70,19 @@ def test_bench_all_quick(tmp_path: Path) -> None:
     for lv in sc["live"]["levels"]:
         for kind in ("public", "core"):
             for size, s in lv[kind].items():
-                _check_stat(s, f"scaling.live[{lv['live']}].{kind}[{size}]")
+                check_stat(s, f"scaling.live[{lv['live']}].{kind}[{size}]")
     for meth, v in sc["procs"]["methods"].items():
         for k in ("1", "2", "4"):
-            _check_stat(v["by_procs"][k], f"scaling.procs.{meth}.{k}")
+            check_stat(v["by_procs"][k], f"scaling.procs.{meth}.{k}")
 
     c = res["modules"]["bench_c"]["result"]
     assert [r["size"] for r in c["pairs"]["rows"]] == [64, 1024, 16384]
     for r in c["pairs"]["rows"]:
-        _check_stat(r["core"], f"c.core[{r['size']}]")
-        _check_stat(r["glibc"], f"c.glibc[{r['size']}]")
+        check_stat(r["core"], f"c.core[{r['size']}]")
+        check_stat(r["glibc"], f"c.glibc[{r['size']}]")
         if c["pairs"]["boost_available"]:
-            _check_stat(r["boost"], f"c.boost[{r['size']}]")
+            check_stat(r["boost"], f"c.boost[{r['size']}]")
         else:
             assert c["pairs"]["build"]["boost"]["skipped"]  # says why
     for k in ("1", "2", "4"):
-        _check_stat(c["pairs"]["scale"]["by_procs"][k]["core"], f"c.scale.{k}")
+        check_stat(c["pairs"]["scale"]["by_procs"][k]["core"], f"c.scale.{k}")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SHM_DIR, unique_name
+from conftest import SHM_DIR, destroyed_after, unique_name
 
 from shmalloc import MemoryManager
 from shmalloc.cli import format_bytes, main, parse_size
@@ -83,13 +83,8 @@ def arena(name: str) -> Iterator[MemoryManager]:
     """A 16 MiB arena created through the command line and attached here."""
     r = shmalloc("create", name, "--capacity", "16M")
     assert r.returncode == 0, r.stderr
-    m = MemoryManager.attach(name)
-    try:
+    with destroyed_after(MemoryManager.attach(name)) as m:
         yield m
-    finally:
-        if not m.closed:
-            m.close()
-        m.destroy()
 
 
 # ------------------------------------------------------------------------- sizes and help

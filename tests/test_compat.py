@@ -29,11 +29,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from children import TIMEOUT, run_child
 from conftest import SHM_DIR, unique_name
 
 from shmalloc import MemoryManager, compat
 
-TIMEOUT = 60.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,24 +109,6 @@ def api(request: pytest.FixtureRequest) -> Iterator[Api]:
     yield a
     gc.collect()
     a.cleanup()
-
-
-def run_child(method: str, target: Any, *args: Any) -> list[Any]:
-    """Run target(*args, conn) in a ``method`` child; return what it sent, after it exited 0."""
-    ctx = mp.get_context(method)
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=target, args=(*args, child))
-    p.start()
-    child.close()
-    got = []
-    try:
-        while True:
-            got.append(parent.recv())
-    except EOFError:
-        pass
-    p.join(TIMEOUT)
-    assert p.exitcode == 0, f"child exited with {p.exitcode}; sent {got}"
-    return got
 
 
 # ---------------------------------------------------------------- child side

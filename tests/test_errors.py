@@ -35,18 +35,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def small(arena_name: str) -> Iterator[MemoryManager]:
-    """A 1 MiB arena: small enough to compare the whole segment byte for byte."""
-    m = MemoryManager.create(arena_name, 1 * MiB)
-    try:
-        yield m
-    finally:
-        if not m.closed:
-            m.close()
-        m.destroy()
-
-
-@pytest.fixture
 def raw(small: MemoryManager) -> Iterator[mmap.mmap]:
     """The segment opened and mapped a second time, independently of the manager."""
     fd = os.open(os.path.join(SHM_DIR, small.name), os.O_RDWR)

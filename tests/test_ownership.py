@@ -3,164 +3,18 @@ leaves orphans that collect() frees, while the blocks adopted by, or retained by
 and persistent and named blocks, survive with their data; references die with their holder;
 releasing the last reference on an orphan frees it; adopt moves the accounting.
 
-Children are command servers driven over a Pipe (see Child); a SIGKILLed child is blocked on its
+Children are command servers driven over a Pipe (see children.py); a SIGKILLed child is blocked on its
 pipe or SIGSTOPped, never in the middle of a call."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import signal
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from children import process_row
 
 from shmalloc import InvalidAddress, MemoryManager
-
-TIMEOUT = 60.0
-
-
-# ---------------------------------------------------------------- child side
-
-
-def _op_alloc(m: MemoryManager, env: dict[str, Any], size: int, data: bytes | None = None) -> int:
-    a = m.allocate(size)
-    if data is not None:
-        m.write(a, data)
-    return a
-
-
-def _op_call(m: MemoryManager, env: dict[str, Any], method: str, *args: Any) -> Any:
-    return getattr(m, method)(*args)
-
-
-def _op_read(m: MemoryManager, env: dict[str, Any], address: int, n: int) -> bytes:
-    return m.read(address, n)
-
-
-def _op_slot(m: MemoryManager, env: dict[str, Any]) -> int:
-    return m._slot
-
-
-_OPS = {"alloc": _op_alloc, "call": _op_call, "read": _op_read, "slot": _op_slot}
-
-
-def _serve(m: MemoryManager, conn: Any) -> None:
-    """Child: answer (op, *args) requests until "exit" (or EOF). ``m`` arrives pickled by name
-    (spawn: attached here) or is the parent's object inherited through fork."""
-    env: dict[str, Any] = {}
-    try:
-        conn.send(("ready", os.getpid()))
-        while True:
-            try:
-                op, *args = conn.recv()
-            except EOFError:
-                return
-            if op == "exit":
-                m.close()
-                conn.send(("ok", None))
-                return
-            if op == "stop":
-                conn.send(("ok", None))
-                os.kill(os.getpid(), signal.SIGSTOP)
-                continue
-            try:
-                res = _OPS[op](m, env, *args)
-            except BaseException as e:  # sent back and re-raised in the parent
-                conn.send(("err", e))
-            else:
-                conn.send(("ok", res))
-    finally:
-        conn.close()
-
-
-# ---------------------------------------------------------------- parent side
-
-
-class Child:
-    """A live child process running _serve, driven over a Pipe."""
-
-    def __init__(self, method: str, m: MemoryManager) -> None:
-        ctx = mp.get_context(method)
-        self.conn, there = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(m, there), daemon=True)
-        self.proc.start()
-        there.close()
-        try:
-            tag, self.pid = self._recv()
-            assert tag == "ready" and self.pid == self.proc.pid
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def _recv(self) -> Any:
-        if not self.conn.poll(TIMEOUT):
-            raise AssertionError(f"child {self.proc.pid} did not answer within {TIMEOUT}s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            raise AssertionError(f"child {self.proc.pid} ended ({self.proc.exitcode})") from None
-
-    def __call__(self, op: str, *args: Any) -> Any:
-        self.conn.send((op, *args))
-        tag, value = self._recv()
-        if tag == "err":
-            raise value
-        return value
-
-    def call(self, method: str, *args: Any) -> Any:
-        return self("call", method, *args)
-
-    def stop(self) -> None:
-        """Have the child SIGSTOP itself; return once it is stopped."""
-        self("stop")
-        deadline = time.monotonic() + TIMEOUT
-        while _state(self.pid) not in ("T", "t"):
-            assert time.monotonic() < deadline, f"child {self.pid} did not stop"
-            time.sleep(0.001)
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.proc.join(TIMEOUT)
-        assert not self.proc.is_alive()
-        assert self.proc.exitcode == -signal.SIGKILL
-
-    def exit(self) -> None:
-        self("exit")
-        self.proc.join(TIMEOUT)
-        assert self.proc.exitcode == 0
-
-    def cleanup(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(TIMEOUT)
-        self.conn.close()
-
-
-@pytest.fixture
-def children() -> Iterator[Any]:
-    """Start children with children(method, mgr); every one is killed and joined afterwards."""
-    started: list[Child] = []
-
-    def start(method: str, m: MemoryManager) -> Child:
-        c = Child(method, m)
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.cleanup()
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return "gone"
-    return raw[raw.rindex(b")") + 2 :][:1].decode()
 
 
 def _pattern(tag: str, n: int) -> bytes:
@@ -174,12 +28,6 @@ def _gone(m: MemoryManager, address: int) -> bool:
     except InvalidAddress:
         return True
     return False
-
-
-def _row(m: MemoryManager, pid: int) -> Any:
-    rows = [p for p in m.processes() if p.pid == pid]
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 # ---------------------------------------------------------------- SIGKILL
@@ -220,13 +68,13 @@ def test_sigkill_orphans_are_collected_kept_blocks_survive(
     assert mine[theirs].refcount == 1
     assert mgr.lookup(name) == addr["named"]
     assert name in mgr.names()
-    assert _row(mgr, c.pid).alive
+    assert process_row(mgr, c.pid).alive
 
     if how == "sigstopped":
         c.stop()
-        assert _row(mgr, c.pid).alive  # stopped is not dead
+        assert process_row(mgr, c.pid).alive  # stopped is not dead
     c.kill()
-    assert _row(mgr, c.pid).alive is False
+    assert process_row(mgr, c.pid).alive is False
     assert mgr.should_collect()
     rep = mgr.check()
     assert rep.allocated_blocks == 8  # nothing freed before a collection
@@ -343,7 +191,7 @@ def test_adopt_moves_accounting_and_outlives_the_producer(
     assert mgr.process_memory(c.pid) == dn
     assert mgr.process_memory(me) == base + hn
     assert mgr.process_peak(me) >= base + hn
-    assert _row(mgr, c.pid).allocations == 1
+    assert process_row(mgr, c.pid).allocations == 1
     [b] = [b for b in mgr.process_allocations(me) if b.address == handed]
     assert (b.pid, b.size) == (me, hn)
     assert [b.address for b in mgr.process_allocations(c.pid)] == [dropped]
@@ -352,7 +200,7 @@ def test_adopt_moves_accounting_and_outlives_the_producer(
 
     # the producer exits cleanly: its own block is an orphan, the handed one is not
     c.exit()
-    assert _row(mgr, c.pid).alive is False
+    assert process_row(mgr, c.pid).alive is False
     assert mgr.collect() == 1
     assert _gone(mgr, dropped)
     assert mgr.read(handed, 50000) == _pattern("handed", 50000)
@@ -415,7 +263,7 @@ def test_releasing_the_last_reference_after_the_owner_died_frees(
     n = mgr.size_of(a)
     mgr.retain(a)
     c.kill()
-    assert _row(mgr, c.pid).alive is False
+    assert process_row(mgr, c.pid).alive is False
     used = mgr.stats().used
     assert mgr.release(a) is True
     assert _gone(mgr, a)

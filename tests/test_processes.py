@@ -11,164 +11,16 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from children import TIMEOUT, proc_state, process_row, serve
 
 from shmalloc import InvalidAddress, MemoryManager, ProcessLimitExceeded
 from shmalloc import process as sprocess
 
-TIMEOUT = 60.0
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-# ---------------------------------------------------------------- child side
-
-
-def _op_alloc(m: MemoryManager, env: dict[str, Any], size: int, data: bytes | None = None) -> int:
-    a = m.allocate(size)
-    if data is not None:
-        m.write(a, data)
-    return a
-
-
-def _op_call(m: MemoryManager, env: dict[str, Any], method: str, *args: Any) -> Any:
-    return getattr(m, method)(*args)
-
-
-def _op_read(m: MemoryManager, env: dict[str, Any], address: int, n: int) -> bytes:
-    return m.read(address, n)
-
-
-def _op_slot(m: MemoryManager, env: dict[str, Any]) -> int:
-    return m._slot
-
-
-_OPS = {"alloc": _op_alloc, "call": _op_call, "read": _op_read, "slot": _op_slot}
-
-
-def _serve(m: MemoryManager, conn: Any) -> None:
-    """Child: answer (op, *args) requests until "exit" (or EOF). ``m`` arrives pickled by name
-    (spawn: attached here) or is the parent's object inherited through fork."""
-    env: dict[str, Any] = {}
-    try:
-        conn.send(("ready", os.getpid()))
-        while True:
-            try:
-                op, *args = conn.recv()
-            except EOFError:
-                return
-            if op == "exit":
-                m.close()
-                conn.send(("ok", None))
-                return
-            if op == "stop":
-                conn.send(("ok", None))
-                os.kill(os.getpid(), signal.SIGSTOP)
-                continue
-            try:
-                res = _OPS[op](m, env, *args)
-            except BaseException as e:  # sent back and re-raised in the parent
-                conn.send(("err", e))
-            else:
-                conn.send(("ok", res))
-    finally:
-        conn.close()
-
-
-# ---------------------------------------------------------------- parent side
-
-
-class Child:
-    """A live child process running _serve, driven over a Pipe."""
-
-    def __init__(self, method: str, m: MemoryManager) -> None:
-        ctx = mp.get_context(method)
-        self.conn, there = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(m, there), daemon=True)
-        self.proc.start()
-        there.close()
-        try:
-            tag, self.pid = self._recv()
-            assert tag == "ready" and self.pid == self.proc.pid
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def _recv(self) -> Any:
-        if not self.conn.poll(TIMEOUT):
-            raise AssertionError(f"child {self.proc.pid} did not answer within {TIMEOUT}s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            raise AssertionError(f"child {self.proc.pid} ended ({self.proc.exitcode})") from None
-
-    def __call__(self, op: str, *args: Any) -> Any:
-        self.conn.send((op, *args))
-        tag, value = self._recv()
-        if tag == "err":
-            raise value
-        return value
-
-    def call(self, method: str, *args: Any) -> Any:
-        return self("call", method, *args)
-
-    def stop(self) -> None:
-        """Have the child SIGSTOP itself; return once it is stopped."""
-        self("stop")
-        deadline = time.monotonic() + TIMEOUT
-        while _state(self.pid) not in ("T", "t"):
-            assert time.monotonic() < deadline, f"child {self.pid} did not stop"
-            time.sleep(0.001)
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.proc.join(TIMEOUT)
-        assert not self.proc.is_alive()
-        assert self.proc.exitcode == -signal.SIGKILL
-
-    def exit(self) -> None:
-        self("exit")
-        self.proc.join(TIMEOUT)
-        assert self.proc.exitcode == 0
-
-    def cleanup(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(TIMEOUT)
-        self.conn.close()
-
-
-@pytest.fixture
-def children() -> Iterator[Any]:
-    """Start children with children(method, mgr); every one is killed and joined afterwards."""
-    started: list[Child] = []
-
-    def start(method: str, m: MemoryManager) -> Child:
-        c = Child(method, m)
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.cleanup()
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return "gone"
-    return raw[raw.rindex(b")") + 2 :][:1].decode()
-
-
-def _info(m: MemoryManager, pid: int) -> Any:
-    rows = [p for p in m.processes() if p.pid == pid]
-    assert len(rows) == 1, f"expected one row for pid {pid}, got {rows}"
-    return rows[0]
 
 
 # ---------------------------------------------------------------- usage, peak, blocks
@@ -212,7 +64,7 @@ def test_child_usage_peak_and_blocks_seen_from_parent(
     assert c.call("process_allocations", c.pid) == blocks
     assert mgr.read(big, 70000) == b"c" * 70000
 
-    info = _info(mgr, c.pid)
+    info = process_row(mgr, c.pid)
     assert info.alive is True
     assert (info.usage, info.peak, info.limit, info.allocations) == (
         sizes[a] + sizes[big],
@@ -223,7 +75,7 @@ def test_child_usage_peak_and_blocks_seen_from_parent(
     mgr.check()
 
     c.kill()
-    info = _info(mgr, c.pid)
+    info = process_row(mgr, c.pid)
     assert info.alive is False
     # still accounted until a collection reclaims it
     assert info.usage == sizes[a] + sizes[big]
@@ -306,7 +158,7 @@ def test_process_limit_in_this_process(mgr: MemoryManager) -> None:
     a = mgr.allocate(8000)
     used = mgr.size_of(a)
     mgr.set_process_limit(me, 10000)
-    assert _info(mgr, me).limit == 10000
+    assert process_row(mgr, me).limit == 10000
     with pytest.raises(ProcessLimitExceeded) as ei:
         mgr.allocate(4000)
     e = ei.value
@@ -322,7 +174,7 @@ def test_process_limit_in_this_process(mgr: MemoryManager) -> None:
         mgr.allocate(1)
     # None removes the limit
     mgr.set_process_limit(me, None)
-    assert _info(mgr, me).limit is None
+    assert process_row(mgr, me).limit is None
     c = mgr.allocate(4000)
     assert mgr.process_memory(me) == 10000 + mgr.size_of(c)
     for x in (a, b, c):
@@ -351,7 +203,7 @@ def test_process_limit_on_a_child_is_enforced_in_the_child(
     a = c("alloc", 4096)
     used = mgr.size_of(a)
     mgr.set_process_limit(c.pid, 6000)
-    assert _info(mgr, c.pid).limit == 6000
+    assert process_row(mgr, c.pid).limit == 6000
     assert c.call("processes") == mgr.processes()
 
     with pytest.raises(ProcessLimitExceeded) as ei:
@@ -394,7 +246,7 @@ def test_free_process_memory_of_a_live_child(mgr: MemoryManager, children: Any) 
             c("read", x, 1)
     # the parent's block is untouched; the child is still alive and still works
     assert mgr.process_memory(os.getpid()) == mgr.size_of(mine)
-    assert _info(mgr, c.pid).alive
+    assert process_row(mgr, c.pid).alive
     z = c("alloc", 64, b"z" * 64)
     assert mgr.read(z, 64) == b"z" * 64
     assert mgr.process_memory(c.pid) == mgr.size_of(z)
@@ -467,7 +319,7 @@ def test_slot_with_another_start_time_is_dead_for_collect(mgr: MemoryManager) ->
     assert all(p.pid != other for p in mgr.processes())
     # memory charged to the real process with that pid is not collected
     real_block = mgr.allocate(700, other)
-    assert _info(mgr, other).alive and _info(mgr, other).start_time == started
+    assert process_row(mgr, other).alive and process_row(mgr, other).start_time == started
     assert not mgr.should_collect()
     assert mgr.collect() == 0
     assert mgr.size_of(real_block) >= 700 and mgr.size_of(mine) >= 100
@@ -507,7 +359,7 @@ def test_zombie_child_counts_as_dead(mgr: MemoryManager) -> None:
     collect() reclaims its blocks (the collector is not necessarily the dead one's parent)."""
     ctx = mp.get_context("fork")
     here, there = ctx.Pipe()
-    p = ctx.Process(target=_serve, args=(mgr, there), daemon=True)
+    p = ctx.Process(target=serve, args=(mgr, there), daemon=True)
     p.start()
     there.close()
     try:
@@ -518,10 +370,10 @@ def test_zombie_child_counts_as_dead(mgr: MemoryManager) -> None:
         _, a = here.recv()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + TIMEOUT
-        while _state(pid) != "Z":
+        while proc_state(pid) != "Z":
             assert time.monotonic() < deadline, f"child {pid} did not become a zombie"
             time.sleep(0.001)
-        assert _info(mgr, pid).alive is False
+        assert process_row(mgr, pid).alive is False
         assert mgr.should_collect()
         assert mgr.collect() == 1
         with pytest.raises(InvalidAddress):
@@ -574,7 +426,7 @@ def test_two_managers_in_one_process_share_its_slot(arena_name: str) -> None:
         m1.close()  # this process still uses the arena through m2
         c = m2.allocate(300)
         assert m2.process_memory(me) == m2.size_of(c)
-        assert _info(m2, me).alive
+        assert process_row(m2, me).alive
         m2.deallocate(c)
         m2.check()
     finally:
