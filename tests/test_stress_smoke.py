@@ -1,0 +1,137 @@
+"""Smoke runs of the reliability stress drivers (stress/crash_storm.py, stress/corrupt_fuzz.py).
+
+Each driver runs as a subprocess with ``--quick`` and a fixed seed; the tests assert its exit code
+and the figures of its JSON report, never timings. They are strict on purpose: an inconsistency
+after a kill, a leak, a damaged survivor, a crash or a hang on damaged bytes is a failure of the
+C core's promises (issue 8), not of the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHM_DIR = "/dev/shm"
+
+
+def _run(args: list[str], out: Path, timeout: float = 900) -> tuple[dict[str, Any], str, int]:
+    env = dict(os.environ)
+    env.pop("SHMALLOC_FAULT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args, "--json", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out.exists(), (
+        f"no JSON report (exit {proc.returncode})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    )
+    return json.loads(out.read_text()), f"stdout:\n{stdout}\nstderr:\n{stderr[-5000:]}", proc.pid
+
+
+def _left(prefix: str) -> list[str]:
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+
+
+def test_crash_storm_quick(tmp_path: Path) -> None:
+    res, output, pid = _run(["stress.crash_storm", "--quick", "--seed", "1"], tmp_path / "s.json")
+    assert not _left(f"shmalloc-storm-{pid}-"), "the storm left its arena behind"
+    assert res["mode"] == "storm" and res["config"]["quick"] is True
+    assert res["config"]["workers"] == 3
+    assert res["kills"] == 10, output
+    assert res["operations"] > 0 and res["respawns"] >= 10
+    # the figures the issue asks for
+    assert res["n_inconsistencies"] == 0, json.dumps(res["inconsistencies"], indent=1)[:5000]
+    assert res["n_worker_errors"] == 0, json.dumps(res["worker_errors"], indent=1)[:5000]
+    assert not res["abnormal_exits"], json.dumps(res["abnormal_exits"], indent=1)[:5000]
+    assert res["leaked_bytes"] == 0 and res["n_leaked_blocks"] == 0, res["leaked_blocks"]
+    assert res["final_used"] == 0
+    assert not res["slots_left"], res["slots_left"]
+    assert res["survivor"]["ok"] and res["survivor_corruption"] == 0, res["survivor"]
+    assert res["survivor"]["verified"] > 0
+    assert res["final"]["check_after_cleanup"]["free_blocks"] == 1
+    assert res["final"]["check_after_cleanup"]["allocated_blocks"] == 0
+    assert res["lock_recoveries"] >= 0
+    assert res["ok"] is True, output
+
+
+def test_crash_storm_fault_steps_quick(tmp_path: Path) -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from stress.crash_storm import parse_fault_steps
+
+    res, output, pid = _run(["stress.crash_storm", "--fault-steps", "--quick"], tmp_path / "f.json")
+    assert not _left(f"shmalloc-fault-{pid}-"), "fault runs left arenas behind"
+    assert [s["step"] for s in res["steps"]] == parse_fault_steps()
+    assert len(res["steps"]) >= 2  # at least alloc.locked and free.locked
+    for s in res["steps"]:
+        assert s["reached_by"], f"no scenario reaches fault step {s['step']!r}"
+        assert s["consistent"] is True, json.dumps(s["inconsistent_runs"], indent=1)[:5000]
+        for r in s["runs"]:
+            if r["reached"]:
+                assert r["child"] == "SIGKILL" and r["verifier"]["ok"], r
+                assert r["leaked_bytes"] == 0, r
+    assert res["ok"] is True, output
+
+
+def test_corrupt_fuzz_quick(tmp_path: Path) -> None:
+    res, output, pid = _run(["stress.corrupt_fuzz", "--quick", "--seed", "1"], tmp_path / "c.json")
+    assert not _left(f"shmalloc-fuzz-{pid}-"), "the fuzz left scratch arenas behind"
+    c = res["counts"]
+    assert res["arenas"] == 200 and sum(c.values()) == 200, c
+    assert c["detected"] > 0, "no mutation was ever detected: the fuzz is not damaging anything"
+    crashes = [(e["reproduce"], e["status"], e["mutations"]) for e in res["crash_examples"]]
+    assert c["crash"] == 0, json.dumps(crashes, indent=1)[:5000]
+    hangs = [(e["reproduce"], e["mutations"]) for e in res["hang_examples"]]
+    assert c["hang"] == 0, json.dumps(hangs, indent=1)[:5000]
+    # damaged bytes must give CorruptionDetected (or another clear shmalloc error), never a stray
+    # Python exception (OverflowError, TypeError, ...) from the library
+    errors = [(e["reproduce"], e.get("unexpected")) for e in res["error_examples"]]
+    assert c["error"] == 0, json.dumps(errors, indent=1)[:5000]
+    assert res["ok"] is True, output
+
+
+def test_corrupt_fuzz_control_is_clean(tmp_path: Path) -> None:
+    """Without damage the fuzz's operation batch raises nothing: every outcome it reports on a
+    damaged arena is the damage's doing."""
+    res, output, pid = _run(
+        ["stress.corrupt_fuzz", "--no-corrupt", "--arenas", "60", "--seed", "3"],
+        tmp_path / "n.json",
+    )
+    assert not _left(f"shmalloc-fuzz-{pid}-")
+    assert res["counts"]["clean"] == 60, (res["counts"], res["error_examples"], res["detail"])
+    assert res["wrong"] == 0 and res["slow"] == 0
+    assert res["ok"] is True, output
+
+
+@pytest.mark.parametrize("module", ["stress.crash_storm", "stress.corrupt_fuzz"])
+def test_help(module: str) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (
+        p.returncode == 0
+        and "--seed" in p.stdout
+        and "--json" in p.stdout
+        and "--quick" in p.stdout
+    )
