@@ -129,6 +129,7 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     out->overhead = out->allocated_blocks * SHM_HDR;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = out->free_blocks * SHM_HDR;
     out->available = fb > fh ? fb - fh : 0;
+    if (out->available > out->total) out->available = out->total; /* damaged counters: stay sane */
     out->allocations = A_LOAD(&c->allocations);
     out->deallocations = A_LOAD(&c->deallocations);
     out->frees_since_gc = A_LOAD(&c->frees_since_gc);

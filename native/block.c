@@ -14,12 +14,16 @@ static inline uint64_t mix64(uint64_t x) {
     return x;
 }
 
+/* One multiply per field, all independent (they pipeline), then one finalising mix: each field
+ * and the offset change the result, and without the arena's random salt the value cannot be
+ * forged by writing plausible bytes. It detects damage; it is not a cryptographic MAC. */
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b) {
-    uint64_t x = h->salt ^ mix64(off);
-    x = mix64(x ^ b->size);
-    x = mix64(x ^ b->prev_size);
-    x = mix64(x ^ (((uint64_t)b->owner << 32) | b->flags));
-    x = mix64(x ^ b->refcount);
+    uint64_t x = h->salt ^ (off * 0x9e3779b97f4a7c15ULL);
+    x ^= b->size * 0xc2b2ae3d27d4eb4fULL;
+    x ^= (b->prev_size + 1) * 0x165667b19e3779f9ULL;
+    x ^= ((((uint64_t)b->owner << 32) | b->flags) + 3) * 0xd6e8feb86659fd93ULL;
+    x ^= ((uint64_t)b->refcount + 7) * 0x94d049bb133111ebULL;
+    x = mix64(x);
     return (uint32_t)(x ^ (x >> 32));
 }
 

@@ -57,6 +57,17 @@ void journal_end(shm_handle_t *h) {
     j->used = 0;
 }
 
+/* Is [off, off+len) a range that journal_save records? The counters, the bins through the names
+ * table (bitmap, bins, process table, references, names: contiguous), or the heap. Never the
+ * lock, the ring or the journal itself: a damaged record must not be able to overwrite them. */
+static int journal_may_restore(const shm_handle_t *h, uint64_t off, uint64_t len) {
+    const uint64_t c0 = offsetof(shm_arena_t, counters), c1 = c0 + sizeof(shm_counters_t);
+    const uint64_t t0 = offsetof(shm_arena_t, bitmap), t1 = offsetof(shm_arena_t, ring);
+    if (off >= h->heap_off) return off <= h->capacity && len <= h->capacity - off;
+    if (off >= c0 && off + len <= c1) return 1;
+    return off >= t0 && off + len <= t1;
+}
+
 /* Undo what a dead lock holder left half done. Returns the records rolled back, or a status. */
 int journal_rollback(shm_handle_t *h) {
     shm_journal_t *j = &h->arena->journal;
@@ -72,8 +83,7 @@ int journal_rollback(shm_handle_t *h) {
         if (pos + REC_HDR > sizeof j->log) return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
         memcpy(&off, j->log + pos, 8);
         memcpy(&len, j->log + pos + 8, 8);
-        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log || off > h->capacity ||
-            len > h->capacity - off || (off < h->heap_off && off + len > h->heap_off))
+        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log || !journal_may_restore(h, off, len))
             return err_set(SHM_ECORRUPT, joff, "[J2] journal record %llu: %llu bytes at %#llx",
                            (unsigned long long)i, (unsigned long long)len, (unsigned long long)off);
         starts[i] = pos;

@@ -63,8 +63,13 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
     if (rc != SHM_OK) return rc;
     if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
     shm_name_t *e = name_find(h, name);
-    int64_t r = e ? (int64_t)e->address
-                  : err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
+    uint64_t off;
+    int64_t r = !e ? err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name)
+                : block_from_address(h, e->address, &off) != SHM_OK
+                    ? err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)e - h->base),
+                              "[N1] the name '%s' is bound to %#llx, which is not a live block", name,
+                              (unsigned long long)e->address)
+                    : (int64_t)e->address;
     lock_release(h, &h->arena->heap_lock);
     return r;
 }

@@ -111,7 +111,8 @@ static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         if (--refs[i].count == 0) refs[i].holder = 0;
         b->refcount--;
         block_reseal(h, off);
-        if (!b->refcount && b->owner && h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD) {
+        if (!b->refcount && proc_slot_is_valid(h, b->owner) &&
+            h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD) {
             rc = heap_free_block(h, off, NULL);
             return rc == SHM_OK ? 1 : rc;
         }

@@ -5,32 +5,32 @@ from __future__ import annotations
 import os
 
 
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name, or None if there is no such process
+    (the process may end, or be reaped, at any moment between the open and the read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:  # FileNotFoundError, or ProcessLookupError when reaped mid-read
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks after boot), or None if there is no such process.
 
     This is the number psutil's create_time() is computed from, read exactly rather than as a
     float, so that two readings of the same process always compare equal.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    rest = raw[raw.rindex(b")") + 2 :].split()
-    return int(rest[19])
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def is_alive(pid: int, started: int) -> bool:
     """Is the process (pid, started) still running (and not a zombie)?"""
-    if start_time(pid) != started:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return False
-    return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    fields = _stat_fields(pid)
+    return fields is not None and int(fields[19]) == started and fields[0] not in (b"Z", b"X")
 
 
 _pid = os.getpid()

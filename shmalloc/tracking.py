@@ -112,7 +112,7 @@ class TrackingMixin:
     def _blocks_of(self, slot: int, hint: int) -> list[MemoryBlock]:
         h = self._handle()
         count = ffi.new("uint64_t *")
-        cap = max(16, hint + 16)
+        cap = max(16, min(hint, 1 << 16) + 16)  # hint comes from the segment: do not trust it
         while True:
             buf = ffi.new("shm_block_info_t[]", cap)
             rc = lib.shm_blocks_list(h, slot, buf, cap, count)
