@@ -20,26 +20,14 @@
 
 #include "shm_internal.h"
 
-#define REC_HDR 16 /* offset (8) + len (8) */
+#define REC_HDR JOURNAL_REC_HDR
+#define rec_size journal_rec_size
 
-static inline uint64_t rec_size(uint64_t len) { return REC_HDR + ((len + 7) & ~(uint64_t)7); }
-
-void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
-    shm_journal_t *j = &h->arena->journal;
-    uint64_t used = j->used;
-    uint64_t off = (uint64_t)((const uint8_t *)p - h->base);
-    if (UNLIKELY(used + rec_size(len) > sizeof j->log)) {
-        /* Cannot happen within the bounds of our own operations (see the checkpoints); if it did,
-         * keep going without a record: the operation is then no longer crash-atomic. */
-        A_ADD(&j->overflows, 1);
-        return;
-    }
-    uint8_t *rec = j->log + used;
-    memcpy(rec, &off, 8);
-    memcpy(rec + 8, &len, 8);
-    memcpy(rec + REC_HDR, p, len);
-    j->used = used + rec_size(len);
-    __atomic_store_n(&j->count, j->count + 1, __ATOMIC_RELEASE);
+/* journal_save is inline (shm_internal.h); this is its rare path: a record that does not fit. */
+void journal_overflow(shm_handle_t *h) {
+    /* Cannot happen within the bounds of our own operations (see the checkpoints); if it did, the
+     * operation goes on without a record and is then no longer crash-atomic. */
+    A_ADD(&h->arena->journal.overflows, 1);
 }
 
 void journal_begin(shm_handle_t *h) {

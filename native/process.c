@@ -7,6 +7,11 @@
  * process that allocated it [B6]. Usage counters are atomics: readers take no lock. */
 #include "shm_internal.h"
 
+/* Journal the counters of a slot (usage .. nfrees) before they change. */
+static void proc_journal_counters(shm_handle_t *h, shm_proc_t *p) {
+    journal_save(h, &p->usage, offsetof(shm_proc_t, trim_seq) - offsetof(shm_proc_t, usage));
+}
+
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
     return owner >= 1 && owner <= SHM_MAX_PROCS &&
            A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
@@ -18,7 +23,7 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
         return err_set(SHM_EINVAL, owner - 1, "process slot %u is not attached", owner - 1);
     if (!bytes) return SHM_OK;
     shm_proc_t *p = &h->arena->procs[owner - 1];
-    J(h, p);
+    proc_journal_counters(h, p);
     uint64_t u = A_ADD(&p->usage, bytes);
     if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
     A_ADD(&p->nblocks, 1);
@@ -29,7 +34,7 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
     if (!proc_slot_is_valid(h, owner)) return;
     shm_proc_t *p = &h->arena->procs[owner - 1];
-    J(h, p);
+    proc_journal_counters(h, p);
     A_SUB(&p->usage, bytes);
     A_SUB(&p->nblocks, 1);
     A_ADD(&p->nfrees, 1);
@@ -114,13 +119,13 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
     if (from == to) return;
     if (proc_slot_is_valid(h, from)) {
         shm_proc_t *p = &h->arena->procs[from - 1];
-        J(h, p);
+        proc_journal_counters(h, p);
         A_SUB(&p->usage, bytes);
         A_SUB(&p->nblocks, 1);
     }
     if (proc_slot_is_valid(h, to)) {
         shm_proc_t *p = &h->arena->procs[to - 1];
-        J(h, p);
+        proc_journal_counters(h, p);
         uint64_t u = A_ADD(&p->usage, bytes);
         if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
         A_ADD(&p->nblocks, 1);
@@ -132,7 +137,7 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
 int shm_proc_trim_request(shm_handle_t *h, int32_t slot) {
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    A_ADD(&h->arena->procs[slot].trim_seq, 1);
+    __atomic_add_fetch(&h->arena->procs[slot].trim_seq, 1, __ATOMIC_RELAXED); /* no lock here */
     return SHM_OK;
 }
 

@@ -18,11 +18,17 @@
 #define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
 #define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
 
-/* Relaxed atomics for counters that are read without the lock. */
+/* Counters are written only by the heap lock's holder and read by anyone without the lock: a
+ * relaxed atomic load and store (no locked read-modify-write) keeps every read untorn. */
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
-#define A_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
-#define A_SUB(p, v) __atomic_sub_fetch((p), (v), __ATOMIC_RELAXED)
+#define A_ADD(p, v) a_add_u64((p), (v))
+#define A_SUB(p, v) a_add_u64((p), -(uint64_t)(v))
+static inline uint64_t a_add_u64(uint64_t *p, uint64_t v) {
+    uint64_t n = __atomic_load_n(p, __ATOMIC_RELAXED) + v;
+    __atomic_store_n(p, n, __ATOMIC_RELAXED);
+    return n;
+}
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -45,7 +51,29 @@ int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, u
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
 
 /* journal.c */
-void journal_save(shm_handle_t *h, const void *p, uint64_t len);
+#define JOURNAL_REC_HDR 16 /* offset (8) + len (8) */
+static inline uint64_t journal_rec_size(uint64_t len) { return JOURNAL_REC_HDR + ((len + 7) & ~(uint64_t)7); }
+void journal_overflow(shm_handle_t *h);
+/* Append (offset, len, the old bytes) to the undo journal; see journal.c for the protocol. */
+static inline void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
+    shm_journal_t *j = &h->arena->journal;
+    uint64_t used = j->used;
+    if (UNLIKELY(used + journal_rec_size(len) > sizeof j->log)) {
+        journal_overflow(h);
+        return;
+    }
+    uint64_t *rec = (uint64_t *)(void *)(j->log + used); /* the log and every record are 8-aligned */
+    rec[0] = (uint64_t)((const uint8_t *)p - h->base);
+    rec[1] = len;
+    if (LIKELY(len % 8 == 0 && ((uintptr_t)p & 7) == 0)) {
+        const uint64_t *src = p; /* every range we save is whole aligned words: no memcpy call */
+        for (uint64_t i = 0; i < len / 8; i++) rec[2 + i] = src[i];
+    } else {
+        __builtin_memcpy(rec + 2, p, len);
+    }
+    j->used = used + journal_rec_size(len);
+    __atomic_store_n(&j->count, j->count + 1, __ATOMIC_RELEASE); /* counted only once whole */
+}
 void journal_begin(shm_handle_t *h);
 void journal_checkpoint(shm_handle_t *h);
 void journal_end(shm_handle_t *h);
