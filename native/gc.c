@@ -74,13 +74,20 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
     return SHM_OK;
 }
 
-int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) {
+/* slot >= 0 with pid != 0: only if the slot still holds that process (pid, start_time); else
+ * SHM_ENOENT, so a slot freed and claimed by a new process meanwhile is never collected by mistake. */
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
+           shm_gc_result_t *out) {
     if (slot < -1 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
-    rc = gc_locked(h, slot, all_blocks, &r);
+    const shm_proc_t *p = slot >= 0 ? &h->arena->procs[slot] : NULL;
+    if (p && pid && (p->state == SHM_PROC_FREE || p->pid != pid || p->start_time != start_time))
+        rc = err_set(SHM_ENOENT, (uint64_t)slot, "slot %d no longer holds process %u", slot, pid);
+    else
+        rc = gc_locked(h, slot, all_blocks, &r);
     lock_release(h, &h->arena->heap_lock);
     *out = r; /* partial figures too: what was freed before a failure stays freed */
     return rc;

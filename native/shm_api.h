@@ -165,7 +165,8 @@ int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
 
 /* gc.c */
-int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out);
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
+           shm_gc_result_t *out);
 
 /* ring.c */
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,

@@ -76,7 +76,7 @@ class CollectionMixin:
         h = self._handle()
         dead = [r for r in self._dead_rows(mark=True) if slot < 0 or r.slot == slot]
         res = ffi.new("shm_gc_result_t *")
-        rc = lib.shm_gc(h, slot, 0, res)
+        rc = lib.shm_gc(h, slot, 0, 0, 0, res)
         if rc < 0:
             raise_status(rc)
         reclaimed = []

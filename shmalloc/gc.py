@@ -284,9 +284,14 @@ class GlobalGarbageCollector:
         self._manager._emit("memory.gc_triggered", freed_blocks=stats.freed_blocks)
 
     @staticmethod
-    def _gc(h: Any, slot: int, all_blocks: int) -> Any:
+    def _gc(h: Any, slot: int, all_blocks: int, row: _Row | None = None) -> Any:
+        """One C collection; with ``row``, only while the slot still holds that process (else
+        nothing is freed: the slot was cleaned and claimed by a new process meanwhile)."""
         res = ffi.new("shm_gc_result_t *")
-        rc = lib.shm_gc(h, slot, all_blocks, res)
+        pid, started = (row.pid, row.start_time) if row is not None else (0, 0)
+        rc = lib.shm_gc(h, slot, all_blocks, pid, started, res)
+        if rc == lib.SHM_ENOENT:
+            return res
         if rc < 0:
             raise_status(rc)
         return res
@@ -301,7 +306,7 @@ class GlobalGarbageCollector:
         for _ in range(len(dead) + 1):
             progress = False
             for r in pending:
-                res = self._gc(h, r.slot, 0)
+                res = self._gc(h, r.slot, 0, r)
                 cleaned += res.procs_cleaned
                 if res.freed_blocks:
                     progress = True
@@ -363,7 +368,7 @@ class GlobalGarbageCollector:
             if r.pid != pid:
                 continue
             mark_if_dead(h, r)  # a dead one's slot is then given back too
-            res = self._gc(h, r.slot, 1)
+            res = self._gc(h, r.slot, 1, r)
             freed_blocks += res.freed_blocks
             freed_bytes += res.freed_bytes
             cleaned += res.procs_cleaned

@@ -140,7 +140,9 @@ class TrackingMixin:
         freed = 0
         for r in self._rows_for(pid):
             res = ffi.new("shm_gc_result_t *")
-            rc = lib.shm_gc(self._handle(), r.slot, 1, res)
+            rc = lib.shm_gc(self._handle(), r.slot, 1, r.pid, r.start_time, res)
+            if rc == lib.SHM_ENOENT:  # the slot went to another process meanwhile: not ours
+                continue
             if rc < 0:
                 raise_status(rc)
             freed += res.freed_bytes
