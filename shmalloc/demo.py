@@ -140,7 +140,7 @@ class Demo:
             self.summary()
             code = EXIT_OK if not self.res.problems else EXIT_FAILED
         except (KeyboardInterrupt, _Interrupted) as e:
-            self.console.print(f"\n[bold]interrupted ({e or 'Ctrl-C'}): cleaning up[/]")
+            self.console.print(f"\n[bold]interrupted ({str(e) or 'Ctrl-C'}): cleaning up[/]")
             code = 130
         finally:
             log.removeHandler(records)
