@@ -337,11 +337,113 @@ def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") ->
     }
 
 
-def write_json(path: Path, res: dict[str, Any]) -> None:
+def write_json(path: Path, res: dict[str, Any], *, default: Callable[[Any], Any] | None = None
+               ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.write_text(json.dumps(res, indent=2, default=default) + "\n")
     os.replace(tmp, path)
+
+
+def write_results(path: Path, res: dict[str, Any], *, default: Callable[[Any], Any] | None = None
+                  ) -> None:
+    """Write res as JSON to path (atomically) and say so, with the run's total time."""
+    write_json(path, res, default=default)
+    print(f"\nJSON written to {path} ({res['elapsed_seconds']:.1f} s total)")
+
+
+# --------------------------------------------------------------------------- driver scaffolding
+
+
+def new_result(benchmark: str, config: dict[str, Any], targets: dict[str, Any] | None = None,
+               *, machine: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The head every driver's JSON starts with: benchmark, schema, timestamp, machine, config,
+    targets (left out when None), then anything in extra, in that order."""
+    res: dict[str, Any] = {
+        "benchmark": benchmark,
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info() if machine is None else machine,
+        "config": config,
+    }
+    if targets is not None:
+        res["targets"] = targets
+    res.update(extra)
+    return res
+
+
+def run_interruptible(body: Callable[[], None], note: str,
+                      arenas: Arenas | None = None) -> bool:
+    """Run body() with SIGTERM unwinding like Ctrl-C, destroying every arena in ``arenas``
+    however it ends. On an interrupt print ``interrupted: <note>`` and return False."""
+    try:
+        with sigterm_as_interrupt():
+            try:
+                body()
+            finally:
+                if arenas is not None:
+                    arenas.drop_all()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {note}", file=sys.stderr)
+        return False
+    return True
+
+
+def finish_result(res: dict[str, Any], t_start: float, *,
+                  derive: Callable[[dict[str, Any]], Any] | None = None,
+                  targets_summary: Callable[[dict[str, Any]], Any] | None = None,
+                  noise: bool = True) -> None:
+    """Add noise_note, derived, targets_summary (each if asked for) and elapsed_seconds."""
+    if noise:
+        res["noise_note"] = noise_note(res["machine"])
+    if derive is not None:
+        res["derived"] = derive(res)
+    if targets_summary is not None:
+        res["targets_summary"] = targets_summary(res)
+    res["elapsed_seconds"] = time.perf_counter() - t_start
+
+
+def add_json_arg(p: Any, default: Path, help: str | None = None) -> None:
+    """The --json PATH option every driver has."""
+    p.add_argument("--json", type=Path, default=default, metavar="PATH",
+                   help=help or f"where to write the results (default: "
+                   f"{default.relative_to(REPO_ROOT)})")
+
+
+def save_figure(plt: Any, fig: Any, path: Path, *, dpi: int = 100,
+                log: Callable[[str], None] | None = None) -> None:
+    """tight_layout, write fig to path (making its folder), close it, and log that it was."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    if log is not None:
+        log(f"plot written to {path}")
+
+
+def signame(rc: int | None) -> str:
+    """A child's return code in words: running, exit N, or the name of the signal that ended it."""
+    if rc is None:
+        return "running"
+    if rc < 0:
+        try:
+            return signal.Signals(-rc).name
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit {rc}"
+
+
+def child_env(fault: str | None = None) -> dict[str, str]:
+    """os.environ for a child interpreter: SHMALLOC_FAULT set to fault (or removed when None),
+    the repository first on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("SHMALLOC_FAULT", None)
+    if fault is not None:
+        env["SHMALLOC_FAULT"] = fault
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return env
 
 
 def load_pyplot(what: str) -> Any:

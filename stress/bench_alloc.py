@@ -43,22 +43,25 @@ from shmalloc import MemoryManager
 from shmalloc._native import lib
 
 from ._common import (
-    REPO_ROOT,
     Arenas,
     KiB,
     MiB,
+    REPO_ROOT,
     Runner,
+    add_json_arg,
+    finish_result,
     fmt_count,
     fmt_ns,
     fmt_size,
     fmt_stat,
-    machine_info,
     make_progress,
     measure,
+    new_result,
     print_table,
-    sigterm_as_interrupt,
+    run_interruptible,
+    save_figure,
     verdict,
-    write_json,
+    write_results,
 )
 from ._common import judge as _judge
 
@@ -536,11 +539,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     m = res["machine"]
     fig.suptitle(f"shmalloc bench_alloc: {m.get('cpu_model', '')} x{m['cpu_count']}, "
                  f"Python {m['python_version']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    progress(f"plot written to {path}")
+    save_figure(plt, fig, path, dpi=110, log=progress)
 
 
 # --------------------------------------------------------------------------- main
@@ -555,8 +554,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="few iterations, scaling only to 1e5 live blocks (a CI smoke run, ~15 s)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help=f"where to write the results (default: {DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    add_json_arg(p, DEFAULT_JSON)
     p.add_argument("--plot", type=Path, metavar="PATH",
                    help="also write a PNG plot here (needs matplotlib)")
     p.add_argument("--parts", default="pair,scaling,collector",
@@ -584,40 +582,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.from_args(args)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_alloc",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {
+    res = new_result(
+        "bench_alloc",
+        {
             "quick": cfg.quick, "trials": cfg.trials, "ops": cfg.ops,
             "stdlib_ops": cfg.stdlib_ops, "scaling_ops": cfg.scaling_ops,
             "live_levels": list(cfg.live_levels), "free_fraction": cfg.free_fraction,
             "seed": cfg.seed, "parts": list(cfg.parts), "unit": "ns per allocate+free pair",
             "statistic": "median of trials (min, max also given)",
         },
-        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
-    }
+        {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
+    )
     arenas = Arenas(progress)
-    try:
-        with sigterm_as_interrupt():
-            try:
-                if "pair" in cfg.parts:
-                    res["pair"] = bench_pairs(cfg, arenas)
-                if "scaling" in cfg.parts:
-                    res["scaling"] = bench_scaling(cfg, arenas)
-                if "collector" in cfg.parts:
-                    res["collector"] = bench_collector(cfg, arenas)
-            finally:
-                arenas.drop_all()
-    except KeyboardInterrupt:
-        print("\ninterrupted: all arenas destroyed, nothing written", file=sys.stderr)
+
+    def body() -> None:
+        if "pair" in cfg.parts:
+            res["pair"] = bench_pairs(cfg, arenas)
+        if "scaling" in cfg.parts:
+            res["scaling"] = bench_scaling(cfg, arenas)
+        if "collector" in cfg.parts:
+            res["collector"] = bench_collector(cfg, arenas)
+
+    if not run_interruptible(body, "all arenas destroyed, nothing written", arenas):
         return 130
-    res["derived"] = derive(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
+    finish_result(res, t_start, derive=derive, noise=False)
     report(res)
-    write_json(args.json, res)
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     if args.plot:
         plot(res, args.plot)
     return 0

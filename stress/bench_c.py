@@ -43,20 +43,22 @@ from typing import Any
 from ._common import (
     REPO_ROOT,
     RESULTS_DIR,
-    fmt_size,
+    add_json_arg,
+    finish_result,
     fmt_rate_stat,
+    fmt_size,
     fmt_stat,
     judge,
-    machine_info,
     make_progress,
+    new_result,
     noise_note,
     print_table,
-    sigterm_as_interrupt,
+    run_interruptible,
     summarize,
     summarize_rates,
     target_row,
     verdict,
-    write_json,
+    write_results,
 )
 
 progress = make_progress("bench_c")
@@ -313,9 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "installed). Prints a table and writes JSON.",
     )
     p.add_argument("--quick", action="store_true", help="fewer pairs and trials (a CI smoke run)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help=f"where to write the results (default: "
-                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    add_json_arg(p, DEFAULT_JSON)
     p.add_argument("--sizes", default=",".join(map(str, SIZES)),
                    help="comma-separated block sizes in bytes (default 64,1024,16384)")
     p.add_argument("--iters", type=int, help="pairs per trial (default 1000000; quick 200000)")
@@ -343,35 +343,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_c",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {"quick": args.quick, "sizes": list(args.sizes), "iters": args.iters,
-                   "rounds": args.rounds, "per_round": args.per_round, "scale": args.scale,
-                   "scale_iters": args.scale_iters, "scale_procs": list(PROCS),
-                   "unit": "ns per allocate+free pair",
-                   "statistic": "median of trials (min, max also given)"},
-        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
-    }
+    res = new_result(
+        "bench_c",
+        {"quick": args.quick, "sizes": list(args.sizes), "iters": args.iters,
+         "rounds": args.rounds, "per_round": args.per_round, "scale": args.scale,
+         "scale_iters": args.scale_iters, "scale_procs": list(PROCS),
+         "unit": "ns per allocate+free pair",
+         "statistic": "median of trials (min, max also given)"},
+        {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
+    )
+
+    def body() -> None:
+        res["pairs"] = bench(args)
+
     try:
-        with sigterm_as_interrupt():
-            res["pairs"] = bench(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written (the programs leave no segment behind)",
-              file=sys.stderr)
-        return 130
+        if not run_interruptible(
+                body, "nothing written (the programs leave no segment behind)"):
+            return 130
     except (BuildError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"bench_c: {e}", file=sys.stderr)
         return 1
-    res["noise_note"] = noise_note(res["machine"])
-    res["derived"] = derive(res)
-    res["targets_summary"] = targets_summary(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
+    finish_result(res, t_start, derive=derive, targets_summary=targets_summary)
     report(res)
-    write_json(args.json, res)
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     return 0
 
 

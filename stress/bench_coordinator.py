@@ -27,7 +27,6 @@ SIGTERM included.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -45,6 +44,8 @@ from shmalloc import MemoryManager
 from shmalloc._binding import ffi, lib
 from shmalloc.coordinator import DEFAULT_INTERVAL, coordinator_command, lease_holder
 from shmalloc.gc import handle_of
+
+from ._common import write_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_coordinator.json"
@@ -330,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: arena destroyed, children reaped, nothing written", file=sys.stderr)
         return 130
     report(res)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     return 0
 
 

@@ -54,23 +54,24 @@ from shmalloc._binding import ffi as shm_ffi
 from shmalloc._binding import lib as shm_lib
 
 from ._common import (
+    Arenas,
     GiB,
     MiB,
-    REPO_ROOT,
     RESULTS_DIR,
-    Arenas,
+    add_json_arg,
     check_interrupt,
+    finish_result,
     fmt_bytes,
     judge,
     load_pyplot,
-    machine_info,
     make_progress,
-    noise_note,
+    new_result,
     print_table,
-    sigterm_as_interrupt,
+    run_interruptible,
+    save_figure,
     target_row,
     verdict,
-    write_json,
+    write_results,
 )
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
@@ -344,11 +345,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_xticks(list(x), names)
     ax.set_ylabel("peak footprint / peak live bytes")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    progress(f"plot written to {path}")
+    save_figure(plt, fig, path, log=progress)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -359,9 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "peak footprint / peak live bytes, beside glibc malloc on the same traces.",
     )
     p.add_argument("--quick", action="store_true", help="shorter traces, one seed")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help=f"where to write the results (default: "
-                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    add_json_arg(p, DEFAULT_JSON)
     p.add_argument("--plot", type=Path, metavar="PATH", help="also write a PNG (needs matplotlib)")
     p.add_argument("--traces", default=",".join(TRACES),
                    help=f"comma-separated subset of {','.join(TRACES)}")
@@ -387,35 +382,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_fragmentation",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {"quick": args.quick, "traces": list(args.traces), "seeds": args.seeds,
-                   "first_seed": args.seed, "scale": args.scale, "glibc": not args.no_glibc,
-                   "block_header_bytes": shm_ffi.sizeof("shm_block_t"),
-                   "heap_start": int(shm_lib.shm_header_size()),
-                   "random_lifetime_sizes": [16, 1 * MiB]},
-        "targets": {"footprint_over_live": {"op": TARGET[0], "value": TARGET[1]}},
-    }
+    res = new_result(
+        "bench_fragmentation",
+        {"quick": args.quick, "traces": list(args.traces), "seeds": args.seeds,
+         "first_seed": args.seed, "scale": args.scale, "glibc": not args.no_glibc,
+         "block_header_bytes": shm_ffi.sizeof("shm_block_t"),
+         "heap_start": int(shm_lib.shm_header_size()),
+         "random_lifetime_sizes": [16, 1 * MiB]},
+        {"footprint_over_live": {"op": TARGET[0], "value": TARGET[1]}},
+    )
     arenas = Arenas(progress)
-    try:
-        with sigterm_as_interrupt():
-            try:
-                res["traces"] = run(args, arenas)
-            finally:
-                arenas.drop_all()
-    except KeyboardInterrupt:
-        print("\ninterrupted: all arenas destroyed, nothing written", file=sys.stderr)
+
+    def body() -> None:
+        res["traces"] = run(args, arenas)
+
+    if not run_interruptible(body, "all arenas destroyed, nothing written", arenas):
         return 130
-    res["noise_note"] = noise_note(res["machine"])
-    res["derived"] = derive(res)
-    res["targets_summary"] = targets_summary(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
+    finish_result(res, t_start, derive=derive, targets_summary=targets_summary)
     report(res)
-    write_json(args.json, res)
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     if args.plot:
         plot(res, args.plot)
     return 0

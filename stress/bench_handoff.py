@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import multiprocessing as mp
 import os
 import platform
 import queue
-import signal
 import statistics
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +51,8 @@ import numpy as np
 
 from shmalloc import MemoryManager, compat
 from shmalloc.arrays import SharedArray, share_array
+
+from ._common import new_result, sigterm_as_interrupt, write_results
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
@@ -272,18 +271,6 @@ def machine_info() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ main
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m stress.bench_handoff",
@@ -304,12 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     trials = args.trials or (3 if args.quick else 7)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_handoff",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {
+    res = new_result(
+        "bench_handoff",
+        {
             "quick": args.quick,
             "trials": trials,
             "reps": {str(k): v for k, v in REPS[mode].items()},
@@ -320,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float64",
             "consumer": "spawned process, reads first and last element",
         },
-    }
+        machine=machine_info(),
+    )
     ctx = mp.get_context("spawn")
     try:
         with sigterm_as_interrupt(), MemoryManager(max(SIZES) * 4) as mgr:
@@ -351,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "\nper hand-off, median; ping = transport floor, memcpy = one copy in one process; "
         "a/b = how many times a takes b's time"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     return 0
 
 

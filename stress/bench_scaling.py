@@ -37,31 +37,34 @@ import cffi
 
 from . import bench_alloc
 from ._common import (
+    Arenas,
     GiB,
     KiB,
     MiB,
     REPO_ROOT,
     RESULTS_DIR,
-    Arenas,
     WorkerCtx,
     WorkerPool,
+    add_json_arg,
+    finish_result,
     fmt_count,
     fmt_rate_stat,
     fmt_size,
     fmt_stat,
     load_pyplot,
-    machine_info,
     make_progress,
     measure,
+    new_result,
     noise_note,
     print_table,
     rotated,
-    sigterm_as_interrupt,
+    run_interruptible,
+    save_figure,
     summarize_rates,
     target_row,
     throughput,
     verdict,
-    write_json,
+    write_results,
 )
 
 progress = make_progress("bench_scaling")
@@ -305,11 +308,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     m = res["machine"]
     fig.suptitle(f"shmalloc bench_scaling: {m.get('cpu_model', '')} x{m['cpu_count']}, "
                  f"Python {m['python_version']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    progress(f"plot written to {path}")
+    save_figure(plt, fig, path, log=progress)
     return True
 
 
@@ -358,9 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="1e3..1e5 live blocks, short loops, 3 trials (a CI smoke run)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help=f"where to write the results (default: "
-                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    add_json_arg(p, DEFAULT_JSON)
     p.add_argument("--plot", type=Path, default=DEFAULT_PLOT, metavar="PATH",
                    help=f"PNG to write when matplotlib is installed (default: "
                    f"{DEFAULT_PLOT.relative_to(REPO_ROOT)})")
@@ -395,40 +392,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_scaling",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {"quick": args.quick, "parts": list(args.parts), "trials": args.trials,
-                   "live_levels": list(args.live_levels), "live_ops": args.live_ops,
-                   "procs": list(args.procs), "loop_ops": args.loop_ops, "seed": args.seed,
-                   "statistic": "median of trials (min, max also given)"},
-        "targets": {"scaling_max_over_1e3": {"op": "<=", "value": 1.2}},
-    }
+    res = new_result(
+        "bench_scaling",
+        {"quick": args.quick, "parts": list(args.parts), "trials": args.trials,
+         "live_levels": list(args.live_levels), "live_ops": args.live_ops,
+         "procs": list(args.procs), "loop_ops": args.loop_ops, "seed": args.seed,
+         "statistic": "median of trials (min, max also given)"},
+        {"scaling_max_over_1e3": {"op": "<=", "value": 1.2}},
+    )
     arenas = Arenas(progress)
-    try:
-        with sigterm_as_interrupt():
-            try:
-                if "live" in args.parts:
-                    res["live"] = part_live(args, arenas)
-                if "procs" in args.parts:
-                    res["procs"] = part_procs(args, arenas)
-            finally:
-                arenas.drop_all()
-    except KeyboardInterrupt:
-        print("\ninterrupted: workers joined, all arenas destroyed, nothing written",
-              file=sys.stderr)
+
+    def body() -> None:
+        if "live" in args.parts:
+            res["live"] = part_live(args, arenas)
+        if "procs" in args.parts:
+            res["procs"] = part_procs(args, arenas)
+
+    if not run_interruptible(body, "workers joined, all arenas destroyed, nothing written",
+                             arenas):
         return 130
-    res["noise_note"] = noise_note(res["machine"])
-    res["derived"] = derive(res)
-    res["targets_summary"] = targets_summary(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
+    finish_result(res, t_start, derive=derive, targets_summary=targets_summary)
     report(res)
     if not args.no_plot and plot(res, args.plot):
         res["plot"] = str(args.plot)
-    write_json(args.json, res)
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     return 0
 
 

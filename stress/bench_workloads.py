@@ -69,26 +69,28 @@ import cffi
 from shmalloc import MemoryManager
 
 from ._common import (
-    GiB,
-    REPO_ROOT,
-    RESULTS_DIR,
     Arenas,
+    GiB,
+    RESULTS_DIR,
     WorkerCtx,
     WorkerPool,
+    add_json_arg,
     drain_queue,
+    finish_result,
     fmt_rate_stat,
     judge,
     load_pyplot,
-    machine_info,
     make_progress,
+    new_result,
     noise_note,
     print_table,
     rotated,
-    sigterm_as_interrupt,
+    run_interruptible,
+    save_figure,
     summarize_rates,
     target_row,
     verdict,
-    write_json,
+    write_results,
 )
 
 progress = make_progress("bench_workloads")
@@ -866,11 +868,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     m = res["machine"]
     fig.suptitle(f"shmalloc bench_workloads: {m.get('cpu_model', '')} x{m['cpu_count']}",
                  fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    progress(f"plot written to {path}")
+    save_figure(plt, fig, path, log=progress)
 
 
 # =========================================================================== main
@@ -900,9 +898,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with --plot).",
     )
     p.add_argument("--quick", action="store_true", help="small runs, 3 trials (a CI smoke run)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help=f"where to write the results (default: "
-                   f"{DEFAULT_JSON.relative_to(REPO_ROOT)})")
+    add_json_arg(p, DEFAULT_JSON)
     p.add_argument("--plot", type=Path, metavar="PATH", help="also write a PNG (needs matplotlib)")
     p.add_argument("--workloads", type=_csv(str, WORKLOADS), default=WORKLOADS,
                    help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
@@ -923,45 +919,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.from_args(args)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {
-        "benchmark": "bench_workloads",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": {**cfg.__dict__, "procs": list(cfg.procs), "workloads": list(cfg.workloads),
-                   "statistic": "median of trials (min, max also given)",
-                   "units": UNITS, "labels": LABELS},
-        "targets": {"larson_2p_over_1p": {"op": TARGET_LARSON[0], "value": TARGET_LARSON[1]}},
-        "workloads": {},
-    }
+    res = new_result(
+        "bench_workloads",
+        {**cfg.__dict__, "procs": list(cfg.procs), "workloads": list(cfg.workloads),
+         "statistic": "median of trials (min, max also given)",
+         "units": UNITS, "labels": LABELS},
+        {"larson_2p_over_1p": {"op": TARGET_LARSON[0], "value": TARGET_LARSON[1]}},
+        workloads={},
+    )
     arenas = Arenas(progress)
-    pool: WorkerPool | None = None
-    try:
-        with sigterm_as_interrupt():
-            try:
-                progress(f"starting {max(cfg.procs)} worker processes")
-                pool = WorkerPool(max(cfg.procs))
-                for name in cfg.workloads:
-                    res["workloads"][name] = run_workload(name, cfg, pool, arenas)
-            finally:
-                if pool is not None:
-                    pool.close()
-                arenas.drop_all()
-    except KeyboardInterrupt:
-        print("\ninterrupted: workers joined, all arenas destroyed, nothing written",
-              file=sys.stderr)
+
+    def body() -> None:
+        pool: WorkerPool | None = None
+        try:
+            progress(f"starting {max(cfg.procs)} worker processes")
+            pool = WorkerPool(max(cfg.procs))
+            for name in cfg.workloads:
+                res["workloads"][name] = run_workload(name, cfg, pool, arenas)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    if not run_interruptible(body, "workers joined, all arenas destroyed, nothing written",
+                             arenas):
         return 130
     try:
         res["machine"]["loadavg_at_end"] = list(os.getloadavg())
     except OSError:
         pass
-    res["noise_note"] = noise_note(res["machine"])
-    res["derived"] = derive(res)
-    res["targets_summary"] = targets_summary(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
+    finish_result(res, t_start, derive=derive, targets_summary=targets_summary)
     report(res)
-    write_json(args.json, res)
-    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    write_results(args.json, res)
     if args.plot:
         plot(res, args.plot)
     return 0

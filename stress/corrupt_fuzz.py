@@ -67,6 +67,9 @@ from typing import Any, ClassVar
 from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc._binding import ffi, lib
 
+from ._common import child_env, write_json
+from ._common import signame as _signame
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = "/dev/shm"
 M64 = (1 << 64) - 1
@@ -956,15 +959,10 @@ class Child:
         ]
         if args.no_corrupt:
             cmd.append("--no-corrupt")
-        env = dict(os.environ)
-        env.pop("SHMALLOC_FAULT", None)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
         self.proc = subprocess.Popen(
             cmd,
             cwd=REPO_ROOT,
-            env=env,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.err,
@@ -1195,17 +1193,6 @@ class Fuzz:
         }
 
 
-def _signame(rc: int | None) -> str:
-    if rc is None:
-        return "running"
-    if rc < 0:
-        try:
-            return signal.Signals(-rc).name
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit {rc}"
-
-
 class _Progress:
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
@@ -1400,8 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, old)
     print_report(res)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_json(a.json, res, default=str)
     return 0 if res["ok"] else 1
 
 

@@ -81,6 +81,8 @@ from shmalloc import (
 )
 from shmalloc._binding import ffi, lib, raise_status
 
+from ._common import child_env, signame, write_json
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAULT_C = REPO_ROOT / "native" / "fault.c"
 KNOWN_STEPS = ("alloc.locked", "free.locked")  # fallback when fault.c cannot be parsed
@@ -131,28 +133,6 @@ def first_diff(a: bytes, b: bytes) -> int:
                 if a[j] != b[j]:
                     return j
     return n
-
-
-def child_env(fault: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SHMALLOC_FAULT", None)
-    if fault is not None:
-        env["SHMALLOC_FAULT"] = fault
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    return env
-
-
-def signame(rc: int | None) -> str:
-    if rc is None:
-        return "running"
-    if rc < 0:
-        try:
-            return signal.Signals(-rc).name
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit {rc}"
 
 
 def random_size(rng: random.Random) -> int:
@@ -1950,8 +1930,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_json(args.json, res, default=str)
     return 0 if res["ok"] else 1
 
 
