@@ -7,7 +7,6 @@ A mixin of MemoryManager. Which processes are dead is decided here, with (pid, s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from . import process
 from ._binding import ffi, lib, raise_status
 from .events import RARE, Event, decode, encode
 from .stats import MemoryPressure, MemoryStats
+from .tracking import mark_if_dead, read_slot, scan_slots
 
 logger = logging.getLogger("shmalloc")
 
@@ -51,38 +51,21 @@ class CollectionMixin:
         lib.shm_stats_read(self._handle(), s)
         if s.frees_since_gc >= self._threshold:
             return True
-        return bool(self._dead_rows(mark=False))
-
-    def _dead_rows(self, mark: bool) -> list[Any]:
-        """Slots whose process has ended; with mark, LIVE ones among them are marked DEAD."""
         h = self._handle()
-        dead = []
-        for slot in range(lib.SHM_MAX_PROCS):
-            info = ffi.new("shm_proc_info_t *")
-            lib.shm_proc_info(h, slot, info)
-            if info.state == lib.SHM_PROC_DEAD:
-                dead.append(info)
-            elif info.state == lib.SHM_PROC_LIVE and not process.is_alive(info.pid, info.start_time):
-                if mark:
-                    rc = lib.shm_proc_mark_dead(h, slot, info.pid, info.start_time)
-                    if rc < 0:
-                        raise_status(rc)
-                dead.append(info)
-        return dead
+        return any(mark_if_dead(h, r, mark=False) for r in scan_slots(h))
 
     def _collect_dead(self, slot: int = -1) -> tuple[Any, list[tuple[int, int]]]:
         """Reclaim dead processes (or one dead slot); returns the C result and, per process
         reclaimed, (pid, bytes)."""
         h = self._handle()
-        dead = [r for r in self._dead_rows(mark=True) if slot < 0 or r.slot == slot]
+        dead = [r for r in scan_slots(h) if (slot < 0 or r.slot == slot) and mark_if_dead(h, r)]
         res = ffi.new("shm_gc_result_t *")
         rc = lib.shm_gc(h, slot, 0, 0, 0, res)
         if rc < 0:
             raise_status(rc)
         reclaimed = []
         for r in dead:
-            after = ffi.new("shm_proc_info_t *")
-            lib.shm_proc_info(h, r.slot, after)
+            after = read_slot(h, r.slot)
             left = after.usage if after.state != lib.SHM_PROC_FREE else 0
             if r.usage > left:
                 reclaimed.append((int(r.pid), int(r.usage - left)))
@@ -116,11 +99,9 @@ class CollectionMixin:
     def request_trim(self, pid: int) -> None:
         """Ask the live process ``pid`` to trim: its on_pressure callbacks run on its next
         allocation."""
-        for slot in range(lib.SHM_MAX_PROCS):
-            info = ffi.new("shm_proc_info_t *")
-            lib.shm_proc_info(self._handle(), slot, info)
-            if info.state == lib.SHM_PROC_LIVE and info.pid == pid:
-                lib.shm_proc_trim_request(self._handle(), slot)
+        for r in scan_slots(self._handle()):
+            if r.state == lib.SHM_PROC_LIVE and r.pid == pid:
+                lib.shm_proc_trim_request(self._handle(), r.slot)
                 return
         raise ValueError(f"process {pid} is not attached to arena {self._name!r}")
 

@@ -54,9 +54,10 @@ from . import process
 from ._binding import ffi, lib, raise_status
 from .errors import ShmallocError
 from .events import Event
-from .gc import GcStats, GlobalGarbageCollector, handle_of, scan
+from .gc import GcStats, GlobalGarbageCollector, handle_of
 from .manager import MemoryManager
 from .stats import MemoryPressure
+from .tracking import scan_slots as scan
 
 __all__ = [
     "EXIT_LEASE_HELD",

@@ -37,9 +37,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from . import process
 from ._binding import ffi, lib, raise_status
 from .stats import MemoryPressure
+from .tracking import SlotRow as _Row
+from .tracking import mark_if_dead
+from .tracking import scan_slots as scan
 
 if TYPE_CHECKING:
     from .manager import MemoryManager
@@ -116,54 +118,9 @@ def _non_negative_int(value: object, what: str) -> int:
     return value
 
 
-@dataclass
-class _Row:
-    """One non-free slot of the process table, as read (without a lock: each field is atomic)."""
-
-    slot: int
-    state: int
-    pid: int
-    start_time: int
-    usage: int
-    nblocks: int
-
-
 def handle_of(manager: MemoryManager) -> Any:
     """The manager's C handle (raises ValueError if it is closed). Package-internal."""
     return manager._handle()
-
-
-def scan(h: Any) -> list[_Row]:
-    """Every non-free slot of the process table."""
-    info = ffi.new("shm_proc_info_t *")
-    rows = []
-    for slot in range(lib.SHM_MAX_PROCS):
-        lib.shm_proc_info(h, slot, info)
-        if info.state != lib.SHM_PROC_FREE:
-            rows.append(
-                _Row(
-                    slot,
-                    int(info.state),
-                    int(info.pid),
-                    int(info.start_time),
-                    int(info.usage),
-                    int(info.nblocks),
-                )
-            )
-    return rows
-
-
-def mark_if_dead(h: Any, row: _Row) -> bool:
-    """True if the slot's process has ended; a LIVE slot is then marked DEAD in the segment."""
-    if row.state == lib.SHM_PROC_DEAD:
-        return True
-    if process.is_alive(row.pid, row.start_time):
-        return False
-    rc = lib.shm_proc_mark_dead(h, row.slot, row.pid, row.start_time)
-    if rc < 0:
-        raise_status(rc)
-    row.state = lib.SHM_PROC_DEAD
-    return True
 
 
 class GlobalGarbageCollector:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import process
 from ._binding import ffi, lib, raise_status
+from .tracking import mark_if_dead, read_slot
 
 
 def _encode_block_name(name: object) -> bytes:
@@ -62,10 +62,7 @@ class OwnershipMixin:
         info = ffi.new("shm_block_info_t *")
         if lib.shm_block_info(h, address, info) != 0 or info.slot < 0:
             return
-        row = ffi.new("shm_proc_info_t *")
-        lib.shm_proc_info(h, info.slot, row)
-        if row.state == lib.SHM_PROC_LIVE and not process.is_alive(row.pid, row.start_time):
-            lib.shm_proc_mark_dead(h, info.slot, row.pid, row.start_time)
+        mark_if_dead(h, read_slot(h, info.slot))
 
     def persist(self, address: int) -> None:
         """Give the block no owner: it is never collected, only freed by deallocate()."""

@@ -40,6 +40,62 @@ class ProcessInfo:
     slot: int = -1
 
 
+@dataclass
+class SlotRow:
+    """One slot of the process table as read (without the lock: each field is atomic)."""
+
+    slot: int
+    state: int
+    pid: int
+    start_time: int
+    usage: int
+    peak: int
+    limit: int
+    nblocks: int
+    nallocs: int
+    nfrees: int
+
+
+def read_slot(h: Any, slot: int) -> SlotRow:
+    info = ffi.new("shm_proc_info_t *")
+    rc = lib.shm_proc_info(h, slot, info)
+    if rc < 0:
+        raise_status(rc)
+    return SlotRow(
+        slot,
+        int(info.state),
+        int(info.pid),
+        int(info.start_time),
+        int(info.usage),
+        int(info.peak),
+        int(info.limit),
+        int(info.nblocks),
+        int(info.nallocs),
+        int(info.nfrees),
+    )
+
+
+def scan_slots(h: Any) -> list[SlotRow]:
+    """Every slot that is not FREE: attached processes, and dead ones not yet cleaned."""
+    rows = (read_slot(h, slot) for slot in range(lib.SHM_MAX_PROCS))
+    return [r for r in rows if r.state != lib.SHM_PROC_FREE]
+
+
+def mark_if_dead(h: Any, row: SlotRow, mark: bool = True) -> bool:
+    """True if the slot's process has ended (pid and start time, from /proc); with ``mark``, a
+    LIVE slot is then marked DEAD in the segment, so that collection may take its blocks."""
+    if row.state == lib.SHM_PROC_DEAD:
+        return True
+    if row.state != lib.SHM_PROC_LIVE or process.is_alive(row.pid, row.start_time):
+        return False
+    if mark:
+        rc = lib.shm_proc_mark_dead(h, row.slot, row.pid, row.start_time)
+        if rc < 0:
+            raise_status(rc)
+        row.state = lib.SHM_PROC_DEAD
+    return True
+
+
 def _block(b: Any) -> MemoryBlock:
     return MemoryBlock(
         address=b.address,
@@ -58,25 +114,15 @@ class TrackingMixin:
     def _slot_for(self, pid: int | None) -> int: ...
     def _block_size(self, address: int, for_write: int) -> int: ...
 
-    def _proc_rows(self) -> list[Any]:
-        h = self._handle()
-        rows = []
-        for slot in range(lib.SHM_MAX_PROCS):
-            info = ffi.new("shm_proc_info_t *")
-            lib.shm_proc_info(h, slot, info)
-            if info.state != lib.SHM_PROC_FREE:
-                rows.append(info)
-        return rows
-
-    def _rows_for(self, pid: int) -> list[Any]:
+    def _rows_for(self, pid: int) -> list[SlotRow]:
         if isinstance(pid, bool) or not isinstance(pid, int):
             raise TypeError(f"pid must be an int, not {type(pid).__name__}")
-        return [r for r in self._proc_rows() if r.pid == pid]
+        return [r for r in scan_slots(self._handle()) if r.pid == pid]
 
     def processes(self) -> list[ProcessInfo]:
         """Every process in the table: attached, or dead with blocks not yet collected."""
         out = []
-        for r in self._proc_rows():
+        for r in scan_slots(self._handle()):
             alive = r.state == lib.SHM_PROC_LIVE and process.is_alive(r.pid, r.start_time)
             out.append(
                 ProcessInfo(

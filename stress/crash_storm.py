@@ -1416,7 +1416,8 @@ class FaultCtx:
         return step
 
     def mark_dead(self) -> None:
-        from shmalloc.gc import mark_if_dead, scan
+        from shmalloc.tracking import mark_if_dead
+        from shmalloc.tracking import scan_slots as scan
 
         h = self.m._handle()
         for r in scan(h):

@@ -15,12 +15,15 @@ from conftest import SHM_DIR
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_module(*args: str, timeout: float = 300) -> tuple[int, str]:
-    """Run ``python -m ARGS`` in the repository root (killed if it outlasts ``timeout``); assert
-    that it exited 0 and return its pid and its stdout."""
+def spawn_module(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> tuple[int, int, str, str]:
+    """Run ``python -m ARGS`` in the repository root (killed if it outlasts ``timeout``); return
+    its exit status, pid, stdout and stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=REPO_ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -31,8 +34,14 @@ def run_module(*args: str, timeout: float = 300) -> tuple[int, str]:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    return proc.pid, stdout
+    return proc.returncode, proc.pid, stdout, stderr
+
+
+def run_module(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """spawn_module, asserting that it exited 0; return its pid and its stdout."""
+    rc, pid, stdout, stderr = spawn_module(*args, timeout=timeout)
+    assert rc == 0, f"exit {rc}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    return pid, stdout
 
 
 def arenas_left(pid: int) -> list[str]:

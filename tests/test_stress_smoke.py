@@ -16,32 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHM_DIR = "/dev/shm"
+from bench_runs import REPO_ROOT, spawn_module
+from conftest import SHM_DIR
 
 
 def _run(args: list[str], out: Path, timeout: float = 900) -> tuple[dict[str, Any], str, int]:
     env = dict(os.environ)
     env.pop("SHMALLOC_FAULT", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args, "--json", str(out)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert out.exists(), (
-        f"no JSON report (exit {proc.returncode})\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    )
-    return json.loads(out.read_text()), f"stdout:\n{stdout}\nstderr:\n{stderr[-5000:]}", proc.pid
+    rc, pid, stdout, stderr = spawn_module(*args, "--json", str(out), timeout=timeout, env=env)
+    assert out.exists(), f"no JSON report (exit {rc})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    return json.loads(out.read_text()), f"stdout:\n{stdout}\nstderr:\n{stderr[-5000:]}", pid
 
 
 def _left(prefix: str) -> list[str]:
