@@ -27,15 +27,20 @@ PIN(shm_arena_t, capacity, 0x10);
 PIN(shm_arena_t, heap_off, 0x18);
 PIN(shm_arena_t, salt, 0x28);
 PIN(shm_arena_t, counters, 0x40);
-PIN(shm_arena_t, heap_lock, 0xc0);
-PIN(shm_arena_t, bitmap, 0x140);
-PIN(shm_arena_t, bins, 0x160);
-PIN(shm_arena_t, procs, 0x840);
-PIN(shm_arena_t, refs, 0x4840);
-PIN(shm_arena_t, names, 0x14840);
-PIN(shm_arena_t, ring, 0x24840);
+PIN(shm_arena_t, heap_lock, 0x100);
+PIN(shm_arena_t, bitmap, 0x180);
+PIN(shm_arena_t, bins, 0x1a0);
+PIN(shm_arena_t, procs, 0x880);
+PIN(shm_arena_t, refs, 0x4880);
+PIN(shm_arena_t, names, 0x14880);
+PIN(shm_arena_t, caches, 0x24880);
+PIN(shm_arena_t, ring, 0x46880);
+PIN(shm_arena_t, slot_locks, 0x86940);
 PIN(shm_ring_t, slots, 0xc0);
-PIN(shm_arena_t, journal, 0x64900);
+PIN(shm_arena_t, journal, 0x8a940);
+_Static_assert(sizeof(shm_cache_t) == 0x440, "a cache is 17 cache lines");
+PIN(shm_cache_t, pending, 0x40);
+PIN(shm_cache_t, head, 0x80);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
 
@@ -49,6 +54,8 @@ static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, 
     h->heap_end = capacity;
     h->salt = salt;
     h->fd = fd;
+    h->slot = -1;
+    h->claimed = 0;
 }
 
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns) {
@@ -74,7 +81,14 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     a->nbins = SHM_NBINS;
     a->counters.reserved_top = hs + SHM_PAGE;
     for (uint64_t i = 0; i < SHM_RING_SLOTS; i++) a->ring.slots[i].seq = i;
+    /* One process may keep 1/512 of the heap cached, at most 4 MiB: all 128 together at most 1/4.
+     * Below 64 KiB a cache would hold too little to pay for itself: arenas under 32 MiB start
+     * without caches (shm_cache_set_limit changes it). */
+    uint64_t cache_limit = a->heap_size / 512;
+    if (cache_limit > ((uint64_t)4 << 20)) cache_limit = (uint64_t)4 << 20;
+    a->counters.cache_limit = cache_limit < 65536 ? 0 : cache_limit;
     int rc = lock_init(&a->heap_lock);
+    for (int i = 0; rc == SHM_OK && i < SHM_MAX_PROCS; i++) rc = lock_init(&a->slot_locks[i]);
     if (rc != SHM_OK) return rc;
 
     shm_handle_t h;
@@ -117,22 +131,43 @@ void shm_handle_close(shm_handle_t *h) { free(h); }
 
 int shm_debug_level(void) { return SHMALLOC_DEBUG; }
 
+/* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     const shm_counters_t *c = &h->arena->counters;
+    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0;
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        const shm_cache_t *k = &h->arena->caches[i];
+        cached += A_LOAD(&k->cached_bytes);
+        ncached += A_LOAD(&k->cached_blocks);
+        nallocs += A_LOAD(&k->nallocs);
+        nfrees += A_LOAD(&k->nfrees);
+        rbytes += A_LOAD(&k->remote_bytes);
+        rblocks += A_LOAD(&k->remote_blocks);
+    }
     memset(out, 0, sizeof *out);
     out->total = h->heap_end - h->heap_off;
     out->capacity = h->capacity;
-    out->used = A_LOAD(&c->used);
-    out->peak = A_LOAD(&c->peak);
-    out->allocated_blocks = A_LOAD(&c->allocated_blocks);
-    out->free_blocks = A_LOAD(&c->free_blocks);
+    uint64_t used = A_LOAD(&c->used), blocks = A_LOAD(&c->allocated_blocks);
+    /* blocks freed to another process's remote list count as freed already (not yet reusable) */
+    out->used = used > cached + rbytes ? used - cached - rbytes : 0;
+    out->allocated_blocks = blocks > ncached + rblocks ? blocks - ncached - rblocks : 0;
+    out->free_blocks = A_LOAD(&c->free_blocks) + ncached;
     out->overhead = out->allocated_blocks * SHM_HDR;
-    uint64_t fb = A_LOAD(&c->free_bytes), fh = out->free_blocks * SHM_HDR;
-    out->available = fb > fh ? fb - fh : 0;
+    uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
+    out->available = (fb > fh ? fb - fh : 0) + cached;
+    out->cached = cached;
     if (out->available > out->total) out->available = out->total; /* damaged counters: stay sane */
-    out->allocations = A_LOAD(&c->allocations);
-    out->deallocations = A_LOAD(&c->deallocations);
-    out->frees_since_gc = A_LOAD(&c->frees_since_gc);
+    /* The cache path does not keep the arena's peak (refills do): raise it to what we see. */
+    out->peak = A_LOAD(&c->peak);
+    while (out->peak < out->used &&
+           !__atomic_compare_exchange_n(&h->arena->counters.peak, &out->peak, out->used, 1,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    if (out->peak < out->used) out->peak = out->used;
+    out->allocations = A_LOAD(&c->allocations) + nallocs;
+    out->deallocations = A_LOAD(&c->deallocations) + nfrees + rblocks;
+    int64_t cache_frees = (int64_t)(nfrees - A_LOAD(&c->gc_cache_base)); /* since the last gc */
+    out->frees_since_gc = A_LOAD(&c->frees_since_gc) + (cache_frees > 0 ? (uint64_t)cache_frees : 0);
     out->reserved = A_LOAD(&c->reserved_top);
     out->lock_recoveries = A_LOAD(&c->lock_recoveries);
     out->oom_events = A_LOAD(&c->oom_events);

@@ -16,15 +16,49 @@ static inline uint64_t mix64(uint64_t x) {
 
 /* One multiply per field, all independent (they pipeline), then one finalising mix: each field
  * and the offset change the result, and without the arena's random salt the value cannot be
- * forged by writing plausible bytes. It detects damage; it is not a cryptographic MAC. */
+ * forged by writing plausible bytes. It detects damage; it is not a cryptographic MAC.
+ * Not covered: prev_size (rewritten under the heap lock when a neighbour changes, checked against
+ * that neighbour instead [B3]) and the transient flag bits (compare-and-swapped without the lock),
+ * so neither can leave the checksum of a block that another process is reading stale. */
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b) {
     uint64_t x = h->salt ^ (off * 0x9e3779b97f4a7c15ULL);
     x ^= b->size * 0xc2b2ae3d27d4eb4fULL;
-    x ^= (b->prev_size + 1) * 0x165667b19e3779f9ULL;
-    x ^= ((((uint64_t)b->owner << 32) | b->flags) + 3) * 0xd6e8feb86659fd93ULL;
+    uint32_t flags = b->flags & ~(uint32_t)SHM_BF_TRANSIENT;
+    x ^= ((((uint64_t)b->owner << 32) | flags) + 3) * 0xd6e8feb86659fd93ULL;
     x ^= ((uint64_t)b->refcount + 7) * 0x94d049bb133111ebULL;
     x = mix64(x);
     return (uint32_t)(x ^ (x >> 32));
+}
+
+/* The block at off is owned by a process and allocated: claim it for a change under the heap
+ * lock, so that no lock-free actor (its owner's cache, a remote free; cache.c) moves it
+ * meanwhile. BUSY is set only by the heap lock's holder, so a BUSY found here was left by a holder
+ * that died (the journal put it back): it is ours now. Fails with SHM_EADDR if the block was freed
+ * into a cache or a remote list; then nothing changed. Blocks that are free, persistent or owned
+ * by nobody need no claim (no lock-free path touches them). */
+int block_claim(shm_handle_t *h, uint64_t off) {
+    uint64_t *w = block_word(h, off);
+    uint64_t cur = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint32_t owner = (uint32_t)cur, flags = (uint32_t)(cur >> 32);
+        if (!owner || (flags & SHM_BF_FREE)) return SHM_OK;
+        if (flags & SHM_BF_BUSY) break;
+        if (flags & (SHM_BF_CACHED | SHM_BF_REMOTE))
+            return err_set(SHM_EADDR, off + SHM_HDR,
+                           "the block at address %#llx is free (already freed?)",
+                           (unsigned long long)(off + SHM_HDR));
+        uint64_t want = cur | ((uint64_t)SHM_BF_BUSY << 32);
+        if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) break;
+    }
+    if (h->claimed && h->claimed != off) block_unclaim(h, h->claimed);
+    h->claimed = off; /* lock_release lets go of it */
+    return SHM_OK;
+}
+
+/* Let go of a claim (no-op if the block was freed or rewritten meanwhile). */
+void block_unclaim(shm_handle_t *h, uint64_t off) {
+    __atomic_fetch_and(block_word(h, off), ~((uint64_t)SHM_BF_BUSY << 32), __ATOMIC_RELEASE);
+    if (h->claimed == off) h->claimed = 0;
 }
 
 /* Journal the header at off and return it for changes; finish with block_reseal(). */
@@ -55,6 +89,8 @@ void block_reseal(const shm_handle_t *h, uint64_t off) {
 void block_scrub(shm_handle_t *h, uint64_t off) {
     shm_block_t *b = block_edit(h, off);
     b->size = 0;
+    b->owner = 0;
+    b->flags = 0;
     b->check = ~block_checksum(h, off, b);
 }
 
@@ -91,7 +127,8 @@ static int block_classify_bad(const shm_handle_t *h, uint64_t address, uint64_t 
                    (unsigned long long)address);
 }
 
-/* Map a user address to its block's offset; the block must be allocated. */
+/* Map a user address to its block's offset; the block must be allocated (a block in a cache or
+ * on a remote list is free from the user's view). */
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out) {
     if (UNLIKELY(address < h->heap_off + SHM_HDR || address >= h->heap_end ||
                  address % SHM_ALIGN))
@@ -101,7 +138,7 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
                        (unsigned long long)h->heap_end);
     uint64_t off = address - SHM_HDR;
     if (UNLIKELY(block_validate(h, off) != SHM_OK)) return block_classify_bad(h, address, off);
-    if (UNLIKELY(block_at(h, off)->flags & SHM_BF_FREE))
+    if (UNLIKELY(block_at(h, off)->flags & (SHM_BF_FREE | SHM_BF_CACHED | SHM_BF_REMOTE)))
         return err_set(SHM_EADDR, address, "the block at address %#llx is free (already freed?)",
                        (unsigned long long)address);
     *off_out = off;

@@ -12,7 +12,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [
-    "arena.c", "block.c", "check.c", "error.c", "fault.c", "freelist.c", "gc.c", "heap.c", "lock.c",
+    "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c", "gc.c", "heap.c", "lock.c",
     "journal.c", "names.c", "own.c", "process.c", "ring.c",
 ]
 

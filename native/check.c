@@ -11,7 +11,7 @@
 #define ULL(x) ((unsigned long long)(x))
 
 typedef struct {
-    uint64_t usage, nblocks;
+    uint64_t usage, nblocks, cached_bytes, cached_blocks;
 } proc_sums_t;
 
 static __thread uint64_t heap_refcounts; /* sum of refcount over allocated blocks, from check_heap */
@@ -35,12 +35,21 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
             r->free_bytes += b->size;
             if (b->size - SHM_HDR > r->largest_free) r->largest_free = b->size - SHM_HDR;
         } else {
+            uint32_t transient = b->flags & SHM_BF_TRANSIENT;
+            if (transient && transient != SHM_BF_BUSY &&
+                (!b->owner || b->refcount || b->flags != transient))
+                FAIL(off, "[B4] cached or remotely freed block %#llx has owner %u, refcount %u, flags %#x",
+                     ULL(off), b->owner, b->refcount, b->flags);
             if (b->owner && !proc_slot_is_valid(h, b->owner))
                 FAIL(off, "[B6] block %#llx is owned by slot %u, which is not attached", ULL(off),
                      b->owner - 1);
             if (b->owner) {
                 sums[b->owner - 1].usage += b->size - SHM_HDR;
                 sums[b->owner - 1].nblocks++;
+                if (b->flags & SHM_BF_CACHED) {
+                    sums[b->owner - 1].cached_bytes += b->size - SHM_HDR;
+                    sums[b->owner - 1].cached_blocks++;
+                }
             }
             if (!b->owner && !(b->flags & SHM_BF_PERSIST))
                 FAIL(off, "[B6] block %#llx has no owner and is not persistent", ULL(off));
@@ -87,7 +96,7 @@ static int check_bins(shm_handle_t *h, const shm_check_report_t *r) {
     return SHM_OK;
 }
 
-static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums) {
+static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums, int full) {
     const shm_arena_t *a = h->arena;
     const shm_counters_t *c = &a->counters;
     uint64_t coff = offsetof(shm_arena_t, counters);
@@ -104,14 +113,28 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
         FAIL(coff, "[A3] reserved_top %llu beyond capacity", ULL(c->reserved_top));
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         const shm_proc_t *p = &a->procs[i];
+        const shm_cache_t *k = &a->caches[i];
         uint64_t poff = offsetof(shm_arena_t, procs) + (uint64_t)i * sizeof *p;
         if (p->state > SHM_PROC_DEAD) FAIL(poff, "[P1] slot %d has state %u", i, p->state);
-        if (p->usage != sums[i].usage || p->nblocks != sums[i].nblocks)
-            FAIL(poff, "[P2] slot %d (pid %u) counts %llu bytes in %llu blocks, owns %llu in %llu", i,
-                 p->pid, ULL(p->usage), ULL(p->nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
-        if (p->peak < p->usage) FAIL(poff, "[P3] slot %d peak below usage", i);
         if (p->state == SHM_PROC_LIVE) r->live_procs++;
         if (p->state == SHM_PROC_DEAD) r->dead_procs++;
+        /* The cache side changes under the slot's own lock: only a full check (every live slot
+         * locked) can compare it; a dead process's cache may be torn until collected. */
+        if (!full || p->state != SHM_PROC_LIVE) continue;
+        uint64_t usage = p->usage + k->usage + k->cached_bytes;
+        uint64_t nblocks = p->nblocks + k->nblocks + k->cached_blocks;
+        if (usage != sums[i].usage || nblocks != sums[i].nblocks)
+            FAIL(poff, "[K2] slot %d (pid %u) counts %llu bytes in %llu blocks, owns %llu in %llu", i,
+                 p->pid, ULL(usage), ULL(nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
+        if (p->peak < p->usage + k->usage) FAIL(poff, "[P3] slot %d peak below usage", i);
+        uint64_t lbytes, lblocks;
+        if (cache_check_lists(h, i, &lbytes, &lblocks) != SHM_OK) return SHM_ECORRUPT;
+        if (lbytes != k->cached_bytes || lblocks != k->cached_blocks ||
+            lblocks != sums[i].cached_blocks || lbytes != sums[i].cached_bytes)
+            FAIL(offsetof(shm_arena_t, caches) + (uint64_t)i * sizeof *k,
+                 "[K1] slot %d: lists hold %llu bytes in %llu blocks, counters say %llu in %llu, the heap has %llu cached",
+                 i, ULL(lbytes), ULL(lblocks), ULL(k->cached_bytes), ULL(k->cached_blocks),
+                 ULL(sums[i].cached_blocks));
     }
     return SHM_OK;
 }
@@ -157,15 +180,21 @@ static int check_refs_names(shm_handle_t *h) {
     return SHM_OK;
 }
 
-/* The whole walk, the lock already held. */
-int check_locked(shm_handle_t *h, shm_check_report_t *out) {
+/* The whole walk, the heap lock already held; full: every live slot's lock too. */
+int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     shm_check_report_t r = {0};
     proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
     heap_refcounts = 0;
     int rc = check_heap(h, &r, sums);
     if (rc == SHM_OK) rc = check_bins(h, &r);
-    if (rc == SHM_OK) rc = check_counters(h, &r, sums);
+    if (rc == SHM_OK) rc = check_counters(h, &r, sums, full);
     if (rc == SHM_OK) rc = check_refs_names(h);
+    for (int i = 0; i < SHM_MAX_PROCS; i++) { /* the user's view from here on, like stats */
+        r.cached_blocks += sums[i].cached_blocks;
+        r.cached_bytes += sums[i].cached_bytes;
+    }
+    r.allocated_blocks -= r.cached_blocks;
+    r.used -= r.cached_bytes;
     if (rc == SHM_OK) *out = r;
     return rc;
 }
@@ -175,9 +204,19 @@ int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
         a->heap_off != h->heap_off || a->salt != h->salt)
         return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    rc = check_locked(h, out);
-    lock_release(h, &h->arena->heap_lock);
+    /* Slot locks first, in slot order, then the heap lock: the order every path takes them in. */
+    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
+    for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
+        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = cache_lock_live(h, i)) == SHM_OK)
+            locked[i] = 1;
+    if (rc == SHM_OK && (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
+        int full = 1; /* a slot that became live after its turn above is not locked */
+        for (int i = 0; i < SHM_MAX_PROCS; i++)
+            if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && !locked[i]) full = 0;
+        rc = check_locked(h, out, full);
+        lock_release(h, &h->arena->heap_lock);
+    }
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (locked[i]) cache_unlock(h, i);
     return rc;
 }

@@ -11,7 +11,10 @@
  *   free.unlinked  the free neighbours are off their lists, the merged header not yet written
  *   free.inserted  the merged block is on its list, the counters not yet updated
  *   retain.half    the reference entry is taken, the block's refcount not yet raised
- *   gc.step        a collection has freed its first block and is about to free the next */
+ *   gc.step        a collection has freed its first block and is about to free the next
+ *   cache.popped   a cached block is off its list, not yet handed out (no heap lock held)
+ *   cache.pushed   a freed block is marked CACHED, not yet on its list (no heap lock held)
+ *   remote.claimed another process's block is marked REMOTE, not yet on its remote list */
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +29,8 @@ static const char *const steps[] = {
     [FAULT_ALLOC_CARVED] = "alloc.carved",   [FAULT_ALLOC_DONE] = "alloc.done",
     [FAULT_FREE_LOCKED] = "free.locked",     [FAULT_FREE_UNLINKED] = "free.unlinked",
     [FAULT_FREE_INSERTED] = "free.inserted", [FAULT_RETAIN_HALF] = "retain.half",
-    [FAULT_GC_STEP] = "gc.step",
+    [FAULT_GC_STEP] = "gc.step",             [FAULT_CACHE_POPPED] = "cache.popped",
+    [FAULT_CACHE_PUSHED] = "cache.pushed",   [FAULT_REMOTE_CLAIMED] = "remote.claimed",
 };
 
 void fault_init(void) {

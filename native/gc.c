@@ -7,6 +7,10 @@
  *      process references; for slot >= 0 the same restricted to that slot, or with all_blocks
  *      every block of that slot, dead or alive, referenced or not (an operator's targeted action);
  *   3. returns DEAD slots that own nothing to FREE.
+ * A dead process's cached blocks (CACHED) go back to the heap in the same walk, and so do blocks
+ * other processes freed to it (REMOTE), except one whose push a live process has not finished
+ * (its `pending` word names it; cache.c): that one waits for the next collection. A live
+ * process's cache is left to it (it returns it when asked to trim).
  * Freeing merges neighbours at once, so the walk continues from the end of the merged block. */
 #include "shm_internal.h"
 
@@ -26,8 +30,35 @@ int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t sta
     return marked;
 }
 
+/* Free one block of a dead (or targeted) process in the walk; *off moves past it. */
+static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *out) {
+    const shm_block_t *b = block_at(h, *off);
+    uint64_t size = b->size;
+    int rc;
+    if (b->flags & SHM_BF_CACHED) { /* a dead process's cache: free already from the user's view */
+        shm_cache_t *c = &h->arena->caches[owner];
+        A_SUB(&c->cached_bytes, size - SHM_HDR);
+        A_SUB(&c->cached_blocks, 1);
+        rc = heap_release_block(h, *off, off);
+    } else {
+        if (b->flags & SHM_BF_REMOTE)
+            cache_remote_done(h, owner, size - SHM_HDR);
+        else if (block_claim(h, *off) != SHM_OK) {
+            *off += size; /* its live owner cached it, or another process freed it, meanwhile */
+            return SHM_OK;
+        }
+        if ((rc = heap_free_block(h, *off, off)) != SHM_OK) return rc;
+        out->freed_blocks++;
+        out->freed_bytes += size - SHM_HDR;
+    }
+    journal_checkpoint(h); /* each freed block is a step of its own */
+    FAULT_POINT(FAULT_GC_STEP);
+    return rc;
+}
+
 static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_result_t *out) {
     shm_arena_t *a = h->arena;
+    uint64_t remaining[SHM_MAX_PROCS] = {0};
     for (int i = 0; i < SHM_MAX_PROCS; i++)
         if (a->procs[i].state == SHM_PROC_DEAD && (slot < 0 || slot == i)) {
             out->refs_dropped += refs_drop_slot(h, (uint32_t)i + 1);
@@ -39,38 +70,45 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
         const shm_block_t *b = block_at(h, off);
         uint64_t size = b->size;
         int32_t owner = (int32_t)b->owner - 1;
-        int take = 0;
-        if (!(b->flags & SHM_BF_FREE) && owner >= 0 && owner < SHM_MAX_PROCS) {
-            if (slot >= 0 && owner != slot)
-                take = 0;
-            else if (slot >= 0 && all_blocks)
-                take = 1;
-            else
-                take = a->procs[owner].state == SHM_PROC_DEAD && b->refcount == 0;
-        }
-        if (!take) {
+        if ((b->flags & SHM_BF_FREE) || owner < 0 || owner >= SHM_MAX_PROCS) {
             off += size;
             continue;
         }
-        int rc = heap_free_block(h, off, &off);
+        int dead = a->procs[owner].state == SHM_PROC_DEAD;
+        int take = 0;
+        if (b->flags & SHM_BF_CACHED)
+            take = dead && (slot < 0 || owner == slot); /* a live process's cache is its own */
+        else if (b->flags & SHM_BF_REMOTE) /* unless another process is still pushing it */
+            take = dead && (slot < 0 || owner == slot) && !cache_pending_live(h, off);
+        else if (slot >= 0 && owner != slot)
+            take = 0;
+        else if (slot >= 0 && all_blocks)
+            take = 1;
+        else
+            take = dead && b->refcount == 0;
+        if (!take) {
+            remaining[owner]++;
+            off += size;
+            continue;
+        }
+        int rc = gc_take(h, &off, owner, out);
         if (rc != SHM_OK) return rc;
-        out->freed_blocks++;
-        out->freed_bytes += size - SHM_HDR;
-        journal_checkpoint(h); /* each freed block is a step of its own */
-        FAULT_POINT(FAULT_GC_STEP);
     }
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         shm_proc_t *p = &a->procs[i];
-        if (p->state == SHM_PROC_DEAD && A_LOAD(&p->nblocks) == 0 && (slot < 0 || slot == i)) {
+        if (p->state == SHM_PROC_DEAD && remaining[i] == 0 && (slot < 0 || slot == i)) {
             refs_drop_slot(h, (uint32_t)i + 1);
             J(h, p);
+            cache_reset_slot(h, i);
             A_STORE(&p->usage, 0);
+            A_STORE(&p->nblocks, 0);
             A_STORE(&p->state, SHM_PROC_FREE);
             out->procs_cleaned++;
         }
     }
     A_ADD(&a->counters.gc_runs, 1);
     A_STORE(&a->counters.frees_since_gc, 0);
+    A_STORE(&a->counters.gc_cache_base, cache_sum(h, offsetof(shm_cache_t, nfrees)));
     return SHM_OK;
 }
 

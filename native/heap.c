@@ -45,21 +45,26 @@ static int reserve_to(shm_handle_t *h, uint64_t top) {
     return SHM_OK;
 }
 
-static int oom(shm_handle_t *h, int status, uint64_t requested) {
+int heap_oom(shm_handle_t *h, int status, uint64_t requested) {
     shm_counters_t *c = &h->arena->counters;
     A_ADD(&c->oom_events, 1);
     uint64_t nfree = A_LOAD(&c->free_blocks), fb = A_LOAD(&c->free_bytes);
     uint64_t avail = fb > nfree * SHM_HDR ? fb - nfree * SHM_HDR : 0;
-    return err_oom(status, requested, avail, A_LOAD(&c->used), h->heap_end - h->heap_off);
+    uint64_t cached = cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t used = A_LOAD(&c->used);
+    return err_oom(status, requested, avail, used > cached ? used - cached : 0,
+                   h->heap_end - h->heap_off);
 }
 
-/* Set the prev_size of the block after [off, off+size), if there is one. */
+/* Set the prev_size of the block after [off, off+size), if there is one. prev_size is outside the
+ * checksum, so this writes one word and no lock-free reader of that block can see it torn. */
 static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
     uint64_t next = off + size;
     if (next >= h->heap_end) return SHM_OK;
     if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
-    block_edit(h, next)->prev_size = size;
-    block_reseal(h, next);
+    shm_block_t *b = block_at(h, next);
+    J(h, &b->prev_size);
+    b->prev_size = size;
     return SHM_OK;
 }
 
@@ -79,19 +84,17 @@ void pressure_update(shm_handle_t *h, int *rose) {
     if (rose && level > old && level >= SHM_PRESSURE_HIGH) *rose = 1;
 }
 
-static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
+/* Carve a block of whole size `need` (aligned payload if align) owned by owner with flags, and
+ * count it in the heap's counters (not in anyone's usage: the caller does that). At most `room`
+ * usable bytes may be handed out (a process limit): SHM_ELIMIT, nothing changed, if the block
+ * would be larger. SHM_ENOMEM / SHM_ENOSPC are returned unreported (the caller may retry), and so
+ * is SHM_EINVAL when a block for a cache (flags CACHED) would not be of exactly `need` bytes. */
+int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
+               uint64_t room, uint64_t *off_out) {
     shm_counters_t *c = &h->arena->counters;
-    uint64_t usable = round_up(size, SHM_ALIGN);
-    uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
-    int rc = proc_charge(h, owner, 0);
-    if (rc != SHM_OK) return rc;
-    const shm_proc_t *p = owner ? &h->arena->procs[owner - 1] : NULL;
-    uint64_t limit = p ? A_LOAD(&p->limit) : 0, pused = p ? A_LOAD(&p->usage) : 0;
-    if (limit && pused + (need - SHM_HDR) > limit) return err_limit(p->pid, limit, pused, size);
     uint64_t search = align ? need + align + SHM_MIN_BLOCK : need;
     uint64_t off;
-    rc = freelist_find(h, search, &off);
-    if (rc == SHM_ENOMEM) return oom(h, SHM_ENOMEM, size);
+    int rc = freelist_find(h, search, &off);
     if (rc != SHM_OK) return rc;
 
     shm_block_t *b = block_at(h, off);
@@ -103,10 +106,10 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     uint64_t tail = rest - need >= SHM_MIN_BLOCK ? rest - need : 0;
     uint64_t mine = rest - tail;
     /* the block may keep a remainder too small to split off: the limit counts what is charged */
-    if (limit && pused + (mine - SHM_HDR) > limit) return err_limit(p->pid, limit, pused, size);
+    if (mine - SHM_HDR > room) return SHM_ELIMIT;
+    if ((flags & SHM_BF_CACHED) && mine != need) return SHM_EINVAL; /* caches hold exact sizes */
     /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
     rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
-    if (rc == SHM_ENOSPC) return oom(h, SHM_ENOSPC, size);
     if (rc != SHM_OK) return rc;
 
     if ((rc = freelist_remove(h, off)) != SHM_OK) return rc;
@@ -118,7 +121,7 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
         prev_size = front;
         new_free++;
     }
-    block_write(h, start, mine, prev_size, owner, 0, 0);
+    block_write(h, start, mine, prev_size, owner, flags, 0);
     FAULT_POINT(FAULT_ALLOC_CARVED);
     if (tail) {
         block_write(h, start + mine, tail, mine, 0, SHM_BF_FREE, 0);
@@ -130,27 +133,63 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     }
 
     FAULT_POINT(FAULT_ALLOC_DONE);
-    uint64_t got = mine - SHM_HDR;
-    uint64_t used = A_ADD(&c->used, got);
-    if (used > A_LOAD(&c->peak)) A_STORE(&c->peak, used);
+    A_ADD(&c->used, mine - SHM_HDR);
     A_SUB(&c->free_bytes, mine);
     A_ADD(&c->allocated_blocks, 1);
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + new_free - 1);
-    A_ADD(&c->allocations, 1);
-    proc_charge(h, owner, got);
-    int rose = 0;
-    pressure_update(h, &rose);
+    *off_out = start;
+    return SHM_OK;
+}
+
+/* Flag bits for an allocation's result: pressure crossed upwards, or a trim was asked for. */
+int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose) {
     int64_t flags = rose ? (int64_t)SHM_ALLOC_PRESSURE_FLAG : 0;
     if (owner) {
         const shm_proc_t *p = &h->arena->procs[owner - 1];
         if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack))) flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
     }
-    return (int64_t)(start + SHM_HDR) | flags;
+    return flags;
+}
+
+static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
+    shm_counters_t *c = &h->arena->counters;
+    uint64_t usable = round_up(size, SHM_ALIGN);
+    uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
+    int rc = proc_charge(h, owner, 0);
+    if (rc != SHM_OK) return rc;
+    const shm_proc_t *p = &h->arena->procs[owner - 1];
+    uint64_t limit = A_LOAD(&p->limit), pused = proc_usage(h, owner - 1);
+    uint64_t room = !limit ? UINT64_MAX : limit > pused ? limit - pused : 0;
+    if (need - SHM_HDR > room) return err_limit(p->pid, limit, pused, size);
+    uint64_t off;
+    rc = heap_carve(h, need, align, owner, 0, room, &off);
+    if (rc == SHM_ELIMIT) return err_limit(p->pid, limit, pused, size);
+    if (rc == SHM_ENOMEM || rc == SHM_ENOSPC) return rc;
+    if (rc != SHM_OK) return rc;
+    uint64_t got = block_at(h, off)->size - SHM_HDR;
+    A_ADD(&c->allocations, 1);
+    proc_charge(h, owner, got);
+    uint64_t cached = cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t used = A_LOAD(&c->used) - cached;
+    if (used > A_LOAD(&c->peak)) A_STORE(&c->peak, used);
+    int rose = 0;
+    pressure_update(h, &rose);
+    return (int64_t)(off + SHM_HDR) | heap_result_flags(h, owner, rose);
+}
+
+/* The heap path of shm_alloc: large or aligned requests, and callers without a cache. */
+int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    FAULT_POINT(FAULT_ALLOC_LOCKED);
+    int64_t r = alloc_locked(h, size, align, owner);
+    lock_release(h, &h->arena->heap_lock);
+    return r;
 }
 
 int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
     if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
-        return size ? oom(h, SHM_ENOMEM, size)
+        return size ? heap_oom(h, SHM_ENOMEM, size)
                     : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
     if (align > SHM_PAGE || (align & (align - 1))) {
         return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two up to %d",
@@ -159,22 +198,28 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
     if (align <= SHM_ALIGN) align = 0; /* every block is 16-byte aligned already */
     if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    FAULT_POINT(FAULT_ALLOC_LOCKED);
-    int64_t r = alloc_locked(h, size, align, (uint32_t)(slot + 1));
-    lock_release(h, &h->arena->heap_lock);
+    int64_t r;
+    if (LIKELY(!align && slot == h->slot && size <= CACHE_MAX_USABLE &&
+               A_LOAD(&h->arena->counters.cache_limit)))
+        r = cache_alloc(h, size);
+    else
+        r = heap_alloc(h, size, align, (uint32_t)slot + 1);
+    if (UNLIKELY(r == SHM_ENOMEM || r == SHM_ENOSPC)) {
+        /* Memory may sit in caches: return them all to the heap, then try once more. */
+        cache_flush_all(h);
+        r = heap_alloc(h, size, align, (uint32_t)slot + 1);
+        if (r == SHM_ENOMEM || r == SHM_ENOSPC) return heap_oom(h, (int)r, size);
+    }
     return r;
 }
 
-/* Free the allocated block at off (validated by the caller): drop its names and references,
- * merge it with free neighbours, put the result on its list. *merged_end, if given, receives the
- * end of the merged free block, where a heap walk can continue. */
-int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
+/* Give the block at off back to the heap: merge it with free neighbours, put the result on its
+ * list, count it in the heap's counters. Its owner's usage is the caller's business (a cached
+ * block was not in it). *merged_end, if given, receives the end of the merged free block. */
+int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     shm_counters_t *c = &h->arena->counters;
     shm_block_t *b = block_at(h, off);
     uint64_t size = b->size, prev_size = b->prev_size, got = size - SHM_HDR;
-    uint32_t owner = b->owner;
     uint64_t merged = 0;
     int rc;
 
@@ -191,8 +236,6 @@ int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
             return err_set(SHM_ECORRUPT, off, "block %#llx: prev_size %llu names no block",
                            (unsigned long long)off, (unsigned long long)prev_size);
     }
-    if (UNLIKELY(b->refcount) && (rc = refs_drop_block(h, off)) != SHM_OK) return rc;
-    if (UNLIKELY(b->flags & SHM_BF_NAMED)) names_drop_address(h, off + SHM_HDR);
     if (next < h->heap_end && (block_at(h, next)->flags & SHM_BF_FREE)) {
         if ((rc = freelist_remove(h, next)) != SHM_OK) return rc;
         size += block_at(h, next)->size;
@@ -214,34 +257,55 @@ int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_INSERTED);
 
-    proc_credit(h, owner, got);
     A_SUB(&c->used, got);
     A_ADD(&c->free_bytes, got + SHM_HDR);
     A_SUB(&c->allocated_blocks, 1);
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + 1 - merged);
-    A_ADD(&c->deallocations, 1);
-    A_ADD(&c->frees_since_gc, 1);
     pressure_update(h, NULL);
     if (merged_end) *merged_end = off + size;
+    return SHM_OK;
+}
+
+/* Free the allocated (claimed) block at off for its user: drop its names and references, take it
+ * off its owner's usage, give it back to the heap. */
+int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
+    shm_counters_t *c = &h->arena->counters;
+    shm_block_t *b = block_at(h, off);
+    uint64_t got = b->size - SHM_HDR;
+    uint32_t owner = b->owner;
+    int rc;
+    if (UNLIKELY(b->refcount) && (rc = refs_drop_block(h, off)) != SHM_OK) return rc;
+    if (UNLIKELY(b->flags & SHM_BF_NAMED)) names_drop_address(h, off + SHM_HDR);
+    if (h->claimed == off) h->claimed = 0; /* the block is rewritten free: nothing to let go */
+    if ((rc = heap_release_block(h, off, merged_end)) != SHM_OK) return rc;
+    proc_credit(h, owner, got);
+    A_ADD(&c->deallocations, 1);
+    A_ADD(&c->frees_since_gc, 1);
     return SHM_OK;
 }
 
 static int64_t free_locked(shm_handle_t *h, uint64_t address) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     int64_t got = (int64_t)(block_at(h, off)->size - SHM_HDR);
     rc = heap_free_block(h, off, NULL);
     return rc == SHM_OK ? got : rc;
 }
 
-int64_t shm_free(shm_handle_t *h, uint64_t address) {
+/* The heap path of shm_free. */
+int64_t heap_free(shm_handle_t *h, uint64_t address) {
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_LOCKED);
     int64_t r = free_locked(h, address);
     lock_release(h, &h->arena->heap_lock);
     return r;
+}
+
+int64_t shm_free(shm_handle_t *h, uint64_t address) {
+    if (LIKELY(h->slot >= 0)) return cache_free(h, address);
+    return heap_free(h, address);
 }
 
 /* Usable size of the live block at address; with for_write, sealed blocks are refused.
@@ -268,7 +332,7 @@ int shm_block_seal(shm_handle_t *h, uint64_t address) {
     if (rc != SHM_OK) return rc;
     uint64_t off;
     rc = block_from_address(h, address, &off);
-    if (rc == SHM_OK) {
+    if (rc == SHM_OK && (rc = block_claim(h, off)) == SHM_OK) {
         block_edit(h, off)->flags |= SHM_BF_SEALED;
         block_reseal(h, off);
     }

@@ -1,4 +1,5 @@
-/* lock.c -- the process-shared robust mutex that guards the heap, the bins and the process table.
+/* lock.c -- the process-shared robust mutexes: the heap lock, which guards the heap, the bins and
+ * the process table, and the slot locks, which guard each process's cache (cache.c).
  *
  * The mutex lives in the segment (shm_lock_t.mutex). It is PTHREAD_PROCESS_SHARED so every
  * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder
@@ -53,7 +54,8 @@ static int lock_wait(shm_handle_t *h, shm_lock_t *l) {
         int tid = m->__data.__owner & 0x3fffffff; /* glibc: the holder's tid, flag bits masked */
         if (tid <= 0 || (kill(tid, 0) != 0 && errno == ESRCH))
             return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
-                           "the heap lock is held by thread %d, which does not exist", tid);
+                           "the %s lock is held by thread %d, which does not exist",
+                           l == &h->arena->heap_lock ? "heap" : "process cache", tid);
     }
 }
 
@@ -86,15 +88,36 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
     return SHM_OK;
 }
 
+/* A slot lock (cache.c): no journal. Returns SHM_OK, SHM_LOCK_RECOVERED when its holder died
+ * (the lock is ours and consistent again; what it guarded must be repaired), or a status. */
+int lock_take(shm_handle_t *h, shm_lock_t *l) {
+    int rc = lock_wait(h, l);
+    if (LIKELY(rc == 0)) return SHM_OK;
+    if (rc == SHM_ECORRUPT) return rc;
+    if (rc == EOWNERDEAD) {
+        if ((rc = pthread_mutex_consistent(lock_mutex(l))) != 0) {
+            pthread_mutex_unlock(lock_mutex(l));
+            return err_sys(rc, "pthread_mutex_consistent");
+        }
+        return SHM_LOCK_RECOVERED;
+    }
+    if (rc == ENOTRECOVERABLE)
+        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
+    return err_sys(rc, "pthread_mutex_lock");
+}
+
+void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
+
 void lock_release(shm_handle_t *h, shm_lock_t *l) {
 #if SHMALLOC_DEBUG >= 3
     /* debug level 3: every operation leaves a heap that passes the full walk */
     shm_check_report_t r;
-    if (check_locked(h, &r) != SHM_OK) {
+    if (check_locked(h, &r, 0) != SHM_OK) {
         fprintf(stderr, "shmalloc debug: heap invariant broken: %s\n", shm_last_error()->detail);
         abort();
     }
 #endif
+    if (h->claimed) block_unclaim(h, h->claimed);
     journal_end(h);
     pthread_mutex_unlock(lock_mutex(l));
 }

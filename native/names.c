@@ -24,7 +24,7 @@ static shm_name_t *name_find(shm_handle_t *h, const char *name) {
 static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     if (name_find(h, name))
         return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first", name);
     int names_here = 0;

@@ -25,7 +25,8 @@ static int live_slot(shm_handle_t *h, int32_t slot) {
 static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
+        return rc;
     if (block_at(h, off)->flags & SHM_BF_NAMED)
         return err_set(SHM_EINVAL, address, "the block at %#llx is named; unbind it before adopting",
                        (unsigned long long)address);
@@ -44,7 +45,7 @@ int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot) {
 static int persist_locked(shm_handle_t *h, uint64_t address) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, 0, b->size - SHM_HDR);
     b->owner = 0;
@@ -58,7 +59,8 @@ int shm_block_persist(shm_handle_t *h, uint64_t address) { LOCKED(h, persist_loc
 static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
+        return rc;
     shm_ref_t *refs = h->arena->refs, *empty = NULL;
     uint32_t holder = (uint32_t)slot + 1;
     for (int i = 0; i < SHM_MAX_REFS; i++) {
@@ -97,7 +99,7 @@ int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot) {
 static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK) return rc;
+    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     uint32_t holder = (uint32_t)slot + 1;
     shm_ref_t *refs = h->arena->refs;
     shm_block_t *b = block_at(h, off);
@@ -150,10 +152,11 @@ uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder) {
         J(h, &refs[i]);
         refs[i].holder = 0;
         dropped += refs[i].count;
-        if (block_validate(h, off) == SHM_OK) { /* else check() reports it */
+        if (block_validate(h, off) == SHM_OK && block_claim(h, off) == SHM_OK) { /* else check() reports it */
             shm_block_t *b = block_edit(h, off);
             b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
             block_reseal(h, off);
+            block_unclaim(h, off);
         }
         journal_checkpoint(h); /* one entry and its block agree again [R2]: a step of its own */
     }
@@ -166,7 +169,7 @@ static int list_locked(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uin
     for (uint64_t off = h->heap_off; off < h->heap_end; off += block_at(h, off)->size) {
         if (block_validate(h, off) != SHM_OK) return SHM_ECORRUPT;
         const shm_block_t *b = block_at(h, off);
-        if (b->flags & SHM_BF_FREE) continue;
+        if (b->flags & (SHM_BF_FREE | SHM_BF_CACHED | SHM_BF_REMOTE)) continue; /* free to a user */
         if (slot >= -1 && (int32_t)b->owner - 1 != slot) continue;
         if (n < cap) {
             shm_block_info_t *o = &out[n];

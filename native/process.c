@@ -5,11 +5,28 @@
  * held the slot before: an attach that finds the same pid with another start time marks the old
  * slot DEAD. A slot returns to FREE only once it owns nothing, so a block's owner always names the
  * process that allocated it [B6]. Usage counters are atomics: readers take no lock. */
+#include <unistd.h>
+
 #include "shm_internal.h"
 
-/* Journal the counters of a slot (usage .. nfrees) before they change. */
+/* Journal the counters of a slot (usage, nblocks .. nfrees) before they change. Not the peak: a
+ * process's cache raises it without the heap lock, so a rollback must not lower it. */
 static void proc_journal_counters(shm_handle_t *h, shm_proc_t *p) {
-    journal_save(h, &p->usage, offsetof(shm_proc_t, trim_seq) - offsetof(shm_proc_t, usage));
+    J(h, &p->usage);
+    journal_save(h, &p->nblocks, offsetof(shm_proc_t, trim_seq) - offsetof(shm_proc_t, nblocks));
+}
+
+/* What the process in slot uses: the heap side here plus its cache side (cache.c). */
+uint64_t proc_usage(const shm_handle_t *h, int slot) {
+    return A_LOAD(&h->arena->procs[slot].usage) + A_LOAD(&h->arena->caches[slot].usage);
+}
+
+/* peak = max(peak, usage), by compare-and-swap: the heap path and the cache path both raise it. */
+void proc_raise_peak(shm_proc_t *p, uint64_t usage) {
+    uint64_t cur = __atomic_load_n(&p->peak, __ATOMIC_RELAXED);
+    while (cur < usage &&
+           !__atomic_compare_exchange_n(&p->peak, &cur, usage, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
 }
 
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
@@ -24,8 +41,8 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
     if (!bytes) return SHM_OK;
     shm_proc_t *p = &h->arena->procs[owner - 1];
     proc_journal_counters(h, p);
-    uint64_t u = A_ADD(&p->usage, bytes);
-    if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
+    A_ADD(&p->usage, bytes);
+    proc_raise_peak(p, proc_usage(h, (int)owner - 1));
     A_ADD(&p->nblocks, 1);
     A_ADD(&p->nallocs, 1);
     return SHM_OK;
@@ -54,14 +71,14 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
                 found = i;
             } else {
                 J(h, p);
-                A_STORE(&p->state, SHM_PROC_DEAD); /* the pid was recycled */
-                if (!A_LOAD(&p->nblocks) && free_slot < 0) free_slot = i;
+                A_STORE(&p->state, SHM_PROC_DEAD); /* the pid was recycled; gc.c frees the slot */
             }
         }
     }
     if (found < 0 && free_slot >= 0) {
         shm_proc_t *p = &h->arena->procs[free_slot];
         J(h, p);
+        cache_reset_slot(h, free_slot);
         p->pid = pid;
         p->start_time = start_time;
         A_STORE(&p->usage, 0);
@@ -76,6 +93,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
         found = free_slot;
     }
     lock_release(h, &h->arena->heap_lock);
+    if (found >= 0 && pid == (uint32_t)getpid()) h->slot = found; /* this process's own cache */
     if (found < 0)
         return err_set(SHM_EPROCS, 0, "all %d process slots are taken; collect dead processes",
                        SHM_MAX_PROCS);
@@ -98,12 +116,17 @@ int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
     out->state = A_LOAD(&p->state);
     out->pid = A_LOAD(&p->pid);
     out->start_time = A_LOAD(&p->start_time);
-    out->usage = A_LOAD(&p->usage);
+    const shm_cache_t *c = &h->arena->caches[slot];
+    /* blocks other processes freed to it and it has not drained yet are freed, as users see it */
+    uint64_t rbytes = A_LOAD(&c->remote_bytes), rblocks = A_LOAD(&c->remote_blocks);
+    uint64_t usage = proc_usage(h, slot), nblocks = A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks);
+    out->usage = usage > rbytes ? usage - rbytes : 0;
     out->peak = A_LOAD(&p->peak);
     out->limit = A_LOAD(&p->limit);
-    out->nblocks = A_LOAD(&p->nblocks);
-    out->nallocs = A_LOAD(&p->nallocs);
-    out->nfrees = A_LOAD(&p->nfrees);
+    out->nblocks = nblocks > rblocks ? nblocks - rblocks : 0;
+    out->nallocs = A_LOAD(&p->nallocs) + A_LOAD(&c->nallocs);
+    out->nfrees = A_LOAD(&p->nfrees) + A_LOAD(&c->nfrees) + rblocks;
+    if (out->peak < out->usage) out->peak = out->usage; /* read between the two halves' updates */
     return SHM_OK;
 }
 
@@ -126,8 +149,8 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
     if (proc_slot_is_valid(h, to)) {
         shm_proc_t *p = &h->arena->procs[to - 1];
         proc_journal_counters(h, p);
-        uint64_t u = A_ADD(&p->usage, bytes);
-        if (u > A_LOAD(&p->peak)) A_STORE(&p->peak, u);
+        A_ADD(&p->usage, bytes);
+        proc_raise_peak(p, proc_usage(h, (int)to - 1));
         A_ADD(&p->nblocks, 1);
     }
 }
@@ -149,21 +172,27 @@ int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
     return SHM_OK;
 }
 
-/* This process detaches (close): a slot that owns nothing and holds no references is given back;
- * otherwise it stays LIVE until the process ends and a collection cleans it. Returns 1 if freed. */
+/* This process detaches (close): its cache goes back to the heap; a slot that then owns nothing
+ * and holds no references is given back; otherwise it stays LIVE until the process ends and a
+ * collection cleans it. Returns 1 if freed. */
 int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = shm_cache_flush(h, slot);
     if (rc != SHM_OK) return rc;
+    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];
+    const shm_cache_t *c = &h->arena->caches[slot];
     int freed = 0;
-    if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) == 0 && !refs_held_by(h, (uint32_t)slot + 1)) {
+    if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
+        !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) && !refs_held_by(h, (uint32_t)slot + 1)) {
         J(h, p);
+        cache_reset_slot(h, slot);
         A_STORE(&p->state, SHM_PROC_FREE);
         freed = 1;
     }
     lock_release(h, &h->arena->heap_lock);
+    if (freed && h->slot == slot) h->slot = -1;
     return freed;
 }
 

@@ -71,6 +71,7 @@ typedef struct shm_stats {
     uint64_t lock_recoveries;
     uint64_t oom_events;
     uint64_t gc_runs;
+    uint64_t cached;           /* usable bytes in per-process caches (counted in available) */
 } shm_stats_t;
 
 typedef struct shm_check_report {
@@ -82,6 +83,8 @@ typedef struct shm_check_report {
     uint64_t largest_free;     /* usable bytes of the largest free block */
     uint64_t live_procs;
     uint64_t dead_procs;
+    uint64_t cached_blocks;    /* in per-process caches: allocated for the heap, free for users */
+    uint64_t cached_bytes;     /* (allocated_blocks and used above leave them out) */
 } shm_check_report_t;
 
 typedef struct shm_block_info {
@@ -113,6 +116,16 @@ typedef struct shm_proc_info {
     uint64_t nallocs;
     uint64_t nfrees;
 } shm_proc_info_t;
+
+typedef struct shm_cache_info {
+    uint64_t cached_bytes;   /* usable bytes of the free blocks the process keeps */
+    uint64_t cached_blocks;
+    uint64_t nallocs;        /* allocations served from the cache, ever (while the slot lived) */
+    uint64_t nfrees;         /* frees into it, its own and other processes' */
+    uint64_t limit;          /* most usable bytes one process may keep cached */
+    uint32_t remote_pending; /* 1 if other processes freed blocks it has not collected yet */
+    uint32_t pad;
+} shm_cache_info_t;
 
 /* arena.c */
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns);
@@ -149,6 +162,11 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot);
 int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
 int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
                    uint64_t new_start);
+
+/* cache.c */
+int shm_cache_flush(shm_handle_t *h, int32_t slot);
+int shm_cache_set_limit(shm_handle_t *h, uint64_t limit); /* 0: no caches, every call takes the heap lock */
+int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out);
 
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);

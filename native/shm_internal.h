@@ -42,6 +42,8 @@ struct shm_handle {
     uint64_t heap_end;
     uint64_t salt;
     int fd;
+    int32_t slot; /* this process's slot once attached (shm_proc_attach), else -1 */
+    uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
 };
 
 /* error.c */
@@ -84,6 +86,7 @@ int journal_rollback(shm_handle_t *h);
 enum {
     FAULT_ALLOC_LOCKED, FAULT_ALLOC_REMOVED, FAULT_ALLOC_CARVED, FAULT_ALLOC_DONE,
     FAULT_FREE_LOCKED, FAULT_FREE_UNLINKED, FAULT_FREE_INSERTED, FAULT_RETAIN_HALF, FAULT_GC_STEP,
+    FAULT_CACHE_POPPED, FAULT_CACHE_PUSHED, FAULT_REMOTE_CLAIMED,
 };
 extern int fault_step;
 void fault_init(void);
@@ -97,6 +100,9 @@ void fault_fire(void);
 int lock_init(shm_lock_t *l);
 int lock_acquire(shm_handle_t *h, shm_lock_t *l);
 void lock_release(shm_handle_t *h, shm_lock_t *l);
+#define SHM_LOCK_RECOVERED 1
+int lock_take(shm_handle_t *h, shm_lock_t *l);
+void lock_give(shm_lock_t *l);
 
 /* block.c */
 static inline shm_block_t *block_at(const shm_handle_t *h, uint64_t off) {
@@ -105,12 +111,19 @@ static inline shm_block_t *block_at(const shm_handle_t *h, uint64_t off) {
 static inline shm_free_links_t *block_links(const shm_handle_t *h, uint64_t off) {
     return (shm_free_links_t *)(h->base + off + SHM_HDR);
 }
+/* The (owner, flags) pair as one 64-bit word: owner in the low half, flags in the high half. */
+static inline uint64_t *block_word(const shm_handle_t *h, uint64_t off) {
+    return (uint64_t *)(void *)(h->base + off + 16);
+}
+#define BLOCK_WORD(owner, flags) ((uint64_t)(uint32_t)(owner) | ((uint64_t)(uint32_t)(flags) << 32))
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
 void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
                  uint32_t owner, uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
 void block_scrub(shm_handle_t *h, uint64_t off);
+int block_claim(shm_handle_t *h, uint64_t off);
+void block_unclaim(shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
 
@@ -122,8 +135,31 @@ int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out);
 int freelist_largest(shm_handle_t *h, uint64_t *size_out);
 
 /* heap.c */
+int heap_oom(shm_handle_t *h, int status, uint64_t requested);
+int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
+               uint64_t room, uint64_t *off_out);
+int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
+int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner);
+int64_t heap_free(shm_handle_t *h, uint64_t address);
+int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
 int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
 void pressure_update(shm_handle_t *h, int *rose);
+
+/* cache.c */
+#define CACHE_MAX_BLOCK ((uint64_t)65536)
+#define CACHE_MAX_USABLE (CACHE_MAX_BLOCK - SHM_HDR)
+uint64_t cache_class_size(unsigned k);
+unsigned cache_class_of(uint64_t need);
+int64_t cache_alloc(shm_handle_t *h, uint64_t size);
+int64_t cache_free(shm_handle_t *h, uint64_t address);
+void cache_flush_all(shm_handle_t *h);
+uint64_t cache_sum(const shm_handle_t *h, size_t field);
+void cache_reset_slot(shm_handle_t *h, int slot);
+void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
+int cache_pending_live(const shm_handle_t *h, uint64_t off);
+int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
+int cache_lock_live(shm_handle_t *h, int slot);
+void cache_unlock(shm_handle_t *h, int slot);
 
 /* own.c */
 int refs_drop_block(shm_handle_t *h, uint64_t off);
@@ -134,12 +170,14 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 void names_drop_address(shm_handle_t *h, uint64_t address);
 
 /* check.c */
-int check_locked(shm_handle_t *h, shm_check_report_t *out);
+int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
 /* process.c */
 int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
 void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
+uint64_t proc_usage(const shm_handle_t *h, int slot);
+void proc_raise_peak(shm_proc_t *p, uint64_t usage);
 
 #endif

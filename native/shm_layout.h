@@ -25,7 +25,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 3
+#define SHM_LAYOUT_VERSION 4
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -39,15 +39,20 @@
 #define SHM_JOURNAL_BYTES 65536
 #define SHM_JOURNAL_MAX_RECORDS 4096
 #define SHM_MAX_NAMES_PER_BLOCK 16
+#define SHM_CACHE_CLASSES 77
 
 /* Block header: 32 bytes in front of every payload.
  * Written by whichever process holds the heap lock; read without the lock only through
  * shm_block_size() for bounds checks (a torn read fails the checksum and is retried under lock).
  * Invariants checked by check.c:
- *   [B1] check == block_checksum(offset, header)          (smashed headers are detected)
+ *   [B1] check == block_checksum(offset, header)          (smashed headers are detected); the
+ *        checksum covers size, owner, flags but the transient bits, and refcount: prev_size is
+ *        checked against the previous block instead [B3], and the transient bits change by
+ *        compare-and-swap without any lock (cache.c), so neither may leave a checksum stale
  *   [B2] size % 16 == 0, size >= SHM_MIN_BLOCK, offset + size <= heap end
  *   [B3] prev_size == size of the physically previous block (0 for the first block)
- *   [B4] a free block has owner == 0, refcount == 0 and no flag but FREE
+ *   [B4] a free block has owner == 0, refcount == 0 and no flag but FREE; a CACHED or REMOTE
+ *        block has an owner, refcount == 0 and no other flag
  *   [B5] no two physically adjacent blocks are both free (coalescing is eager)
  *   [B6] an allocated block's owner is 0 (persistent) or a slot that is not FREE */
 typedef struct shm_block {
@@ -72,6 +77,15 @@ typedef struct shm_free_links {
 #define SHM_BF_SEALED 2
 #define SHM_BF_PERSIST 4
 #define SHM_BF_NAMED 8
+/* Transient bits: set and cleared by compare-and-swap on the 64-bit word (owner, flags), outside
+ * the checksum. Exactly one actor can move a block out of the plain "allocated, flags 0" state:
+ *   CACHED  the block sits in its owner's per-process cache (cache.c); free from the user's view
+ *   REMOTE  another process freed it; it is on (or being pushed to) its owner's remote list
+ *   BUSY    the heap lock's holder is changing the header (adopt, retain, free, ...) */
+#define SHM_BF_CACHED 16
+#define SHM_BF_REMOTE 32
+#define SHM_BF_BUSY 64
+#define SHM_BF_TRANSIENT 112
 
 /* Process table slot, one cache line pair per attached process.
  * state/pid/start_time change only under the heap lock; counters are atomics so that readers
@@ -97,6 +111,31 @@ typedef struct shm_proc {
 #define SHM_PROC_FREE 0
 #define SHM_PROC_LIVE 1
 #define SHM_PROC_DEAD 2
+
+/* A process's cache of free small and medium blocks (cache.c), one per slot, and its counters.
+ * The lists and the counters below `pending` are written by the holder of the slot's own lock
+ * (slot_locks[slot]); remote_head by any process with compare-and-swap; pending by the slot's
+ * process alone. A process's true usage is procs[].usage + usage here (two's complement sum: the
+ * cache side may count down what the heap side counted up), likewise nblocks, nallocs, nfrees.
+ *   [K1] each list holds count[c] blocks of exactly cache_class_size(c) bytes, owned by the slot,
+ *        flags CACHED; cached_bytes, cached_blocks are their usable bytes and number
+ *   [K2] procs[].usage + usage + cached_bytes == usable bytes of the blocks the slot owns */
+typedef struct shm_cache {
+    uint64_t remote_head;   /* +0x00 first REMOTE block (header offset); links in payloads */
+    uint64_t remote_bytes;  /* +0x08 usable bytes pushed and not yet drained (atomic add/sub) */
+    uint64_t remote_blocks; /* +0x10 their number: freed from the user's view, still in usage */
+    uint64_t pad0[5];
+    uint64_t pending;       /* +0x40 block this process is pushing onto another's remote list */
+    uint64_t usage;         /* +0x48 cache-side change to the owner's usage */
+    uint64_t nblocks;       /* +0x50 */
+    uint64_t nallocs;       /* +0x58 allocations served from the cache, ever */
+    uint64_t nfrees;        /* +0x60 frees into the cache (own and drained remote), ever */
+    uint64_t cached_bytes;  /* +0x68 usable bytes of the cached blocks */
+    uint64_t cached_blocks; /* +0x70 */
+    uint64_t pad1;
+    uint64_t head[80];      /* +0x80 per size class: first cached block, 0 = empty */
+    uint32_t count[80];     /* +0x300 */
+} shm_cache_t;
 
 /* A reference held on a block by a process (retain/release). Under the heap lock.
  *   [R1] holder == 0 (empty entry) or holder - 1 is a slot that is not FREE, and count > 0
@@ -169,7 +208,9 @@ typedef struct shm_counters {
     uint64_t pressure_level;   /* +0x60 SHM_PRESSURE_* the arena was last seen at */
     uint64_t lease_pid;        /* +0x68 the coordinator holding the lease (0 = none), heap lock */
     uint64_t lease_start;      /* +0x70 its start time */
-    uint64_t pad[1];
+    uint64_t cache_limit;      /* +0x78 most usable bytes one process may keep cached */
+    uint64_t gc_cache_base;    /* +0x80 sum of caches' nfrees at the last collection */
+    uint64_t pad[7];
 } shm_counters_t;
 
 #define SHM_PRESSURE_LOW 0
@@ -201,13 +242,15 @@ typedef struct shm_arena {
     uint32_t max_procs;   /* +0x38 SHM_MAX_PROCS */
     uint32_t nbins;       /* +0x3c SHM_NBINS */
     shm_counters_t counters;               /* +0x40 */
-    shm_lock_t heap_lock;                  /* +0xc0 guards the heap, the bins and the slots */
-    uint64_t bitmap[4];                    /* +0x140 one bit per non-empty bin */
-    uint64_t bins[213];                    /* +0x160 head offset of each bin's list, 0 = empty */
+    shm_lock_t heap_lock;                  /* +0x100 guards the heap, the bins and the slots */
+    uint64_t bitmap[4];                    /* +0x180 one bit per non-empty bin */
+    uint64_t bins[213];                    /* +0x1a0 head offset of each bin's list, 0 = empty */
     uint64_t pad_bins[7];
-    shm_proc_t procs[128];                 /* +0x840 the process table */
-    shm_ref_t refs[4096];                  /* +0x4840 references held by live processes */
-    shm_name_t names[1024];                /* +0x14840 the named-block directory */
-    shm_ring_t ring;                       /* +0x24840 the event ring */
-    shm_journal_t journal;                 /* +0x64900 the undo journal */
+    shm_proc_t procs[128];                 /* +0x880 the process table */
+    shm_ref_t refs[4096];                  /* +0x4880 references held by live processes */
+    shm_name_t names[1024];                /* +0x14880 the named-block directory */
+    shm_cache_t caches[128];               /* +0x24880 per-process caches, indexed like procs */
+    shm_ring_t ring;                       /* +0x46880 the event ring */
+    shm_lock_t slot_locks[128];            /* +0x86940 each guards caches[i]'s lists (outside the journal's reach) */
+    shm_journal_t journal;                 /* +0x8a940 the undo journal */
 } shm_arena_t;

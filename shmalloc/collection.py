@@ -72,9 +72,18 @@ class CollectionMixin:
                 self._emit("memory.process_reclaimed", pid=r.pid, bytes=r.usage - left)
         return res, reclaimed
 
+    def _return_cache(self) -> None:
+        """Give this process's cache of free blocks (and the blocks other processes freed to it)
+        back to the arena, where they can merge and serve any process."""
+        if self._slot is not None and self._slot >= 0:
+            rc = lib.shm_cache_flush(self._handle(), self._slot)
+            if rc < 0:
+                raise_status(rc)
+
     def collect(self) -> int:
-        """Free the orphaned blocks of dead processes (unless retained or persistent) and clean
-        their slots; return the number of blocks freed."""
+        """Return this process's cache, free the orphaned blocks of dead processes (unless
+        retained or persistent) and clean their slots; return the number of blocks freed."""
+        self._return_cache()
         res, _ = self._collect_dead()
         self._emit("memory.gc_triggered", freed_blocks=res.freed_blocks)
         return int(res.freed_blocks)
@@ -110,6 +119,7 @@ class CollectionMixin:
         address = r & FLAG_MASK
         if r & lib.SHM_ALLOC_TRIM_FLAG:
             lib.shm_proc_trim_ack(self._handle(), self._slot)
+            self._return_cache()
             self._run_pressure_callbacks()
         if r & lib.SHM_ALLOC_PRESSURE_FLAG:
             level = MemoryPressure(lib.shm_pressure_level(self._handle()))

@@ -118,9 +118,25 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         return cls(nbytes)
 
     @classmethod
-    def create(cls, name: str, capacity: int = DEFAULT_CAPACITY, *, mode: int = 0o600) -> MemoryManager:
-        """Create the arena ``name``; ``FileExistsError`` if it exists."""
-        return cls(capacity, name=validate_name(name), _mode=mode)
+    def create(
+        cls,
+        name: str,
+        capacity: int = DEFAULT_CAPACITY,
+        *,
+        mode: int = 0o600,
+        cache_limit: int | None = None,
+    ) -> MemoryManager:
+        """Create the arena ``name``; ``FileExistsError`` if it exists. ``cache_limit``: see
+        set_cache_limit() (default: 1/512 of the arena, at most 4 MiB; none below 32 MiB)."""
+        m = cls(capacity, name=validate_name(name), _mode=mode)
+        if cache_limit is not None:
+            try:
+                m.set_cache_limit(cache_limit)
+            except BaseException:
+                m.destroy()
+                m.close()
+                raise
+        return m
 
     @classmethod
     def attach(cls, name: str) -> MemoryManager:
@@ -494,6 +510,26 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         if rc != 0:
             raise_status(rc, address)
 
+    # ---------------------------------------------------------------- per-process caches
+
+    @property
+    def cache_limit(self) -> int:
+        """Bytes of free small and medium blocks (up to 64 KiB) each process may keep cached."""
+        info = ffi.new("shm_cache_info_t *")
+        lib.shm_cache_info(self._handle(), 0, info)
+        return int(info.limit)
+
+    def set_cache_limit(self, nbytes: int) -> None:
+        """Set, for the whole arena, how many bytes of freed small and medium blocks each process
+        may keep in its cache to reuse without the arena's lock. 0 turns the caches off: every
+        allocation and free then takes the heap lock. Lowering it returns caches at once."""
+        nbytes = _check_int(nbytes, "nbytes")
+        if nbytes < 0:
+            raise ValueError(f"the cache limit must be >= 0 bytes, got {nbytes}")
+        rc = lib.shm_cache_set_limit(self._handle(), min(nbytes, _U64_MAX))
+        if rc < 0:
+            raise_status(rc)
+
     # ---------------------------------------------------------------- inspection
 
     def stats(self) -> MemoryStats:
@@ -538,6 +574,8 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             largest_free=r.largest_free,
             live_processes=r.live_procs,
             dead_processes=r.dead_procs,
+            cached_blocks=r.cached_blocks,
+            cached_bytes=r.cached_bytes,
         )
 
     # ---------------------------------------------------------------- coordinator

@@ -78,3 +78,5 @@ class CheckReport:
     largest_free: int
     live_processes: int
     dead_processes: int
+    cached_blocks: int = 0  # free blocks held in per-process caches (not in allocated_blocks)
+    cached_bytes: int = 0

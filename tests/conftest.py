@@ -45,6 +45,14 @@ def mgr(arena_name: str) -> Iterator[MemoryManager]:
             m.close()
 
 
+@pytest.fixture
+def heap_mgr(arena_name: str) -> Iterator[MemoryManager]:
+    """A 64 MiB arena with the per-process caches off: every call takes the heap lock, so a
+    test can pin the heap's own placement, splitting and merging (native/heap.c)."""
+    with destroyed_after(MemoryManager.create(arena_name, 64 << 20, cache_limit=0)) as m:
+        yield m
+
+
 @contextmanager
 def destroyed_after(m: MemoryManager) -> Iterator[MemoryManager]:
     """Yield ``m``; afterwards close it (unless that is done) and destroy its segment."""

@@ -26,6 +26,13 @@ MiB = 1024 * KiB
 SIZE_BOUNDARIES = [1, 63, 64, 65, 4095, 4096, 4097, 65536, 65537, 1 * MiB]
 
 
+@pytest.fixture
+def mgr(heap_mgr: MemoryManager) -> MemoryManager:
+    """These tests pin the heap's placement policy:
+    the per-process caches are off (test_cache.py covers them)."""
+    return heap_mgr
+
+
 def _round16(n: int) -> int:
     return (n + 15) & ~15
 
@@ -551,6 +558,7 @@ def test_usage_percentage_and_pressure_from_real_arena(arena_name: str) -> None:
         (100.0, MemoryPressure.CRITICAL),
     ],
 )
+
 def test_pressure_thresholds(pct: float, level: MemoryPressure) -> None:
     total = 1_000_000
     available = round(total * (1 - pct / 100))

@@ -13,6 +13,13 @@ import pytest
 
 from shmalloc import MemoryManager
 
+
+@pytest.fixture
+def mgr(heap_mgr: MemoryManager) -> MemoryManager:
+    """These tests kill a process inside the heap lock's steps:
+    the per-process caches are off (test_cache.py covers them)."""
+    return heap_mgr
+
 CHILD = """
 import sys
 from shmalloc import MemoryManager
@@ -57,6 +64,7 @@ def assert_intact(mgr: MemoryManager, live: list[int], blocks_before: list[int])
 @pytest.mark.parametrize(
     "step", ["alloc.locked", "alloc.removed", "alloc.carved", "alloc.done"]
 )
+
 def test_killed_inside_allocate_is_rolled_back(mgr: MemoryManager, step: str) -> None:
     live, holes = fragmented(mgr)
     order = sorted(live + holes)

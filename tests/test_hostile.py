@@ -46,20 +46,29 @@ def _poke(mgr: MemoryManager, offset: int, data: bytes) -> None:
         m[offset : offset + len(data)] = data
 
 
-def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryManager) -> None:
-    a = mgr.allocate(100)
+@pytest.mark.parametrize("which", ["heap", "slot"])
+def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryManager, which: str) -> None:
+    """The heap lock (taken to free a large block) or this process's slot lock (taken to free a
+    small one into its cache), damaged to name a thread that does not exist."""
+    a = mgr.allocate(1 << 20 if which == "heap" else 100)
     # a pid that does not exist: beyond the kernel's pid_max
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     ghost = pid_max + 7
     if ghost >= 1 << 30:
         pytest.skip("pid_max leaves no room for a ghost thread id")
-    lock_off = ffi.offsetof("shm_arena_t", "heap_lock")
+    if which == "heap":
+        lock_off = ffi.offsetof("shm_arena_t", "heap_lock")
+    else:
+        slot = mgr._own_slot()
+        assert mgr.cache_limit > 0  # small frees go through the cache, under the slot lock
+        lock_off = ffi.offsetof("shm_arena_t", "slot_locks") + slot * ffi.sizeof("shm_lock_t")
     # glibc's pthread_mutex_t: int __lock (the futex word) then unsigned __count, int __owner
     _poke(mgr, lock_off, ghost.to_bytes(4, "little") + b"\0\0\0\0" + ghost.to_bytes(4, "little"))
     with pytest.raises(CorruptionDetected) as ei:
         mgr.deallocate(a)
     assert ei.value.offset == lock_off
     assert str(ghost) in ei.value.detail
+    _poke(mgr, lock_off, bytes(12))  # repaired by hand, so that the fixture can clean up
 
 
 def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:

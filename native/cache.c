@@ -1,0 +1,504 @@
+/* cache.c -- per-process caches of small and medium blocks, and frees across processes.
+ *
+ * Every slot of the process table has a cache in the segment (shm_cache_t): one list per size
+ * class of free blocks that stay allocated from the heap's point of view, owned by the slot and
+ * flagged CACHED. Its process allocates from and frees into it holding only its own slot lock
+ * (slot_locks[slot]), never the heap lock: no global lock on the small-block hot path. A list that
+ * runs dry is refilled in a batch under the heap lock; one that grows past its bound is drained
+ * in a batch. Because the cache lives in the segment, a dead process's cached blocks are found by
+ * the collector's heap walk (gc.c) like any block it owned.
+ *
+ * A process that frees a block owned by another process does not touch the owner's cache: it
+ * claims the block with one compare-and-swap of its (owner, flags) word from (owner, 0) to
+ * (owner, REMOTE) and pushes it onto the owner's remote list (a Treiber stack, links in the
+ * payloads), lock-free. The owner takes the whole list with one exchange when it next allocates
+ * and moves the blocks into its cache. While pushing, the freeing process names the block in its
+ * own `pending` word, so that a collector never frees a REMOTE block whose push is still under way.
+ *
+ * Who may change what (the rules that make this safe; shm_layout.h has the flag definitions):
+ *   - a block in the plain allocated state (owner X, flags 0) leaves it by exactly one CAS: to
+ *     CACHED (X's own free, X's slot lock held), to REMOTE (a remote free, no lock) or to BUSY
+ *     (the heap lock's holder, block_claim in block.c, before adopt/retain/free/...);
+ *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock; REMOTE blocks only
+ *     by whoever holds X's slot lock and has taken them off the remote list, or by the collector
+ *     once X is dead;
+ *   - the cache-side counters of X are written only by a holder of X's slot lock (or by the
+ *     collector once X is dead), the heap-side counters (procs[X]) only under the heap lock.
+ *
+ * Crashes. The hot path keeps no journal. A process that dies holding a slot lock leaves the lists
+ * and counters of that cache in any state; the next taker of the lock gets SHM_LOCK_RECOVERED and
+ * repairs the cache from the heap, which is the truth: every CACHED block of the slot goes back to
+ * the heap and the counters are recomputed (cache_repair). Changes to the heap itself are
+ * journaled as always, so a death under both locks is first rolled back, then repaired. */
+#include <string.h>
+
+#include "shm_internal.h"
+
+#define CLASS_BYTES ((uint64_t)65536) /* a list holds at most this many bytes... */
+#define CLASS_MAX 64                  /* ...and at most this many blocks */
+#define REMOTE_WALK_MAX ((uint64_t)1 << 24)
+
+_Static_assert(SHM_CACHE_CLASSES <= sizeof(((shm_cache_t *)0)->head) / 8, "too many classes");
+
+/* Size classes by whole block size: multiples of 16 from 64 to 256 (classes 0..12), then eight
+ * per doubling up to 64 KiB (classes 13..76): at most 1/8 of a block is rounding. */
+unsigned cache_class_of(uint64_t need) {
+    if (need <= 256) return (unsigned)((need - SHM_MIN_BLOCK) >> 4);
+    unsigned lg = (unsigned)(63 - __builtin_clzll(need - 1)); /* need in (2^lg, 2^(lg+1)] */
+    uint64_t step = (uint64_t)1 << (lg - 3);
+    unsigned sub = (unsigned)((need - ((uint64_t)1 << lg) + step - 1) >> (lg - 3));
+    return 12 + (lg - 8) * 8 + sub;
+}
+
+uint64_t cache_class_size(unsigned k) {
+    if (k <= 12) return SHM_MIN_BLOCK + 16 * (uint64_t)k;
+    unsigned lg = 8 + (k - 13) / 8, sub = (k - 13) % 8 + 1;
+    return ((uint64_t)1 << lg) + (uint64_t)sub * ((uint64_t)1 << (lg - 3));
+}
+
+static unsigned class_cap(unsigned k) {
+    uint64_t n = CLASS_BYTES / cache_class_size(k);
+    return n < 2 ? 2 : n > CLASS_MAX ? CLASS_MAX : (unsigned)n;
+}
+
+/* Is size the exact size of a class? Only such blocks are cached. */
+static int class_exact(uint64_t size, unsigned *k) {
+    if (size < SHM_MIN_BLOCK || size > CACHE_MAX_BLOCK || size % SHM_ALIGN) return 0;
+    *k = cache_class_of(size);
+    return cache_class_size(*k) == size;
+}
+
+/* *p -= v, but not below 0 (a pusher that died between its push and its count leaves it short). */
+static void sub_clamped(uint64_t *p, uint64_t v) {
+    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(p, &cur, cur > v ? cur - v : 0, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+}
+
+/* A REMOTE block of slot leaves the remote list's count (drained, or freed by the collector). */
+void cache_remote_done(shm_handle_t *h, int slot, uint64_t got) {
+    shm_cache_t *c = &h->arena->caches[slot];
+    sub_clamped(&c->remote_bytes, got);
+    sub_clamped(&c->remote_blocks, 1);
+}
+
+static inline shm_cache_t *cache_of(const shm_handle_t *h, int slot) { return &h->arena->caches[slot]; }
+static inline uint64_t *link_of(const shm_handle_t *h, uint64_t off) {
+    return (uint64_t *)(void *)(h->base + off + SHM_HDR);
+}
+
+/* Sum one uint64 field over all caches (stats, pressure, out-of-memory reports). */
+uint64_t cache_sum(const shm_handle_t *h, size_t field) {
+    uint64_t s = 0;
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        s += A_LOAD((const uint64_t *)(const void *)((const uint8_t *)cache_of(h, i) + field));
+    return s;
+}
+
+/* Is off named by a live process's pending remote push? (The collector must leave it alone.) */
+int cache_pending_live(const shm_handle_t *h, uint64_t off) {
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (__atomic_load_n(&cache_of(h, i)->pending, __ATOMIC_SEQ_CST) == off &&
+            A_LOAD(&h->arena->procs[i].state) == SHM_PROC_LIVE)
+            return 1;
+    return 0;
+}
+
+/* The slot becomes FREE (under the heap lock): fold its lifetime counts into the arena's, empty
+ * it. Its lists must be empty of blocks already (the caller freed them). */
+void cache_reset_slot(shm_handle_t *h, int slot) {
+    shm_cache_t *c = cache_of(h, slot);
+    shm_counters_t *ct = &h->arena->counters;
+    A_ADD(&ct->allocations, A_LOAD(&c->nallocs));
+    A_ADD(&ct->deallocations, A_LOAD(&c->nfrees));
+    A_SUB(&ct->gc_cache_base, A_LOAD(&c->nfrees));
+    journal_save(h, &c->usage, sizeof *c - offsetof(shm_cache_t, usage));
+    memset(&c->usage, 0, sizeof *c - offsetof(shm_cache_t, usage));
+    __atomic_store_n(&c->remote_head, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->remote_bytes, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->remote_blocks, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->pending, 0, __ATOMIC_RELAXED);
+}
+
+/* Pop the head of list k of slot (its slot lock held), validated: in the heap, sound header,
+ * owned by the slot, CACHED, of the class's size. */
+static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t off = c->head[k];
+    if (UNLIKELY(block_validate(h, off) != SHM_OK || block_at(h, off)->size != cache_class_size(k) ||
+                 __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) !=
+                     BLOCK_WORD(slot + 1, SHM_BF_CACHED))) {
+        c->head[k] = 0; /* do not follow it again */
+        c->count[k] = 0;
+        return err_set(SHM_ECORRUPT, off, "[K1] cache of slot %d, class %u: %#llx is not a cached block",
+                       slot, k, (unsigned long long)off);
+    }
+    c->head[k] = *link_of(h, off);
+    c->count[k]--;
+    *off_out = off;
+    return SHM_OK;
+}
+
+static void list_push(shm_handle_t *h, int slot, unsigned k, uint64_t off) {
+    shm_cache_t *c = cache_of(h, slot);
+    *link_of(h, off) = c->head[k];
+    c->head[k] = off;
+    c->count[k]++;
+}
+
+/* Give n blocks of list k back to the heap (slot lock and heap lock held). */
+static int list_release(shm_handle_t *h, int slot, unsigned k, unsigned n) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t got = cache_class_size(k) - SHM_HDR;
+    while (n-- && c->count[k]) {
+        uint64_t off;
+        int rc = list_pop(h, slot, k, &off);
+        if (rc != SHM_OK) return rc;
+        A_SUB(&c->cached_bytes, got);
+        A_SUB(&c->cached_blocks, 1);
+        if ((rc = heap_release_block(h, off, NULL)) != SHM_OK) return rc;
+        journal_checkpoint(h); /* each block given back is a step of its own */
+    }
+    return SHM_OK;
+}
+
+/* Rebuild slot's cache from the heap after a holder of its lock died (slot lock held): every
+ * CACHED block of the slot goes back to the heap, the lists are emptied and the cache-side
+ * counters recomputed from what the slot owns. */
+static int cache_repair(shm_handle_t *h, int slot) {
+    int rc = lock_acquire(h, &h->arena->heap_lock); /* rolls back a death under both locks first */
+    if (rc != SHM_OK) return rc;
+    shm_cache_t *c = cache_of(h, slot);
+    memset(c->head, 0, sizeof c->head);
+    memset(c->count, 0, sizeof c->count);
+    uint64_t usage = 0, nblocks = 0, off = h->heap_off;
+    while (off < h->heap_end) {
+        if ((rc = block_validate(h, off)) != SHM_OK) break;
+        const shm_block_t *b = block_at(h, off);
+        uint64_t size = b->size;
+        if (b->owner == (uint32_t)slot + 1 && !(b->flags & SHM_BF_FREE)) {
+            if (b->flags & SHM_BF_CACHED) {
+                if ((rc = heap_release_block(h, off, &off)) != SHM_OK) break;
+                journal_checkpoint(h);
+                continue;
+            }
+            usage += size - SHM_HDR;
+            nblocks++;
+        }
+        off += size;
+    }
+    if (rc == SHM_OK) {
+        const shm_proc_t *p = &h->arena->procs[slot];
+        A_STORE(&c->usage, usage - A_LOAD(&p->usage));
+        A_STORE(&c->nblocks, nblocks - A_LOAD(&p->nblocks));
+        A_STORE(&c->cached_bytes, 0);
+        A_STORE(&c->cached_blocks, 0);
+        A_ADD(&h->arena->counters.lock_recoveries, 1);
+    }
+    lock_release(h, &h->arena->heap_lock);
+    return rc;
+}
+
+static int slot_lock(shm_handle_t *h, int slot) {
+    int rc = lock_take(h, &h->arena->slot_locks[slot]);
+    if (LIKELY(rc == SHM_OK)) return SHM_OK;
+    if (rc != SHM_LOCK_RECOVERED) return rc;
+    if ((rc = cache_repair(h, slot)) != SHM_OK) {
+        lock_give(&h->arena->slot_locks[slot]); /* still inconsistent: the next taker repairs */
+        return rc;
+    }
+    return SHM_OK;
+}
+
+static inline void slot_unlock(shm_handle_t *h, int slot) { lock_give(&h->arena->slot_locks[slot]); }
+
+/* Move the blocks other processes freed into slot's cache (slot lock held). */
+static int drain_remote(shm_handle_t *h, int slot) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t off = __atomic_exchange_n(&c->remote_head, 0, __ATOMIC_ACQUIRE);
+    for (uint64_t n = 0; off && n < REMOTE_WALK_MAX; n++) {
+        unsigned k;
+        uint64_t *w = block_word(h, off);
+        if (block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k) ||
+            __atomic_load_n(w, __ATOMIC_ACQUIRE) != BLOCK_WORD(slot + 1, SHM_BF_REMOTE))
+            return err_set(SHM_ECORRUPT, off, "remote list of slot %d: %#llx is not a block freed to it",
+                           slot, (unsigned long long)off);
+        uint64_t next = *link_of(h, off), got = block_at(h, off)->size - SHM_HDR;
+        __atomic_store_n(w, BLOCK_WORD(slot + 1, SHM_BF_CACHED), __ATOMIC_RELAXED);
+        list_push(h, slot, k, off);
+        A_SUB(&c->usage, got);
+        A_SUB(&c->nblocks, 1);
+        A_ADD(&c->nfrees, 1);
+        A_ADD(&c->cached_bytes, got);
+        A_ADD(&c->cached_blocks, 1);
+        cache_remote_done(h, slot, got);
+        off = next;
+    }
+    return SHM_OK;
+}
+
+/* Bring slot's cache back within its bounds: each list within class_cap, the whole within the
+ * arena's cache_limit (slot lock held; takes the heap lock if anything has to go). */
+static int trim_to_bounds(shm_handle_t *h, int slot) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t limit = A_LOAD(&h->arena->counters.cache_limit);
+    int over = A_LOAD(&c->cached_bytes) > limit;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES && !over; k++) over = c->count[k] > class_cap(k);
+    if (!over) return SHM_OK;
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
+        if (c->count[k] > class_cap(k)) rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
+    for (unsigned k = SHM_CACHE_CLASSES; k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
+        rc = list_release(h, slot, k, (c->count[k] + 1) / 2);
+    lock_release(h, &h->arena->heap_lock);
+    return rc;
+}
+
+/* Fill list k with a batch carved from the heap (slot lock held). Returns REFILL_USE_HEAP when
+ * the block the heap would give is not of the class's exact size: serve that request from it. */
+#define REFILL_USE_HEAP 2
+static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t size = cache_class_size(k), got = size - SHM_HDR;
+    uint64_t limit = A_LOAD(&h->arena->counters.cache_limit), cached = A_LOAD(&c->cached_bytes);
+    uint64_t n = class_cap(k) / 2, fit = limit > cached ? (limit - cached) / got : 0;
+    if (n > fit) n = fit;
+    if (n < 1) n = 1; /* the block about to be handed out */
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    uint64_t made = 0;
+    while (made < n) {
+        uint64_t off;
+        rc = heap_carve(h, size, 0, (uint32_t)slot + 1, SHM_BF_CACHED, UINT64_MAX, &off);
+        if (rc != SHM_OK) break;
+        uint64_t *link = link_of(h, off);
+        J(h, link); /* the payload was a free block's links a moment ago */
+        list_push(h, slot, k, off);
+        A_ADD(&c->cached_bytes, got);
+        A_ADD(&c->cached_blocks, 1);
+        made++;
+    }
+    if (rc == SHM_EINVAL && !made) rc = REFILL_USE_HEAP;
+    if (made) {
+        rc = SHM_OK;
+        pressure_update(h, rose);
+        /* the arena's peak, exact but for what sits in caches (the cache path does not keep it) */
+        shm_counters_t *ct = &h->arena->counters;
+        uint64_t used = A_LOAD(&ct->used) - cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+        if (used > A_LOAD(&ct->peak)) A_STORE(&ct->peak, used);
+    }
+    lock_release(h, &h->arena->heap_lock);
+    return rc;
+}
+
+int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
+    int slot = h->slot;
+    uint64_t usable = (size + SHM_ALIGN - 1) & ~(uint64_t)(SHM_ALIGN - 1);
+    uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
+    unsigned k = cache_class_of(need);
+    uint64_t got = cache_class_size(k) - SHM_HDR;
+    shm_cache_t *c = cache_of(h, slot);
+    shm_proc_t *p = &h->arena->procs[slot];
+    int rc = slot_lock(h, slot);
+    if (rc != SHM_OK) return rc;
+    if (UNLIKELY(A_LOAD(&p->state) != SHM_PROC_LIVE)) { /* detached: the heap path says so */
+        slot_unlock(h, slot);
+        return heap_alloc(h, size, 0, (uint32_t)slot + 1);
+    }
+    if (UNLIKELY(__atomic_load_n(&c->remote_head, __ATOMIC_RELAXED)) &&
+        ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot)) != SHM_OK)) {
+        slot_unlock(h, slot);
+        return rc;
+    }
+    uint64_t limit = A_LOAD(&p->limit);
+    if (UNLIKELY(limit)) {
+        uint64_t u = proc_usage(h, slot);
+        if (u + got > limit) {
+            slot_unlock(h, slot);
+            return err_limit(A_LOAD(&p->pid), limit, u, size);
+        }
+    }
+    int rose = 0;
+    if (UNLIKELY(!c->count[k]) && (rc = refill(h, slot, k, &rose)) != SHM_OK) {
+        slot_unlock(h, slot);
+        return rc == REFILL_USE_HEAP ? heap_alloc(h, size, 0, (uint32_t)slot + 1) : rc;
+    }
+    uint64_t off;
+    if ((rc = list_pop(h, slot, k, &off)) != SHM_OK) {
+        slot_unlock(h, slot);
+        return rc;
+    }
+    FAULT_POINT(FAULT_CACHE_POPPED);
+    __atomic_store_n(block_word(h, off), BLOCK_WORD(slot + 1, 0), __ATOMIC_RELEASE);
+    A_SUB(&c->cached_bytes, got);
+    A_SUB(&c->cached_blocks, 1);
+    A_ADD(&c->nblocks, 1);
+    A_ADD(&c->nallocs, 1);
+    proc_raise_peak(p, A_ADD(&c->usage, got) + A_LOAD(&p->usage));
+    slot_unlock(h, slot);
+    return (int64_t)(off + SHM_HDR) | heap_result_flags(h, (uint32_t)slot + 1, rose);
+}
+
+/* Free a block this process owns into its cache; falls back to the heap path when the block is
+ * not plainly allocated (sealed, referenced, claimed) or the cache has no room. */
+static int64_t own_free(shm_handle_t *h, uint64_t address, uint64_t off, unsigned k) {
+    int slot = h->slot;
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t got = cache_class_size(k) - SHM_HDR;
+    uint64_t *w = block_word(h, off);
+    int rc = slot_lock(h, slot);
+    if (rc != SHM_OK) return rc;
+    uint64_t expect = BLOCK_WORD(slot + 1, 0);
+    if (A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE ||
+        !__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(slot + 1, SHM_BF_CACHED), 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        goto heap;
+    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_ACQUIRE)) { /* retained meanwhile */
+        __atomic_store_n(w, BLOCK_WORD(slot + 1, 0), __ATOMIC_RELEASE);
+        goto heap;
+    }
+    FAULT_POINT(FAULT_CACHE_PUSHED);
+    list_push(h, slot, k, off);
+    A_SUB(&c->usage, got);
+    A_SUB(&c->nblocks, 1);
+    A_ADD(&c->nfrees, 1);
+    A_ADD(&c->cached_bytes, got);
+    A_ADD(&c->cached_blocks, 1);
+    rc = trim_to_bounds(h, slot);
+    slot_unlock(h, slot);
+    return rc == SHM_OK ? (int64_t)got : rc;
+heap:
+    slot_unlock(h, slot);
+    return heap_free(h, address);
+}
+
+/* Free a block another live process owns: claim it, push it onto that process's remote list. */
+static int64_t remote_free(shm_handle_t *h, uint64_t address, uint64_t off, int owner) {
+    shm_cache_t *mine = cache_of(h, h->slot), *theirs = cache_of(h, owner);
+    uint64_t *w = block_word(h, off);
+    uint64_t got = block_at(h, off)->size - SHM_HDR;
+    __atomic_store_n(&mine->pending, off, __ATOMIC_SEQ_CST); /* before the claim: see gc.c */
+    uint64_t expect = BLOCK_WORD(owner + 1, 0);
+    if (!__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(owner + 1, SHM_BF_REMOTE), 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
+        return heap_free(h, address);
+    }
+    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_SEQ_CST)) { /* retained meanwhile */
+        __atomic_store_n(w, BLOCK_WORD(owner + 1, 0), __ATOMIC_RELEASE);
+        __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
+        return heap_free(h, address);
+    }
+    FAULT_POINT(FAULT_REMOTE_CLAIMED);
+    uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
+    do {
+        *link_of(h, off) = head;
+    } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
+                                          __ATOMIC_RELAXED));
+    __atomic_fetch_add(&theirs->remote_bytes, got, __ATOMIC_RELAXED); /* freed, as users see it */
+    __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
+    return (int64_t)got;
+}
+
+int64_t cache_free(shm_handle_t *h, uint64_t address) {
+    uint64_t off = address - SHM_HDR;
+    unsigned k;
+    if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR || address >= h->heap_end || address % SHM_ALIGN ||
+                 block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)))
+        return heap_free(h, address); /* it reports bad addresses; a torn read is retried there */
+    uint64_t word = __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE);
+    uint32_t owner = (uint32_t)word, flags = (uint32_t)(word >> 32);
+    if (flags || !owner || owner > SHM_MAX_PROCS || block_at(h, off)->refcount)
+        return heap_free(h, address);
+    if ((int)owner - 1 == h->slot) return own_free(h, address, off, k);
+    if (A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_LIVE) return heap_free(h, address);
+    return remote_free(h, address, off, (int)owner - 1);
+}
+
+/* Give slot's whole cache and its remote list back to the heap. */
+static int cache_flush(shm_handle_t *h, int slot) {
+    int rc = slot_lock(h, slot);
+    if (rc != SHM_OK) return rc;
+    if (A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE) rc = drain_remote(h, slot);
+    shm_cache_t *c = cache_of(h, slot);
+    int any = 0;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) any |= c->count[k] != 0;
+    if (rc == SHM_OK && any && A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE &&
+        (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
+        for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
+            rc = list_release(h, slot, k, c->count[k]);
+        lock_release(h, &h->arena->heap_lock);
+    }
+    slot_unlock(h, slot);
+    return rc;
+}
+
+/* Every live process's cache back to the heap: the last resort before out of memory. */
+void cache_flush_all(shm_handle_t *h) {
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (A_LOAD(&h->arena->procs[i].state) == SHM_PROC_LIVE &&
+            (A_LOAD(&cache_of(h, i)->cached_blocks) || A_LOAD(&cache_of(h, i)->remote_head)))
+            cache_flush(h, i); /* best effort: a failure here leaves the out-of-memory to report */
+}
+
+int shm_cache_flush(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    return cache_flush(h, slot);
+}
+
+int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
+    if (limit > h->heap_end - h->heap_off)
+        return err_set(SHM_EINVAL, limit, "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
+                       (unsigned long long)limit, (unsigned long long)(h->heap_end - h->heap_off));
+    int rc = lock_acquire(h, &h->arena->heap_lock);
+    if (rc != SHM_OK) return rc;
+    uint64_t old = h->arena->counters.cache_limit;
+    A_STORE(&h->arena->counters.cache_limit, limit);
+    lock_release(h, &h->arena->heap_lock);
+    if (limit < old) cache_flush_all(h); /* live processes trim the rest as they go */
+    return SHM_OK;
+}
+
+int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    const shm_cache_t *c = cache_of(h, slot);
+    out->cached_bytes = A_LOAD(&c->cached_bytes);
+    out->cached_blocks = A_LOAD(&c->cached_blocks);
+    out->nallocs = A_LOAD(&c->nallocs);
+    out->nfrees = A_LOAD(&c->nfrees);
+    out->remote_pending = __atomic_load_n(&c->remote_head, __ATOMIC_RELAXED) != 0;
+    out->limit = A_LOAD(&h->arena->counters.cache_limit);
+    return SHM_OK;
+}
+
+/* For a full check (check.c) with the slot lock held: walk slot's lists [K1]. */
+int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks) {
+    const shm_cache_t *c = cache_of(h, slot);
+    uint64_t nbytes = 0, n = 0;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) {
+        uint64_t off = c->head[k], size = cache_class_size(k);
+        for (uint32_t i = 0; i < c->count[k]; i++) {
+            if (block_validate(h, off) != SHM_OK || block_at(h, off)->size != size ||
+                *block_word(h, off) != BLOCK_WORD(slot + 1, SHM_BF_CACHED))
+                return err_set(SHM_ECORRUPT, off, "[K1] slot %d class %u: entry %u at %#llx is not a cached block",
+                               slot, k, i, (unsigned long long)off);
+            nbytes += size - SHM_HDR;
+            n++;
+            off = *link_of(h, off);
+        }
+        if (off)
+            return err_set(SHM_ECORRUPT, (uint64_t)((const uint8_t *)&c->head[k] - h->base),
+                           "[K1] slot %d class %u holds more blocks than its count %u", slot, k, c->count[k]);
+    }
+    *bytes = nbytes;
+    *blocks = n;
+    return SHM_OK;
+}
+
+int cache_lock_live(shm_handle_t *h, int slot) { return slot_lock(h, slot); }
+void cache_unlock(shm_handle_t *h, int slot) { slot_unlock(h, slot); }
