@@ -17,12 +17,14 @@ static inline uint64_t mix64(uint64_t x) {
 /* One multiply per field, all independent (they pipeline), then one finalising mix: each field
  * and the offset change the result, and without the arena's random salt the value cannot be
  * forged by writing plausible bytes. It detects damage; it is not a cryptographic MAC.
- * Not covered: prev_size (rewritten under the heap lock when a neighbour changes, checked against
- * that neighbour instead [B3]) and the transient flag bits (compare-and-swapped without the lock),
- * so neither can leave the checksum of a block that another process is reading stale. */
+ * Not covered: the transient flag bits, which lock-free paths compare-and-swap (cache.c): a reseal
+ * under the heap lock computes the same value whatever they are meanwhile. A lock-free reader that
+ * catches a header between two writes of the lock's holder sees a bad checksum and asks again
+ * under the lock before it calls anything corruption. */
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b) {
     uint64_t x = h->salt ^ (off * 0x9e3779b97f4a7c15ULL);
     x ^= b->size * 0xc2b2ae3d27d4eb4fULL;
+    x ^= (b->prev_size + 1) * 0x165667b19e3779f9ULL;
     uint32_t flags = b->flags & ~(uint32_t)SHM_BF_TRANSIENT;
     x ^= ((((uint64_t)b->owner << 32) | flags) + 3) * 0xd6e8feb86659fd93ULL;
     x ^= ((uint64_t)b->refcount + 7) * 0x94d049bb133111ebULL;

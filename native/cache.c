@@ -121,14 +121,26 @@ void cache_reset_slot(shm_handle_t *h, int slot) {
     __atomic_store_n(&c->pending, 0, __ATOMIC_RELAXED);
 }
 
+/* Is off a block of `size` bytes whose (owner, flags) word is `word`? A header caught between
+ * two writes of the heap lock's holder (a neighbour's prev_size) fails its checksum for a moment:
+ * only a second look under the heap lock decides. */
+static int block_is(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t word, int heap_locked) {
+    if (LIKELY(block_validate(h, off) == SHM_OK && block_at(h, off)->size == size &&
+               __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == word))
+        return 1;
+    if (heap_locked || lock_acquire(h, &h->arena->heap_lock) != SHM_OK) return 0;
+    int ok = block_validate(h, off) == SHM_OK && block_at(h, off)->size == size &&
+             __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == word;
+    lock_release(h, &h->arena->heap_lock);
+    return ok;
+}
+
 /* Pop the head of list k of slot (its slot lock held), validated: in the heap, sound header,
  * owned by the slot, CACHED, of the class's size. */
-static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out) {
+static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out, int heap_locked) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t off = c->head[k];
-    if (UNLIKELY(block_validate(h, off) != SHM_OK || block_at(h, off)->size != cache_class_size(k) ||
-                 __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) !=
-                     BLOCK_WORD(slot + 1, SHM_BF_CACHED))) {
+    if (UNLIKELY(!block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_CACHED), heap_locked))) {
         c->head[k] = 0; /* do not follow it again */
         c->count[k] = 0;
         return err_set(SHM_ECORRUPT, off, "[K1] cache of slot %d, class %u: %#llx is not a cached block",
@@ -153,7 +165,7 @@ static int list_release(shm_handle_t *h, int slot, unsigned k, unsigned n) {
     uint64_t got = cache_class_size(k) - SHM_HDR;
     while (n-- && c->count[k]) {
         uint64_t off;
-        int rc = list_pop(h, slot, k, &off);
+        int rc = list_pop(h, slot, k, &off, 1);
         if (rc != SHM_OK) return rc;
         A_SUB(&c->cached_bytes, got);
         A_SUB(&c->cached_blocks, 1);
@@ -220,8 +232,9 @@ static int drain_remote(shm_handle_t *h, int slot) {
     for (uint64_t n = 0; off && n < REMOTE_WALK_MAX; n++) {
         unsigned k;
         uint64_t *w = block_word(h, off);
-        if (block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k) ||
-            __atomic_load_n(w, __ATOMIC_ACQUIRE) != BLOCK_WORD(slot + 1, SHM_BF_REMOTE))
+        if (off < h->heap_off || off > h->heap_end - SHM_MIN_BLOCK || off % SHM_ALIGN ||
+            !class_exact(block_at(h, off)->size, &k) ||
+            !block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_REMOTE), 0))
             return err_set(SHM_ECORRUPT, off, "remote list of slot %d: %#llx is not a block freed to it",
                            slot, (unsigned long long)off);
         uint64_t next = *link_of(h, off), got = block_at(h, off)->size - SHM_HDR;
@@ -315,9 +328,9 @@ int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
     uint64_t limit = A_LOAD(&p->limit);
     if (UNLIKELY(limit)) {
         uint64_t u = proc_usage(h, slot);
-        if (u + got > limit) {
+        if (u + got > limit) { /* the class's rounding may be what does not fit: ask the heap */
             slot_unlock(h, slot);
-            return err_limit(A_LOAD(&p->pid), limit, u, size);
+            return heap_alloc(h, size, 0, (uint32_t)slot + 1);
         }
     }
     int rose = 0;
@@ -326,7 +339,7 @@ int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
         return rc == REFILL_USE_HEAP ? heap_alloc(h, size, 0, (uint32_t)slot + 1) : rc;
     }
     uint64_t off;
-    if ((rc = list_pop(h, slot, k, &off)) != SHM_OK) {
+    if ((rc = list_pop(h, slot, k, &off, 0)) != SHM_OK) {
         slot_unlock(h, slot);
         return rc;
     }

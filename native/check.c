@@ -15,6 +15,7 @@ typedef struct {
 } proc_sums_t;
 
 static __thread uint64_t heap_refcounts; /* sum of refcount over allocated blocks, from check_heap */
+static __thread uint64_t remote_bytes, remote_blocks; /* REMOTE blocks, from check_heap */
 
 static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums) {
     uint64_t off = h->heap_off, prev_size = 0;
@@ -49,6 +50,10 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
                 if (b->flags & SHM_BF_CACHED) {
                     sums[b->owner - 1].cached_bytes += b->size - SHM_HDR;
                     sums[b->owner - 1].cached_blocks++;
+                }
+                if (b->flags & SHM_BF_REMOTE) { /* freed, as users see it; reported like stats */
+                    remote_bytes += b->size - SHM_HDR;
+                    remote_blocks++;
                 }
             }
             if (!b->owner && !(b->flags & SHM_BF_PERSIST))
@@ -184,7 +189,7 @@ static int check_refs_names(shm_handle_t *h) {
 int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     shm_check_report_t r = {0};
     proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
-    heap_refcounts = 0;
+    heap_refcounts = remote_bytes = remote_blocks = 0;
     int rc = check_heap(h, &r, sums);
     if (rc == SHM_OK) rc = check_bins(h, &r);
     if (rc == SHM_OK) rc = check_counters(h, &r, sums, full);
@@ -193,8 +198,8 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
         r.cached_blocks += sums[i].cached_blocks;
         r.cached_bytes += sums[i].cached_bytes;
     }
-    r.allocated_blocks -= r.cached_blocks;
-    r.used -= r.cached_bytes;
+    r.allocated_blocks -= r.cached_blocks + remote_blocks;
+    r.used -= r.cached_bytes + remote_bytes;
     if (rc == SHM_OK) *out = r;
     return rc;
 }

@@ -51,20 +51,23 @@ int heap_oom(shm_handle_t *h, int status, uint64_t requested) {
     uint64_t nfree = A_LOAD(&c->free_blocks), fb = A_LOAD(&c->free_bytes);
     uint64_t avail = fb > nfree * SHM_HDR ? fb - nfree * SHM_HDR : 0;
     uint64_t cached = cache_sum(h, offsetof(shm_cache_t, cached_bytes));
-    uint64_t used = A_LOAD(&c->used);
-    return err_oom(status, requested, avail, used > cached ? used - cached : 0,
+    uint64_t used = A_LOAD(&c->used); /* as stats() counts them: cached bytes are available */
+    return err_oom(status, requested, avail + cached, used > cached ? used - cached : 0,
                    h->heap_end - h->heap_off);
 }
 
-/* Set the prev_size of the block after [off, off+size), if there is one. prev_size is outside the
- * checksum, so this writes one word and no lock-free reader of that block can see it torn. */
+/* Set the prev_size of the block after [off, off+size), if there is one. That block may be
+ * allocated, and its transient bits may change meanwhile without the lock (cache.c): journal and
+ * write only prev_size and the (refcount, check) word, never the (owner, flags) word. */
 static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
     uint64_t next = off + size;
     if (next >= h->heap_end) return SHM_OK;
     if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
     shm_block_t *b = block_at(h, next);
     J(h, &b->prev_size);
+    journal_save(h, &b->refcount, sizeof b->refcount + sizeof b->check);
     b->prev_size = size;
+    block_reseal(h, next);
     return SHM_OK;
 }
 

@@ -46,9 +46,8 @@
  * shm_block_size() for bounds checks (a torn read fails the checksum and is retried under lock).
  * Invariants checked by check.c:
  *   [B1] check == block_checksum(offset, header)          (smashed headers are detected); the
- *        checksum covers size, owner, flags but the transient bits, and refcount: prev_size is
- *        checked against the previous block instead [B3], and the transient bits change by
- *        compare-and-swap without any lock (cache.c), so neither may leave a checksum stale
+ *        checksum leaves out the transient flag bits, which change by compare-and-swap without
+ *        any lock (cache.c)
  *   [B2] size % 16 == 0, size >= SHM_MIN_BLOCK, offset + size <= heap end
  *   [B3] prev_size == size of the physically previous block (0 for the first block)
  *   [B4] a free block has owner == 0, refcount == 0 and no flag but FREE; a CACHED or REMOTE
