@@ -457,6 +457,48 @@ void cache_flush_all(shm_handle_t *h) {
             cache_flush(h, i); /* best effort: a failure here leaves the out-of-memory to report */
 }
 
+/* A process that died between claiming another's block (REMOTE) and pushing it onto that owner's
+ * remote list left the block in its `pending` word: finish the push for it, unless it is on the
+ * list already or a live process is pushing it. Runs before a collection, without the heap lock
+ * (the owner's slot lock keeps the owner from draining the list while it is walked). */
+void cache_finish_pushes(shm_handle_t *h) {
+    for (int i = 0; i < SHM_MAX_PROCS; i++) {
+        shm_cache_t *dead = cache_of(h, i);
+        uint64_t off = A_LOAD(&dead->pending);
+        if (!off || A_LOAD(&h->arena->procs[i].state) != SHM_PROC_DEAD) continue;
+        unsigned k;
+        if (off < h->heap_off || off > h->heap_end - SHM_MIN_BLOCK || off % SHM_ALIGN ||
+            block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)) {
+            A_STORE(&dead->pending, 0);
+            continue;
+        }
+        uint32_t owner = block_at(h, off)->owner;
+        if (!owner || owner > SHM_MAX_PROCS || slot_lock(h, (int)owner - 1) != SHM_OK) continue;
+        shm_cache_t *theirs = cache_of(h, (int)owner - 1);
+        if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == BLOCK_WORD(owner, SHM_BF_REMOTE) &&
+            !cache_pending_live(h, off)) {
+            int listed = 0;
+            uint64_t cur = __atomic_load_n(&theirs->remote_head, __ATOMIC_ACQUIRE);
+            for (uint64_t n = 0; cur && n < REMOTE_WALK_MAX && !listed; n++) {
+                if (cur < h->heap_off || cur > h->heap_end - SHM_MIN_BLOCK || cur % SHM_ALIGN) break;
+                listed = cur == off;
+                cur = *link_of(h, cur);
+            }
+            if (!listed) {
+                uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
+                do {
+                    *link_of(h, off) = head;
+                } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1,
+                                                      __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+                __atomic_fetch_add(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED);
+            }
+        }
+        A_STORE(&dead->pending, 0);
+        slot_unlock(h, (int)owner - 1);
+    }
+}
+
 int shm_cache_flush(shm_handle_t *h, int32_t slot) {
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);

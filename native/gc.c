@@ -119,6 +119,7 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t
     if (slot < -1 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
+    cache_finish_pushes(h); /* remote frees that dead processes left half done */
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     const shm_proc_t *p = slot >= 0 ? &h->arena->procs[slot] : NULL;

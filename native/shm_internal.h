@@ -157,6 +157,7 @@ uint64_t cache_sum(const shm_handle_t *h, size_t field);
 void cache_reset_slot(shm_handle_t *h, int slot);
 void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
 int cache_pending_live(const shm_handle_t *h, uint64_t off);
+void cache_finish_pushes(shm_handle_t *h);
 int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
 int cache_lock_live(shm_handle_t *h, int slot);
 void cache_unlock(shm_handle_t *h, int slot);

@@ -81,10 +81,10 @@ class CollectionMixin:
                 raise_status(rc)
 
     def collect(self) -> int:
-        """Return this process's cache, free the orphaned blocks of dead processes (unless
-        retained or persistent) and clean their slots; return the number of blocks freed."""
-        self._return_cache()
+        """Free the orphaned blocks of dead processes (unless retained or persistent), clean their
+        slots, return this process's cache to the arena; return the number of blocks freed."""
         res, _ = self._collect_dead()
+        self._return_cache()  # after: it takes in what the collection pushed to it for the dead
         self._emit("memory.gc_triggered", freed_blocks=res.freed_blocks)
         return int(res.freed_blocks)
 

@@ -1582,6 +1582,19 @@ def _sc_recover(m: MemoryManager, c: FaultCtx) -> tuple[str, list[int]]:
     return "m.allocate(100); m.check()", []
 
 
+def _sc_cache(m: MemoryManager, c: FaultCtx) -> tuple[str, list[int]]:
+    m.set_cache_limit(256 << 10)  # an 8 MiB arena starts without caches
+    _allocs(m, 100)
+    return "a = m.allocate(100); m.deallocate(a); m.allocate(100); m.allocate(3000)", []
+
+
+def _sc_remote_free(m: MemoryManager, c: FaultCtx) -> tuple[str, list[int]]:
+    m.set_cache_limit(256 << 10)
+    x, _ = _allocs(m, 100, 100)  # the driver's block, freed by the child: a remote free
+    # the child joins the process table first (a process without a slot frees under the lock)
+    return "m.deallocate(m.allocate(64)); m.deallocate(A[0])", [x]
+
+
 def _fs(*names: str) -> frozenset[str]:
     return frozenset(names)
 
@@ -1611,6 +1624,8 @@ SCENARIOS = [
     Scenario("seal", _fs("seal"), _sc_seal),
     Scenario("check", _fs("check", "stats"), _sc_check),
     Scenario("slot", _fs("attach", "detach", "proc", "slot"), _sc_slot),
+    Scenario("cache", _fs("cache", "alloc", "free"), _sc_cache),
+    Scenario("remote_free", _fs("remote", "free"), _sc_remote_free),
     Scenario("mixed", _fs(), _sc_mixed),
     Scenario(
         "recover_after_kill",
@@ -1734,6 +1749,7 @@ def fault_run(step: str, sc: Scenario, seed: int) -> dict[str, Any]:
             m.collect()
             for b in m.all_blocks():
                 m.deallocate(b.address)
+            m.collect()  # what those frees put in this process's cache goes back to the heap
             s = m.stats()
             res["leaked_bytes"] = s.used
             if s.used:

@@ -323,10 +323,13 @@ def test_child_events_reach_the_parent_through_the_ring(
     assert all(e.pid == c.pid for e in ring)  # the parent emitted nothing
     theirs = [(e.name, e.fields) for e in ring if e.name not in HOT]
     assert [n for n, _ in theirs] == ["memory.oom", "memory.gc_triggered", "memory.oom"]
-    avail = mgr.stats().available
-    assert theirs[0][1] == {"requested": 128 * MiB, "available": avail}
-    assert theirs[1][1] == {"freed_blocks": 0}
+    avail = mgr.stats().available  # as the second out-of-memory left it: caches all returned
     assert theirs[2][1] == {"requested": 64 * MiB, "available": avail}
+    assert theirs[1][1] == {"freed_blocks": 0}
+    # the first saw the same free bytes, split differently by the child's cache refills: the
+    # headers of at most a few more or fewer free blocks
+    assert theirs[0][1]["requested"] == 128 * MiB
+    assert abs(theirs[0][1]["available"] - avail) <= 4 * 32
     # the child's own collector saw everything it emitted once it was set
     got = [(e.name, e.pid, e.fields) for e in c("events")]
     assert got == [
