@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,6 +102,26 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     return SHM_OK;
 }
 
+/* This process's open handles. A child made by fork() is another process: the slot its parent
+ * attached (and that slot's cache, lock and pending word) is not its own, so the child's copies
+ * of the handles forget it until the child attaches its own (shm_proc_attach). */
+static pthread_mutex_t handles_mu = PTHREAD_MUTEX_INITIALIZER;
+static shm_handle_t *handles;
+
+static void forget_slots_in_child(void) {
+    for (shm_handle_t *h = handles; h; h = h->next) h->slot = -1;
+    pthread_mutex_init(&handles_mu, NULL);
+}
+
+static void handles_add(shm_handle_t *h) {
+    pthread_mutex_lock(&handles_mu);
+    static int registered;
+    if (!registered) registered = pthread_atfork(NULL, NULL, forget_slots_in_child) == 0;
+    h->next = handles;
+    handles = h;
+    pthread_mutex_unlock(&handles_mu);
+}
+
 int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
     const shm_arena_t *a = base;
     uint64_t hs = shm_header_size();
@@ -123,11 +144,21 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
     shm_handle_t *h = malloc(sizeof *h);
     if (!h) return err_sys(ENOMEM, "malloc");
     handle_fill(h, base, capacity, fd, a->salt);
+    handles_add(h);
     *out = h;
     return SHM_OK;
 }
 
-void shm_handle_close(shm_handle_t *h) { free(h); }
+void shm_handle_close(shm_handle_t *h) {
+    pthread_mutex_lock(&handles_mu);
+    for (shm_handle_t **p = &handles; *p; p = &(*p)->next)
+        if (*p == h) {
+            *p = h->next;
+            break;
+        }
+    pthread_mutex_unlock(&handles_mu);
+    free(h);
+}
 
 int shm_debug_level(void) { return SHMALLOC_DEBUG; }
 
@@ -151,7 +182,7 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     /* blocks freed to another process's remote list count as freed already (not yet reusable) */
     out->used = used > cached + rbytes ? used - cached - rbytes : 0;
     out->allocated_blocks = blocks > ncached + rblocks ? blocks - ncached - rblocks : 0;
-    out->free_blocks = A_LOAD(&c->free_blocks) + ncached;
+    out->free_blocks = A_LOAD(&c->free_blocks) + ncached + rblocks;
     out->overhead = out->allocated_blocks * SHM_HDR;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
     out->available = (fb > fh ? fb - fh : 0) + cached;

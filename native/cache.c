@@ -36,6 +36,9 @@
 
 #define CLASS_BYTES ((uint64_t)65536) /* a list holds at most this many bytes... */
 #define CLASS_MAX 64                  /* ...and at most this many blocks */
+#define REFILL_BYTES ((uint64_t)8192) /* a refill carves about this much (at least one block) */
+#define ROOM_FLOOR ((uint64_t)32768)  /* a process may always cache this much (within the limit) */
+#define ROOM_SHARE 16                 /* and otherwise 1/16 of what it uses */
 #define REMOTE_WALK_MAX ((uint64_t)1 << 24)
 
 _Static_assert(SHM_CACHE_CLASSES <= sizeof(((shm_cache_t *)0)->head) / 8, "too many classes");
@@ -57,7 +60,7 @@ uint64_t cache_class_size(unsigned k) {
 }
 
 static unsigned class_cap(unsigned k) {
-    uint64_t n = CLASS_BYTES / cache_class_size(k);
+    uint64_t n = CLASS_BYTES / cache_class_size(k); /* a constant divisor per class: cheap */
     return n < 2 ? 2 : n > CLASS_MAX ? CLASS_MAX : (unsigned)n;
 }
 
@@ -251,14 +254,28 @@ static int drain_remote(shm_handle_t *h, int slot) {
     return SHM_OK;
 }
 
-/* Bring slot's cache back within its bounds: each list within class_cap, the whole within the
- * arena's cache_limit (slot lock held; takes the heap lock if anything has to go). */
-static int trim_to_bounds(shm_handle_t *h, int slot) {
-    shm_cache_t *c = cache_of(h, slot);
+/* How many bytes slot may keep cached: the arena's cache_limit, but no more than an eighth of what
+ * the process uses (at least ROOM_FLOOR), so that a cache never dwarfs its working set and the
+ * heap's footprint stays close to the live bytes. */
+static uint64_t cache_room(const shm_handle_t *h, int slot) {
     uint64_t limit = A_LOAD(&h->arena->counters.cache_limit);
+    uint64_t share = proc_usage(h, slot) / ROOM_SHARE;
+    if (share < ROOM_FLOOR) share = ROOM_FLOOR;
+    return share < limit ? share : limit;
+}
+
+/* Bring slot's cache back within its bounds: each list within class_cap, the whole within the
+ * arena's cache_limit (slot lock held; takes the heap lock if anything has to go). Only list
+ * `grew` can be over its cap, or any of them if grew is SHM_CACHE_CLASSES. */
+static int trim_to_bounds(shm_handle_t *h, int slot, unsigned grew) {
+    shm_cache_t *c = cache_of(h, slot);
+    uint64_t limit = cache_room(h, slot);
     int over = A_LOAD(&c->cached_bytes) > limit;
-    for (unsigned k = 0; k < SHM_CACHE_CLASSES && !over; k++) over = c->count[k] > class_cap(k);
-    if (!over) return SHM_OK;
+    if (grew < SHM_CACHE_CLASSES)
+        over |= c->count[grew] > class_cap(grew);
+    else
+        for (unsigned k = 0; k < SHM_CACHE_CLASSES && !over; k++) over = c->count[k] > class_cap(k);
+    if (LIKELY(!over)) return SHM_OK;
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
@@ -275,8 +292,9 @@ static int trim_to_bounds(shm_handle_t *h, int slot) {
 static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t size = cache_class_size(k), got = size - SHM_HDR;
-    uint64_t limit = A_LOAD(&h->arena->counters.cache_limit), cached = A_LOAD(&c->cached_bytes);
-    uint64_t n = class_cap(k) / 2, fit = limit > cached ? (limit - cached) / got : 0;
+    uint64_t limit = cache_room(h, slot), cached = A_LOAD(&c->cached_bytes);
+    uint64_t n = REFILL_BYTES / size, fit = limit > cached ? (limit - cached) / got : 0;
+    if (n > class_cap(k) / 2) n = class_cap(k) / 2;
     if (n > fit) n = fit;
     if (n < 1) n = 1; /* the block about to be handed out */
     int rc = lock_acquire(h, &h->arena->heap_lock);
@@ -321,7 +339,7 @@ int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
         return heap_alloc(h, size, 0, (uint32_t)slot + 1);
     }
     if (UNLIKELY(__atomic_load_n(&c->remote_head, __ATOMIC_RELAXED)) &&
-        ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot)) != SHM_OK)) {
+        ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
         slot_unlock(h, slot);
         return rc;
     }
@@ -379,7 +397,7 @@ static int64_t own_free(shm_handle_t *h, uint64_t address, uint64_t off, unsigne
     A_ADD(&c->nfrees, 1);
     A_ADD(&c->cached_bytes, got);
     A_ADD(&c->cached_blocks, 1);
-    rc = trim_to_bounds(h, slot);
+    rc = trim_to_bounds(h, slot, k);
     slot_unlock(h, slot);
     return rc == SHM_OK ? (int64_t)got : rc;
 heap:

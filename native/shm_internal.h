@@ -44,6 +44,7 @@ struct shm_handle {
     int fd;
     int32_t slot; /* this process's slot once attached (shm_proc_attach), else -1 */
     uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
+    struct shm_handle *next; /* this process's open handles (arena.c) */
 };
 
 /* error.c */

@@ -177,9 +177,13 @@ def make_trace(name: str, seed: int, scale: float) -> list[Event]:
 # --------------------------------------------------------------------------- replays
 
 
-def replay_shmalloc(trace: list[Event], arenas: Arenas, capacity: int) -> dict[str, Any]:
+def replay_shmalloc(trace: list[Event], arenas: Arenas, capacity: int,
+                    caches: bool = True) -> dict[str, Any]:
+    """Replay into a fresh arena; caches=False turns the per-process caches off (heap only)."""
     mgr = arenas.new(capacity)
     try:
+        if not caches:
+            mgr.set_cache_limit(0)
         heap_start = int(shm_lib.shm_header_size())
         hdr = shm_ffi.sizeof("shm_block_t")
         a, d, size_of = mgr.allocate, mgr.deallocate, mgr.size_of
@@ -265,6 +269,7 @@ def run(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
             n_alloc = sum(1 for e in trace if e[0] > 0)
             progress(f"{name}: seed {seed}, {n_alloc:,} allocations")
             r = replay_shmalloc(trace, arenas, args.capacity)
+            r["no_caches"] = replay_shmalloc(trace, arenas, args.capacity, caches=False)
             r["seed"] = seed
             r["events"] = len(trace)
             r["glibc"] = replay_glibc(trace, binary) if binary is not None else None
@@ -293,7 +298,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     for name, t in res["traces"].items():
         j = res["derived"][f"fragmentation_{name}"]
         w = next(s for s in t["seeds"] if s["seed"] == t["worst_seed"])
-        note = f"headers+rounding {w['headers_and_rounding']:.2f}x, placement {w['placement']:.2f}x"
+        note = (f"headers+rounding {w['headers_and_rounding']:.2f}x, placement {w['placement']:.2f}x"
+                f"; caches off {w['no_caches']['ratio']:.2f}x")
         if w.get("glibc"):
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
         rows.append(target_row(f"fragmentation, {name} trace (footprint/live)", j, "x", note))
@@ -312,14 +318,15 @@ def report(res: dict[str, Any]) -> None:
                 name, str(r["seed"]), f"{r['events']:,}", fmt_bytes(r["peak_live"]),
                 fmt_bytes(r["peak_footprint"]), f"{r['ratio']:.3f}",
                 f"{r['headers_and_rounding']:.3f}", f"{r['placement']:.3f}",
-                f"{r['reserved_ratio']:.2f}", f"{g['ratio']:.3f}" if g else "-",
+                f"{r['reserved_ratio']:.2f}", f"{r['no_caches']['ratio']:.3f}",
+                f"{g['ratio']:.3f}" if g else "-",
             ])
     print_table(
         ["trace", "seed", "events", "peak live", "peak footprint", "ratio", "hdr+round",
-         "placement", "reserved", "glibc ratio"],
+         "placement", "reserved", "caches off", "glibc ratio"],
         rows,
         "Peak footprint / peak live bytes (target <= 1.25 on every trace); "
-        "ratio ~= hdr+round x placement",
+        "ratio ~= hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
     )
     print()
     for key, j in res["derived"].items():

@@ -191,11 +191,12 @@ def test_out_of_memory_takes_back_other_processes_caches(arena_name: str, childr
     if True:
         try:
             c = children("fork", m)
+            c("alloc", 12 * MiB)  # kept: a process may cache a sixteenth of what it uses
             addrs = [c("alloc", 1000 * k) for k in range(1, 61) for _ in range(2)]
             for a in addrs:
                 c.call("deallocate", a)  # into the child's cache, beside its refills' batches
             cached = m.check().cached_bytes
-            assert cached > MiB
+            assert cached > MiB // 4
             big = m.stats().largest_free_block
             # more than the heap has outside the child's cache: served after taking it back
             a = m.allocate(big + cached // 2)
