@@ -280,8 +280,12 @@ static int trim_to_bounds(shm_handle_t *h, int slot, unsigned grew) {
     if (rc != SHM_OK) return rc;
     for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
         if (c->count[k] > class_cap(k)) rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
+    /* over the total: other lists give back half first, largest blocks first; the list that grew
+     * (the block just freed, likely wanted again soon) last */
     for (unsigned k = SHM_CACHE_CLASSES; k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
-        rc = list_release(h, slot, k, (c->count[k] + 1) / 2);
+        if (k != grew) rc = list_release(h, slot, k, (c->count[k] + 1) / 2);
+    if (rc == SHM_OK && grew < SHM_CACHE_CLASSES && A_LOAD(&c->cached_bytes) > limit)
+        rc = list_release(h, slot, grew, (c->count[grew] + 1) / 2);
     lock_release(h, &h->arena->heap_lock);
     return rc;
 }

@@ -95,7 +95,9 @@ void pressure_update(shm_handle_t *h, int *rose) {
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out) {
     shm_counters_t *c = &h->arena->counters;
-    uint64_t search = align ? need + align + SHM_MIN_BLOCK : need;
+    /* a cache's block must be of exactly `need` bytes: ask for room to split off the rest */
+    uint64_t search = align ? need + align + SHM_MIN_BLOCK
+                      : (flags & SHM_BF_CACHED) ? need + SHM_MIN_BLOCK : need;
     uint64_t off;
     int rc = freelist_find(h, search, &off);
     if (rc != SHM_OK) return rc;
