@@ -89,6 +89,9 @@ def pattern(address: int, gen: int, n: int) -> bytes:
     return (unit * (n // 16 + 1))[:n]
 
 
+TRANSIENT = int(getattr(lib, "SHM_BF_TRANSIENT", 0))  # flag bits the checksum leaves out
+
+
 def _mix64(x: int) -> int:
     x ^= x >> 30
     x = (x * 0xBF58476D1CE4E5B9) & M64
@@ -102,11 +105,12 @@ def block_checksum(
     salt: int, off: int, size: int, prev: int, owner: int, flags: int, refs: int
 ) -> int:
     """A port of block.c's block_checksum (verified against a real header before use)."""
-    x = salt ^ _mix64(off)
-    x = _mix64(x ^ size)
-    x = _mix64(x ^ prev)
-    x = _mix64(x ^ ((owner << 32) | flags))
-    x = _mix64(x ^ refs)
+    x = salt ^ ((off * 0x9E3779B97F4A7C15) & M64)
+    x ^= (size * 0xC2B2AE3D27D4EB4F) & M64
+    x ^= ((prev + 1) * 0x165667B19E3779F9) & M64
+    x ^= ((((owner << 32) | (flags & ~TRANSIENT & M32)) + 3) * 0xD6E8FEB86659FD93) & M64
+    x ^= ((refs + 7) * 0x94D049BB133111EB) & M64
+    x = _mix64(x & M64)
     return (x ^ (x >> 32)) & M32
 
 
@@ -144,6 +148,8 @@ KNOWN_TOP = {
     "names",
     "ring",
     "journal",
+    "caches",
+    "slot_locks",
 }
 ARENA_SCALAR_NAMES = {
     "magic",
@@ -169,6 +175,11 @@ OFF_PROCS = _off("procs")
 OFF_REFS = _off("refs")
 OFF_NAMES = _off("names")
 OFF_RING = _off("ring")
+OFF_CACHES = _off("caches")
+OFF_SLOT_LOCKS = _off("slot_locks")
+CACHE_SIZE = ffi.sizeof("shm_cache_t")
+LOCK_SIZE = ffi.sizeof("shm_lock_t")
+CACHE_FIELDS = [f for f in struct_fields("shm_cache_t") if not f[0].startswith("pad")]
 OFF_SALT = _off("salt")
 NBINS = int(lib.SHM_NBINS)
 NPROCS = int(lib.SHM_MAX_PROCS)
@@ -237,6 +248,7 @@ class Segment:
 
 def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
     """Fill an arena with blocks of known content; return what the operations may rely on."""
+    m.set_cache_limit(64 * KiB)  # a 1 MiB arena starts without caches: damage them too
     known: list[dict[str, Any]] = []
     for gen in range(1, rng.randint(8, 36) + 1):
         r = rng.random()
@@ -301,6 +313,27 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
             dead_pid = pid
         finally:
             os.waitpid(pid, 0)
+    if rng.random() < 0.6:  # a process that dies with blocks in its cache and on its remote list
+        r_fd, w_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r_fd)
+            try:
+                mine = [m.allocate(rng.choice((48, 100, 100, 700, 3000))) for _ in range(8)]
+                for a in mine[::2]:
+                    m.deallocate(a)  # into its cache
+                os.write(w_fd, b" ".join(str(a).encode() for a in mine[1::2]))
+            finally:
+                os._exit(0)  # no close(): the cache stays behind
+        os.close(w_fd)
+        with os.fdopen(r_fd, "rb") as f:
+            theirs = [int(x) for x in f.read().split()]
+        os.waitpid(pid, 0)
+        m.allocate(64)  # this process frees one of theirs: onto the dead one's remote list
+        if theirs:
+            m.deallocate(theirs.pop())
+        others.extend({"a": a, "owner": "dead"} for a in theirs)
+        dead_pid = dead_pid or pid
     return {"known": known, "names": names, "others": others, "dead_pid": dead_pid}
 
 
@@ -649,6 +682,32 @@ class Mutator:
         n, o, s = r.choice(fields)
         return self.mutate("block", f"{kind} block at {b:#x}", b + o, s, n, forge=forge)
 
+    def r_caches(self) -> dict[str, Any]:
+        """A process's cache: its list heads and counts, counters, remote list, pending word,
+        the link in a cached block, or its slot lock's bytes."""
+        r = self.rng
+        i = self._entry(OFF_PROCS, NPROCS, PROC_SIZE, lambda o: self.seg.u(o, 4) != 0)
+        base = OFF_CACHES + i * CACHE_SIZE
+        cached = [o for o, _, fl in self.blocks if fl & 16]
+        if cached and r.random() < 0.3:
+            b = r.choice(cached)
+            return self.mutate("caches", f"cached block at {b:#x}", b + HDR, 8, "link")
+        if r.random() < 0.15:
+            rel = r.choice((0, 4, 8, 12, 16))
+            return self.mutate("caches", f"slot lock {i}", OFF_SLOT_LOCKS + i * LOCK_SIZE + rel, 4,
+                               f"mutex+{rel}")
+        heads = [f for f in CACHE_FIELDS if f[0].startswith(("head", "count"))]
+        n, o, s = r.choice(heads * 2 + CACHE_FIELDS)
+        if n in ("head", "count"):  # whole arrays: pick one element, preferring non-empty lists
+            width = 8 if n == "head" else 4
+            k = r.randrange(s // width)
+            for _ in range(8):
+                if self.seg.u(base + o + k * width, width):
+                    break
+                k = r.randrange(s // width)
+            return self.mutate("caches", f"cache of slot {i}", base + o + k * width, width, f"{n}[{k}]")
+        return self.mutate("caches", f"cache of slot {i}", base + o, s, n)
+
     def r_links(self) -> dict[str, Any]:
         frees = [o for o, _, fl in self.blocks if fl & 1]
         if not frees:
@@ -672,6 +731,7 @@ class Mutator:
         "lock": 0.7,
         "ring": 0.7,
         "journal": 0.7,
+        "caches": 1.5,
         "other": 0.3,
     }
 
