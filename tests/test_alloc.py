@@ -143,7 +143,9 @@ def test_split_leaves_3k_free_block(mgr: MemoryManager) -> None:
 # ------------------------------------------------------------------------------- coalescing
 
 
-@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+@pytest.mark.parametrize(
+    "order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+)
 def test_three_adjacent_1k_blocks_coalesce(mgr: MemoryManager, order: tuple[int, int, int]) -> None:
     blocks = [mgr.allocate(1024) for _ in range(3)]
     guard = mgr.allocate(64)
@@ -558,19 +560,26 @@ def test_usage_percentage_and_pressure_from_real_arena(arena_name: str) -> None:
         (100.0, MemoryPressure.CRITICAL),
     ],
 )
-
 def test_pressure_thresholds(pct: float, level: MemoryPressure) -> None:
     total = 1_000_000
     available = round(total * (1 - pct / 100))
     st = MemoryStats(
-        total=total, used=total - available, available=available, peak=total - available,
-        allocated_blocks=1, free_blocks=1, allocations=1, deallocations=0,
+        total=total,
+        used=total - available,
+        available=available,
+        peak=total - available,
+        allocated_blocks=1,
+        free_blocks=1,
+        allocations=1,
+        deallocations=0,
         largest_free_block=available,
     )
     assert st.usage_percentage() == pytest.approx(pct)
     assert st.memory_pressure() is level
     assert MemoryPressure.from_percentage(pct) is level
-    assert MemoryPressure.LOW < MemoryPressure.MEDIUM < MemoryPressure.HIGH < MemoryPressure.CRITICAL
+    assert (
+        MemoryPressure.LOW < MemoryPressure.MEDIUM < MemoryPressure.HIGH < MemoryPressure.CRITICAL
+    )
 
 
 def test_fragmentation_ratio(mgr: MemoryManager) -> None:
@@ -595,9 +604,17 @@ def test_fragmentation_ratio(mgr: MemoryManager) -> None:
 
 def test_fragmentation_ratio_values() -> None:
     def stats(available: int, largest: int) -> MemoryStats:
-        return MemoryStats(total=1000, used=1000 - available, available=available, peak=0,
-                           allocated_blocks=0, free_blocks=2, allocations=0, deallocations=0,
-                           largest_free_block=largest)
+        return MemoryStats(
+            total=1000,
+            used=1000 - available,
+            available=available,
+            peak=0,
+            allocated_blocks=0,
+            free_blocks=2,
+            allocations=0,
+            deallocations=0,
+            largest_free_block=largest,
+        )
 
     assert stats(0, 0).fragmentation_ratio() == 0.0
     assert stats(100, 100).fragmentation_ratio() == 0.0

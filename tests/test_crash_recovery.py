@@ -20,6 +20,7 @@ def mgr(heap_mgr: MemoryManager) -> MemoryManager:
     the per-process caches are off (test_cache.py covers them)."""
     return heap_mgr
 
+
 CHILD = """
 import sys
 from shmalloc import MemoryManager
@@ -61,10 +62,7 @@ def assert_intact(mgr: MemoryManager, live: list[int], blocks_before: list[int])
         assert mgr.read(a) == bytes([i + 1]) * mgr.size_of(a)
 
 
-@pytest.mark.parametrize(
-    "step", ["alloc.locked", "alloc.removed", "alloc.carved", "alloc.done"]
-)
-
+@pytest.mark.parametrize("step", ["alloc.locked", "alloc.removed", "alloc.carved", "alloc.done"])
 def test_killed_inside_allocate_is_rolled_back(mgr: MemoryManager, step: str) -> None:
     live, holes = fragmented(mgr)
     order = sorted(live + holes)
