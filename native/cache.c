@@ -40,6 +40,7 @@
 #define ROOM_FLOOR ((uint64_t)32768)  /* a process may always cache this much (within the limit) */
 #define ROOM_SHARE 16                 /* and otherwise 1/16 of what it uses */
 #define REMOTE_WALK_MAX ((uint64_t)1 << 24)
+#define REMOTE_HELP_BYTES ((uint64_t)256 << 10) /* a remote list this long is drained by a freer */
 
 _Static_assert(SHM_CACHE_CLASSES <= sizeof(((shm_cache_t *)0)->head) / 8, "too many classes");
 
@@ -376,6 +377,27 @@ int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
     return (int64_t)(off + SHM_HDR) | heap_result_flags(h, (uint32_t)slot + 1, rose);
 }
 
+/* Drain another process's remote list for it if its slot lock is free at once: an owner that has
+ * stopped allocating would otherwise keep what others freed to it out of use until it ends. The
+ * blocks go into its cache, and what is over the cache's bounds back to the heap. */
+static void help_drain(shm_handle_t *h, int owner) {
+    int rc = lock_try(h, &h->arena->slot_locks[owner]);
+    if (rc == SHM_LOCK_RECOVERED) rc = cache_repair(h, owner);
+    else if (rc != SHM_OK) return; /* busy: its holder will see the list */
+    if (rc == SHM_OK && A_LOAD(&h->arena->procs[owner].state) == SHM_PROC_LIVE &&
+        drain_remote(h, owner) == SHM_OK)
+        trim_to_bounds(h, owner, SHM_CACHE_CLASSES);
+    slot_unlock(h, owner);
+}
+
+/* Before a collection: every live process's remote list that waits to be drained. */
+void cache_help_drain_all(shm_handle_t *h) {
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (A_LOAD(&h->arena->procs[i].state) == SHM_PROC_LIVE &&
+            __atomic_load_n(&cache_of(h, i)->remote_head, __ATOMIC_RELAXED))
+            help_drain(h, i);
+}
+
 /* Free a block this process owns into its cache; falls back to the heap path when the block is
  * not plainly allocated (sealed, referenced, claimed) or the cache has no room. */
 static int64_t own_free(shm_handle_t *h, uint64_t address, uint64_t off, unsigned k) {
@@ -432,9 +454,10 @@ static int64_t remote_free(shm_handle_t *h, uint64_t address, uint64_t off, int 
         *link_of(h, off) = head;
     } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
                                           __ATOMIC_RELAXED));
-    __atomic_fetch_add(&theirs->remote_bytes, got, __ATOMIC_RELAXED); /* freed, as users see it */
-    __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED);
+    uint64_t waiting = __atomic_add_fetch(&theirs->remote_bytes, got, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED); /* freed, as users see it */
     __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
+    if (UNLIKELY(waiting > REMOTE_HELP_BYTES)) help_drain(h, owner);
     return (int64_t)got;
 }
 
@@ -549,6 +572,7 @@ int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
     out->nallocs = A_LOAD(&c->nallocs);
     out->nfrees = A_LOAD(&c->nfrees);
     out->remote_pending = __atomic_load_n(&c->remote_head, __ATOMIC_RELAXED) != 0;
+    out->remote_bytes = A_LOAD(&c->remote_bytes);
     out->limit = A_LOAD(&h->arena->counters.cache_limit);
     return SHM_OK;
 }

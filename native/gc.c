@@ -120,6 +120,7 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
     cache_finish_pushes(h); /* remote frees that dead processes left half done */
+    cache_help_drain_all(h); /* and blocks freed to live processes that have not taken them in */
     int rc = lock_acquire(h, &h->arena->heap_lock);
     if (rc != SHM_OK) return rc;
     const shm_proc_t *p = slot >= 0 ? &h->arena->procs[slot] : NULL;

@@ -106,6 +106,23 @@ int lock_take(shm_handle_t *h, shm_lock_t *l) {
     return err_sys(rc, "pthread_mutex_lock");
 }
 
+/* lock_take without waiting: SHM_EFULL if another thread holds it. */
+int lock_try(shm_handle_t *h, shm_lock_t *l) {
+    int rc = pthread_mutex_trylock(lock_mutex(l));
+    if (LIKELY(rc == 0)) return SHM_OK;
+    if (rc == EBUSY) return SHM_EFULL;
+    if (rc == EOWNERDEAD) {
+        if ((rc = pthread_mutex_consistent(lock_mutex(l))) != 0) {
+            pthread_mutex_unlock(lock_mutex(l));
+            return err_sys(rc, "pthread_mutex_consistent");
+        }
+        return SHM_LOCK_RECOVERED;
+    }
+    if (rc == ENOTRECOVERABLE)
+        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
+    return err_sys(rc, "pthread_mutex_trylock");
+}
+
 void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
 
 void lock_release(shm_handle_t *h, shm_lock_t *l) {

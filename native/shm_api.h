@@ -123,6 +123,7 @@ typedef struct shm_cache_info {
     uint64_t nallocs;        /* allocations served from the cache, ever (while the slot lived) */
     uint64_t nfrees;         /* frees into it, its own and other processes' */
     uint64_t limit;          /* most usable bytes one process may keep cached */
+    uint64_t remote_bytes;   /* usable bytes other processes freed to it, not taken in yet */
     uint32_t remote_pending; /* 1 if other processes freed blocks it has not collected yet */
     uint32_t pad;
 } shm_cache_info_t;

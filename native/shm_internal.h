@@ -103,6 +103,7 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l);
 void lock_release(shm_handle_t *h, shm_lock_t *l);
 #define SHM_LOCK_RECOVERED 1
 int lock_take(shm_handle_t *h, shm_lock_t *l);
+int lock_try(shm_handle_t *h, shm_lock_t *l);
 void lock_give(shm_lock_t *l);
 
 /* block.c */
@@ -159,6 +160,7 @@ void cache_reset_slot(shm_handle_t *h, int slot);
 void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
 int cache_pending_live(const shm_handle_t *h, uint64_t off);
 void cache_finish_pushes(shm_handle_t *h);
+void cache_help_drain_all(shm_handle_t *h);
 int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
 int cache_lock_live(shm_handle_t *h, int slot);
 void cache_unlock(shm_handle_t *h, int slot);

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shmalloc import CorruptionDetected, InvalidAddress, MemoryManager, OutOfMemory
-from shmalloc._binding import ffi
+from shmalloc._binding import ffi, lib
 
 MiB = 1 << 20
 
@@ -124,6 +124,31 @@ def test_remote_free_reaches_the_owner_without_its_lock(mgr: MemoryManager, chil
     mgr.collect()
     st = mgr.stats()
     assert st.allocated_blocks == 2  # the child's last block and this process's 64 bytes
+    mgr.check()
+
+
+def _remote(mgr: MemoryManager, slot: int) -> tuple[int, int]:
+    info = ffi.new("shm_cache_info_t *")
+    assert lib.shm_cache_info(mgr._handle(), slot, info) == 0
+    return int(info.remote_pending), int(info.remote_bytes)
+
+
+def test_an_idle_owners_remote_list_is_drained_for_it(mgr: MemoryManager, children: Any) -> None:
+    """An owner that stops allocating never drains its remote list itself: a collection does it,
+    and so does a freer that finds more than 256 KiB waiting there."""
+    c = children("spawn", mgr)
+    slot = c("slot") if c("alloc", 64) else -1
+    blocks = [c("alloc", 40000) for _ in range(12)]
+    mgr.allocate(64)
+    for a in blocks[:4]:
+        mgr.deallocate(a)
+    pending, waiting = _remote(mgr, slot)
+    assert pending == 1 and 4 * 40000 <= waiting < 256 << 10
+    mgr.collect()  # drains it for the idle child
+    assert _remote(mgr, slot) == (0, 0)
+    for a in blocks[4:]:  # 8 x 40 KB: past 256 KiB the freer drains it
+        mgr.deallocate(a)
+    assert _remote(mgr, slot)[1] <= 256 << 10
     mgr.check()
 
 
