@@ -331,8 +331,7 @@ static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
     return rc;
 }
 
-int64_t cache_alloc(shm_handle_t *h, uint64_t size) {
-    int slot = h->slot;
+int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     uint64_t usable = (size + SHM_ALIGN - 1) & ~(uint64_t)(SHM_ALIGN - 1);
     uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
     unsigned k = cache_class_of(need);
@@ -402,8 +401,7 @@ void cache_help_drain_all(shm_handle_t *h) {
 
 /* Free a block this process owns into its cache; falls back to the heap path when the block is
  * not plainly allocated (sealed, referenced, claimed) or the cache has no room. */
-static int64_t own_free(shm_handle_t *h, uint64_t address, uint64_t off, unsigned k) {
-    int slot = h->slot;
+static int64_t own_free(shm_handle_t *h, int slot, uint64_t address, uint64_t off, unsigned k) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t got = cache_class_size(k) - SHM_HDR;
     uint64_t *w = block_word(h, off);
@@ -414,7 +412,8 @@ static int64_t own_free(shm_handle_t *h, uint64_t address, uint64_t off, unsigne
         !__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(slot + 1, SHM_BF_CACHED), 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         goto heap;
-    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_ACQUIRE)) { /* retained meanwhile */
+    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_ACQUIRE) || /* retained meanwhile */
+        block_at(h, off)->size != got + SHM_HDR) { /* or freed and carved anew by a racing free */
         __atomic_store_n(w, BLOCK_WORD(slot + 1, 0), __ATOMIC_RELEASE);
         goto heap;
     }
@@ -434,8 +433,8 @@ heap:
 }
 
 /* Free a block another live process owns: claim it, push it onto that process's remote list. */
-static int64_t remote_free(shm_handle_t *h, uint64_t address, uint64_t off, int owner) {
-    shm_cache_t *mine = cache_of(h, h->slot), *theirs = cache_of(h, owner);
+static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t off, int owner) {
+    shm_cache_t *mine = cache_of(h, slot), *theirs = cache_of(h, owner);
     uint64_t *w = block_word(h, off);
     uint64_t got = block_at(h, off)->size - SHM_HDR;
     __atomic_store_n(&mine->pending, off, __ATOMIC_SEQ_CST); /* before the claim: see gc.c */
@@ -445,7 +444,8 @@ static int64_t remote_free(shm_handle_t *h, uint64_t address, uint64_t off, int 
         __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
         return heap_free(h, address);
     }
-    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_SEQ_CST)) { /* retained meanwhile */
+    if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_SEQ_CST) || /* retained meanwhile */
+        block_at(h, off)->size != got + SHM_HDR) {
         __atomic_store_n(w, BLOCK_WORD(owner + 1, 0), __ATOMIC_RELEASE);
         __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
         return heap_free(h, address);
@@ -463,7 +463,7 @@ static int64_t remote_free(shm_handle_t *h, uint64_t address, uint64_t off, int 
     return (int64_t)got;
 }
 
-int64_t cache_free(shm_handle_t *h, uint64_t address) {
+int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
     uint64_t off = address - SHM_HDR;
     unsigned k;
     if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR || address >= h->heap_end || address % SHM_ALIGN ||
@@ -473,9 +473,9 @@ int64_t cache_free(shm_handle_t *h, uint64_t address) {
     uint32_t owner = (uint32_t)word, flags = (uint32_t)(word >> 32);
     if (flags || !owner || owner > SHM_MAX_PROCS || block_at(h, off)->refcount)
         return heap_free(h, address);
-    if ((int)owner - 1 == h->slot) return own_free(h, address, off, k);
+    if ((int)owner - 1 == slot) return own_free(h, slot, address, off, k);
     if (A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_LIVE) return heap_free(h, address);
-    return remote_free(h, address, off, (int)owner - 1);
+    return remote_free(h, slot, address, off, (int)owner - 1);
 }
 
 /* Give slot's whole cache and its remote list back to the heap. */

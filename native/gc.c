@@ -104,6 +104,7 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
             A_STORE(&p->nblocks, 0);
             A_STORE(&p->state, SHM_PROC_FREE);
             out->procs_cleaned++;
+            journal_checkpoint(h); /* a slot and its cache (1 KiB of journal) per step */
         }
     }
     A_ADD(&a->counters.gc_runs, 1);

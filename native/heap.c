@@ -206,7 +206,7 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
     int64_t r;
     if (LIKELY(!align && slot == h->slot && size <= CACHE_MAX_USABLE &&
                A_LOAD(&h->arena->counters.cache_limit)))
-        r = cache_alloc(h, size);
+        r = cache_alloc(h, slot, size);
     else
         r = heap_alloc(h, size, align, (uint32_t)slot + 1);
     if (UNLIKELY(r == SHM_ENOMEM || r == SHM_ENOSPC)) {
@@ -309,7 +309,8 @@ int64_t heap_free(shm_handle_t *h, uint64_t address) {
 }
 
 int64_t shm_free(shm_handle_t *h, uint64_t address) {
-    if (LIKELY(h->slot >= 0)) return cache_free(h, address);
+    int slot = __atomic_load_n(&h->slot, __ATOMIC_RELAXED); /* once: another thread may detach */
+    if (LIKELY(slot >= 0 && slot < SHM_MAX_PROCS)) return cache_free(h, slot, address);
     return heap_free(h, address);
 }
 

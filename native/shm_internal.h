@@ -152,8 +152,8 @@ void pressure_update(shm_handle_t *h, int *rose);
 #define CACHE_MAX_USABLE (CACHE_MAX_BLOCK - SHM_HDR)
 uint64_t cache_class_size(unsigned k);
 unsigned cache_class_of(uint64_t need);
-int64_t cache_alloc(shm_handle_t *h, uint64_t size);
-int64_t cache_free(shm_handle_t *h, uint64_t address);
+int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size);
+int64_t cache_free(shm_handle_t *h, int slot, uint64_t address);
 void cache_flush_all(shm_handle_t *h);
 uint64_t cache_sum(const shm_handle_t *h, size_t field);
 void cache_reset_slot(shm_handle_t *h, int slot);
