@@ -165,7 +165,7 @@ int shm_debug_level(void) { return SHMALLOC_DEBUG; }
 /* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     const shm_counters_t *c = &h->arena->counters;
-    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0;
+    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0, peak_one = 0;
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         const shm_cache_t *k = &h->arena->caches[i];
         cached += A_LOAD(&k->cached_bytes);
@@ -174,6 +174,8 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
         nfrees += A_LOAD(&k->nfrees);
         rbytes += A_LOAD(&k->remote_bytes);
         rblocks += A_LOAD(&k->remote_blocks);
+        uint64_t pp = A_LOAD(&h->arena->procs[i].peak);
+        if (pp > peak_one) peak_one = pp;
     }
     memset(out, 0, sizeof *out);
     out->total = h->heap_end - h->heap_off;
@@ -188,13 +190,15 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     out->available = (fb > fh ? fb - fh : 0) + cached;
     out->cached = cached;
     if (out->available > out->total) out->available = out->total; /* damaged counters: stay sane */
-    /* The cache path does not keep the arena's peak (refills do): raise it to what we see. */
+    /* The cache path does not keep the arena's peak (refills and the heap path do): raise it to
+     * what is used now, and to any one process's peak (which the cache path does keep). */
     out->peak = A_LOAD(&c->peak);
     while (out->peak < out->used &&
            !__atomic_compare_exchange_n(&h->arena->counters.peak, &out->peak, out->used, 1,
                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     if (out->peak < out->used) out->peak = out->used;
+    if (out->peak < peak_one && peak_one <= out->total) out->peak = peak_one;
     out->allocations = A_LOAD(&c->allocations) + nallocs;
     out->deallocations = A_LOAD(&c->deallocations) + nfrees + rblocks;
     int64_t cache_frees = (int64_t)(nfrees - A_LOAD(&c->gc_cache_base)); /* since the last gc */

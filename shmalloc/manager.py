@@ -519,6 +519,14 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         lib.shm_cache_info(self._handle(), 0, info)
         return int(info.limit)
 
+    @property
+    def cached_bytes(self) -> int:
+        """Usable bytes of free blocks that processes hold in their caches (counted as available
+        in stats(); they go back to the heap on collect(), trim, close or before OutOfMemory)."""
+        s = ffi.new("shm_stats_t *")
+        lib.shm_stats_read(self._handle(), s)
+        return int(s.cached)
+
     def set_cache_limit(self, nbytes: int) -> None:
         """Set, for the whole arena, how many bytes of freed small and medium blocks each process
         may keep in its cache to reuse without the arena's lock. 0 turns the caches off: every

@@ -57,6 +57,8 @@ class Snapshot:
     processes: list[ProcessInfo]
     coordinator: tuple[int, bool] | None
     names: list[str]
+    cached: int = 0  # bytes in per-process caches (inside stats.available)
+    cache_limit: int = 0
     taken: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -68,6 +70,8 @@ class Snapshot:
             processes=sorted(mgr.processes(), key=lambda p: (-p.usage, p.pid)),
             coordinator=coordinator_of(mgr),
             names=mgr.names(),
+            cached=mgr.cached_bytes,
+            cache_limit=mgr.cache_limit,
         )
 
     @property
@@ -86,6 +90,8 @@ class Snapshot:
             "usage_percentage": round(s.usage_percentage(), 3),
             "pressure": self.pressure.name,
             "fragmentation_ratio": round(s.fragmentation_ratio(), 6),
+            "cached_bytes": self.cached,
+            "cache_limit": self.cache_limit,
             "coordinator": coord,
             "processes": [
                 {
@@ -125,6 +131,13 @@ def overview(snap: Snapshot) -> Table:
         "free",
         f"{format_bytes(s.available)} in {count(s.free_blocks, 'block')}, largest "
         f"{format_bytes(s.largest_free_block)}",
+    )
+    grid.add_row(
+        "caches",
+        f"{format_bytes(snap.cached)} of the free bytes held in per-process caches "
+        f"(up to {format_bytes(snap.cache_limit)} each)"
+        if snap.cache_limit
+        else Text("off (every allocation takes the heap lock)", style="dim"),
     )
     grid.add_row("peak", format_bytes(s.peak))
     grid.add_row("pressure", pressure_text(snap.pressure))

@@ -51,6 +51,17 @@ def test_a_freed_small_block_is_reused_from_the_cache(mgr: MemoryManager) -> Non
         mgr.deallocate(a)  # it sits in the cache: a double free is still caught
 
 
+def test_cached_bytes_and_peak_seen_through_the_cache(mgr: MemoryManager) -> None:
+    addrs = [mgr.allocate(100) for _ in range(10)]
+    live = sum(mgr.size_of(a) for a in addrs)
+    for a in addrs:
+        mgr.deallocate(a)
+    assert mgr.cached_bytes == mgr.check().cached_bytes >= live
+    assert mgr.stats().peak >= live  # the allocations came from the cache, not the heap
+    mgr.collect()
+    assert mgr.cached_bytes == 0
+
+
 def test_collect_returns_the_cache_and_everything_merges(mgr: MemoryManager) -> None:
     addrs = [mgr.allocate(n) for n in (16, 100, 1000, 5000, 20000, 60000) for _ in range(20)]
     for a in addrs:
