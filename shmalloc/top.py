@@ -42,7 +42,8 @@ def _top_view(snap: Snapshot, prev: Snapshot | None, interval: float) -> Rendera
     live = sum(p.alive for p in snap.processes)
     coord = "none" if snap.coordinator is None else f"pid {snap.coordinator[0]}"
     line2 = Text(
-        f"blocks {s.allocated_blocks} used / {s.free_blocks} free   processes {live} live, "
+        f"blocks {s.allocated_blocks} used / {s.free_blocks} free   "
+        f"cached {format_bytes(snap.cached)}   processes {live} live, "
         f"{len(snap.processes) - live} dead   coordinator {coord}{rate}"
     )
     bar = Table.grid(padding=(0, 1))
