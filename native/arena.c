@@ -189,15 +189,11 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
     out->available = (fb > fh ? fb - fh : 0) + cached;
     out->cached = cached;
+    out->cache_limit = A_LOAD(&c->cache_limit);
     if (out->available > out->total) out->available = out->total; /* damaged counters: stay sane */
     /* The cache path does not keep the arena's peak (refills and the heap path do): raise it to
      * what is used now, and to any one process's peak (which the cache path does keep). */
-    out->peak = A_LOAD(&c->peak);
-    while (out->peak < out->used &&
-           !__atomic_compare_exchange_n(&h->arena->counters.peak, &out->peak, out->used, 1,
-                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
-    if (out->peak < out->used) out->peak = out->used;
+    out->peak = a_raise_max(&h->arena->counters.peak, out->used);
     if (out->peak < peak_one && peak_one <= out->total) out->peak = peak_one;
     out->allocations = A_LOAD(&c->allocations) + nallocs;
     out->deallocations = A_LOAD(&c->deallocations) + nfrees + rblocks;

@@ -98,7 +98,7 @@ void block_scrub(shm_handle_t *h, uint64_t off) {
 
 /* Is there a sound block header at off? [B1] [B2] */
 int block_validate(const shm_handle_t *h, uint64_t off) {
-    if (UNLIKELY(off < h->heap_off || off % SHM_ALIGN || off > h->heap_end - SHM_MIN_BLOCK))
+    if (UNLIKELY(!heap_offset_ok(h, off)))
         return err_set(SHM_ECORRUPT, off, "block offset %#llx lies outside the heap [%#llx, %#llx)",
                        (unsigned long long)off, (unsigned long long)h->heap_off,
                        (unsigned long long)h->heap_end);

@@ -216,18 +216,20 @@ static int cache_repair(shm_handle_t *h, int slot) {
     return rc;
 }
 
-static int slot_lock(shm_handle_t *h, int slot) {
-    int rc = lock_take(h, &h->arena->slot_locks[slot]);
+/* Take slot's lock (waiting, or not: SHM_EFULL if busy), repairing its cache if the last holder
+ * died. */
+int cache_lock(shm_handle_t *h, int slot, int wait) {
+    int rc = lock_take(h, &h->arena->slot_locks[slot], wait);
     if (LIKELY(rc == SHM_OK)) return SHM_OK;
     if (rc != SHM_LOCK_RECOVERED) return rc;
     if ((rc = cache_repair(h, slot)) != SHM_OK) {
-        lock_give(&h->arena->slot_locks[slot]); /* still inconsistent: the next taker repairs */
+        lock_give(&h->arena->slot_locks[slot]); /* the lists are emptied; the heap is damaged */
         return rc;
     }
     return SHM_OK;
 }
 
-static inline void slot_unlock(shm_handle_t *h, int slot) { lock_give(&h->arena->slot_locks[slot]); }
+void cache_unlock(shm_handle_t *h, int slot) { lock_give(&h->arena->slot_locks[slot]); }
 
 /* Move the blocks other processes freed into slot's cache (slot lock held). */
 static int drain_remote(shm_handle_t *h, int slot) {
@@ -236,8 +238,7 @@ static int drain_remote(shm_handle_t *h, int slot) {
     for (uint64_t n = 0; off && n < REMOTE_WALK_MAX; n++) {
         unsigned k;
         uint64_t *w = block_word(h, off);
-        if (off < h->heap_off || off > h->heap_end - SHM_MIN_BLOCK || off % SHM_ALIGN ||
-            !class_exact(block_at(h, off)->size, &k) ||
+        if (!heap_offset_ok(h, off) || !class_exact(block_at(h, off)->size, &k) ||
             !block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_REMOTE), 0))
             return err_set(SHM_ECORRUPT, off, "remote list of slot %d: %#llx is not a block freed to it",
                            slot, (unsigned long long)off);
@@ -293,9 +294,7 @@ static int trim_to_bounds(shm_handle_t *h, int slot, unsigned grew) {
     return rc;
 }
 
-/* Fill list k with a batch carved from the heap (slot lock held). Returns REFILL_USE_HEAP when
- * the block the heap would give is not of the class's exact size: serve that request from it. */
-#define REFILL_USE_HEAP 2
+/* Fill list k with a batch carved from the heap (slot lock held). */
 static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t size = cache_class_size(k), got = size - SHM_HDR;
@@ -318,14 +317,10 @@ static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
         A_ADD(&c->cached_blocks, 1);
         made++;
     }
-    if (rc == SHM_EINVAL && !made) rc = REFILL_USE_HEAP;
     if (made) {
         rc = SHM_OK;
         pressure_update(h, rose);
-        /* the arena's peak, exact but for what sits in caches (the cache path does not keep it) */
-        shm_counters_t *ct = &h->arena->counters;
-        uint64_t used = A_LOAD(&ct->used) - cache_sum(h, offsetof(shm_cache_t, cached_bytes));
-        if (used > A_LOAD(&ct->peak)) A_STORE(&ct->peak, used);
+        heap_note_peak(h);
     }
     lock_release(h, &h->arena->heap_lock);
     return rc;
@@ -338,33 +333,33 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     uint64_t got = cache_class_size(k) - SHM_HDR;
     shm_cache_t *c = cache_of(h, slot);
     shm_proc_t *p = &h->arena->procs[slot];
-    int rc = slot_lock(h, slot);
+    int rc = cache_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (UNLIKELY(A_LOAD(&p->state) != SHM_PROC_LIVE)) { /* detached: the heap path says so */
-        slot_unlock(h, slot);
+        cache_unlock(h, slot);
         return heap_alloc(h, size, 0, (uint32_t)slot + 1);
     }
     if (UNLIKELY(__atomic_load_n(&c->remote_head, __ATOMIC_RELAXED)) &&
         ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
-        slot_unlock(h, slot);
+        cache_unlock(h, slot);
         return rc;
     }
     uint64_t limit = A_LOAD(&p->limit);
     if (UNLIKELY(limit)) {
         uint64_t u = proc_usage(h, slot);
         if (u + got > limit) { /* the class's rounding may be what does not fit: ask the heap */
-            slot_unlock(h, slot);
+            cache_unlock(h, slot);
             return heap_alloc(h, size, 0, (uint32_t)slot + 1);
         }
     }
     int rose = 0;
     if (UNLIKELY(!c->count[k]) && (rc = refill(h, slot, k, &rose)) != SHM_OK) {
-        slot_unlock(h, slot);
-        return rc == REFILL_USE_HEAP ? heap_alloc(h, size, 0, (uint32_t)slot + 1) : rc;
+        cache_unlock(h, slot);
+        return rc;
     }
     uint64_t off;
     if ((rc = list_pop(h, slot, k, &off, 0)) != SHM_OK) {
-        slot_unlock(h, slot);
+        cache_unlock(h, slot);
         return rc;
     }
     FAULT_POINT(FAULT_CACHE_POPPED);
@@ -373,8 +368,8 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     A_SUB(&c->cached_blocks, 1);
     A_ADD(&c->nblocks, 1);
     A_ADD(&c->nallocs, 1);
-    proc_raise_peak(p, A_ADD(&c->usage, got) + A_LOAD(&p->usage));
-    slot_unlock(h, slot);
+    a_raise_max(&p->peak, A_ADD(&c->usage, got) + A_LOAD(&p->usage));
+    cache_unlock(h, slot);
     return (int64_t)(off + SHM_HDR) | heap_result_flags(h, (uint32_t)slot + 1, rose);
 }
 
@@ -382,13 +377,10 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
  * stopped allocating would otherwise keep what others freed to it out of use until it ends. The
  * blocks go into its cache, and what is over the cache's bounds back to the heap. */
 static void help_drain(shm_handle_t *h, int owner) {
-    int rc = lock_try(h, &h->arena->slot_locks[owner]);
-    if (rc == SHM_LOCK_RECOVERED) rc = cache_repair(h, owner);
-    else if (rc != SHM_OK) return; /* busy: its holder will see the list */
-    if (rc == SHM_OK && A_LOAD(&h->arena->procs[owner].state) == SHM_PROC_LIVE &&
-        drain_remote(h, owner) == SHM_OK)
+    if (cache_lock(h, owner, 0) != SHM_OK) return; /* busy: its holder will see the list */
+    if (A_LOAD(&h->arena->procs[owner].state) == SHM_PROC_LIVE && drain_remote(h, owner) == SHM_OK)
         trim_to_bounds(h, owner, SHM_CACHE_CLASSES);
-    slot_unlock(h, owner);
+    cache_unlock(h, owner);
 }
 
 /* Before a collection: every live process's remote list that waits to be drained. */
@@ -405,7 +397,7 @@ static int64_t own_free(shm_handle_t *h, int slot, uint64_t address, uint64_t of
     shm_cache_t *c = cache_of(h, slot);
     uint64_t got = cache_class_size(k) - SHM_HDR;
     uint64_t *w = block_word(h, off);
-    int rc = slot_lock(h, slot);
+    int rc = cache_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     uint64_t expect = BLOCK_WORD(slot + 1, 0);
     if (A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE ||
@@ -425,16 +417,29 @@ static int64_t own_free(shm_handle_t *h, int slot, uint64_t address, uint64_t of
     A_ADD(&c->cached_bytes, got);
     A_ADD(&c->cached_blocks, 1);
     rc = trim_to_bounds(h, slot, k);
-    slot_unlock(h, slot);
+    cache_unlock(h, slot);
     return rc == SHM_OK ? (int64_t)got : rc;
 heap:
-    slot_unlock(h, slot);
+    cache_unlock(h, slot);
     return heap_free(h, address);
+}
+
+/* Push the claimed (REMOTE) block at off onto owner's remote list and count it as freed there;
+ * returns the bytes now waiting on that list. */
+static uint64_t remote_push(shm_handle_t *h, int owner, uint64_t off) {
+    shm_cache_t *theirs = cache_of(h, owner);
+    uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
+    do {
+        *link_of(h, off) = head;
+    } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
+                                          __ATOMIC_RELAXED));
+    __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED); /* freed, as users see it */
+    return __atomic_add_fetch(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR, __ATOMIC_RELAXED);
 }
 
 /* Free a block another live process owns: claim it, push it onto that process's remote list. */
 static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t off, int owner) {
-    shm_cache_t *mine = cache_of(h, slot), *theirs = cache_of(h, owner);
+    shm_cache_t *mine = cache_of(h, slot);
     uint64_t *w = block_word(h, off);
     uint64_t got = block_at(h, off)->size - SHM_HDR;
     __atomic_store_n(&mine->pending, off, __ATOMIC_SEQ_CST); /* before the claim: see gc.c */
@@ -451,13 +456,7 @@ static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t
         return heap_free(h, address);
     }
     FAULT_POINT(FAULT_REMOTE_CLAIMED);
-    uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
-    do {
-        *link_of(h, off) = head;
-    } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
-                                          __ATOMIC_RELAXED));
-    uint64_t waiting = __atomic_add_fetch(&theirs->remote_bytes, got, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED); /* freed, as users see it */
+    uint64_t waiting = remote_push(h, owner, off);
     __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
     if (UNLIKELY(waiting > REMOTE_HELP_BYTES)) help_drain(h, owner);
     return (int64_t)got;
@@ -480,7 +479,7 @@ int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
 
 /* Give slot's whole cache and its remote list back to the heap. */
 static int cache_flush(shm_handle_t *h, int slot) {
-    int rc = slot_lock(h, slot);
+    int rc = cache_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE) rc = drain_remote(h, slot);
     shm_cache_t *c = cache_of(h, slot);
@@ -492,7 +491,7 @@ static int cache_flush(shm_handle_t *h, int slot) {
             rc = list_release(h, slot, k, c->count[k]);
         lock_release(h, &h->arena->heap_lock);
     }
-    slot_unlock(h, slot);
+    cache_unlock(h, slot);
     return rc;
 }
 
@@ -514,35 +513,26 @@ void cache_finish_pushes(shm_handle_t *h) {
         uint64_t off = A_LOAD(&dead->pending);
         if (!off || A_LOAD(&h->arena->procs[i].state) != SHM_PROC_DEAD) continue;
         unsigned k;
-        if (off < h->heap_off || off > h->heap_end - SHM_MIN_BLOCK || off % SHM_ALIGN ||
-            block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)) {
+        if (block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)) {
             A_STORE(&dead->pending, 0);
             continue;
         }
         uint32_t owner = block_at(h, off)->owner;
-        if (!owner || owner > SHM_MAX_PROCS || slot_lock(h, (int)owner - 1) != SHM_OK) continue;
+        if (!owner || owner > SHM_MAX_PROCS || cache_lock(h, (int)owner - 1, 1) != SHM_OK) continue;
         shm_cache_t *theirs = cache_of(h, (int)owner - 1);
         if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == BLOCK_WORD(owner, SHM_BF_REMOTE) &&
             !cache_pending_live(h, off)) {
             int listed = 0;
             uint64_t cur = __atomic_load_n(&theirs->remote_head, __ATOMIC_ACQUIRE);
             for (uint64_t n = 0; cur && n < REMOTE_WALK_MAX && !listed; n++) {
-                if (cur < h->heap_off || cur > h->heap_end - SHM_MIN_BLOCK || cur % SHM_ALIGN) break;
+                if (!heap_offset_ok(h, cur)) break;
                 listed = cur == off;
                 cur = *link_of(h, cur);
             }
-            if (!listed) {
-                uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
-                do {
-                    *link_of(h, off) = head;
-                } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1,
-                                                      __ATOMIC_RELEASE, __ATOMIC_RELAXED));
-                __atomic_fetch_add(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR, __ATOMIC_RELAXED);
-                __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED);
-            }
+            if (!listed) remote_push(h, (int)owner - 1, off);
         }
         A_STORE(&dead->pending, 0);
-        slot_unlock(h, (int)owner - 1);
+        cache_unlock(h, (int)owner - 1);
     }
 }
 
@@ -575,7 +565,6 @@ int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
     out->nfrees = A_LOAD(&c->nfrees);
     out->remote_pending = __atomic_load_n(&c->remote_head, __ATOMIC_RELAXED) != 0;
     out->remote_bytes = A_LOAD(&c->remote_bytes);
-    out->limit = A_LOAD(&h->arena->counters.cache_limit);
     return SHM_OK;
 }
 
@@ -603,5 +592,3 @@ int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *bloc
     return SHM_OK;
 }
 
-int cache_lock_live(shm_handle_t *h, int slot) { return slot_lock(h, slot); }
-void cache_unlock(shm_handle_t *h, int slot) { slot_unlock(h, slot); }

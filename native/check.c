@@ -11,11 +11,10 @@
 #define ULL(x) ((unsigned long long)(x))
 
 typedef struct {
-    uint64_t usage, nblocks, cached_bytes, cached_blocks;
+    uint64_t usage, nblocks, cached_bytes, cached_blocks, remote_bytes, remote_blocks;
 } proc_sums_t;
 
 static __thread uint64_t heap_refcounts; /* sum of refcount over allocated blocks, from check_heap */
-static __thread uint64_t remote_bytes, remote_blocks; /* REMOTE blocks, from check_heap */
 
 static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums) {
     uint64_t off = h->heap_off, prev_size = 0;
@@ -52,8 +51,8 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
                     sums[b->owner - 1].cached_blocks++;
                 }
                 if (b->flags & SHM_BF_REMOTE) { /* freed, as users see it; reported like stats */
-                    remote_bytes += b->size - SHM_HDR;
-                    remote_blocks++;
+                    sums[b->owner - 1].remote_bytes += b->size - SHM_HDR;
+                    sums[b->owner - 1].remote_blocks++;
                 }
             }
             if (!b->owner && !(b->flags & SHM_BF_PERSIST))
@@ -189,7 +188,7 @@ static int check_refs_names(shm_handle_t *h) {
 int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     shm_check_report_t r = {0};
     proc_sums_t sums[SHM_MAX_PROCS] = {{0}};
-    heap_refcounts = remote_bytes = remote_blocks = 0;
+    heap_refcounts = 0;
     int rc = check_heap(h, &r, sums);
     if (rc == SHM_OK) rc = check_bins(h, &r);
     if (rc == SHM_OK) rc = check_counters(h, &r, sums, full);
@@ -197,9 +196,9 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     for (int i = 0; i < SHM_MAX_PROCS; i++) { /* the user's view from here on, like stats */
         r.cached_blocks += sums[i].cached_blocks;
         r.cached_bytes += sums[i].cached_bytes;
+        r.allocated_blocks -= sums[i].cached_blocks + sums[i].remote_blocks;
+        r.used -= sums[i].cached_bytes + sums[i].remote_bytes;
     }
-    r.allocated_blocks -= r.cached_blocks + remote_blocks;
-    r.used -= r.cached_bytes + remote_bytes;
     if (rc == SHM_OK) *out = r;
     return rc;
 }
@@ -212,7 +211,7 @@ int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     /* Slot locks first, in slot order, then the heap lock: the order every path takes them in. */
     int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
     for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
-        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = cache_lock_live(h, i)) == SHM_OK)
+        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = cache_lock(h, i, 1)) == SHM_OK)
             locked[i] = 1;
     if (rc == SHM_OK && (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
         int full = 1; /* a slot that became live after its turn above is not locked */

@@ -98,11 +98,7 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
         shm_proc_t *p = &a->procs[i];
         if (p->state == SHM_PROC_DEAD && remaining[i] == 0 && (slot < 0 || slot == i)) {
             refs_drop_slot(h, (uint32_t)i + 1);
-            J(h, p);
-            cache_reset_slot(h, i);
-            A_STORE(&p->usage, 0);
-            A_STORE(&p->nblocks, 0);
-            A_STORE(&p->state, SHM_PROC_FREE);
+            proc_free_slot(h, i);
             out->procs_cleaned++;
             journal_checkpoint(h); /* a slot and its cache (1 KiB of journal) per step */
         }

@@ -90,8 +90,9 @@ void pressure_update(shm_handle_t *h, int *rose) {
 /* Carve a block of whole size `need` (aligned payload if align) owned by owner with flags, and
  * count it in the heap's counters (not in anyone's usage: the caller does that). At most `room`
  * usable bytes may be handed out (a process limit): SHM_ELIMIT, nothing changed, if the block
- * would be larger. SHM_ENOMEM / SHM_ENOSPC are returned unreported (the caller may retry), and so
- * is SHM_EINVAL when a block for a cache (flags CACHED) would not be of exactly `need` bytes. */
+ * would be larger. SHM_ENOMEM / SHM_ENOSPC are returned unreported (the caller may retry). A block
+ * for a cache (flags CACHED) is searched with room for a tail, so it is always of exactly `need`
+ * bytes. */
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out) {
     shm_counters_t *c = &h->arena->counters;
@@ -112,7 +113,6 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
     uint64_t mine = rest - tail;
     /* the block may keep a remainder too small to split off: the limit counts what is charged */
     if (mine - SHM_HDR > room) return SHM_ELIMIT;
-    if ((flags & SHM_BF_CACHED) && mine != need) return SHM_EINVAL; /* caches hold exact sizes */
     /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
     rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
     if (rc != SHM_OK) return rc;
@@ -146,6 +146,13 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
     return SHM_OK;
 }
 
+/* Raise the arena's peak to what users hold now: the heap's use less what sits in caches. The
+ * cache path does not keep this peak; the heap path and refills do (heap lock held). */
+void heap_note_peak(shm_handle_t *h) {
+    shm_counters_t *c = &h->arena->counters;
+    a_raise_max(&c->peak, A_LOAD(&c->used) - cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
+}
+
 /* Flag bits for an allocation's result: pressure crossed upwards, or a trim was asked for. */
 int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose) {
     int64_t flags = rose ? (int64_t)SHM_ALLOC_PRESSURE_FLAG : 0;
@@ -174,9 +181,7 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     uint64_t got = block_at(h, off)->size - SHM_HDR;
     A_ADD(&c->allocations, 1);
     proc_charge(h, owner, got);
-    uint64_t cached = cache_sum(h, offsetof(shm_cache_t, cached_bytes));
-    uint64_t used = A_LOAD(&c->used) - cached;
-    if (used > A_LOAD(&c->peak)) A_STORE(&c->peak, used);
+    heap_note_peak(h);
     int rose = 0;
     pressure_update(h, &rose);
     return (int64_t)(off + SHM_HDR) | heap_result_flags(h, owner, rose);

@@ -88,28 +88,13 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
     return SHM_OK;
 }
 
-/* A slot lock (cache.c): no journal. Returns SHM_OK, SHM_LOCK_RECOVERED when its holder died
- * (the lock is ours and consistent again; what it guarded must be repaired), or a status. */
-int lock_take(shm_handle_t *h, shm_lock_t *l) {
-    int rc = lock_wait(h, l);
+/* A slot lock (cache.c): no journal. With wait == 0 it does not wait (SHM_EFULL if another
+ * thread holds it). Returns SHM_OK, SHM_LOCK_RECOVERED when its holder died (the lock is ours and
+ * consistent again; what it guarded must be repaired), or a status. */
+int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
+    int rc = wait ? lock_wait(h, l) : pthread_mutex_trylock(lock_mutex(l));
     if (LIKELY(rc == 0)) return SHM_OK;
     if (rc == SHM_ECORRUPT) return rc;
-    if (rc == EOWNERDEAD) {
-        if ((rc = pthread_mutex_consistent(lock_mutex(l))) != 0) {
-            pthread_mutex_unlock(lock_mutex(l));
-            return err_sys(rc, "pthread_mutex_consistent");
-        }
-        return SHM_LOCK_RECOVERED;
-    }
-    if (rc == ENOTRECOVERABLE)
-        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
-    return err_sys(rc, "pthread_mutex_lock");
-}
-
-/* lock_take without waiting: SHM_EFULL if another thread holds it. */
-int lock_try(shm_handle_t *h, shm_lock_t *l) {
-    int rc = pthread_mutex_trylock(lock_mutex(l));
-    if (LIKELY(rc == 0)) return SHM_OK;
     if (rc == EBUSY) return SHM_EFULL;
     if (rc == EOWNERDEAD) {
         if ((rc = pthread_mutex_consistent(lock_mutex(l))) != 0) {
@@ -120,7 +105,7 @@ int lock_try(shm_handle_t *h, shm_lock_t *l) {
     }
     if (rc == ENOTRECOVERABLE)
         return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
-    return err_sys(rc, "pthread_mutex_trylock");
+    return err_sys(rc, "pthread_mutex_lock");
 }
 
 void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }

@@ -21,13 +21,6 @@ uint64_t proc_usage(const shm_handle_t *h, int slot) {
     return A_LOAD(&h->arena->procs[slot].usage) + A_LOAD(&h->arena->caches[slot].usage);
 }
 
-/* peak = max(peak, usage), by compare-and-swap: the heap path and the cache path both raise it. */
-void proc_raise_peak(shm_proc_t *p, uint64_t usage) {
-    uint64_t cur = __atomic_load_n(&p->peak, __ATOMIC_RELAXED);
-    while (cur < usage &&
-           !__atomic_compare_exchange_n(&p->peak, &cur, usage, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
-}
 
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
     return owner >= 1 && owner <= SHM_MAX_PROCS &&
@@ -42,7 +35,7 @@ int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
     shm_proc_t *p = &h->arena->procs[owner - 1];
     proc_journal_counters(h, p);
     A_ADD(&p->usage, bytes);
-    proc_raise_peak(p, proc_usage(h, (int)owner - 1));
+    a_raise_max(&p->peak, proc_usage(h, (int)owner - 1));
     A_ADD(&p->nblocks, 1);
     A_ADD(&p->nallocs, 1);
     return SHM_OK;
@@ -137,6 +130,17 @@ int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
     return SHM_OK;
 }
 
+/* The slot owns nothing any more: give it back (heap lock held), its cache's counts folded into
+ * the arena's. */
+void proc_free_slot(shm_handle_t *h, int slot) {
+    shm_proc_t *p = &h->arena->procs[slot];
+    J(h, p);
+    cache_reset_slot(h, slot);
+    A_STORE(&p->usage, 0);
+    A_STORE(&p->nblocks, 0);
+    A_STORE(&p->state, SHM_PROC_FREE);
+}
+
 /* Move the accounting of one block of `bytes` from owner `from` to owner `to` (either may be 0). */
 void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
     if (from == to) return;
@@ -150,7 +154,7 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
         shm_proc_t *p = &h->arena->procs[to - 1];
         proc_journal_counters(h, p);
         A_ADD(&p->usage, bytes);
-        proc_raise_peak(p, proc_usage(h, (int)to - 1));
+        a_raise_max(&p->peak, proc_usage(h, (int)to - 1));
         A_ADD(&p->nblocks, 1);
     }
 }
@@ -186,9 +190,7 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     int freed = 0;
     if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
         !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) && !refs_held_by(h, (uint32_t)slot + 1)) {
-        J(h, p);
-        cache_reset_slot(h, slot);
-        A_STORE(&p->state, SHM_PROC_FREE);
+        proc_free_slot(h, slot);
         freed = 1;
     }
     lock_release(h, &h->arena->heap_lock);

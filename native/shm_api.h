@@ -72,6 +72,7 @@ typedef struct shm_stats {
     uint64_t oom_events;
     uint64_t gc_runs;
     uint64_t cached;           /* usable bytes in per-process caches (counted in available) */
+    uint64_t cache_limit;      /* most usable bytes one process may keep cached (0: caches off) */
 } shm_stats_t;
 
 typedef struct shm_check_report {
@@ -122,7 +123,6 @@ typedef struct shm_cache_info {
     uint64_t cached_blocks;
     uint64_t nallocs;        /* allocations served from the cache, ever (while the slot lived) */
     uint64_t nfrees;         /* frees into it, its own and other processes' */
-    uint64_t limit;          /* most usable bytes one process may keep cached */
     uint64_t remote_bytes;   /* usable bytes other processes freed to it, not taken in yet */
     uint32_t remote_pending; /* 1 if other processes freed blocks it has not collected yet */
     uint32_t pad;

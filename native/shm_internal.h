@@ -30,6 +30,14 @@ static inline uint64_t a_add_u64(uint64_t *p, uint64_t v) {
     return n;
 }
 
+/* *p = max(*p, v) by compare-and-swap (for peaks raised from more than one path); returns it. */
+static inline uint64_t a_raise_max(uint64_t *p, uint64_t v) {
+    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (cur < v && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return cur < v ? v : cur;
+}
+
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
@@ -102,8 +110,7 @@ int lock_init(shm_lock_t *l);
 int lock_acquire(shm_handle_t *h, shm_lock_t *l);
 void lock_release(shm_handle_t *h, shm_lock_t *l);
 #define SHM_LOCK_RECOVERED 1
-int lock_take(shm_handle_t *h, shm_lock_t *l);
-int lock_try(shm_handle_t *h, shm_lock_t *l);
+int lock_take(shm_handle_t *h, shm_lock_t *l, int wait);
 void lock_give(shm_lock_t *l);
 
 /* block.c */
@@ -118,6 +125,10 @@ static inline uint64_t *block_word(const shm_handle_t *h, uint64_t off) {
     return (uint64_t *)(void *)(h->base + off + 16);
 }
 #define BLOCK_WORD(owner, flags) ((uint64_t)(uint32_t)(owner) | ((uint64_t)(uint32_t)(flags) << 32))
+/* Could a block header start at off? (Inside the heap, room for a minimal block, aligned.) */
+static inline int heap_offset_ok(const shm_handle_t *h, uint64_t off) {
+    return off >= h->heap_off && off <= h->heap_end - SHM_MIN_BLOCK && off % SHM_ALIGN == 0;
+}
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
 void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
@@ -141,6 +152,7 @@ int heap_oom(shm_handle_t *h, int status, uint64_t requested);
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out);
 int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
+void heap_note_peak(shm_handle_t *h);
 int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner);
 int64_t heap_free(shm_handle_t *h, uint64_t address);
 int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
@@ -162,7 +174,7 @@ int cache_pending_live(const shm_handle_t *h, uint64_t off);
 void cache_finish_pushes(shm_handle_t *h);
 void cache_help_drain_all(shm_handle_t *h);
 int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
-int cache_lock_live(shm_handle_t *h, int slot);
+int cache_lock(shm_handle_t *h, int slot, int wait);
 void cache_unlock(shm_handle_t *h, int slot);
 
 /* own.c */
@@ -182,6 +194,6 @@ void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
 void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
 uint64_t proc_usage(const shm_handle_t *h, int slot);
-void proc_raise_peak(shm_proc_t *p, uint64_t usage);
+void proc_free_slot(shm_handle_t *h, int slot);
 
 #endif

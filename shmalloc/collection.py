@@ -32,6 +32,7 @@ class CollectionMixin:
     _pressure_callbacks: list[Callable[[], None]]
 
     def _handle(self) -> Any: ...
+    def _raw_stats(self) -> Any: ...
     def stats(self) -> MemoryStats: ...
 
     # ------------------------------------------------------------ collection
@@ -47,9 +48,7 @@ class CollectionMixin:
     def should_collect(self) -> bool:
         """True once ``threshold`` blocks were freed since the last collection, or a process
         holding memory in the arena has died."""
-        s = ffi.new("shm_stats_t *")
-        lib.shm_stats_read(self._handle(), s)
-        if s.frees_since_gc >= self._threshold:
+        if self._raw_stats().frees_since_gc >= self._threshold:
             return True
         h = self._handle()
         return any(mark_if_dead(h, r, mark=False) for r in scan_slots(h))

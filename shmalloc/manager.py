@@ -512,20 +512,22 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
 
     # ---------------------------------------------------------------- per-process caches
 
+    def _raw_stats(self) -> Any:
+        """The C core's counters (shm_stats_t), read without a lock."""
+        s = ffi.new("shm_stats_t *")
+        lib.shm_stats_read(self._handle(), s)
+        return s
+
     @property
     def cache_limit(self) -> int:
         """Bytes of free small and medium blocks (up to 64 KiB) each process may keep cached."""
-        info = ffi.new("shm_cache_info_t *")
-        lib.shm_cache_info(self._handle(), 0, info)
-        return int(info.limit)
+        return int(self._raw_stats().cache_limit)
 
     @property
     def cached_bytes(self) -> int:
         """Usable bytes of free blocks that processes hold in their caches (counted as available
         in stats(); they go back to the heap on collect(), trim, close or before OutOfMemory)."""
-        s = ffi.new("shm_stats_t *")
-        lib.shm_stats_read(self._handle(), s)
-        return int(s.cached)
+        return int(self._raw_stats().cached)
 
     def set_cache_limit(self, nbytes: int) -> None:
         """Set, for the whole arena, how many bytes of freed small and medium blocks each process
@@ -542,10 +544,8 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
 
     def stats(self) -> MemoryStats:
         """The arena's counters, read without a lock."""
-        h = self._handle()
-        s = ffi.new("shm_stats_t *")
-        lib.shm_stats_read(h, s)
-        largest = lib.shm_largest_free(h)
+        s = self._raw_stats()
+        largest = lib.shm_largest_free(self._handle())
         if largest < 0:
             raise_status(largest)
         return MemoryStats(

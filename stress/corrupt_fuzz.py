@@ -688,7 +688,7 @@ class Mutator:
         r = self.rng
         i = self._entry(OFF_PROCS, NPROCS, PROC_SIZE, lambda o: self.seg.u(o, 4) != 0)
         base = OFF_CACHES + i * CACHE_SIZE
-        cached = [o for o, _, fl in self.blocks if fl & 16]
+        cached = [o for o, _, fl in self.blocks if fl & lib.SHM_BF_CACHED]
         if cached and r.random() < 0.3:
             b = r.choice(cached)
             return self.mutate("caches", f"cached block at {b:#x}", b + HDR, 8, "link")
