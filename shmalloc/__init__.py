@@ -4,22 +4,25 @@ One POSIX shared-memory segment is the arena; a C core keeps the heap, the free 
 counters inside it, so any number of processes allocate, read, write and free zero-copy.
 """
 
+from typing import Any
+
 from .errors import (
     AlignmentError,
     CorruptionDetected,
     InvalidAddress,
+    NotAnArena,
+    ObjectNotFound,
     OutOfMemory,
     ProcessLimitExceeded,
     ProtectionViolation,
     ShmallocError,
 )
-from typing import Any
-
 from .events import Event
 from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .manager import DEFAULT_CAPACITY, MemoryManager
 from .stats import CheckReport, MemoryPressure, MemoryStats
+from .tracking import MemoryBlock, ProcessInfo
 
 __all__ = [
     "AlignmentError",
@@ -32,11 +35,15 @@ __all__ = [
     "DEFAULT_CAPACITY",
     "Event",
     "InvalidAddress",
+    "MemoryBlock",
     "MemoryGuard",
     "MemoryManager",
     "MemoryPressure",
     "MemoryStats",
+    "NotAnArena",
+    "ObjectNotFound",
     "OutOfMemory",
+    "ProcessInfo",
     "ProcessLimitExceeded",
     "ProtectionViolation",
     "ShmallocError",

@@ -1,48 +1,576 @@
-"""The only importer of the compiled C core: maps its status codes to exceptions, in one place."""
+"""The boundary to the C core: the only importer of the compiled module ``shmalloc._native``.
+
+One typed function per C call (the shape of pynacl's bindings). Each checks the call's status
+through one table, ``_EXCEPTIONS``, from status code to exception class; no status is ignored.
+Where a status is an expected answer rather than a failure (a name that is not bound, a slot
+that went to another process), the function says so in its return value and docstring.
+
+The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``) are the compiled functions
+themselves, re-exported: they return a result when >= 0 and a status when < 0, and the caller
+passes a negative one to :func:`raise_status`. Everything else about the C core's types stays in
+this module; other modules see ints, bytes and the small dataclasses below.
+"""
 
 from __future__ import annotations
 
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from ._native import ffi, lib
 from .errors import (
     AlignmentError,
     CorruptionDetected,
     InvalidAddress,
+    NotAnArena,
+    ObjectNotFound,
     OutOfMemory,
     ProcessLimitExceeded,
     ProtectionViolation,
     ShmallocError,
 )
 
-__all__ = ["ffi", "lib", "raise_status", "last_detail"]
+Handle = Any  # a cffi ``shm_handle_t *``: process-local, never shared
+CData = Any  # any other cffi object (an out-parameter struct, a buffer)
+
+# ------------------------------------------------------------------ constants read from C
+
+OK: int = lib.SHM_OK
+ENOMEM: int = lib.SHM_ENOMEM
+ENOSPC: int = lib.SHM_ENOSPC
+EADDR: int = lib.SHM_EADDR
+EINVAL: int = lib.SHM_EINVAL
+EPROCS: int = lib.SHM_EPROCS
+ENOENT: int = lib.SHM_ENOENT
+EEXIST: int = lib.SHM_EEXIST
+ADDRESS_MASK: int = lib.SHM_ALLOC_ADDRESS_MASK
+TRIM_FLAG: int = lib.SHM_ALLOC_TRIM_FLAG
+PRESSURE_FLAG: int = lib.SHM_ALLOC_PRESSURE_FLAG
+PROC_FREE: int = lib.SHM_PROC_FREE
+PROC_LIVE: int = lib.SHM_PROC_LIVE
+PROC_DEAD: int = lib.SHM_PROC_DEAD
+BLOCK_SEALED: int = lib.SHM_BF_SEALED
+BLOCK_PERSISTENT: int = lib.SHM_BF_PERSIST
+MAX_PROCS: int = lib.SHM_MAX_PROCS
+MAX_NAMES: int = lib.SHM_MAX_NAMES
+NAME_LEN: int = lib.SHM_NAME_LEN
+SEG_ARENA: int = lib.SHM_SEG_ARENA
+SEG_FORMATTING: int = lib.SHM_SEG_FORMATTING
+SEG_OTHER_VERSION: int = lib.SHM_SEG_OTHER_VERSION
+SEG_FOREIGN: int = lib.SHM_SEG_FOREIGN
+U64_MAX = (1 << 64) - 1
+
+# ------------------------------------------------------------------ status -> exception
+
+
+def _oom(e: CData, detail: str, address: int) -> Exception:
+    return OutOfMemory(int(e.requested), int(e.available), int(e.used), int(e.total), detail)
+
+
+def _limit(e: CData, detail: str, address: int) -> Exception:
+    return ProcessLimitExceeded(int(e.pid), int(e.limit), int(e.used), int(e.requested))
+
+
+def _system(e: CData, detail: str, address: int) -> Exception:
+    return OSError(int(e.sys_errno), detail)
+
+
+# One entry per SHM_E* status: how the error the C core recorded becomes an exception.
+_EXCEPTIONS: dict[int, Callable[[CData, str, int], Exception]] = {
+    lib.SHM_ENOMEM: _oom,
+    lib.SHM_ENOSPC: _oom,
+    lib.SHM_EADDR: lambda e, detail, address: InvalidAddress(address, detail),
+    lib.SHM_ECORRUPT: lambda e, detail, address: CorruptionDetected(int(e.offset), detail),
+    lib.SHM_ELAYOUT: lambda e, detail, address: CorruptionDetected(int(e.offset), detail),
+    lib.SHM_EALIGN: lambda e, detail, address: AlignmentError(int(e.offset)),
+    lib.SHM_EPROTECT: lambda e, detail, address: ProtectionViolation(address),
+    lib.SHM_ELIMIT: _limit,
+    lib.SHM_EINVAL: lambda e, detail, address: ValueError(detail),
+    lib.SHM_EPROCS: lambda e, detail, address: ShmallocError(detail),
+    lib.SHM_ESYS: _system,
+    lib.SHM_EEXIST: lambda e, detail, address: FileExistsError(detail),
+    lib.SHM_ENOENT: lambda e, detail, address: ObjectNotFound(address, detail),
+    lib.SHM_EFULL: lambda e, detail, address: ShmallocError(detail),
+    lib.SHM_EBUSY: lambda e, detail, address: ShmallocError(detail),
+    lib.SHM_ENOTARENA: lambda e, detail, address: NotAnArena("", detail),
+}
 
 
 def last_detail() -> str:
-    """What the C core recorded about this thread's last failure."""
-    return ffi.string(lib.shm_last_error().detail).decode("utf-8", "replace")
+    """What the C core recorded about this thread's last failure, for a person."""
+    return str(ffi.string(lib.shm_last_error().detail).decode("utf-8", "replace"))
+
+
+def strerror(status: int) -> str:
+    """The C core's one-line meaning of a status code."""
+    return str(ffi.string(lib.shm_strerror(status)).decode())
 
 
 def raise_status(status: int, address: int = 0) -> NoReturn:
     """Raise the exception for a negative status returned by the C core."""
-    e = lib.shm_last_error()
-    detail = last_detail()
-    if status in (lib.SHM_ENOMEM, lib.SHM_ENOSPC):
-        raise OutOfMemory(int(e.requested), int(e.available), int(e.used), int(e.total), detail)
-    if status == lib.SHM_EADDR:
-        raise InvalidAddress(address, detail)
-    if status in (lib.SHM_ECORRUPT, lib.SHM_ELAYOUT, lib.SHM_ENOTARENA):
-        raise CorruptionDetected(int(e.offset), detail)
-    if status == lib.SHM_EALIGN:
-        raise AlignmentError(int(e.offset))
-    if status == lib.SHM_EPROTECT:
-        raise ProtectionViolation(address)
-    if status == lib.SHM_ELIMIT:
-        raise ProcessLimitExceeded(int(e.pid), int(e.limit), int(e.used), int(e.requested))
-    if status == lib.SHM_EINVAL:
-        raise ValueError(detail)
-    if status == lib.SHM_ESYS:
-        raise OSError(int(e.sys_errno), detail)
-    if status == lib.SHM_EPROCS:
-        raise ShmallocError(detail)
-    raise ShmallocError(f"status {status}: {ffi.string(lib.shm_strerror(status)).decode()}")
+    make = _EXCEPTIONS.get(status)
+    if make is None:
+        raise ShmallocError(f"the C core returned an unknown status {status}")
+    raise make(lib.shm_last_error(), last_detail() or strerror(status), address)
+
+
+def _check(status: int, address: int = 0) -> int:
+    if status < 0:
+        raise_status(status, address)
+    return status
+
+
+# ------------------------------------------------------------------ hot paths (raw)
+
+alloc_raw: Callable[[Handle, int, int, int], int] = lib.shm_alloc
+free_raw: Callable[[Handle, int], int] = lib.shm_free
+block_size_raw: Callable[[Handle, int, int], int] = lib.shm_block_size
+
+# ------------------------------------------------------------------ arena and handle
+
+
+def header_size() -> int:
+    """Bytes of the arena header in front of the heap."""
+    return int(lib.shm_header_size())
+
+
+def debug_level() -> int:
+    """The SHMALLOC_DEBUG level the core was built with."""
+    return int(lib.shm_debug_level())
+
+
+def layout_version() -> int:
+    return int(lib.shm_layout_version())
+
+
+def segment_probe_size() -> int:
+    """How many bytes of a segment's head :func:`segment_probe` needs."""
+    return int(lib.shm_segment_probe_size())
+
+
+def segment_probe(head: bytes) -> int:
+    """What the first bytes of a segment are: SEG_ARENA, SEG_FORMATTING, SEG_OTHER_VERSION or
+    SEG_FOREIGN."""
+    return int(lib.shm_segment_probe(head, len(head)))
+
+
+def buffer_of(mm: Any) -> CData:
+    """A cffi pointer to a writable buffer (an mmap); release it with :func:`release`."""
+    return ffi.from_buffer(mm)
+
+
+def release(buf: CData) -> None:
+    ffi.release(buf)
+
+
+def arena_format(base: CData, capacity: int, fd: int, salt: int, now_ns: int) -> None:
+    _check(lib.shm_arena_format(base, capacity, fd, salt, now_ns))
+
+
+def handle_open(base: CData, capacity: int, fd: int) -> Handle:
+    out = ffi.new("shm_handle_t **")
+    _check(lib.shm_handle_open(base, capacity, fd, out))
+    return out[0]
+
+
+def handle_close(h: Handle) -> None:
+    lib.shm_handle_close(h)
+
+
+@dataclass(frozen=True)
+class RawStats:
+    """The C core's counters (shm_stats_t), read without a lock."""
+
+    total: int
+    used: int
+    available: int
+    overhead: int
+    peak: int
+    allocated_blocks: int
+    free_blocks: int
+    allocations: int
+    deallocations: int
+    frees_since_gc: int
+    reserved: int
+    capacity: int
+    lock_recoveries: int
+    oom_events: int
+    gc_runs: int
+    cached: int
+    cache_limit: int
+
+
+_STATS_FIELDS = tuple(RawStats.__dataclass_fields__)
+
+
+def stats_read(h: Handle) -> RawStats:
+    s = ffi.new("shm_stats_t *")
+    _check(lib.shm_stats_read(h, s))
+    return RawStats(*(int(getattr(s, f)) for f in _STATS_FIELDS))
+
+
+def pressure_level(h: Handle) -> int:
+    """The arena's pressure level as the C core last computed it (SHM_PRESSURE_*)."""
+    return int(lib.shm_pressure_level(h))
+
+
+def usage_percent(total: int, available: int) -> float:
+    """The one formula for how full an arena is: the share of the heap not available."""
+    return float(lib.shm_usage_percent(total, available))
+
+
+def pressure_of_percent(pct: float) -> int:
+    """The pressure level (0 LOW .. 3 CRITICAL) of a usage percentage."""
+    return int(lib.shm_pressure_of_percent(pct))
+
+
+def largest_free(h: Handle) -> int:
+    return _check(int(lib.shm_largest_free(h)))
+
+
+# ------------------------------------------------------------------ blocks
+
+
+def block_seal(h: Handle, address: int) -> None:
+    _check(lib.shm_block_seal(h, address), address)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One allocated block as the C core reports it (shm_block_info_t)."""
+
+    address: int
+    size: int
+    pid: int
+    flags: int
+    refcount: int
+    slot: int
+
+
+def _block_info(b: CData) -> BlockInfo:
+    return BlockInfo(
+        int(b.address), int(b.size), int(b.pid), int(b.flags), int(b.refcount), int(b.slot)
+    )
+
+
+def block_info(h: Handle, address: int) -> BlockInfo:
+    out = ffi.new("shm_block_info_t *")
+    _check(lib.shm_block_info(h, address, out), address)
+    return _block_info(out)
+
+
+def block_adopt(h: Handle, address: int, slot: int) -> None:
+    _check(lib.shm_block_adopt(h, address, slot), address)
+
+
+def block_persist(h: Handle, address: int) -> None:
+    _check(lib.shm_block_persist(h, address), address)
+
+
+def block_retain(h: Handle, address: int, slot: int) -> None:
+    _check(lib.shm_block_retain(h, address, slot), address)
+
+
+def block_release(h: Handle, address: int, slot: int) -> bool | None:
+    """Drop slot's reference: True if that freed an orphaned block, False if not, None if the
+    slot held no reference on it."""
+    rc = lib.shm_block_release(h, address, slot)
+    if rc == lib.SHM_ENOENT:
+        return None
+    return _check(rc, address) == 1
+
+
+def blocks_list(h: Handle, slot: int, hint: int) -> list[BlockInfo]:
+    """The blocks slot owns (slot -2: every allocated block), in address order. ``hint`` (a
+    count read from the segment) sizes the first buffer only: it is not trusted."""
+    count = ffi.new("uint64_t *")
+    cap = max(16, min(hint, 1 << 16) + 16)
+    while True:
+        buf = ffi.new("shm_block_info_t[]", cap)
+        _check(lib.shm_blocks_list(h, slot, buf, cap, count))
+        if count[0] <= cap:
+            return [_block_info(buf[i]) for i in range(count[0])]
+        cap = count[0] + 16
+
+
+# ------------------------------------------------------------------ processes
+
+
+def proc_attach(h: Handle, pid: int, start_time: int) -> int | None:
+    """The slot of (pid, start_time), claimed if new; None when the process table is full."""
+    slot = lib.shm_proc_attach(h, pid, start_time)
+    if slot == lib.SHM_EPROCS:
+        return None
+    return _check(int(slot))
+
+
+def proc_detach(h: Handle, slot: int) -> None:
+    _check(lib.shm_proc_detach(h, slot))
+
+
+@dataclass
+class SlotRow:
+    """One slot of the process table as read (without the lock: each field is atomic)."""
+
+    slot: int
+    state: int
+    pid: int
+    start_time: int
+    usage: int
+    peak: int
+    limit: int
+    nblocks: int
+    nallocs: int
+    nfrees: int
+
+
+def proc_info(h: Handle, slot: int) -> SlotRow:
+    i = ffi.new("shm_proc_info_t *")
+    _check(lib.shm_proc_info(h, slot, i))
+    return SlotRow(
+        slot,
+        int(i.state),
+        int(i.pid),
+        int(i.start_time),
+        int(i.usage),
+        int(i.peak),
+        int(i.limit),
+        int(i.nblocks),
+        int(i.nallocs),
+        int(i.nfrees),
+    )
+
+
+def proc_rows(h: Handle) -> Iterator[SlotRow]:
+    """Every slot of the process table, in order."""
+    return (proc_info(h, slot) for slot in range(MAX_PROCS))
+
+
+def proc_set_limit(h: Handle, slot: int, limit: int) -> None:
+    _check(lib.shm_proc_set_limit(h, slot, limit))
+
+
+def proc_mark_dead(h: Handle, slot: int, pid: int, start_time: int) -> bool:
+    """Mark slot DEAD if it still holds (pid, start_time) as LIVE; False if it did not."""
+    return _check(lib.shm_proc_mark_dead(h, slot, pid, start_time)) == 1
+
+
+def proc_trim_request(h: Handle, slot: int) -> None:
+    _check(lib.shm_proc_trim_request(h, slot))
+
+
+def proc_trim_ack(h: Handle, slot: int) -> None:
+    _check(lib.shm_proc_trim_ack(h, slot))
+
+
+# ------------------------------------------------------------------ coordinator lease
+
+
+def lease_get(h: Handle) -> tuple[int, int]:
+    """The coordinator lease's holder as (pid, start time); (0, 0) when nobody holds it."""
+    pid, start = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    _check(lib.shm_lease_get(h, pid, start))
+    return int(pid[0]), int(start[0])
+
+
+def lease_swap(h: Handle, old: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Hand the lease from ``old`` to ``new`` (each (pid, start time)) if ``old`` holds it;
+    False if someone else does."""
+    rc = lib.shm_lease_swap(h, old[0], old[1], new[0], new[1])
+    if rc == 1 or rc == 0:
+        return rc == 1
+    _check(rc)
+    return False
+
+
+# ------------------------------------------------------------------ caches
+
+
+def cache_flush(h: Handle, slot: int) -> None:
+    _check(lib.shm_cache_flush(h, slot))
+
+
+def cache_set_limit(h: Handle, limit: int) -> None:
+    _check(lib.shm_cache_set_limit(h, min(limit, U64_MAX)))
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """One process's cache (shm_cache_info_t)."""
+
+    cached_bytes: int
+    cached_blocks: int
+    nallocs: int
+    nfrees: int
+    remote_bytes: int
+    remote_pending: int
+
+
+def cache_info(h: Handle, slot: int) -> CacheInfo:
+    i = ffi.new("shm_cache_info_t *")
+    _check(lib.shm_cache_info(h, slot, i))
+    return CacheInfo(
+        int(i.cached_bytes),
+        int(i.cached_blocks),
+        int(i.nallocs),
+        int(i.nfrees),
+        int(i.remote_bytes),
+        int(i.remote_pending),
+    )
+
+
+# ------------------------------------------------------------------ names
+
+
+def name_bind(h: Handle, name: bytes, address: int) -> None:
+    _check(lib.shm_name_bind(h, name, address), address)
+
+
+def name_lookup(h: Handle, name: bytes) -> int | None:
+    """The address bound to ``name``, or None."""
+    r = lib.shm_name_lookup(h, name)
+    if r == lib.SHM_ENOENT:
+        return None
+    return _check(int(r))
+
+
+def name_unbind(h: Handle, name: bytes) -> bool:
+    """Remove ``name``; False if it was not bound."""
+    rc = lib.shm_name_unbind(h, name)
+    if rc == lib.SHM_ENOENT:
+        return False
+    _check(rc)
+    return True
+
+
+def names(h: Handle) -> list[str]:
+    """Every bound name, in directory order."""
+    buf = ffi.new("char[]", NAME_LEN)
+    addr = ffi.new("uint64_t *")
+    out = []
+    for i in range(MAX_NAMES):
+        if _check(lib.shm_name_at(h, i, buf, addr)) == 1:
+            out.append(ffi.string(buf).decode("utf-8", "replace"))
+    return out
+
+
+# ------------------------------------------------------------------ collection
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What one C collection freed (shm_gc_result_t)."""
+
+    freed_blocks: int = 0
+    freed_bytes: int = 0
+    procs_cleaned: int = 0
+    refs_dropped: int = 0
+
+
+def gc(h: Handle, slot: int, all_blocks: bool, who: tuple[int, int] = (0, 0)) -> GcResult | None:
+    """Collect dead slots (slot -1: all of them) or, with ``all_blocks``, every block of slot.
+    With ``who`` = (pid, start time), only while the slot still holds that process: None when it
+    went to another process meanwhile (nothing freed)."""
+    res = ffi.new("shm_gc_result_t *")
+    rc = lib.shm_gc(h, slot, int(all_blocks), who[0], who[1], res)
+    if rc == lib.SHM_ENOENT:
+        return None
+    _check(rc)
+    return GcResult(
+        int(res.freed_blocks), int(res.freed_bytes), int(res.procs_cleaned), int(res.refs_dropped)
+    )
+
+
+@dataclass(frozen=True)
+class CheckCounts:
+    """What the C heap walk counted (shm_check_report_t)."""
+
+    blocks: int
+    allocated_blocks: int
+    free_blocks: int
+    used: int
+    free_bytes: int
+    largest_free: int
+    live_procs: int
+    dead_procs: int
+    cached_blocks: int
+    cached_bytes: int
+
+
+def check(h: Handle) -> CheckCounts:
+    r = ffi.new("shm_check_report_t *")
+    _check(lib.shm_check(h, r))
+    return CheckCounts(*(int(getattr(r, f)) for f in CheckCounts.__dataclass_fields__))
+
+
+# ------------------------------------------------------------------ event ring
+
+
+def event_push(h: Handle, kind: int, pid: int, time_ns: int, fields: list[int]) -> bool:
+    """Put an event in the ring; False if the ring was full (counted as dropped)."""
+    rc = lib.shm_event_push(h, kind, pid, time_ns, *fields)
+    if rc == lib.SHM_EFULL or rc == lib.SHM_EBUSY:
+        return False
+    _check(rc)
+    return True
+
+
+@dataclass(frozen=True)
+class RingEvent:
+    kind: int
+    pid: int
+    time_ns: int
+    fields: tuple[int, ...]
+
+
+def event_pop(h: Handle) -> RingEvent | None:
+    """The oldest event in the ring, or None when it is empty."""
+    cell = ffi.new("shm_event_t *")
+    if _check(lib.shm_event_pop(h, cell)) != 1:
+        return None
+    return RingEvent(
+        int(cell.kind), int(cell.pid), int(cell.time_ns), tuple(int(v) for v in cell.f)
+    )
+
+
+def event_dropped(h: Handle) -> int:
+    return int(lib.shm_event_dropped(h))
+
+
+# ------------------------------------------------------------------ debugging and tests
+
+
+def lock_owner(h: Handle, which: int) -> int:
+    """The thread id holding the heap lock (which = -1) or a slot's lock; 0 when free."""
+    tid = ffi.new("uint32_t *")
+    _check(lib.shm_lock_owner(h, which, tid))
+    return int(tid[0])
+
+
+def lock_offset(which: int) -> int:
+    """Segment offset of the heap lock (-1) or a slot's lock."""
+    return _check(int(lib.shm_lock_offset(which)))
+
+
+def debug_lock_forge(h: Handle, which: int, tid: int) -> None:
+    """Tests only: make a lock look held by thread ``tid`` (0: unlocked)."""
+    _check(lib.shm_debug_lock_forge(h, which, tid))
+
+
+def debug_block_checksum(base: CData, capacity: int, header_offset: int) -> int:
+    """The checksum block.c expects in the block header at ``header_offset`` (fuzzers)."""
+    return int(lib.shm_debug_block_checksum(base, capacity, header_offset))
+
+
+def fault_steps() -> list[str]:
+    """The names of the fault-injection steps compiled into the core (SHMALLOC_FAULT)."""
+    n = int(lib.shm_fault_step_count())
+    return [ffi.string(lib.shm_fault_step_name(i)).decode() for i in range(n)]
+
+
+def sizeof(ctype: str) -> int:
+    return int(ffi.sizeof(ctype))
+
+
+def offsetof(ctype: str, *fields: str) -> int:
+    return int(ffi.offsetof(ctype, *fields))

@@ -102,3 +102,31 @@ class ProtectionViolation(ShmallocError):
         super().__init__(
             f"the block at {address:#x} is sealed and cannot be written; copy it into a new block"
         )
+
+
+class ObjectNotFound(ShmallocError, KeyError):
+    """A name that is not bound, or a reference whose object is gone."""
+
+    _fields = ("key", "detail")
+
+    def __init__(self, key: object, detail: str = "") -> None:
+        self.key, self.detail = key, detail
+        ShmallocError.__init__(self, f"{key!r}: {detail or 'no such object in this arena'}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class NotAnArena(ShmallocError):
+    """A segment that exists but was never a shmalloc arena (another program's, or not a file).
+
+    Never called corruption and never advised to be recreated: it may be someone else's data."""
+
+    _fields = ("name", "detail")
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name, self.detail = name, detail
+        super().__init__(
+            f"{name!r} is not a shmalloc arena: {detail or 'its first bytes are not an arena header'}"
+            "; leave it alone and use another name"
+        )

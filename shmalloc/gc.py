@@ -11,7 +11,7 @@ figures of two concurrent collections add up to what was freed, never more: a bl
 collector is simply not seen by the other. Marking is idempotent (it only succeeds from LIVE with
 the expected pid and start time).
 
-The strategies (SPEC.md, "Garbage collection"):
+The strategies:
 
 =====================  ==========================================================================
 ``GLOBAL``             every dead process: its references are dropped, its blocks freed (unless a
@@ -35,16 +35,16 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
-from ._binding import ffi, lib, raise_status
+from . import _binding as C
+from . import events
+from .attachment import Attachment, check_int
+from .manager import MemoryManager, attachment_of
 from .stats import MemoryPressure
 from .tracking import SlotRow as _Row
 from .tracking import mark_if_dead
 from .tracking import scan_slots as scan
-
-if TYPE_CHECKING:
-    from .manager import MemoryManager
 
 __all__ = ["DEFAULT_MIN_INTERVAL", "GcStats", "GcStrategy", "GlobalGarbageCollector"]
 
@@ -111,16 +111,10 @@ class GcStats:
 
 
 def _non_negative_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    value = check_int(value, what)
     if value < 0:
         raise ValueError(f"{what} must not be negative, got {value}")
     return value
-
-
-def handle_of(manager: MemoryManager) -> Any:
-    """The manager's C handle (raises ValueError if it is closed). Package-internal."""
-    return manager._handle()
 
 
 class GlobalGarbageCollector:
@@ -211,7 +205,7 @@ class GlobalGarbageCollector:
         slot (a retry that finds nothing to do stays silent)."""
         with self._lock:
             t0 = time.perf_counter()
-            h = handle_of(self._manager)
+            h = attachment_of(self._manager).handle()
             stats = self._reclaim(h, [r for r in scan(h) if mark_if_dead(h, r)], t0)
             if stats.freed_blocks or stats.processes_cleaned:
                 self._emit_run(stats)
@@ -219,7 +213,7 @@ class GlobalGarbageCollector:
 
     def _collect(self, strategy: GcStrategy) -> GcStats:
         t0 = time.perf_counter()
-        h = handle_of(self._manager)
+        h = attachment_of(self._manager).handle()
         try:
             if strategy.kind == "global":
                 stats = self._reclaim(h, [r for r in scan(h) if mark_if_dead(h, r)], t0)
@@ -236,24 +230,19 @@ class GlobalGarbageCollector:
         return stats
 
     def _emit_run(self, stats: GcStats) -> None:
+        state: Attachment = attachment_of(self._manager)
         for pid, nbytes in stats.reclaimed:
-            self._manager._emit("memory.process_reclaimed", pid=pid, bytes=nbytes)
-        self._manager._emit("memory.gc_triggered", freed_blocks=stats.freed_blocks)
+            state.emit(events.PROCESS_RECLAIMED, pid=pid, bytes=nbytes)
+        state.emit(events.GC_TRIGGERED, freed_blocks=stats.freed_blocks)
 
     @staticmethod
-    def _gc(h: Any, slot: int, all_blocks: int, row: _Row | None = None) -> Any:
+    def _gc(h: C.Handle, slot: int, all_blocks: bool, row: _Row | None = None) -> C.GcResult:
         """One C collection; with ``row``, only while the slot still holds that process (else
         nothing is freed: the slot was cleaned and claimed by a new process meanwhile)."""
-        res = ffi.new("shm_gc_result_t *")
-        pid, started = (row.pid, row.start_time) if row is not None else (0, 0)
-        rc = lib.shm_gc(h, slot, all_blocks, pid, started, res)
-        if rc == lib.SHM_ENOENT:
-            return res
-        if rc < 0:
-            raise_status(rc)
-        return res
+        who = (row.pid, row.start_time) if row is not None else (0, 0)
+        return C.gc(h, slot, all_blocks, who) or C.GcResult()
 
-    def _reclaim(self, h: Any, dead: list[_Row], t0: float) -> GcStats:
+    def _reclaim(self, h: C.Handle, dead: list[_Row], t0: float) -> GcStats:
         """Free the blocks of the dead slots, one C call per slot so that each process's bytes
         are known exactly; repeat while a round frees something, since dropping one dead
         process's references may orphan another dead process's block."""
@@ -263,7 +252,7 @@ class GlobalGarbageCollector:
         for _ in range(len(dead) + 1):
             progress = False
             for r in pending:
-                res = self._gc(h, r.slot, 0, r)
+                res = self._gc(h, r.slot, False, r)
                 cleaned += res.procs_cleaned
                 if res.freed_blocks:
                     progress = True
@@ -285,17 +274,16 @@ class GlobalGarbageCollector:
         )
 
     @staticmethod
-    def _still_dead_with_blocks(h: Any, r: _Row) -> bool:
-        info = ffi.new("shm_proc_info_t *")
-        lib.shm_proc_info(h, r.slot, info)
+    def _still_dead_with_blocks(h: C.Handle, r: _Row) -> bool:
+        now = C.proc_info(h, r.slot)
         return bool(
-            info.state == lib.SHM_PROC_DEAD
-            and info.pid == r.pid
-            and info.start_time == r.start_time
-            and info.nblocks
+            now.state == C.PROC_DEAD
+            and now.pid == r.pid
+            and now.start_time == r.start_time
+            and now.nblocks
         )
 
-    def _threshold_collect(self, h: Any, nbytes: int, t0: float) -> GcStats:
+    def _threshold_collect(self, h: C.Handle, nbytes: int, t0: float) -> GcStats:
         dead: list[_Row] = []
         live: list[_Row] = []
         for r in scan(h):
@@ -319,13 +307,13 @@ class GlobalGarbageCollector:
             trimmed=tuple(trimmed),
         )
 
-    def _targeted(self, h: Any, pid: int, t0: float) -> GcStats:
+    def _targeted(self, h: C.Handle, pid: int, t0: float) -> GcStats:
         freed_blocks = freed_bytes = cleaned = 0
         for r in scan(h):
             if r.pid != pid:
                 continue
             mark_if_dead(h, r)  # a dead one's slot is then given back too
-            res = self._gc(h, r.slot, 1, r)
+            res = self._gc(h, r.slot, True, r)
             freed_blocks += res.freed_blocks
             freed_bytes += res.freed_bytes
             cleaned += res.procs_cleaned
@@ -337,12 +325,12 @@ class GlobalGarbageCollector:
             reclaimed=((pid, int(freed_bytes)),) if freed_bytes else (),
         )
 
-    def _unreferenced(self, h: Any, t0: float) -> GcStats:
+    def _unreferenced(self, h: C.Handle, t0: float) -> GcStats:
         # One sweep reports only totals: which process a block belonged to is not returned, and
         # guessing it from usage before and after would count blocks another collector freed.
         for r in scan(h):
             mark_if_dead(h, r)
-        res = self._gc(h, -1, 0)
+        res = self._gc(h, -1, False)
         return GcStats(
             freed_bytes=int(res.freed_bytes),
             freed_blocks=int(res.freed_blocks),

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .manager import MemoryManager
+
+class _Blocks(Protocol):
+    """What a guard needs of its arena (a MemoryManager)."""
+
+    def size_of(self, address: int) -> int: ...
+    def view(self, address: int, n: int | None = None, offset: int = 0) -> memoryview: ...
+    def read(self, address: int, n: int | None = None, offset: int = 0) -> bytes: ...
+    def write(self, address: int, data: Any, offset: int = 0) -> int: ...
+    def deallocate(self, address: int) -> int: ...
 
 
 class MemoryGuard:
@@ -15,7 +22,7 @@ class MemoryGuard:
 
     __slots__ = ("_mgr", "_address", "_done")
 
-    def __init__(self, mgr: MemoryManager, address: int) -> None:
+    def __init__(self, mgr: _Blocks, address: int) -> None:
         self._mgr, self._address, self._done = mgr, address, False
 
     @property

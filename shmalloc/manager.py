@@ -1,86 +1,50 @@
 """MemoryManager: one POSIX shared-memory arena, shared by any number of processes.
 
-Python holds no allocator state: every question goes to the C core, which reads the segment.
-This object holds only what is local to this process: the mapping, the descriptor, the C handle
-and this process's slot in the arena's process table.
+The manager is a façade. Python holds no allocator state: every question goes to the C core,
+which reads the segment. What is local to this process (the mapping, the handle, the slot) lives
+in one :class:`~shmalloc.attachment.Attachment`; the methods below call the plain modules that act
+on it (access, ownership, tracking, collection). Only allocate and deallocate, the hot pair, call
+the C core directly from here.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import re
 import secrets
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-import posix_ipc
-
-from . import process
-from ._binding import ffi, lib, raise_status
-from .errors import AlignmentError, CorruptionDetected, InvalidAddress, ProtectionViolation
-from .collection import DEFAULT_THRESHOLD, CollectionMixin
+from . import _binding as C
+from . import access, collection, events, ownership, process, tracking
+from .attachment import Attachment, check_int, validate_name
+from .errors import AlignmentError, InvalidAddress
 from .events import Event
 from .guard import MemoryGuard
-from .ownership import OwnershipMixin
 from .stats import CheckReport, MemoryStats
-from .tracking import TrackingMixin
+from .tracking import MemoryBlock, ProcessInfo
 
-__all__ = ["MemoryManager", "DEFAULT_CAPACITY"]
+__all__ = ["DEFAULT_CAPACITY", "MemoryManager", "attachment_of", "validate_name"]
 
 DEFAULT_CAPACITY = 1 << 30
-_U64_MAX = (1 << 64) - 1
-_FLAGS = 1 << 61  # shm_alloc results at or above this carry pressure/trim flag bits
-_ALLOCATED, _DEALLOCATED = "memory.allocated", "memory.deallocated"
 _now = time.time
-_shm_alloc = lib.shm_alloc
-_shm_free = lib.shm_free
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
-_ATTACH_WAIT = 1.0  # seconds an attach waits for a concurrent create to finish formatting
-
-# Managers alive in this process, so that a fork child re-registers itself on first use.
-_live: weakref.WeakSet[MemoryManager] = weakref.WeakSet()
+_alloc = C.alloc_raw
+_free = C.free_raw
+_FLAGS = C.ADDRESS_MASK + 1  # raw allocation results at or above this carry flag bits
+_EINVAL = C.EINVAL
 
 
-def _after_fork_in_child() -> None:
-    for m in list(_live):
-        m._slot = -1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def validate_name(name: object) -> str:
-    """An arena name: 1-200 characters of [A-Za-z0-9._:@+-], not starting with a dot or dash."""
-    if not isinstance(name, str):
-        raise TypeError(f"an arena name must be a str, not {type(name).__name__}")
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"invalid arena name {name!r}: use 1-200 characters of letters, digits and ._:@+- "
-            "(no '/', no NUL), starting with a letter, digit or underscore"
-        )
-    return name
-
-
-def _check_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    return value
-
-
-class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
+class MemoryManager:
     """A shared-memory arena. ``MemoryManager()`` creates a new one with a unique name.
 
     Use :meth:`create` for a named arena and :meth:`attach` to join one from another process.
     Addresses are offsets into the arena, valid in every process attached to it.
     """
 
-    _h: Any
-    _slot: int
+    _state: Attachment
+    _owns_name: bool
+    _threshold: int
 
     def __init__(
         self,
@@ -88,27 +52,26 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         *,
         name: str | None = None,
         collector: Callable[[Event], None] | None = None,
-        _mode: int = 0o600,
-        _attach: bool = False,
     ) -> None:
-        self._h = None
-        self._closed = True
-        self._owns_name = name is None and not _attach
+        """Create a new arena of ``capacity`` bytes (reserved lazily); ``name=None`` picks a
+        unique name, and leaving a ``with`` block then destroys the arena too."""
+        owns = name is None
         if name is None:
             name = f"shmalloc-{os.getpid()}-{secrets.token_hex(6)}"
-        self._name = validate_name(name)
-        self._collector = collector
-        self._threshold = DEFAULT_THRESHOLD
-        self._pressure_callbacks = []
-        self._slot = -1
-        self._slot_pid = 0
-        self._lock = threading.Lock()
-        if _attach:
-            self._open_existing()
-        else:
-            self._create(_check_int(capacity, "capacity"), _check_int(_mode, "mode"))
-        self._closed = False
-        _live.add(self)
+        validate_name(name)
+        self._setup(Attachment.create(name, check_int(capacity, "capacity"), 0o600), owns)
+        self.set_collector(collector)
+
+    @classmethod
+    def _wrap(cls, state: Attachment, owns_name: bool) -> MemoryManager:
+        m = cls.__new__(cls)
+        m._setup(state, owns_name)
+        return m
+
+    def _setup(self, state: Attachment, owns_name: bool) -> None:
+        self._state = state
+        self._owns_name = owns_name
+        self._threshold = collection.DEFAULT_THRESHOLD
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -128,7 +91,9 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
     ) -> MemoryManager:
         """Create the arena ``name``; ``FileExistsError`` if it exists. ``cache_limit``: see
         set_cache_limit() (default: 1/512 of the arena, at most 4 MiB; none below 32 MiB)."""
-        m = cls(capacity, name=validate_name(name), _mode=mode)
+        validate_name(name)
+        state = Attachment.create(name, check_int(capacity, "capacity"), check_int(mode, "mode"))
+        m = cls._wrap(state, owns_name=False)
         if cache_limit is not None:
             try:
                 m.set_cache_limit(cache_limit)
@@ -141,156 +106,34 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
     @classmethod
     def attach(cls, name: str) -> MemoryManager:
         """Join the existing arena ``name``; ``FileNotFoundError`` if there is none."""
-        return cls(name=validate_name(name), _attach=True)
-
-    def _create(self, capacity: int, mode: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        capacity = -(-capacity // mmap.PAGESIZE) * mmap.PAGESIZE
-        minimum = int(lib.shm_header_size()) + mmap.PAGESIZE
-        if capacity < minimum or capacity > 1 << 40:
-            raise ValueError(
-                f"capacity {capacity} is out of range: give between {minimum} bytes and 1 TiB"
-            )
-        try:
-            shm = posix_ipc.SharedMemory("/" + self._name, posix_ipc.O_CREX, mode=mode, size=capacity)
-        except posix_ipc.ExistentialError:
-            raise FileExistsError(
-                f"an arena named {self._name!r} already exists; attach to it or pick another name"
-            ) from None
-        except posix_ipc.PermissionsError as e:
-            raise PermissionError(f"cannot create arena {self._name!r}: {e}") from None
-        try:
-            self._map(shm.fd, capacity)
-            rc = lib.shm_arena_format(
-                self._base, capacity, shm.fd, secrets.randbits(64), time.time_ns()
-            )
-            if rc != 0:
-                raise_status(rc)
-            self._open_handle(shm.fd, capacity)
-        except BaseException:
-            self._unmap()
-            shm.close_fd()
-            posix_ipc.unlink_shared_memory("/" + self._name)
-            raise
-        self._fd = shm.fd
-
-    def _open_existing(self) -> None:
-        try:
-            shm = posix_ipc.SharedMemory("/" + self._name)
-        except posix_ipc.ExistentialError:
-            raise FileNotFoundError(
-                f"no arena named {self._name!r} (see `shmalloc list`); create it first"
-            ) from None
-        except posix_ipc.PermissionsError:
-            raise PermissionError(
-                f"arena {self._name!r} exists but this user may not open it (mode 0600)"
-            ) from None
-        try:
-            capacity = os.fstat(shm.fd).st_size
-            if capacity < int(lib.shm_header_size()) + mmap.PAGESIZE:
-                raise CorruptionDetected(
-                    0, f"segment {self._name!r} is {capacity} bytes, too small to be an arena"
-                )
-            self._map(shm.fd, capacity)
-            deadline = time.monotonic() + _ATTACH_WAIT
-            while True:
-                try:
-                    self._open_handle(shm.fd, capacity)
-                    break
-                except CorruptionDetected:
-                    # a creator may still be formatting: the magic is written last
-                    if self._mm[:8] != b"\0" * 8 or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.005)
-        except BaseException:
-            self._unmap()
-            shm.close_fd()
-            raise
-        self._fd = shm.fd
-
-    def _map(self, fd: int, capacity: int) -> None:
-        self._capacity = capacity
-        self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
-        self._base = ffi.from_buffer(self._mm)
-        self._mv = memoryview(self._mm)
-
-    def _unmap(self) -> None:
-        mv = getattr(self, "_mv", None)
-        if mv is not None:
-            mv.release()
-        base = getattr(self, "_base", None)
-        if base is not None:
-            ffi.release(base)
-        mm = getattr(self, "_mm", None)
-        if mm is not None:
-            mm.close()
-
-    def _open_handle(self, fd: int, capacity: int) -> None:
-        out = ffi.new("shm_handle_t **")
-        rc = lib.shm_handle_open(self._base, capacity, fd, out)
-        if rc != 0:
-            raise_status(rc)
-        self._h = out[0]
+        return cls._wrap(Attachment.open(validate_name(name)), owns_name=False)
 
     @property
     def name(self) -> str:
         """The arena's name: what other processes attach by."""
-        return self._name
+        return self._state.name
 
     @property
     def capacity(self) -> int:
         """The segment's size in bytes."""
-        return self._capacity
+        return self._state.capacity
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once close() succeeded in this process."""
+        return self._state.closed
 
     def close(self) -> None:
         """Detach this process. Its blocks stay until freed or collected.
 
         Raises BufferError (and stays open) while views into the arena are still alive.
         """
-        if self._closed:
-            return
-        # Python cannot ask an mmap how many views it has, so detach first and, if the close is
-        # refused, forget the slot: the next allocation claims it again.
-        self._detach_slot()
-        self._mv.release()
-        ffi.release(self._base)
-        try:
-            self._mm.close()
-        except BufferError:
-            self._base = ffi.from_buffer(self._mm)
-            self._mv = memoryview(self._mm)
-            self._slot = -1
-            raise BufferError(
-                f"cannot close arena {self._name!r}: views or arrays into it are still alive; "
-                "release them (view.release(), del array) first"
-            ) from None
-        lib.shm_handle_close(self._h)
-        self._h = None
-        self._slot = -1
-        os.close(self._fd)
-        self._closed = True
-        _live.discard(self)
-
-    def _detach_slot(self) -> None:
-        """Give this process's slot back if it owns nothing and no other open manager in this
-        process uses the same arena (they share the slot: it is keyed by pid and start time)."""
-        if self._slot < 0 or self._slot_pid != os.getpid():
-            return
-        if any(m is not self and not m._closed and m._name == self._name for m in list(_live)):
-            return
-        lib.shm_proc_detach(self._h, self._slot)
+        self._state.close()
 
     def destroy(self) -> None:
-        """Unlink the segment. Mappings already open (here and elsewhere) keep working until closed."""
-        try:
-            posix_ipc.unlink_shared_memory("/" + self._name)
-        except posix_ipc.ExistentialError:
-            pass  # already unlinked: destroy is idempotent
+        """Unlink the segment. Mappings already open (here and elsewhere) keep working until
+        closed."""
+        self._state.destroy()
 
     def __enter__(self) -> MemoryManager:
         return self
@@ -303,56 +146,11 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             self.destroy()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (MemoryManager.attach, (self._name,))
+        return (MemoryManager.attach, (self.name,))
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"capacity={self._capacity}"
-        return f"<MemoryManager {self._name!r} {state}>"
-
-    def __del__(self) -> None:
-        h = getattr(self, "_h", None)
-        if h is not None:
-            lib.shm_handle_close(h)
-            self._h = None
-            os.close(self._fd)
-
-    def _handle(self) -> Any:
-        if self._closed:
-            raise ValueError(f"arena {self._name!r} is closed in this process; attach again")
-        return self._h
-
-    # ---------------------------------------------------------------- processes
-
-    def _own_slot(self) -> int:
-        """This process's slot in the process table, claimed on first use (and after fork)."""
-        with self._lock:
-            if self._slot < 0:
-                pid, started = process.self_identity()
-                self._slot = self._attach_slot(pid, started)
-                self._slot_pid = pid
-            return self._slot
-
-    def _slot_for(self, pid: int | None) -> int:
-        if pid is None or pid == os.getpid():
-            return self._slot if self._slot >= 0 else self._own_slot()
-        pid = _check_int(pid, "pid")
-        if pid <= 0:
-            raise ValueError(f"pid must be positive, got {pid}")
-        started = process.start_time(pid)
-        if started is None:
-            raise ValueError(f"no process with pid {pid}: memory can only be accounted to a live one")
-        return self._attach_slot(pid, started)
-
-    def _attach_slot(self, pid: int, started: int) -> int:
-        """Claim (or find) the slot of (pid, started); when the table is full, collect the slots
-        of dead processes once and try again."""
-        slot = lib.shm_proc_attach(self._handle(), pid, started)
-        if slot == lib.SHM_EPROCS:
-            self.collect()
-            slot = lib.shm_proc_attach(self._handle(), pid, started)
-        if slot < 0:
-            raise_status(slot)
-        return int(slot)
+        state = "closed" if self.closed else f"capacity={self.capacity}"
+        return f"<MemoryManager {self.name!r} {state}>"
 
     # ---------------------------------------------------------------- allocation
 
@@ -360,67 +158,72 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         """Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or
         ``align``-aligned). The block is accounted to ``pid`` (default: this process)."""
         if size.__class__ is int and pid is None and align is None:
-            slot = self._slot  # read once: another thread may claim it meanwhile
+            st = self._state
+            slot = st.slot  # read once: another thread may claim it meanwhile
             try:
-                r = _shm_alloc(self._h, size, 0, slot)
+                r = _alloc(st.h, size, 0, slot)
             except (OverflowError, TypeError):  # negative or huge size, or a closed manager
                 return self._allocate_slow(size, pid, align)
             if 0 < r < _FLAGS:
-                collector = self._collector
+                collector = st.collector
                 if collector is not None:
                     pid = process.current_pid()
-                    collector(Event(_ALLOCATED, pid, _now(), {"address": r, "size": size, "pid": pid}))
+                    fields = {"address": r, "size": size, "pid": pid}
+                    collector(Event(events.ALLOCATED, pid, _now(), fields))
                 return r
-            if r != lib.SHM_EINVAL or slot >= 0:  # EINVAL with no slot yet: take the slow path
+            if r != _EINVAL or slot >= 0:  # EINVAL with no slot yet: take the slow path
                 return self._alloc_result(r, size, None)
         return self._allocate_slow(size, pid, align)
 
     def _allocate_slow(self, size: int, pid: int | None, align: int | None) -> int:
-        size = _check_int(size, "size")
+        size = check_int(size, "size")
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         if align is None:
             align = 0
         elif align.__class__ is not int or align <= 0:
-            raise AlignmentError(_check_int(align, "align"))
-        h = self._handle()
-        slot = self._slot_for(pid)
-        r = lib.shm_alloc(h, size if size <= _U64_MAX else _U64_MAX, align, slot)
+            raise AlignmentError(check_int(align, "align"))
+        st = self._state
+        h = st.handle()
+        slot = tracking.slot_for(st, pid)
+        r = _alloc(h, min(size, C.U64_MAX), align, slot)
         return self._alloc_result(r, size, pid)
 
     def _alloc_result(self, r: int, size: int, pid: int | None) -> int:
-        """Finish an allocation from shm_alloc's raw result: raise, or handle flags and events."""
+        """Finish an allocation from its raw result: raise, or act on flags and send events."""
+        st = self._state
         if r < 0:
-            if r == lib.SHM_ENOMEM or r == lib.SHM_ENOSPC:
-                self._emit("memory.oom", requested=size, available=int(lib.shm_last_error().available))
-            raise_status(r)
+            if r == C.ENOMEM or r == C.ENOSPC:
+                available = C.stats_read(st.handle()).available
+                st.emit(events.OOM, requested=size, available=available)
+            C.raise_status(r)
         if r >= _FLAGS:
-            r = self._after_alloc_flags(r)
-        if self._collector is not None:
-            self._emit("memory.allocated", address=r, size=size, pid=pid or process.current_pid())
+            r = collection.after_alloc_flags(st, r)
+        if st.collector is not None:
+            st.emit(events.ALLOCATED, address=r, size=size, pid=pid or process.current_pid())
         return r
 
     def deallocate(self, address: int) -> int:
         """Free the block at ``address`` (from any process); return its usable size."""
+        st = self._state
         if address.__class__ is int:
             try:
-                r = _shm_free(self._h, address)
+                r = _free(st.h, address)
             except (OverflowError, TypeError):  # negative or huge address, or a closed manager
                 r = self._deallocate_slow(address)
         else:
             r = self._deallocate_slow(address)
         if r < 0:
-            raise_status(r, address)
-        collector = self._collector
+            C.raise_status(r, address)
+        collector = st.collector
         if collector is not None:
-            collector(
-                Event(_DEALLOCATED, process.current_pid(), _now(), {"address": address, "size": r})
-            )
+            fields = {"address": address, "size": r}
+            collector(Event(events.DEALLOCATED, process.current_pid(), _now(), fields))
         return r
 
     def _deallocate_slow(self, address: object) -> int:
-        address = _check_int(address, "address")
-        self._handle()
+        address = check_int(address, "address")
+        self._state.handle()
         raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
 
     def allocate_guarded(self, size: int, pid: int | None = None) -> MemoryGuard:
@@ -429,125 +232,130 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
 
     # ---------------------------------------------------------------- access
 
-    def _block_size(self, address: int, for_write: int) -> int:
-        if address.__class__ is not int or not 0 <= address <= _U64_MAX:
-            address = _check_int(address, "address")
-            raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
-        h = self._h
-        r = lib.shm_block_size(h if h is not None else self._handle(), address, for_write)
-        if r < 0:
-            raise_status(r, address)
-        return int(r)
-
-    @staticmethod
-    def _span(size: int, address: int, n: int | None, offset: int) -> tuple[int, int]:
-        offset = _check_int(offset, "offset")
-        if not 0 <= offset <= size:
-            raise ValueError(
-                f"offset {offset} is outside the block at {address:#x} ({size} usable bytes)"
-            )
-        if n is None:
-            n = size - offset
-        else:
-            n = _check_int(n, "n")
-            if n < 0 or offset + n > size:
-                raise ValueError(
-                    f"{n} bytes at offset {offset} cross the end of the block at {address:#x} "
-                    f"({size} usable bytes); stay within size_of(address)"
-                )
-        start = address + offset
-        return start, start + n
-
     def size_of(self, address: int) -> int:
         """Usable size of the block at ``address`` (at least what was asked for)."""
-        return self._block_size(address, 0)
+        return access.size_of(self._state, address)
 
     def read(self, address: int, n: int | None = None, offset: int = 0) -> bytes:
         """Copy ``n`` bytes (default: to the block's end) out of the block, from ``offset``."""
-        start, end = self._span(self._block_size(address, 0), address, n, offset)
-        return self._mm[start:end]
+        return access.read(self._state, address, n, offset)
 
     def write(self, address: int, data: Any, offset: int = 0) -> int:
         """Copy a bytes-like ``data`` into the block at ``offset``; return the bytes written."""
-        try:
-            src = memoryview(data).cast("B")
-        except TypeError:
-            raise TypeError(
-                f"data must be a contiguous bytes-like object, not {type(data).__name__}"
-            ) from None
-        start, end = self._span(self._block_size(address, 1), address, src.nbytes, offset)
-        self._mv[start:end] = src
-        return end - start
+        return access.write(self._state, address, data, offset)
 
     def view(self, address: int, n: int | None = None, offset: int = 0) -> memoryview:
         """A zero-copy memoryview of the block (read-only if the block is sealed)."""
-        try:
-            size, sealed = self._block_size(address, 1), False
-        except ProtectionViolation:
-            size, sealed = self._block_size(address, 0), True
-        start, end = self._span(size, address, n, offset)
-        v = self._mv[start:end]
-        return v.toreadonly() if sealed else v
+        return access.view(self._state, address, n, offset)
 
     def ndarray(self, address: int, shape: int | tuple[int, ...], dtype: Any) -> Any:
         """A zero-copy numpy array over the block (needs the optional numpy extra)."""
-        import numpy as np
-
-        dt = np.dtype(dtype)
-        shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        count = 1
-        for d in shp:
-            if _check_int(d, "shape entry") < 0:
-                raise ValueError(f"negative dimension in shape {shp}")
-            count *= d
-        v = self.view(address, count * dt.itemsize)
-        return np.frombuffer(v, dtype=dt, count=count).reshape(shp)
+        return access.ndarray(self._state, address, shape, dtype)
 
     def seal(self, address: int) -> None:
-        """Make the block immutable: later writes raise ProtectionViolation, views are read-only."""
-        self._block_size(address, 0)
-        rc = lib.shm_block_seal(self._h, address)
-        if rc != 0:
-            raise_status(rc, address)
+        """Make the block immutable: later writes raise ProtectionViolation, views are
+        read-only."""
+        access.seal(self._state, address)
+
+    # ---------------------------------------------------------------- ownership
+
+    def adopt(self, address: int) -> None:
+        """Make the calling process the block's owner (a consumer taking over a producer's
+        block)."""
+        ownership.adopt(self._state, address)
+
+    def retain(self, address: int) -> None:
+        """Hold a reference: the block outlives its owner while this process lives."""
+        ownership.retain(self._state, address)
+
+    def release(self, address: int) -> bool:
+        """Drop a reference taken with retain(). Returns True if that freed an orphaned block."""
+        return ownership.release(self._state, address)
+
+    def persist(self, address: int) -> None:
+        """Give the block no owner: it is never collected, only freed by deallocate()."""
+        ownership.persist(self._state, address)
+
+    def bind(self, name: str, address: int) -> None:
+        """Name the block (any process can lookup() it) and make it persistent."""
+        ownership.bind(self._state, name, address)
+
+    def lookup(self, name: str) -> int:
+        """The address bound to ``name``; KeyError if none."""
+        return ownership.lookup(self._state, name)
+
+    def unbind(self, name: str) -> None:
+        """Remove a name; the block stays (persistent) until deallocated. KeyError if unbound."""
+        ownership.unbind(self._state, name)
+
+    def names(self) -> list[str]:
+        """Every bound name, in directory order."""
+        return ownership.names(self._state)
+
+    # ---------------------------------------------------------------- per-process tracking
+
+    def processes(self) -> list[ProcessInfo]:
+        """Every process in the table: attached, or dead with blocks not yet collected."""
+        return tracking.processes(self._state)
+
+    def process_memory(self, pid: int) -> int:
+        """Usable bytes of the blocks ``pid`` owns (0 for a process the arena never saw)."""
+        return tracking.process_memory(self._state, pid)
+
+    def process_peak(self, pid: int) -> int:
+        """The high-water mark of process_memory(pid)."""
+        return tracking.process_peak(self._state, pid)
+
+    def process_allocations(self, pid: int) -> list[MemoryBlock]:
+        """The blocks ``pid`` owns, in address order."""
+        return tracking.process_allocations(self._state, pid)
+
+    def block_info(self, address: int) -> MemoryBlock:
+        """The live block at ``address``: size, owner, seal and references."""
+        access.size_of(self._state, address)
+        return tracking.block_info(self._state, address)
+
+    def all_blocks(self) -> list[MemoryBlock]:
+        """Every allocated block of the arena, in address order."""
+        return tracking.all_blocks(self._state)
+
+    def free_process_memory(self, pid: int) -> int:
+        """Free every block ``pid`` owns, alive or not; return the bytes freed."""
+        return tracking.free_process_memory(self._state, pid)
+
+    def set_process_limit(self, pid: int, nbytes: int | None) -> None:
+        """Cap the bytes ``pid`` may own (None: no cap); beyond it allocate() raises
+        ProcessLimitExceeded."""
+        tracking.set_process_limit(self._state, pid, nbytes)
 
     # ---------------------------------------------------------------- per-process caches
-
-    def _raw_stats(self) -> Any:
-        """The C core's counters (shm_stats_t), read without a lock."""
-        s = ffi.new("shm_stats_t *")
-        lib.shm_stats_read(self._handle(), s)
-        return s
 
     @property
     def cache_limit(self) -> int:
         """Bytes of free small and medium blocks (up to 64 KiB) each process may keep cached."""
-        return int(self._raw_stats().cache_limit)
+        return C.stats_read(self._state.handle()).cache_limit
 
     @property
     def cached_bytes(self) -> int:
         """Usable bytes of free blocks that processes hold in their caches (counted as available
         in stats(); they go back to the heap on collect(), trim, close or before OutOfMemory)."""
-        return int(self._raw_stats().cached)
+        return C.stats_read(self._state.handle()).cached
 
     def set_cache_limit(self, nbytes: int) -> None:
         """Set, for the whole arena, how many bytes of freed small and medium blocks each process
         may keep in its cache to reuse without the arena's lock. 0 turns the caches off: every
         allocation and free then takes the heap lock. Lowering it returns caches at once."""
-        nbytes = _check_int(nbytes, "nbytes")
+        nbytes = check_int(nbytes, "nbytes")
         if nbytes < 0:
             raise ValueError(f"the cache limit must be >= 0 bytes, got {nbytes}")
-        rc = lib.shm_cache_set_limit(self._handle(), min(nbytes, _U64_MAX))
-        if rc < 0:
-            raise_status(rc)
+        C.cache_set_limit(self._state.handle(), nbytes)
 
     # ---------------------------------------------------------------- inspection
 
     def stats(self) -> MemoryStats:
         """The arena's counters, read without a lock."""
-        s = self._raw_stats()
-        largest = lib.shm_largest_free(self._handle())
-        if largest < 0:
-            raise_status(largest)
+        h = self._state.handle()
+        s = C.stats_read(h)
         return MemoryStats(
             total=s.total,
             used=s.used,
@@ -557,7 +365,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             free_blocks=s.free_blocks,
             allocations=s.allocations,
             deallocations=s.deallocations,
-            largest_free_block=int(largest),
+            largest_free_block=C.largest_free(h),
             overhead=s.overhead,
             capacity=s.capacity,
             reserved=s.reserved,
@@ -569,10 +377,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
     def check(self) -> CheckReport:
         """Walk the whole heap and verify every invariant; CorruptionDetected names the first bad
         offset."""
-        r = ffi.new("shm_check_report_t *")
-        rc = lib.shm_check(self._handle(), r)
-        if rc != 0:
-            raise_status(rc)
+        r = C.check(self._state.handle())
         return CheckReport(
             blocks=r.blocks,
             allocated_blocks=r.allocated_blocks,
@@ -586,6 +391,41 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
             cached_bytes=r.cached_bytes,
         )
 
+    # ---------------------------------------------------------------- collection and pressure
+
+    def set_threshold(self, n: int) -> None:
+        """Collect after ``n`` deallocated blocks (should_collect() turns true); default 1000."""
+        n = check_int(n, "the threshold")
+        if n <= 0:
+            raise ValueError(f"the threshold must be positive, got {n}")
+        self._threshold = n
+
+    def should_collect(self) -> bool:
+        """True once ``threshold`` blocks were freed since the last collection, or a process
+        holding memory in the arena has died."""
+        return collection.should_collect(self._state, self._threshold)
+
+    def collect(self) -> int:
+        """Free the orphaned blocks of dead processes (unless retained or persistent), clean
+        their slots, return this process's cache to the arena; return the number of blocks
+        freed."""
+        return collection.collect(self._state)
+
+    def force_collect(self) -> int:
+        """collect() now, whatever should_collect() says, and run this process's trim
+        callbacks."""
+        return collection.force_collect(self._state)
+
+    def on_pressure(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when a collector asks this process to trim (on its next
+        allocation)."""
+        collection.on_pressure(self._state, callback)
+
+    def request_trim(self, pid: int) -> None:
+        """Ask the live process ``pid`` to trim: its on_pressure callbacks run on its next
+        allocation."""
+        collection.request_trim(self._state, pid)
+
     # ---------------------------------------------------------------- coordinator
 
     def start_coordinator(self, **kwargs: Any) -> int:
@@ -595,7 +435,7 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         min_interval, log_path (its output; default nowhere), timeout (default 15 s).
         Raises shmalloc.coordinator.CoordinatorRunning if a live coordinator already serves it.
         """
-        from .coordinator import start_coordinator  # coordinator imports this module
+        from .coordinator import start_coordinator  # the coordinator is built on this module
 
         return start_coordinator(self, **kwargs)
 
@@ -605,8 +445,25 @@ class MemoryManager(OwnershipMixin, TrackingMixin, CollectionMixin):
         """Send this process's events to ``collector`` (None: no events, no cost)."""
         if collector is not None and not callable(collector):
             raise TypeError("collector must be callable or None")
-        self._collector = collector
+        self._state.collector = collector
 
     def with_collector(self, collector: Callable[[Event], None]) -> MemoryManager:
+        """set_collector(collector), then return this manager (for chaining)."""
         self.set_collector(collector)
         return self
+
+    def drain_events(self, limit: int | None = None) -> list[Event]:
+        """Take the events waiting in the arena's ring (from every process), oldest first."""
+        return collection.drain_events(self._state, limit)
+
+    def dropped_events(self) -> int:
+        """Events lost because the ring was full."""
+        return C.event_dropped(self._state.handle())
+
+
+def attachment_of(manager: MemoryManager) -> Attachment:
+    """The manager's per-process state, for the package's own layers above it (the global
+    collector, the coordinator, the command line); ValueError if it is closed."""
+    state = manager._state
+    state.handle()
+    return state

@@ -1,113 +1,106 @@
 """Ownership across processes: adopt, retain/release, persist, and named blocks.
 
-A mixin of MemoryManager; every method is one call into the C core (native/own.c, names.c)."""
+Each function is one call into the C core (native/own.c, names.c) on an :class:`Attachment`;
+the block is first checked to be a live block of the arena (``size_of``), so that a bad address
+is reported before any lock is taken.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from . import _binding as C
+from .access import size_of
+from .attachment import Attachment
+from .tracking import mark_if_dead, read_slot, slot_for
 
-from ._binding import ffi, lib, raise_status
-from .tracking import mark_if_dead, read_slot
+__all__ = [
+    "adopt",
+    "bind",
+    "encode_block_name",
+    "lookup",
+    "names",
+    "persist",
+    "release",
+    "retain",
+    "unbind",
+]
 
 
-def _encode_block_name(name: object) -> bytes:
+def encode_block_name(name: object) -> bytes:
+    """A block name as the directory stores it: 1 to NAME_LEN - 1 bytes of UTF-8, no NUL."""
     if not isinstance(name, str):
         raise TypeError(f"a block name must be a str, not {type(name).__name__}")
     raw = name.encode("utf-8")
-    if not 0 < len(raw) < lib.SHM_NAME_LEN or b"\0" in raw:
+    if not 0 < len(raw) < C.NAME_LEN or b"\0" in raw:
         raise ValueError(
-            f"invalid block name {name!r}: use 1 to {lib.SHM_NAME_LEN - 1} bytes of UTF-8, no NUL"
+            f"invalid block name {name!r}: use 1 to {C.NAME_LEN - 1} bytes of UTF-8, no NUL"
         )
     return raw
 
 
-class OwnershipMixin:
-    _h: Any
+def _live_block(a: Attachment, address: int) -> C.Handle:
+    size_of(a, address)
+    return a.handle()
 
-    def _handle(self) -> Any: ...
-    def _slot_for(self, pid: int | None) -> int: ...
-    def _block_size(self, address: int, for_write: int) -> int: ...
 
-    def adopt(self, address: int) -> None:
-        """Make the calling process the block's owner (a consumer taking over a producer's block)."""
-        self._block_size(address, 0)
-        rc = lib.shm_block_adopt(self._handle(), address, self._slot_for(None))
-        if rc < 0:
-            raise_status(rc, address)
+def adopt(a: Attachment, address: int) -> None:
+    """Make the calling process the block's owner."""
+    C.block_adopt(_live_block(a, address), address, slot_for(a, None))
 
-    def retain(self, address: int) -> None:
-        """Hold a reference: the block outlives its owner while this process lives."""
-        self._block_size(address, 0)
-        rc = lib.shm_block_retain(self._handle(), address, self._slot_for(None))
-        if rc < 0:
-            raise_status(rc, address)
 
-    def release(self, address: int) -> bool:
-        """Drop a reference taken with retain(). Returns True if that freed an orphaned block."""
-        self._block_size(address, 0)
-        self._mark_owner_if_dead(address)
-        rc = lib.shm_block_release(self._handle(), address, self._slot_for(None))
-        if rc == lib.SHM_ENOENT:
-            raise ValueError(
-                f"this process holds no reference on the block at {address:#x}; call retain() first"
-            )
-        if rc < 0:
-            raise_status(rc, address)
-        return rc == 1
+def retain(a: Attachment, address: int) -> None:
+    """Hold a reference: the block outlives its owner while this process lives."""
+    C.block_retain(_live_block(a, address), address, slot_for(a, None))
 
-    def _mark_owner_if_dead(self, address: int) -> None:
-        """If the block's owner has ended, mark its slot dead now, so that dropping the last
-        reference frees the orphan at once instead of at the next collection."""
-        h = self._handle()
-        info = ffi.new("shm_block_info_t *")
-        if lib.shm_block_info(h, address, info) != 0 or info.slot < 0:
-            return
+
+def release(a: Attachment, address: int) -> bool:
+    """Drop a reference taken with retain(). True if that freed an orphaned block."""
+    h = _live_block(a, address)
+    _mark_owner_if_dead(h, address)
+    freed = C.block_release(h, address, slot_for(a, None))
+    if freed is None:
+        raise ValueError(
+            f"this process holds no reference on the block at {address:#x}; call retain() first"
+        )
+    return freed
+
+
+def _mark_owner_if_dead(h: C.Handle, address: int) -> None:
+    """If the block's owner has ended, mark its slot dead now, so that dropping the last
+    reference frees the orphan at once instead of at the next collection."""
+    info = C.block_info(h, address)
+    if info.slot >= 0:
         mark_if_dead(h, read_slot(h, info.slot))
 
-    def persist(self, address: int) -> None:
-        """Give the block no owner: it is never collected, only freed by deallocate()."""
-        self._block_size(address, 0)
-        rc = lib.shm_block_persist(self._handle(), address)
-        if rc < 0:
-            raise_status(rc, address)
 
-    def bind(self, name: str, address: int) -> None:
-        """Name the block (any process can lookup() it) and make it persistent."""
-        raw = _encode_block_name(name)
-        self._block_size(address, 0)
-        rc = lib.shm_name_bind(self._handle(), raw, address)
-        if rc == lib.SHM_EEXIST:
-            raise FileExistsError(f"the name {name!r} is already bound; unbind() it first")
-        if rc < 0:
-            raise_status(rc, address)
+def persist(a: Attachment, address: int) -> None:
+    """Give the block no owner: it is never collected, only freed by deallocate()."""
+    C.block_persist(_live_block(a, address), address)
 
-    def lookup(self, name: str) -> int:
-        """The address bound to ``name``; KeyError if none."""
-        r = lib.shm_name_lookup(self._handle(), _encode_block_name(name))
-        if r == lib.SHM_ENOENT:
-            raise KeyError(name)
-        if r < 0:
-            raise_status(r)
-        return int(r)
 
-    def unbind(self, name: str) -> None:
-        """Remove a name; the block stays (persistent) until deallocated. KeyError if unbound."""
-        rc = lib.shm_name_unbind(self._handle(), _encode_block_name(name))
-        if rc == lib.SHM_ENOENT:
-            raise KeyError(name)
-        if rc < 0:
-            raise_status(rc)
+def bind(a: Attachment, name: str, address: int) -> None:
+    """Name the block (any process can lookup() it) and make it persistent."""
+    raw = encode_block_name(name)
+    h = _live_block(a, address)
+    try:
+        C.name_bind(h, raw, address)
+    except FileExistsError:
+        raise FileExistsError(f"the name {name!r} is already bound; unbind() it first") from None
 
-    def names(self) -> list[str]:
-        """Every bound name, in directory order."""
-        h = self._handle()
-        buf = ffi.new("char[]", lib.SHM_NAME_LEN)
-        addr = ffi.new("uint64_t *")
-        out = []
-        for i in range(lib.SHM_MAX_NAMES):
-            rc = lib.shm_name_at(h, i, buf, addr)
-            if rc < 0:
-                raise_status(rc)
-            if rc == 1:
-                out.append(ffi.string(buf).decode("utf-8", "replace"))
-        return out
+
+def lookup(a: Attachment, name: str) -> int:
+    """The address bound to ``name``; KeyError if none."""
+    address = C.name_lookup(a.handle(), encode_block_name(name))
+    if address is None:
+        raise KeyError(name)
+    return address
+
+
+def unbind(a: Attachment, name: str) -> None:
+    """Remove a name; the block stays (persistent) until deallocated. KeyError if unbound."""
+    if not C.name_unbind(a.handle(), encode_block_name(name)):
+        raise KeyError(name)
+
+
+def names(a: Attachment) -> list[str]:
+    """Every bound name, in directory order."""
+    return C.names(a.handle())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from . import _binding as C
+
 
 class MemoryPressure(enum.IntEnum):
     """How close the arena is to full, by usage percentage."""
@@ -16,13 +18,8 @@ class MemoryPressure(enum.IntEnum):
 
     @classmethod
     def from_percentage(cls, pct: float) -> MemoryPressure:
-        if pct >= 95.0:
-            return cls.CRITICAL
-        if pct >= 80.0:
-            return cls.HIGH
-        if pct >= 60.0:
-            return cls.MEDIUM
-        return cls.LOW
+        """The level of a usage percentage (the thresholds are the C core's)."""
+        return cls(C.pressure_of_percent(pct))
 
 
 @dataclass(frozen=True)
@@ -51,10 +48,9 @@ class MemoryStats:
     gc_runs: int = 0
 
     def usage_percentage(self) -> float:
-        """Share of the heap that is not available to a new allocation, in percent."""
-        if self.total == 0:
-            return 0.0
-        return 100.0 * (self.total - self.available) / self.total
+        """Share of the heap that is not available to a new allocation, in percent (the C core's
+        formula: blocks held in per-process caches count as available)."""
+        return C.usage_percent(self.total, self.available)
 
     def memory_pressure(self) -> MemoryPressure:
         return MemoryPressure.from_percentage(self.usage_percentage())

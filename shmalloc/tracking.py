@@ -1,15 +1,38 @@
-"""Per-process tracking: the process table as seen from Python.
+"""Per-process tracking: the arena's process table as seen from Python.
 
-A mixin of MemoryManager. Usage, peak and block counts are atomics in the segment (O(1) reads);
-listing a process's blocks walks the heap under the lock."""
+Usage, peak and block counts are atomics in the segment (O(1) reads); listing a process's
+blocks walks the heap under the lock. Whether a process is alive is decided here, from its
+(pid, start time) and /proc (process.py); a slot found dead is marked DEAD in the segment so
+that collection may take its blocks.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from . import _binding as C
 from . import process
-from ._binding import ffi, lib, raise_status
+from ._binding import SlotRow
+from .attachment import Attachment, check_int
+
+__all__ = [
+    "MemoryBlock",
+    "ProcessInfo",
+    "SlotRow",
+    "all_blocks",
+    "block_info",
+    "free_process_memory",
+    "mark_if_dead",
+    "process_allocations",
+    "process_memory",
+    "process_peak",
+    "processes",
+    "read_slot",
+    "reclaim_dead",
+    "scan_slots",
+    "set_process_limit",
+    "slot_for",
+]
 
 
 @dataclass(frozen=True)
@@ -40,168 +63,163 @@ class ProcessInfo:
     slot: int = -1
 
 
-@dataclass
-class SlotRow:
-    """One slot of the process table as read (without the lock: each field is atomic)."""
-
-    slot: int
-    state: int
-    pid: int
-    start_time: int
-    usage: int
-    peak: int
-    limit: int
-    nblocks: int
-    nallocs: int
-    nfrees: int
-
-
-def read_slot(h: Any, slot: int) -> SlotRow:
-    info = ffi.new("shm_proc_info_t *")
-    rc = lib.shm_proc_info(h, slot, info)
-    if rc < 0:
-        raise_status(rc)
-    return SlotRow(
-        slot,
-        int(info.state),
-        int(info.pid),
-        int(info.start_time),
-        int(info.usage),
-        int(info.peak),
-        int(info.limit),
-        int(info.nblocks),
-        int(info.nallocs),
-        int(info.nfrees),
-    )
-
-
-def scan_slots(h: Any) -> list[SlotRow]:
-    """Every slot that is not FREE: attached processes, and dead ones not yet cleaned."""
-    rows = (read_slot(h, slot) for slot in range(lib.SHM_MAX_PROCS))
-    return [r for r in rows if r.state != lib.SHM_PROC_FREE]
-
-
-def mark_if_dead(h: Any, row: SlotRow, mark: bool = True) -> bool:
-    """True if the slot's process has ended (pid and start time, from /proc); with ``mark``, a
-    LIVE slot is then marked DEAD in the segment, so that collection may take its blocks."""
-    if row.state == lib.SHM_PROC_DEAD:
-        return True
-    if row.state != lib.SHM_PROC_LIVE or process.is_alive(row.pid, row.start_time):
-        return False
-    if mark:
-        rc = lib.shm_proc_mark_dead(h, row.slot, row.pid, row.start_time)
-        if rc < 0:
-            raise_status(rc)
-        row.state = lib.SHM_PROC_DEAD
-    return True
-
-
-def _block(b: Any) -> MemoryBlock:
+def _block(b: C.BlockInfo) -> MemoryBlock:
     return MemoryBlock(
         address=b.address,
         size=b.size,
         pid=b.pid,
-        sealed=bool(b.flags & lib.SHM_BF_SEALED),
+        sealed=bool(b.flags & C.BLOCK_SEALED),
         refcount=b.refcount,
-        persistent=bool(b.flags & lib.SHM_BF_PERSIST),
+        persistent=bool(b.flags & C.BLOCK_PERSISTENT),
     )
 
 
-class TrackingMixin:
-    _h: Any
+# ------------------------------------------------------------ the process table
 
-    def _handle(self) -> Any: ...
-    def _slot_for(self, pid: int | None) -> int: ...
-    def _block_size(self, address: int, for_write: int) -> int: ...
 
-    def _rows_for(self, pid: int) -> list[SlotRow]:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"pid must be an int, not {type(pid).__name__}")
-        return [r for r in scan_slots(self._handle()) if r.pid == pid]
+def read_slot(h: C.Handle, slot: int) -> SlotRow:
+    """One slot of the table, as read without the lock."""
+    return C.proc_info(h, slot)
 
-    def processes(self) -> list[ProcessInfo]:
-        """Every process in the table: attached, or dead with blocks not yet collected."""
-        out = []
-        for r in scan_slots(self._handle()):
-            alive = r.state == lib.SHM_PROC_LIVE and process.is_alive(r.pid, r.start_time)
-            out.append(
-                ProcessInfo(
-                    pid=r.pid,
-                    alive=alive,
-                    usage=r.usage,
-                    peak=r.peak,
-                    limit=r.limit or None,
-                    allocations=r.nblocks,
-                    start_time=r.start_time,
-                    total_allocations=r.nallocs,
-                    total_frees=r.nfrees,
-                    slot=r.slot,
-                )
-            )
-        return out
 
-    def process_memory(self, pid: int) -> int:
-        """Usable bytes of the blocks ``pid`` owns (0 for a process the arena never saw)."""
-        return sum(r.usage for r in self._rows_for(pid))
+def scan_slots(h: C.Handle) -> list[SlotRow]:
+    """Every slot that is not FREE: attached processes, and dead ones not yet cleaned."""
+    return [r for r in C.proc_rows(h) if r.state != C.PROC_FREE]
 
-    def process_peak(self, pid: int) -> int:
-        """The high-water mark of process_memory(pid)."""
-        return max((r.peak for r in self._rows_for(pid)), default=0)
 
-    def process_allocations(self, pid: int) -> list[MemoryBlock]:
-        """The blocks ``pid`` owns, in address order."""
-        blocks: list[MemoryBlock] = []
-        for r in self._rows_for(pid):
-            blocks += self._blocks_of(r.slot, r.nblocks)
-        return sorted(blocks, key=lambda b: b.address)
+def mark_if_dead(h: C.Handle, row: SlotRow, mark: bool = True) -> bool:
+    """True if the slot's process has ended (pid and start time, from /proc); with ``mark``, a
+    LIVE slot is then marked DEAD in the segment, so that collection may take its blocks."""
+    if row.state == C.PROC_DEAD:
+        return True
+    if row.state != C.PROC_LIVE or process.is_alive(row.pid, row.start_time):
+        return False
+    if mark and C.proc_mark_dead(h, row.slot, row.pid, row.start_time):
+        row.state = C.PROC_DEAD
+    return True
 
-    def _blocks_of(self, slot: int, hint: int) -> list[MemoryBlock]:
-        h = self._handle()
-        count = ffi.new("uint64_t *")
-        cap = max(16, min(hint, 1 << 16) + 16)  # hint comes from the segment: do not trust it
-        while True:
-            buf = ffi.new("shm_block_info_t[]", cap)
-            rc = lib.shm_blocks_list(h, slot, buf, cap, count)
-            if rc < 0:
-                raise_status(rc)
-            if count[0] <= cap:
-                return [_block(buf[i]) for i in range(count[0])]
-            cap = count[0] + 16
 
-    def block_info(self, address: int) -> MemoryBlock:
-        """The live block at ``address``: size, owner, seal and references."""
-        self._block_size(address, 0)
-        out = ffi.new("shm_block_info_t *")
-        rc = lib.shm_block_info(self._handle(), address, out)
-        if rc < 0:
-            raise_status(rc, address)
-        return _block(out)
+def reclaim_dead(h: C.Handle, slot: int = -1) -> tuple[C.GcResult, list[tuple[int, int]]]:
+    """Mark ended processes (or the one in ``slot``) dead and free their orphaned blocks.
 
-    def all_blocks(self) -> list[MemoryBlock]:
-        """Every allocated block of the arena, in address order."""
-        return self._blocks_of(-2, 1024)
+    Returns what the C collection freed and, per process reclaimed, (pid, bytes)."""
+    dead = [r for r in scan_slots(h) if (slot < 0 or r.slot == slot) and mark_if_dead(h, r)]
+    res = C.gc(h, slot, False) or C.GcResult()
+    reclaimed = []
+    for r in dead:
+        after = read_slot(h, r.slot)
+        left = after.usage if after.state != C.PROC_FREE else 0
+        if r.usage > left:
+            reclaimed.append((r.pid, r.usage - left))
+    return res, reclaimed
 
-    def free_process_memory(self, pid: int) -> int:
-        """Free every block ``pid`` owns, alive or not; return the bytes freed."""
-        freed = 0
-        for r in self._rows_for(pid):
-            res = ffi.new("shm_gc_result_t *")
-            rc = lib.shm_gc(self._handle(), r.slot, 1, r.pid, r.start_time, res)
-            if rc == lib.SHM_ENOENT:  # the slot went to another process meanwhile: not ours
-                continue
-            if rc < 0:
-                raise_status(rc)
+
+def own_slot(a: Attachment) -> int:
+    """This process's slot, claimed on first use (and again after fork)."""
+    with a.lock:
+        if a.slot < 0:
+            pid, started = process.self_identity()
+            a.slot = _claim(a.handle(), pid, started)
+            a.slot_pid = pid
+        return a.slot
+
+
+def slot_for(a: Attachment, pid: int | None) -> int:
+    """The slot that accounts for ``pid`` (None: this process), claimed if new."""
+    if pid is None or pid == process.current_pid():
+        slot = a.slot
+        return slot if slot >= 0 else own_slot(a)
+    pid = check_int(pid, "pid")
+    if pid <= 0:
+        raise ValueError(f"pid must be positive, got {pid}")
+    started = process.start_time(pid)
+    if started is None:
+        raise ValueError(f"no process with pid {pid}: memory can only be accounted to a live one")
+    return _claim(a.handle(), pid, started)
+
+
+def _claim(h: C.Handle, pid: int, started: int) -> int:
+    """Claim (or find) the slot of (pid, started); when the table is full, reclaim the slots of
+    dead processes once and try again."""
+    slot = C.proc_attach(h, pid, started)
+    if slot is None:
+        reclaim_dead(h)
+        slot = C.proc_attach(h, pid, started)
+    if slot is None:
+        C.raise_status(C.EPROCS)
+    return slot
+
+
+# ------------------------------------------------------------ what users ask
+
+
+def _rows_for(a: Attachment, pid: int) -> list[SlotRow]:
+    pid = check_int(pid, "pid")
+    return [r for r in scan_slots(a.handle()) if r.pid == pid]
+
+
+def processes(a: Attachment) -> list[ProcessInfo]:
+    """Every process in the table: attached, or dead with blocks not yet collected."""
+    return [
+        ProcessInfo(
+            pid=r.pid,
+            alive=r.state == C.PROC_LIVE and process.is_alive(r.pid, r.start_time),
+            usage=r.usage,
+            peak=r.peak,
+            limit=r.limit or None,
+            allocations=r.nblocks,
+            start_time=r.start_time,
+            total_allocations=r.nallocs,
+            total_frees=r.nfrees,
+            slot=r.slot,
+        )
+        for r in scan_slots(a.handle())
+    ]
+
+
+def process_memory(a: Attachment, pid: int) -> int:
+    """Usable bytes of the blocks ``pid`` owns (0 for a process the arena never saw)."""
+    return sum(r.usage for r in _rows_for(a, pid))
+
+
+def process_peak(a: Attachment, pid: int) -> int:
+    """The high-water mark of process_memory(pid)."""
+    return max((r.peak for r in _rows_for(a, pid)), default=0)
+
+
+def process_allocations(a: Attachment, pid: int) -> list[MemoryBlock]:
+    """The blocks ``pid`` owns, in address order."""
+    blocks: list[MemoryBlock] = []
+    for r in _rows_for(a, pid):
+        blocks += [_block(b) for b in C.blocks_list(a.handle(), r.slot, r.nblocks)]
+    return sorted(blocks, key=lambda b: b.address)
+
+
+def block_info(a: Attachment, address: int) -> MemoryBlock:
+    """The live block at ``address``: size, owner, seal and references."""
+    return _block(C.block_info(a.handle(), address))
+
+
+def all_blocks(a: Attachment) -> list[MemoryBlock]:
+    """Every allocated block of the arena, in address order."""
+    return [_block(b) for b in C.blocks_list(a.handle(), -2, 1024)]
+
+
+def free_process_memory(a: Attachment, pid: int) -> int:
+    """Free every block ``pid`` owns, alive or not; return the bytes freed."""
+    freed = 0
+    for r in _rows_for(a, pid):
+        res = C.gc(a.handle(), r.slot, True, (r.pid, r.start_time))
+        if res is not None:  # None: the slot went to another process meanwhile, not ours
             freed += res.freed_bytes
-        return freed
+    return freed
 
-    def set_process_limit(self, pid: int, nbytes: int | None) -> None:
-        """Cap the bytes ``pid`` may own (None: no cap); beyond it allocate() raises
-        ProcessLimitExceeded."""
-        if nbytes is not None:
-            if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-                raise TypeError(f"a limit must be an int or None, not {type(nbytes).__name__}")
-            if nbytes <= 0:
-                raise ValueError(f"a limit must be positive (or None for none), got {nbytes}")
-        rc = lib.shm_proc_set_limit(self._handle(), self._slot_for(pid), nbytes or 0)
-        if rc < 0:
-            raise_status(rc)
+
+def set_process_limit(a: Attachment, pid: int, nbytes: int | None) -> None:
+    """Cap the bytes ``pid`` may own (None: no cap)."""
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"a limit must be an int or None, not {type(nbytes).__name__}")
+        if nbytes <= 0:
+            raise ValueError(f"a limit must be positive (or None for none), got {nbytes}")
+    C.proc_set_limit(a.handle(), slot_for(a, pid), nbytes or 0)

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from shmalloc import MemoryManager
+from shmalloc.manager import attachment_of
 
 TIMEOUT = 60.0
 
@@ -40,7 +41,7 @@ def _op_read(m: MemoryManager, env: dict[str, Any], address: int, n: int) -> byt
 
 
 def _op_slot(m: MemoryManager, env: dict[str, Any]) -> int:
-    return m._slot
+    return attachment_of(m).slot
 
 
 def _op_collector(m: MemoryManager, env: dict[str, Any], on: bool) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from shmalloc import CorruptionDetected, InvalidAddress, MemoryManager, OutOfMemory
-from shmalloc._binding import ffi, lib
+from shmalloc import _binding as C
+from shmalloc.manager import attachment_of
 
 MiB = 1 << 20
 
@@ -139,9 +140,8 @@ def test_remote_free_reaches_the_owner_without_its_lock(mgr: MemoryManager, chil
 
 
 def _remote(mgr: MemoryManager, slot: int) -> tuple[int, int]:
-    info = ffi.new("shm_cache_info_t *")
-    assert lib.shm_cache_info(mgr._handle(), slot, info) == 0
-    return int(info.remote_pending), int(info.remote_bytes)
+    info = C.cache_info(attachment_of(mgr).handle(), slot)
+    return info.remote_pending, info.remote_bytes
 
 
 def test_an_idle_owners_remote_list_is_drained_for_it(mgr: MemoryManager, children: Any) -> None:

@@ -283,19 +283,19 @@ def test_metrics_port_in_use_is_an_error_and_frees_the_lease(
 
 def test_losing_the_lease_stops_it_with_an_error(mgr: MemoryManager, tmp_path: Path) -> None:
     from shmalloc import process
-    from shmalloc._binding import lib
-    from shmalloc.gc import handle_of
+    from shmalloc import _binding as C
+    from shmalloc.manager import attachment_of
 
     with CoordinatorProcess(mgr.name, tmp_path / "coord.log") as c:
         wait_for(lambda: _holds(mgr, c.pid), "the coordinator to take the lease")
         start = process.start_time(c.pid)
         me = process.self_identity()
         # what a second coordinator would have to do to take the role from a live one
-        assert lib.shm_lease_swap(handle_of(mgr), c.pid, start, *me) == 1
+        assert C.lease_swap(attachment_of(mgr).handle(), (c.pid, start), me)
         assert c.proc.wait(timeout=DEADLINE) == 1
         assert f"lost its lease to process {me[0]}" in c.log_text()
         assert lease_holder(mgr) == me[0]  # it did not release what it no longer held
-        assert lib.shm_lease_swap(handle_of(mgr), *me, 0, 0) == 1
+        assert C.lease_swap(attachment_of(mgr).handle(), me, (0, 0))
 
 
 def test_missing_arena_is_an_error(arena_name: str) -> None:

@@ -19,12 +19,14 @@ from shmalloc import (
     CorruptionDetected,
     InvalidAddress,
     MemoryManager,
+    NotAnArena,
     OutOfMemory,
     ProcessLimitExceeded,
     ProtectionViolation,
     ShmallocError,
 )
-from shmalloc._native import ffi
+from shmalloc._binding import ffi
+from shmalloc.manager import attachment_of
 
 HDR = ffi.sizeof("shm_block_t")
 OFF_SIZE = ffi.offsetof("shm_block_t", "size")
@@ -77,7 +79,7 @@ class Populated:
             # every byte of the heap, as this process's mapping sees it (the arena header holds
             # event rings and counters that an error may legitimately touch; stats() and
             # check() cover the rest of it)
-            seg = bytes(m._mm[m.capacity - m.stats().total :])
+            seg = bytes(attachment_of(m).mm[m.capacity - m.stats().total :])
         return (m.stats(), m.check(), data, seg)
 
 
@@ -513,7 +515,7 @@ def test_smashed_header_is_detected_not_followed(pop: Populated, raw: mmap.mmap,
     hdr = victim - HDR
     before = pop.snapshot(whole_segment=False)
     old = _poke(raw, hdr + field, value)
-    assert m._mm[hdr + field : hdr + field + 8] != old  # the manager's mapping sees the damage
+    assert attachment_of(m).mm[hdr + field : hdr + field + 8] != old  # the manager's mapping sees the damage
     for op in (lambda: m.deallocate(victim), lambda: m.size_of(victim),
                lambda: m.read(victim, 1), lambda: m.write(victim, b"x"), lambda: m.seal(victim)):
         with pytest.raises(CorruptionDetected) as ei:
@@ -532,8 +534,8 @@ def test_smashed_header_via_managers_own_mapping(pop: Populated) -> None:
     m = pop.m
     victim = _last(pop)
     off = victim - HDR + OFF_SIZE
-    old = m._mm[off : off + 8]
-    m._mm[off : off + 8] = b"\xff" * 8
+    old = attachment_of(m).mm[off : off + 8]
+    attachment_of(m).mm[off : off + 8] = b"\xff" * 8
     try:
         with pytest.raises(CorruptionDetected):
             m.deallocate(victim)
@@ -542,7 +544,7 @@ def test_smashed_header_via_managers_own_mapping(pop: Populated) -> None:
         with pytest.raises(CorruptionDetected):
             m.check()
     finally:
-        m._mm[off : off + 8] = old
+        attachment_of(m).mm[off : off + 8] = old
     m.check()
 
 
@@ -600,7 +602,7 @@ def test_smashed_arena_magic_is_detected(small: MemoryManager, raw: mmap.mmap) -
         with pytest.raises(CorruptionDetected) as ei:
             small.check()
         assert ei.value.offset == 0
-        with pytest.raises(CorruptionDetected):
+        with pytest.raises(NotAnArena):  # without the magic it cannot be told from another's
             MemoryManager.attach(small.name)
     finally:
         raw[0:8] = old

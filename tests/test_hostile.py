@@ -8,7 +8,10 @@ import os
 import pytest
 
 from shmalloc import CorruptionDetected, MemoryManager
-from shmalloc._native import ffi, lib
+from shmalloc import _binding as C
+from shmalloc._binding import ffi
+from shmalloc.events import GC_TRIGGERED
+from shmalloc.manager import attachment_of
 
 NOBODY = 65534
 
@@ -59,17 +62,17 @@ def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryMana
     if which == "heap":
         lock = -1
     else:
-        lock = mgr._own_slot()
+        lock = attachment_of(mgr).slot  # claimed by the allocation above
+        assert lock >= 0
         assert mgr.cache_limit > 0  # small frees go through the cache, under the slot lock
-    h = mgr._handle()
-    assert lib.shm_debug_lock_forge(h, lock, ghost) == 0  # as a holder the kernel never cleaned up
-    tid = ffi.new("uint32_t *")
-    assert lib.shm_lock_owner(h, lock, tid) == 0 and tid[0] == ghost
+    h = attachment_of(mgr).handle()
+    C.debug_lock_forge(h, lock, ghost)  # as a holder the kernel never cleaned up would leave it
+    assert C.lock_owner(h, lock) == ghost
     with pytest.raises(CorruptionDetected) as ei:
         mgr.deallocate(a)
-    assert ei.value.offset == lib.shm_lock_offset(lock)
+    assert ei.value.offset == C.lock_offset(lock)
     assert str(ghost) in ei.value.detail
-    assert lib.shm_debug_lock_forge(h, lock, 0) == 0  # repaired, so that the fixture can clean up
+    C.debug_lock_forge(h, lock, 0)  # repaired, so that the fixture can clean up
 
 
 def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:
@@ -78,6 +81,11 @@ def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:
     cell = ffi.sizeof("shm_event_t")
     for i in range(4096):
         _poke(mgr, slots + i * cell, (1 << 62).to_bytes(8, "little"))
-    assert mgr.drain_events() == []
-    mgr._emit("memory.gc_triggered", freed_blocks=1)  # a rare event: goes to the ring
+    with pytest.raises(CorruptionDetected) as ei:  # reported, neither spun on nor ignored
+        mgr.drain_events()
+    assert ei.value.offset == ffi.offsetof("shm_arena_t", "ring")
+    # a rare event goes to the ring: the damage is reported, not spun on and not ignored
+    with pytest.raises(CorruptionDetected) as ei:
+        attachment_of(mgr).emit(GC_TRIGGERED, freed_blocks=1)
+    assert ei.value.offset == ffi.offsetof("shm_arena_t", "ring")
     assert mgr.dropped_events() >= 1

@@ -15,8 +15,9 @@ import posix_ipc
 import pytest
 
 from conftest import SHM_DIR
-from shmalloc import CorruptionDetected, MemoryManager
-from shmalloc._native import ffi, lib
+from shmalloc import CorruptionDetected, MemoryManager, NotAnArena
+from shmalloc import _binding as C
+from shmalloc.manager import attachment_of
 
 MiB = 1 << 20
 JOIN_TIMEOUT = 60
@@ -45,26 +46,19 @@ def _join(p: mp.process.BaseProcess) -> None:
 
 
 def _block_owner_pid(m: MemoryManager, address: int) -> int:
-    info = ffi.new("shm_block_info_t *")
-    rc = lib.shm_block_info(m._h, address, info)
-    assert rc == 0
-    return int(info.pid)
+    return C.block_info(attachment_of(m).handle(), address).pid
 
 
 def _process_usage(m: MemoryManager, pid: int) -> int:
     if hasattr(m, "process_memory"):
         return int(m.process_memory(pid))
-    slot = lib.shm_proc_find(m._h, pid)
-    assert slot >= 0, f"pid {pid} has no slot"
-    info = ffi.new("shm_proc_info_t *")
-    assert lib.shm_proc_info(m._h, slot, info) == 0
-    return int(info.usage)
+    return C.proc_info(attachment_of(m).handle(), _slot_of(m, pid)).usage
 
 
 def _slot_of(m: MemoryManager, pid: int) -> int:
-    slot = lib.shm_proc_find(m._h, pid)
-    assert slot >= 0, f"pid {pid} has no slot"
-    return int(slot)
+    rows = [r for r in C.proc_rows(attachment_of(m).handle()) if r.pid == pid]
+    assert rows, f"pid {pid} has no slot"
+    return rows[0].slot
 
 
 # ------------------------------------------------------------------------------- creation
@@ -200,19 +194,20 @@ def test_attach_to_a_segment_that_is_no_arena(arena_name: str, kind: str) -> Non
     else:
         # a real arena's header with one field changed
         with MemoryManager(MiB) as real:
-            hdr = bytearray(real._mm[: real.capacity - real.stats().total])
+            hdr = bytearray(attachment_of(real).mm[: real.capacity - real.stats().total])
         if kind == "wrong-version":
-            v = ffi.offsetof("shm_arena_t", "version")
+            v = C.offsetof("shm_arena_t", "version")
             hdr[v : v + 4] = (999).to_bytes(4, "little")
         else:
-            c = ffi.offsetof("shm_arena_t", "capacity")
+            c = C.offsetof("shm_arena_t", "capacity")
             hdr[c : c + 8] = (2 * MiB).to_bytes(8, "little")
         fill = bytes(hdr)
     try:
         _make_segment(arena_name, size, fill)
-        with pytest.raises(CorruptionDetected) as ei:
+        expected = NotAnArena if kind in ("garbage", "zero", "tiny") else CorruptionDetected
+        with pytest.raises(expected) as ei:
             MemoryManager.attach(arena_name)
-        assert str(ei.value)
+        assert arena_name in str(ei.value) or isinstance(ei.value, CorruptionDetected)
         # the segment was left alone: not unlinked, not formatted
         assert os.path.getsize(_path(arena_name)) == size
         with open(_path(arena_name), "rb") as f:

@@ -19,10 +19,11 @@ import pytest
 
 from shmalloc import InvalidAddress, MemoryManager, MemoryPressure, OutOfMemory
 from shmalloc._binding import lib
+from shmalloc.manager import attachment_of
 
 KiB = 1 << 10
 MiB = 1 << 20
-RING_SLOTS = int(getattr(lib, "SHM_RING_SLOTS", 4096))
+RING_SLOTS = int(lib.SHM_RING_SLOTS)
 HOT = ("memory.allocated", "memory.deallocated")
 
 
@@ -283,7 +284,7 @@ def test_no_collector_no_events(mgr: MemoryManager) -> None:
     """Without a collector, allocate/deallocate emit nothing (the ring gets none of them); rare
     events still go to the ring, where the coordinator reads them."""
     mgr.drain_events()
-    assert mgr._collector is None
+    assert attachment_of(mgr).collector is None
     blocks = [mgr.allocate(64) for _ in range(20)]
     for a in blocks:
         mgr.deallocate(a)

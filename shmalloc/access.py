@@ -1,0 +1,104 @@
+"""Reading and writing blocks: bounds checked by the C core, bytes moved by Python's mmap.
+
+Every access first asks C for the block's usable size (``shm_block_size``: a live block of this
+arena, its header's checksum intact, not sealed when writing), then slices this process's
+mapping. Nothing here takes a lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _binding as C
+from .attachment import Attachment, check_int
+from .errors import InvalidAddress, ProtectionViolation
+
+__all__ = ["block_size", "ndarray", "read", "seal", "size_of", "span", "view", "write"]
+
+
+def block_size(a: Attachment, address: int, for_write: int) -> int:
+    """Usable bytes of the live block at ``address`` (``for_write``: refuse a sealed one)."""
+    if address.__class__ is not int or not 0 <= address <= C.U64_MAX:
+        address = check_int(address, "address")
+        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
+    h = a.h
+    r = C.block_size_raw(h if h is not None else a.handle(), address, for_write)
+    if r < 0:
+        C.raise_status(r, address)
+    return r
+
+
+def span(size: int, address: int, n: int | None, offset: int) -> tuple[int, int]:
+    """The mapping's [start, end) for ``n`` bytes at ``offset`` of a block of ``size`` bytes."""
+    offset = check_int(offset, "offset")
+    if not 0 <= offset <= size:
+        raise ValueError(
+            f"offset {offset} is outside the block at {address:#x} ({size} usable bytes)"
+        )
+    if n is None:
+        n = size - offset
+    else:
+        n = check_int(n, "n")
+        if n < 0 or offset + n > size:
+            raise ValueError(
+                f"{n} bytes at offset {offset} cross the end of the block at {address:#x} "
+                f"({size} usable bytes); stay within size_of(address)"
+            )
+    start = address + offset
+    return start, start + n
+
+
+def size_of(a: Attachment, address: int) -> int:
+    """Usable size of the block at ``address`` (at least what was asked for)."""
+    return block_size(a, address, 0)
+
+
+def read(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> bytes:
+    """Copy ``n`` bytes (default: to the block's end) out of the block, from ``offset``."""
+    start, end = span(block_size(a, address, 0), address, n, offset)
+    return a.mm[start:end]
+
+
+def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
+    """Copy a bytes-like ``data`` into the block at ``offset``; return the bytes written."""
+    try:
+        src = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(
+            f"data must be a contiguous bytes-like object, not {type(data).__name__}"
+        ) from None
+    start, end = span(block_size(a, address, 1), address, src.nbytes, offset)
+    a.mv[start:end] = src
+    return end - start
+
+
+def view(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> memoryview:
+    """A zero-copy memoryview of the block (read-only if the block is sealed)."""
+    try:
+        size, sealed = block_size(a, address, 1), False
+    except ProtectionViolation:
+        size, sealed = block_size(a, address, 0), True
+    start, end = span(size, address, n, offset)
+    v = a.mv[start:end]
+    return v.toreadonly() if sealed else v
+
+
+def ndarray(a: Attachment, address: int, shape: int | tuple[int, ...], dtype: Any) -> Any:
+    """A zero-copy numpy array over the block (needs the optional numpy extra)."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    shp = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = 1
+    for d in shp:
+        if check_int(d, "shape entry") < 0:
+            raise ValueError(f"negative dimension in shape {shp}")
+        count *= d
+    v = view(a, address, count * dt.itemsize)
+    return np.frombuffer(v, dtype=dt, count=count).reshape(shp)
+
+
+def seal(a: Attachment, address: int) -> None:
+    """Make the block immutable: later writes raise ProtectionViolation, views are read-only."""
+    block_size(a, address, 0)
+    C.block_seal(a.handle(), address)

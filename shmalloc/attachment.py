@@ -1,0 +1,253 @@
+"""This process's attachment to one arena: the mapping, the descriptor, the C handle, the slot.
+
+An :class:`Attachment` is everything about an arena that is local to one process. The arena's
+state itself lives in the segment and is read through the C core; the modules of functions
+(tracking, ownership, collection) and the :class:`~shmalloc.manager.MemoryManager` façade all
+act on an Attachment.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import posix_ipc  # type: ignore[import-not-found]  # no stubs published
+
+from . import _binding as C
+from . import process
+from .errors import CorruptionDetected, NotAnArena
+from .events import RARE, Event, encode
+
+__all__ = ["Attachment", "validate_name", "check_int"]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
+_ATTACH_WAIT = 1.0  # seconds an attach waits for a concurrent create to finish formatting
+
+# Attachments open in this process: a fork child forgets their slots (it is a new process).
+_open: weakref.WeakSet[Attachment] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for a in list(_open):
+        a.slot = -1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def validate_name(name: object) -> str:
+    """An arena name: 1-200 characters of [A-Za-z0-9._:@+-], not starting with a dot or dash."""
+    if not isinstance(name, str):
+        raise TypeError(f"an arena name must be a str, not {type(name).__name__}")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid arena name {name!r}: use 1-200 characters of letters, digits and ._:@+- "
+            "(no '/', no NUL), starting with a letter, digit or underscore"
+        )
+    return name
+
+
+def check_int(value: object, what: str) -> int:
+    """``value`` as an int, or TypeError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    return value
+
+
+class Attachment:
+    """One process's view of an arena. Made by :meth:`create` or :meth:`open`."""
+
+    name: str
+    capacity: int
+    h: C.Handle  # None once closed
+    slot: int  # this process's slot in the process table, -1 until the first allocation
+    slot_pid: int  # the pid that claimed ``slot`` (a fork child has another)
+    collector: Callable[[Event], None] | None
+    pressure_callbacks: list[Callable[[], None]]
+
+    def __init__(self, name: str) -> None:
+        self.name = validate_name(name)
+        self.h = None
+        self.slot = -1
+        self.slot_pid = 0
+        self.lock = threading.Lock()
+        self.collector = None
+        self.pressure_callbacks = []
+
+    # ------------------------------------------------------------ opening and closing
+
+    @classmethod
+    def create(cls, name: str, capacity: int, mode: int) -> Attachment:
+        """Create, size, map and format the segment ``name``."""
+        a = cls(name)
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        rounded = -(-capacity // mmap.PAGESIZE) * mmap.PAGESIZE
+        minimum = C.header_size() + mmap.PAGESIZE
+        if rounded < minimum or rounded > 1 << 40:
+            raise ValueError(
+                f"capacity {capacity} is out of range: give between {minimum} bytes and 1 TiB"
+            )
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=rounded)
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(
+                f"an arena named {name!r} already exists; attach to it or pick another name"
+            ) from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(f"cannot create arena {name!r}: {e}") from None
+        try:
+            a._map(shm.fd, rounded)
+            C.arena_format(a.base, rounded, shm.fd, secrets.randbits(64), time.time_ns())
+            a.h = C.handle_open(a.base, rounded, shm.fd)
+        except BaseException:
+            a._unmap()
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory("/" + name)
+            raise
+        a.fd = shm.fd
+        _open.add(a)
+        return a
+
+    @classmethod
+    def open(cls, name: str) -> Attachment:
+        """Map the existing segment ``name`` and check that it is an arena."""
+        a = cls(name)
+        try:
+            shm = posix_ipc.SharedMemory("/" + name)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(
+                f"no arena named {name!r} (see `shmalloc list`); create it first"
+            ) from None
+        except posix_ipc.PermissionsError:
+            raise PermissionError(
+                f"arena {name!r} exists but this user may not open it (mode 0600)"
+            ) from None
+        try:
+            capacity = os.fstat(shm.fd).st_size
+            if capacity < C.header_size() + mmap.PAGESIZE:
+                raise NotAnArena(name, f"the segment is {capacity} bytes, too small for an arena")
+            a._map(shm.fd, capacity)
+            deadline = time.monotonic() + _ATTACH_WAIT
+            while True:
+                try:
+                    a.h = C.handle_open(a.base, capacity, shm.fd)
+                    break
+                except (CorruptionDetected, NotAnArena) as e:
+                    # a creator may still be formatting: the magic is written last
+                    head = a.mm[: C.segment_probe_size()]
+                    if C.segment_probe(head) == C.SEG_FORMATTING and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                        continue
+                    if isinstance(e, NotAnArena):
+                        raise NotAnArena(name, e.detail) from None
+                    raise
+        except BaseException:
+            a._unmap()
+            shm.close_fd()
+            raise
+        a.fd = shm.fd
+        _open.add(a)
+        return a
+
+    def _map(self, fd: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
+        self.base = C.buffer_of(self.mm)
+        self.mv = memoryview(self.mm)
+
+    def _unmap(self) -> None:
+        mv = getattr(self, "mv", None)
+        if mv is not None:
+            mv.release()
+        base = getattr(self, "base", None)
+        if base is not None:
+            C.release(base)
+        mm = getattr(self, "mm", None)
+        if mm is not None:
+            mm.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.h is None
+
+    def handle(self) -> C.Handle:
+        """The C handle; ValueError once closed in this process."""
+        h = self.h
+        if h is None:
+            raise ValueError(f"arena {self.name!r} is closed in this process; attach again")
+        return h
+
+    def close(self) -> None:
+        """Give the slot back (if this process owns nothing there), unmap, close the handle.
+
+        BufferError (and still open) while views or arrays into the mapping are alive."""
+        if self.h is None:
+            return
+        # Python cannot ask an mmap how many views it has, so detach first and, if the close is
+        # refused, forget the slot: the next allocation claims it again.
+        self._detach_slot()
+        self.mv.release()
+        C.release(self.base)
+        try:
+            self.mm.close()
+        except BufferError:
+            self.base = C.buffer_of(self.mm)
+            self.mv = memoryview(self.mm)
+            self.slot = -1
+            raise BufferError(
+                f"cannot close arena {self.name!r}: views or arrays into it are still alive; "
+                "release them (view.release(), del array) first"
+            ) from None
+        C.handle_close(self.h)
+        self.h = None
+        self.slot = -1
+        os.close(self.fd)
+        _open.discard(self)
+
+    def _detach_slot(self) -> None:
+        """Give this process's slot back unless another open attachment of this process to the
+        same arena uses it (they share the slot: it is keyed by pid and start time)."""
+        if self.slot < 0 or self.slot_pid != os.getpid():
+            return
+        if any(a is not self and not a.closed and a.name == self.name for a in list(_open)):
+            return
+        C.proc_detach(self.h, self.slot)
+
+    def __del__(self) -> None:
+        h = getattr(self, "h", None)
+        if h is not None:
+            C.handle_close(h)
+            self.h = None
+            os.close(self.fd)
+
+    def destroy(self) -> None:
+        """Unlink the segment (idempotent). Mappings already open keep working until closed."""
+        try:
+            posix_ipc.unlink_shared_memory("/" + self.name)
+        except posix_ipc.ExistentialError:
+            pass  # already unlinked: destroy is idempotent
+
+    # ------------------------------------------------------------ events
+
+    def emit(self, name: str, **fields: Any) -> None:
+        """Deliver an event to this process's collector, if any; rare events (all but
+        allocated/deallocated) also go to the arena's ring for the coordinator, collector or not.
+        The hot pair stays out of the ring: the coordinator reads their totals from counters."""
+        collector = self.collector
+        rare = name in RARE
+        if collector is None and not rare:
+            return
+        ev = Event(name, process.current_pid(), time.time(), fields)
+        if collector is not None:
+            collector(ev)
+        if rare:
+            kind, values = encode(ev)
+            C.event_push(self.handle(), kind, ev.pid, int(ev.time * 1e9), values)
