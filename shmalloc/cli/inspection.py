@@ -13,6 +13,10 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import CorruptionDetected, ShmallocError
+from ..manager import MemoryManager
+from ..sizes import count, format_bytes
+from ..stats import MemoryPressure
 from .arena_access import (
     EXIT_FAILED,
     EXIT_OK,
@@ -24,11 +28,7 @@ from .arena_access import (
     read_header,
     segment_path,
 )
-from .errors import CorruptionDetected, ShmallocError
-from .manager import MemoryManager
-from .sizes import count, format_bytes
 from .snapshot import Snapshot, make_console, overview, pressure_text, process_table
-from .stats import MemoryPressure
 
 __all__ = ["cmd_check", "cmd_info", "cmd_list"]
 

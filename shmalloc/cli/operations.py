@@ -14,9 +14,9 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from ..manager import MemoryManager, validate_name
+from ..sizes import count, format_bytes, parse_size
 from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached
-from .manager import MemoryManager, validate_name
-from .sizes import count, format_bytes, parse_size
 from .snapshot import make_console
 
 __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd_destroy", "cmd_gc"]
@@ -72,7 +72,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 f"process {value} has no entry in arena {args.name!r} (see `shmalloc info {args.name}`)"
             )
         try:
-            from .gc import GcStrategy, GlobalGarbageCollector
+            from ..gc import GcStrategy, GlobalGarbageCollector
         except ImportError:
             raise CliError(
                 "this installation has no shmalloc.gc module (the global garbage collector)",
@@ -126,7 +126,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(argv: list[str]) -> int:
     try:
-        from .coordinator import main as coordinator_main
+        from ..coordinator import main as coordinator_main
     except ImportError:
         raise CliError(
             "this installation has no shmalloc.coordinator module", EXIT_FAILED
@@ -137,7 +137,7 @@ def cmd_coordinator(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------ bench
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # shmalloc/cli/operations.py
 
 
 def _stress_available() -> bool:

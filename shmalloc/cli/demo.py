@@ -36,13 +36,13 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import CorruptionDetected, ShmallocError
+from ..manager import MemoryManager
+from ..sizes import count, format_bytes
+from ..stats import MemoryPressure
 from .arena_access import EXIT_FAILED, EXIT_OK, CliError, segment_path
 from .demo_processes import CONFIG, demo_victim, demo_worker
-from .errors import CorruptionDetected, ShmallocError
-from .manager import MemoryManager
-from .sizes import count, format_bytes
 from .snapshot import make_console, pressure_text
-from .stats import MemoryPressure
 
 __all__ = ["Demo", "cmd_demo"]
 
@@ -169,7 +169,7 @@ class Demo:
     def start_coordinator(self) -> None:
         assert self.mgr is not None and self.tmpdir is not None
         try:
-            from .coordinator import start_coordinator
+            from ..coordinator import start_coordinator
         except ImportError:
             self.say(
                 "[yellow]shmalloc.coordinator is not installed: this demo process runs the "
