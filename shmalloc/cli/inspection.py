@@ -162,11 +162,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps({"name": args.name, "ok": True, **asdict(report)}))
     else:
         print(
-            f"{args.name}: clean: {count(report.blocks, 'block')} ({report.allocated_blocks} allocated, "
+            f"{args.name}: clean: {count(report.blocks, 'block')} "
+            f"({report.allocated_blocks} allocated, "
             f"{report.free_blocks} free"
             + (f", {report.cached_blocks} cached" if report.cached_blocks else "")
             + f"), {format_bytes(report.used)} used, "
-            f"{format_bytes(report.free_bytes)} free, largest free {format_bytes(report.largest_free)}, "
+            f"{format_bytes(report.free_bytes)} free, "
+            f"largest free {format_bytes(report.largest_free)}, "
             f"{report.live_processes} live and {report.dead_processes} dead processes"
         )
     return EXIT_OK

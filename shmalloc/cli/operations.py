@@ -69,7 +69,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with attached(args.name) as mgr:
         if kind == "targeted" and all(p.pid != value for p in mgr.processes()):
             raise CliError(
-                f"process {value} has no entry in arena {args.name!r} (see `shmalloc info {args.name}`)"
+                f"process {value} has no entry in arena {args.name!r} "
+                f"(see `shmalloc info {args.name}`)"
             )
         try:
             from ..gc import GcStrategy, GlobalGarbageCollector
@@ -190,7 +191,8 @@ def _bench_builtin(ops: int, capacity: int) -> int:
             t.add_row(format_bytes(size), f"{ns:,.0f}", f"{1e9 / ns:,.0f}", f"{std:,.0f}")
     console.print(t)
     console.print(
-        "built-in benchmark; the full suite is `python -m stress.bench_alloc` in a repository checkout",
+        "built-in benchmark; the full suite is `python -m stress.bench_alloc` in a repository "
+        "checkout",
         style="dim",
     )
     return EXIT_OK
