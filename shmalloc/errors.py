@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
+from .sizes import format_bytes
 
 
 class ShmallocError(Exception):
@@ -28,13 +22,15 @@ class OutOfMemory(ShmallocError, MemoryError):
 
     _fields = ("requested", "available", "used", "total", "detail")
 
-    def __init__(self, requested: int, available: int, used: int, total: int, detail: str = "") -> None:
+    def __init__(
+        self, requested: int, available: int, used: int, total: int, detail: str = ""
+    ) -> None:
         self.requested, self.available, self.used, self.total = requested, available, used, total
         self.detail = detail
         why = detail or "the arena has no free block large enough"
         super().__init__(
-            f"cannot allocate {_fmt_bytes(requested)}: {why} "
-            f"(available {_fmt_bytes(available)}, used {_fmt_bytes(used)} of {_fmt_bytes(total)}); "
+            f"cannot allocate {format_bytes(requested)}: {why} (available "
+            f"{format_bytes(available)}, used {format_bytes(used)} of {format_bytes(total)}); "
             "free blocks, run a collection, or create the arena with a larger capacity"
         )
 
@@ -47,9 +43,9 @@ class ProcessLimitExceeded(ShmallocError):
     def __init__(self, pid: int, limit: int, used: int, requested: int) -> None:
         self.pid, self.limit, self.used, self.requested = pid, limit, used, requested
         super().__init__(
-            f"process {pid} asked for {_fmt_bytes(requested)} but already uses {_fmt_bytes(used)} "
-            f"of its {_fmt_bytes(limit)} limit; free some of its blocks or raise the limit with "
-            "set_process_limit()"
+            f"process {pid} asked for {format_bytes(requested)} but already uses "
+            f"{format_bytes(used)} of its {format_bytes(limit)} limit; free some of its blocks or "
+            "raise the limit with set_process_limit()"
         )
 
 

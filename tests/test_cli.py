@@ -30,7 +30,8 @@ import pytest
 from conftest import SHM_DIR, destroyed_after, unique_name
 
 from shmalloc import MemoryManager
-from shmalloc.cli import format_bytes, main, parse_size
+from shmalloc.cli import main
+from shmalloc.sizes import format_bytes, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0

@@ -24,7 +24,7 @@ import signal
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
-from .manager import MemoryManager
+from ..manager import MemoryManager
 
 __all__ = ["CONFIG", "demo_victim", "demo_worker"]
 

@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import process
-from ._binding import ffi, lib
-from .manager import MemoryManager
-from .sizes import count, format_bytes
-from .stats import MemoryPressure, MemoryStats
-from .tracking import ProcessInfo
+from .. import process
+from .._binding import ffi, lib
+from ..manager import MemoryManager
+from ..sizes import count, format_bytes
+from ..stats import MemoryPressure, MemoryStats
+from ..tracking import ProcessInfo
 
 __all__ = [
     "PRESSURE_STYLE",

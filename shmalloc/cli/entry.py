@@ -1,29 +1,6 @@
-"""The ``shmalloc`` command line: look at arenas, operate them, and show what they do.
-
-    shmalloc list | create | info | top | check | gc | destroy | coordinator | demo | bench
-
-Every command opens arenas through MemoryManager.attach() and only reads unless it is asked to
-change something: ``list``, ``info``, ``top`` and ``check`` never claim a slot in the process
-table, so looking at an arena does not show up in it.
-
-Exit codes, the same for every command:
-  0  done (``check``: the heap is clean)
-  1  the arena is unhealthy or the operation failed (``check`` found corruption, the demo saw
-     something go wrong)
-  2  the command could not run: a bad argument or size string, no such arena, a segment that is
-     not a shmalloc arena (or one of another layout version), a permission problem
-Errors are one line on stderr, never a traceback (``SHMALLOC_TRACEBACK=1`` adds it, for bugs).
-
-This module is the entry point (``main``, the argument parser, error reporting); the commands live
-in modules named after what they hold, and never import this one:
-  arena_access.py  opening an arena for a command; CliError and the exit codes
-  sizes.py         parse_size, format_bytes       snapshot.py  what info and top show
-  inspection.py    list, info, check              top.py       the live view
-  operations.py    create, gc, destroy, coordinator, bench
-  demo.py          ``shmalloc demo``, the main job: the main process that conducts it
-  demo_processes.py  its workers and victim (spawned; they attach by the arena's name)
-
-"""
+"""The entry point of the ``shmalloc`` command line: ``main``, the argument parser and the
+one-line error reporting. The commands live in the other modules of this package (see its
+``__init__``), and none of them imports this one."""
 
 from __future__ import annotations
 
@@ -35,15 +12,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from ..errors import ShmallocError
+from ..sizes import parse_size
 from .arena_access import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from .demo import cmd_demo
-from .errors import ShmallocError
 from .inspection import cmd_check, cmd_info, cmd_list
 from .operations import bench_delegated, cmd_bench, cmd_coordinator, cmd_create, cmd_destroy, cmd_gc
-from .sizes import format_bytes, parse_size
 from .top import cmd_top
 
-__all__ = ["format_bytes", "main", "parse_size"]
+__all__ = ["main"]
 
 # ---------------------------------------------------------------------------- argument types
 
@@ -92,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done; 1 the arena is unhealthy or the operation failed; "
         "2 the command could not run (bad arguments, no such arena, not an arena, permission)",
     )
-    from . import __version__
+    from .. import __version__
 
     p.add_argument("--version", action="version", version=f"shmalloc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -13,6 +13,10 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import CorruptionDetected, ShmallocError
+from ..manager import MemoryManager
+from ..sizes import count, format_bytes
+from ..stats import MemoryPressure
 from .arena_access import (
     EXIT_FAILED,
     EXIT_OK,
@@ -24,11 +28,7 @@ from .arena_access import (
     read_header,
     segment_path,
 )
-from .errors import CorruptionDetected, ShmallocError
-from .manager import MemoryManager
-from .sizes import count, format_bytes
 from .snapshot import Snapshot, make_console, overview, pressure_text, process_table
-from .stats import MemoryPressure
 
 __all__ = ["cmd_check", "cmd_info", "cmd_list"]
 
@@ -162,11 +162,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps({"name": args.name, "ok": True, **asdict(report)}))
     else:
         print(
-            f"{args.name}: clean: {count(report.blocks, 'block')} ({report.allocated_blocks} allocated, "
+            f"{args.name}: clean: {count(report.blocks, 'block')} "
+            f"({report.allocated_blocks} allocated, "
             f"{report.free_blocks} free"
             + (f", {report.cached_blocks} cached" if report.cached_blocks else "")
             + f"), {format_bytes(report.used)} used, "
-            f"{format_bytes(report.free_bytes)} free, largest free {format_bytes(report.largest_free)}, "
+            f"{format_bytes(report.free_bytes)} free, "
+            f"largest free {format_bytes(report.largest_free)}, "
             f"{report.live_processes} live and {report.dead_processes} dead processes"
         )
     return EXIT_OK

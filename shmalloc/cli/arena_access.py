@@ -2,7 +2,7 @@
 
 Every failure to open (no such segment, not a shmalloc arena, another layout version, no
 permission, a header that fails validation) becomes one :class:`CliError` that says what was found;
-the exit codes are those of the command line (see cli.py).
+the exit codes are those of the command line (see the package docstring).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from ._binding import lib
-from .errors import CorruptionDetected
-from .manager import MemoryManager, validate_name
+from .._binding import lib
+from ..errors import CorruptionDetected
+from ..manager import MemoryManager, validate_name
 
 __all__ = [
     "EXIT_FAILED",

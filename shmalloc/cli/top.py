@@ -15,9 +15,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ..manager import MemoryManager
+from ..sizes import format_bytes
 from .arena_access import EXIT_OK, attached, segment_path
-from .manager import MemoryManager
-from .sizes import format_bytes
 from .snapshot import PRESSURE_STYLE, Snapshot, make_console, pressure_text, process_table
 
 __all__ = ["cmd_top"]

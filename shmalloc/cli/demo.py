@@ -36,13 +36,13 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import CorruptionDetected, ShmallocError
+from ..manager import MemoryManager
+from ..sizes import count, format_bytes
+from ..stats import MemoryPressure
 from .arena_access import EXIT_FAILED, EXIT_OK, CliError, segment_path
 from .demo_processes import CONFIG, demo_victim, demo_worker
-from .errors import CorruptionDetected, ShmallocError
-from .manager import MemoryManager
-from .sizes import count, format_bytes
 from .snapshot import make_console, pressure_text
-from .stats import MemoryPressure
 
 __all__ = ["Demo", "cmd_demo"]
 
@@ -169,7 +169,7 @@ class Demo:
     def start_coordinator(self) -> None:
         assert self.mgr is not None and self.tmpdir is not None
         try:
-            from .coordinator import start_coordinator
+            from ..coordinator import start_coordinator
         except ImportError:
             self.say(
                 "[yellow]shmalloc.coordinator is not installed: this demo process runs the "
@@ -348,7 +348,8 @@ class Demo:
                         self.check_while_running(len(pending))
                     elif time.monotonic() > reclaim_deadline:
                         res.problems.append(
-                            f"the killed victim's {format_bytes(left)} were not reclaimed within 15 s"
+                            f"the killed victim's {format_bytes(left)} were not reclaimed "
+                            "within 15 s"
                         )
                         res.reclaim_seconds = float("nan")
         # every worker is done: let them go, then read what they left under their names
@@ -373,7 +374,8 @@ class Demo:
         mgr.unbind("demo.victim.note")
         mgr.deallocate(note)
         self.say(
-            f"all {n} workers finished: {res.ops:,} operations, {format_bytes(res.bytes)} allocated, "
+            f"all {n} workers finished: {res.ops:,} operations, "
+            f"{format_bytes(res.bytes)} allocated, "
             f"{res.handed:,} parcels adopted; read their results from the named blocks "
             "demo.result.*; the victim's persistent note "
             + ("survived it" if res.note_survived else "[red]was lost[/]")
@@ -538,7 +540,8 @@ class Demo:
         if res.reclaim_seconds is not None and not math.isnan(res.reclaim_seconds):
             t.add_row(
                 "reclaimed",
-                f"{format_bytes(res.reclaimed)} in {res.reclaim_seconds:.2f} s by {res.reclaimed_by}",
+                f"{format_bytes(res.reclaimed)} in {res.reclaim_seconds:.2f} s "
+                f"by {res.reclaimed_by}",
             )
         else:
             t.add_row("reclaimed", Text("not within the deadline", style="red"))
@@ -606,7 +609,8 @@ class Demo:
 def _stop_resource_tracker() -> None:
     """Stop the resource tracker that starting ``spawn`` children launched, and reap it, so that
     the demo leaves no process behind, not even for the moment after it exits. (It would stop by
-    itself when this process exits, as an orphan for init to reap.) Private API, used defensively."""
+    itself when this process exits, as an orphan for init to reap.) Private API, used
+    defensively."""
     from multiprocessing import resource_tracker
 
     tracker = getattr(resource_tracker, "_resource_tracker", None)
@@ -625,7 +629,8 @@ def _exit_text(code: int | None) -> str:
 
 
 def _stop(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM ``pid`` and wait for it to end (SIGKILL after ``timeout``); it may not be our child."""
+    """SIGTERM ``pid`` and wait for it to end (SIGKILL after ``timeout``); it may not be our
+    child."""
     try:
         proc = psutil.Process(pid)
         proc.terminate()

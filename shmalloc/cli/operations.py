@@ -14,9 +14,9 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from ..manager import MemoryManager, validate_name
+from ..sizes import count, format_bytes, parse_size
 from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached
-from .manager import MemoryManager, validate_name
-from .sizes import count, format_bytes, parse_size
 from .snapshot import make_console
 
 __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd_destroy", "cmd_gc"]
@@ -69,10 +69,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with attached(args.name) as mgr:
         if kind == "targeted" and all(p.pid != value for p in mgr.processes()):
             raise CliError(
-                f"process {value} has no entry in arena {args.name!r} (see `shmalloc info {args.name}`)"
+                f"process {value} has no entry in arena {args.name!r} "
+                f"(see `shmalloc info {args.name}`)"
             )
         try:
-            from .gc import GcStrategy, GlobalGarbageCollector
+            from ..gc import GcStrategy, GlobalGarbageCollector
         except ImportError:
             raise CliError(
                 "this installation has no shmalloc.gc module (the global garbage collector)",
@@ -126,7 +127,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(argv: list[str]) -> int:
     try:
-        from .coordinator import main as coordinator_main
+        from ..coordinator import main as coordinator_main
     except ImportError:
         raise CliError(
             "this installation has no shmalloc.coordinator module", EXIT_FAILED
@@ -137,7 +138,7 @@ def cmd_coordinator(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------ bench
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # shmalloc/cli/operations.py
 
 
 def _stress_available() -> bool:
@@ -190,7 +191,8 @@ def _bench_builtin(ops: int, capacity: int) -> int:
             t.add_row(format_bytes(size), f"{ns:,.0f}", f"{1e9 / ns:,.0f}", f"{std:,.0f}")
     console.print(t)
     console.print(
-        "built-in benchmark; the full suite is `python -m stress.bench_alloc` in a repository checkout",
+        "built-in benchmark; the full suite is `python -m stress.bench_alloc` in a repository "
+        "checkout",
         style="dim",
     )
     return EXIT_OK
