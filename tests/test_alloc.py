@@ -441,10 +441,9 @@ def test_allocate_guarded_frees_on_exit(mgr: MemoryManager) -> None:
 
 
 def test_allocate_guarded_frees_on_exception(mgr: MemoryManager) -> None:
-    with pytest.raises(RuntimeError):
-        with mgr.allocate_guarded(100):
-            assert mgr.stats().used > 0
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), mgr.allocate_guarded(100):
+        assert mgr.stats().used > 0
+        raise RuntimeError("boom")
     assert mgr.stats().used == 0
     assert mgr.stats().allocated_blocks == 0
 

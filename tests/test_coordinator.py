@@ -282,8 +282,8 @@ def test_metrics_port_in_use_is_an_error_and_frees_the_lease(
 
 
 def test_losing_the_lease_stops_it_with_an_error(mgr: MemoryManager, tmp_path: Path) -> None:
-    from shmalloc import process
     from shmalloc import _binding as C
+    from shmalloc import process
     from shmalloc.manager import attachment_of
 
     with CoordinatorProcess(mgr.name, tmp_path / "coord.log") as c:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from conftest import SHM_DIR, unique_name
+
 from shmalloc import (
     AlignmentError,
     CorruptionDetected,

@@ -13,8 +13,8 @@ from typing import Any
 
 import posix_ipc
 import pytest
-
 from conftest import SHM_DIR
+
 from shmalloc import CorruptionDetected, MemoryManager, NotAnArena
 from shmalloc import _binding as C
 from shmalloc.manager import attachment_of
@@ -289,10 +289,9 @@ def test_context_manager_destroys_unnamed_arena() -> None:
 
 
 def test_context_manager_destroys_unnamed_arena_on_error() -> None:
-    with pytest.raises(KeyError):
-        with MemoryManager.with_capacity(MiB) as m:
-            name = m.name
-            raise KeyError("boom")
+    with pytest.raises(KeyError), MemoryManager.with_capacity(MiB) as m:
+        name = m.name
+        raise KeyError("boom")
     assert m.closed
     assert not os.path.exists(_path(name))
 

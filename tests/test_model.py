@@ -8,11 +8,11 @@ import dataclasses
 from typing import Any
 
 import pytest
+from conftest import unique_name
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import unique_name
 from shmalloc import InvalidAddress, MemoryManager, OutOfMemory, ProtectionViolation
 
 HDR = 32

@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import unique_name
 
 TMPFS_SIZE = 4 << 20

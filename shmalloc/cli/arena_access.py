@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from .._binding import lib
+from .. import _binding as C
 from ..errors import CorruptionDetected
 from ..manager import MemoryManager, validate_name
 
@@ -19,8 +19,6 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
-    "LAYOUT_VERSION",
-    "MAGIC",
     "SHM_DIR",
     "CliError",
     "attached",
@@ -31,8 +29,6 @@ __all__ = [
 
 SHM_DIR = "/dev/shm"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-MAGIC = int(lib.SHM_MAGIC).to_bytes(8, "little")
-LAYOUT_VERSION = int(lib.SHM_LAYOUT_VERSION)
 
 
 class CliError(Exception):
@@ -48,14 +44,14 @@ def segment_path(name: str) -> str:
 
 
 def read_header(name: str) -> bytes | None:
-    """The first 12 bytes of /dev/shm/NAME (magic, layout version), or None if it is gone.
+    """The head of /dev/shm/NAME that the C core's probe reads, or None if it is gone.
     PermissionError when this user may not read it."""
     try:
         fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     try:
-        return os.read(fd, 12)
+        return os.read(fd, C.segment_probe_size())
     finally:
         os.close(fd)
 
@@ -69,12 +65,12 @@ def _identify(name: str) -> str:
         raise _not_permitted(name) from None
     if head is None:
         raise CliError(f"no arena named {name!r} (see `shmalloc list`); create it first")
-    if head[:8] == MAGIC:
-        version = int.from_bytes(head[8:12], "little") if len(head) >= 12 else -1
-        return "arena" if version == LAYOUT_VERSION else "version"
-    if head == b"\0" * len(head):
-        return "formatting"
-    return "foreign"
+    kind = C.segment_probe(head)
+    if kind == C.SEG_ARENA:
+        return "arena"
+    if kind == C.SEG_OTHER_VERSION:
+        return "version"
+    return "formatting" if kind == C.SEG_FORMATTING else "foreign"
 
 
 def _not_permitted(name: str) -> CliError:
@@ -105,7 +101,7 @@ def open_arena(name: str) -> MemoryManager:
     if kind == "version":
         raise CliError(
             f"arena {name!r} was made by a shmalloc with another segment layout (this one reads "
-            f"layout {LAYOUT_VERSION}); use the shmalloc version that created it"
+            f"layout {C.layout_version()}); use the shmalloc version that created it"
         )
     try:
         return MemoryManager.attach(name)

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from .. import events
 from ..errors import CorruptionDetected, ShmallocError
 from ..manager import MemoryManager
 from ..sizes import count, format_bytes
@@ -412,7 +413,7 @@ class Demo:
                 ev = json.loads(line)
                 name = str(ev.get("name"))
                 self.res.monitor_events.append(name)
-                if name == "memory.pressure_high":
+                if name == events.PRESSURE_HIGH:
                     self.say(
                         f"[magenta]coordinator[/] drained the event {name} from pid {ev.get('pid')}"
                     )
@@ -463,11 +464,11 @@ class Demo:
             while time.monotonic() < deadline:
                 self.monitor()
                 mgr.deallocate(mgr.allocate(64))
-                if trim_requests and "memory.pressure_high" in res.monitor_events:
+                if trim_requests and events.PRESSURE_HIGH in res.monitor_events:
                     break
                 time.sleep(0.05)
             self.monitor()
-            if "memory.pressure_high" not in res.monitor_events:
+            if events.PRESSURE_HIGH not in res.monitor_events:
                 res.problems.append(
                     "the coordinator drained no memory.pressure_high event within 15 s"
                 )
@@ -553,7 +554,9 @@ class Demo:
         reactions = []
         if res.warning_logged:
             reactions.append("WARNING logged")
-        seen = sorted({e for e in res.monitor_events if e.startswith("memory.pressure")})
+        seen = sorted(
+            {e for e in res.monitor_events if e in (events.PRESSURE_HIGH, events.PRESSURE_CRITICAL)}
+        )
         if seen:
             who = "coordinator drained " if self.coordinator_pid else "events "
             reactions.append(who + ", ".join(seen))

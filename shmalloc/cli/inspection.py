@@ -13,6 +13,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from .. import _binding as C
 from ..errors import CorruptionDetected, ShmallocError
 from ..manager import MemoryManager
 from ..sizes import count, format_bytes
@@ -20,8 +21,6 @@ from ..stats import MemoryPressure
 from .arena_access import (
     EXIT_FAILED,
     EXIT_OK,
-    LAYOUT_VERSION,
-    MAGIC,
     SHM_DIR,
     CliError,
     attached,
@@ -51,12 +50,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         except OSError:
             continue
-        if head is None or head[:8] != MAGIC:
+        kind = C.segment_probe(head) if head is not None else C.SEG_FOREIGN
+        if kind not in (C.SEG_ARENA, C.SEG_OTHER_VERSION):
             continue
         row: dict[str, Any] = {"name": entry}
-        version = int.from_bytes(head[8:12], "little")
-        if version != LAYOUT_VERSION:
-            row["status"] = f"layout {version} (this shmalloc reads {LAYOUT_VERSION})"
+        if kind == C.SEG_OTHER_VERSION:
+            row["status"] = f"another segment layout (this shmalloc reads {C.layout_version()})"
             rows.append(row)
             continue
         try:

@@ -15,8 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import process
-from .._binding import ffi, lib
-from ..manager import MemoryManager
+from ..coordinator.lease import read_lease
+from ..manager import MemoryManager, attachment_of
 from ..sizes import count, format_bytes
 from ..stats import MemoryPressure, MemoryStats
 from ..tracking import ProcessInfo
@@ -41,10 +41,10 @@ PRESSURE_STYLE = {
 
 def coordinator_of(mgr: MemoryManager) -> tuple[int, bool] | None:
     """(pid, alive) of the process holding the arena's coordinator lease, None when nobody does."""
-    pid, started = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-    if lib.shm_lease_get(mgr._handle(), pid, started) != 0 or pid[0] == 0:
+    pid, started = read_lease(attachment_of(mgr).handle())
+    if pid == 0:
         return None
-    return int(pid[0]), process.is_alive(int(pid[0]), int(started[0]))
+    return pid, process.is_alive(pid, started)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ import time
 from typing import Any
 
 from ..errors import ShmallocError
-from ..gc import handle_of
-from ..manager import MemoryManager
+from ..manager import MemoryManager, attachment_of
 from .command import EXIT_LEASE_HELD
 from .lease import CoordinatorRunning, lease_holder, read_lease
 
@@ -80,7 +79,7 @@ def start_coordinator(
             start_new_session=True,
             close_fds=True,
         )
-    h = handle_of(manager)
+    h = attachment_of(manager).handle()
     deadline = time.monotonic() + timeout
     while True:
         pid, _ = read_lease(h)

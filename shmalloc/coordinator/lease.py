@@ -12,13 +12,11 @@ nothing but reclamation of dead processes' memory is delayed.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from .. import _binding as C
 from .. import process
-from .._binding import ffi, lib, raise_status
 from ..errors import ShmallocError
-from ..gc import handle_of
-from ..manager import MemoryManager
+from ..manager import MemoryManager, attachment_of
 
 __all__ = ["CoordinatorRunning", "acquire_lease", "lease_holder", "read_lease", "release_lease"]
 
@@ -38,18 +36,14 @@ class CoordinatorRunning(ShmallocError):
         )
 
 
-def read_lease(h: Any) -> tuple[int, int]:
+def read_lease(h: C.Handle) -> tuple[int, int]:
     """The (pid, start time) in the lease of the arena handle ``h``; (0, 0) when nobody holds it."""
-    pid, start = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-    rc = lib.shm_lease_get(h, pid, start)
-    if rc < 0:
-        raise_status(rc)
-    return int(pid[0]), int(start[0])
+    return C.lease_get(h)
 
 
 def lease_holder(manager: MemoryManager) -> int | None:
     """The pid of the arena's live coordinator, or None when no running process holds the lease."""
-    pid, start = read_lease(handle_of(manager))
+    pid, start = read_lease(attachment_of(manager).handle())
     if pid and process.is_alive(pid, start):
         return pid
     return None
@@ -57,7 +51,7 @@ def lease_holder(manager: MemoryManager) -> int | None:
 
 def acquire_lease(manager: MemoryManager) -> tuple[int, int]:
     """Take the lease for this process; CoordinatorRunning if a live process holds it."""
-    h = handle_of(manager)
+    h = attachment_of(manager).handle()
     me = process.self_identity()
     for _ in range(100):  # each failed swap means another contender moved first: look again
         held = read_lease(h)
@@ -71,10 +65,7 @@ def acquire_lease(manager: MemoryManager) -> tuple[int, int]:
                 manager.name,
                 held[0],
             )
-        rc = lib.shm_lease_swap(h, held[0], held[1], me[0], me[1])
-        if rc < 0:
-            raise_status(rc)
-        if rc == 1:
+        if C.lease_swap(h, held, me):
             return me
     raise ShmallocError(
         f"could not take the coordinator lease of arena {manager.name!r}: contended"
@@ -83,7 +74,4 @@ def acquire_lease(manager: MemoryManager) -> tuple[int, int]:
 
 def release_lease(manager: MemoryManager, me: tuple[int, int]) -> bool:
     """Give the lease back (swap ``me`` for (0, 0)); False if ``me`` no longer held it."""
-    rc = lib.shm_lease_swap(handle_of(manager), me[0], me[1], 0, 0)
-    if rc < 0:
-        raise_status(rc)
-    return bool(rc == 1)
+    return C.lease_swap(attachment_of(manager).handle(), me, (0, 0))

@@ -16,11 +16,12 @@ import time
 from types import FrameType
 from typing import IO, Any
 
-from .._binding import ffi, lib
+from .. import _binding as C
+from .. import events
 from ..errors import ShmallocError
 from ..events import Event
-from ..gc import GcStats, GlobalGarbageCollector, handle_of
-from ..manager import MemoryManager
+from ..gc import GcStats, GlobalGarbageCollector
+from ..manager import MemoryManager, attachment_of
 from ..stats import MemoryPressure
 from .lease import acquire_lease, read_lease, release_lease
 from .metrics import MetricsExporter, MetricsSnapshot
@@ -39,15 +40,6 @@ LOG_LEVELS = {
     "WARNING": logging.WARNING,
     "ERROR": logging.ERROR,
     "CRITICAL": logging.CRITICAL,
-}
-_EVENT_LEVELS = {
-    "memory.allocated": logging.DEBUG,
-    "memory.deallocated": logging.DEBUG,
-    "memory.oom": logging.WARNING,
-    "memory.pressure_high": logging.WARNING,
-    "memory.pressure_critical": logging.CRITICAL,
-    "memory.gc_triggered": logging.INFO,
-    "memory.process_reclaimed": logging.INFO,
 }
 
 
@@ -191,7 +183,7 @@ class Coordinator:
 
     def _serve(self, manager: MemoryManager, me: tuple[int, int]) -> None:
         self._manager = manager
-        self._h = handle_of(manager)
+        self._h = attachment_of(manager).handle()
         self._gc = GlobalGarbageCollector(manager)
         self._gc.set_threshold(self.trim_threshold)
         self._gc.set_min_interval(self.min_interval)
@@ -284,19 +276,18 @@ class Coordinator:
     # ------------------------------------------------------------ pressure
 
     def _monitor(self) -> None:
-        s = ffi.new("shm_stats_t *")
-        lib.shm_stats_read(self._h, s)
-        total, available = int(s.total), int(s.available)
-        arena_pct = 100.0 * (total - available) / total if total else 0.0
+        s = C.stats_read(self._h)
+        total, available = s.total, s.available
+        arena_pct = C.usage_percent(total, available)
         mem_pct, shm_pct = system_usage()
         p = self._pressure
         p.observe("arena", arena_pct)
         p.observe("system memory", mem_pct)
         p.observe("/dev/shm", shm_pct)
         c = self._counts
-        c.used, c.peak, c.heap, c.available = int(s.used), int(s.peak), total, available
-        c.allocated_blocks, c.free_blocks = int(s.allocated_blocks), int(s.free_blocks)
-        c.allocations, c.deallocations = int(s.allocations), int(s.deallocations)
+        c.used, c.peak, c.heap, c.available = s.used, s.peak, total, available
+        c.allocated_blocks, c.free_blocks = s.allocated_blocks, s.free_blocks
+        c.allocations, c.deallocations = s.allocations, s.deallocations
         c.pressure = p.levels["arena"]
         c.system_memory_pressure = p.levels["system memory"]
         c.shm_filesystem_pressure = p.levels["/dev/shm"]
@@ -321,19 +312,19 @@ class Coordinator:
     def _drain_events(self) -> None:
         evs = self._manager.drain_events(_DRAIN_LIMIT)
         c = self._counts
-        c.dropped_events = int(lib.shm_event_dropped(self._h))
+        c.dropped_events = C.event_dropped(self._h)
         if not evs:
             return
         mine = os.getpid()
         for ev in evs:
             c.events[ev.name] = c.events.get(ev.name, 0) + 1
-            if ev.name == "memory.gc_triggered":
+            if ev.name == events.GC_TRIGGERED:
                 c.gc_runs += 1
                 c.gc_freed_blocks += int(ev.fields.get("freed_blocks", 0))
-            elif ev.name == "memory.process_reclaimed":
+            elif ev.name == events.PROCESS_RECLAIMED:
                 c.processes_reclaimed += 1
                 c.reclaimed_bytes += int(ev.fields.get("bytes", 0))
-            level = logging.DEBUG if ev.pid == mine else _EVENT_LEVELS.get(ev.name, logging.INFO)
+            level = logging.DEBUG if ev.pid == mine else events.KINDS[ev.name].log_level
             if logger.isEnabledFor(level):
                 logger.log(
                     level,
@@ -354,7 +345,7 @@ class Coordinator:
         live = dead = 0
         for r in self._processes.rows:
             usage[r.pid] = usage.get(r.pid, 0) + r.usage
-            if r.state == lib.SHM_PROC_LIVE and (r.pid, r.start_time) not in self._processes.exited:
+            if r.state == C.PROC_LIVE and (r.pid, r.start_time) not in self._processes.exited:
                 live += 1
             else:
                 dead += 1

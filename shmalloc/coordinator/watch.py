@@ -18,8 +18,8 @@ import select
 import time
 from typing import Any
 
+from .. import _binding as C
 from .. import process
-from .._binding import lib
 from ..gc import GlobalGarbageCollector
 from ..tracking import scan_slots as scan
 
@@ -64,7 +64,7 @@ class ProcessWatch:
         ended = False
         for r in rows:
             key = (r.pid, r.start_time)
-            if r.state == lib.SHM_PROC_DEAD:
+            if r.state == C.PROC_DEAD:
                 if key not in self._tried or time.monotonic() >= self._retry_at:
                     ended = True
                 continue
@@ -89,7 +89,7 @@ class ProcessWatch:
         for pid, nbytes in stats.reclaimed:
             logger.info("reclaimed %d bytes of process %d, which has ended", nbytes, pid)
         self.rows = scan(self._h)
-        self._tried = {(r.pid, r.start_time) for r in self.rows if r.state == lib.SHM_PROC_DEAD}
+        self._tried = {(r.pid, r.start_time) for r in self.rows if r.state == C.PROC_DEAD}
         self._retry_at = time.monotonic() + 1.0
 
     def close(self) -> None:
