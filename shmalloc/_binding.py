@@ -376,11 +376,7 @@ def lease_get(h: Handle) -> tuple[int, int]:
 def lease_swap(h: Handle, old: tuple[int, int], new: tuple[int, int]) -> bool:
     """Hand the lease from ``old`` to ``new`` (each (pid, start time)) if ``old`` holds it;
     False if someone else does."""
-    rc = lib.shm_lease_swap(h, old[0], old[1], new[0], new[1])
-    if rc == 1 or rc == 0:
-        return rc == 1
-    _check(rc)
-    return False
+    return _check(int(lib.shm_lease_swap(h, old[0], old[1], new[0], new[1]))) == 1
 
 
 # ------------------------------------------------------------------ caches

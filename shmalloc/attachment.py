@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import posix_ipc  # type: ignore[import-not-found]  # no stubs published
+import posix_ipc
 
 from . import _binding as C
 from . import process
@@ -67,6 +67,7 @@ class Attachment:
     name: str
     capacity: int
     h: C.Handle  # None once closed
+    fd: int  # the segment's descriptor, open while attached
     slot: int  # this process's slot in the process table, -1 until the first allocation
     slot_pid: int  # the pid that claimed ``slot`` (a fork child has another)
     collector: Callable[[Event], None] | None

@@ -1,7 +1,7 @@
-"""A drop-in for ``multiprocessing.shared_memory`` and ``SharedMemoryManager``, backed by arena blocks.
+"""A drop-in for ``multiprocessing.shared_memory`` and ``SharedMemoryManager``, on arena blocks.
 
-    from shmalloc import compat as shared_memory        # was: from multiprocessing import shared_memory
-    from shmalloc.compat import SharedMemoryManager     # was: from multiprocessing.managers import ...
+    from shmalloc import compat as shared_memory  # was: from multiprocessing import shared_memory
+    from shmalloc.compat import SharedMemoryManager  # was: from multiprocessing.managers import ...
 
 ``SharedMemory``, ``ShareableList`` and ``SharedMemoryManager`` have the standard library's public
 API and behaviour, but each object is a block of one shmalloc arena instead of a POSIX segment of
@@ -84,7 +84,7 @@ from contextlib import contextmanager
 from multiprocessing import managers as _mp_managers
 from typing import Any
 
-import posix_ipc  # type: ignore[import-not-found]  # no stubs published
+import posix_ipc
 
 from .errors import InvalidAddress, ShmallocError
 from .manager import DEFAULT_CAPACITY, MemoryManager
@@ -601,12 +601,12 @@ class ShareableList:
         if name is None or sequence is not None:
             items = list(sequence or ())
             reserved = [_reserve(v) for v in items]
-            packing = [_packing(v, r) for v, r in zip(items, reserved)]
+            packing = [_packing(v, r) for v, r in zip(items, reserved, strict=True)]
             self._layout(reserved)
             # build the whole image first: a value that cannot be packed leaves nothing behind
             image = bytearray(self._end)
             _COUNT.pack_into(image, 0, len(items))
-            for i, (r, (fmt, kind, packed)) in enumerate(zip(reserved, packing)):
+            for i, (r, (fmt, kind, packed)) in enumerate(zip(reserved, packing, strict=True)):
                 _ENTRY.pack_into(image, self._entry(i), r, fmt.encode(_ENCODING), kind)
                 struct.pack_into(fmt, image, self._at[i], packed)
             self.shm = SharedMemory(name, create=True, size=len(image))

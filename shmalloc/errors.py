@@ -123,6 +123,7 @@ class NotAnArena(ShmallocError):
     def __init__(self, name: str, detail: str = "") -> None:
         self.name, self.detail = name, detail
         super().__init__(
-            f"{name!r} is not a shmalloc arena: {detail or 'its first bytes are not an arena header'}"
-            "; leave it alone and use another name"
+            f"{name!r} is not a shmalloc arena: "
+            f"{detail or 'its first bytes are not an arena header'}; leave it alone and use "
+            "another name"
         )

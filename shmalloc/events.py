@@ -99,6 +99,6 @@ def decode(number: int, pid: int, time_ns: int, values: tuple[int, ...]) -> Even
     if kind is None:
         return None
     fields: dict[str, Any] = {}
-    for n, v in zip(kind.fields, values):
+    for n, v in zip(kind.fields, values, strict=False):  # 5 ring fields
         fields[n] = struct.unpack("<d", struct.pack("<Q", v))[0] if n in kind.float_fields else v
     return Event(kind.name, pid, time_ns / 1e9, fields)

@@ -71,9 +71,16 @@ def _op_trims(m: MemoryManager, env: dict[str, Any]) -> int:
     return int(env["trims"])
 
 
-_OPS = {"alloc": _op_alloc, "call": _op_call, "read": _op_read, "slot": _op_slot,
-        "collector": _op_collector, "events": _op_events, "on_pressure": _op_on_pressure,
-        "trims": _op_trims}
+_OPS = {
+    "alloc": _op_alloc,
+    "call": _op_call,
+    "read": _op_read,
+    "slot": _op_slot,
+    "collector": _op_collector,
+    "events": _op_events,
+    "on_pressure": _op_on_pressure,
+    "trims": _op_trims,
+}
 
 
 def serve(m: MemoryManager, conn: Any) -> None:

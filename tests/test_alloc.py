@@ -3,6 +3,7 @@ access (read/write/view/seal/size_of/allocate_guarded) and the statistics."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -240,7 +241,7 @@ def test_all_size_classes_live_together_do_not_overlap(mgr: MemoryManager) -> No
         live[a] = _pattern(s, i)
         mgr.write(a, live[a])
     spans = sorted(_span(mgr, a) for a in live)
-    for (_, hi), (lo, _) in zip(spans, spans[1:]):
+    for (_, hi), (lo, _) in itertools.pairwise(spans):
         assert hi <= lo
     for a, d in live.items():
         assert mgr.read(a, len(d)) == d
@@ -436,7 +437,7 @@ def test_allocate_guarded_frees_on_exit(mgr: MemoryManager) -> None:
     with pytest.raises(InvalidAddress):
         mgr.size_of(addr)
     with pytest.raises(ValueError):
-        g.address
+        _ = g.address
     _clean(mgr)
 
 

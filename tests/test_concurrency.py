@@ -28,7 +28,9 @@ def _fill(tag: int, n: int) -> bytes:
     return (unit * (n // 8 + 1))[:n]
 
 
-def _worker(m: MemoryManager, index: int, seed: int, inbox: Any, outboxes: list[Any], results: Any) -> None:
+def _worker(
+    m: MemoryManager, index: int, seed: int, inbox: Any, outboxes: list[Any], results: Any
+) -> None:
     """One of NPROCS workers; m arrives pickled by name (spawn) or pickled through fork."""
     stats = {"alloc": 0, "free_own": 0, "free_foreign": 0, "sent": 0, "verified": 0, "oom": 0}
     try:
@@ -169,7 +171,7 @@ def _hammer_same_sizes(m: MemoryManager, n: int, start: Any, results: Any) -> No
         start.wait(JOIN_TIMEOUT)
         rng = random.Random(os.getpid())
         mine: list[int] = []
-        for i in range(n):
+        for _ in range(n):
             if mine and (len(mine) > 50 or rng.random() < 0.5):
                 a = mine.pop(rng.randrange(len(mine)))
                 if m.read(a, 8) != a.to_bytes(8, "little"):
@@ -191,8 +193,10 @@ def test_contended_small_classes_fork(mgr: MemoryManager) -> None:
     ctx = mp.get_context("fork")
     start = ctx.Barrier(NPROCS + 1)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_hammer_same_sizes, args=(mgr, 20000, start, results))
-             for _ in range(NPROCS)]
+    procs = [
+        ctx.Process(target=_hammer_same_sizes, args=(mgr, 20000, start, results))
+        for _ in range(NPROCS)
+    ]
     for p in procs:
         p.start()
     try:
@@ -257,7 +261,9 @@ def test_threads_in_one_process_share_the_arena(mgr: MemoryManager) -> None:
         except BaseException as e:  # collected and asserted on below
             errors.append(f"thread {index}: {e!r}")
 
-    mgr.deallocate(mgr.allocate(1))  # join the process table first (the race for that has its own test)
+    mgr.deallocate(
+        mgr.allocate(1)
+    )  # join the process table first (the race for that has its own test)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(nthreads)]
     for t in threads:
         t.start()
@@ -289,7 +295,9 @@ def test_threads_racing_for_the_first_allocation(mgr: MemoryManager) -> None:
         start = threading.Barrier(nthreads)
         got: list[int] = []
 
-        def first(m: MemoryManager = m, start: threading.Barrier = start, got: list[int] = got) -> None:
+        def first(
+            m: MemoryManager = m, start: threading.Barrier = start, got: list[int] = got
+        ) -> None:
             try:
                 start.wait(JOIN_TIMEOUT)
                 got.append(m.allocate(64))

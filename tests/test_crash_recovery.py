@@ -125,7 +125,8 @@ def test_collector_killed_between_steps_keeps_what_it_freed(mgr: MemoryManager) 
         [
             sys.executable,
             "-c",
-            "import sys\nfrom shmalloc import MemoryManager\nm = MemoryManager.attach(sys.argv[1])\n"
+            "import sys\nfrom shmalloc import MemoryManager\n"
+            "m = MemoryManager.attach(sys.argv[1])\n"
             "keep = [m.allocate(100) for _ in range(8)]\n"
             "for a in keep[1::2]: m.deallocate(a)\n",
             mgr.name,

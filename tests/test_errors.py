@@ -112,7 +112,9 @@ def _interior(p: Populated) -> int:
 
 
 # Each case: (id, function(pop) -> None that must raise, expected exception type)
-CASES: list[tuple[str, Callable[[Populated], Any], type[BaseException] | tuple[type[BaseException], ...]]] = [
+CASES: list[
+    tuple[str, Callable[[Populated], Any], type[BaseException] | tuple[type[BaseException], ...]]
+] = [
     ("double-free", lambda p: p.m.deallocate(p.freed), InvalidAddress),
     ("free-interior", lambda p: p.m.deallocate(_interior(p)), InvalidAddress),
     ("free-interior-unaligned", lambda p: p.m.deallocate(_interior(p) + 3), InvalidAddress),
@@ -202,7 +204,9 @@ def _size(p: Populated) -> int:
 
 
 @pytest.mark.parametrize("fn,exc", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_error_leaves_arena_unchanged(pop: Populated, fn: Callable[[Populated], Any], exc: Any) -> None:
+def test_error_leaves_arena_unchanged(
+    pop: Populated, fn: Callable[[Populated], Any], exc: Any
+) -> None:
     before = pop.snapshot()
     with pytest.raises(exc) as ei:
         fn(pop)
@@ -248,8 +252,13 @@ def test_freed_address_inside_merged_block_is_not_a_block(small: MemoryManager) 
     a, b, c = (m.allocate(1024) for _ in range(3))
     m.deallocate(a)
     m.deallocate(b)  # b's block merges into a's
-    for op in (lambda: m.size_of(b), lambda: m.read(b, 4), lambda: m.write(b, b"abcd"),
-               lambda: m.view(b), lambda: m.seal(b)):
+    for op in (
+        lambda: m.size_of(b),
+        lambda: m.read(b, 4),
+        lambda: m.write(b, b"abcd"),
+        lambda: m.view(b),
+        lambda: m.seal(b),
+    ):
         with pytest.raises(InvalidAddress):
             op()
     m.check()
@@ -426,8 +435,12 @@ def test_exceptions_pickle_with_their_fields(exc: ShmallocError) -> None:
 
 def test_raised_exceptions_pickle(pop: Populated) -> None:
     raised = []
-    for fn in (lambda: pop.m.allocate(pop.m.capacity * 4), lambda: pop.m.deallocate(pop.freed),
-               lambda: pop.m.write(pop.sealed, b"x"), lambda: pop.m.allocate(1, align=3 * 16)):
+    for fn in (
+        lambda: pop.m.allocate(pop.m.capacity * 4),
+        lambda: pop.m.deallocate(pop.freed),
+        lambda: pop.m.write(pop.sealed, b"x"),
+        lambda: pop.m.allocate(1, align=3 * 16),
+    ):
         with pytest.raises(ShmallocError) as ei:
             fn()
         raised.append(ei.value)
@@ -450,14 +463,31 @@ def test_exception_hierarchy() -> None:
 # ------------------------------------------------------------------------------- arena names
 
 
-HOSTILE = ["a/b", "/abs", "x\0y", "", "..", ".", "../etc", "a" * 300, "a" * 201, "-rf", "sp ace",
-           "tab\t", "nl\n", "é"]
+HOSTILE = [
+    "a/b",
+    "/abs",
+    "x\0y",
+    "",
+    "..",
+    ".",
+    "../etc",
+    "a" * 300,
+    "a" * 201,
+    "-rf",
+    "sp ace",
+    "tab\t",
+    "nl\n",
+    "é",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE, ids=repr)
 def test_hostile_names_are_refused(name: str) -> None:
-    for make in (lambda: MemoryManager.create(name, MiB), lambda: MemoryManager.attach(name),
-                 lambda: MemoryManager(MiB, name=name)):
+    for make in (
+        lambda: MemoryManager.create(name, MiB),
+        lambda: MemoryManager.attach(name),
+        lambda: MemoryManager(MiB, name=name),
+    ):
         with pytest.raises(ValueError):
             make()
     if name not in ("", ".", "..") and "\0" not in name:
@@ -470,8 +500,11 @@ def test_hostile_names_are_refused(name: str) -> None:
 
 @pytest.mark.parametrize("name", [3, 3.5, b"name", ["n"], True], ids=repr)
 def test_non_str_names_are_type_error(name: object) -> None:
-    for make in (lambda: MemoryManager.create(name, MiB), lambda: MemoryManager.attach(name),  # type: ignore[arg-type]
-                 lambda: MemoryManager(MiB, name=name)):  # type: ignore[arg-type]
+    for make in (
+        lambda: MemoryManager.create(name, MiB),
+        lambda: MemoryManager.attach(name),  # type: ignore[arg-type]
+        lambda: MemoryManager(MiB, name=name),
+    ):  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             make()
 
@@ -488,9 +521,19 @@ def test_longest_allowed_name_works() -> None:
             m.destroy()
 
 
-@pytest.mark.parametrize("capacity,exc", [(0, ValueError), (-1, ValueError), (1, ValueError),
-                                          (1 << 50, ValueError), (1.5, TypeError),
-                                          ("1M", TypeError), (None, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "capacity,exc",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (1, ValueError),
+        (1 << 50, ValueError),
+        (1.5, TypeError),
+        ("1M", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_capacity(arena_name: str, capacity: Any, exc: type[BaseException]) -> None:
     with pytest.raises(exc):
         MemoryManager.create(arena_name, capacity)
@@ -506,18 +549,35 @@ def _poke(raw: mmap.mmap, offset: int, value: int) -> bytes:
     return old
 
 
-@pytest.mark.parametrize("field,value", [(OFF_SIZE, 0xDEAD0), (OFF_SIZE, 1 << 40), (OFF_SIZE, 0),
-                                         (OFF_PREV, 48), (OFF_FLAGS, 1), (OFF_CHECK, 0)])
-def test_smashed_header_is_detected_not_followed(pop: Populated, raw: mmap.mmap, field: int,
-                                                 value: int) -> None:
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        (OFF_SIZE, 0xDEAD0),
+        (OFF_SIZE, 1 << 40),
+        (OFF_SIZE, 0),
+        (OFF_PREV, 48),
+        (OFF_FLAGS, 1),
+        (OFF_CHECK, 0),
+    ],
+)
+def test_smashed_header_is_detected_not_followed(
+    pop: Populated, raw: mmap.mmap, field: int, value: int
+) -> None:
     m = pop.m
     victim = _last(pop)
     hdr = victim - HDR
     before = pop.snapshot(whole_segment=False)
     old = _poke(raw, hdr + field, value)
-    assert attachment_of(m).mm[hdr + field : hdr + field + 8] != old  # the manager's mapping sees the damage
-    for op in (lambda: m.deallocate(victim), lambda: m.size_of(victim),
-               lambda: m.read(victim, 1), lambda: m.write(victim, b"x"), lambda: m.seal(victim)):
+    assert (
+        attachment_of(m).mm[hdr + field : hdr + field + 8] != old
+    )  # the manager's mapping sees the damage
+    for op in (
+        lambda: m.deallocate(victim),
+        lambda: m.size_of(victim),
+        lambda: m.read(victim, 1),
+        lambda: m.write(victim, b"x"),
+        lambda: m.seal(victim),
+    ):
         with pytest.raises(CorruptionDetected) as ei:
             op()
         assert ei.value.offset == hdr
@@ -610,7 +670,9 @@ def test_smashed_arena_magic_is_detected(small: MemoryManager, raw: mmap.mmap) -
     MemoryManager.attach(small.name).close()
 
 
-def test_random_garbage_over_every_header_never_crashes(small: MemoryManager, raw: mmap.mmap) -> None:
+def test_random_garbage_over_every_header_never_crashes(
+    small: MemoryManager, raw: mmap.mmap
+) -> None:
     """Overwrite each block header in turn with garbage: every call raises, none crashes."""
     import random
 

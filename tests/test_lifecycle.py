@@ -227,8 +227,14 @@ def test_close(mgr: MemoryManager) -> None:
     assert mgr.closed
     assert "closed" in repr(mgr)
     mgr.close()  # idempotent
-    for op in (lambda: mgr.allocate(1), lambda: mgr.read(a), lambda: mgr.deallocate(a),
-               lambda: mgr.stats(), lambda: mgr.check(), lambda: mgr.write(a, b"x")):
+    for op in (
+        lambda: mgr.allocate(1),
+        lambda: mgr.read(a),
+        lambda: mgr.deallocate(a),
+        lambda: mgr.stats(),
+        lambda: mgr.check(),
+        lambda: mgr.write(a, b"x"),
+    ):
         with pytest.raises(ValueError):
             op()
     # the arena and the block stay: closing detaches, it does not destroy
@@ -366,7 +372,9 @@ def test_closing_one_of_two_managers_in_a_process_keeps_the_other_working(
     """Two managers of one arena in one process (attach, or a pickled copy loaded here): closing
     one must not detach the process from under the other."""
     mgr.deallocate(mgr.allocate(10))  # this process has joined the arena and owns nothing
-    other = MemoryManager.attach(mgr.name) if second == "attach" else pickle.loads(pickle.dumps(mgr))
+    other = (
+        MemoryManager.attach(mgr.name) if second == "attach" else pickle.loads(pickle.dumps(mgr))
+    )
     other.deallocate(other.allocate(10))
     other.close()
     a = mgr.allocate(10)
@@ -424,7 +432,9 @@ def _child_use(m: Any, address: int, q: Any) -> None:
         q.put(("error", os.getpid(), repr(e), 0, 0))
 
 
-@pytest.mark.parametrize("method,how", [("spawn", "arg"), ("fork", "pickle-bytes"), ("fork", "arg")])
+@pytest.mark.parametrize(
+    "method,how", [("spawn", "arg"), ("fork", "pickle-bytes"), ("fork", "arg")]
+)
 def test_manager_into_child_process(mgr: MemoryManager, method: str, how: str) -> None:
     ctx = mp.get_context(method)
     a = mgr.allocate(100)

@@ -5,6 +5,7 @@ live blocks never overlap, their bytes are intact, and the counters add up."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import pytest
@@ -76,7 +77,9 @@ class ArenaMachine(RuleBasedStateMachine):
         except OutOfMemory:
             # the model never gets near the capacity
             used = sum(len(v) + HDR for v in self.live.values())
-            raise AssertionError(f"OutOfMemory for {size} bytes with {used} of {CAPACITY} in use")
+            raise AssertionError(
+                f"OutOfMemory for {size} bytes with {used} of {CAPACITY} in use"
+            ) from None
         assert a not in self.live
         assert a % (align or 16) == 0
         n = self.m.size_of(a)
@@ -216,7 +219,7 @@ class ArenaMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_do_not_overlap(self) -> None:
         spans = sorted((a - HDR, a + len(d)) for a, d in self.live.items())
-        for (_, hi), (lo, _) in zip(spans, spans[1:]):
+        for (_, hi), (lo, _) in itertools.pairwise(spans):
             assert hi <= lo, "two live blocks overlap"
         if spans:
             assert spans[0][0] >= self.m.capacity - self.m.stats().total

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     out = {}
     st = os.statvfs("/dev/shm")
     out["shm_size"] = st.f_blocks * st.f_frsize
-    m = MemoryManager.create(name, %(arena)d)   # lazy: creation costs only the header
+    m = MemoryManager.create(name, ARENA)   # lazy: creation costs only the header
     out["capacity"] = m.capacity
     live = {}
 
@@ -66,7 +66,7 @@ CHILD = textwrap.dedent(
 
     # 2. a second arena cannot even be created: a clean error, no segment left behind
     try:
-        MemoryManager.create(name + "-2", %(arena)d)
+        MemoryManager.create(name + "-2", ARENA)
         out["second"] = "created"
     except (MemoryError, OSError) as e:
         out["second"] = type(e).__name__
@@ -96,8 +96,7 @@ CHILD = textwrap.dedent(
     m.destroy()
     out["left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith(name))
     print("RESULT " + json.dumps(out))
-    """
-    % {"arena": ARENA}
+    """.replace("ARENA", str(ARENA))
 )
 
 

@@ -3,8 +3,8 @@ leaves orphans that collect() frees, while the blocks adopted by, or retained by
 and persistent and named blocks, survive with their data; references die with their holder;
 releasing the last reference on an orphan frees it; adopt moves the accounting.
 
-Children are command servers driven over a Pipe (see children.py); a SIGKILLed child is blocked on its
-pipe or SIGSTOPped, never in the middle of a call."""
+Children are command servers driven over a Pipe (see children.py); a SIGKILLed child is blocked on
+its pipe or SIGSTOPped, never in the middle of a call."""
 
 from __future__ import annotations
 
@@ -33,17 +33,22 @@ def _gone(m: MemoryManager, address: int) -> bool:
 # ---------------------------------------------------------------- SIGKILL
 
 
-@pytest.mark.parametrize(
-    "method,how", [("spawn", "blocked-on-pipe"), ("fork", "sigstopped")]
-)
+@pytest.mark.parametrize("method,how", [("spawn", "blocked-on-pipe"), ("fork", "sigstopped")])
 def test_sigkill_orphans_are_collected_kept_blocks_survive(
     mgr: MemoryManager, children: Any, method: str, how: str
 ) -> None:
     me = os.getpid()
     c = children(method, mgr)
     name = f"blk-{me}-{c.pid}"
-    sizes = {"o1": 1000, "o2": 20000, "own_ref": 3000, "adopted": 4000, "retained": 5000,
-             "persistent": 6000, "named": 7000}
+    sizes = {
+        "o1": 1000,
+        "o2": 20000,
+        "own_ref": 3000,
+        "adopted": 4000,
+        "retained": 5000,
+        "persistent": 6000,
+        "named": 7000,
+    }
     data = {k: _pattern(k, n) for k, n in sizes.items()}
 
     theirs = mgr.allocate(256)  # a parent's block that the child will reference
@@ -61,7 +66,9 @@ def test_sigkill_orphans_are_collected_kept_blocks_survive(
 
     child_keys = ["o1", "o2", "own_ref", "retained"]
     assert mgr.process_memory(c.pid) == sum(usable[k] for k in child_keys)
-    assert [b.address for b in mgr.process_allocations(c.pid)] == sorted(addr[k] for k in child_keys)
+    assert [b.address for b in mgr.process_allocations(c.pid)] == sorted(
+        addr[k] for k in child_keys
+    )
     assert mgr.process_memory(me) == mgr.size_of(theirs) + usable["adopted"]
     mine = {b.address: b for b in mgr.process_allocations(me)}
     assert mine[addr["adopted"]].pid == me

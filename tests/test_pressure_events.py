@@ -39,11 +39,21 @@ def _pct(m: MemoryManager) -> float:
 
 
 def test_pressure_level_of_a_percentage() -> None:
-    cases = [(0.0, "LOW"), (59.999, "LOW"), (60.0, "MEDIUM"), (79.999, "MEDIUM"), (80.0, "HIGH"),
-             (94.999, "HIGH"), (95.0, "CRITICAL"), (100.0, "CRITICAL")]
+    cases = [
+        (0.0, "LOW"),
+        (59.999, "LOW"),
+        (60.0, "MEDIUM"),
+        (79.999, "MEDIUM"),
+        (80.0, "HIGH"),
+        (94.999, "HIGH"),
+        (95.0, "CRITICAL"),
+        (100.0, "CRITICAL"),
+    ]
     for pct, level in cases:
         assert MemoryPressure.from_percentage(pct) is MemoryPressure[level], pct
-    assert MemoryPressure.LOW < MemoryPressure.MEDIUM < MemoryPressure.HIGH < MemoryPressure.CRITICAL
+    assert (
+        MemoryPressure.LOW < MemoryPressure.MEDIUM < MemoryPressure.HIGH < MemoryPressure.CRITICAL
+    )
 
 
 def test_memory_pressure_levels_at_the_boundaries(
@@ -223,8 +233,17 @@ def test_default_threshold_is_1000(mgr: MemoryManager) -> None:
     assert not mgr.should_collect()
 
 
-@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
-                                     ("5", TypeError), (None, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, TypeError),
+        ("5", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_thresholds(mgr: MemoryManager, bad: Any, exc: type) -> None:
     mgr.set_threshold(2)
     with pytest.raises(exc):

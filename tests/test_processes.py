@@ -122,7 +122,9 @@ def test_accounting_to_another_pid(mgr: MemoryManager, children: Any) -> None:
 
 
 @pytest.mark.parametrize("parent_first", [True, False], ids=["parent-first", "child-first"])
-def test_fork_child_gets_its_own_slot(mgr: MemoryManager, children: Any, parent_first: bool) -> None:
+def test_fork_child_gets_its_own_slot(
+    mgr: MemoryManager, children: Any, parent_first: bool
+) -> None:
     me = os.getpid()
     mine = mgr.allocate(1000) if parent_first else None
     c = children("fork", mgr)  # the child inherits this very MemoryManager object
@@ -183,8 +185,10 @@ def test_process_limit_in_this_process(mgr: MemoryManager) -> None:
     mgr.check()
 
 
-@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
-                                     ("10", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [(0, ValueError), (-5, ValueError), (1.5, TypeError), ("10", TypeError), (True, TypeError)],
+)
 def test_process_limit_bad_values(mgr: MemoryManager, bad: Any, exc: type) -> None:
     with pytest.raises(exc):
         mgr.set_process_limit(os.getpid(), bad)
