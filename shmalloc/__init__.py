@@ -20,6 +20,7 @@ from .errors import (
 from .events import Event
 from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
+from .lease import CoordinatorRunning
 from .manager import DEFAULT_CAPACITY, MemoryManager
 from .stats import CheckReport, MemoryPressure, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
@@ -31,6 +32,7 @@ __all__ = [
     "GcStrategy",
     "GlobalGarbageCollector",
     "CheckReport",
+    "CoordinatorRunning",
     "CorruptionDetected",
     "DEFAULT_CAPACITY",
     "Event",

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _binding as C
-from . import access, collection, events, ownership, process, tracking
+from . import access, collection, events, lease, ownership, process, tracking
 from .attachment import Attachment, check_int, validate_name
 from .errors import AlignmentError, InvalidAddress
 from .events import Event
@@ -433,11 +433,9 @@ class MemoryManager:
 
         Keywords: interval, metrics_port, metrics_host, events_path, log_level, trim_threshold,
         min_interval, log_path (its output; default nowhere), timeout (default 15 s).
-        Raises shmalloc.coordinator.CoordinatorRunning if a live coordinator already serves it.
+        Raises CoordinatorRunning if a live coordinator already serves it.
         """
-        from .coordinator import start_coordinator  # the coordinator is built on this module
-
-        return start_coordinator(self, **kwargs)
+        return lease.start(self._state, **kwargs)
 
     # ---------------------------------------------------------------- events
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import process
-from ..coordinator.lease import read_lease
+from ..lease import read_lease
 from ..manager import MemoryManager, attachment_of
 from ..sizes import count, format_bytes
 from ..stats import MemoryPressure, MemoryStats

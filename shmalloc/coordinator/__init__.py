@@ -12,20 +12,24 @@ trim); drains the event ring. A process that ends wakes it at once, between tick
 never allocates in the arena, so a full arena does not stop it.
 
 The modules of this package:
-  lease.py     the coordinator role: taking, holding and handing over the lease in the segment
   watch.py     the process watch: pidfds on the process table, reclaiming the dead's memory
   pressure.py  the pressure levels of the arena, the system's memory and /dev/shm
   metrics.py   the Prometheus exporter
   service.py   the Coordinator class: the loop that ties them together and drains the events
-  launch.py    starting a coordinator as a detached process
   command.py   its command line (``main``) and exit statuses
+The lease itself (taking, holding and handing over the role, and starting a detached coordinator)
+is ``shmalloc.lease``: the manager starts coordinators too, and lies beneath this package.
 """
 
 from __future__ import annotations
 
-from .command import EXIT_LEASE_HELD, main
-from .launch import coordinator_command, start_coordinator
-from .lease import CoordinatorRunning, lease_holder
+import os
+from typing import Any
+
+from .. import lease
+from ..lease import EXIT_LEASE_HELD, CoordinatorRunning, coordinator_command
+from ..manager import MemoryManager, attachment_of
+from .command import main
 from .service import DEFAULT_INTERVAL, Coordinator
 
 __all__ = [
@@ -38,3 +42,15 @@ __all__ = [
     "main",
     "start_coordinator",
 ]
+
+
+def lease_holder(manager: MemoryManager) -> int | None:
+    """The pid of the arena's live coordinator, or None when no running process holds the lease."""
+    return lease.holder(attachment_of(manager))
+
+
+def start_coordinator(
+    manager: MemoryManager, *, log_path: str | os.PathLike[str] | None = None, **kwargs: Any
+) -> int:
+    """``manager.start_coordinator(...)``: start a detached coordinator, return its pid."""
+    return lease.start(attachment_of(manager), log_path=log_path, **kwargs)

@@ -9,13 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShmallocError
-from .lease import CoordinatorRunning
+from ..lease import EXIT_LEASE_HELD, CoordinatorRunning
 from .service import DEFAULT_INTERVAL, LOG_LEVELS, Coordinator
 
 __all__ = ["EXIT_ERROR", "EXIT_LEASE_HELD", "build_parser", "main"]
 
 EXIT_ERROR = 1
-EXIT_LEASE_HELD = 3
 
 # ---------------------------------------------------------------------------- argument types
 

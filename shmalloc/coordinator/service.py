@@ -17,13 +17,12 @@ from types import FrameType
 from typing import IO, Any
 
 from .. import _binding as C
-from .. import events
+from .. import events, lease
 from ..errors import ShmallocError
 from ..events import Event
 from ..gc import GcStats, GlobalGarbageCollector
 from ..manager import MemoryManager, attachment_of
 from ..stats import MemoryPressure
-from .lease import acquire_lease, read_lease, release_lease
 from .metrics import MetricsExporter, MetricsSnapshot
 from .pressure import SHM_DIR, PressureLevels, system_usage
 from .watch import ProcessWatch
@@ -154,7 +153,7 @@ class Coordinator:
         try:
             manager = MemoryManager.attach(self.name)
             try:
-                me = acquire_lease(manager)
+                me = lease.acquire(attachment_of(manager))
                 logger.info(
                     "coordinator of arena %s: pid %d, interval %.3gs",
                     self.name,
@@ -165,7 +164,7 @@ class Coordinator:
                     self._serve(manager, me)
                 finally:
                     if not self.lost_lease:
-                        release_lease(manager, me)
+                        lease.release(attachment_of(manager), me)
                     logger.info("coordinator of arena %s stopped", self.name)
             finally:
                 if self._processes is not None:
@@ -257,7 +256,7 @@ class Coordinator:
             self._step("updating metrics", self._update_metrics)
 
     def _check_role(self) -> None:
-        held = read_lease(self._h)
+        held = lease.read_lease(self._h)
         if held != self._me:
             logger.error(
                 "coordinator of arena %s lost its lease to process %d: stopping", self.name, held[0]
