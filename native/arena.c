@@ -45,7 +45,7 @@ PIN(shm_cache_t, head, 0x80);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
 
-uint64_t shm_header_size(void) { return (sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
+uint64_t shm_header_size(void) { return SHM_HEADER_BYTES; }
 
 static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, uint64_t salt) {
     h->base = base;
@@ -230,3 +230,36 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
 }
 
 int shm_pressure_level(shm_handle_t *h) { return (int)A_LOAD(&h->arena->counters.pressure_level); }
+
+int64_t shm_largest_free(shm_handle_t *h) {
+    int rc = heap_lock(h);
+    if (rc != SHM_OK) return rc;
+    uint64_t s = 0;
+    rc = freelist_largest(h, &s);
+    heap_unlock(h);
+    if (rc != SHM_OK) return rc;
+    return s ? (int64_t)(s - SHM_HDR) : 0;
+}
+
+/* The full walk (check.c) with every lock held. Slot locks first, in slot order, then the heap lock:
+ * the order every path takes them in. */
+int shm_check(shm_handle_t *h, shm_check_report_t *out) {
+    const shm_arena_t *a = h->arena;
+    if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
+        a->heap_off != h->heap_off || a->salt != h->salt)
+        return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
+    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
+    for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
+        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = slot_lock(h, i, 1)) == SHM_OK)
+            locked[i] = 1;
+    if (rc == SHM_OK && (rc = heap_lock(h)) == SHM_OK) {
+        int full = 1; /* a slot that became live after its turn above is not locked */
+        for (int i = 0; i < SHM_MAX_PROCS; i++)
+            if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && !locked[i]) full = 0;
+        rc = check_locked(h, out, full);
+        heap_unlock(h);
+    }
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (locked[i]) slot_unlock(h, i);
+    return rc;
+}

@@ -53,7 +53,7 @@ int block_claim(shm_handle_t *h, uint64_t off) {
         if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) break;
     }
     if (h->claimed && h->claimed != off) block_unclaim(h, h->claimed);
-    h->claimed = off; /* lock_release lets go of it */
+    h->claimed = off; /* heap_unlock lets go of it */
     return SHM_OK;
 }
 
@@ -148,7 +148,7 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
 }
 
 uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset) {
-    uint64_t hs = shm_header_size();
+    uint64_t hs = SHM_HEADER_BYTES;
     if (capacity < hs + SHM_PAGE) return 0;
     const shm_arena_t *a = base;
     shm_handle_t h = {.base = (uint8_t *)(uintptr_t)base, .capacity = capacity, .heap_off = hs,

@@ -12,8 +12,9 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [
-    "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c", "gc.c", "heap.c", "lock.c",
-    "journal.c", "names.c", "own.c", "process.c", "ring.c",
+    "alloc.c", "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c",
+    "gc.c", "heap.c", "journal.c", "lease.c", "lock.c", "names.c", "own.c", "process.c", "ring.c",
+    "sizeclass.c",
 ]
 
 ffibuilder = FFI()

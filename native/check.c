@@ -100,6 +100,30 @@ static int check_bins(shm_handle_t *h, const shm_check_report_t *r) {
     return SHM_OK;
 }
 
+/* With the slot lock held: walk slot's cache lists [K1]. */
+static int check_cache_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks) {
+    const shm_cache_t *c = &h->arena->caches[slot];
+    uint64_t nbytes = 0, n = 0;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) {
+        uint64_t off = c->head[k], size = cache_class_size(k);
+        for (uint32_t i = 0; i < c->count[k]; i++) {
+            if (block_validate(h, off) != SHM_OK || block_at(h, off)->size != size ||
+                *block_word(h, off) != BLOCK_WORD(slot + 1, SHM_BF_CACHED))
+                return err_set(SHM_ECORRUPT, off, "[K1] slot %d class %u: entry %u at %#llx is not a cached block",
+                               slot, k, i, (unsigned long long)off);
+            nbytes += size - SHM_HDR;
+            n++;
+            off = *block_cache_link(h, off);
+        }
+        if (off)
+            return err_set(SHM_ECORRUPT, (uint64_t)((const uint8_t *)&c->head[k] - h->base),
+                           "[K1] slot %d class %u holds more blocks than its count %u", slot, k, c->count[k]);
+    }
+    *bytes = nbytes;
+    *blocks = n;
+    return SHM_OK;
+}
+
 static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums, int full) {
     const shm_arena_t *a = h->arena;
     const shm_counters_t *c = &a->counters;
@@ -132,7 +156,7 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
                  p->pid, ULL(usage), ULL(nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
         if (p->peak < p->usage + k->usage) FAIL(poff, "[P3] slot %d peak below usage", i);
         uint64_t lbytes, lblocks;
-        if (cache_check_lists(h, i, &lbytes, &lblocks) != SHM_OK) return SHM_ECORRUPT;
+        if (check_cache_lists(h, i, &lbytes, &lblocks) != SHM_OK) return SHM_ECORRUPT;
         if (lbytes != k->cached_bytes || lblocks != k->cached_blocks ||
             lblocks != sums[i].cached_blocks || lbytes != sums[i].cached_bytes)
             FAIL(offsetof(shm_arena_t, caches) + (uint64_t)i * sizeof *k,
@@ -200,27 +224,5 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
         r.used -= sums[i].cached_bytes + sums[i].remote_bytes;
     }
     if (rc == SHM_OK) *out = r;
-    return rc;
-}
-
-int shm_check(shm_handle_t *h, shm_check_report_t *out) {
-    const shm_arena_t *a = h->arena;
-    if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
-        a->heap_off != h->heap_off || a->salt != h->salt)
-        return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
-    /* Slot locks first, in slot order, then the heap lock: the order every path takes them in. */
-    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
-    for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
-        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = cache_lock(h, i, 1)) == SHM_OK)
-            locked[i] = 1;
-    if (rc == SHM_OK && (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
-        int full = 1; /* a slot that became live after its turn above is not locked */
-        for (int i = 0; i < SHM_MAX_PROCS; i++)
-            if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && !locked[i]) full = 0;
-        rc = check_locked(h, out, full);
-        lock_release(h, &h->arena->heap_lock);
-    }
-    for (int i = 0; i < SHM_MAX_PROCS; i++)
-        if (locked[i]) cache_unlock(h, i);
     return rc;
 }

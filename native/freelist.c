@@ -15,22 +15,6 @@
 
 _Static_assert(SHM_NBINS <= 64 * SHM_BITMAP_WORDS, "bitmap too small for the bins");
 
-unsigned bin_of_size(uint64_t s) {
-    if (s < 4096) return (unsigned)(63 - __builtin_clzll(s)) - 6;
-    if (s < 65536) return 6 + (unsigned)(s >> 12) - 1;
-    unsigned fl = (unsigned)(63 - __builtin_clzll(s));
-    unsigned sl = (unsigned)(s >> (fl - 3)) & 7;
-    unsigned b = 21 + (fl - 16) * 8 + sl;
-    return b < SHM_NBINS ? b : SHM_NBINS - 1;
-}
-
-static uint64_t bin_min_size(unsigned b) {
-    if (b < 6) return (uint64_t)64 << b;
-    if (b < 21) return (uint64_t)(b - 5) * 4096;
-    unsigned fl = 16 + (b - 21) / 8, sl = (b - 21) % 8;
-    return ((uint64_t)1 << fl) + (uint64_t)sl * ((uint64_t)1 << (fl - 3));
-}
-
 static void bit_set(shm_handle_t *h, unsigned b) {
     J(h, &h->arena->bitmap[b / 64]);
     h->arena->bitmap[b / 64] |= (uint64_t)1 << (b % 64);

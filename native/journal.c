@@ -2,13 +2,13 @@
  *
  * Protocol. Only the holder of the heap lock writes the heap, the bins, the counters, the process
  * table, the references and the names, so one journal in the segment suffices.
- *   1. lock_acquire() calls journal_begin(): the journal is empty; the counters are saved.
+ *   1. heap_lock() calls journal_begin(): the journal is empty; the counters are saved.
  *   2. Before the holder changes any other byte under the lock it calls journal_save(ptr, len),
  *      which appends (offset, len, old bytes) to the log and only then bumps `count` (release
  *      store). A record that is not counted describes a write that has not happened yet.
  *   3. Long operations (collection) call journal_checkpoint() between self-contained steps: the
  *      steps done so far are kept, the log restarts.
- *   4. lock_release() calls journal_end(): count = 0 (one aligned store), then unlocks.
+ *   4. heap_unlock() calls journal_end(): count = 0 (one aligned store), then unlocks.
  * If the holder dies anywhere in between, the robust mutex hands the next taker EOWNERDEAD, and
  * journal_rollback() writes the counted records back, newest first: the heap is exactly as it was
  * before the dead holder's (current step of its) operation. Rolling back twice is harmless (the

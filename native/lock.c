@@ -5,8 +5,8 @@
  * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder
  * dies (kill -9 at any instruction) the next taker gets EOWNERDEAD instead of waiting forever.
  * On EOWNERDEAD the dead holder's half-done step is rolled back from the undo journal
- * (journal.c), the mutex is marked consistent and the recovery counted. Every lock_acquire begins
- * a journal and every lock_release ends it. */
+ * (journal.c), the mutex is marked consistent and the recovery counted. Every heap_lock begins
+ * a journal and every heap_unlock ends it. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -113,7 +113,9 @@ int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid) {
     return SHM_OK;
 }
 
-int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
+/* Take the heap lock and begin the journal; a dead holder's half-done step is rolled back first. */
+int heap_lock(shm_handle_t *h) {
+    shm_lock_t *l = &h->arena->heap_lock;
     int rc = lock_wait(h, l);
     if (UNLIKELY(rc == SHM_ECORRUPT)) return rc;
     if (UNLIKELY(rc == EOWNERDEAD)) {
@@ -129,7 +131,7 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
         }
         if (undone < 0) {
             journal_begin(h);
-            lock_release(h, l);
+            heap_unlock(h);
             return undone;
         }
     } else if (UNLIKELY(rc)) {
@@ -166,7 +168,9 @@ int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
 
 void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
 
-void lock_release(shm_handle_t *h, shm_lock_t *l) {
+/* End the journal (the operation is done: nothing to roll back), let go of the claimed block, and
+ * unlock. */
+void heap_unlock(shm_handle_t *h) {
 #if SHMALLOC_DEBUG >= 3
     /* debug level 3: every operation leaves a heap that passes the full walk */
     shm_check_report_t r;
@@ -177,5 +181,5 @@ void lock_release(shm_handle_t *h, shm_lock_t *l) {
 #endif
     if (h->claimed) block_unclaim(h, h->claimed);
     journal_end(h);
-    pthread_mutex_unlock(lock_mutex(l));
+    pthread_mutex_unlock(lock_mutex(&h->arena->heap_lock));
 }

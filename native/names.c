@@ -57,16 +57,16 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = bind_locked(h, name, address);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
 int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     shm_name_t *e = name_find(h, name);
     uint64_t off;
     int64_t r = !e ? err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name)
@@ -75,7 +75,7 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
                               "[N1] the name '%s' is bound to %#llx, which is not a live block", name,
                               (unsigned long long)e->address)
                     : (int64_t)e->address;
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return r;
 }
 
@@ -104,9 +104,9 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
 int shm_name_unbind(shm_handle_t *h, const char *name) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = unbind_locked(h, name);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
@@ -124,7 +124,7 @@ void names_drop_address(shm_handle_t *h, uint64_t address) {
 /* Entry `index` of the directory: 1 and its name and address if in use, 0 if empty. */
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out) {
     if (index >= SHM_MAX_NAMES) return err_set(SHM_EINVAL, index, "no directory entry %u", index);
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     const shm_name_t *e = &h->arena->names[index];
     rc = 0;
@@ -134,6 +134,6 @@ int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *addre
         *address_out = e->address;
         rc = 1;
     }
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }

@@ -129,11 +129,21 @@ typedef struct shm_cache_info {
     uint32_t pad;
 } shm_cache_info_t;
 
+/* alloc.c */
+int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
+int64_t shm_free(shm_handle_t *h, uint64_t address);
+int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
+int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
+int shm_block_seal(shm_handle_t *h, uint64_t address);
+int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
+
 /* arena.c */
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns);
 int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
+int64_t shm_largest_free(shm_handle_t *h);
+int shm_check(shm_handle_t *h, shm_check_report_t *out);
 uint64_t shm_header_size(void);
 int shm_debug_level(void); /* SHMALLOC_DEBUG this core was built with */
 int shm_pressure_level(shm_handle_t *h);
@@ -141,61 +151,41 @@ uint32_t shm_layout_version(void);
 uint64_t shm_segment_probe_size(void); /* bytes of a segment's head that shm_segment_probe reads */
 int shm_segment_probe(const void *head, uint64_t len); /* SHM_SEG_*; a pure function of the bytes */
 
-/* error.c */
-const shm_error_info_t *shm_last_error(void);
-const char *shm_strerror(int status);
-
-/* heap.c */
-int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
-int64_t shm_free(shm_handle_t *h, uint64_t address);
-int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
-int shm_block_seal(shm_handle_t *h, uint64_t address);
-int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
-int64_t shm_largest_free(shm_handle_t *h);
-/* Pressure, one formula: available counts cached blocks as free (like shm_stats_t.available). */
-double shm_usage_percent(uint64_t total, uint64_t available); /* 0 if total == 0 */
-int shm_pressure_of_percent(double pct); /* SHM_PRESSURE_*: < 60, 60-79, 80-94, >= 95 */
-
-/* process.c */
-int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
-int shm_proc_find(shm_handle_t *h, uint32_t pid);
-int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
-int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
-
-int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
-int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
-int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
-int shm_proc_detach(shm_handle_t *h, int32_t slot);
-
-int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
-int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
-                   uint64_t new_start);
+/* block.c: the checksum block.c would store in the header at header_offset of the segment mapped
+ * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
+uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
 
 /* cache.c */
 int shm_cache_flush(shm_handle_t *h, int32_t slot);
 int shm_cache_set_limit(shm_handle_t *h, uint64_t limit); /* 0: no caches, every call takes the heap lock */
 int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out);
 
-/* own.c */
-int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_block_persist(shm_handle_t *h, uint64_t address);
-int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
-                    uint64_t *count);
+/* error.c */
+const shm_error_info_t *shm_last_error(void);
+const char *shm_strerror(int status);
+
+/* fault.c */
+int shm_fault_step_count(void);
+const char *shm_fault_step_name(int index); /* NULL if out of range */
+
+/* gc.c */
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
+           shm_gc_result_t *out);
+int shm_proc_detach(shm_handle_t *h, int32_t slot);
+
+/* heap.c: pressure, one formula; available counts cached blocks as free (shm_stats_t.available) */
+double shm_usage_percent(uint64_t total, uint64_t available); /* 0 if total == 0 */
+int shm_pressure_of_percent(double pct); /* SHM_PRESSURE_*: < 60, 60-79, 80-94, >= 95 */
+
+/* lease.c */
+int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
+int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
+                   uint64_t new_start);
 
 /* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
 int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out); /* 0: free; no lock taken */
 int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
 int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
-
-/* block.c: the checksum block.c would store in the header at header_offset of the segment mapped
- * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
-uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
-
-/* fault.c */
-int shm_fault_step_count(void);
-const char *shm_fault_step_name(int index); /* NULL if out of range */
 
 /* names.c */
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);
@@ -203,15 +193,24 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name);
 int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
 
-/* gc.c */
-int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
-           shm_gc_result_t *out);
+/* own.c */
+int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_block_persist(shm_handle_t *h, uint64_t address);
+int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
+                    uint64_t *count);
+
+/* process.c */
+int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
+int shm_proc_find(shm_handle_t *h, uint32_t pid);
+int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
+int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
+int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
+int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
+int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
 
 /* ring.c */
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
                    uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4);
 int shm_event_pop(shm_handle_t *h, shm_event_t *out);
 uint64_t shm_event_dropped(shm_handle_t *h);
-
-/* check.c */
-int shm_check(shm_handle_t *h, shm_check_report_t *out);

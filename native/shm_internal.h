@@ -15,6 +15,8 @@
 #endif
 
 #define SHM_HDR ((uint64_t)sizeof(shm_block_t))
+/* The arena header rounded up to a page: where the heap starts (shm_header_size()). */
+#define SHM_HEADER_BYTES (((uint64_t)sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1))
 #define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
 #define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
 
@@ -107,8 +109,8 @@ void fault_fire(void);
 
 /* lock.c */
 int lock_init(shm_lock_t *l);
-int lock_acquire(shm_handle_t *h, shm_lock_t *l);
-void lock_release(shm_handle_t *h, shm_lock_t *l);
+int heap_lock(shm_handle_t *h);
+void heap_unlock(shm_handle_t *h);
 #define SHM_LOCK_RECOVERED 1
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait);
 void lock_give(shm_lock_t *l);
@@ -129,6 +131,10 @@ static inline uint64_t *block_word(const shm_handle_t *h, uint64_t off) {
 static inline int heap_offset_ok(const shm_handle_t *h, uint64_t off) {
     return off >= h->heap_off && off <= h->heap_end - SHM_MIN_BLOCK && off % SHM_ALIGN == 0;
 }
+/* A cached or remotely freed block's payload starts with the offset of the next block on its list. */
+static inline uint64_t *block_cache_link(const shm_handle_t *h, uint64_t off) {
+    return (uint64_t *)(void *)(h->base + off + SHM_HDR);
+}
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
 void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
@@ -140,44 +146,57 @@ void block_unclaim(shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
 
-/* freelist.c */
+/* sizeclass.c */
 unsigned bin_of_size(uint64_t size);
+uint64_t bin_min_size(unsigned bin);
+uint64_t cache_class_size(unsigned k);
+unsigned cache_class_of(uint64_t need);
+
+/* freelist.c */
 int freelist_insert(shm_handle_t *h, uint64_t off);
 int freelist_remove(shm_handle_t *h, uint64_t off);
 int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out);
 int freelist_largest(shm_handle_t *h, uint64_t *size_out);
 
 /* heap.c */
-int heap_oom(shm_handle_t *h, int status, uint64_t requested);
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out);
-int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
-void heap_note_peak(shm_handle_t *h);
-int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner);
-int64_t heap_free(shm_handle_t *h, uint64_t address);
 int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
-int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+uint64_t heap_cache_sum(const shm_handle_t *h, size_t field);
+void heap_note_peak(shm_handle_t *h);
+int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
 void pressure_update(shm_handle_t *h, int *rose);
+
+/* process.c */
+static inline int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
+    return owner >= 1 && owner <= SHM_MAX_PROCS &&
+           A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
+}
+uint64_t proc_usage(const shm_handle_t *h, int slot);
+int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
+void proc_free_slot(shm_handle_t *h, int slot);
+
+/* check.c */
+int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
 /* cache.c */
 #define CACHE_MAX_BLOCK ((uint64_t)65536)
 #define CACHE_MAX_USABLE (CACHE_MAX_BLOCK - SHM_HDR)
-uint64_t cache_class_size(unsigned k);
-unsigned cache_class_of(uint64_t need);
+#define CACHE_DECLINED (-1000) /* cache_alloc/cache_free: not for the cache; take the heap path */
+int slot_lock(shm_handle_t *h, int slot, int wait);
+void slot_unlock(shm_handle_t *h, int slot);
 int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size);
 int64_t cache_free(shm_handle_t *h, int slot, uint64_t address);
 void cache_flush_all(shm_handle_t *h);
-uint64_t cache_sum(const shm_handle_t *h, size_t field);
-void cache_reset_slot(shm_handle_t *h, int slot);
 void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
 int cache_pending_live(const shm_handle_t *h, uint64_t off);
 void cache_finish_pushes(shm_handle_t *h);
 void cache_help_drain_all(shm_handle_t *h);
-int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
-int cache_lock(shm_handle_t *h, int slot, int wait);
-void cache_unlock(shm_handle_t *h, int slot);
 
 /* own.c */
+int refs_release(shm_handle_t *h, uint64_t off, int32_t slot);
 int refs_drop_block(shm_handle_t *h, uint64_t off);
 uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder);
 int refs_held_by(shm_handle_t *h, uint32_t holder);
@@ -185,15 +204,7 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
 
-/* check.c */
-int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
-
-/* process.c */
-int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
-void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
-int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
-void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
-uint64_t proc_usage(const shm_handle_t *h, int slot);
-void proc_free_slot(shm_handle_t *h, int slot);
+/* alloc.c */
+int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
 
 #endif

@@ -25,7 +25,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 4
+#define SHM_LAYOUT_VERSION 5
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -205,17 +205,21 @@ typedef struct shm_counters {
     uint64_t oom_events;       /* +0x50 */
     uint64_t gc_runs;          /* +0x58 */
     uint64_t pressure_level;   /* +0x60 SHM_PRESSURE_* the arena was last seen at */
-    uint64_t lease_pid;        /* +0x68 the coordinator holding the lease (0 = none), heap lock */
-    uint64_t lease_start;      /* +0x70 its start time */
-    uint64_t cache_limit;      /* +0x78 most usable bytes one process may keep cached */
-    uint64_t gc_cache_base;    /* +0x80 sum of caches' nfrees at the last collection */
-    uint64_t pad[7];
+    uint64_t cache_limit;      /* +0x68 most usable bytes one process may keep cached */
+    uint64_t gc_cache_base;    /* +0x70 sum of caches' nfrees at the last collection */
+    uint64_t pad[9];
 } shm_counters_t;
 
 #define SHM_PRESSURE_LOW 0
 #define SHM_PRESSURE_MEDIUM 1
 #define SHM_PRESSURE_HIGH 2
 #define SHM_PRESSURE_CRITICAL 3
+
+/* The coordinator's lease (lease.c): the process that holds the coordinator role, 0 for none. */
+typedef struct shm_lease {
+    uint64_t pid;        /* +0x00 */
+    uint64_t start_time; /* +0x08 its start time, clock ticks since boot */
+} shm_lease_t;
 
 /* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
 typedef struct shm_lock {
@@ -244,7 +248,8 @@ typedef struct shm_arena {
     shm_lock_t heap_lock;                  /* +0x100 guards the heap, the bins and the slots */
     uint64_t bitmap[4];                    /* +0x180 one bit per non-empty bin */
     uint64_t bins[213];                    /* +0x1a0 head offset of each bin's list, 0 = empty */
-    uint64_t pad_bins[7];
+    shm_lease_t lease;                     /* +0x848 the coordinator's lease */
+    uint64_t pad_bins[5];
     shm_proc_t procs[128];                 /* +0x880 the process table */
     shm_ref_t refs[4096];                  /* +0x4880 references held by live processes */
     shm_name_t names[1024];                /* +0x14880 the named-block directory */
