@@ -12,7 +12,7 @@
 /* Out of memory, reported as stats() counts: cached bytes are available, not used. */
 static int alloc_oom(shm_handle_t *h, int status, uint64_t requested) {
     shm_counters_t *c = &h->arena->counters;
-    A_ADD(&c->oom_events, 1);
+    __atomic_fetch_add(&c->oom_events, 1, __ATOMIC_RELAXED); /* no lock held here */
     uint64_t nfree = A_LOAD(&c->free_blocks), fb = A_LOAD(&c->free_bytes);
     uint64_t avail = fb > nfree * SHM_HDR ? fb - nfree * SHM_HDR : 0;
     uint64_t cached = heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));

@@ -31,6 +31,7 @@ PIN(shm_arena_t, counters, 0x40);
 PIN(shm_arena_t, heap_lock, 0x100);
 PIN(shm_arena_t, bitmap, 0x180);
 PIN(shm_arena_t, bins, 0x1a0);
+PIN(shm_arena_t, lease, 0x848);
 PIN(shm_arena_t, procs, 0x880);
 PIN(shm_arena_t, refs, 0x4880);
 PIN(shm_arena_t, names, 0x14880);
@@ -44,6 +45,7 @@ PIN(shm_cache_t, pending, 0x40);
 PIN(shm_cache_t, head, 0x80);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
+PIN(shm_counters_t, cache_limit, 0x68);
 
 uint64_t shm_header_size(void) { return SHM_HEADER_BYTES; }
 

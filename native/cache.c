@@ -15,13 +15,14 @@
  * and moves the blocks into its cache. While pushing, the freeing process names the block in its
  * own `pending` word, so that a collector never frees a REMOTE block whose push is still under way.
  *
- * Who may change what (the rules that make this safe; shm_layout.h has the flag definitions):
+ * Who may change what (the rules that make this safe; shm_layout.h's Concurrency section has the
+ * whole table and the lock order: a slot lock before the heap lock, never the other way):
  *   - a block in the plain allocated state (owner X, flags 0) leaves it by exactly one CAS: to
  *     CACHED (X's own free, X's slot lock held), to REMOTE (a remote free, no lock) or to BUSY
  *     (the heap lock's holder, block_claim in block.c, before adopt/retain/free/...);
- *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock; REMOTE blocks only
- *     by whoever holds X's slot lock and has taken them off the remote list, or by the collector
- *     once X is dead;
+ *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock, or by the collector
+ *     once X is dead; REMOTE blocks only by whoever holds X's slot lock and has taken them off the
+ *     remote list, or by the collector once X is dead;
  *   - the cache-side counters of X are written only by a holder of X's slot lock (or by the
  *     collector once X is dead), the heap-side counters (procs[X]) only under the heap lock.
  *

@@ -1,6 +1,8 @@
 /* check.c -- the full heap walk: every invariant of shm_layout.h, cited by its id.
  *
- * Runs under the heap lock. Every step is bounded (the heap walk by the heap's size, each list
+ * Runs under the heap lock (shm_check in arena.c takes it, after every live slot's lock so that
+ * the caches hold still too; at SHMALLOC_DEBUG >= 3 heap_unlock runs it after every operation,
+ * without the slot locks: the cache-side checks are then skipped). Every step is bounded (the heap walk by the heap's size, each list
  * walk by the number of free blocks the heap walk found), so a corrupt segment gives
  * SHM_ECORRUPT with the first bad offset, never a hang or a read outside the segment. */
 #include <string.h>

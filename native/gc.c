@@ -1,7 +1,11 @@
-/* gc.c -- reclaiming the blocks of dead processes, and cleaning their slots.
+/* gc.c -- the end of a slot: reclaiming the blocks of dead processes, cleaning their slots, and a
+ * living process's detach.
  *
  * Which processes are dead is decided in Python (process.py compares pid and start time); it
- * marks their slots DEAD with shm_proc_mark_dead(). shm_gc() then, under the heap lock:
+ * marks their slots DEAD with shm_proc_mark_dead() (process.c). shm_gc() first finishes the
+ * remote pushes that dead processes left half done and drains live processes' remote lists
+ * (cache.c; each under the owner's slot lock, before the heap lock: the lock order), then, under
+ * the heap lock:
  *   1. drops the references held by DEAD slots (references die with their holder);
  *   2. walks the heap and frees, for slot == -1, every block whose owner is DEAD and which no live
  *      process references; for slot >= 0 the same restricted to that slot, or with all_blocks
@@ -10,7 +14,8 @@
  * A dead process's cached blocks (CACHED) go back to the heap in the same walk, and so do blocks
  * other processes freed to it (REMOTE), except one whose push a live process has not finished
  * (its `pending` word names it; cache.c): that one waits for the next collection. A live
- * process's cache is left to it (it returns it when asked to trim).
+ * process's cache is left to it (it returns it when asked to trim). A dead slot's cache counters
+ * are written here under the heap lock alone: nobody else writes them once the slot is DEAD.
  * Freeing merges neighbours at once, so the walk continues from the end of the merged block. */
 #include "shm_internal.h"
 

@@ -1,4 +1,4 @@
-/* heap.c -- allocate, free, split, coalesce, and reserve backing pages.
+/* heap.c -- carve and release blocks: split, coalesce, reserve backing pages; pressure.
  *
  * The heap is one run of blocks from heap_off to the end of the segment; a new arena holds a
  * single free block spanning it. Allocation finds a good fit (freelist.c), carves an aligned start
@@ -11,8 +11,12 @@
  * reserved_top, we fallocate() the range on the segment's descriptor. If that fails the caller gets
  * SHM_ENOSPC (OutOfMemory in Python) and nothing in the arena has changed.
  *
- * Everything here runs under the heap lock. Counters are updated with relaxed atomics so that
- * stats can be read without the lock. */
+ * Every function here that writes runs under the heap lock, which its callers (alloc.c, cache.c,
+ * gc.c) hold; heap.c takes no lock and calls nothing above the free lists and the block headers.
+ * The heap lock does not keep every other writer out of the heap: caches change the transient
+ * bits of allocated blocks and the links in cached blocks' payloads without it (shm_layout.h,
+ * Concurrency). Counters are updated with relaxed atomics so that stats can be read without the
+ * lock; heap_cache_sum and heap_result_flags only read, and need no lock. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>

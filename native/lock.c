@@ -1,5 +1,6 @@
 /* lock.c -- the process-shared robust mutexes: the heap lock, which guards the heap, the bins and
- * the process table, and the slot locks, which guard each process's cache (cache.c).
+ * the process table, and the slot locks, which guard each process's cache (cache.c). What each
+ * guards exactly, the lock order and what a dead holder leaves: shm_layout.h, Concurrency.
  *
  * The mutex lives in the segment (shm_lock_t.mutex). It is PTHREAD_PROCESS_SHARED so every
  * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder

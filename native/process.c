@@ -4,7 +4,9 @@
  * runs. The start time (field 22 of /proc/<pid>/stat) tells a recycled pid from the process that
  * held the slot before: an attach that finds the same pid with another start time marks the old
  * slot DEAD. A slot returns to FREE only once it owns nothing, so a block's owner always names the
- * process that allocated it [B6]. Usage counters are atomics: readers take no lock. */
+ * process that allocated it [B6]. Membership and usage change under the heap lock, journaled, as
+ * relaxed atomics that readers load without a lock; peak, limit and the trim pair are written
+ * without the heap lock (shm_layout.h, Concurrency). */
 #include <string.h>
 #include <unistd.h>
 

@@ -7,8 +7,9 @@
  * ring (seq < pos) makes a producer count the event in `dropped` and return: producers never wait.
  * A producer killed between its claim and its publish leaves a cell that consumers see as "not
  * yet published"; shm_event_pop retires such a cell once producers have moved
- * half a ring past it, and a writer that publishes too late finds its cell retired (a CAS on seq
- * decides between the two) and counts its event as dropped. */
+ * half a ring past it (and counts it in `dropped`), and a writer that publishes too late finds its
+ * cell retired (a CAS on seq decides between the two) and returns SHM_EFULL. C never pushes events
+ * itself: the kinds and their fields are shmalloc/events.py's table. */
 #include <string.h>
 
 #include "shm_internal.h"

@@ -20,8 +20,10 @@
 #define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
 #define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
 
-/* Counters are written only by the heap lock's holder and read by anyone without the lock: a
- * relaxed atomic load and store (no locked read-modify-write) keeps every read untorn. */
+/* Counters with one writer at a time (the heap lock's holder, or a slot lock's holder for its
+ * cache's counters) and readers without the lock: a relaxed atomic load and store (no locked
+ * read-modify-write) keeps every read untorn. Counters with several writers use __atomic_fetch_add
+ * or a compare-and-swap (a_raise_max). */
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define A_ADD(p, v) a_add_u64((p), (v))
