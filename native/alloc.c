@@ -23,6 +23,7 @@ static int alloc_oom(shm_handle_t *h, int status, uint64_t requested) {
 
 static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
     shm_counters_t *c = &h->arena->counters;
+    shm_assert(owner >= 1 && owner <= SHM_MAX_PROCS && size > 0);
     uint64_t usable = (size + SHM_ALIGN - 1) & ~(uint64_t)(SHM_ALIGN - 1);
     uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
     int rc = proc_charge(h, owner, 0);
@@ -84,6 +85,7 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
  * receives the end of the free block it became part of. */
 int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     shm_counters_t *c = &h->arena->counters;
+    shm_assert(heap_offset_ok(h, off));
     shm_block_t *b = block_at(h, off);
     uint64_t got = b->size - SHM_HDR;
     uint32_t owner = b->owner;

@@ -68,7 +68,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
                        "capacity %llu must be a multiple of %d between %llu and %llu bytes",
                        (unsigned long long)capacity, SHM_PAGE, (unsigned long long)(hs + SHM_PAGE),
                        (unsigned long long)SHM_MAX_CAPACITY);
-    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0)  /* header + first heap page */
+    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0) /* header + first heap page */
         return errno == ENOSPC ? err_oom(SHM_ENOSPC, hs + SHM_PAGE, 0, 0, capacity)
                                : err_sys(errno, "fallocate on the new segment");
     shm_arena_t *a = base;
@@ -134,8 +134,9 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
         return err_set(SHM_ENOTARENA, 0, "no shmalloc magic at offset 0 (found %#llx)",
                        (unsigned long long)a->magic);
     if (a->version != SHM_LAYOUT_VERSION || a->header_size != sizeof(shm_arena_t))
-        return err_set(SHM_ELAYOUT, 8, "layout version %u (header %u bytes); this build reads %d (%zu)",
-                       a->version, a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
+        return err_set(SHM_ELAYOUT, 8,
+                       "layout version %u (header %u bytes); this build reads %d (%zu)", a->version,
+                       a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
     if (a->capacity != capacity || a->heap_off != hs || a->heap_size != capacity - hs ||
         a->max_procs != SHM_MAX_PROCS || a->nbins != SHM_NBINS)
         return err_set(SHM_ELAYOUT, 0x10,
@@ -190,7 +191,8 @@ int shm_segment_probe(const void *head, uint64_t len) {
 /* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     const shm_counters_t *c = &h->arena->counters;
-    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0, peak_one = 0;
+    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0,
+             peak_one = 0;
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         const shm_cache_t *k = &h->arena->caches[i];
         cached += A_LOAD(&k->cached_bytes);
@@ -223,7 +225,8 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     out->allocations = A_LOAD(&c->allocations) + nallocs;
     out->deallocations = A_LOAD(&c->deallocations) + nfrees + rblocks;
     int64_t cache_frees = (int64_t)(nfrees - A_LOAD(&c->gc_cache_base)); /* since the last gc */
-    out->frees_since_gc = A_LOAD(&c->frees_since_gc) + (cache_frees > 0 ? (uint64_t)cache_frees : 0);
+    out->frees_since_gc = A_LOAD(&c->frees_since_gc) +
+                          (cache_frees > 0 ? (uint64_t)cache_frees : 0);
     out->reserved = A_LOAD(&c->reserved_top);
     out->lock_recoveries = A_LOAD(&c->lock_recoveries);
     out->oom_events = A_LOAD(&c->oom_events);
@@ -243,8 +246,8 @@ int64_t shm_largest_free(shm_handle_t *h) {
     return s ? (int64_t)(s - SHM_HDR) : 0;
 }
 
-/* The full walk (check.c) with every lock held. Slot locks first, in slot order, then the heap lock:
- * the order every path takes them in. */
+/* The full walk (check.c) with every lock held. Slot locks first, in slot order, then the heap
+ * lock: the order every path takes them in. */
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     const shm_arena_t *a = h->arena;
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||

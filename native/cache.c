@@ -20,9 +20,9 @@
  *   - a block in the plain allocated state (owner X, flags 0) leaves it by exactly one CAS: to
  *     CACHED (X's own free, X's slot lock held), to REMOTE (a remote free, no lock) or to BUSY
  *     (the heap lock's holder, block_claim in block.c, before adopt/retain/free/...);
- *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock, or by the collector
- *     once X is dead; REMOTE blocks only by whoever holds X's slot lock and has taken them off the
- *     remote list, or by the collector once X is dead;
+ *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock, or by the
+ *     collector once X is dead; REMOTE blocks only by whoever holds X's slot lock and has taken
+ *     them off the remote list, or by the collector once X is dead;
  *   - the cache-side counters of X are written only by a holder of X's slot lock (or by the
  *     collector once X is dead), the heap-side counters (procs[X]) only under the heap lock.
  *
@@ -38,10 +38,11 @@
 #define CLASS_BYTES ((uint64_t)65536) /* a list holds at most this many bytes... */
 #define CLASS_MAX 64                  /* ...and at most this many blocks */
 #define REFILL_BYTES ((uint64_t)8192) /* a refill carves about this much (at least one block) */
-#define ROOM_FLOOR ((uint64_t)262144) /* a process may always cache this much (within the limit) */
+#define ROOM_FLOOR ((uint64_t)262144) /* a process may always cache this much (in its limit) */
 #define ROOM_SHARE 16                 /* and otherwise 1/16 of what it uses */
 #define REMOTE_WALK_MAX ((uint64_t)1 << 24)
-#define REMOTE_HELP_BYTES ((uint64_t)256 << 10) /* a remote list this long is drained by a freer */
+/* a remote list this long is drained by a freer */
+#define REMOTE_HELP_BYTES ((uint64_t)256 << 10)
 
 _Static_assert(SHM_CACHE_CLASSES <= sizeof(((shm_cache_t *)0)->head) / 8, "too many classes");
 
@@ -61,8 +62,7 @@ static int class_exact(uint64_t size, unsigned *k) {
 static void sub_clamped(uint64_t *p, uint64_t v) {
     uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (!__atomic_compare_exchange_n(p, &cur, cur > v ? cur - v : 0, 1, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
-    }
+                                        __ATOMIC_RELAXED)) {}
 }
 
 /* A REMOTE block of slot leaves the remote list's count (drained, or freed by the collector). */
@@ -72,7 +72,9 @@ void cache_remote_done(shm_handle_t *h, int slot, uint64_t got) {
     sub_clamped(&c->remote_blocks, 1);
 }
 
-static inline shm_cache_t *cache_of(const shm_handle_t *h, int slot) { return &h->arena->caches[slot]; }
+static inline shm_cache_t *cache_of(const shm_handle_t *h, int slot) {
+    return &h->arena->caches[slot];
+}
 
 /* Is off named by a live process's pending remote push? (The collector must leave it alone.) */
 int cache_pending_live(const shm_handle_t *h, uint64_t off) {
@@ -102,11 +104,13 @@ static int block_is(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t word,
 static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out, int heap_locked) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t off = c->head[k];
-    if (UNLIKELY(!block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_CACHED), heap_locked))) {
+    if (UNLIKELY(!block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_CACHED),
+                           heap_locked))) {
         c->head[k] = 0; /* do not follow it again */
         c->count[k] = 0;
-        return err_set(SHM_ECORRUPT, off, "[K1] cache of slot %d, class %u: %#llx is not a cached block",
-                       slot, k, (unsigned long long)off);
+        return err_set(SHM_ECORRUPT, off,
+                       "[K1] cache of slot %d, class %u: %#llx is not a cached block", slot, k,
+                       (unsigned long long)off);
     }
     c->head[k] = *block_cache_link(h, off);
     c->count[k]--;
@@ -116,6 +120,8 @@ static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out, in
 
 static void list_push(shm_handle_t *h, int slot, unsigned k, uint64_t off) {
     shm_cache_t *c = cache_of(h, slot);
+    shm_assert(k < SHM_CACHE_CLASSES && heap_offset_ok(h, off));
+    shm_assert_internal(block_at(h, off)->size == cache_class_size(k));
     *block_cache_link(h, off) = c->head[k];
     c->head[k] = off;
     c->count[k]++;
@@ -177,6 +183,7 @@ static int cache_repair(shm_handle_t *h, int slot) {
 /* Take slot's lock (waiting, or not: SHM_EBUSY if busy), repairing its cache if the last holder
  * died. */
 int slot_lock(shm_handle_t *h, int slot, int wait) {
+    shm_assert(slot >= 0 && slot < SHM_MAX_PROCS);
     int rc = lock_take(h, &h->arena->slot_locks[slot], wait);
     if (LIKELY(rc == SHM_OK)) return SHM_OK;
     if (rc != SHM_LOCK_RECOVERED) return rc;
@@ -198,8 +205,9 @@ static int drain_remote(shm_handle_t *h, int slot) {
         uint64_t *w = block_word(h, off);
         if (!heap_offset_ok(h, off) || !class_exact(block_at(h, off)->size, &k) ||
             !block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_REMOTE), 0))
-            return err_set(SHM_ECORRUPT, off, "remote list of slot %d: %#llx is not a block freed to it",
-                           slot, (unsigned long long)off);
+            return err_set(SHM_ECORRUPT, off,
+                           "remote list of slot %d: %#llx is not a block freed to it", slot,
+                           (unsigned long long)off);
         uint64_t next = *block_cache_link(h, off), got = block_at(h, off)->size - SHM_HDR;
         __atomic_store_n(w, BLOCK_WORD(slot + 1, SHM_BF_CACHED), __ATOMIC_RELAXED);
         list_push(h, slot, k, off);
@@ -241,10 +249,12 @@ static int trim_to_bounds(shm_handle_t *h, int slot, unsigned grew) {
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
-        if (c->count[k] > class_cap(k)) rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
+        if (c->count[k] > class_cap(k))
+            rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
     /* over the total: other lists give back half first, largest blocks first; the list that grew
      * (the block just freed, likely wanted again soon) last */
-    for (unsigned k = SHM_CACHE_CLASSES; k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
+    for (unsigned k = SHM_CACHE_CLASSES;
+         k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
         if (k != grew) rc = list_release(h, slot, k, (c->count[k] + 1) / 2);
     if (rc == SHM_OK && grew < SHM_CACHE_CLASSES && A_LOAD(&c->cached_bytes) > limit)
         rc = list_release(h, slot, grew, (c->count[grew] + 1) / 2);
@@ -289,6 +299,7 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
     unsigned k = cache_class_of(need);
     uint64_t got = cache_class_size(k) - SHM_HDR;
+    shm_assert(got >= usable);
     shm_cache_t *c = cache_of(h, slot);
     shm_proc_t *p = &h->arena->procs[slot];
     int rc = slot_lock(h, slot, 1);
@@ -298,7 +309,8 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
         return CACHE_DECLINED;
     }
     if (UNLIKELY(__atomic_load_n(&c->remote_head, __ATOMIC_RELAXED)) &&
-        ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
+        ((rc = drain_remote(h, slot)) != SHM_OK ||
+         (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
         slot_unlock(h, slot);
         return rc;
     }
@@ -392,7 +404,8 @@ static uint64_t remote_push(shm_handle_t *h, int owner, uint64_t off) {
     } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
                                           __ATOMIC_RELAXED));
     __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED); /* freed, as users see it */
-    return __atomic_add_fetch(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR, __ATOMIC_RELAXED);
+    return __atomic_add_fetch(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR,
+                              __ATOMIC_RELAXED);
 }
 
 /* Free a block another live process owns: claim it, push it onto that process's remote list. */
@@ -423,7 +436,8 @@ static int64_t remote_free(shm_handle_t *h, int slot, uint64_t off, int owner) {
 int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
     uint64_t off = address - SHM_HDR;
     unsigned k;
-    if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR || address >= h->heap_end || address % SHM_ALIGN ||
+    if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR ||
+                 address >= h->heap_end || address % SHM_ALIGN ||
                  block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)))
         return CACHE_DECLINED; /* the heap path reports bad addresses, retries torn reads */
     uint64_t word = __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE);
@@ -478,7 +492,8 @@ void cache_finish_pushes(shm_handle_t *h) {
         uint32_t owner = block_at(h, off)->owner;
         if (!owner || owner > SHM_MAX_PROCS || slot_lock(h, (int)owner - 1, 1) != SHM_OK) continue;
         shm_cache_t *theirs = cache_of(h, (int)owner - 1);
-        if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == BLOCK_WORD(owner, SHM_BF_REMOTE) &&
+        if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) ==
+                BLOCK_WORD(owner, SHM_BF_REMOTE) &&
             !cache_pending_live(h, off)) {
             int listed = 0;
             uint64_t cur = __atomic_load_n(&theirs->remote_head, __ATOMIC_ACQUIRE);
@@ -502,7 +517,8 @@ int shm_cache_flush(shm_handle_t *h, int32_t slot) {
 
 int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
     if (limit > h->heap_end - h->heap_off)
-        return err_set(SHM_EINVAL, limit, "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
+        return err_set(SHM_EINVAL, limit,
+                       "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
                        (unsigned long long)limit, (unsigned long long)(h->heap_end - h->heap_off));
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;

@@ -99,13 +99,14 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
 }
 
 /* slot >= 0 with pid != 0: only if the slot still holds that process (pid, start_time); else
- * SHM_ENOENT, so a slot freed and claimed by a new process meanwhile is never collected by mistake. */
+ * SHM_ENOENT, so that a slot freed and claimed by a new process meanwhile is never collected by
+ * mistake. */
 int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
            shm_gc_result_t *out) {
     if (slot < -1 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
-    cache_finish_pushes(h); /* remote frees that dead processes left half done */
+    cache_finish_pushes(h);  /* remote frees that dead processes left half done */
     cache_help_drain_all(h); /* and blocks freed to live processes that have not taken them in */
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
@@ -132,7 +133,8 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     const shm_cache_t *c = &h->arena->caches[slot];
     int freed = 0;
     if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
-        !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) && !refs_held_by(h, (uint32_t)slot + 1)) {
+        !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) &&
+        !refs_held_by(h, (uint32_t)slot + 1)) {
         proc_free_slot(h, slot);
         freed = 1;
     }

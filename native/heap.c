@@ -83,7 +83,8 @@ void pressure_update(shm_handle_t *h, int *rose) {
     shm_counters_t *c = &h->arena->counters;
     uint64_t total = h->heap_end - h->heap_off;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
-    uint64_t available = (fb > fh ? fb - fh : 0) + heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t available = (fb > fh ? fb - fh : 0) +
+                         heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));
     uint64_t level = (uint64_t)shm_pressure_of_percent(shm_usage_percent(total, available));
     uint64_t old = A_LOAD(&c->pressure_level);
     if (LIKELY(level == old)) return;
@@ -100,9 +101,12 @@ void pressure_update(shm_handle_t *h, int *rose) {
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out) {
     shm_counters_t *c = &h->arena->counters;
+    shm_assert(need % SHM_ALIGN == 0 && need >= SHM_MIN_BLOCK);
+    shm_assert(!(align & (align - 1)) && align <= SHM_PAGE);
     /* a cache's block must be of exactly `need` bytes: ask for room to split off the rest */
-    uint64_t search = align ? need + align + SHM_MIN_BLOCK
-                      : (flags & SHM_BF_CACHED) ? need + SHM_MIN_BLOCK : need;
+    uint64_t search = align                     ? need + align + SHM_MIN_BLOCK
+                      : (flags & SHM_BF_CACHED) ? need + SHM_MIN_BLOCK
+                                                : need;
     uint64_t off;
     int rc = freelist_find(h, search, &off);
     if (rc != SHM_OK) return rc;
@@ -115,9 +119,11 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
     uint64_t start = off + front, rest = bsize - front;
     uint64_t tail = rest - need >= SHM_MIN_BLOCK ? rest - need : 0;
     uint64_t mine = rest - tail;
+    shm_assert(mine >= need && (!align || (start + SHM_HDR) % align == 0));
+    shm_assert(!(flags & SHM_BF_CACHED) || mine == need);
     /* the block may keep a remainder too small to split off: the limit counts what is charged */
     if (mine - SHM_HDR > room) return SHM_ELIMIT;
-    /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
+    /* Reserve pages for the block, and the tail's header and links, before changing anything. */
     rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
     if (rc != SHM_OK) return rc;
 
@@ -141,6 +147,8 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
         return rc;
     }
 
+    shm_assert_internal(block_validate(h, start) == SHM_OK && block_at(h, start)->size == mine);
+    shm_assert_internal(!tail || block_validate(h, start + mine) == SHM_OK);
     FAULT_POINT(FAULT_ALLOC_DONE);
     A_ADD(&c->used, mine - SHM_HDR);
     A_SUB(&c->free_bytes, mine);
@@ -154,7 +162,8 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
 uint64_t heap_cache_sum(const shm_handle_t *h, size_t field) {
     uint64_t s = 0;
     for (int i = 0; i < SHM_MAX_PROCS; i++)
-        s += A_LOAD((const uint64_t *)(const void *)((const uint8_t *)&h->arena->caches[i] + field));
+        s += A_LOAD(
+            (const uint64_t *)(const void *)((const uint8_t *)&h->arena->caches[i] + field));
     return s;
 }
 
@@ -162,7 +171,8 @@ uint64_t heap_cache_sum(const shm_handle_t *h, size_t field) {
  * cache path does not keep this peak; the heap path and refills do (heap lock held). */
 void heap_note_peak(shm_handle_t *h) {
     shm_counters_t *c = &h->arena->counters;
-    a_raise_max(&c->peak, A_LOAD(&c->used) - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
+    a_raise_max(&c->peak,
+                A_LOAD(&c->used) - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
 }
 
 /* Flag bits for an allocation's result: pressure crossed upwards, or a trim was asked for. */
@@ -170,7 +180,8 @@ int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose) {
     int64_t flags = rose ? (int64_t)SHM_ALLOC_PRESSURE_FLAG : 0;
     if (owner) {
         const shm_proc_t *p = &h->arena->procs[owner - 1];
-        if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack))) flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
+        if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack)))
+            flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
     }
     return flags;
 }
@@ -189,7 +200,8 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if (next < h->heap_end) {
         if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
         if (block_at(h, next)->prev_size != size)
-            return err_set(SHM_ECORRUPT, next, "block %#llx: prev_size disagrees with its neighbour",
+            return err_set(SHM_ECORRUPT, next,
+                           "block %#llx: prev_size disagrees with its neighbour",
                            (unsigned long long)next);
     }
     if (prev_size) {
@@ -218,6 +230,7 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if ((rc = fix_next_prev_size(h, off, size)) != SHM_OK) return rc;
     if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_INSERTED);
+    shm_assert_internal(block_validate(h, off) == SHM_OK && block_at(h, off)->size == size);
 
     A_SUB(&c->used, got);
     A_ADD(&c->free_bytes, got + SHM_HDR);
@@ -226,4 +239,3 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if (merged_end) *merged_end = off + size;
     return SHM_OK;
 }
-

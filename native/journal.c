@@ -17,8 +17,8 @@
  * If the holder dies anywhere in between, the robust mutex hands the next taker EOWNERDEAD, and
  * journal_rollback() writes the counted records back, newest first: the heap is exactly as it was
  * before the dead holder's (current step of its) operation. A slot lock has no journal: its
- * holder's death is repaired from the heap (cache.c, cache_repair). Rolling back twice is harmless (the
- * same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
+ * holder's death is repaired from the heap (cache.c, cache_repair). Rolling back twice is harmless
+ * (the same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
  * validated before use; a damaged journal is reported, not followed.
  *
  * Invariants: [J1] count == 0 whenever the lock is free; [J2] used <= sizeof log. */
@@ -74,10 +74,12 @@ int journal_rollback(shm_handle_t *h) {
     uint64_t pos = 0;
     for (uint64_t i = 0; i < count; i++) { /* validate every record before writing any */
         uint64_t off, len;
-        if (pos + REC_HDR > sizeof j->log) return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
+        if (pos + REC_HDR > sizeof j->log)
+            return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
         memcpy(&off, j->log + pos, 8);
         memcpy(&len, j->log + pos + 8, 8);
-        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log || !journal_may_restore(h, off, len))
+        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log ||
+            !journal_may_restore(h, off, len))
             return err_set(SHM_ECORRUPT, joff, "[J2] journal record %llu: %llu bytes at %#llx",
                            (unsigned long long)i, (unsigned long long)len, (unsigned long long)off);
         starts[i] = pos;

@@ -149,6 +149,7 @@ int heap_lock(shm_handle_t *h) {
  * thread holds it). Returns SHM_OK, SHM_LOCK_RECOVERED when its holder died (the lock is ours and
  * consistent again; what it guarded must be repaired), or a status. */
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
+    shm_assert(l != &h->arena->heap_lock); /* the heap lock goes through heap_lock(): its journal */
     int rc = wait ? lock_wait(h, l) : pthread_mutex_trylock(lock_mutex(l));
     if (LIKELY(rc == 0)) return SHM_OK;
     if (rc == SHM_ECORRUPT) return rc;
@@ -163,7 +164,8 @@ int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
         return SHM_LOCK_RECOVERED;
     }
     if (rc == ENOTRECOVERABLE)
-        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
+        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
+                       "a process cache lock is not recoverable");
     return err_sys(rc, "pthread_mutex_lock");
 }
 
@@ -175,10 +177,8 @@ void heap_unlock(shm_handle_t *h) {
 #if SHMALLOC_DEBUG >= 3
     /* debug level 3: every operation leaves a heap that passes the full walk */
     shm_check_report_t r;
-    if (check_locked(h, &r, 0) != SHM_OK) {
-        fprintf(stderr, "shmalloc debug: heap invariant broken: %s\n", shm_last_error()->detail);
-        abort();
-    }
+    if (check_locked(h, &r, 0) != SHM_OK)
+        shm_assert_fail(shm_last_error()->detail, __FILE__, __LINE__);
 #endif
     if (h->claimed) block_unclaim(h, h->claimed);
     journal_end(h);

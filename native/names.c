@@ -10,7 +10,8 @@
 static int name_check(const char *name) {
     size_t n = strnlen(name, SHM_NAME_LEN);
     if (n == 0 || n >= SHM_NAME_LEN)
-        return err_set(SHM_EINVAL, n, "a block name must be 1 to %d bytes of UTF-8", SHM_NAME_LEN - 1);
+        return err_set(SHM_EINVAL, n, "a block name must be 1 to %d bytes of UTF-8",
+                       SHM_NAME_LEN - 1);
     return SHM_OK;
 }
 
@@ -26,7 +27,8 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     if (name_find(h, name))
-        return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first", name);
+        return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first",
+                       name);
     int names_here = 0;
     for (int i = 0; i < SHM_MAX_NAMES; i++) names_here += h->arena->names[i].address == address;
     if (names_here >= SHM_MAX_NAMES_PER_BLOCK)
@@ -72,8 +74,8 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
     int64_t r = !e ? err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name)
                 : block_from_address(h, e->address, &off) != SHM_OK
                     ? err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)e - h->base),
-                              "[N1] the name '%s' is bound to %#llx, which is not a live block", name,
-                              (unsigned long long)e->address)
+                              "[N1] the name '%s' is bound to %#llx, which is not a live block",
+                              name, (unsigned long long)e->address)
                     : (int64_t)e->address;
     heap_unlock(h);
     return r;

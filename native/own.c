@@ -9,13 +9,13 @@
  * with the other frees, and refs_release here only says so. */
 #include "shm_internal.h"
 
-#define LOCKED(h, expr)             \
-    do {                            \
-        int rc_ = heap_lock(h);     \
+#define LOCKED(h, expr)                \
+    do {                               \
+        int rc_ = heap_lock(h);        \
         if (rc_ != SHM_OK) return rc_; \
-        rc_ = (expr);               \
-        heap_unlock(h);             \
-        return rc_;                 \
+        rc_ = (expr);                  \
+        heap_unlock(h);                \
+        return rc_;                    \
     } while (0)
 
 static int live_slot(shm_handle_t *h, int32_t slot) {
@@ -30,7 +30,8 @@ static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
         return rc;
     if (block_at(h, off)->flags & SHM_BF_NAMED)
-        return err_set(SHM_EINVAL, address, "the block at %#llx is named; unbind it before adopting",
+        return err_set(SHM_EINVAL, address,
+                       "the block at %#llx is named; unbind it before adopting",
                        (unsigned long long)address);
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, (uint32_t)slot + 1, b->size - SHM_HDR);
@@ -118,7 +119,8 @@ int refs_release(shm_handle_t *h, uint64_t off, int32_t slot) {
         return !b->refcount && proc_slot_is_valid(h, b->owner) &&
                h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD;
     }
-    return err_set(SHM_ENOENT, off + SHM_HDR, "this process holds no reference on the block at %#llx",
+    return err_set(SHM_ENOENT, off + SHM_HDR,
+                   "this process holds no reference on the block at %#llx",
                    (unsigned long long)(off + SHM_HDR));
 }
 
@@ -146,7 +148,8 @@ uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder) {
         J(h, &refs[i]);
         refs[i].holder = 0;
         dropped += refs[i].count;
-        if (block_validate(h, off) == SHM_OK && block_claim(h, off) == SHM_OK) { /* else check() reports it */
+        if (block_validate(h, off) == SHM_OK &&
+            block_claim(h, off) == SHM_OK) { /* else check() reports it */
             shm_block_t *b = block_edit(h, off);
             b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
             block_reseal(h, off);

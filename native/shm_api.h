@@ -9,21 +9,21 @@
  * process's mapping address and descriptor, never anything another process needs. */
 
 #define SHM_OK 0
-#define SHM_ENOMEM -1    /* the arena has no free block large enough */
-#define SHM_ENOSPC -2    /* the backing tmpfs could not supply pages (fallocate) */
-#define SHM_EADDR -3     /* not the address of a live block of this arena */
-#define SHM_ECORRUPT -4  /* a structure in the segment fails its invariants */
-#define SHM_EALIGN -5    /* alignment not a power of two up to SHM_PAGE */
-#define SHM_EPROTECT -6  /* write to a sealed block */
-#define SHM_ELIMIT -7    /* the owner's process limit would be exceeded */
-#define SHM_EINVAL -8    /* an argument value is out of range */
-#define SHM_EPROCS -9    /* the process table is full */
-#define SHM_ESYS -10     /* a system call failed; sys_errno says why */
-#define SHM_ELAYOUT -11  /* the segment is not an arena of this layout version */
-#define SHM_EEXIST -12   /* the name is already bound */
-#define SHM_ENOENT -13   /* no such name, or no such reference */
-#define SHM_EFULL -14    /* a fixed table in the segment (names, references, ring) is full */
-#define SHM_EBUSY -15    /* a lock another thread or process holds (a trylock gave up) */
+#define SHM_ENOMEM -1     /* the arena has no free block large enough */
+#define SHM_ENOSPC -2     /* the backing tmpfs could not supply pages (fallocate) */
+#define SHM_EADDR -3      /* not the address of a live block of this arena */
+#define SHM_ECORRUPT -4   /* a structure in the segment fails its invariants */
+#define SHM_EALIGN -5     /* alignment not a power of two up to SHM_PAGE */
+#define SHM_EPROTECT -6   /* write to a sealed block */
+#define SHM_ELIMIT -7     /* the owner's process limit would be exceeded */
+#define SHM_EINVAL -8     /* an argument value is out of range */
+#define SHM_EPROCS -9     /* the process table is full */
+#define SHM_ESYS -10      /* a system call failed; sys_errno says why */
+#define SHM_ELAYOUT -11   /* the segment is not an arena of this layout version */
+#define SHM_EEXIST -12    /* the name is already bound */
+#define SHM_ENOENT -13    /* no such name, or no such reference */
+#define SHM_EFULL -14     /* a fixed table in the segment (names, references, ring) is full */
+#define SHM_EBUSY -15     /* a lock another thread or process holds (a trylock gave up) */
 #define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
@@ -36,7 +36,7 @@
 
 /* What shm_segment_probe found at the head of a segment. */
 #define SHM_SEG_ARENA 0         /* an arena of this layout version */
-#define SHM_SEG_FORMATTING 1    /* all-zero magic: a creator is still formatting it, or it is empty */
+#define SHM_SEG_FORMATTING 1    /* all-zero magic: a creator is still formatting it, or empty */
 #define SHM_SEG_OTHER_VERSION 2 /* our magic, another layout version */
 #define SHM_SEG_FOREIGN 3       /* anything else, including a head too short to tell */
 
@@ -53,27 +53,27 @@ typedef struct shm_error_info {
     uint64_t limit;     /* limit: the process's limit */
     uint32_t pid;       /* limit: the process */
     uint32_t pad;
-    char detail[200];   /* what was found, for a person */
+    char detail[200]; /* what was found, for a person */
 } shm_error_info_t;
 
 typedef struct shm_stats {
-    uint64_t total;            /* heap bytes (capacity less the arena header) */
-    uint64_t used;             /* usable bytes of allocated blocks */
-    uint64_t available;        /* usable bytes of free blocks (their sizes less one header each) */
-    uint64_t overhead;         /* headers of allocated blocks */
+    uint64_t total;     /* heap bytes (capacity less the arena header) */
+    uint64_t used;      /* usable bytes of allocated blocks */
+    uint64_t available; /* usable bytes of free blocks (their sizes less one header each) */
+    uint64_t overhead;  /* headers of allocated blocks */
     uint64_t peak;
     uint64_t allocated_blocks;
     uint64_t free_blocks;
     uint64_t allocations;
     uint64_t deallocations;
     uint64_t frees_since_gc;
-    uint64_t reserved;         /* bytes of tmpfs reserved so far */
+    uint64_t reserved; /* bytes of tmpfs reserved so far */
     uint64_t capacity;
     uint64_t lock_recoveries;
     uint64_t oom_events;
     uint64_t gc_runs;
-    uint64_t cached;           /* usable bytes in per-process caches (counted in available) */
-    uint64_t cache_limit;      /* most usable bytes one process may keep cached (0: caches off) */
+    uint64_t cached;      /* usable bytes in per-process caches (counted in available) */
+    uint64_t cache_limit; /* most usable bytes one process may keep cached (0: caches off) */
 } shm_stats_t;
 
 typedef struct shm_check_report {
@@ -82,20 +82,20 @@ typedef struct shm_check_report {
     uint64_t free_blocks;
     uint64_t used;
     uint64_t free_bytes;
-    uint64_t largest_free;     /* usable bytes of the largest free block */
+    uint64_t largest_free; /* usable bytes of the largest free block */
     uint64_t live_procs;
     uint64_t dead_procs;
-    uint64_t cached_blocks;    /* in per-process caches: allocated for the heap, free for users */
-    uint64_t cached_bytes;     /* (allocated_blocks and used above leave them out) */
+    uint64_t cached_blocks; /* in per-process caches: allocated for the heap, free for users */
+    uint64_t cached_bytes;  /* (allocated_blocks and used above leave them out) */
 } shm_check_report_t;
 
 typedef struct shm_block_info {
     uint64_t address;
-    uint64_t size;       /* usable bytes */
-    uint32_t pid;        /* owner's pid, 0 when the block has no owner */
-    uint32_t flags;      /* SHM_BF_* */
+    uint64_t size;  /* usable bytes */
+    uint32_t pid;   /* owner's pid, 0 when the block has no owner */
+    uint32_t flags; /* SHM_BF_* */
     uint32_t refcount;
-    int32_t slot;        /* owner's slot, -1 when none */
+    int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
 
 typedef struct shm_gc_result {
@@ -120,7 +120,7 @@ typedef struct shm_proc_info {
 } shm_proc_info_t;
 
 typedef struct shm_cache_info {
-    uint64_t cached_bytes;   /* usable bytes of the free blocks the process keeps */
+    uint64_t cached_bytes; /* usable bytes of the free blocks the process keeps */
     uint64_t cached_blocks;
     uint64_t nallocs;        /* allocations served from the cache, ever (while the slot lived) */
     uint64_t nfrees;         /* frees into it, its own and other processes' */
@@ -157,7 +157,8 @@ uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t 
 
 /* cache.c */
 int shm_cache_flush(shm_handle_t *h, int32_t slot);
-int shm_cache_set_limit(shm_handle_t *h, uint64_t limit); /* 0: no caches, every call takes the heap lock */
+/* limit 0: no caches, every call takes the heap lock */
+int shm_cache_set_limit(shm_handle_t *h, uint64_t limit);
 int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out);
 
 /* error.c */
@@ -183,7 +184,7 @@ int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64
                    uint64_t new_start);
 
 /* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
-int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out); /* 0: free; no lock taken */
+int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out);  /* 0: free; no lock taken */
 int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
 int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
 

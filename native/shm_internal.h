@@ -10,13 +10,34 @@
 #include "shm_layout.h"
 #include "shm_api.h"
 
+/* Debug levels: SHMALLOC_DEBUG=0..3 at build time (build_ffi.py; shm_debug_level() reports it).
+ *   0  release: no asserts
+ *   1  shm_assert(x): cheap checks of our own logic (sizes we computed, slots we were given after
+ *      validating them, states we set a moment ago)
+ *   2  also shm_assert_internal(x): internal invariants that cost more (a header we just wrote
+ *      re-validated with its checksum, a list we just changed re-read)
+ *   3  also the full heap walk (check.c) after every heap-locked operation (heap_unlock)
+ * A failed assert prints what failed and where, and aborts. Asserts are for our own logic only:
+ * bytes read from the segment may be damaged by anyone, and are validated and answered with
+ * SHM_ECORRUPT, never asserted (but the level-3 walk, which aborts on any corruption). */
 #ifndef SHMALLOC_DEBUG
 #define SHMALLOC_DEBUG 0
+#endif
+#if SHMALLOC_DEBUG >= 1
+#define shm_assert(x) ((x) ? (void)0 : shm_assert_fail(#x, __FILE__, __LINE__))
+#else
+#define shm_assert(x) ((void)0)
+#endif
+#if SHMALLOC_DEBUG >= 2
+#define shm_assert_internal(x) ((x) ? (void)0 : shm_assert_fail(#x, __FILE__, __LINE__))
+#else
+#define shm_assert_internal(x) ((void)0)
 #endif
 
 #define SHM_HDR ((uint64_t)sizeof(shm_block_t))
 /* The arena header rounded up to a page: where the heap starts (shm_header_size()). */
-#define SHM_HEADER_BYTES (((uint64_t)sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1))
+#define SHM_HEADER_BYTES \
+    (((uint64_t)sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1))
 #define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
 #define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
 
@@ -37,8 +58,8 @@ static inline uint64_t a_add_u64(uint64_t *p, uint64_t v) {
 /* *p = max(*p, v) by compare-and-swap (for peaks raised from more than one path); returns it. */
 static inline uint64_t a_raise_max(uint64_t *p, uint64_t v) {
     uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (cur < v && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
+    while (cur < v &&
+           !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
     return cur < v ? v : cur;
 }
 
@@ -54,30 +75,36 @@ struct shm_handle {
     uint64_t heap_end;
     uint64_t salt;
     int fd;
-    int32_t slot; /* this process's slot once attached (shm_proc_attach), else -1 */
+    int32_t slot;     /* this process's slot once attached (shm_proc_attach), else -1 */
     uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
     struct shm_handle *next; /* this process's open handles (arena.c) */
 };
 
 /* error.c */
-int err_set(int status, uint64_t offset, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int err_set(int status, uint64_t offset, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+__attribute__((noreturn)) void shm_assert_fail(const char *what, const char *file, int line);
 
 /* journal.c */
 #define JOURNAL_REC_HDR 16 /* offset (8) + len (8) */
-static inline uint64_t journal_rec_size(uint64_t len) { return JOURNAL_REC_HDR + ((len + 7) & ~(uint64_t)7); }
+static inline uint64_t journal_rec_size(uint64_t len) {
+    return JOURNAL_REC_HDR + ((len + 7) & ~(uint64_t)7);
+}
 void journal_overflow(shm_handle_t *h);
 /* Append (offset, len, the old bytes) to the undo journal; see journal.c for the protocol. */
 static inline void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
     shm_journal_t *j = &h->arena->journal;
+    shm_assert((const uint8_t *)p >= h->base && (const uint8_t *)p + len <= h->base + h->capacity);
     uint64_t used = j->used;
     if (UNLIKELY(used + journal_rec_size(len) > sizeof j->log)) {
         journal_overflow(h);
         return;
     }
-    uint64_t *rec = (uint64_t *)(void *)(j->log + used); /* the log and every record are 8-aligned */
+    /* the log and every record are 8-aligned */
+    uint64_t *rec = (uint64_t *)(void *)(j->log + used);
     rec[0] = (uint64_t)((const uint8_t *)p - h->base);
     rec[1] = len;
     if (LIKELY(len % 8 == 0 && ((uintptr_t)p & 7) == 0)) {
@@ -97,9 +124,18 @@ int journal_rollback(shm_handle_t *h);
 
 /* fault.c */
 enum {
-    FAULT_ALLOC_LOCKED, FAULT_ALLOC_REMOVED, FAULT_ALLOC_CARVED, FAULT_ALLOC_DONE,
-    FAULT_FREE_LOCKED, FAULT_FREE_UNLINKED, FAULT_FREE_INSERTED, FAULT_RETAIN_HALF, FAULT_GC_STEP,
-    FAULT_CACHE_POPPED, FAULT_CACHE_PUSHED, FAULT_REMOTE_CLAIMED,
+    FAULT_ALLOC_LOCKED,
+    FAULT_ALLOC_REMOVED,
+    FAULT_ALLOC_CARVED,
+    FAULT_ALLOC_DONE,
+    FAULT_FREE_LOCKED,
+    FAULT_FREE_UNLINKED,
+    FAULT_FREE_INSERTED,
+    FAULT_RETAIN_HALF,
+    FAULT_GC_STEP,
+    FAULT_CACHE_POPPED,
+    FAULT_CACHE_PUSHED,
+    FAULT_REMOTE_CLAIMED,
 };
 extern int fault_step;
 void fault_init(void);
@@ -133,14 +169,14 @@ static inline uint64_t *block_word(const shm_handle_t *h, uint64_t off) {
 static inline int heap_offset_ok(const shm_handle_t *h, uint64_t off) {
     return off >= h->heap_off && off <= h->heap_end - SHM_MIN_BLOCK && off % SHM_ALIGN == 0;
 }
-/* A cached or remotely freed block's payload starts with the offset of the next block on its list. */
+/* A cached or remotely freed block's payload starts with the offset of the next on its list. */
 static inline uint64_t *block_cache_link(const shm_handle_t *h, uint64_t off) {
     return (uint64_t *)(void *)(h->base + off + SHM_HDR);
 }
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
-void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
-                 uint32_t owner, uint32_t flags, uint32_t refcount);
+void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size, uint32_t owner,
+                 uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
 void block_scrub(shm_handle_t *h, uint64_t off);
 int block_claim(shm_handle_t *h, uint64_t off);

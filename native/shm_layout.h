@@ -136,9 +136,9 @@
 #define SHM_JOURNAL_MAX_RECORDS 4096
 #define SHM_MAX_NAMES_PER_BLOCK 16
 #define SHM_CACHE_CLASSES 77
-#define SHM_CACHE_LISTS 80  /* room for SHM_CACHE_CLASSES lists; keeps shm_cache_t 17 lines long */
+#define SHM_CACHE_LISTS 80 /* room for SHM_CACHE_CLASSES lists; keeps shm_cache_t 17 lines long */
 #define SHM_EVENT_FIELDS 5
-#define SHM_MUTEX_BYTES 64  /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
+#define SHM_MUTEX_BYTES 64 /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
 
 /* Block header: 32 bytes in front of every payload.
  * Written by the heap lock's holder, except the transient bits of the (owner, flags) word (see
@@ -216,8 +216,9 @@ typedef struct shm_proc {
  * The lists and the counters below `pending` are written by the holder of the slot's own lock
  * (slot_locks[slot]), or under the heap lock once the slot is DEAD; remote_head by any process
  * with compare-and-swap; pending by the slot's process (and cleared by a collector once the slot
- * is DEAD). See Concurrency above. A process's true usage is procs[].usage + usage here (two's complement sum: the
- * cache side may count down what the heap side counted up), likewise nblocks, nallocs, nfrees.
+ * is DEAD). See Concurrency above. A process's true usage is procs[].usage + usage here (a two's
+ * complement sum: the cache side may count down what the heap side counted up), likewise nblocks,
+ * nallocs, nfrees.
  *   [K1] each list holds count[c] blocks of exactly cache_class_size(c) bytes, owned by the slot,
  *        flags CACHED; cached_bytes, cached_blocks are their usable bytes and number
  *   [K2] procs[].usage + usage + cached_bytes == usable bytes of the blocks the slot owns */
@@ -234,7 +235,7 @@ typedef struct shm_cache {
     uint64_t cached_bytes;  /* +0x68 usable bytes of the cached blocks */
     uint64_t cached_blocks; /* +0x70 */
     uint64_t pad1;
-    uint64_t head[SHM_CACHE_LISTS]; /* +0x80 per size class: first cached block, 0 = empty */
+    uint64_t head[SHM_CACHE_LISTS];  /* +0x80 per size class: first cached block, 0 = empty */
     uint32_t count[SHM_CACHE_LISTS]; /* +0x300 */
 } shm_cache_t;
 
@@ -251,27 +252,27 @@ typedef struct shm_ref {
  *   [N1] address == 0 (empty) or the address of an allocated block with SHM_BF_PERSIST
  *   [N2] name is NUL-terminated within SHM_NAME_LEN bytes and unique among entries */
 typedef struct shm_name {
-    uint64_t address;  /* +0x00 */
+    uint64_t address;        /* +0x00 */
     char name[SHM_NAME_LEN]; /* +0x08 UTF-8, NUL-terminated */
 } shm_name_t;
 
 /* One event in the ring: kind and the meaning of the fields are shmalloc/events.py's table. */
 typedef struct shm_event {
-    uint64_t seq;     /* +0x00 ring sequence: publish/consume protocol, see ring.c */
-    uint32_t kind;    /* +0x08 */
-    uint32_t pid;     /* +0x0c */
-    uint64_t time_ns; /* +0x10 CLOCK_REALTIME */
+    uint64_t seq;                 /* +0x00 ring sequence: publish/consume protocol, see ring.c */
+    uint32_t kind;                /* +0x08 */
+    uint32_t pid;                 /* +0x0c */
+    uint64_t time_ns;             /* +0x10 CLOCK_REALTIME */
     uint64_t f[SHM_EVENT_FIELDS]; /* +0x18 */
 } shm_event_t;
 
 /* Bounded lock-free multi-producer ring of events (ring.c), drained by the coordinator.
  * A producer that finds the ring full counts the event in `dropped` and goes on. */
 typedef struct shm_ring {
-    uint64_t head;     /* +0x00 next sequence to claim (producers, CAS) */
+    uint64_t head; /* +0x00 next sequence to claim (producers, CAS) */
     uint64_t pad0[7];
-    uint64_t tail;     /* +0x40 next sequence to consume (consumers, CAS) */
+    uint64_t tail; /* +0x40 next sequence to consume (consumers, CAS) */
     uint64_t pad1[7];
-    uint64_t dropped;  /* +0x80 events lost to a full ring */
+    uint64_t dropped; /* +0x80 events lost to a full ring */
     uint64_t pad2[7];
     shm_event_t slots[SHM_RING_SLOTS]; /* +0xc0 */
 } shm_ring_t;
@@ -280,12 +281,13 @@ typedef struct shm_ring {
  *   [J1] count == 0 whenever the heap lock is free
  *   [J2] the first `count` records of log are well formed and lie in the segment */
 typedef struct shm_journal {
-    uint64_t count;      /* +0x00 records that describe writes which may have happened */
-    uint64_t used;       /* +0x08 bytes of log in use */
-    uint64_t rollbacks;  /* +0x10 operations undone after their process died */
-    uint64_t overflows;  /* +0x18 records that did not fit (should stay 0) */
+    uint64_t count;     /* +0x00 records that describe writes which may have happened */
+    uint64_t used;      /* +0x08 bytes of log in use */
+    uint64_t rollbacks; /* +0x10 operations undone after their process died */
+    uint64_t overflows; /* +0x18 records that did not fit (should stay 0) */
     uint64_t pad[4];
-    uint8_t log[SHM_JOURNAL_BYTES]; /* +0x40 records: offset (8), len (8), the old bytes (len, padded to 8) */
+    /* records: offset (8), len (8), the old bytes (len of them, padded to 8) */
+    uint8_t log[SHM_JOURNAL_BYTES]; /* +0x40 */
 } shm_journal_t;
 
 /* Arena-wide counters, written with relaxed atomics under the heap lock (peak and oom_events
@@ -326,8 +328,8 @@ typedef struct shm_lease {
 
 /* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
 typedef struct shm_lock {
-    uint8_t mutex[SHM_MUTEX_BYTES]; /* +0x00 pthread_mutex_t, PTHREAD_PROCESS_SHARED | PTHREAD_MUTEX_ROBUST */
-    uint64_t pad[8];      /* +0x40 keeps the next field on its own cache line */
+    uint8_t mutex[SHM_MUTEX_BYTES]; /* +0x00 pthread_mutex_t, process-shared and robust */
+    uint64_t pad[8];                /* +0x40 keeps the next field on its own cache line */
 } shm_lock_t;
 
 /* Arena header: offset 0 of the segment, written once by create, but for the tables after
@@ -337,27 +339,27 @@ typedef struct shm_lock {
  *   [A2] heap_off % SHM_PAGE == 0, heap_off + heap_size == capacity, heap_size % 16 == 0
  *   [A3] reserved_top <= capacity */
 typedef struct shm_arena {
-    uint64_t magic;       /* +0x00 */
-    uint32_t version;     /* +0x08 bump SHM_LAYOUT_VERSION on any change to this file */
-    uint32_t header_size; /* +0x0c sizeof(shm_arena_t) */
-    uint64_t capacity;    /* +0x10 the segment's size */
-    uint64_t heap_off;    /* +0x18 */
-    uint64_t heap_size;   /* +0x20 */
-    uint64_t salt;        /* +0x28 random per arena, mixed into block checksums */
-    uint64_t created_ns;  /* +0x30 CLOCK_REALTIME at create */
-    uint32_t max_procs;   /* +0x38 SHM_MAX_PROCS */
-    uint32_t nbins;       /* +0x3c SHM_NBINS */
-    shm_counters_t counters;               /* +0x40 */
-    shm_lock_t heap_lock;                  /* +0x100 guards the heap, the bins and the slots */
-    uint64_t bitmap[SHM_BITMAP_WORDS];     /* +0x180 one bit per non-empty bin */
-    uint64_t bins[SHM_NBINS];              /* +0x1a0 head offset of each bin's list, 0 = empty */
-    shm_lease_t lease;                     /* +0x848 the coordinator's lease */
+    uint64_t magic;          /* +0x00 */
+    uint32_t version;        /* +0x08 bump SHM_LAYOUT_VERSION on any change to this file */
+    uint32_t header_size;    /* +0x0c sizeof(shm_arena_t) */
+    uint64_t capacity;       /* +0x10 the segment's size */
+    uint64_t heap_off;       /* +0x18 */
+    uint64_t heap_size;      /* +0x20 */
+    uint64_t salt;           /* +0x28 random per arena, mixed into block checksums */
+    uint64_t created_ns;     /* +0x30 CLOCK_REALTIME at create */
+    uint32_t max_procs;      /* +0x38 SHM_MAX_PROCS */
+    uint32_t nbins;          /* +0x3c SHM_NBINS */
+    shm_counters_t counters; /* +0x40 */
+    shm_lock_t heap_lock;    /* +0x100 guards the heap, the bins and the slots */
+    uint64_t bitmap[SHM_BITMAP_WORDS]; /* +0x180 one bit per non-empty bin */
+    uint64_t bins[SHM_NBINS];          /* +0x1a0 head offset of each bin's list, 0 = empty */
+    shm_lease_t lease;                 /* +0x848 the coordinator's lease */
     uint64_t pad_bins[5];
-    shm_proc_t procs[SHM_MAX_PROCS];       /* +0x880 the process table */
-    shm_ref_t refs[SHM_MAX_REFS];          /* +0x4880 references held by live processes */
-    shm_name_t names[SHM_MAX_NAMES];       /* +0x14880 the named-block directory */
-    shm_cache_t caches[SHM_MAX_PROCS];     /* +0x24880 per-process caches, indexed like procs */
-    shm_ring_t ring;                       /* +0x46880 the event ring */
-    shm_lock_t slot_locks[SHM_MAX_PROCS];  /* +0x86940 slot_locks[i] guards caches[i] (no journal) */
-    shm_journal_t journal;                 /* +0x8a940 the undo journal */
+    shm_proc_t procs[SHM_MAX_PROCS];      /* +0x880 the process table */
+    shm_ref_t refs[SHM_MAX_REFS];         /* +0x4880 references held by live processes */
+    shm_name_t names[SHM_MAX_NAMES];      /* +0x14880 the named-block directory */
+    shm_cache_t caches[SHM_MAX_PROCS];    /* +0x24880 per-process caches, indexed like procs */
+    shm_ring_t ring;                      /* +0x46880 the event ring */
+    shm_lock_t slot_locks[SHM_MAX_PROCS]; /* +0x86940 slot_locks[i] guards caches[i] */
+    shm_journal_t journal;                /* +0x8a940 the undo journal */
 } shm_arena_t;
