@@ -31,6 +31,7 @@ PIN(shm_arena_t, counters, 0x40);
 PIN(shm_arena_t, heap_lock, 0x100);
 PIN(shm_arena_t, bitmap, 0x180);
 PIN(shm_arena_t, bins, 0x1a0);
+PIN(shm_arena_t, lease, 0x848);
 PIN(shm_arena_t, procs, 0x880);
 PIN(shm_arena_t, refs, 0x4880);
 PIN(shm_arena_t, names, 0x14880);
@@ -44,8 +45,9 @@ PIN(shm_cache_t, pending, 0x40);
 PIN(shm_cache_t, head, 0x80);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
 PIN(shm_counters_t, reserved_top, 0x40);
+PIN(shm_counters_t, cache_limit, 0x68);
 
-uint64_t shm_header_size(void) { return (sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
+uint64_t shm_header_size(void) { return SHM_HEADER_BYTES; }
 
 static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, uint64_t salt) {
     h->base = base;
@@ -66,7 +68,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
                        "capacity %llu must be a multiple of %d between %llu and %llu bytes",
                        (unsigned long long)capacity, SHM_PAGE, (unsigned long long)(hs + SHM_PAGE),
                        (unsigned long long)SHM_MAX_CAPACITY);
-    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0)  /* header + first heap page */
+    if (fallocate(fd, 0, 0, (off_t)(hs + SHM_PAGE)) != 0) /* header + first heap page */
         return errno == ENOSPC ? err_oom(SHM_ENOSPC, hs + SHM_PAGE, 0, 0, capacity)
                                : err_sys(errno, "fallocate on the new segment");
     shm_arena_t *a = base;
@@ -132,8 +134,9 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
         return err_set(SHM_ENOTARENA, 0, "no shmalloc magic at offset 0 (found %#llx)",
                        (unsigned long long)a->magic);
     if (a->version != SHM_LAYOUT_VERSION || a->header_size != sizeof(shm_arena_t))
-        return err_set(SHM_ELAYOUT, 8, "layout version %u (header %u bytes); this build reads %d (%zu)",
-                       a->version, a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
+        return err_set(SHM_ELAYOUT, 8,
+                       "layout version %u (header %u bytes); this build reads %d (%zu)", a->version,
+                       a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
     if (a->capacity != capacity || a->heap_off != hs || a->heap_size != capacity - hs ||
         a->max_procs != SHM_MAX_PROCS || a->nbins != SHM_NBINS)
         return err_set(SHM_ELAYOUT, 0x10,
@@ -188,7 +191,8 @@ int shm_segment_probe(const void *head, uint64_t len) {
 /* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     const shm_counters_t *c = &h->arena->counters;
-    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0, peak_one = 0;
+    uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0,
+             peak_one = 0;
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         const shm_cache_t *k = &h->arena->caches[i];
         cached += A_LOAD(&k->cached_bytes);
@@ -221,7 +225,8 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     out->allocations = A_LOAD(&c->allocations) + nallocs;
     out->deallocations = A_LOAD(&c->deallocations) + nfrees + rblocks;
     int64_t cache_frees = (int64_t)(nfrees - A_LOAD(&c->gc_cache_base)); /* since the last gc */
-    out->frees_since_gc = A_LOAD(&c->frees_since_gc) + (cache_frees > 0 ? (uint64_t)cache_frees : 0);
+    out->frees_since_gc = A_LOAD(&c->frees_since_gc) +
+                          (cache_frees > 0 ? (uint64_t)cache_frees : 0);
     out->reserved = A_LOAD(&c->reserved_top);
     out->lock_recoveries = A_LOAD(&c->lock_recoveries);
     out->oom_events = A_LOAD(&c->oom_events);
@@ -230,3 +235,36 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
 }
 
 int shm_pressure_level(shm_handle_t *h) { return (int)A_LOAD(&h->arena->counters.pressure_level); }
+
+int64_t shm_largest_free(shm_handle_t *h) {
+    int rc = heap_lock(h);
+    if (rc != SHM_OK) return rc;
+    uint64_t s = 0;
+    rc = freelist_largest(h, &s);
+    heap_unlock(h);
+    if (rc != SHM_OK) return rc;
+    return s ? (int64_t)(s - SHM_HDR) : 0;
+}
+
+/* The full walk (check.c) with every lock held. Slot locks first, in slot order, then the heap
+ * lock: the order every path takes them in. */
+int shm_check(shm_handle_t *h, shm_check_report_t *out) {
+    const shm_arena_t *a = h->arena;
+    if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
+        a->heap_off != h->heap_off || a->salt != h->salt)
+        return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
+    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
+    for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
+        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = slot_lock(h, i, 1)) == SHM_OK)
+            locked[i] = 1;
+    if (rc == SHM_OK && (rc = heap_lock(h)) == SHM_OK) {
+        int full = 1; /* a slot that became live after its turn above is not locked */
+        for (int i = 0; i < SHM_MAX_PROCS; i++)
+            if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && !locked[i]) full = 0;
+        rc = check_locked(h, out, full);
+        heap_unlock(h);
+    }
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (locked[i]) slot_unlock(h, i);
+    return rc;
+}

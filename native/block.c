@@ -1,8 +1,9 @@
 /* block.c -- block headers: writing them, sealing them with a checksum, and validating them.
  *
  * Every header write goes through block_write() or block_edit() ... block_reseal(), so the old
- * header is journaled first (journal.c) and the checksum [B1] is always current. Nothing read from a header is trusted before block_validate() has checked its offset
- * against the heap's bounds, its size [B2] and its checksum [B1]. */
+ * header is journaled first (journal.c) and the checksum [B1] is always current. Nothing read from
+ * a header is trusted before block_validate() has checked its offset against the heap's bounds, its
+ * size [B2] and its checksum [B1]. */
 #include "shm_internal.h"
 
 static inline uint64_t mix64(uint64_t x) {
@@ -50,10 +51,11 @@ int block_claim(shm_handle_t *h, uint64_t off) {
                            "the block at address %#llx is free (already freed?)",
                            (unsigned long long)(off + SHM_HDR));
         uint64_t want = cur | ((uint64_t)SHM_BF_BUSY << 32);
-        if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) break;
+        if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            break;
     }
     if (h->claimed && h->claimed != off) block_unclaim(h, h->claimed);
-    h->claimed = off; /* lock_release lets go of it */
+    h->claimed = off; /* heap_unlock lets go of it */
     return SHM_OK;
 }
 
@@ -70,8 +72,8 @@ shm_block_t *block_edit(shm_handle_t *h, uint64_t off) {
     return b;
 }
 
-void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
-                 uint32_t owner, uint32_t flags, uint32_t refcount) {
+void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size, uint32_t owner,
+                 uint32_t flags, uint32_t refcount) {
     shm_block_t *b = block_edit(h, off);
     b->size = size;
     b->prev_size = prev_size;
@@ -132,8 +134,7 @@ static int block_classify_bad(const shm_handle_t *h, uint64_t address, uint64_t 
 /* Map a user address to its block's offset; the block must be allocated (a block in a cache or
  * on a remote list is free from the user's view). */
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out) {
-    if (UNLIKELY(address < h->heap_off + SHM_HDR || address >= h->heap_end ||
-                 address % SHM_ALIGN))
+    if (UNLIKELY(address < h->heap_off + SHM_HDR || address >= h->heap_end || address % SHM_ALIGN))
         return err_set(SHM_EADDR, address,
                        "address %#llx is outside the heap [%#llx, %#llx) or not 16-byte aligned",
                        (unsigned long long)address, (unsigned long long)(h->heap_off + SHM_HDR),
@@ -148,11 +149,14 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
 }
 
 uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset) {
-    uint64_t hs = shm_header_size();
+    uint64_t hs = SHM_HEADER_BYTES;
     if (capacity < hs + SHM_PAGE) return 0;
     const shm_arena_t *a = base;
-    shm_handle_t h = {.base = (uint8_t *)(uintptr_t)base, .capacity = capacity, .heap_off = hs,
-                      .heap_end = capacity, .salt = a->salt};
+    shm_handle_t h = {.base = (uint8_t *)(uintptr_t)base,
+                      .capacity = capacity,
+                      .heap_off = hs,
+                      .heap_end = capacity,
+                      .salt = a->salt};
     if (!heap_offset_ok(&h, header_offset)) return 0;
     return block_checksum(&h, header_offset, block_at(&h, header_offset));
 }

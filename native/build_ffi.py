@@ -2,7 +2,8 @@
 
 setuptools runs it through ``cffi_modules`` in setup.py; nobody runs it by hand. The cdef is
 the text of the two parser-clean headers, so the layout and the API are declared exactly once.
-``SHMALLOC_DEBUG`` (0..3) and ``SHMALLOC_SANITIZE=1`` in the environment select debug builds.
+``SHMALLOC_DEBUG`` (0..3, see shm_internal.h) and ``SHMALLOC_SANITIZE=1`` in the environment select
+debug builds. Every build treats a warning as an error.
 """
 
 import os
@@ -12,15 +13,16 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [
-    "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c", "gc.c", "heap.c", "lock.c",
-    "journal.c", "names.c", "own.c", "process.c", "ring.c",
+    "alloc.c", "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c",
+    "gc.c", "heap.c", "journal.c", "lease.c", "lock.c", "names.c", "own.c", "process.c", "ring.c",
+    "sizeclass.c",
 ]
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "shm_layout.h").read_text() + (HERE / "shm_api.h").read_text())
 
 _debug = int(os.environ.get("SHMALLOC_DEBUG", "0"))
-_args = ["-std=gnu11", "-Wall", "-Wextra", f"-DSHMALLOC_DEBUG={_debug}"]
+_args = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", f"-DSHMALLOC_DEBUG={_debug}"]
 _link: list[str] = []
 if _debug:
     _args += ["-O1", "-g"]

@@ -15,13 +15,14 @@
  * and moves the blocks into its cache. While pushing, the freeing process names the block in its
  * own `pending` word, so that a collector never frees a REMOTE block whose push is still under way.
  *
- * Who may change what (the rules that make this safe; shm_layout.h has the flag definitions):
+ * Who may change what (the rules that make this safe; shm_layout.h's Concurrency section has the
+ * whole table and the lock order: a slot lock before the heap lock, never the other way):
  *   - a block in the plain allocated state (owner X, flags 0) leaves it by exactly one CAS: to
  *     CACHED (X's own free, X's slot lock held), to REMOTE (a remote free, no lock) or to BUSY
  *     (the heap lock's holder, block_claim in block.c, before adopt/retain/free/...);
- *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock; REMOTE blocks only
- *     by whoever holds X's slot lock and has taken them off the remote list, or by the collector
- *     once X is dead;
+ *   - CACHED blocks and X's lists are touched only by a holder of X's slot lock, or by the
+ *     collector once X is dead; REMOTE blocks only by whoever holds X's slot lock and has taken
+ *     them off the remote list, or by the collector once X is dead;
  *   - the cache-side counters of X are written only by a holder of X's slot lock (or by the
  *     collector once X is dead), the heap-side counters (procs[X]) only under the heap lock.
  *
@@ -37,28 +38,13 @@
 #define CLASS_BYTES ((uint64_t)65536) /* a list holds at most this many bytes... */
 #define CLASS_MAX 64                  /* ...and at most this many blocks */
 #define REFILL_BYTES ((uint64_t)8192) /* a refill carves about this much (at least one block) */
-#define ROOM_FLOOR ((uint64_t)262144) /* a process may always cache this much (within the limit) */
+#define ROOM_FLOOR ((uint64_t)262144) /* a process may always cache this much (in its limit) */
 #define ROOM_SHARE 16                 /* and otherwise 1/16 of what it uses */
 #define REMOTE_WALK_MAX ((uint64_t)1 << 24)
-#define REMOTE_HELP_BYTES ((uint64_t)256 << 10) /* a remote list this long is drained by a freer */
+/* a remote list this long is drained by a freer */
+#define REMOTE_HELP_BYTES ((uint64_t)256 << 10)
 
 _Static_assert(SHM_CACHE_CLASSES <= sizeof(((shm_cache_t *)0)->head) / 8, "too many classes");
-
-/* Size classes by whole block size: multiples of 16 from 64 to 256 (classes 0..12), then eight
- * per doubling up to 64 KiB (classes 13..76): at most 1/8 of a block is rounding. */
-unsigned cache_class_of(uint64_t need) {
-    if (need <= 256) return (unsigned)((need - SHM_MIN_BLOCK) >> 4);
-    unsigned lg = (unsigned)(63 - __builtin_clzll(need - 1)); /* need in (2^lg, 2^(lg+1)] */
-    uint64_t step = (uint64_t)1 << (lg - 3);
-    unsigned sub = (unsigned)((need - ((uint64_t)1 << lg) + step - 1) >> (lg - 3));
-    return 12 + (lg - 8) * 8 + sub;
-}
-
-uint64_t cache_class_size(unsigned k) {
-    if (k <= 12) return SHM_MIN_BLOCK + 16 * (uint64_t)k;
-    unsigned lg = 8 + (k - 13) / 8, sub = (k - 13) % 8 + 1;
-    return ((uint64_t)1 << lg) + (uint64_t)sub * ((uint64_t)1 << (lg - 3));
-}
 
 static unsigned class_cap(unsigned k) {
     uint64_t n = CLASS_BYTES / cache_class_size(k); /* a constant divisor per class: cheap */
@@ -76,8 +62,7 @@ static int class_exact(uint64_t size, unsigned *k) {
 static void sub_clamped(uint64_t *p, uint64_t v) {
     uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (!__atomic_compare_exchange_n(p, &cur, cur > v ? cur - v : 0, 1, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
-    }
+                                        __ATOMIC_RELAXED)) {}
 }
 
 /* A REMOTE block of slot leaves the remote list's count (drained, or freed by the collector). */
@@ -87,17 +72,8 @@ void cache_remote_done(shm_handle_t *h, int slot, uint64_t got) {
     sub_clamped(&c->remote_blocks, 1);
 }
 
-static inline shm_cache_t *cache_of(const shm_handle_t *h, int slot) { return &h->arena->caches[slot]; }
-static inline uint64_t *link_of(const shm_handle_t *h, uint64_t off) {
-    return (uint64_t *)(void *)(h->base + off + SHM_HDR);
-}
-
-/* Sum one uint64 field over all caches (stats, pressure, out-of-memory reports). */
-uint64_t cache_sum(const shm_handle_t *h, size_t field) {
-    uint64_t s = 0;
-    for (int i = 0; i < SHM_MAX_PROCS; i++)
-        s += A_LOAD((const uint64_t *)(const void *)((const uint8_t *)cache_of(h, i) + field));
-    return s;
+static inline shm_cache_t *cache_of(const shm_handle_t *h, int slot) {
+    return &h->arena->caches[slot];
 }
 
 /* Is off named by a live process's pending remote push? (The collector must leave it alone.) */
@@ -109,22 +85,6 @@ int cache_pending_live(const shm_handle_t *h, uint64_t off) {
     return 0;
 }
 
-/* The slot becomes FREE (under the heap lock): fold its lifetime counts into the arena's, empty
- * it. Its lists must be empty of blocks already (the caller freed them). */
-void cache_reset_slot(shm_handle_t *h, int slot) {
-    shm_cache_t *c = cache_of(h, slot);
-    shm_counters_t *ct = &h->arena->counters;
-    A_ADD(&ct->allocations, A_LOAD(&c->nallocs));
-    A_ADD(&ct->deallocations, A_LOAD(&c->nfrees));
-    A_SUB(&ct->gc_cache_base, A_LOAD(&c->nfrees));
-    journal_save(h, &c->usage, sizeof *c - offsetof(shm_cache_t, usage));
-    memset(&c->usage, 0, sizeof *c - offsetof(shm_cache_t, usage));
-    __atomic_store_n(&c->remote_head, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&c->remote_bytes, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&c->remote_blocks, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&c->pending, 0, __ATOMIC_RELAXED);
-}
-
 /* Is off a block of `size` bytes whose (owner, flags) word is `word`? A header caught between
  * two writes of the heap lock's holder (a neighbour's prev_size) fails its checksum for a moment:
  * only a second look under the heap lock decides. */
@@ -132,10 +92,10 @@ static int block_is(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t word,
     if (LIKELY(block_validate(h, off) == SHM_OK && block_at(h, off)->size == size &&
                __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == word))
         return 1;
-    if (heap_locked || lock_acquire(h, &h->arena->heap_lock) != SHM_OK) return 0;
+    if (heap_locked || heap_lock(h) != SHM_OK) return 0;
     int ok = block_validate(h, off) == SHM_OK && block_at(h, off)->size == size &&
              __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == word;
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return ok;
 }
 
@@ -144,13 +104,15 @@ static int block_is(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t word,
 static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out, int heap_locked) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t off = c->head[k];
-    if (UNLIKELY(!block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_CACHED), heap_locked))) {
+    if (UNLIKELY(!block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_CACHED),
+                           heap_locked))) {
         c->head[k] = 0; /* do not follow it again */
         c->count[k] = 0;
-        return err_set(SHM_ECORRUPT, off, "[K1] cache of slot %d, class %u: %#llx is not a cached block",
-                       slot, k, (unsigned long long)off);
+        return err_set(SHM_ECORRUPT, off,
+                       "[K1] cache of slot %d, class %u: %#llx is not a cached block", slot, k,
+                       (unsigned long long)off);
     }
-    c->head[k] = *link_of(h, off);
+    c->head[k] = *block_cache_link(h, off);
     c->count[k]--;
     *off_out = off;
     return SHM_OK;
@@ -158,7 +120,9 @@ static int list_pop(shm_handle_t *h, int slot, unsigned k, uint64_t *off_out, in
 
 static void list_push(shm_handle_t *h, int slot, unsigned k, uint64_t off) {
     shm_cache_t *c = cache_of(h, slot);
-    *link_of(h, off) = c->head[k];
+    shm_assert(k < SHM_CACHE_CLASSES && heap_offset_ok(h, off));
+    shm_assert_internal(block_at(h, off)->size == cache_class_size(k));
+    *block_cache_link(h, off) = c->head[k];
     c->head[k] = off;
     c->count[k]++;
 }
@@ -183,7 +147,7 @@ static int list_release(shm_handle_t *h, int slot, unsigned k, unsigned n) {
  * CACHED block of the slot goes back to the heap, the lists are emptied and the cache-side
  * counters recomputed from what the slot owns. */
 static int cache_repair(shm_handle_t *h, int slot) {
-    int rc = lock_acquire(h, &h->arena->heap_lock); /* rolls back a death under both locks first */
+    int rc = heap_lock(h); /* rolls back a death under both locks first */
     if (rc != SHM_OK) return rc;
     shm_cache_t *c = cache_of(h, slot);
     memset(c->head, 0, sizeof c->head);
@@ -212,13 +176,14 @@ static int cache_repair(shm_handle_t *h, int slot) {
         A_STORE(&c->cached_blocks, 0);
         A_ADD(&h->arena->counters.lock_recoveries, 1);
     }
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
 /* Take slot's lock (waiting, or not: SHM_EBUSY if busy), repairing its cache if the last holder
  * died. */
-int cache_lock(shm_handle_t *h, int slot, int wait) {
+int slot_lock(shm_handle_t *h, int slot, int wait) {
+    shm_assert(slot >= 0 && slot < SHM_MAX_PROCS);
     int rc = lock_take(h, &h->arena->slot_locks[slot], wait);
     if (LIKELY(rc == SHM_OK)) return SHM_OK;
     if (rc != SHM_LOCK_RECOVERED) return rc;
@@ -229,7 +194,7 @@ int cache_lock(shm_handle_t *h, int slot, int wait) {
     return SHM_OK;
 }
 
-void cache_unlock(shm_handle_t *h, int slot) { lock_give(&h->arena->slot_locks[slot]); }
+void slot_unlock(shm_handle_t *h, int slot) { lock_give(&h->arena->slot_locks[slot]); }
 
 /* Move the blocks other processes freed into slot's cache (slot lock held). */
 static int drain_remote(shm_handle_t *h, int slot) {
@@ -240,9 +205,10 @@ static int drain_remote(shm_handle_t *h, int slot) {
         uint64_t *w = block_word(h, off);
         if (!heap_offset_ok(h, off) || !class_exact(block_at(h, off)->size, &k) ||
             !block_is(h, off, cache_class_size(k), BLOCK_WORD(slot + 1, SHM_BF_REMOTE), 0))
-            return err_set(SHM_ECORRUPT, off, "remote list of slot %d: %#llx is not a block freed to it",
-                           slot, (unsigned long long)off);
-        uint64_t next = *link_of(h, off), got = block_at(h, off)->size - SHM_HDR;
+            return err_set(SHM_ECORRUPT, off,
+                           "remote list of slot %d: %#llx is not a block freed to it", slot,
+                           (unsigned long long)off);
+        uint64_t next = *block_cache_link(h, off), got = block_at(h, off)->size - SHM_HDR;
         __atomic_store_n(w, BLOCK_WORD(slot + 1, SHM_BF_CACHED), __ATOMIC_RELAXED);
         list_push(h, slot, k, off);
         A_SUB(&c->usage, got);
@@ -280,17 +246,19 @@ static int trim_to_bounds(shm_handle_t *h, int slot, unsigned grew) {
     else
         for (unsigned k = 0; k < SHM_CACHE_CLASSES && !over; k++) over = c->count[k] > class_cap(k);
     if (LIKELY(!over)) return SHM_OK;
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
-        if (c->count[k] > class_cap(k)) rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
+        if (c->count[k] > class_cap(k))
+            rc = list_release(h, slot, k, c->count[k] - class_cap(k) / 2);
     /* over the total: other lists give back half first, largest blocks first; the list that grew
      * (the block just freed, likely wanted again soon) last */
-    for (unsigned k = SHM_CACHE_CLASSES; k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
+    for (unsigned k = SHM_CACHE_CLASSES;
+         k-- > 0 && rc == SHM_OK && A_LOAD(&c->cached_bytes) > limit;)
         if (k != grew) rc = list_release(h, slot, k, (c->count[k] + 1) / 2);
     if (rc == SHM_OK && grew < SHM_CACHE_CLASSES && A_LOAD(&c->cached_bytes) > limit)
         rc = list_release(h, slot, grew, (c->count[grew] + 1) / 2);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
@@ -303,14 +271,14 @@ static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
     if (n > class_cap(k) / 2) n = class_cap(k) / 2;
     if (n > fit) n = fit;
     if (n < 1) n = 1; /* the block about to be handed out */
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t made = 0;
     while (made < n) {
         uint64_t off;
         rc = heap_carve(h, size, 0, (uint32_t)slot + 1, SHM_BF_CACHED, UINT64_MAX, &off);
         if (rc != SHM_OK) break;
-        uint64_t *link = link_of(h, off);
+        uint64_t *link = block_cache_link(h, off);
         J(h, link); /* the payload was a free block's links a moment ago */
         list_push(h, slot, k, off);
         A_ADD(&c->cached_bytes, got);
@@ -322,7 +290,7 @@ static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
         pressure_update(h, rose);
         heap_note_peak(h);
     }
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
@@ -331,35 +299,37 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
     unsigned k = cache_class_of(need);
     uint64_t got = cache_class_size(k) - SHM_HDR;
+    shm_assert(got >= usable);
     shm_cache_t *c = cache_of(h, slot);
     shm_proc_t *p = &h->arena->procs[slot];
-    int rc = cache_lock(h, slot, 1);
+    int rc = slot_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (UNLIKELY(A_LOAD(&p->state) != SHM_PROC_LIVE)) { /* detached: the heap path says so */
-        cache_unlock(h, slot);
-        return heap_alloc(h, size, 0, (uint32_t)slot + 1);
+        slot_unlock(h, slot);
+        return CACHE_DECLINED;
     }
     if (UNLIKELY(__atomic_load_n(&c->remote_head, __ATOMIC_RELAXED)) &&
-        ((rc = drain_remote(h, slot)) != SHM_OK || (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
-        cache_unlock(h, slot);
+        ((rc = drain_remote(h, slot)) != SHM_OK ||
+         (rc = trim_to_bounds(h, slot, SHM_CACHE_CLASSES)) != SHM_OK)) {
+        slot_unlock(h, slot);
         return rc;
     }
     uint64_t limit = A_LOAD(&p->limit);
     if (UNLIKELY(limit)) {
         uint64_t u = proc_usage(h, slot);
         if (u + got > limit) { /* the class's rounding may be what does not fit: ask the heap */
-            cache_unlock(h, slot);
-            return heap_alloc(h, size, 0, (uint32_t)slot + 1);
+            slot_unlock(h, slot);
+            return CACHE_DECLINED;
         }
     }
     int rose = 0;
     if (UNLIKELY(!c->count[k]) && (rc = refill(h, slot, k, &rose)) != SHM_OK) {
-        cache_unlock(h, slot);
+        slot_unlock(h, slot);
         return rc;
     }
     uint64_t off;
     if ((rc = list_pop(h, slot, k, &off, 0)) != SHM_OK) {
-        cache_unlock(h, slot);
+        slot_unlock(h, slot);
         return rc;
     }
     FAULT_POINT(FAULT_CACHE_POPPED);
@@ -369,7 +339,7 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
     A_ADD(&c->nblocks, 1);
     A_ADD(&c->nallocs, 1);
     a_raise_max(&p->peak, A_ADD(&c->usage, got) + A_LOAD(&p->usage));
-    cache_unlock(h, slot);
+    slot_unlock(h, slot);
     return (int64_t)(off + SHM_HDR) | heap_result_flags(h, (uint32_t)slot + 1, rose);
 }
 
@@ -377,10 +347,10 @@ int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size) {
  * stopped allocating would otherwise keep what others freed to it out of use until it ends. The
  * blocks go into its cache, and what is over the cache's bounds back to the heap. */
 static void help_drain(shm_handle_t *h, int owner) {
-    if (cache_lock(h, owner, 0) != SHM_OK) return; /* busy: its holder will see the list */
+    if (slot_lock(h, owner, 0) != SHM_OK) return; /* busy: its holder will see the list */
     if (A_LOAD(&h->arena->procs[owner].state) == SHM_PROC_LIVE && drain_remote(h, owner) == SHM_OK)
         trim_to_bounds(h, owner, SHM_CACHE_CLASSES);
-    cache_unlock(h, owner);
+    slot_unlock(h, owner);
 }
 
 /* Before a collection: every live process's remote list that waits to be drained. */
@@ -391,23 +361,23 @@ void cache_help_drain_all(shm_handle_t *h) {
             help_drain(h, i);
 }
 
-/* Free a block this process owns into its cache; falls back to the heap path when the block is
- * not plainly allocated (sealed, referenced, claimed) or the cache has no room. */
-static int64_t own_free(shm_handle_t *h, int slot, uint64_t address, uint64_t off, unsigned k) {
+/* Free a block this process owns into its cache; declines (the heap path frees it) when the block
+ * is not plainly allocated (sealed, referenced, claimed) or the slot is no longer live. */
+static int64_t own_free(shm_handle_t *h, int slot, uint64_t off, unsigned k) {
     shm_cache_t *c = cache_of(h, slot);
     uint64_t got = cache_class_size(k) - SHM_HDR;
     uint64_t *w = block_word(h, off);
-    int rc = cache_lock(h, slot, 1);
+    int rc = slot_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     uint64_t expect = BLOCK_WORD(slot + 1, 0);
     if (A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE ||
         !__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(slot + 1, SHM_BF_CACHED), 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-        goto heap;
+        goto declined;
     if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_ACQUIRE) || /* retained meanwhile */
         block_at(h, off)->size != got + SHM_HDR) { /* or freed and carved anew by a racing free */
         __atomic_store_n(w, BLOCK_WORD(slot + 1, 0), __ATOMIC_RELEASE);
-        goto heap;
+        goto declined;
     }
     FAULT_POINT(FAULT_CACHE_PUSHED);
     list_push(h, slot, k, off);
@@ -417,11 +387,11 @@ static int64_t own_free(shm_handle_t *h, int slot, uint64_t address, uint64_t of
     A_ADD(&c->cached_bytes, got);
     A_ADD(&c->cached_blocks, 1);
     rc = trim_to_bounds(h, slot, k);
-    cache_unlock(h, slot);
+    slot_unlock(h, slot);
     return rc == SHM_OK ? (int64_t)got : rc;
-heap:
-    cache_unlock(h, slot);
-    return heap_free(h, address);
+declined:
+    slot_unlock(h, slot);
+    return CACHE_DECLINED;
 }
 
 /* Push the claimed (REMOTE) block at off onto owner's remote list and count it as freed there;
@@ -430,15 +400,16 @@ static uint64_t remote_push(shm_handle_t *h, int owner, uint64_t off) {
     shm_cache_t *theirs = cache_of(h, owner);
     uint64_t head = __atomic_load_n(&theirs->remote_head, __ATOMIC_RELAXED);
     do {
-        *link_of(h, off) = head;
+        *block_cache_link(h, off) = head;
     } while (!__atomic_compare_exchange_n(&theirs->remote_head, &head, off, 1, __ATOMIC_RELEASE,
                                           __ATOMIC_RELAXED));
     __atomic_fetch_add(&theirs->remote_blocks, 1, __ATOMIC_RELAXED); /* freed, as users see it */
-    return __atomic_add_fetch(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR, __ATOMIC_RELAXED);
+    return __atomic_add_fetch(&theirs->remote_bytes, block_at(h, off)->size - SHM_HDR,
+                              __ATOMIC_RELAXED);
 }
 
 /* Free a block another live process owns: claim it, push it onto that process's remote list. */
-static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t off, int owner) {
+static int64_t remote_free(shm_handle_t *h, int slot, uint64_t off, int owner) {
     shm_cache_t *mine = cache_of(h, slot);
     uint64_t *w = block_word(h, off);
     uint64_t got = block_at(h, off)->size - SHM_HDR;
@@ -447,13 +418,13 @@ static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t
     if (!__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(owner + 1, SHM_BF_REMOTE), 0,
                                      __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
         __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
-        return heap_free(h, address);
+        return CACHE_DECLINED;
     }
     if (__atomic_load_n(&block_at(h, off)->refcount, __ATOMIC_SEQ_CST) || /* retained meanwhile */
         block_at(h, off)->size != got + SHM_HDR) {
         __atomic_store_n(w, BLOCK_WORD(owner + 1, 0), __ATOMIC_RELEASE);
         __atomic_store_n(&mine->pending, 0, __ATOMIC_RELEASE);
-        return heap_free(h, address);
+        return CACHE_DECLINED;
     }
     FAULT_POINT(FAULT_REMOTE_CLAIMED);
     uint64_t waiting = remote_push(h, owner, off);
@@ -465,33 +436,34 @@ static int64_t remote_free(shm_handle_t *h, int slot, uint64_t address, uint64_t
 int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
     uint64_t off = address - SHM_HDR;
     unsigned k;
-    if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR || address >= h->heap_end || address % SHM_ALIGN ||
+    if (UNLIKELY(!A_LOAD(&h->arena->counters.cache_limit) || address < h->heap_off + SHM_HDR ||
+                 address >= h->heap_end || address % SHM_ALIGN ||
                  block_validate(h, off) != SHM_OK || !class_exact(block_at(h, off)->size, &k)))
-        return heap_free(h, address); /* it reports bad addresses; a torn read is retried there */
+        return CACHE_DECLINED; /* the heap path reports bad addresses, retries torn reads */
     uint64_t word = __atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE);
     uint32_t owner = (uint32_t)word, flags = (uint32_t)(word >> 32);
     if (flags || !owner || owner > SHM_MAX_PROCS || block_at(h, off)->refcount)
-        return heap_free(h, address);
-    if ((int)owner - 1 == slot) return own_free(h, slot, address, off, k);
-    if (A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_LIVE) return heap_free(h, address);
-    return remote_free(h, slot, address, off, (int)owner - 1);
+        return CACHE_DECLINED;
+    if ((int)owner - 1 == slot) return own_free(h, slot, off, k);
+    if (A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_LIVE) return CACHE_DECLINED;
+    return remote_free(h, slot, off, (int)owner - 1);
 }
 
 /* Give slot's whole cache and its remote list back to the heap. */
 static int cache_flush(shm_handle_t *h, int slot) {
-    int rc = cache_lock(h, slot, 1);
+    int rc = slot_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE) rc = drain_remote(h, slot);
     shm_cache_t *c = cache_of(h, slot);
     int any = 0;
     for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) any |= c->count[k] != 0;
     if (rc == SHM_OK && any && A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE &&
-        (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
+        (rc = heap_lock(h)) == SHM_OK) {
         for (unsigned k = 0; k < SHM_CACHE_CLASSES && rc == SHM_OK; k++)
             rc = list_release(h, slot, k, c->count[k]);
-        lock_release(h, &h->arena->heap_lock);
+        heap_unlock(h);
     }
-    cache_unlock(h, slot);
+    slot_unlock(h, slot);
     return rc;
 }
 
@@ -518,21 +490,22 @@ void cache_finish_pushes(shm_handle_t *h) {
             continue;
         }
         uint32_t owner = block_at(h, off)->owner;
-        if (!owner || owner > SHM_MAX_PROCS || cache_lock(h, (int)owner - 1, 1) != SHM_OK) continue;
+        if (!owner || owner > SHM_MAX_PROCS || slot_lock(h, (int)owner - 1, 1) != SHM_OK) continue;
         shm_cache_t *theirs = cache_of(h, (int)owner - 1);
-        if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) == BLOCK_WORD(owner, SHM_BF_REMOTE) &&
+        if (__atomic_load_n(block_word(h, off), __ATOMIC_ACQUIRE) ==
+                BLOCK_WORD(owner, SHM_BF_REMOTE) &&
             !cache_pending_live(h, off)) {
             int listed = 0;
             uint64_t cur = __atomic_load_n(&theirs->remote_head, __ATOMIC_ACQUIRE);
             for (uint64_t n = 0; cur && n < REMOTE_WALK_MAX && !listed; n++) {
                 if (!heap_offset_ok(h, cur)) break;
                 listed = cur == off;
-                cur = *link_of(h, cur);
+                cur = *block_cache_link(h, cur);
             }
             if (!listed) remote_push(h, (int)owner - 1, off);
         }
         A_STORE(&dead->pending, 0);
-        cache_unlock(h, (int)owner - 1);
+        slot_unlock(h, (int)owner - 1);
     }
 }
 
@@ -544,13 +517,14 @@ int shm_cache_flush(shm_handle_t *h, int32_t slot) {
 
 int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
     if (limit > h->heap_end - h->heap_off)
-        return err_set(SHM_EINVAL, limit, "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
+        return err_set(SHM_EINVAL, limit,
+                       "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
                        (unsigned long long)limit, (unsigned long long)(h->heap_end - h->heap_off));
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t old = h->arena->counters.cache_limit;
     A_STORE(&h->arena->counters.cache_limit, limit);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     if (limit < old) cache_flush_all(h); /* live processes trim the rest as they go */
     return SHM_OK;
 }
@@ -567,28 +541,3 @@ int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
     out->remote_bytes = A_LOAD(&c->remote_bytes);
     return SHM_OK;
 }
-
-/* For a full check (check.c) with the slot lock held: walk slot's lists [K1]. */
-int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks) {
-    const shm_cache_t *c = cache_of(h, slot);
-    uint64_t nbytes = 0, n = 0;
-    for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) {
-        uint64_t off = c->head[k], size = cache_class_size(k);
-        for (uint32_t i = 0; i < c->count[k]; i++) {
-            if (block_validate(h, off) != SHM_OK || block_at(h, off)->size != size ||
-                *block_word(h, off) != BLOCK_WORD(slot + 1, SHM_BF_CACHED))
-                return err_set(SHM_ECORRUPT, off, "[K1] slot %d class %u: entry %u at %#llx is not a cached block",
-                               slot, k, i, (unsigned long long)off);
-            nbytes += size - SHM_HDR;
-            n++;
-            off = *link_of(h, off);
-        }
-        if (off)
-            return err_set(SHM_ECORRUPT, (uint64_t)((const uint8_t *)&c->head[k] - h->base),
-                           "[K1] slot %d class %u holds more blocks than its count %u", slot, k, c->count[k]);
-    }
-    *bytes = nbytes;
-    *blocks = n;
-    return SHM_OK;
-}
-

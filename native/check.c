@@ -1,8 +1,11 @@
 /* check.c -- the full heap walk: every invariant of shm_layout.h, cited by its id.
  *
- * Runs under the heap lock. Every step is bounded (the heap walk by the heap's size, each list
- * walk by the number of free blocks the heap walk found), so a corrupt segment gives
- * SHM_ECORRUPT with the first bad offset, never a hang or a read outside the segment. */
+ * Runs under the heap lock (shm_check in arena.c takes it, after every live slot's lock so that
+ * the caches hold still too; at SHMALLOC_DEBUG >= 3 heap_unlock runs it after every operation,
+ * without the slot locks: the cache-side checks are then skipped). Every step is bounded (the heap
+ * walk by the heap's size, each list walk by the number of free blocks the heap walk found), so a
+ * corrupt segment gives SHM_ECORRUPT with the first bad offset, never a hang or a read outside the
+ * segment. */
 #include <string.h>
 
 #include "shm_internal.h"
@@ -14,7 +17,8 @@ typedef struct {
     uint64_t usage, nblocks, cached_bytes, cached_blocks, remote_bytes, remote_blocks;
 } proc_sums_t;
 
-static __thread uint64_t heap_refcounts; /* sum of refcount over allocated blocks, from check_heap */
+/* sum of refcount over allocated blocks, from check_heap */
+static __thread uint64_t heap_refcounts;
 
 static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums) {
     uint64_t off = h->heap_off, prev_size = 0;
@@ -38,7 +42,7 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
             uint32_t transient = b->flags & SHM_BF_TRANSIENT;
             if (transient && transient != SHM_BF_BUSY &&
                 (!b->owner || b->refcount || b->flags != transient))
-                FAIL(off, "[B4] cached or remotely freed block %#llx has owner %u, refcount %u, flags %#x",
+                FAIL(off, "[B4] cached or remote block %#llx has owner %u, refcount %u, flags %#x",
                      ULL(off), b->owner, b->refcount, b->flags);
             if (b->owner && !proc_slot_is_valid(h, b->owner))
                 FAIL(off, "[B6] block %#llx is owned by slot %u, which is not attached", ULL(off),
@@ -74,17 +78,20 @@ static int check_bins(shm_handle_t *h, const shm_check_report_t *r) {
     const shm_arena_t *a = h->arena;
     uint64_t listed = 0;
     for (unsigned bin = 0; bin < SHM_NBINS; bin++) {
-        uint64_t head = a->bins[bin], bin_off = (uint64_t)((const uint8_t *)&a->bins[bin] - h->base);
+        uint64_t head = a->bins[bin],
+                 bin_off = (uint64_t)((const uint8_t *)&a->bins[bin] - h->base);
         int bit = (a->bitmap[bin / 64] >> (bin % 64)) & 1;
         if (bit != (head != 0))
             FAIL(bin_off, "[F3] bin %u: bitmap bit %d but head %#llx", bin, bit, ULL(head));
         uint64_t prev = 0;
         for (uint64_t cur = head; cur; cur = block_links(h, cur)->next) {
             if (++listed > r->free_blocks)
-                FAIL(cur, "[F2] the free lists hold more blocks than the heap (a cycle?) in bin %u", bin);
+                FAIL(cur, "[F2] the free lists hold more blocks than the heap (a cycle?) in bin %u",
+                     bin);
             if (block_validate(h, cur) != SHM_OK) return SHM_ECORRUPT;
             const shm_block_t *b = block_at(h, cur);
-            if (!(b->flags & SHM_BF_FREE)) FAIL(cur, "[F1] bin %u lists allocated block %#llx", bin, ULL(cur));
+            if (!(b->flags & SHM_BF_FREE))
+                FAIL(cur, "[F1] bin %u lists allocated block %#llx", bin, ULL(cur));
             if (bin_of_size(b->size) != bin)
                 FAIL(cur, "[F2] block %#llx of %llu bytes is in bin %u, belongs in %u", ULL(cur),
                      ULL(b->size), bin, bin_of_size(b->size));
@@ -100,7 +107,34 @@ static int check_bins(shm_handle_t *h, const shm_check_report_t *r) {
     return SHM_OK;
 }
 
-static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums, int full) {
+/* With the slot lock held: walk slot's cache lists [K1]. */
+static int check_cache_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks) {
+    const shm_cache_t *c = &h->arena->caches[slot];
+    uint64_t nbytes = 0, n = 0;
+    for (unsigned k = 0; k < SHM_CACHE_CLASSES; k++) {
+        uint64_t off = c->head[k], size = cache_class_size(k);
+        for (uint32_t i = 0; i < c->count[k]; i++) {
+            if (block_validate(h, off) != SHM_OK || block_at(h, off)->size != size ||
+                *block_word(h, off) != BLOCK_WORD(slot + 1, SHM_BF_CACHED))
+                return err_set(SHM_ECORRUPT, off,
+                               "[K1] slot %d class %u: entry %u at %#llx is not a cached block",
+                               slot, k, i, (unsigned long long)off);
+            nbytes += size - SHM_HDR;
+            n++;
+            off = *block_cache_link(h, off);
+        }
+        if (off)
+            return err_set(SHM_ECORRUPT, (uint64_t)((const uint8_t *)&c->head[k] - h->base),
+                           "[K1] slot %d class %u holds more blocks than its count %u", slot, k,
+                           c->count[k]);
+    }
+    *bytes = nbytes;
+    *blocks = n;
+    return SHM_OK;
+}
+
+static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sums_t *sums,
+                          int full) {
     const shm_arena_t *a = h->arena;
     const shm_counters_t *c = &a->counters;
     uint64_t coff = offsetof(shm_arena_t, counters);
@@ -109,7 +143,8 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
     if (A_LOAD(&c->free_bytes) != r->free_bytes)
         FAIL(coff, "[C2] free_bytes counter %llu, free blocks sum to %llu", ULL(c->free_bytes),
              ULL(r->free_bytes));
-    if (A_LOAD(&c->allocated_blocks) != r->allocated_blocks || A_LOAD(&c->free_blocks) != r->free_blocks)
+    if (A_LOAD(&c->allocated_blocks) != r->allocated_blocks ||
+        A_LOAD(&c->free_blocks) != r->free_blocks)
         FAIL(coff, "[C3] block counters %llu/%llu, the walk found %llu/%llu",
              ULL(c->allocated_blocks), ULL(c->free_blocks), ULL(r->allocated_blocks),
              ULL(r->free_blocks));
@@ -128,15 +163,16 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
         uint64_t usage = p->usage + k->usage + k->cached_bytes;
         uint64_t nblocks = p->nblocks + k->nblocks + k->cached_blocks;
         if (usage != sums[i].usage || nblocks != sums[i].nblocks)
-            FAIL(poff, "[K2] slot %d (pid %u) counts %llu bytes in %llu blocks, owns %llu in %llu", i,
-                 p->pid, ULL(usage), ULL(nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
+            FAIL(poff, "[K2] slot %d (pid %u) counts %llu bytes in %llu blocks, owns %llu in %llu",
+                 i, p->pid, ULL(usage), ULL(nblocks), ULL(sums[i].usage), ULL(sums[i].nblocks));
         if (p->peak < p->usage + k->usage) FAIL(poff, "[P3] slot %d peak below usage", i);
-        uint64_t lbytes, lblocks;
-        if (cache_check_lists(h, i, &lbytes, &lblocks) != SHM_OK) return SHM_ECORRUPT;
+        uint64_t lbytes = 0, lblocks = 0;
+        if (check_cache_lists(h, i, &lbytes, &lblocks) != SHM_OK) return SHM_ECORRUPT;
         if (lbytes != k->cached_bytes || lblocks != k->cached_blocks ||
             lblocks != sums[i].cached_blocks || lbytes != sums[i].cached_bytes)
             FAIL(offsetof(shm_arena_t, caches) + (uint64_t)i * sizeof *k,
-                 "[K1] slot %d: lists hold %llu bytes in %llu blocks, counters say %llu in %llu, the heap has %llu cached",
+                 "[K1] slot %d: lists hold %llu bytes in %llu blocks, counters say %llu in %llu, "
+                 "the heap has %llu cached",
                  i, ULL(lbytes), ULL(lblocks), ULL(k->cached_bytes), ULL(k->cached_blocks),
                  ULL(sums[i].cached_blocks));
     }
@@ -151,9 +187,11 @@ static int check_refs_names(shm_handle_t *h) {
         uint64_t eoff = offsetof(shm_arena_t, refs) + (uint64_t)i * sizeof *e;
         if (!e->holder) continue;
         if (!proc_slot_is_valid(h, e->holder) || !e->count)
-            FAIL(eoff, "[R1] reference entry %d: holder slot %u, count %u", i, e->holder - 1, e->count);
+            FAIL(eoff, "[R1] reference entry %d: holder slot %u, count %u", i, e->holder - 1,
+                 e->count);
         if (block_validate(h, e->block) != SHM_OK || (block_at(h, e->block)->flags & SHM_BF_FREE))
-            FAIL(eoff, "[R1] reference entry %d names %#llx, not an allocated block", i, ULL(e->block));
+            FAIL(eoff, "[R1] reference entry %d names %#llx, not an allocated block", i,
+                 ULL(e->block));
         total += e->count;
         int first = 1;
         uint64_t sum = 0;
@@ -176,8 +214,10 @@ static int check_refs_names(shm_handle_t *h) {
         if (!e->address) continue;
         uint64_t off;
         if (block_from_address(h, e->address, &off) != SHM_OK ||
-            (block_at(h, off)->flags & (SHM_BF_NAMED | SHM_BF_PERSIST)) != (SHM_BF_NAMED | SHM_BF_PERSIST))
-            FAIL(eoff, "[N1] name entry %d names %#llx, not a named persistent block", i, ULL(e->address));
+            (block_at(h, off)->flags & (SHM_BF_NAMED | SHM_BF_PERSIST)) !=
+                (SHM_BF_NAMED | SHM_BF_PERSIST))
+            FAIL(eoff, "[N1] name entry %d names %#llx, not a named persistent block", i,
+                 ULL(e->address));
         if (strnlen(e->name, SHM_NAME_LEN) == SHM_NAME_LEN || !e->name[0])
             FAIL(eoff, "[N2] name entry %d is not a NUL-terminated name", i);
     }
@@ -200,27 +240,5 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
         r.used -= sums[i].cached_bytes + sums[i].remote_bytes;
     }
     if (rc == SHM_OK) *out = r;
-    return rc;
-}
-
-int shm_check(shm_handle_t *h, shm_check_report_t *out) {
-    const shm_arena_t *a = h->arena;
-    if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
-        a->heap_off != h->heap_off || a->salt != h->salt)
-        return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
-    /* Slot locks first, in slot order, then the heap lock: the order every path takes them in. */
-    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
-    for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
-        if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = cache_lock(h, i, 1)) == SHM_OK)
-            locked[i] = 1;
-    if (rc == SHM_OK && (rc = lock_acquire(h, &h->arena->heap_lock)) == SHM_OK) {
-        int full = 1; /* a slot that became live after its turn above is not locked */
-        for (int i = 0; i < SHM_MAX_PROCS; i++)
-            if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && !locked[i]) full = 0;
-        rc = check_locked(h, out, full);
-        lock_release(h, &h->arena->heap_lock);
-    }
-    for (int i = 0; i < SHM_MAX_PROCS; i++)
-        if (locked[i]) cache_unlock(h, i);
     return rc;
 }

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "shm_internal.h"
@@ -79,4 +80,10 @@ int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested) {
     last_error.requested = requested;
     snprintf(last_error.detail, sizeof last_error.detail, "%s", shm_strerror(SHM_ELIMIT));
     return SHM_ELIMIT;
+}
+
+/* A debug build's assert failed (shm_internal.h): our own logic is wrong, not the segment. */
+void shm_assert_fail(const char *what, const char *file, int line) {
+    fprintf(stderr, "shmalloc: assertion failed: %s (%s:%d)\n", what, file, line);
+    abort();
 }

@@ -25,12 +25,18 @@
 int fault_step = -1;
 
 static const char *const steps[] = {
-    [FAULT_ALLOC_LOCKED] = "alloc.locked",   [FAULT_ALLOC_REMOVED] = "alloc.removed",
-    [FAULT_ALLOC_CARVED] = "alloc.carved",   [FAULT_ALLOC_DONE] = "alloc.done",
-    [FAULT_FREE_LOCKED] = "free.locked",     [FAULT_FREE_UNLINKED] = "free.unlinked",
-    [FAULT_FREE_INSERTED] = "free.inserted", [FAULT_RETAIN_HALF] = "retain.half",
-    [FAULT_GC_STEP] = "gc.step",             [FAULT_CACHE_POPPED] = "cache.popped",
-    [FAULT_CACHE_PUSHED] = "cache.pushed",   [FAULT_REMOTE_CLAIMED] = "remote.claimed",
+    [FAULT_ALLOC_LOCKED] = "alloc.locked",
+    [FAULT_ALLOC_REMOVED] = "alloc.removed",
+    [FAULT_ALLOC_CARVED] = "alloc.carved",
+    [FAULT_ALLOC_DONE] = "alloc.done",
+    [FAULT_FREE_LOCKED] = "free.locked",
+    [FAULT_FREE_UNLINKED] = "free.unlinked",
+    [FAULT_FREE_INSERTED] = "free.inserted",
+    [FAULT_RETAIN_HALF] = "retain.half",
+    [FAULT_GC_STEP] = "gc.step",
+    [FAULT_CACHE_POPPED] = "cache.popped",
+    [FAULT_CACHE_PUSHED] = "cache.pushed",
+    [FAULT_REMOTE_CLAIMED] = "remote.claimed",
 };
 
 void fault_init(void) {

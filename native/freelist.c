@@ -8,28 +8,13 @@
  *   3. otherwise take the head of the first non-empty bin above need's, found with the bitmap in
  *      at most SHM_BITMAP_WORDS word scans; every block there is larger than need;
  *   4. only when no bin above has a block: scan all of need's own bin before saying out of memory.
- * The first three are O(1); the fourth runs only on the way to an out-of-memory error. Links are validated as they are followed: a bad link is corruption. */
+ * The first three are O(1); the fourth runs only on the way to an out-of-memory error. Links are
+ * validated as they are followed: a bad link is corruption. */
 #include "shm_internal.h"
 
 #define FIRST_FIT_PROBES 8
 
 _Static_assert(SHM_NBINS <= 64 * SHM_BITMAP_WORDS, "bitmap too small for the bins");
-
-unsigned bin_of_size(uint64_t s) {
-    if (s < 4096) return (unsigned)(63 - __builtin_clzll(s)) - 6;
-    if (s < 65536) return 6 + (unsigned)(s >> 12) - 1;
-    unsigned fl = (unsigned)(63 - __builtin_clzll(s));
-    unsigned sl = (unsigned)(s >> (fl - 3)) & 7;
-    unsigned b = 21 + (fl - 16) * 8 + sl;
-    return b < SHM_NBINS ? b : SHM_NBINS - 1;
-}
-
-static uint64_t bin_min_size(unsigned b) {
-    if (b < 6) return (uint64_t)64 << b;
-    if (b < 21) return (uint64_t)(b - 5) * 4096;
-    unsigned fl = 16 + (b - 21) / 8, sl = (b - 21) % 8;
-    return ((uint64_t)1 << fl) + (uint64_t)sl * ((uint64_t)1 << (fl - 3));
-}
 
 static void bit_set(shm_handle_t *h, unsigned b) {
     J(h, &h->arena->bitmap[b / 64]);
@@ -94,12 +79,14 @@ int freelist_remove(shm_handle_t *h, uint64_t off) {
                        (unsigned long long)off, (unsigned long long)next);
     if (prev) {
         if (link_check(h, off, prev) != SHM_OK || block_links(h, prev)->next != off)
-            return err_set(SHM_ECORRUPT, off, "free block %#llx: prev link %#llx does not point back",
+            return err_set(SHM_ECORRUPT, off,
+                           "free block %#llx: prev link %#llx does not point back",
                            (unsigned long long)off, (unsigned long long)prev);
         links_edit(h, prev)->next = next;
     } else {
         if (a->bins[b] != off)
-            return err_set(SHM_ECORRUPT, off, "free block %#llx has no prev link but is not the head of bin %u",
+            return err_set(SHM_ECORRUPT, off,
+                           "free block %#llx has no prev link but is not the head of bin %u",
                            (unsigned long long)off, b);
         bin_set(h, b, next);
         if (!next) bit_clear(h, b);
@@ -143,8 +130,9 @@ int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out) {
     }
     unsigned found = b < SHM_NBINS ? bin_first_from(a, b) : SHM_NBINS;
     if (found == SHM_NBINS)
-        return need != bin_min_size(bin_of_size(need)) ? bin_scan(h, bin_of_size(need), need, off_out)
-                                                        : SHM_ENOMEM;
+        return need != bin_min_size(bin_of_size(need))
+                   ? bin_scan(h, bin_of_size(need), need, off_out)
+                   : SHM_ENOMEM;
     uint64_t head = a->bins[found];
     if (link_check(h, (uint64_t)((uint8_t *)&a->bins[found] - h->base), head) != SHM_OK)
         return SHM_ECORRUPT;

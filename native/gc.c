@@ -1,7 +1,11 @@
-/* gc.c -- reclaiming the blocks of dead processes, and cleaning their slots.
+/* gc.c -- the end of a slot: reclaiming the blocks of dead processes, cleaning their slots, and a
+ * living process's detach.
  *
  * Which processes are dead is decided in Python (process.py compares pid and start time); it
- * marks their slots DEAD with shm_proc_mark_dead(). shm_gc() then, under the heap lock:
+ * marks their slots DEAD with shm_proc_mark_dead() (process.c). shm_gc() first finishes the
+ * remote pushes that dead processes left half done and drains live processes' remote lists
+ * (cache.c; each under the owner's slot lock, before the heap lock: the lock order), then, under
+ * the heap lock:
  *   1. drops the references held by DEAD slots (references die with their holder);
  *   2. walks the heap and frees, for slot == -1, every block whose owner is DEAD and which no live
  *      process references; for slot >= 0 the same restricted to that slot, or with all_blocks
@@ -10,25 +14,10 @@
  * A dead process's cached blocks (CACHED) go back to the heap in the same walk, and so do blocks
  * other processes freed to it (REMOTE), except one whose push a live process has not finished
  * (its `pending` word names it; cache.c): that one waits for the next collection. A live
- * process's cache is left to it (it returns it when asked to trim).
+ * process's cache is left to it (it returns it when asked to trim). A dead slot's cache counters
+ * are written here under the heap lock alone: nobody else writes them once the slot is DEAD.
  * Freeing merges neighbours at once, so the walk continues from the end of the merged block. */
 #include "shm_internal.h"
-
-int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    shm_proc_t *p = &h->arena->procs[slot];
-    int marked = 0;
-    if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time) {
-        J(h, p);
-        A_STORE(&p->state, SHM_PROC_DEAD);
-        marked = 1;
-    }
-    lock_release(h, &h->arena->heap_lock);
-    return marked;
-}
 
 /* Free one block of a dead (or targeted) process in the walk; *off moves past it. */
 static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *out) {
@@ -47,7 +36,7 @@ static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *o
             *off += size; /* its live owner cached it, or another process freed it, meanwhile */
             return SHM_OK;
         }
-        if ((rc = heap_free_block(h, *off, off)) != SHM_OK) return rc;
+        if ((rc = alloc_free_block(h, *off, off)) != SHM_OK) return rc;
         out->freed_blocks++;
         out->freed_bytes += size - SHM_HDR;
     }
@@ -105,27 +94,51 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
     }
     A_ADD(&a->counters.gc_runs, 1);
     A_STORE(&a->counters.frees_since_gc, 0);
-    A_STORE(&a->counters.gc_cache_base, cache_sum(h, offsetof(shm_cache_t, nfrees)));
+    A_STORE(&a->counters.gc_cache_base, heap_cache_sum(h, offsetof(shm_cache_t, nfrees)));
     return SHM_OK;
 }
 
 /* slot >= 0 with pid != 0: only if the slot still holds that process (pid, start_time); else
- * SHM_ENOENT, so a slot freed and claimed by a new process meanwhile is never collected by mistake. */
+ * SHM_ENOENT, so that a slot freed and claimed by a new process meanwhile is never collected by
+ * mistake. */
 int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
            shm_gc_result_t *out) {
     if (slot < -1 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
-    cache_finish_pushes(h); /* remote frees that dead processes left half done */
+    cache_finish_pushes(h);  /* remote frees that dead processes left half done */
     cache_help_drain_all(h); /* and blocks freed to live processes that have not taken them in */
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     const shm_proc_t *p = slot >= 0 ? &h->arena->procs[slot] : NULL;
     if (p && pid && (p->state == SHM_PROC_FREE || p->pid != pid || p->start_time != start_time))
         rc = err_set(SHM_ENOENT, (uint64_t)slot, "slot %d no longer holds process %u", slot, pid);
     else
         rc = gc_locked(h, slot, all_blocks, &r);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     *out = r; /* partial figures too: what was freed before a failure stays freed */
     return rc;
+}
+
+/* This process detaches (close): its cache goes back to the heap; a slot that then owns nothing
+ * and holds no references is given back; otherwise it stays LIVE until the process ends and a
+ * collection cleans it. Returns 1 if freed. */
+int shm_proc_detach(shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = shm_cache_flush(h, slot);
+    if (rc != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
+    shm_proc_t *p = &h->arena->procs[slot];
+    const shm_cache_t *c = &h->arena->caches[slot];
+    int freed = 0;
+    if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
+        !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) &&
+        !refs_held_by(h, (uint32_t)slot + 1)) {
+        proc_free_slot(h, slot);
+        freed = 1;
+    }
+    heap_unlock(h);
+    if (freed && h->slot == slot) h->slot = -1;
+    return freed;
 }

@@ -1,4 +1,4 @@
-/* heap.c -- allocate, free, split, coalesce, and reserve backing pages.
+/* heap.c -- carve and release blocks: split, coalesce, reserve backing pages; pressure.
  *
  * The heap is one run of blocks from heap_off to the end of the segment; a new arena holds a
  * single free block spanning it. Allocation finds a good fit (freelist.c), carves an aligned start
@@ -11,8 +11,12 @@
  * reserved_top, we fallocate() the range on the segment's descriptor. If that fails the caller gets
  * SHM_ENOSPC (OutOfMemory in Python) and nothing in the arena has changed.
  *
- * Everything here runs under the heap lock. Counters are updated with relaxed atomics so that
- * stats can be read without the lock. */
+ * Every function here that writes runs under the heap lock, which its callers (alloc.c, cache.c,
+ * gc.c) hold; heap.c takes no lock and calls nothing above the free lists and the block headers.
+ * The heap lock does not keep every other writer out of the heap: caches change the transient
+ * bits of allocated blocks and the links in cached blocks' payloads without it (shm_layout.h,
+ * Concurrency). Counters are updated with relaxed atomics so that stats can be read without the
+ * lock; heap_cache_sum and heap_result_flags only read, and need no lock. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -43,17 +47,6 @@ static int reserve_to(shm_handle_t *h, uint64_t top) {
     }
     A_STORE(&c->reserved_top, want);
     return SHM_OK;
-}
-
-int heap_oom(shm_handle_t *h, int status, uint64_t requested) {
-    shm_counters_t *c = &h->arena->counters;
-    A_ADD(&c->oom_events, 1);
-    uint64_t nfree = A_LOAD(&c->free_blocks), fb = A_LOAD(&c->free_bytes);
-    uint64_t avail = fb > nfree * SHM_HDR ? fb - nfree * SHM_HDR : 0;
-    uint64_t cached = cache_sum(h, offsetof(shm_cache_t, cached_bytes));
-    uint64_t used = A_LOAD(&c->used); /* as stats() counts them: cached bytes are available */
-    return err_oom(status, requested, avail + cached, used > cached ? used - cached : 0,
-                   h->heap_end - h->heap_off);
 }
 
 /* Set the prev_size of the block after [off, off+size), if there is one. That block may be
@@ -90,7 +83,8 @@ void pressure_update(shm_handle_t *h, int *rose) {
     shm_counters_t *c = &h->arena->counters;
     uint64_t total = h->heap_end - h->heap_off;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
-    uint64_t available = (fb > fh ? fb - fh : 0) + cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t available = (fb > fh ? fb - fh : 0) +
+                         heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));
     uint64_t level = (uint64_t)shm_pressure_of_percent(shm_usage_percent(total, available));
     uint64_t old = A_LOAD(&c->pressure_level);
     if (LIKELY(level == old)) return;
@@ -107,9 +101,12 @@ void pressure_update(shm_handle_t *h, int *rose) {
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out) {
     shm_counters_t *c = &h->arena->counters;
+    shm_assert(need % SHM_ALIGN == 0 && need >= SHM_MIN_BLOCK);
+    shm_assert(!(align & (align - 1)) && align <= SHM_PAGE);
     /* a cache's block must be of exactly `need` bytes: ask for room to split off the rest */
-    uint64_t search = align ? need + align + SHM_MIN_BLOCK
-                      : (flags & SHM_BF_CACHED) ? need + SHM_MIN_BLOCK : need;
+    uint64_t search = align                     ? need + align + SHM_MIN_BLOCK
+                      : (flags & SHM_BF_CACHED) ? need + SHM_MIN_BLOCK
+                                                : need;
     uint64_t off;
     int rc = freelist_find(h, search, &off);
     if (rc != SHM_OK) return rc;
@@ -122,9 +119,11 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
     uint64_t start = off + front, rest = bsize - front;
     uint64_t tail = rest - need >= SHM_MIN_BLOCK ? rest - need : 0;
     uint64_t mine = rest - tail;
+    shm_assert(mine >= need && (!align || (start + SHM_HDR) % align == 0));
+    shm_assert(!(flags & SHM_BF_CACHED) || mine == need);
     /* the block may keep a remainder too small to split off: the limit counts what is charged */
     if (mine - SHM_HDR > room) return SHM_ELIMIT;
-    /* Reserve pages for the block, and for the tail's header and links, before changing anything. */
+    /* Reserve pages for the block, and the tail's header and links, before changing anything. */
     rc = reserve_to(h, tail ? start + mine + SHM_HDR + sizeof(shm_free_links_t) : start + mine);
     if (rc != SHM_OK) return rc;
 
@@ -148,6 +147,8 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
         return rc;
     }
 
+    shm_assert_internal(block_validate(h, start) == SHM_OK && block_at(h, start)->size == mine);
+    shm_assert_internal(!tail || block_validate(h, start + mine) == SHM_OK);
     FAULT_POINT(FAULT_ALLOC_DONE);
     A_ADD(&c->used, mine - SHM_HDR);
     A_SUB(&c->free_bytes, mine);
@@ -157,11 +158,21 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
     return SHM_OK;
 }
 
+/* Sum one uint64 field over every slot's cache (pressure, peaks, out-of-memory reports, gc). */
+uint64_t heap_cache_sum(const shm_handle_t *h, size_t field) {
+    uint64_t s = 0;
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        s += A_LOAD(
+            (const uint64_t *)(const void *)((const uint8_t *)&h->arena->caches[i] + field));
+    return s;
+}
+
 /* Raise the arena's peak to what users hold now: the heap's use less what sits in caches. The
  * cache path does not keep this peak; the heap path and refills do (heap lock held). */
 void heap_note_peak(shm_handle_t *h) {
     shm_counters_t *c = &h->arena->counters;
-    a_raise_max(&c->peak, A_LOAD(&c->used) - cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
+    a_raise_max(&c->peak,
+                A_LOAD(&c->used) - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
 }
 
 /* Flag bits for an allocation's result: pressure crossed upwards, or a trim was asked for. */
@@ -169,69 +180,10 @@ int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose) {
     int64_t flags = rose ? (int64_t)SHM_ALLOC_PRESSURE_FLAG : 0;
     if (owner) {
         const shm_proc_t *p = &h->arena->procs[owner - 1];
-        if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack))) flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
+        if (UNLIKELY(A_LOAD(&p->trim_seq) != A_LOAD(&p->trim_ack)))
+            flags |= (int64_t)SHM_ALLOC_TRIM_FLAG;
     }
     return flags;
-}
-
-static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
-    shm_counters_t *c = &h->arena->counters;
-    uint64_t usable = round_up(size, SHM_ALIGN);
-    uint64_t need = usable + SHM_HDR < SHM_MIN_BLOCK ? SHM_MIN_BLOCK : usable + SHM_HDR;
-    int rc = proc_charge(h, owner, 0);
-    if (rc != SHM_OK) return rc;
-    const shm_proc_t *p = &h->arena->procs[owner - 1];
-    uint64_t limit = A_LOAD(&p->limit), pused = proc_usage(h, owner - 1);
-    uint64_t room = !limit ? UINT64_MAX : limit > pused ? limit - pused : 0;
-    if (need - SHM_HDR > room) return err_limit(p->pid, limit, pused, size);
-    uint64_t off;
-    rc = heap_carve(h, need, align, owner, 0, room, &off);
-    if (rc == SHM_ELIMIT) return err_limit(p->pid, limit, pused, size);
-    if (rc == SHM_ENOMEM || rc == SHM_ENOSPC) return rc;
-    if (rc != SHM_OK) return rc;
-    uint64_t got = block_at(h, off)->size - SHM_HDR;
-    A_ADD(&c->allocations, 1);
-    proc_charge(h, owner, got);
-    heap_note_peak(h);
-    int rose = 0;
-    pressure_update(h, &rose);
-    return (int64_t)(off + SHM_HDR) | heap_result_flags(h, owner, rose);
-}
-
-/* The heap path of shm_alloc: large or aligned requests, and callers without a cache. */
-int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    FAULT_POINT(FAULT_ALLOC_LOCKED);
-    int64_t r = alloc_locked(h, size, align, owner);
-    lock_release(h, &h->arena->heap_lock);
-    return r;
-}
-
-int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
-    if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
-        return size ? heap_oom(h, SHM_ENOMEM, size)
-                    : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
-    if (align > SHM_PAGE || (align & (align - 1))) {
-        return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two up to %d",
-                       (unsigned long long)align, SHM_PAGE);
-    }
-    if (align <= SHM_ALIGN) align = 0; /* every block is 16-byte aligned already */
-    if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int64_t r;
-    if (LIKELY(!align && slot == h->slot && size <= CACHE_MAX_USABLE &&
-               A_LOAD(&h->arena->counters.cache_limit)))
-        r = cache_alloc(h, slot, size);
-    else
-        r = heap_alloc(h, size, align, (uint32_t)slot + 1);
-    if (UNLIKELY(r == SHM_ENOMEM || r == SHM_ENOSPC)) {
-        /* Memory may sit in caches: return them all to the heap, then try once more. */
-        cache_flush_all(h);
-        r = heap_alloc(h, size, align, (uint32_t)slot + 1);
-        if (r == SHM_ENOMEM || r == SHM_ENOSPC) return heap_oom(h, (int)r, size);
-    }
-    return r;
 }
 
 /* Give the block at off back to the heap: merge it with free neighbours, put the result on its
@@ -248,7 +200,8 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if (next < h->heap_end) {
         if (block_validate(h, next) != SHM_OK) return SHM_ECORRUPT;
         if (block_at(h, next)->prev_size != size)
-            return err_set(SHM_ECORRUPT, next, "block %#llx: prev_size disagrees with its neighbour",
+            return err_set(SHM_ECORRUPT, next,
+                           "block %#llx: prev_size disagrees with its neighbour",
                            (unsigned long long)next);
     }
     if (prev_size) {
@@ -277,6 +230,7 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if ((rc = fix_next_prev_size(h, off, size)) != SHM_OK) return rc;
     if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_INSERTED);
+    shm_assert_internal(block_validate(h, off) == SHM_OK && block_at(h, off)->size == size);
 
     A_SUB(&c->used, got);
     A_ADD(&c->free_bytes, got + SHM_HDR);
@@ -284,108 +238,4 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + 1 - merged);
     if (merged_end) *merged_end = off + size;
     return SHM_OK;
-}
-
-/* Free the allocated (claimed) block at off for its user: drop its names and references, take it
- * off its owner's usage, give it back to the heap. */
-int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
-    shm_counters_t *c = &h->arena->counters;
-    shm_block_t *b = block_at(h, off);
-    uint64_t got = b->size - SHM_HDR;
-    uint32_t owner = b->owner;
-    int rc;
-    if (UNLIKELY(b->refcount) && (rc = refs_drop_block(h, off)) != SHM_OK) return rc;
-    if (UNLIKELY(b->flags & SHM_BF_NAMED)) names_drop_address(h, off + SHM_HDR);
-    if (h->claimed == off) h->claimed = 0; /* the block is rewritten free: nothing to let go */
-    if ((rc = heap_release_block(h, off, merged_end)) != SHM_OK) return rc;
-    proc_credit(h, owner, got);
-    A_ADD(&c->deallocations, 1);
-    A_ADD(&c->frees_since_gc, 1);
-    pressure_update(h, NULL); /* a cached block given back leaves what is available as it was */
-    return SHM_OK;
-}
-
-static int64_t free_locked(shm_handle_t *h, uint64_t address) {
-    uint64_t off;
-    int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
-    int64_t got = (int64_t)(block_at(h, off)->size - SHM_HDR);
-    rc = heap_free_block(h, off, NULL);
-    return rc == SHM_OK ? got : rc;
-}
-
-/* The heap path of shm_free. */
-int64_t heap_free(shm_handle_t *h, uint64_t address) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    FAULT_POINT(FAULT_FREE_LOCKED);
-    int64_t r = free_locked(h, address);
-    lock_release(h, &h->arena->heap_lock);
-    return r;
-}
-
-int64_t shm_free(shm_handle_t *h, uint64_t address) {
-    int slot = __atomic_load_n(&h->slot, __ATOMIC_RELAXED); /* once: another thread may detach */
-    if (LIKELY(slot >= 0 && slot < SHM_MAX_PROCS)) return cache_free(h, slot, address);
-    return heap_free(h, address);
-}
-
-/* Usable size of the live block at address; with for_write, sealed blocks are refused.
- * Runs without the lock: a header torn by a concurrent writer fails its checksum, and then the
- * answer is taken again under the lock. */
-int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
-    uint64_t off;
-    int rc = block_from_address(h, address, &off);
-    if (UNLIKELY(rc == SHM_ECORRUPT)) {
-        if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
-        rc = block_from_address(h, address, &off);
-        lock_release(h, &h->arena->heap_lock);
-    }
-    if (rc != SHM_OK) return rc;
-    const shm_block_t *b = block_at(h, off);
-    if (for_write && (b->flags & SHM_BF_SEALED))
-        return err_set(SHM_EPROTECT, address, "the block at %#llx is sealed",
-                       (unsigned long long)address);
-    return (int64_t)(b->size - SHM_HDR);
-}
-
-int shm_block_seal(shm_handle_t *h, uint64_t address) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    uint64_t off;
-    rc = block_from_address(h, address, &off);
-    if (rc == SHM_OK && (rc = block_claim(h, off)) == SHM_OK) {
-        block_edit(h, off)->flags |= SHM_BF_SEALED;
-        block_reseal(h, off);
-    }
-    lock_release(h, &h->arena->heap_lock);
-    return rc;
-}
-
-int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    uint64_t off;
-    rc = block_from_address(h, address, &off);
-    if (rc == SHM_OK) {
-        const shm_block_t *b = block_at(h, off);
-        out->address = address;
-        out->size = b->size - SHM_HDR;
-        out->flags = b->flags;
-        out->refcount = b->refcount;
-        out->slot = (int32_t)b->owner - 1;
-        out->pid = b->owner && proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
-    }
-    lock_release(h, &h->arena->heap_lock);
-    return rc;
-}
-
-int64_t shm_largest_free(shm_handle_t *h) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    uint64_t s = 0;
-    rc = freelist_largest(h, &s);
-    lock_release(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    return s ? (int64_t)(s - SHM_HDR) : 0;
 }

@@ -1,18 +1,24 @@
-/* journal.c -- the undo journal that makes every locked operation all-or-nothing.
+/* journal.c -- the undo journal that makes every heap-locked operation all-or-nothing.
  *
- * Protocol. Only the holder of the heap lock writes the heap, the bins, the counters, the process
- * table, the references and the names, so one journal in the segment suffices.
- *   1. lock_acquire() calls journal_begin(): the journal is empty; the counters are saved.
+ * Protocol. The journal records what the heap lock's holder writes: the heap's headers and free
+ * links, the bins, the counters, the process table, the references, the names and the lease. One
+ * journal suffices because there is one heap lock: only its holder appends, and only the next
+ * holder rolls back. Writes made without the heap lock (the transient bits of a block's
+ * (owner, flags) word, the links and counters of the caches, peaks, limits, the ring) are not
+ * journaled, and the holder never journals bytes that such a writer may change meanwhile
+ * (shm_layout.h, Concurrency): a rollback cannot undo someone else's write.
+ *   1. heap_lock() calls journal_begin(): the journal is empty; the counters are saved.
  *   2. Before the holder changes any other byte under the lock it calls journal_save(ptr, len),
  *      which appends (offset, len, old bytes) to the log and only then bumps `count` (release
  *      store). A record that is not counted describes a write that has not happened yet.
  *   3. Long operations (collection) call journal_checkpoint() between self-contained steps: the
  *      steps done so far are kept, the log restarts.
- *   4. lock_release() calls journal_end(): count = 0 (one aligned store), then unlocks.
+ *   4. heap_unlock() calls journal_end(): count = 0 (one aligned store), then unlocks.
  * If the holder dies anywhere in between, the robust mutex hands the next taker EOWNERDEAD, and
  * journal_rollback() writes the counted records back, newest first: the heap is exactly as it was
- * before the dead holder's (current step of its) operation. Rolling back twice is harmless (the
- * same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
+ * before the dead holder's (current step of its) operation. A slot lock has no journal: its
+ * holder's death is repaired from the heap (cache.c, cache_repair). Rolling back twice is harmless
+ * (the same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
  * validated before use; a damaged journal is reported, not followed.
  *
  * Invariants: [J1] count == 0 whenever the lock is free; [J2] used <= sizeof log. */
@@ -68,10 +74,12 @@ int journal_rollback(shm_handle_t *h) {
     uint64_t pos = 0;
     for (uint64_t i = 0; i < count; i++) { /* validate every record before writing any */
         uint64_t off, len;
-        if (pos + REC_HDR > sizeof j->log) return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
+        if (pos + REC_HDR > sizeof j->log)
+            return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
         memcpy(&off, j->log + pos, 8);
         memcpy(&len, j->log + pos + 8, 8);
-        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log || !journal_may_restore(h, off, len))
+        if (len > sizeof j->log || pos + rec_size(len) > sizeof j->log ||
+            !journal_may_restore(h, off, len))
             return err_set(SHM_ECORRUPT, joff, "[J2] journal record %llu: %llu bytes at %#llx",
                            (unsigned long long)i, (unsigned long long)len, (unsigned long long)off);
         starts[i] = pos;

@@ -1,12 +1,13 @@
 /* lock.c -- the process-shared robust mutexes: the heap lock, which guards the heap, the bins and
- * the process table, and the slot locks, which guard each process's cache (cache.c).
+ * the process table, and the slot locks, which guard each process's cache (cache.c). What each
+ * guards exactly, the lock order and what a dead holder leaves: shm_layout.h, Concurrency.
  *
  * The mutex lives in the segment (shm_lock_t.mutex). It is PTHREAD_PROCESS_SHARED so every
  * process that maps the segment can take it, and PTHREAD_MUTEX_ROBUST so that when its holder
  * dies (kill -9 at any instruction) the next taker gets EOWNERDEAD instead of waiting forever.
  * On EOWNERDEAD the dead holder's half-done step is rolled back from the undo journal
- * (journal.c), the mutex is marked consistent and the recovery counted. Every lock_acquire begins
- * a journal and every lock_release ends it. */
+ * (journal.c), the mutex is marked consistent and the recovery counted. Every heap_lock begins
+ * a journal and every heap_unlock ends it. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -113,7 +114,9 @@ int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid) {
     return SHM_OK;
 }
 
-int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
+/* Take the heap lock and begin the journal; a dead holder's half-done step is rolled back first. */
+int heap_lock(shm_handle_t *h) {
+    shm_lock_t *l = &h->arena->heap_lock;
     int rc = lock_wait(h, l);
     if (UNLIKELY(rc == SHM_ECORRUPT)) return rc;
     if (UNLIKELY(rc == EOWNERDEAD)) {
@@ -129,7 +132,7 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
         }
         if (undone < 0) {
             journal_begin(h);
-            lock_release(h, l);
+            heap_unlock(h);
             return undone;
         }
     } else if (UNLIKELY(rc)) {
@@ -146,6 +149,7 @@ int lock_acquire(shm_handle_t *h, shm_lock_t *l) {
  * thread holds it). Returns SHM_OK, SHM_LOCK_RECOVERED when its holder died (the lock is ours and
  * consistent again; what it guarded must be repaired), or a status. */
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
+    shm_assert(l != &h->arena->heap_lock); /* the heap lock goes through heap_lock(): its journal */
     int rc = wait ? lock_wait(h, l) : pthread_mutex_trylock(lock_mutex(l));
     if (LIKELY(rc == 0)) return SHM_OK;
     if (rc == SHM_ECORRUPT) return rc;
@@ -160,22 +164,23 @@ int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
         return SHM_LOCK_RECOVERED;
     }
     if (rc == ENOTRECOVERABLE)
-        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base), "a process cache lock is not recoverable");
+        return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
+                       "a process cache lock is not recoverable");
     return err_sys(rc, "pthread_mutex_lock");
 }
 
 void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
 
-void lock_release(shm_handle_t *h, shm_lock_t *l) {
+/* End the journal (the operation is done: nothing to roll back), let go of the claimed block, and
+ * unlock. */
+void heap_unlock(shm_handle_t *h) {
 #if SHMALLOC_DEBUG >= 3
     /* debug level 3: every operation leaves a heap that passes the full walk */
     shm_check_report_t r;
-    if (check_locked(h, &r, 0) != SHM_OK) {
-        fprintf(stderr, "shmalloc debug: heap invariant broken: %s\n", shm_last_error()->detail);
-        abort();
-    }
+    if (check_locked(h, &r, 0) != SHM_OK)
+        shm_assert_fail(shm_last_error()->detail, __FILE__, __LINE__);
 #endif
     if (h->claimed) block_unclaim(h, h->claimed);
     journal_end(h);
-    pthread_mutex_unlock(lock_mutex(l));
+    pthread_mutex_unlock(lock_mutex(&h->arena->heap_lock));
 }

@@ -10,7 +10,8 @@
 static int name_check(const char *name) {
     size_t n = strnlen(name, SHM_NAME_LEN);
     if (n == 0 || n >= SHM_NAME_LEN)
-        return err_set(SHM_EINVAL, n, "a block name must be 1 to %d bytes of UTF-8", SHM_NAME_LEN - 1);
+        return err_set(SHM_EINVAL, n, "a block name must be 1 to %d bytes of UTF-8",
+                       SHM_NAME_LEN - 1);
     return SHM_OK;
 }
 
@@ -26,7 +27,8 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
     if (name_find(h, name))
-        return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first", name);
+        return err_set(SHM_EEXIST, address, "the name '%s' is already bound; unbind it first",
+                       name);
     int names_here = 0;
     for (int i = 0; i < SHM_MAX_NAMES; i++) names_here += h->arena->names[i].address == address;
     if (names_here >= SHM_MAX_NAMES_PER_BLOCK)
@@ -57,25 +59,25 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = bind_locked(h, name, address);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
 int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     shm_name_t *e = name_find(h, name);
     uint64_t off;
     int64_t r = !e ? err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name)
                 : block_from_address(h, e->address, &off) != SHM_OK
                     ? err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)e - h->base),
-                              "[N1] the name '%s' is bound to %#llx, which is not a live block", name,
-                              (unsigned long long)e->address)
+                              "[N1] the name '%s' is bound to %#llx, which is not a live block",
+                              name, (unsigned long long)e->address)
                     : (int64_t)e->address;
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return r;
 }
 
@@ -104,9 +106,9 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
 int shm_name_unbind(shm_handle_t *h, const char *name) {
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = unbind_locked(h, name);
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }
 
@@ -124,7 +126,7 @@ void names_drop_address(shm_handle_t *h, uint64_t address) {
 /* Entry `index` of the directory: 1 and its name and address if in use, 0 if empty. */
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out) {
     if (index >= SHM_MAX_NAMES) return err_set(SHM_EINVAL, index, "no directory entry %u", index);
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     const shm_name_t *e = &h->arena->names[index];
     rc = 0;
@@ -134,6 +136,6 @@ int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *addre
         *address_out = e->address;
         rc = 1;
     }
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     return rc;
 }

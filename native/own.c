@@ -4,16 +4,18 @@
  * orphaned and gc.c frees them, except those a live process still references. References are
  * entries (block, holder slot, count) in the arena's refs table; the block header's refcount is
  * their sum [R2], so a free path needs to look at the table only when refcount != 0. References die
- * with their holder (refs_drop_slot, called by gc.c for dead slots). All under the heap lock. */
+ * with their holder (refs_drop_slot, called by gc.c for dead slots). All under the heap lock.
+ * Dropping the last reference on an orphan frees it: shm_block_release is therefore in alloc.c,
+ * with the other frees, and refs_release here only says so. */
 #include "shm_internal.h"
 
-#define LOCKED(h, expr)                                          \
-    do {                                                         \
-        int rc_ = lock_acquire((h), &(h)->arena->heap_lock);     \
-        if (rc_ != SHM_OK) return rc_;                           \
-        rc_ = (expr);                                            \
-        lock_release((h), &(h)->arena->heap_lock);                    \
-        return rc_;                                              \
+#define LOCKED(h, expr)                \
+    do {                               \
+        int rc_ = heap_lock(h);        \
+        if (rc_ != SHM_OK) return rc_; \
+        rc_ = (expr);                  \
+        heap_unlock(h);                \
+        return rc_;                    \
     } while (0)
 
 static int live_slot(shm_handle_t *h, int32_t slot) {
@@ -28,7 +30,8 @@ static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
         return rc;
     if (block_at(h, off)->flags & SHM_BF_NAMED)
-        return err_set(SHM_EINVAL, address, "the block at %#llx is named; unbind it before adopting",
+        return err_set(SHM_EINVAL, address,
+                       "the block at %#llx is named; unbind it before adopting",
                        (unsigned long long)address);
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, (uint32_t)slot + 1, b->size - SHM_HDR);
@@ -97,11 +100,9 @@ int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot) {
     LOCKED(h, retain_locked(h, address, slot));
 }
 
-/* Drop one reference; an orphan (owner dead) whose last reference goes is freed: returns 1. */
-static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
-    uint64_t off;
-    int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
+/* Drop one of slot's references on the (claimed) block at off. Returns 1 when that was the last
+ * reference on an orphan (its owner is dead): the caller frees it (alloc.c). */
+int refs_release(shm_handle_t *h, uint64_t off, int32_t slot) {
     uint32_t holder = (uint32_t)slot + 1;
     shm_ref_t *refs = h->arena->refs;
     shm_block_t *b = block_at(h, off);
@@ -115,19 +116,12 @@ static int release_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         if (--refs[i].count == 0) refs[i].holder = 0;
         b->refcount--;
         block_reseal(h, off);
-        if (!b->refcount && proc_slot_is_valid(h, b->owner) &&
-            h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD) {
-            rc = heap_free_block(h, off, NULL);
-            return rc == SHM_OK ? 1 : rc;
-        }
-        return SHM_OK;
+        return !b->refcount && proc_slot_is_valid(h, b->owner) &&
+               h->arena->procs[b->owner - 1].state == SHM_PROC_DEAD;
     }
-    return err_set(SHM_ENOENT, address, "this process holds no reference on the block at %#llx",
-                   (unsigned long long)address);
-}
-
-int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
-    LOCKED(h, release_locked(h, address, slot));
+    return err_set(SHM_ENOENT, off + SHM_HDR,
+                   "this process holds no reference on the block at %#llx",
+                   (unsigned long long)(off + SHM_HDR));
 }
 
 /* The block at off is being freed: forget every reference to it. */
@@ -154,7 +148,8 @@ uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder) {
         J(h, &refs[i]);
         refs[i].holder = 0;
         dropped += refs[i].count;
-        if (block_validate(h, off) == SHM_OK && block_claim(h, off) == SHM_OK) { /* else check() reports it */
+        if (block_validate(h, off) == SHM_OK &&
+            block_claim(h, off) == SHM_OK) { /* else check() reports it */
             shm_block_t *b = block_edit(h, off);
             b->refcount = b->refcount > refs[i].count ? b->refcount - refs[i].count : 0;
             block_reseal(h, off);
@@ -180,7 +175,7 @@ static int list_locked(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uin
             o->flags = b->flags;
             o->refcount = b->refcount;
             o->slot = (int32_t)b->owner - 1;
-            o->pid = b->owner && proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
+            o->pid = proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
         }
         n++;
     }

@@ -4,7 +4,10 @@
  * runs. The start time (field 22 of /proc/<pid>/stat) tells a recycled pid from the process that
  * held the slot before: an attach that finds the same pid with another start time marks the old
  * slot DEAD. A slot returns to FREE only once it owns nothing, so a block's owner always names the
- * process that allocated it [B6]. Usage counters are atomics: readers take no lock. */
+ * process that allocated it [B6]. Membership and usage change under the heap lock, journaled, as
+ * relaxed atomics that readers load without a lock; peak, limit and the trim pair are written
+ * without the heap lock (shm_layout.h, Concurrency). */
+#include <string.h>
 #include <unistd.h>
 
 #include "shm_internal.h"
@@ -21,10 +24,20 @@ uint64_t proc_usage(const shm_handle_t *h, int slot) {
     return A_LOAD(&h->arena->procs[slot].usage) + A_LOAD(&h->arena->caches[slot].usage);
 }
 
-
-int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
-    return owner >= 1 && owner <= SHM_MAX_PROCS &&
-           A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
+/* The slot is claimed anew or becomes FREE (heap lock held): fold its cache's lifetime counts into
+ * the arena's and empty it. Its lists hold no blocks any more (the caller freed them). */
+static void proc_reset_cache(shm_handle_t *h, int slot) {
+    shm_cache_t *c = &h->arena->caches[slot];
+    shm_counters_t *ct = &h->arena->counters;
+    A_ADD(&ct->allocations, A_LOAD(&c->nallocs));
+    A_ADD(&ct->deallocations, A_LOAD(&c->nfrees));
+    A_SUB(&ct->gc_cache_base, A_LOAD(&c->nfrees));
+    journal_save(h, &c->usage, sizeof *c - offsetof(shm_cache_t, usage));
+    memset(&c->usage, 0, sizeof *c - offsetof(shm_cache_t, usage));
+    __atomic_store_n(&c->remote_head, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->remote_bytes, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->remote_blocks, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->pending, 0, __ATOMIC_RELAXED);
 }
 
 int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
@@ -52,7 +65,7 @@ void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
 
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
     if (pid == 0) return err_set(SHM_EINVAL, 0, "pid 0 cannot own memory");
-    int rc = lock_acquire(h, &h->arena->heap_lock);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     int found = -1, free_slot = -1;
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
@@ -71,7 +84,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
     if (found < 0 && free_slot >= 0) {
         shm_proc_t *p = &h->arena->procs[free_slot];
         J(h, p);
-        cache_reset_slot(h, free_slot);
+        proc_reset_cache(h, free_slot);
         p->pid = pid;
         p->start_time = start_time;
         A_STORE(&p->usage, 0);
@@ -85,7 +98,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
         A_STORE(&p->state, SHM_PROC_LIVE);
         found = free_slot;
     }
-    lock_release(h, &h->arena->heap_lock);
+    heap_unlock(h);
     if (found >= 0 && pid == (uint32_t)getpid()) h->slot = found; /* this process's own cache */
     if (found < 0)
         return err_set(SHM_EPROCS, 0, "all %d process slots are taken; collect dead processes",
@@ -135,7 +148,7 @@ int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
 void proc_free_slot(shm_handle_t *h, int slot) {
     shm_proc_t *p = &h->arena->procs[slot];
     J(h, p);
-    cache_reset_slot(h, slot);
+    proc_reset_cache(h, slot);
     A_STORE(&p->usage, 0);
     A_STORE(&p->nblocks, 0);
     A_STORE(&p->state, SHM_PROC_FREE);
@@ -176,51 +189,20 @@ int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
     return SHM_OK;
 }
 
-/* This process detaches (close): its cache goes back to the heap; a slot that then owns nothing
- * and holds no references is given back; otherwise it stays LIVE until the process ends and a
- * collection cleans it. Returns 1 if freed. */
-int shm_proc_detach(shm_handle_t *h, int32_t slot) {
+/* A collector found the process in slot dead (Python compares pid and start time): mark it, if the
+ * slot still holds that process. Returns 1 if marked. */
+int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = shm_cache_flush(h, slot);
+    int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
-    if ((rc = lock_acquire(h, &h->arena->heap_lock)) != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];
-    const shm_cache_t *c = &h->arena->caches[slot];
-    int freed = 0;
-    if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
-        !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) && !refs_held_by(h, (uint32_t)slot + 1)) {
-        proc_free_slot(h, slot);
-        freed = 1;
+    int marked = 0;
+    if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time) {
+        J(h, p);
+        A_STORE(&p->state, SHM_PROC_DEAD);
+        marked = 1;
     }
-    lock_release(h, &h->arena->heap_lock);
-    if (freed && h->slot == slot) h->slot = -1;
-    return freed;
-}
-
-/* The coordinator's lease: (pid, start time) of the process that holds the role, 0 for none.
- * Whether a holder is alive is decided in Python; the swap only succeeds from the expected
- * holder, so two contenders cannot both take over from the same dead one. */
-int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    *pid = h->arena->counters.lease_pid;
-    *start_time = h->arena->counters.lease_start;
-    lock_release(h, &h->arena->heap_lock);
-    return SHM_OK;
-}
-
-int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
-                   uint64_t new_start) {
-    int rc = lock_acquire(h, &h->arena->heap_lock);
-    if (rc != SHM_OK) return rc;
-    shm_counters_t *c = &h->arena->counters;
-    int swapped = 0;
-    if (c->lease_pid == old_pid && c->lease_start == old_start) {
-        c->lease_pid = new_pid;
-        c->lease_start = new_start;
-        swapped = 1;
-    }
-    lock_release(h, &h->arena->heap_lock);
-    return swapped;
+    heap_unlock(h);
+    return marked;
 }

@@ -7,8 +7,9 @@
  * ring (seq < pos) makes a producer count the event in `dropped` and return: producers never wait.
  * A producer killed between its claim and its publish leaves a cell that consumers see as "not
  * yet published"; shm_event_pop retires such a cell once producers have moved
- * half a ring past it, and a writer that publishes too late finds its cell retired (a CAS on seq
- * decides between the two) and counts its event as dropped. */
+ * half a ring past it (and counts it in `dropped`), and a writer that publishes too late finds its
+ * cell retired (a CAS on seq decides between the two) and returns SHM_EFULL. C never pushes events
+ * itself: the kinds and their fields are shmalloc/events.py's table. */
 #include <string.h>
 
 #include "shm_internal.h"
@@ -55,7 +56,8 @@ int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_n
         }
     }
     __atomic_add_fetch(&r->dropped, 1, __ATOMIC_RELAXED);
-    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base), "the event ring's sequence numbers are damaged");
+    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base),
+                   "the event ring's sequence numbers are damaged");
 }
 
 /* 1 and the event in *out, or 0 when nothing is ready. */
@@ -75,7 +77,8 @@ int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
             }
         } else if (dif < 0) {
             uint64_t head = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
-            if (head - pos <= SHM_RING_SLOTS / 2) return 0; /* empty, or the next is being written */
+            if (head - pos <= SHM_RING_SLOTS / 2)
+                return 0; /* empty, or the next is being written */
             /* a claimed cell far behind the producers: its writer died (or stalls); retire it.
              * The CAS on seq races the writer's publishing CAS: exactly one of them wins. */
             uint64_t expect = pos;
@@ -90,7 +93,8 @@ int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
             pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
         }
     }
-    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base), "the event ring's sequence numbers are damaged");
+    return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)r - h->base),
+                   "the event ring's sequence numbers are damaged");
 }
 
 uint64_t shm_event_dropped(shm_handle_t *h) {

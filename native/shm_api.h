@@ -9,21 +9,21 @@
  * process's mapping address and descriptor, never anything another process needs. */
 
 #define SHM_OK 0
-#define SHM_ENOMEM -1    /* the arena has no free block large enough */
-#define SHM_ENOSPC -2    /* the backing tmpfs could not supply pages (fallocate) */
-#define SHM_EADDR -3     /* not the address of a live block of this arena */
-#define SHM_ECORRUPT -4  /* a structure in the segment fails its invariants */
-#define SHM_EALIGN -5    /* alignment not a power of two up to SHM_PAGE */
-#define SHM_EPROTECT -6  /* write to a sealed block */
-#define SHM_ELIMIT -7    /* the owner's process limit would be exceeded */
-#define SHM_EINVAL -8    /* an argument value is out of range */
-#define SHM_EPROCS -9    /* the process table is full */
-#define SHM_ESYS -10     /* a system call failed; sys_errno says why */
-#define SHM_ELAYOUT -11  /* the segment is not an arena of this layout version */
-#define SHM_EEXIST -12   /* the name is already bound */
-#define SHM_ENOENT -13   /* no such name, or no such reference */
-#define SHM_EFULL -14    /* a fixed table in the segment (names, references, ring) is full */
-#define SHM_EBUSY -15    /* a lock another thread or process holds (a trylock gave up) */
+#define SHM_ENOMEM -1     /* the arena has no free block large enough */
+#define SHM_ENOSPC -2     /* the backing tmpfs could not supply pages (fallocate) */
+#define SHM_EADDR -3      /* not the address of a live block of this arena */
+#define SHM_ECORRUPT -4   /* a structure in the segment fails its invariants */
+#define SHM_EALIGN -5     /* alignment not a power of two up to SHM_PAGE */
+#define SHM_EPROTECT -6   /* write to a sealed block */
+#define SHM_ELIMIT -7     /* the owner's process limit would be exceeded */
+#define SHM_EINVAL -8     /* an argument value is out of range */
+#define SHM_EPROCS -9     /* the process table is full */
+#define SHM_ESYS -10      /* a system call failed; sys_errno says why */
+#define SHM_ELAYOUT -11   /* the segment is not an arena of this layout version */
+#define SHM_EEXIST -12    /* the name is already bound */
+#define SHM_ENOENT -13    /* no such name, or no such reference */
+#define SHM_EFULL -14     /* a fixed table in the segment (names, references, ring) is full */
+#define SHM_EBUSY -15     /* a lock another thread or process holds (a trylock gave up) */
 #define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
@@ -36,7 +36,7 @@
 
 /* What shm_segment_probe found at the head of a segment. */
 #define SHM_SEG_ARENA 0         /* an arena of this layout version */
-#define SHM_SEG_FORMATTING 1    /* all-zero magic: a creator is still formatting it, or it is empty */
+#define SHM_SEG_FORMATTING 1    /* all-zero magic: a creator is still formatting it, or empty */
 #define SHM_SEG_OTHER_VERSION 2 /* our magic, another layout version */
 #define SHM_SEG_FOREIGN 3       /* anything else, including a head too short to tell */
 
@@ -53,27 +53,27 @@ typedef struct shm_error_info {
     uint64_t limit;     /* limit: the process's limit */
     uint32_t pid;       /* limit: the process */
     uint32_t pad;
-    char detail[200];   /* what was found, for a person */
+    char detail[200]; /* what was found, for a person */
 } shm_error_info_t;
 
 typedef struct shm_stats {
-    uint64_t total;            /* heap bytes (capacity less the arena header) */
-    uint64_t used;             /* usable bytes of allocated blocks */
-    uint64_t available;        /* usable bytes of free blocks (their sizes less one header each) */
-    uint64_t overhead;         /* headers of allocated blocks */
+    uint64_t total;     /* heap bytes (capacity less the arena header) */
+    uint64_t used;      /* usable bytes of allocated blocks */
+    uint64_t available; /* usable bytes of free blocks (their sizes less one header each) */
+    uint64_t overhead;  /* headers of allocated blocks */
     uint64_t peak;
     uint64_t allocated_blocks;
     uint64_t free_blocks;
     uint64_t allocations;
     uint64_t deallocations;
     uint64_t frees_since_gc;
-    uint64_t reserved;         /* bytes of tmpfs reserved so far */
+    uint64_t reserved; /* bytes of tmpfs reserved so far */
     uint64_t capacity;
     uint64_t lock_recoveries;
     uint64_t oom_events;
     uint64_t gc_runs;
-    uint64_t cached;           /* usable bytes in per-process caches (counted in available) */
-    uint64_t cache_limit;      /* most usable bytes one process may keep cached (0: caches off) */
+    uint64_t cached;      /* usable bytes in per-process caches (counted in available) */
+    uint64_t cache_limit; /* most usable bytes one process may keep cached (0: caches off) */
 } shm_stats_t;
 
 typedef struct shm_check_report {
@@ -82,20 +82,20 @@ typedef struct shm_check_report {
     uint64_t free_blocks;
     uint64_t used;
     uint64_t free_bytes;
-    uint64_t largest_free;     /* usable bytes of the largest free block */
+    uint64_t largest_free; /* usable bytes of the largest free block */
     uint64_t live_procs;
     uint64_t dead_procs;
-    uint64_t cached_blocks;    /* in per-process caches: allocated for the heap, free for users */
-    uint64_t cached_bytes;     /* (allocated_blocks and used above leave them out) */
+    uint64_t cached_blocks; /* in per-process caches: allocated for the heap, free for users */
+    uint64_t cached_bytes;  /* (allocated_blocks and used above leave them out) */
 } shm_check_report_t;
 
 typedef struct shm_block_info {
     uint64_t address;
-    uint64_t size;       /* usable bytes */
-    uint32_t pid;        /* owner's pid, 0 when the block has no owner */
-    uint32_t flags;      /* SHM_BF_* */
+    uint64_t size;  /* usable bytes */
+    uint32_t pid;   /* owner's pid, 0 when the block has no owner */
+    uint32_t flags; /* SHM_BF_* */
     uint32_t refcount;
-    int32_t slot;        /* owner's slot, -1 when none */
+    int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
 
 typedef struct shm_gc_result {
@@ -120,7 +120,7 @@ typedef struct shm_proc_info {
 } shm_proc_info_t;
 
 typedef struct shm_cache_info {
-    uint64_t cached_bytes;   /* usable bytes of the free blocks the process keeps */
+    uint64_t cached_bytes; /* usable bytes of the free blocks the process keeps */
     uint64_t cached_blocks;
     uint64_t nallocs;        /* allocations served from the cache, ever (while the slot lived) */
     uint64_t nfrees;         /* frees into it, its own and other processes' */
@@ -129,11 +129,21 @@ typedef struct shm_cache_info {
     uint32_t pad;
 } shm_cache_info_t;
 
+/* alloc.c */
+int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
+int64_t shm_free(shm_handle_t *h, uint64_t address);
+int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
+int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
+int shm_block_seal(shm_handle_t *h, uint64_t address);
+int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
+
 /* arena.c */
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns);
 int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
+int64_t shm_largest_free(shm_handle_t *h);
+int shm_check(shm_handle_t *h, shm_check_report_t *out);
 uint64_t shm_header_size(void);
 int shm_debug_level(void); /* SHMALLOC_DEBUG this core was built with */
 int shm_pressure_level(shm_handle_t *h);
@@ -141,61 +151,42 @@ uint32_t shm_layout_version(void);
 uint64_t shm_segment_probe_size(void); /* bytes of a segment's head that shm_segment_probe reads */
 int shm_segment_probe(const void *head, uint64_t len); /* SHM_SEG_*; a pure function of the bytes */
 
-/* error.c */
-const shm_error_info_t *shm_last_error(void);
-const char *shm_strerror(int status);
-
-/* heap.c */
-int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
-int64_t shm_free(shm_handle_t *h, uint64_t address);
-int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
-int shm_block_seal(shm_handle_t *h, uint64_t address);
-int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
-int64_t shm_largest_free(shm_handle_t *h);
-/* Pressure, one formula: available counts cached blocks as free (like shm_stats_t.available). */
-double shm_usage_percent(uint64_t total, uint64_t available); /* 0 if total == 0 */
-int shm_pressure_of_percent(double pct); /* SHM_PRESSURE_*: < 60, 60-79, 80-94, >= 95 */
-
-/* process.c */
-int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
-int shm_proc_find(shm_handle_t *h, uint32_t pid);
-int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
-int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
-
-int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
-int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
-int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
-int shm_proc_detach(shm_handle_t *h, int32_t slot);
-
-int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
-int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
-                   uint64_t new_start);
-
-/* cache.c */
-int shm_cache_flush(shm_handle_t *h, int32_t slot);
-int shm_cache_set_limit(shm_handle_t *h, uint64_t limit); /* 0: no caches, every call takes the heap lock */
-int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out);
-
-/* own.c */
-int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_block_persist(shm_handle_t *h, uint64_t address);
-int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
-int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
-                    uint64_t *count);
-
-/* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
-int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out); /* 0: free; no lock taken */
-int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
-int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
-
 /* block.c: the checksum block.c would store in the header at header_offset of the segment mapped
  * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
 uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
 
+/* cache.c */
+int shm_cache_flush(shm_handle_t *h, int32_t slot);
+/* limit 0: no caches, every call takes the heap lock */
+int shm_cache_set_limit(shm_handle_t *h, uint64_t limit);
+int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out);
+
+/* error.c */
+const shm_error_info_t *shm_last_error(void);
+const char *shm_strerror(int status);
+
 /* fault.c */
 int shm_fault_step_count(void);
 const char *shm_fault_step_name(int index); /* NULL if out of range */
+
+/* gc.c */
+int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
+           shm_gc_result_t *out);
+int shm_proc_detach(shm_handle_t *h, int32_t slot);
+
+/* heap.c: pressure, one formula; available counts cached blocks as free (shm_stats_t.available) */
+double shm_usage_percent(uint64_t total, uint64_t available); /* 0 if total == 0 */
+int shm_pressure_of_percent(double pct); /* SHM_PRESSURE_*: < 60, 60-79, 80-94, >= 95 */
+
+/* lease.c */
+int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time);
+int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
+                   uint64_t new_start);
+
+/* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
+int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out);  /* 0: free; no lock taken */
+int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
+int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
 
 /* names.c */
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);
@@ -203,15 +194,24 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name);
 int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
 
-/* gc.c */
-int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
-           shm_gc_result_t *out);
+/* own.c */
+int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_block_persist(shm_handle_t *h, uint64_t address);
+int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
+int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
+                    uint64_t *count);
+
+/* process.c */
+int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
+int shm_proc_find(shm_handle_t *h, uint32_t pid);
+int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out);
+int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
+int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
+int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
+int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
 
 /* ring.c */
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
                    uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4);
 int shm_event_pop(shm_handle_t *h, shm_event_t *out);
 uint64_t shm_event_dropped(shm_handle_t *h);
-
-/* check.c */
-int shm_check(shm_handle_t *h, shm_check_report_t *out);

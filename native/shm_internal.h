@@ -10,16 +10,41 @@
 #include "shm_layout.h"
 #include "shm_api.h"
 
+/* Debug levels: SHMALLOC_DEBUG=0..3 at build time (build_ffi.py; shm_debug_level() reports it).
+ *   0  release: no asserts
+ *   1  shm_assert(x): cheap checks of our own logic (sizes we computed, slots we were given after
+ *      validating them, states we set a moment ago)
+ *   2  also shm_assert_internal(x): internal invariants that cost more (a header we just wrote
+ *      re-validated with its checksum, a list we just changed re-read)
+ *   3  also the full heap walk (check.c) after every heap-locked operation (heap_unlock)
+ * A failed assert prints what failed and where, and aborts. Asserts are for our own logic only:
+ * bytes read from the segment may be damaged by anyone, and are validated and answered with
+ * SHM_ECORRUPT, never asserted (but the level-3 walk, which aborts on any corruption). */
 #ifndef SHMALLOC_DEBUG
 #define SHMALLOC_DEBUG 0
 #endif
+#if SHMALLOC_DEBUG >= 1
+#define shm_assert(x) ((x) ? (void)0 : shm_assert_fail(#x, __FILE__, __LINE__))
+#else
+#define shm_assert(x) ((void)0)
+#endif
+#if SHMALLOC_DEBUG >= 2
+#define shm_assert_internal(x) ((x) ? (void)0 : shm_assert_fail(#x, __FILE__, __LINE__))
+#else
+#define shm_assert_internal(x) ((void)0)
+#endif
 
 #define SHM_HDR ((uint64_t)sizeof(shm_block_t))
+/* The arena header rounded up to a page: where the heap starts (shm_header_size()). */
+#define SHM_HEADER_BYTES \
+    (((uint64_t)sizeof(shm_arena_t) + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1))
 #define SHM_MAX_CAPACITY ((uint64_t)1 << 40)
 #define SHM_WALK_LIMIT ((uint64_t)1 << 40) /* no list holds more blocks than this */
 
-/* Counters are written only by the heap lock's holder and read by anyone without the lock: a
- * relaxed atomic load and store (no locked read-modify-write) keeps every read untorn. */
+/* Counters with one writer at a time (the heap lock's holder, or a slot lock's holder for its
+ * cache's counters) and readers without the lock: a relaxed atomic load and store (no locked
+ * read-modify-write) keeps every read untorn. Counters with several writers use __atomic_fetch_add
+ * or a compare-and-swap (a_raise_max). */
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define A_ADD(p, v) a_add_u64((p), (v))
@@ -33,8 +58,8 @@ static inline uint64_t a_add_u64(uint64_t *p, uint64_t v) {
 /* *p = max(*p, v) by compare-and-swap (for peaks raised from more than one path); returns it. */
 static inline uint64_t a_raise_max(uint64_t *p, uint64_t v) {
     uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (cur < v && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
+    while (cur < v &&
+           !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
     return cur < v ? v : cur;
 }
 
@@ -50,30 +75,36 @@ struct shm_handle {
     uint64_t heap_end;
     uint64_t salt;
     int fd;
-    int32_t slot; /* this process's slot once attached (shm_proc_attach), else -1 */
+    int32_t slot;     /* this process's slot once attached (shm_proc_attach), else -1 */
     uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
     struct shm_handle *next; /* this process's open handles (arena.c) */
 };
 
 /* error.c */
-int err_set(int status, uint64_t offset, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int err_set(int status, uint64_t offset, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+__attribute__((noreturn)) void shm_assert_fail(const char *what, const char *file, int line);
 
 /* journal.c */
 #define JOURNAL_REC_HDR 16 /* offset (8) + len (8) */
-static inline uint64_t journal_rec_size(uint64_t len) { return JOURNAL_REC_HDR + ((len + 7) & ~(uint64_t)7); }
+static inline uint64_t journal_rec_size(uint64_t len) {
+    return JOURNAL_REC_HDR + ((len + 7) & ~(uint64_t)7);
+}
 void journal_overflow(shm_handle_t *h);
 /* Append (offset, len, the old bytes) to the undo journal; see journal.c for the protocol. */
 static inline void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
     shm_journal_t *j = &h->arena->journal;
+    shm_assert((const uint8_t *)p >= h->base && (const uint8_t *)p + len <= h->base + h->capacity);
     uint64_t used = j->used;
     if (UNLIKELY(used + journal_rec_size(len) > sizeof j->log)) {
         journal_overflow(h);
         return;
     }
-    uint64_t *rec = (uint64_t *)(void *)(j->log + used); /* the log and every record are 8-aligned */
+    /* the log and every record are 8-aligned */
+    uint64_t *rec = (uint64_t *)(void *)(j->log + used);
     rec[0] = (uint64_t)((const uint8_t *)p - h->base);
     rec[1] = len;
     if (LIKELY(len % 8 == 0 && ((uintptr_t)p & 7) == 0)) {
@@ -93,9 +124,18 @@ int journal_rollback(shm_handle_t *h);
 
 /* fault.c */
 enum {
-    FAULT_ALLOC_LOCKED, FAULT_ALLOC_REMOVED, FAULT_ALLOC_CARVED, FAULT_ALLOC_DONE,
-    FAULT_FREE_LOCKED, FAULT_FREE_UNLINKED, FAULT_FREE_INSERTED, FAULT_RETAIN_HALF, FAULT_GC_STEP,
-    FAULT_CACHE_POPPED, FAULT_CACHE_PUSHED, FAULT_REMOTE_CLAIMED,
+    FAULT_ALLOC_LOCKED,
+    FAULT_ALLOC_REMOVED,
+    FAULT_ALLOC_CARVED,
+    FAULT_ALLOC_DONE,
+    FAULT_FREE_LOCKED,
+    FAULT_FREE_UNLINKED,
+    FAULT_FREE_INSERTED,
+    FAULT_RETAIN_HALF,
+    FAULT_GC_STEP,
+    FAULT_CACHE_POPPED,
+    FAULT_CACHE_PUSHED,
+    FAULT_REMOTE_CLAIMED,
 };
 extern int fault_step;
 void fault_init(void);
@@ -107,8 +147,8 @@ void fault_fire(void);
 
 /* lock.c */
 int lock_init(shm_lock_t *l);
-int lock_acquire(shm_handle_t *h, shm_lock_t *l);
-void lock_release(shm_handle_t *h, shm_lock_t *l);
+int heap_lock(shm_handle_t *h);
+void heap_unlock(shm_handle_t *h);
 #define SHM_LOCK_RECOVERED 1
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait);
 void lock_give(shm_lock_t *l);
@@ -129,10 +169,14 @@ static inline uint64_t *block_word(const shm_handle_t *h, uint64_t off) {
 static inline int heap_offset_ok(const shm_handle_t *h, uint64_t off) {
     return off >= h->heap_off && off <= h->heap_end - SHM_MIN_BLOCK && off % SHM_ALIGN == 0;
 }
+/* A cached or remotely freed block's payload starts with the offset of the next on its list. */
+static inline uint64_t *block_cache_link(const shm_handle_t *h, uint64_t off) {
+    return (uint64_t *)(void *)(h->base + off + SHM_HDR);
+}
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
-void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size,
-                 uint32_t owner, uint32_t flags, uint32_t refcount);
+void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size, uint32_t owner,
+                 uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
 void block_scrub(shm_handle_t *h, uint64_t off);
 int block_claim(shm_handle_t *h, uint64_t off);
@@ -140,44 +184,57 @@ void block_unclaim(shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
 int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_out);
 
-/* freelist.c */
+/* sizeclass.c */
 unsigned bin_of_size(uint64_t size);
+uint64_t bin_min_size(unsigned bin);
+uint64_t cache_class_size(unsigned k);
+unsigned cache_class_of(uint64_t need);
+
+/* freelist.c */
 int freelist_insert(shm_handle_t *h, uint64_t off);
 int freelist_remove(shm_handle_t *h, uint64_t off);
 int freelist_find(shm_handle_t *h, uint64_t need, uint64_t *off_out);
 int freelist_largest(shm_handle_t *h, uint64_t *size_out);
 
 /* heap.c */
-int heap_oom(shm_handle_t *h, int status, uint64_t requested);
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out);
-int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
-void heap_note_peak(shm_handle_t *h);
-int64_t heap_alloc(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner);
-int64_t heap_free(shm_handle_t *h, uint64_t address);
 int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
-int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+uint64_t heap_cache_sum(const shm_handle_t *h, size_t field);
+void heap_note_peak(shm_handle_t *h);
+int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
 void pressure_update(shm_handle_t *h, int *rose);
+
+/* process.c */
+static inline int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
+    return owner >= 1 && owner <= SHM_MAX_PROCS &&
+           A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
+}
+uint64_t proc_usage(const shm_handle_t *h, int slot);
+int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
+void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
+void proc_free_slot(shm_handle_t *h, int slot);
+
+/* check.c */
+int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
 /* cache.c */
 #define CACHE_MAX_BLOCK ((uint64_t)65536)
 #define CACHE_MAX_USABLE (CACHE_MAX_BLOCK - SHM_HDR)
-uint64_t cache_class_size(unsigned k);
-unsigned cache_class_of(uint64_t need);
+#define CACHE_DECLINED (-1000) /* cache_alloc/cache_free: not for the cache; take the heap path */
+int slot_lock(shm_handle_t *h, int slot, int wait);
+void slot_unlock(shm_handle_t *h, int slot);
 int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size);
 int64_t cache_free(shm_handle_t *h, int slot, uint64_t address);
 void cache_flush_all(shm_handle_t *h);
-uint64_t cache_sum(const shm_handle_t *h, size_t field);
-void cache_reset_slot(shm_handle_t *h, int slot);
 void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
 int cache_pending_live(const shm_handle_t *h, uint64_t off);
 void cache_finish_pushes(shm_handle_t *h);
 void cache_help_drain_all(shm_handle_t *h);
-int cache_check_lists(shm_handle_t *h, int slot, uint64_t *bytes, uint64_t *blocks);
-int cache_lock(shm_handle_t *h, int slot, int wait);
-void cache_unlock(shm_handle_t *h, int slot);
 
 /* own.c */
+int refs_release(shm_handle_t *h, uint64_t off, int32_t slot);
 int refs_drop_block(shm_handle_t *h, uint64_t off);
 uint64_t refs_drop_slot(shm_handle_t *h, uint32_t holder);
 int refs_held_by(shm_handle_t *h, uint32_t holder);
@@ -185,15 +242,7 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
 
-/* check.c */
-int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
-
-/* process.c */
-int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
-void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);
-int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner);
-void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes);
-uint64_t proc_usage(const shm_handle_t *h, int slot);
-void proc_free_slot(shm_handle_t *h, int slot);
+/* alloc.c */
+int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
 
 #endif

@@ -1,9 +1,11 @@
-/* shm_layout.h -- every struct that lives in the shared segment, defined once.
+/* shm_layout.h -- every struct that lives in the shared segment, defined once, and how processes
+ * share it.
  *
  * This file is read twice: by the C compiler (through shm_internal.h) and by cffi's cdef parser
  * (through build_ffi.py). It must therefore stay parser-clean: no #include, no #if, no include
- * guards, no _Alignas, no expressions in array sizes other than integer literals. Offsets noted as
- * "+0x.." are pinned with _Static_assert in arena.c.
+ * guards, no _Alignas, no expressions in array sizes. An array size may be a constant's name
+ * (uint64_t bins[SHM_NBINS]) when that constant is #defined to an integer literal in this file.
+ * Offsets noted as "+0x.." are pinned with _Static_assert in arena.c and by tests/test_layout.py.
  *
  * Glossary
  *   segment   the POSIX shared-memory object; every process maps it at its own address
@@ -12,10 +14,104 @@
  *   block     a shm_block_t header followed by its payload; addresses handed to users are the
  *             payload offsets (block offset + sizeof(shm_block_t))
  *   bin       a doubly linked list of free blocks whose sizes fall in one size range
- *   slot      an entry of the process table; block owners are slot numbers
+ *   slot      an entry of the process table; block owners are slot numbers (+1)
+ *   cache     a slot's lists of free blocks of exact class sizes, allocated from the heap's view
  *
- * All links inside the segment are byte offsets from the segment base, never pointers.
- * Fields shared between processes are read and written with __atomic builtins in C.
+ * All links inside the segment are byte offsets from the segment base, never pointers: every
+ * process maps the segment at its own address.
+ *
+ * Concurrency
+ * -----------
+ * Processes share the segment with two kinds of robust process-shared mutex (lock.c) and a few
+ * lock-free protocols. The heap lock guards the heap's structure: the bins, the block headers'
+ * sizes and links, the counters, the process table's membership, the references and the names.
+ * Each slot lock guards one process's cache lists and the cache-side counters (cache.c). The
+ * small-block hot path takes only its own slot lock; the heap lock is taken to refill or trim a
+ * cache and for everything else. Who writes what:
+ *
+ *   field (group)                    written by                        protected by
+ *   -------------------------------  --------------------------------  -------------------------
+ *   arena scalars (magic .. nbins)   shm_arena_format, once            written before the magic
+ *                                                                      (release store); read-only
+ *   counters.* (but the two below)   the heap lock's holder            heap lock; relaxed atomic
+ *                                                                      stores so that readers need
+ *                                                                      no lock; journaled whole
+ *   counters.peak                    heap lock's holder, and stats     CAS raise (a_raise_max)
+ *                                    readers without the lock
+ *   counters.oom_events              a failing shm_alloc, no lock      atomic fetch-add
+ *   bitmap, bins, free links         the heap lock's holder            heap lock, journaled
+ *   block header: size, prev_size,   the heap lock's holder            heap lock, journaled;
+ *     refcount, check, owner and                                       lock-free readers check
+ *     the non-transient flags                                          the checksum and retry
+ *                                                                      under the lock
+ *   block (owner, flags) word's      CACHED: the owner's slot-lock     compare-and-swap from
+ *     transient bits CACHED,         holder; REMOTE: any process       (owner, 0): one actor wins
+ *     REMOTE, BUSY                   freeing another's block; BUSY:    ([B4], block.c, cache.c)
+ *                                    the heap lock's holder
+ *   cached/remote block payload      the cache's slot-lock holder;     slot lock; a remote push
+ *     link (block_cache_link)        a remote pusher before its CAS    owns the block it claimed
+ *   procs[i].state, pid, start_time  the heap lock's holder            heap lock, journaled
+ *   procs[i].usage, nblocks,         the heap lock's holder            heap lock, journaled
+ *     nallocs, nfrees
+ *   procs[i].peak                    heap-lock and slot-lock holders   CAS raise, not journaled
+ *   procs[i].limit                   shm_proc_set_limit, any process   atomic store, no lock
+ *   procs[i].trim_seq / trim_ack     a collector / the slot's process  atomic add / store
+ *   refs[], names[], lease           the heap lock's holder            heap lock, journaled
+ *   caches[i].head, count, usage,    slot i's lock holder; the heap    slot lock i; once slot i
+ *     nblocks, nallocs, nfrees,      lock's holder once slot i is      is DEAD (or FREE) the
+ *     cached_bytes, cached_blocks    DEAD or being reset               heap lock
+ *   caches[i].remote_head            any process (push), slot i's      CAS push, exchange drain
+ *                                    lock holder (drain)
+ *   caches[i].remote_bytes, _blocks  pushers (add), the drainer or     atomic add, CAS subtract
+ *                                    the collector (subtract)          clamped at 0
+ *   caches[i].pending                slot i's own process; the         sequentially consistent
+ *                                    collector once slot i is DEAD     stores (see gc.c)
+ *   ring (head, tail, cells)         any producer / any consumer       lock-free (ring.c)
+ *   journal                          the heap lock's holder (and the   heap lock: the next taker
+ *                                    next taker, rolling it back)      is the holder
+ *   heap_lock, slot_locks[]          pthread                           themselves
+ *
+ * A block's (owner, flags) word leaves the plain "allocated, flags 0" state by exactly one
+ * compare-and-swap, so the heap lock's holder never races a cache on a block: it claims a block
+ * BUSY (block_claim) before changing its header, and it journals a whole header only when no
+ * lock-free actor can move that block (free, claimed BUSY, or CACHED in a list whose slot lock it
+ * holds too). The one header it writes while a lock-free actor may CAS the word, the next
+ * block's prev_size, is written without touching that word (heap.c, fix_next_prev_size).
+ *
+ * Lock order: slot locks before the heap lock, never the other way round. When more than one slot
+ * lock is held (only shm_check, which takes all of them) they are taken in slot order. A slot lock
+ * may be tried without waiting (help_drain) while no lock is held.
+ *
+ * Death. A process may be killed (SIGKILL) at any instruction; the robust mutex hands the next
+ * taker EOWNERDEAD. What each death leaves behind, and who repairs it:
+ *   - heap lock holder: the counted records of the undo journal describe every byte the current
+ *     step changed; the next heap_lock() rolls them back, newest first (journal.c). A block it
+ *     claimed keeps BUSY; the next holder that claims it takes it over (block_claim), a lock-free
+ *     actor leaves it alone (its CAS expects flags 0). Collection steps and cache trims
+ *     checkpoint the journal, so the steps done before the death stay done.
+ *   - slot lock holder: no journal; the lists and the cache-side counters of that slot may be in
+ *     any state. The next slot_lock() taker gets SHM_LOCK_RECOVERED and cache_repair() (under the
+ *     heap lock, which rolls back first) gives every CACHED block of the slot back to the heap and
+ *     recomputes the counters from the heap, which is the truth.
+ *   - a remote pusher between its claim (REMOTE) and its push: its `pending` word names the block;
+ *     before a collection, cache_finish_pushes() completes the push for DEAD slots, unless the
+ *     block is on the list already. The collector never frees a REMOTE block that a live process
+ *     names in its pending word.
+ *   - a ring producer between its claim and its publish: the cell looks unpublished; consumers
+ *     retire it once producers are half a ring ahead (ring.c).
+ *   - a process that dies holding no lock: its slot stays LIVE until Python finds the process gone
+ *     (pid and start time) and marks it DEAD (shm_proc_mark_dead); collection (gc.c) then frees its
+ *     blocks (cached, remotely freed and allocated ones that nobody references), drops its
+ *     references and returns the slot to FREE.
+ *
+ * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
+ *   alloc.c, gc.c          the user's calls on blocks; collection and detach
+ *   own.c, names.c, cache.c, lease.c, arena.c   ownership, names, per-process caches, lease,
+ *                          format/attach/stats/check
+ *   process.c              the process table
+ *   heap.c, check.c        carve and release blocks under a lock its callers hold; the full walk
+ *   lock.c                 the locks (at SHMALLOC_DEBUG >= 3 heap_unlock runs check.c's walk)
+ *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, error.c   the leaves
  */
 
 /* Bin layout (by whole block size s, header included; s is a multiple of 16 and >= 64):
@@ -25,7 +121,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 4
+#define SHM_LAYOUT_VERSION 5
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -40,10 +136,14 @@
 #define SHM_JOURNAL_MAX_RECORDS 4096
 #define SHM_MAX_NAMES_PER_BLOCK 16
 #define SHM_CACHE_CLASSES 77
+#define SHM_CACHE_LISTS 80 /* room for SHM_CACHE_CLASSES lists; keeps shm_cache_t 17 lines long */
+#define SHM_EVENT_FIELDS 5
+#define SHM_MUTEX_BYTES 64 /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
 
 /* Block header: 32 bytes in front of every payload.
- * Written by whichever process holds the heap lock; read without the lock only through
- * shm_block_size() for bounds checks (a torn read fails the checksum and is retried under lock).
+ * Written by the heap lock's holder, except the transient bits of the (owner, flags) word (see
+ * Concurrency above). Read without the lock by shm_block_size() and the cache paths: a header torn
+ * by the holder's writes fails its checksum, and the reader asks again under the lock.
  * Invariants checked by check.c:
  *   [B1] check == block_checksum(offset, header)          (smashed headers are detected); the
  *        checksum leaves out the transient flag bits, which change by compare-and-swap without
@@ -87,8 +187,9 @@ typedef struct shm_free_links {
 #define SHM_BF_TRANSIENT 112
 
 /* Process table slot, one cache line pair per attached process.
- * state/pid/start_time change only under the heap lock; counters are atomics so that readers
- * (stats, the coordinator) need no lock.
+ * state/pid/start_time and the counters change under the heap lock, as relaxed atomics so that
+ * readers (stats, the coordinator) need no lock; peak, limit and the trim pair do not need the
+ * heap lock (see Concurrency above).
  *   [P1] state in {FREE, LIVE, DEAD}; a FREE slot has usage == 0 and nblocks == 0
  *   [P2] sum over slots of usage == arena.used - persistent bytes, likewise nblocks
  *   [P3] peak >= usage */
@@ -113,9 +214,11 @@ typedef struct shm_proc {
 
 /* A process's cache of free small and medium blocks (cache.c), one per slot, and its counters.
  * The lists and the counters below `pending` are written by the holder of the slot's own lock
- * (slot_locks[slot]); remote_head by any process with compare-and-swap; pending by the slot's
- * process alone. A process's true usage is procs[].usage + usage here (two's complement sum: the
- * cache side may count down what the heap side counted up), likewise nblocks, nallocs, nfrees.
+ * (slot_locks[slot]), or under the heap lock once the slot is DEAD; remote_head by any process
+ * with compare-and-swap; pending by the slot's process (and cleared by a collector once the slot
+ * is DEAD). See Concurrency above. A process's true usage is procs[].usage + usage here (a two's
+ * complement sum: the cache side may count down what the heap side counted up), likewise nblocks,
+ * nallocs, nfrees.
  *   [K1] each list holds count[c] blocks of exactly cache_class_size(c) bytes, owned by the slot,
  *        flags CACHED; cached_bytes, cached_blocks are their usable bytes and number
  *   [K2] procs[].usage + usage + cached_bytes == usable bytes of the blocks the slot owns */
@@ -132,8 +235,8 @@ typedef struct shm_cache {
     uint64_t cached_bytes;  /* +0x68 usable bytes of the cached blocks */
     uint64_t cached_blocks; /* +0x70 */
     uint64_t pad1;
-    uint64_t head[80];      /* +0x80 per size class: first cached block, 0 = empty */
-    uint32_t count[80];     /* +0x300 */
+    uint64_t head[SHM_CACHE_LISTS];  /* +0x80 per size class: first cached block, 0 = empty */
+    uint32_t count[SHM_CACHE_LISTS]; /* +0x300 */
 } shm_cache_t;
 
 /* A reference held on a block by a process (retain/release). Under the heap lock.
@@ -149,44 +252,46 @@ typedef struct shm_ref {
  *   [N1] address == 0 (empty) or the address of an allocated block with SHM_BF_PERSIST
  *   [N2] name is NUL-terminated within SHM_NAME_LEN bytes and unique among entries */
 typedef struct shm_name {
-    uint64_t address;  /* +0x00 */
-    char name[56];     /* +0x08 UTF-8, NUL-terminated */
+    uint64_t address;        /* +0x00 */
+    char name[SHM_NAME_LEN]; /* +0x08 UTF-8, NUL-terminated */
 } shm_name_t;
 
-/* One event in the ring: kind is an SHM_EV_* number, fields depend on it (see events.py). */
+/* One event in the ring: kind and the meaning of the fields are shmalloc/events.py's table. */
 typedef struct shm_event {
-    uint64_t seq;     /* +0x00 ring sequence: publish/consume protocol, see ring.c */
-    uint32_t kind;    /* +0x08 */
-    uint32_t pid;     /* +0x0c */
-    uint64_t time_ns; /* +0x10 CLOCK_REALTIME */
-    uint64_t f[5];    /* +0x18 */
+    uint64_t seq;                 /* +0x00 ring sequence: publish/consume protocol, see ring.c */
+    uint32_t kind;                /* +0x08 */
+    uint32_t pid;                 /* +0x0c */
+    uint64_t time_ns;             /* +0x10 CLOCK_REALTIME */
+    uint64_t f[SHM_EVENT_FIELDS]; /* +0x18 */
 } shm_event_t;
 
 /* Bounded lock-free multi-producer ring of events (ring.c), drained by the coordinator.
  * A producer that finds the ring full counts the event in `dropped` and goes on. */
 typedef struct shm_ring {
-    uint64_t head;     /* +0x00 next sequence to claim (producers, CAS) */
+    uint64_t head; /* +0x00 next sequence to claim (producers, CAS) */
     uint64_t pad0[7];
-    uint64_t tail;     /* +0x40 next sequence to consume (consumers, CAS) */
+    uint64_t tail; /* +0x40 next sequence to consume (consumers, CAS) */
     uint64_t pad1[7];
-    uint64_t dropped;  /* +0x80 events lost to a full ring */
+    uint64_t dropped; /* +0x80 events lost to a full ring */
     uint64_t pad2[7];
-    shm_event_t slots[4096]; /* +0xc0 */
+    shm_event_t slots[SHM_RING_SLOTS]; /* +0xc0 */
 } shm_ring_t;
 
 /* The undo journal (journal.c explains the protocol). Written only by the heap lock's holder.
  *   [J1] count == 0 whenever the heap lock is free
  *   [J2] the first `count` records of log are well formed and lie in the segment */
 typedef struct shm_journal {
-    uint64_t count;      /* +0x00 records that describe writes which may have happened */
-    uint64_t used;       /* +0x08 bytes of log in use */
-    uint64_t rollbacks;  /* +0x10 operations undone after their process died */
-    uint64_t overflows;  /* +0x18 records that did not fit (should stay 0) */
+    uint64_t count;     /* +0x00 records that describe writes which may have happened */
+    uint64_t used;      /* +0x08 bytes of log in use */
+    uint64_t rollbacks; /* +0x10 operations undone after their process died */
+    uint64_t overflows; /* +0x18 records that did not fit (should stay 0) */
     uint64_t pad[4];
-    uint8_t log[65536];  /* +0x40 records: offset (8), len (8), the old bytes (len, padded to 8) */
+    /* records: offset (8), len (8), the old bytes (len of them, padded to 8) */
+    uint8_t log[SHM_JOURNAL_BYTES]; /* +0x40 */
 } shm_journal_t;
 
-/* Arena-wide counters, each written with atomics under the heap lock and read without it.
+/* Arena-wide counters, written with relaxed atomics under the heap lock (peak and oom_events
+ * also without it, see Concurrency above) and read without it.
  *   [C1] used == sum of (size - header) over allocated blocks
  *   [C2] free_bytes == sum of size over free blocks; used + overhead + free_bytes == heap_size
  *        where overhead == allocated_blocks * sizeof(shm_block_t)
@@ -205,11 +310,9 @@ typedef struct shm_counters {
     uint64_t oom_events;       /* +0x50 */
     uint64_t gc_runs;          /* +0x58 */
     uint64_t pressure_level;   /* +0x60 SHM_PRESSURE_* the arena was last seen at */
-    uint64_t lease_pid;        /* +0x68 the coordinator holding the lease (0 = none), heap lock */
-    uint64_t lease_start;      /* +0x70 its start time */
-    uint64_t cache_limit;      /* +0x78 most usable bytes one process may keep cached */
-    uint64_t gc_cache_base;    /* +0x80 sum of caches' nfrees at the last collection */
-    uint64_t pad[7];
+    uint64_t cache_limit;      /* +0x68 most usable bytes one process may keep cached */
+    uint64_t gc_cache_base;    /* +0x70 sum of caches' nfrees at the last collection */
+    uint64_t pad[9];
 } shm_counters_t;
 
 #define SHM_PRESSURE_LOW 0
@@ -217,39 +320,46 @@ typedef struct shm_counters {
 #define SHM_PRESSURE_HIGH 2
 #define SHM_PRESSURE_CRITICAL 3
 
+/* The coordinator's lease (lease.c): the process that holds the coordinator role, 0 for none. */
+typedef struct shm_lease {
+    uint64_t pid;        /* +0x00 */
+    uint64_t start_time; /* +0x08 its start time, clock ticks since boot */
+} shm_lease_t;
+
 /* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
 typedef struct shm_lock {
-    uint8_t mutex[64];    /* +0x00 pthread_mutex_t, PTHREAD_PROCESS_SHARED | PTHREAD_MUTEX_ROBUST */
-    uint64_t pad[8];      /* +0x40 keeps the next field on its own cache line */
+    uint8_t mutex[SHM_MUTEX_BYTES]; /* +0x00 pthread_mutex_t, process-shared and robust */
+    uint64_t pad[8];                /* +0x40 keeps the next field on its own cache line */
 } shm_lock_t;
 
-/* Arena header: offset 0 of the segment, written once by create (but the counters, the bins and
- * the process table, which change under the lock or with atomics).
+/* Arena header: offset 0 of the segment, written once by create, but for the tables after
+ * `nbins`, whose writers and locks the Concurrency section above lists.
  * Invariants checked by check.c:
  *   [A1] magic == SHM_MAGIC, version == SHM_LAYOUT_VERSION, header_size == sizeof(shm_arena_t)
  *   [A2] heap_off % SHM_PAGE == 0, heap_off + heap_size == capacity, heap_size % 16 == 0
  *   [A3] reserved_top <= capacity */
 typedef struct shm_arena {
-    uint64_t magic;       /* +0x00 */
-    uint32_t version;     /* +0x08 bump SHM_LAYOUT_VERSION on any change to this file */
-    uint32_t header_size; /* +0x0c sizeof(shm_arena_t) */
-    uint64_t capacity;    /* +0x10 the segment's size */
-    uint64_t heap_off;    /* +0x18 */
-    uint64_t heap_size;   /* +0x20 */
-    uint64_t salt;        /* +0x28 random per arena, mixed into block checksums */
-    uint64_t created_ns;  /* +0x30 CLOCK_REALTIME at create */
-    uint32_t max_procs;   /* +0x38 SHM_MAX_PROCS */
-    uint32_t nbins;       /* +0x3c SHM_NBINS */
-    shm_counters_t counters;               /* +0x40 */
-    shm_lock_t heap_lock;                  /* +0x100 guards the heap, the bins and the slots */
-    uint64_t bitmap[4];                    /* +0x180 one bit per non-empty bin */
-    uint64_t bins[213];                    /* +0x1a0 head offset of each bin's list, 0 = empty */
-    uint64_t pad_bins[7];
-    shm_proc_t procs[128];                 /* +0x880 the process table */
-    shm_ref_t refs[4096];                  /* +0x4880 references held by live processes */
-    shm_name_t names[1024];                /* +0x14880 the named-block directory */
-    shm_cache_t caches[128];               /* +0x24880 per-process caches, indexed like procs */
-    shm_ring_t ring;                       /* +0x46880 the event ring */
-    shm_lock_t slot_locks[128];            /* +0x86940 each guards caches[i]'s lists (outside the journal's reach) */
-    shm_journal_t journal;                 /* +0x8a940 the undo journal */
+    uint64_t magic;          /* +0x00 */
+    uint32_t version;        /* +0x08 bump SHM_LAYOUT_VERSION on any change to this file */
+    uint32_t header_size;    /* +0x0c sizeof(shm_arena_t) */
+    uint64_t capacity;       /* +0x10 the segment's size */
+    uint64_t heap_off;       /* +0x18 */
+    uint64_t heap_size;      /* +0x20 */
+    uint64_t salt;           /* +0x28 random per arena, mixed into block checksums */
+    uint64_t created_ns;     /* +0x30 CLOCK_REALTIME at create */
+    uint32_t max_procs;      /* +0x38 SHM_MAX_PROCS */
+    uint32_t nbins;          /* +0x3c SHM_NBINS */
+    shm_counters_t counters; /* +0x40 */
+    shm_lock_t heap_lock;    /* +0x100 guards the heap, the bins and the slots */
+    uint64_t bitmap[SHM_BITMAP_WORDS]; /* +0x180 one bit per non-empty bin */
+    uint64_t bins[SHM_NBINS];          /* +0x1a0 head offset of each bin's list, 0 = empty */
+    shm_lease_t lease;                 /* +0x848 the coordinator's lease */
+    uint64_t pad_bins[5];
+    shm_proc_t procs[SHM_MAX_PROCS];      /* +0x880 the process table */
+    shm_ref_t refs[SHM_MAX_REFS];         /* +0x4880 references held by live processes */
+    shm_name_t names[SHM_MAX_NAMES];      /* +0x14880 the named-block directory */
+    shm_cache_t caches[SHM_MAX_PROCS];    /* +0x24880 per-process caches, indexed like procs */
+    shm_ring_t ring;                      /* +0x46880 the event ring */
+    shm_lock_t slot_locks[SHM_MAX_PROCS]; /* +0x86940 slot_locks[i] guards caches[i] */
+    shm_journal_t journal;                /* +0x8a940 the undo journal */
 } shm_arena_t;
