@@ -1,5 +1,5 @@
-"""The exceptions of SPEC.md. Each carries the fields SPEC.md lists, pickles with them, and has a
-message that says what was asked, what was found, and what to do."""
+"""The exceptions of shmalloc (docs/api.md, "Errors"). Each carries the fields documented there,
+pickles with them, and has a message that says what was asked, what was found, and what to do."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MemoryGuard: a block that is freed when its ``with`` statement ends (the seed's RAII guard)."""
+"""MemoryGuard: a block that is freed when its ``with`` statement ends."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ class MemoryManager:
 
     @classmethod
     def with_capacity(cls, nbytes: int) -> MemoryManager:
-        """A new arena of ``nbytes`` (the seed's spelling of ``MemoryManager(nbytes)``)."""
+        """A new arena of ``nbytes``: the same as ``MemoryManager(nbytes)``."""
         return cls(nbytes)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The allocator's seed behaviours: recycling, splitting, coalescing, size classes, alignment,
+"""The allocator's basic behaviours: recycling, splitting, coalescing, size classes, alignment,
 access (read/write/view/seal/size_of/allocate_guarded) and the statistics."""
 
 from __future__ import annotations
