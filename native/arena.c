@@ -129,7 +129,7 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
         return err_set(SHM_ELAYOUT, 0, "the segment is %llu bytes, too small for an arena",
                        (unsigned long long)capacity);
     if (__atomic_load_n(&a->magic, __ATOMIC_ACQUIRE) != SHM_MAGIC)
-        return err_set(SHM_ELAYOUT, 0, "no shmalloc magic at offset 0 (found %#llx)",
+        return err_set(SHM_ENOTARENA, 0, "no shmalloc magic at offset 0 (found %#llx)",
                        (unsigned long long)a->magic);
     if (a->version != SHM_LAYOUT_VERSION || a->header_size != sizeof(shm_arena_t))
         return err_set(SHM_ELAYOUT, 8, "layout version %u (header %u bytes); this build reads %d (%zu)",
@@ -161,6 +161,29 @@ void shm_handle_close(shm_handle_t *h) {
 }
 
 int shm_debug_level(void) { return SHMALLOC_DEBUG; }
+
+uint32_t shm_layout_version(void) { return SHM_LAYOUT_VERSION; }
+
+/* The magic and the version: the head of shm_arena_t. */
+uint64_t shm_segment_probe_size(void) { return offsetof(shm_arena_t, version) + sizeof(uint32_t); }
+
+/* What the first bytes of a segment say it is. A magic of zeros (or no bytes at all) is a segment
+ * whose creator has not written the magic yet: it writes the magic last (shm_arena_format), after
+ * the version. */
+int shm_segment_probe(const void *head, uint64_t len) {
+    const uint8_t *p = head;
+    uint64_t n = len < sizeof(uint64_t) ? len : sizeof(uint64_t); /* the magic's bytes */
+    int zero = 1;
+    for (uint64_t i = 0; i < n && zero; i++) zero = p[i] == 0;
+    if (zero) return SHM_SEG_FORMATTING;
+    if (len < shm_segment_probe_size()) return SHM_SEG_FOREIGN;
+    uint64_t magic;
+    uint32_t version;
+    memcpy(&magic, p + offsetof(shm_arena_t, magic), sizeof magic);
+    memcpy(&version, p + offsetof(shm_arena_t, version), sizeof version);
+    if (magic != SHM_MAGIC) return SHM_SEG_FOREIGN;
+    return version == SHM_LAYOUT_VERSION ? SHM_SEG_ARENA : SHM_SEG_OTHER_VERSION;
+}
 
 /* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {

@@ -146,3 +146,13 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
     *off_out = off;
     return SHM_OK;
 }
+
+uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset) {
+    uint64_t hs = shm_header_size();
+    if (capacity < hs + SHM_PAGE) return 0;
+    const shm_arena_t *a = base;
+    shm_handle_t h = {.base = (uint8_t *)(uintptr_t)base, .capacity = capacity, .heap_off = hs,
+                      .heap_end = capacity, .salt = a->salt};
+    if (!heap_offset_ok(&h, header_offset)) return 0;
+    return block_checksum(&h, header_offset, block_at(&h, header_offset));
+}

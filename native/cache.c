@@ -216,7 +216,7 @@ static int cache_repair(shm_handle_t *h, int slot) {
     return rc;
 }
 
-/* Take slot's lock (waiting, or not: SHM_EFULL if busy), repairing its cache if the last holder
+/* Take slot's lock (waiting, or not: SHM_EBUSY if busy), repairing its cache if the last holder
  * died. */
 int cache_lock(shm_handle_t *h, int slot, int wait) {
     int rc = lock_take(h, &h->arena->slot_locks[slot], wait);

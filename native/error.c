@@ -27,6 +27,8 @@ static const char *const messages[] = {
     [12] = "the name is already bound",
     [13] = "no such name or reference",
     [14] = "a fixed table in the segment is full",
+    [15] = "a lock is held by another thread or process",
+    [16] = "the segment is not a shmalloc arena",
 };
 
 const char *shm_strerror(int status) {

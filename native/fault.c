@@ -44,3 +44,9 @@ void fault_init(void) {
 }
 
 void fault_fire(void) { kill(getpid(), SIGKILL); }
+
+int shm_fault_step_count(void) { return (int)(sizeof steps / sizeof steps[0]); }
+
+const char *shm_fault_step_name(int index) {
+    return index >= 0 && index < shm_fault_step_count() ? steps[index] : NULL;
+}

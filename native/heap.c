@@ -71,16 +71,27 @@ static int fix_next_prev_size(shm_handle_t *h, uint64_t off, uint64_t size) {
     return SHM_OK;
 }
 
-/* Recompute the arena's pressure level from its counters; *rose is set when it went up. */
+double shm_usage_percent(uint64_t total, uint64_t available) {
+    if (total == 0) return 0.0;
+    if (available > total) available = total;
+    return 100.0 * (double)(total - available) / (double)total;
+}
+
+int shm_pressure_of_percent(double pct) {
+    return pct >= 95.0   ? SHM_PRESSURE_CRITICAL
+           : pct >= 80.0 ? SHM_PRESSURE_HIGH
+           : pct >= 60.0 ? SHM_PRESSURE_MEDIUM
+                         : SHM_PRESSURE_LOW;
+}
+
+/* Recompute the arena's pressure level from its counters; *rose is set when it went up. Available
+ * is what shm_stats_read reports: the usable bytes of free blocks plus those of cached blocks. */
 void pressure_update(shm_handle_t *h, int *rose) {
     shm_counters_t *c = &h->arena->counters;
     uint64_t total = h->heap_end - h->heap_off;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
-    uint64_t busy = total - (fb > fh ? fb - fh : 0);
-    uint64_t level = busy * 100 >= total * 95   ? SHM_PRESSURE_CRITICAL
-                     : busy * 100 >= total * 80 ? SHM_PRESSURE_HIGH
-                     : busy * 100 >= total * 60 ? SHM_PRESSURE_MEDIUM
-                                                : SHM_PRESSURE_LOW;
+    uint64_t available = (fb > fh ? fb - fh : 0) + cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t level = (uint64_t)shm_pressure_of_percent(shm_usage_percent(total, available));
     uint64_t old = A_LOAD(&c->pressure_level);
     if (LIKELY(level == old)) return;
     A_STORE(&c->pressure_level, level);
@@ -271,7 +282,6 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     A_ADD(&c->free_bytes, got + SHM_HDR);
     A_SUB(&c->allocated_blocks, 1);
     A_STORE(&c->free_blocks, A_LOAD(&c->free_blocks) + 1 - merged);
-    pressure_update(h, NULL);
     if (merged_end) *merged_end = off + size;
     return SHM_OK;
 }
@@ -291,6 +301,7 @@ int heap_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     proc_credit(h, owner, got);
     A_ADD(&c->deallocations, 1);
     A_ADD(&c->frees_since_gc, 1);
+    pressure_update(h, NULL); /* a cached block given back leaves what is available as it was */
     return SHM_OK;
 }
 

@@ -30,13 +30,18 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     int names_here = 0;
     for (int i = 0; i < SHM_MAX_NAMES; i++) names_here += h->arena->names[i].address == address;
     if (names_here >= SHM_MAX_NAMES_PER_BLOCK)
-        return err_set(SHM_EFULL, address, "the block at %#llx already has %d names",
+        return err_set(SHM_EFULL, address,
+                       "the block at %#llx already has %d names, the most one block may have "
+                       "(SHM_MAX_NAMES_PER_BLOCK); unbind one of them first",
                        (unsigned long long)address, SHM_MAX_NAMES_PER_BLOCK);
     shm_name_t *t = h->arena->names, *slot = NULL;
     for (int i = 0; i < SHM_MAX_NAMES && !slot; i++)
         if (!t[i].address) slot = &t[i];
     if (!slot)
-        return err_set(SHM_EFULL, address, "all %d names are in use; unbind some", SHM_MAX_NAMES);
+        return err_set(SHM_EFULL, address,
+                       "the names directory is full: all %d entries (SHM_MAX_NAMES) are bound; "
+                       "unbind names you no longer need",
+                       SHM_MAX_NAMES);
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, 0, b->size - SHM_HDR);
     b->owner = 0;

@@ -71,7 +71,9 @@ static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         if (!refs[i].holder && !empty) empty = &refs[i];
     }
     if (!empty)
-        return err_set(SHM_EFULL, address, "all %d reference entries are in use; release some",
+        return err_set(SHM_EFULL, address,
+                       "the reference table is full: all %d entries (SHM_MAX_REFS) are in use; "
+                       "release references, or collect dead processes to drop theirs",
                        SHM_MAX_REFS);
     shm_block_t *b = block_at(h, off);
     if (b->refcount == UINT32_MAX)

@@ -17,6 +17,14 @@
 #define MAX_SPINS 1024 /* a ring whose numbers never line up is damaged: give up, do not spin */
 _Static_assert((SHM_RING_SLOTS & MASK) == 0, "ring size is a power of two");
 
+/* The event was not stored (it is counted in `dropped`): the ring is full. */
+static int ring_dropped(shm_handle_t *h, const char *why) {
+    return err_set(SHM_EFULL, (uint64_t)((uint8_t *)&h->arena->ring - h->base),
+                   "the event ring is full (%d events, SHM_RING_SLOTS; %s): the event was dropped; "
+                   "drain the ring more often (a coordinator does)",
+                   SHM_RING_SLOTS, why);
+}
+
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
                    uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4) {
     shm_ring_t *r = &h->arena->ring;
@@ -37,11 +45,11 @@ int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_n
                 if (__atomic_compare_exchange_n(&cell->seq, &expect, pos + 1, 0, __ATOMIC_RELEASE,
                                                 __ATOMIC_RELAXED))
                     return SHM_OK;
-                return SHM_EFULL;
+                return ring_dropped(h, "a consumer gave up waiting for it");
             }
         } else if (dif < 0) {
             __atomic_add_fetch(&r->dropped, 1, __ATOMIC_RELAXED);
-            return SHM_EFULL;
+            return ring_dropped(h, "no cell was free");
         } else {
             pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
         }

@@ -22,22 +22,23 @@
 #define SHM_ELAYOUT -11  /* the segment is not an arena of this layout version */
 #define SHM_EEXIST -12   /* the name is already bound */
 #define SHM_ENOENT -13   /* no such name, or no such reference */
-#define SHM_EFULL -14    /* a fixed table in the segment (names, references) is full */
+#define SHM_EFULL -14    /* a fixed table in the segment (names, references, ring) is full */
+#define SHM_EBUSY -15    /* a lock another thread or process holds (a trylock gave up) */
+#define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
  * level (once per crossing, arena-wide); the address is the result with the bit cleared. */
 #define SHM_ALLOC_PRESSURE_FLAG 4611686018427387904
 /* Bit set in shm_alloc's result when a collector asked the allocating process to trim. */
 #define SHM_ALLOC_TRIM_FLAG 2305843009213693952
+/* (1 << 61) - 1: the address bits of a non-negative shm_alloc result (the flags lie above). */
+#define SHM_ALLOC_ADDRESS_MASK 2305843009213693951
 
-/* Event kinds in the ring (names in shmalloc/events.py) */
-#define SHM_EV_ALLOCATED 1
-#define SHM_EV_DEALLOCATED 2
-#define SHM_EV_OOM 3
-#define SHM_EV_PRESSURE_HIGH 4
-#define SHM_EV_PRESSURE_CRITICAL 5
-#define SHM_EV_GC_TRIGGERED 6
-#define SHM_EV_PROCESS_RECLAIMED 7
+/* What shm_segment_probe found at the head of a segment. */
+#define SHM_SEG_ARENA 0         /* an arena of this layout version */
+#define SHM_SEG_FORMATTING 1    /* all-zero magic: a creator is still formatting it, or it is empty */
+#define SHM_SEG_OTHER_VERSION 2 /* our magic, another layout version */
+#define SHM_SEG_FOREIGN 3       /* anything else, including a head too short to tell */
 
 typedef struct shm_handle shm_handle_t;
 
@@ -136,6 +137,9 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
 uint64_t shm_header_size(void);
 int shm_debug_level(void); /* SHMALLOC_DEBUG this core was built with */
 int shm_pressure_level(shm_handle_t *h);
+uint32_t shm_layout_version(void);
+uint64_t shm_segment_probe_size(void); /* bytes of a segment's head that shm_segment_probe reads */
+int shm_segment_probe(const void *head, uint64_t len); /* SHM_SEG_*; a pure function of the bytes */
 
 /* error.c */
 const shm_error_info_t *shm_last_error(void);
@@ -148,6 +152,9 @@ int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
 int shm_block_seal(shm_handle_t *h, uint64_t address);
 int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
 int64_t shm_largest_free(shm_handle_t *h);
+/* Pressure, one formula: available counts cached blocks as free (like shm_stats_t.available). */
+double shm_usage_percent(uint64_t total, uint64_t available); /* 0 if total == 0 */
+int shm_pressure_of_percent(double pct); /* SHM_PRESSURE_*: < 60, 60-79, 80-94, >= 95 */
 
 /* process.c */
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);
@@ -176,6 +183,19 @@ int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
                     uint64_t *count);
+
+/* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
+int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out); /* 0: free; no lock taken */
+int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
+int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
+
+/* block.c: the checksum block.c would store in the header at header_offset of the segment mapped
+ * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
+uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
+
+/* fault.c */
+int shm_fault_step_count(void);
+const char *shm_fault_step_name(int index); /* NULL if out of range */
 
 /* names.c */
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);

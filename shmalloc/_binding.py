@@ -31,7 +31,7 @@ def raise_status(status: int, address: int = 0) -> NoReturn:
         raise OutOfMemory(int(e.requested), int(e.available), int(e.used), int(e.total), detail)
     if status == lib.SHM_EADDR:
         raise InvalidAddress(address, detail)
-    if status in (lib.SHM_ECORRUPT, lib.SHM_ELAYOUT):
+    if status in (lib.SHM_ECORRUPT, lib.SHM_ELAYOUT, lib.SHM_ENOTARENA):
         raise CorruptionDetected(int(e.offset), detail)
     if status == lib.SHM_EALIGN:
         raise AlignmentError(int(e.offset))

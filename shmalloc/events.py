@@ -7,8 +7,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._binding import lib
-
 
 @dataclass(slots=True)
 class Event:
@@ -21,15 +19,16 @@ class Event:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-# name -> (ring kind, field names in ring order). Floats travel as their IEEE-754 bits.
+# name -> (ring kind, field names in ring order): the one table of event kinds (C stores the
+# kind number and never pushes events itself). Floats travel as their IEEE-754 bits.
 SCHEMA: dict[str, tuple[int, tuple[str, ...]]] = {
-    "memory.allocated": (lib.SHM_EV_ALLOCATED, ("address", "size", "pid")),
-    "memory.deallocated": (lib.SHM_EV_DEALLOCATED, ("address", "size")),
-    "memory.oom": (lib.SHM_EV_OOM, ("requested", "available")),
-    "memory.pressure_high": (lib.SHM_EV_PRESSURE_HIGH, ("usage_percentage",)),
-    "memory.pressure_critical": (lib.SHM_EV_PRESSURE_CRITICAL, ("usage_percentage",)),
-    "memory.gc_triggered": (lib.SHM_EV_GC_TRIGGERED, ("freed_blocks",)),
-    "memory.process_reclaimed": (lib.SHM_EV_PROCESS_RECLAIMED, ("pid", "bytes")),
+    "memory.allocated": (1, ("address", "size", "pid")),
+    "memory.deallocated": (2, ("address", "size")),
+    "memory.oom": (3, ("requested", "available")),
+    "memory.pressure_high": (4, ("usage_percentage",)),
+    "memory.pressure_critical": (5, ("usage_percentage",)),
+    "memory.gc_triggered": (6, ("freed_blocks",)),
+    "memory.process_reclaimed": (7, ("pid", "bytes")),
 }
 _BY_KIND = {kind: (name, fields) for name, (kind, fields) in SCHEMA.items()}
 FLOAT_FIELDS = frozenset({"usage_percentage"})

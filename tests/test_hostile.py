@@ -8,7 +8,7 @@ import os
 import pytest
 
 from shmalloc import CorruptionDetected, MemoryManager
-from shmalloc._native import ffi
+from shmalloc._native import ffi, lib
 
 NOBODY = 65534
 
@@ -57,18 +57,19 @@ def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryMana
     if ghost >= 1 << 30:
         pytest.skip("pid_max leaves no room for a ghost thread id")
     if which == "heap":
-        lock_off = ffi.offsetof("shm_arena_t", "heap_lock")
+        lock = -1
     else:
-        slot = mgr._own_slot()
+        lock = mgr._own_slot()
         assert mgr.cache_limit > 0  # small frees go through the cache, under the slot lock
-        lock_off = ffi.offsetof("shm_arena_t", "slot_locks") + slot * ffi.sizeof("shm_lock_t")
-    # glibc's pthread_mutex_t: int __lock (the futex word) then unsigned __count, int __owner
-    _poke(mgr, lock_off, ghost.to_bytes(4, "little") + b"\0\0\0\0" + ghost.to_bytes(4, "little"))
+    h = mgr._handle()
+    assert lib.shm_debug_lock_forge(h, lock, ghost) == 0  # as a holder the kernel never cleaned up
+    tid = ffi.new("uint32_t *")
+    assert lib.shm_lock_owner(h, lock, tid) == 0 and tid[0] == ghost
     with pytest.raises(CorruptionDetected) as ei:
         mgr.deallocate(a)
-    assert ei.value.offset == lock_off
+    assert ei.value.offset == lib.shm_lock_offset(lock)
     assert str(ghost) in ei.value.detail
-    _poke(mgr, lock_off, bytes(12))  # repaired by hand, so that the fixture can clean up
+    assert lib.shm_debug_lock_forge(h, lock, 0) == 0  # repaired, so that the fixture can clean up
 
 
 def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:
