@@ -8,6 +8,7 @@ Nothing here measures anything by itself; each runner says what it measures.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -40,10 +41,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
 
-# glibc's malloc/free through cffi's ABI mode: the private-heap baseline of several benchmarks
-libc_ffi = cffi.FFI()
-libc_ffi.cdef("void *malloc(size_t); void free(void *);")
-libc = libc_ffi.dlopen(None)
+
+
+@functools.cache
+def libc() -> tuple[Any, Any]:
+    """(ffi, lib) for glibc's malloc/free through cffi's ABI mode: the private-heap baseline of
+    several benchmarks (made on first use: parsing the declarations costs an import of pycparser)."""
+    ffi = cffi.FFI()
+    ffi.cdef("void *malloc(size_t); void free(void *);")
+    return ffi, ffi.dlopen(None)
 
 
 # --------------------------------------------------------------------------- bookkeeping

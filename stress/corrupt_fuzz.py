@@ -704,7 +704,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m stress.corrupt_fuzz",
         description="Damage scratch arenas on purpose, then run operations on them in child "
         "processes; count clean / detected / refused / error / crash / hang.")
-    p.add_argument("--arenas", type=int, help="scratch arenas to damage (default 2000; quick 200)")
+    p.add_argument("--arenas", type=int, help="scratch arenas to damage (default 2000; quick 100)")
     p.add_argument("--seed", type=int, default=1, help="arena i's randomness is (seed, i)")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
     p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
@@ -723,7 +723,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.arenas = a.arenas if a.arenas is not None else (200 if a.quick else 2000)
+    a.arenas = a.arenas if a.arenas is not None else (100 if a.quick else 2000)
     unknown = set(a.regions) - set(Mutator.REGIONS)
     if unknown:
         p.error(f"unknown regions {sorted(unknown)}; choose from {list(Mutator.REGIONS)}")

@@ -467,11 +467,17 @@ class Storm:
     def kill_one(self) -> None:
         aimed = self.rng.random() < self.a.lock_kills
         w = self.lock_holder() if aimed else None
-        if w is None:
+        if w is None:  # mostly a worker that is churning (wait for one), else any, maybe starting
             aimed = False
-            ready = [w for w in range(self.a.workers) if self.st.get(w, F_OPS) > 0]
-            w = self.rng.choice(ready) if ready and self.rng.random() < 0.9 else \
-                self.rng.randrange(self.a.workers)
+            churning = self.rng.random() < 0.9
+            deadline = time.monotonic() + 60
+            while True:
+                ready = [w for w in range(self.a.workers) if self.st.get(w, F_OPS) > 0]
+                if ready or not churning or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+                self.reap_exited()
+            w = self.rng.choice(ready) if ready else self.rng.randrange(self.a.workers)
         p = self.procs[w]
         assert p is not None
         cur = self.st.get(w, F_CUR)

@@ -108,6 +108,10 @@ def free_merge_next(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     return _frees(m, lambda b: ([b[3]], b[2]))
 
 
+def free_merge_prev(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    return _frees(m, lambda b: ([b[1]], b[2]))
+
+
 def free_retained_named(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     x = m.allocate(700)
     m.allocate(300)
@@ -135,6 +139,12 @@ def gc_dead_retained(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     return "m.collect()", []
 
 
+def gc_unreferenced(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    orphans(m, cwd, [100, 200, 300, 400])
+    return ("from shmalloc.gc import GcStrategy, GlobalGarbageCollector\n"
+            "GlobalGarbageCollector(m).collect(GcStrategy.UNREFERENCED)"), []
+
+
 def gc_targeted(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     return "m.free_process_memory(A[0])", orphans(m, cwd, [100, 200, 300])[:1]
 
@@ -160,10 +170,10 @@ PLAN: dict[str, list[Setup]] = {
     "alloc.carved": [alloc_split, alloc_aligned, alloc_large],
     "alloc.done": ALLOCS,
     "free.locked": [free_isolated, free_merge_both, free_retained_named],
-    "free.unlinked": [free_merge_both, free_merge_next],
-    "free.inserted": [free_isolated, free_merge_both, free_merge_next, free_retained_named],
+    "free.unlinked": [free_merge_both, free_merge_next, free_merge_prev],
+    "free.inserted": [free_isolated, free_merge_both, free_merge_prev, free_retained_named],
     "retain.half": [retain_release, retain_orphan],
-    "gc.step": [gc_dead, gc_dead_retained, gc_targeted],
+    "gc.step": [gc_dead, gc_dead_retained, gc_targeted, gc_unreferenced],
     "cache.popped": [cache_reuse],
     "cache.pushed": [cache_reuse, remote_free],
     "remote.claimed": [remote_free],
@@ -220,7 +230,7 @@ def test_killed_at_step(step: str, setup: Setup, arena: MemoryManager, tmp_path:
     m.collect()
     assert lock_holders(m, child.pid) == [], "a lock still names the dead child"
     assert child.pid not in [p.pid for p in m.processes()], "the dead child keeps its slot"
-    assert all(b.pid == os.getpid() for b in m.all_blocks()), "a block of the dead child is left"
+    assert all(b.pid != child.pid for b in m.all_blocks()), "a block of the dead child is left"
     for a, data in mine.items():
         assert m.read(a) == data, f"block {a:#x} changed under its owner"
     churn = [m.allocate(n) for n in (16, 100, 1000, 5000, 70000, 100, 16)]
