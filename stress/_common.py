@@ -42,7 +42,6 @@ RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
 
 
-
 @functools.cache
 def libc() -> tuple[Any, Any]:
     """(ffi, lib) for glibc's malloc/free through cffi's ABI mode: the private-heap baseline of
@@ -78,8 +77,10 @@ class Bar:
         el = time.monotonic() - self.t0
         if self.tty:
             fill = int(frac * 30)
-            sys.stderr.write(f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (30 - fill)}] "
-                             f"{done}/{self.total} {extra} {el:.1f}s")
+            sys.stderr.write(
+                f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (30 - fill)}] "
+                f"{done}/{self.total} {extra} {el:.1f}s"
+            )
         elif int(frac * 10) != self.last:
             self.last = int(frac * 10)
             sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
@@ -158,8 +159,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     """median/min/max of per-trial values (ns per operation, or operations per second)."""
     values = list(values)
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "trials": values, **extra}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "trials": values,
+        **extra,
+    }
 
 
 def rotated(items: Sequence[Any], t: int) -> list[Any]:
@@ -230,8 +236,9 @@ def machine_info() -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()),
     }
     with open("/proc/cpuinfo") as f:
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                  if ln.startswith("model name")), "?")
+        info["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
+        )
     # which build of the C core was measured (pip install -e rebuilds it in place)
     so = next(Path(shmalloc.__file__).parent.glob("_native.*"), None)
     if so is not None:
@@ -242,10 +249,16 @@ def machine_info() -> dict[str, Any]:
         }
     git = ["git", "-C", str(REPO_ROOT)]
     try:
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=False)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "shmalloc", "native"],
-                               capture_output=True, text=True, timeout=5, check=False)
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "shmalloc", "native"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return info  # no git: the figures stand without the commit
     info["git_commit"] = head.stdout.strip() or None
@@ -259,11 +272,15 @@ def noise_note(machine: dict[str, Any]) -> str | None:
     load = machine.get("loadavg_at_start")
     parts = []
     if cpus <= 2:
-        parts.append(f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
-                     "measure time-sharing, not parallelism")
+        parts.append(
+            f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
+            "measure time-sharing, not parallelism"
+        )
     if load and load[0] > 0.25 * cpus:
-        parts.append(f"1-minute load average was {load[0]:.2f} at the start: other work was "
-                     "running, so figures are noisy")
+        parts.append(
+            f"1-minute load average was {load[0]:.2f} at the start: other work was "
+            "running, so figures are noisy"
+        )
     return "; ".join(parts) or None
 
 
@@ -300,27 +317,37 @@ def fmt_count(n: int) -> str:
 def print_table(headers: list[str], rows: list[list[str]], title: str) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=False)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
 
 
 def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]]) -> None:
     """Rates by process count (median [min-max]) and the speed-up over 1 process, one row per
     method: ``series[method] = {str(k): summary}``."""
-    rows = [[m] + [fmt_rate_stat(by[str(k)]) for k in procs]
-            + [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in procs if k != 1]
-            for m, by in series.items()]
-    print_table(["method"] + [f"{k} proc{'s' if k > 1 else ''}" for k in procs]
-                + [f"{k}p/1p" for k in procs if k != 1], rows, title)
+    rows = [
+        [m]
+        + [fmt_rate_stat(by[str(k)]) for k in procs]
+        + [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in procs if k != 1]
+        for m, by in series.items()
+    ]
+    print_table(
+        ["method"]
+        + [f"{k} proc{'s' if k > 1 else ''}" for k in procs]
+        + [f"{k}p/1p" for k in procs if k != 1],
+        rows,
+        title,
+    )
 
 
 def print_header(res: dict[str, Any]) -> None:
     m = res["machine"]
-    print(f"shmalloc {res['benchmark']}{' (--quick)' if res['config'].get('quick') else ''}: "
-          f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
-          f"{m['platform']}")
+    print(
+        f"shmalloc {res['benchmark']}{' (--quick)' if res['config'].get('quick') else ''}: "
+        f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
+        f"{m['platform']}"
+    )
     if res.get("noise_note"):
         print(f"NOTE: {res['noise_note']}")
 
@@ -331,8 +358,11 @@ def print_header(res: dict[str, Any]) -> None:
 def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     """{"value", "target", "op", "met"}: met is None when there is no value."""
     ops: dict[str, Callable[[float, float], bool]] = {
-        "<=": lambda v, t: v <= t, "<": lambda v, t: v < t,
-        ">": lambda v, t: v > t, ">=": lambda v, t: v >= t}
+        "<=": lambda v, t: v <= t,
+        "<": lambda v, t: v < t,
+        ">": lambda v, t: v > t,
+        ">=": lambda v, t: v >= t,
+    }
     met = None if value is None else ops[op](value, target)
     return {"value": value, "target": target, "op": op, "met": met}
 
@@ -343,8 +373,15 @@ def verdict(j: dict[str, Any]) -> str:
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:
     """One line of a runner's ``targets_summary``: what bench_all puts in its combined table."""
-    return {"name": name, "op": j["op"], "target": j["target"], "value": j["value"],
-            "unit": unit, "met": j["met"], "note": note}
+    return {
+        "name": name,
+        "op": j["op"],
+        "target": j["target"],
+        "value": j["value"],
+        "unit": unit,
+        "met": j["met"],
+        "note": note,
+    }
 
 
 # --------------------------------------------------------------------------- results
@@ -358,35 +395,46 @@ def write_json(path: Path, res: dict[str, Any]) -> None:
 
 
 def bench_args(name: str, description: str, **extra_help: str) -> argparse.ArgumentParser:
-    """A benchmark's parser with the options every benchmark has: --quick, --json, --plot."""
+    """A benchmark's parser with the options every benchmark has: --quick, --json."""
     p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=description)
-    p.add_argument("--quick", action="store_true",
-                   help=extra_help.get("quick", "a short run (a CI smoke run)"))
+    p.add_argument(
+        "--quick", action="store_true", help=extra_help.get("quick", "a short run (a CI smoke run)")
+    )
     default = RESULTS_DIR / f"{name}.json"
-    p.add_argument("--json", type=Path, default=default, metavar="PATH",
-                   help=f"where to write the results (default: {default.relative_to(REPO_ROOT)})")
-    p.add_argument("--plot", type=Path, metavar="PATH",
-                   help="also write a PNG plot here (needs matplotlib)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help=f"where to write the results (default: {default.relative_to(REPO_ROOT)})",
+    )
     return p
 
 
-def run_bench(name: str, args: argparse.Namespace, config: dict[str, Any],
-              body: Callable[[dict[str, Any], Arenas], None], *,
-              targets: dict[str, tuple[str, float]] | None = None,
-              derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-              targets_summary: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
-              report: Callable[[dict[str, Any]], None],
-              plot: Callable[[Any, dict[str, Any]], Any] | None = None) -> int:
+def run_bench(
+    name: str,
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    body: Callable[[dict[str, Any], Arenas], None],
+    *,
+    targets: dict[str, tuple[str, float]] | None = None,
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    targets_summary: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
+    report: Callable[[dict[str, Any]], None],
+) -> int:
     """A benchmark's run from start to exit code: the JSON's head (benchmark, schema, timestamp,
     machine, config, targets), ``body(res, arenas)`` with SIGTERM unwinding like Ctrl-C and every
     arena destroyed however it ends, then derived figures, targets_summary, the report on
-    stdout, the JSON and, with --plot, a PNG. 130 if interrupted, else 0: targets are reported,
+    stdout and the JSON. 130 if interrupted, else 0: targets are reported,
     never asserted."""
     t0 = time.perf_counter()
     machine = machine_info()
     res: dict[str, Any] = {
-        "benchmark": name, "schema": 1, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine, "noise_note": noise_note(machine),
+        "benchmark": name,
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "noise_note": noise_note(machine),
         "config": {"quick": args.quick, **config},
         "targets": {k: {"op": op, "value": v} for k, (op, v) in (targets or {}).items()},
     }
@@ -399,8 +447,10 @@ def run_bench(name: str, args: argparse.Namespace, config: dict[str, Any],
             finally:
                 arenas.drop_all()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {name} stopped its workers and destroyed its arenas; nothing "
-              "written", file=sys.stderr)
+        print(
+            f"\ninterrupted: {name} stopped its workers and destroyed its arenas; nothing written",
+            file=sys.stderr,
+        )
         return 130
     res["machine"]["loadavg_at_end"] = list(os.getloadavg())
     res["derived"] = derive(res) if derive else {}
@@ -409,47 +459,7 @@ def run_bench(name: str, args: argparse.Namespace, config: dict[str, Any],
     report(res)
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
-    if args.plot and plot is not None:
-        plt = load_pyplot(f"--plot {args.plot}")
-        if plt is not None:
-            fig = plot(plt, res)
-            fig.suptitle(f"shmalloc {name}: {machine['cpu_model']} x{machine['cpu_count']}, "
-                         f"Python {machine['python_version']}", fontsize=10)
-            fig.tight_layout()
-            args.plot.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(args.plot, dpi=100)
-            plt.close(fig)
-            progress(f"plot written to {args.plot}")
     return 0
-
-
-def load_pyplot(what: str) -> Any:
-    """matplotlib.pyplot with the Agg backend, or None (and a note on stderr) if not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{what}: matplotlib is not installed (pip install 'shmalloc[bench]'); "
-              "no plot written (the table and JSON were)", file=sys.stderr)
-        return None
-    return plt
-
-
-def plot_rates(ax: Any, procs: list[int], series: dict[str, dict[str, Any]], ylabel: str,
-               title: str) -> None:
-    """Rates against processes with min-max error bars: ``series[label] = {str(k): summary}``."""
-    for label, by in series.items():
-        med = [by[str(k)]["median"] for k in procs]
-        lo = [m - by[str(k)]["min"] for m, k in zip(med, procs)]
-        hi = [by[str(k)]["max"] - m for m, k in zip(med, procs)]
-        ax.errorbar(procs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-    ax.set_xticks(procs)
-    ax.set_ylim(bottom=0)
-    ax.set(xlabel="processes", ylabel=ylabel, title=title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def signame(rc: int | None) -> str:
@@ -545,8 +555,12 @@ class WorkerPool:
         try:
             for i in range(n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, args=(i, child, self.barriers, self.queue),
-                                name=f"bench-worker-{i}", daemon=True)
+                p = ctx.Process(
+                    target=_worker_main,
+                    args=(i, child, self.barriers, self.queue),
+                    name=f"bench-worker-{i}",
+                    daemon=True,
+                )
                 p.start()
                 child.close()
                 self._procs.append(p)
@@ -596,8 +610,9 @@ class WorkerPool:
                 self.barriers[k].abort()
             if pending and time.monotonic() > deadline:
                 self.barriers[k].abort()
-                raise RuntimeError(f"workers {sorted(pending)} did not finish within "
-                                   f"{self.timeout:.0f} s")
+                raise RuntimeError(
+                    f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
+                )
         self._busy = False
         if errors:
             self.barriers[k].reset()
@@ -615,7 +630,7 @@ class WorkerPool:
         if self._busy:  # an interrupted run: release whoever waits at a barrier
             for b in self.barriers.values():
                 b.abort()
-        for c, p in zip(self._conns, self._procs):
+        for c, p in zip(self._conns, self._procs, strict=False):
             if p.is_alive():
                 try:
                     c.send(None)
@@ -651,4 +666,3 @@ def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, float]:
     ops = sum(int(r["ops"]) for r in results)
     wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
     return (ops / wall if wall > 0 else math.inf), wall
-

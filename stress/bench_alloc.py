@@ -1,6 +1,6 @@
 """Allocation microbenchmark: shmalloc's allocate+deallocate pair beside its peers, in one run.
 
-    python -m stress.bench_alloc [--quick] [--json PATH] [--plot PATH] [--parts pair,collector]
+    python -m stress.bench_alloc [--quick] [--json PATH] [--parts pair,collector]
 
 Each figure is nanoseconds per allocate+free pair, the median of several trials of N operations
 with min and max; methods are interleaved trial by trial so that clock drift and noisy
@@ -34,9 +34,9 @@ from shmalloc._binding import lib
 from shmalloc.sizes import format_bytes
 
 from ._common import (
+    Arenas,
     KiB,
     MiB,
-    Arenas,
     Runner,
     assert_balanced,
     bench_args,
@@ -96,16 +96,29 @@ def bench_pairs(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
-        fast = measure({"public": public_pair(mgr, size), "core": core_pair(mgr, size),
-                        "cffi_malloc": pair_loop(c.malloc, c.free, size)}, cfg.ops, cfg.trials)
+        fast = measure(
+            {
+                "public": public_pair(mgr, size),
+                "core": core_pair(mgr, size),
+                "cffi_malloc": pair_loop(c.malloc, c.free, size),
+            },
+            cfg.ops,
+            cfg.trials,
+        )
         assert_balanced(mgr, used0, f"pair size {size}")
         slow = measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
         pub = fast["public"]["median"]
-        rows.append({"size": size, **fast, **slow,
-                     "public_over_malloc": pub / fast["cffi_malloc"]["median"],
-                     "public_over_core": pub / fast["core"]["median"],
-                     "wrapper_ns": pub - fast["core"]["median"],
-                     "stdlib_over_public": slow["stdlib_shm"]["median"] / pub})
+        rows.append(
+            {
+                "size": size,
+                **fast,
+                **slow,
+                "public_over_malloc": pub / fast["cffi_malloc"]["median"],
+                "public_over_core": pub / fast["core"]["median"],
+                "wrapper_ns": pub - fast["core"]["median"],
+                "stdlib_over_public": slow["stdlib_shm"]["median"] / pub,
+            }
+        )
     empty = measure({"loop": pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
     return {"sizes": SIZES, "rows": rows, "two_calls_of_id_ns": empty}
 
@@ -125,9 +138,13 @@ def bench_collector(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
     progress(f"collector: size {COLLECTOR_SIZE}")
     res = measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
     assert_balanced(mgr, used0, "collector")
-    return {"size": COLLECTOR_SIZE, "collector": "lambda e: None", **res,
-            "ratio": res["with"]["median"] / res["without"]["median"],
-            "added_ns": res["with"]["median"] - res["without"]["median"]}
+    return {
+        "size": COLLECTOR_SIZE,
+        "collector": "lambda e: None",
+        **res,
+        "ratio": res["with"]["median"] / res["without"]["median"],
+        "added_ns": res["with"]["median"] - res["without"]["median"],
+    }
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -136,89 +153,126 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
         rows = res["pair"]["rows"]
         for key, worst in (("public_over_malloc", max), ("stdlib_over_public", min)):
             v, size = worst((r[key], r["size"]) for r in rows)
-            d[key] = {**judge(*TARGETS[key], v), "aggregate": f"worst size ({worst.__name__})",
-                      "worst_size": size,
-                      "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows))}
+            d[key] = {
+                **judge(*TARGETS[key], v),
+                "aggregate": f"worst size ({worst.__name__})",
+                "worst_size": size,
+                "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows)),
+            }
         d["public_over_core"] = {
             "value": statistics.median(r["public_over_core"] for r in rows),
             "aggregate": "median over sizes",
-            "wrapper_ns_median": statistics.median(r["wrapper_ns"] for r in rows)}
+            "wrapper_ns_median": statistics.median(r["wrapper_ns"] for r in rows),
+        }
     if res.get("collector"):
         c = res["collector"]
         d["collector_ratio"] = {"value": c["ratio"], "target": None, "added_ns": c["added_ns"]}
     return d
 
 
-LABELS = {"public_over_malloc": "public allocate+free pair / cffi malloc+free",
-          "stdlib_over_public": "stdlib SharedMemory create+unlink / public pair"}
+LABELS = {
+    "public_over_malloc": "public allocate+free pair / cffi malloc+free",
+    "stdlib_over_public": "stdlib SharedMemory create+unlink / public pair",
+}
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    return [target_row(label, j, "x", f"worst size {format_bytes(j['worst_size'])}, "
-                       f"geomean {j['geomean']:.2f}x")
-            for key, label in LABELS.items() if (j := res["derived"].get(key))]
+    return [
+        target_row(
+            label,
+            j,
+            "x",
+            f"worst size {format_bytes(j['worst_size'])}, geomean {j['geomean']:.2f}x",
+        )
+        for key, label in LABELS.items()
+        if (j := res["derived"].get(key))
+    ]
 
 
 def report(res: dict[str, Any]) -> None:
     print_header(res)
     cfg, d = res["config"], res["derived"]
     if res.get("pair"):
-        rows = [[format_bytes(r["size"]), fmt_stat(r["public"]), fmt_stat(r["core"]),
-                 fmt_stat(r["cffi_malloc"]), fmt_stat(r["stdlib_shm"]), fmt_ns(r["wrapper_ns"]),
-                 f"{r['public_over_malloc']:.2f}x", f"{r['stdlib_over_public']:.0f}x"]
-                for r in res["pair"]["rows"]]
-        print_table(["size", "public ns", "core ns", "cffi malloc ns", "stdlib SharedMemory ns",
-                     "wrapper ns", "public/malloc", "stdlib/public"], rows,
-                    f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
-                    f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
-                    f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
-                    "(not subtracted)")
+        rows = [
+            [
+                format_bytes(r["size"]),
+                fmt_stat(r["public"]),
+                fmt_stat(r["core"]),
+                fmt_stat(r["cffi_malloc"]),
+                fmt_stat(r["stdlib_shm"]),
+                fmt_ns(r["wrapper_ns"]),
+                f"{r['public_over_malloc']:.2f}x",
+                f"{r['stdlib_over_public']:.0f}x",
+            ]
+            for r in res["pair"]["rows"]
+        ]
+        print_table(
+            [
+                "size",
+                "public ns",
+                "core ns",
+                "cffi malloc ns",
+                "stdlib SharedMemory ns",
+                "wrapper ns",
+                "public/malloc",
+                "stdlib/public",
+            ],
+            rows,
+            f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
+            f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
+            f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
+            "(not subtracted)",
+        )
     if res.get("collector"):
         c = res["collector"]
-        print_table(["size", "without ns", "with ns", "with/without", "added ns"],
-                    [[format_bytes(c["size"]), fmt_stat(c["without"]), fmt_stat(c["with"]),
-                      f"{c['ratio']:.2f}x", fmt_ns(c["added_ns"])]],
-                    "Event collector: public pair with mgr.set_collector(lambda e: None) vs None")
+        print_table(
+            ["size", "without ns", "with ns", "with/without", "added ns"],
+            [
+                [
+                    format_bytes(c["size"]),
+                    fmt_stat(c["without"]),
+                    fmt_stat(c["with"]),
+                    f"{c['ratio']:.2f}x",
+                    fmt_ns(c["added_ns"]),
+                ]
+            ],
+            "Event collector: public pair with mgr.set_collector(lambda e: None) vs None",
+        )
     print("\nDerived figures")
     for key, label in LABELS.items():
         if key in d:
             j = d[key]
-            print(f"  {label}: {j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}), "
-                  f"{j['geomean']:.2f}x geomean   target {j['op']} {j['target']:g}x  {verdict(j)}")
+            print(
+                f"  {label}: {j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}), "
+                f"{j['geomean']:.2f}x geomean   target {j['op']} {j['target']:g}x  {verdict(j)}"
+            )
     if "public_over_core" in d:
         j = d["public_over_core"]
-        print(f"  public pair / core pair: {j['value']:.2f}x median (the Python wrapper adds "
-              f"~{j['wrapper_ns_median']:.0f} ns/pair)")
+        print(
+            f"  public pair / core pair: {j['value']:.2f}x median (the Python wrapper adds "
+            f"~{j['wrapper_ns_median']:.0f} ns/pair)"
+        )
     if "collector_ratio" in d:
         j = d["collector_ratio"]
-        print(f"  with collector / without: {j['value']:.2f}x (+{j['added_ns']:.0f} ns/pair; "
-              "no target)")
-
-
-def plot(plt: Any, res: dict[str, Any]) -> Any:
-    fig, ax = plt.subplots(figsize=(7, 5))
-    rows = res.get("pair", {}).get("rows", [])
-    for key, label in (("public", "shmalloc public API"), ("core", "shmalloc C core (cffi)"),
-                       ("cffi_malloc", "cffi malloc+free"), ("stdlib_shm", "stdlib SharedMemory")):
-        med = [r[key]["median"] for r in rows]
-        err = [[m - r[key]["min"] for m, r in zip(med, rows)],
-               [r[key]["max"] - m for m, r in zip(med, rows)]]
-        ax.errorbar([r["size"] for r in rows], med, yerr=err, marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set(xlabel="block size (bytes)", ylabel="ns per allocate+free pair",
-           title="Allocate+free pair, by size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return fig
+        print(
+            f"  with collector / without: {j['value']:.2f}x (+{j['added_ns']:.0f} ns/pair; "
+            "no target)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args("bench_alloc", "Benchmark shmalloc's allocate+deallocate pair against the C "
-                   "core alone, a cffi malloc+free and stdlib SharedMemory, and the cost of an "
-                   "event collector.", quick="few iterations (a CI smoke run, ~10 s)")
-    p.add_argument("--parts", default="pair,collector",
-                   help="comma-separated parts to run: pair, collector (default: both)")
+    p = bench_args(
+        "bench_alloc",
+        "Benchmark shmalloc's allocate+deallocate pair against the C "
+        "core alone, a cffi malloc+free and stdlib SharedMemory, and the cost of an "
+        "event collector.",
+        quick="few iterations (a CI smoke run, ~10 s)",
+    )
+    p.add_argument(
+        "--parts",
+        default="pair,collector",
+        help="comma-separated parts to run: pair, collector (default: both)",
+    )
     p.add_argument("--trials", type=int, help="trials per measurement (default 9; quick 5)")
     p.add_argument("--ops", type=int, help="operations per trial (default 50000; quick 20000)")
     a = p.parse_args(argv)
@@ -233,13 +287,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(res: dict[str, Any], arenas: Arenas) -> None:
         parts: dict[str, Callable[[argparse.Namespace, Arenas], dict[str, Any]]] = {
-            "pair": bench_pairs, "collector": bench_collector}
+            "pair": bench_pairs,
+            "collector": bench_collector,
+        }
         for part in a.parts:
             res[part] = parts[part](a, arenas)
 
-    return run_bench("bench_alloc", a, {k: getattr(a, k) for k in (
-        "trials", "ops", "stdlib_ops", "parts")} | {"unit": "ns per allocate+free pair"}, body,
-        targets=TARGETS, derive=derive, targets_summary=targets_summary, report=report, plot=plot)
+    return run_bench(
+        "bench_alloc",
+        a,
+        {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}
+        | {"unit": "ns per allocate+free pair"},
+        body,
+        targets=TARGETS,
+        derive=derive,
+        targets_summary=targets_summary,
+        report=report,
+    )
 
 
 if __name__ == "__main__":

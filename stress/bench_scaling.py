@@ -1,6 +1,6 @@
 """Scaling curves: cost per operation against live blocks, and throughput against processes.
 
-    python -m stress.bench_scaling [--quick] [--json PATH] [--plot PATH] [--parts live,procs]
+    python -m stress.bench_scaling [--quick] [--json PATH] [--parts live,procs]
 
   live   ns per allocate+free pair (public API and C core through cffi, bench_alloc's loops;
          64 B, 1 KiB, 16 KiB and 256 KiB) with 1e3, 1e4, 1e5 and 1e6 other blocks live
@@ -29,10 +29,10 @@ from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
 from ._common import (
+    Arenas,
     GiB,
     KiB,
     MiB,
-    Arenas,
     WorkerCtx,
     WorkerPool,
     assert_balanced,
@@ -43,7 +43,6 @@ from ._common import (
     libc,
     make_progress,
     measure,
-    plot_rates,
     print_header,
     print_table,
     procs_table,
@@ -60,8 +59,10 @@ progress = make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
-METHODS = {"shmalloc": "shmalloc public API, one shared arena",
-           "malloc_private": "cffi malloc/free + memmove, private heap per process"}
+METHODS = {
+    "shmalloc": "shmalloc public API, one shared arena",
+    "malloc_private": "cffi malloc/free + memmove, private heap per process",
+}
 TARGET = ("<=", 1.2)
 
 
@@ -75,9 +76,14 @@ def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any
     st = mgr.stats()
     if st.allocated_blocks != live:
         raise RuntimeError(f"{live} live blocks expected, the arena says {st.allocated_blocks}")
-    return {"live": live, "allocated": total, "setup_seconds": time.perf_counter() - t0,
-            "used_bytes": st.used, "free_blocks": st.free_blocks,
-            "fragmentation_ratio": st.fragmentation_ratio()}
+    return {
+        "live": live,
+        "allocated": total,
+        "setup_seconds": time.perf_counter() - t0,
+        "used_bytes": st.used,
+        "free_blocks": st.free_blocks,
+        "fragmentation_ratio": st.fragmentation_ratio(),
+    }
 
 
 def loop_shm(ctx: WorkerCtx, *, arena: str, n: int) -> dict[str, Any]:
@@ -127,11 +133,20 @@ def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
             info[kind] = {str(s): res[f"{live}/{kind}/{s}"] for s in SIZES}
         arenas.drop(mgr)
     base, top = levels[0], levels[-1]
-    return {"sizes": SIZES, "free_fraction": FREE_FRACTION, "block_sizes": [16, 1024],
-            "levels": levels, "base_live": base["live"], "max_live": top["live"],
-            "ratio_max_over_base": {kind: {str(s): top[kind][str(s)]["median"]
-                                           / base[kind][str(s)]["median"] for s in SIZES}
-                                    for kind in ("public", "core")}}
+    return {
+        "sizes": SIZES,
+        "free_fraction": FREE_FRACTION,
+        "block_sizes": [16, 1024],
+        "levels": levels,
+        "base_live": base["live"],
+        "max_live": top["live"],
+        "ratio_max_over_base": {
+            kind: {
+                str(s): top[kind][str(s)]["median"] / base[kind][str(s)]["median"] for s in SIZES
+            }
+            for kind in ("public", "core")
+        },
+    }
 
 
 def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
@@ -145,17 +160,28 @@ def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
             for k in a.procs:
                 for m in rotated(list(METHODS), t + k):
                     kw = {"arena": mgr.name} if m == "shmalloc" else {}
-                    res = pool.run(loop_shm if m == "shmalloc" else loop_malloc, k,
-                                   n=a.loop_ops, **kw)
+                    res = pool.run(
+                        loop_shm if m == "shmalloc" else loop_malloc, k, n=a.loop_ops, **kw
+                    )
                     rates[m][k].append(throughput(res)[0])
         assert_balanced(mgr, used0, "procs")
         pool.detach(mgr.name)
     by = {m: {str(k): summarize(rates[m][k]) for k in a.procs} for m in METHODS}
-    return {"procs": list(a.procs), "size": LOOP_SIZE, "write": LOOP_WRITE,
-            "ops_per_process": a.loop_ops, "unit": "allocate+write+free loops/s",
-            "methods": {m: {"label": METHODS[m], "by_procs": by[m],
-                            "speedup": {k: v["median"] / by[m]["1"]["median"]
-                                        for k, v in by[m].items()}} for m in METHODS}}
+    return {
+        "procs": list(a.procs),
+        "size": LOOP_SIZE,
+        "write": LOOP_WRITE,
+        "ops_per_process": a.loop_ops,
+        "unit": "allocate+write+free loops/s",
+        "methods": {
+            m: {
+                "label": METHODS[m],
+                "by_procs": by[m],
+                "speedup": {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()},
+            }
+            for m in METHODS
+        },
+    }
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -169,17 +195,25 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
             j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
         lv = sc["levels"]
         d["scaling_max_over_1e3"] = {
-            **j, "aggregate": "worst size (max), public pair", "worst_size": int(worst),
-            "base_live": sc["base_live"], "max_live": sc["max_live"],
+            **j,
+            "aggregate": "worst size (max), public pair",
+            "worst_size": int(worst),
+            "base_live": sc["base_live"],
+            "max_live": sc["max_live"],
             "core_worst": max(sc["ratio_max_over_base"]["core"].values()),
             # the same ratio over each level's fastest trial: less sensitive to a busy machine
-            "min_ratio_worst": max(lv[-1]["public"][str(s)]["min"] / lv[0]["public"][str(s)]["min"]
-                                   for s in SIZES)}
+            "min_ratio_worst": max(
+                lv[-1]["public"][str(s)]["min"] / lv[0]["public"][str(s)]["min"] for s in SIZES
+            ),
+        }
     pr = res.get("procs")
     if pr and "2" in pr["methods"]["shmalloc"]["speedup"]:
-        d["loop_2p_over_1p"] = {"value": pr["methods"]["shmalloc"]["speedup"]["2"],
-                                "target": None, "met": None,
-                                "baseline": pr["methods"]["malloc_private"]["speedup"]["2"]}
+        d["loop_2p_over_1p"] = {
+            "value": pr["methods"]["shmalloc"]["speedup"]["2"],
+            "target": None,
+            "met": None,
+            "baseline": pr["methods"]["malloc_private"]["speedup"]["2"],
+        }
     return d
 
 
@@ -187,12 +221,20 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     j = res["derived"].get("scaling_max_over_1e3")
     if not j:
         return []
-    note = (f"worst size {format_bytes(j['worst_size'])}; C core {j['core_worst']:.2f}x; "
-            f"fastest trials {j['min_ratio_worst']:.2f}x; levels timed interleaved")
+    note = (
+        f"worst size {format_bytes(j['worst_size'])}; C core {j['core_worst']:.2f}x; "
+        f"fastest trials {j['min_ratio_worst']:.2f}x; levels timed interleaved"
+    )
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
-    return [target_row(f"pair cost at {fmt_count(j['max_live'])} live / at "
-                       f"{fmt_count(j['base_live'])} live", j, "x", note)]
+    return [
+        target_row(
+            f"pair cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])} live",
+            j,
+            "x",
+            note,
+        )
+    ]
 
 
 def report(res: dict[str, Any]) -> None:
@@ -200,66 +242,63 @@ def report(res: dict[str, Any]) -> None:
     sc, pr, d = res.get("live"), res.get("procs"), res["derived"]
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
-        rows = [[f"{lv['live']:,}", format_bytes(s), fmt_stat(lv["public"][str(s)]),
-                 fmt_stat(lv["core"][str(s)]),
-                 f"{lv['public'][str(s)]['median'] / base[s]:.2f}x",
-                 f"{lv['fragmentation_ratio']:.2f}"] for lv in sc["levels"] for s in SIZES]
-        print_table(["live blocks", "size", "public ns", "core ns",
-                     f"vs {sc['base_live']:,} live", "frag"], rows,
-                    "ns per allocate+free pair with N other blocks live (median [min-max])")
+        rows = [
+            [
+                f"{lv['live']:,}",
+                format_bytes(s),
+                fmt_stat(lv["public"][str(s)]),
+                fmt_stat(lv["core"][str(s)]),
+                f"{lv['public'][str(s)]['median'] / base[s]:.2f}x",
+                f"{lv['fragmentation_ratio']:.2f}",
+            ]
+            for lv in sc["levels"]
+            for s in SIZES
+        ]
+        print_table(
+            ["live blocks", "size", "public ns", "core ns", f"vs {sc['base_live']:,} live", "frag"],
+            rows,
+            "ns per allocate+free pair with N other blocks live (median [min-max])",
+        )
     if pr:
-        procs_table(f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
-                    "over processes (loops/s)", pr["procs"],
-                    {m: v["by_procs"] for m, v in pr["methods"].items()})
+        procs_table(
+            f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
+            "over processes (loops/s)",
+            pr["procs"],
+            {m: v["by_procs"] for m, v in pr["methods"].items()},
+        )
         print("  " + "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
     if "scaling_max_over_1e3" in d:
         j = d["scaling_max_over_1e3"]
-        print(f"\n  cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])}: "
-              f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
-              f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)   "
-              f"target <= {j['target']:g}x (at 1e6)  {verdict(j)}")
+        print(
+            f"\n  cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])}: "
+            f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
+            f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)   "
+            f"target <= {j['target']:g}x (at 1e6)  {verdict(j)}"
+        )
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
-        print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x (private malloc: "
-              f"{j['baseline']:.2f}x; no target)")
-
-
-def plot_live(ax: Any, sc: dict[str, Any]) -> None:
-    lives = [lv["live"] for lv in sc["levels"]]
-    for s in SIZES:
-        ax.plot(lives, [lv["public"][str(s)]["median"] for lv in sc["levels"]], marker="o",
-                label=f"public, {format_bytes(s)}")
-    ax.plot(lives, [lv["core"][str(SIZES[0])]["median"] for lv in sc["levels"]], marker="s",
-            linestyle="--", label=f"C core (cffi), {format_bytes(SIZES[0])}")
-    ax.set_xscale("log")
-    ax.set_ylim(bottom=0)
-    ax.set(xlabel="other blocks live (fragmented)", ylabel="ns per allocate+free pair",
-           title="Pair cost vs live blocks")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def plot(plt: Any, res: dict[str, Any]) -> Any:
-    panels = [p for p in ("live", "procs") if res.get(p)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, part in zip(axes[0], panels, strict=True):
-        if part == "live":
-            plot_live(ax, res["live"])
-        else:
-            pr = res["procs"]
-            plot_rates(ax, pr["procs"], {v["label"]: v["by_procs"] for v in pr["methods"].values()},
-                       "loops per second (sum)", f"alloc {LOOP_SIZE} B, write, free")
-    return fig
+        print(
+            f"  loop throughput, 2 processes / 1: {j['value']:.2f}x (private malloc: "
+            f"{j['baseline']:.2f}x; no target)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args("bench_scaling", "Cost per allocate+free pair from 1e3 to 1e6 live blocks, "
-                   "and throughput of an allocate/write/free loop in 1, 2 and 4 processes beside "
-                   "private malloc.", quick="1e3..1e5 live blocks, short loops, 3 trials")
+    p = bench_args(
+        "bench_scaling",
+        "Cost per allocate+free pair from 1e3 to 1e6 live blocks, "
+        "and throughput of an allocate/write/free loop in 1, 2 and 4 processes beside "
+        "private malloc.",
+        quick="1e3..1e5 live blocks, short loops, 3 trials",
+    )
     p.add_argument("--parts", default="live,procs", help="comma-separated: live, procs")
     p.add_argument("--trials", type=int, help="trials per figure (default 7; quick 3)")
-    p.add_argument("--max-live", type=int, metavar="N",
-                   help="largest live-block level (default 1e6; quick 1e5)")
+    p.add_argument(
+        "--max-live",
+        type=int,
+        metavar="N",
+        help="largest live-block level (default 1e6; quick 1e5)",
+    )
     p.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
     p.add_argument("--seed", type=int, default=12345)
     a = p.parse_args(argv)
@@ -269,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     a.procs = sorted({1, *(int(x) for x in a.procs.split(",") if x)})
     a.trials = a.trials or (3 if a.quick else 7)
     max_live = a.max_live or (100_000 if a.quick else 1_000_000)
-    a.live_levels = [n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
-                     if n <= max_live] or [1_000]
+    a.live_levels = [
+        n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= max_live
+    ] or [1_000]
     a.live_ops = 10_000 if a.quick else 30_000
     a.loop_ops = 20_000 if a.quick else 100_000
     if a.trials < 1 or not 1 <= max(a.procs) <= 64:
@@ -280,10 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         for part in a.parts:
             res[part] = (part_live if part == "live" else part_procs)(a, arenas)
 
-    return run_bench("bench_scaling", a, {k: getattr(a, k) for k in (
-        "parts", "trials", "live_levels", "live_ops", "procs", "loop_ops", "seed")}, body,
-        targets={"scaling_max_over_1e3": TARGET}, derive=derive, targets_summary=targets_summary,
-        report=report, plot=plot)
+    return run_bench(
+        "bench_scaling",
+        a,
+        {
+            k: getattr(a, k)
+            for k in ("parts", "trials", "live_levels", "live_ops", "procs", "loop_ops", "seed")
+        },
+        body,
+        targets={"scaling_max_over_1e3": TARGET},
+        derive=derive,
+        targets_summary=targets_summary,
+        report=report,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Allocator workloads from mimalloc-bench, ported from threads to processes sharing one arena.
 
-    python -m stress.bench_workloads [--quick] [--json PATH] [--plot PATH] [--workloads LIST]
+    python -m stress.bench_workloads [--quick] [--json PATH] [--workloads LIST]
 
 Each workload runs with 1, 2 and 4 worker processes (long-lived spawn workers that attach to the
 arena by name, as a user's processes would), beside baselines that do the same work without a
@@ -55,8 +55,8 @@ from typing import Any
 from shmalloc import MemoryManager
 
 from ._common import (
-    GiB,
     Arenas,
+    GiB,
     WorkerCtx,
     WorkerPool,
     assert_balanced,
@@ -64,7 +64,6 @@ from ._common import (
     judge,
     libc,
     make_progress,
-    plot_rates,
     print_header,
     procs_table,
     rotated,
@@ -92,14 +91,38 @@ METHODS = {
     "mstress": ("shmalloc", "malloc_private", "bytearray_private"),
     "cache-scratch": ("shmalloc", "bytearray_private", "forced_sharing"),
 }
-UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s",
-         "mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"}
-SIZES = {"quick": dict(trials=3, larson_chunks=500, larson_rounds=4, larson_ops=2500,
-                       xm_batches=40, xm_batch=128, ms_live=2000, ms_rounds=4,
-                       cs_iterations=10, cs_writes=10_000),
-         "full": dict(trials=5, larson_chunks=2000, larson_rounds=6, larson_ops=10_000,
-                      xm_batches=200, xm_batch=256, ms_live=10_000, ms_rounds=8,
-                      cs_iterations=20, cs_writes=50_000)}
+UNITS = {
+    "larson": "free+allocate pairs/s",
+    "xmalloc-test": "objects freed/s",
+    "mstress": "free+allocate pairs/s",
+    "cache-scratch": "one-byte writes/s",
+}
+SIZES = {
+    "quick": dict(
+        trials=3,
+        larson_chunks=500,
+        larson_rounds=4,
+        larson_ops=2500,
+        xm_batches=40,
+        xm_batch=128,
+        ms_live=2000,
+        ms_rounds=4,
+        cs_iterations=10,
+        cs_writes=10_000,
+    ),
+    "full": dict(
+        trials=5,
+        larson_chunks=2000,
+        larson_rounds=6,
+        larson_ops=10_000,
+        xm_batches=200,
+        xm_batch=256,
+        ms_live=10_000,
+        ms_rounds=8,
+        cs_iterations=20,
+        cs_writes=50_000,
+    ),
+}
 XM_SIZE = 64
 STAMP = b"mstress!"
 
@@ -123,15 +146,19 @@ def untraced() -> Iterator[None]:
             gc.enable()
 
 
-def larson_script(seed: int, index: int, rounds: int, ops: int, chunks: int
-                  ) -> list[tuple[list[int], list[int]]]:
+def larson_script(
+    seed: int, index: int, rounds: int, ops: int, chunks: int
+) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(seed * 1_000_003 + index)
-    return [([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
-            for _ in range(rounds)]
+    return [
+        ([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
+        for _ in range(rounds)
+    ]
 
 
-def larson_shm(ctx: WorkerCtx, *, arena: str, table: int, chunks: int, rounds: int, ops: int,
-               seed: int) -> dict[str, Any]:
+def larson_shm(
+    ctx: WorkerCtx, *, arena: str, table: int, chunks: int, rounds: int, ops: int, seed: int
+) -> dict[str, Any]:
     mgr = ctx.attach(arena)
     script = larson_script(seed, ctx.index, rounds, ops, chunks)
     nw, me = ctx.nworkers, ctx.index
@@ -161,15 +188,18 @@ def larson_shm(ctx: WorkerCtx, *, arena: str, table: int, chunks: int, rounds: i
     return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": remote}
 
 
-def larson_private(ctx: WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int,
-                   seed: int) -> dict[str, Any]:
+def larson_private(
+    ctx: WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int
+) -> dict[str, Any]:
     script = larson_script(seed, ctx.index, rounds, ops, chunks)
     rng = random.Random(seed)
     ffi, c = libc()
     ma, fr, mm, ab = c.malloc, c.free, ffi.memmove, b"ab"
     malloc = method == "malloc_private"
-    seg = [ma(rng.randint(8, 1000)) if malloc else bytearray(rng.randint(8, 1000))
-           for _ in range(chunks)]
+    seg = [
+        ma(rng.randint(8, 1000)) if malloc else bytearray(rng.randint(8, 1000))
+        for _ in range(chunks)
+    ]
     with untraced():
         ctx.wait()
         t0 = clock()
@@ -192,8 +222,9 @@ def larson_private(ctx: WorkerCtx, *, method: str, chunks: int, rounds: int, ops
     return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": 0}
 
 
-def xmalloc(ctx: WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
-            ) -> dict[str, Any]:
+def xmalloc(
+    ctx: WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
+) -> dict[str, Any]:
     """Producers make batches of objects, consumers free them (1 worker: both, in turn)."""
     pat = bytes(i & 255 for i in range(XM_SIZE))
     nbytes, r, queue = batch * 8, range(batch), ctx.queue
@@ -218,11 +249,13 @@ def xmalloc(ctx: WorkerCtx, *, method: str, batches: int, batch: int, arena: str
             d(b)
             return batch
     else:
+
         def make() -> Any:
             return [bytearray(pat) for _ in r]
 
         def consume(b: Any) -> int:
             return len(b)
+
     role = "both" if ctx.nworkers == 1 else "producer" if ctx.index % 2 == 0 else "consumer"
     with untraced():
         ctx.wait()
@@ -255,17 +288,32 @@ def mstress_size(rng: random.Random, max_shift: int = 7) -> int:
     return words * 8
 
 
-def mstress_script(seed: int, index: int, live: int, rounds: int
-                   ) -> tuple[list[int], list[tuple[list[int], list[int], list[int]]]]:
+def mstress_script(
+    seed: int, index: int, live: int, rounds: int
+) -> tuple[list[int], list[tuple[list[int], list[int], list[int]]]]:
     rng = random.Random(seed * 1_000_003 + index)
     init = [mstress_size(rng) for _ in range(live)]
     nfree, nmig = live // 2, max(1, live // 20)
-    return init, [(rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)],
-                   rng.sample(range(live), nmig)) for _ in range(rounds)]
+    return init, [
+        (
+            rng.sample(range(live), nfree),
+            [mstress_size(rng) for _ in range(nfree)],
+            rng.sample(range(live), nmig),
+        )
+        for _ in range(rounds)
+    ]
 
 
-def mstress(ctx: WorkerCtx, *, method: str, live: int, rounds: int, seed: int, arena: str = "",
-            transfer: int = 0) -> dict[str, Any]:
+def mstress(
+    ctx: WorkerCtx,
+    *,
+    method: str,
+    live: int,
+    rounds: int,
+    seed: int,
+    arena: str = "",
+    transfer: int = 0,
+) -> dict[str, Any]:
     init, script = mstress_script(seed, ctx.index, live, rounds)
     nmig, nw, me = len(script[0][2]), ctx.nworkers, ctx.index
     shared = method == "shmalloc"
@@ -324,8 +372,16 @@ def mstress(ctx: WorkerCtx, *, method: str, live: int, rounds: int, seed: int, a
     return {"ops": ops, "t0": t0, "t1": t1, "migrated": migrated if nw > 1 else 0}
 
 
-def scratch(ctx: WorkerCtx, *, method: str, iterations: int, writes: int, arena: str = "",
-            table: int = 0, line: int = 0) -> dict[str, Any]:
+def scratch(
+    ctx: WorkerCtx,
+    *,
+    method: str,
+    iterations: int,
+    writes: int,
+    arena: str = "",
+    table: int = 0,
+    line: int = 0,
+) -> dict[str, Any]:
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
@@ -368,26 +424,43 @@ def shared_lines(res: list[dict[str, Any]], size: int = 8) -> int:
     """How many objects (one per worker and iteration) lay in a 64-byte cache line that another
     worker's object occupied while both were being written: 0 means the allocator never set up
     passive false sharing (offsets from the segment start, which is page-aligned)."""
-    objs = [(w, p // 64, (p + size - 1) // 64, ta, tf)
-            for w, r in enumerate(res) for p, ta, tf in r["addresses"]]
-    return sum(any(w2 != w and lo2 <= hi and lo <= hi2 and ta2 < tf and ta < tf2
-                   for w2, lo2, hi2, ta2, tf2 in objs) for w, lo, hi, ta, tf in objs)
+    objs = [
+        (w, p // 64, (p + size - 1) // 64, ta, tf)
+        for w, r in enumerate(res)
+        for p, ta, tf in r["addresses"]
+    ]
+    return sum(
+        any(
+            w2 != w and lo2 <= hi and lo <= hi2 and ta2 < tf and ta < tf2
+            for w2, lo2, hi2, ta2, tf2 in objs
+        )
+        for w, lo, hi, ta, tf in objs
+    )
 
 
-def run_once(name: str, method: str, k: int, seed: int, c: dict[str, int], pool: WorkerPool,
-             mgr: MemoryManager) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_once(
+    name: str,
+    method: str,
+    k: int,
+    seed: int,
+    c: dict[str, int],
+    pool: WorkerPool,
+    mgr: MemoryManager,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One (workload, method, processes) run: the parent's setup, the workers, its teardown
     (only after a success: after a failure the workers may still use the blocks, and the
     whole arena is destroyed instead). Returns the workers' results and the run's extras."""
     shm = method == "shmalloc"
     if name == "larson":
-        kw = dict(chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"],
-                  seed=seed)
+        kw = dict(
+            chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"], seed=seed
+        )
         if not shm:
             return pool.run(larson_private, k, method=method, **kw), {"remote_free_fraction": 0}
         rng = random.Random(seed)
-        blocks = array("Q", (mgr.allocate(rng.randint(8, 1000))
-                             for _ in range(k * c["larson_chunks"])))
+        blocks = array(
+            "Q", (mgr.allocate(rng.randint(8, 1000)) for _ in range(k * c["larson_chunks"]))
+        )
         table = mgr.allocate(len(blocks) * 8)
         mgr.write(table, blocks)
         res = pool.run(larson_shm, k, arena=mgr.name, table=table, **kw)
@@ -398,8 +471,14 @@ def run_once(name: str, method: str, k: int, seed: int, c: dict[str, int], pool:
         return res, {"remote_free_fraction": sum(r["remote_frees"] for r in res) / frees}
     if name == "xmalloc-test":
         try:
-            res = pool.run(xmalloc, k, method=method, batches=c["xm_batches"],
-                           batch=c["xm_batch"], arena=mgr.name)
+            res = pool.run(
+                xmalloc,
+                k,
+                method=method,
+                batches=c["xm_batches"],
+                batch=c["xm_batch"],
+                arena=mgr.name,
+            )
         except BaseException:
             pool.drain()
             raise
@@ -431,13 +510,15 @@ def run_once(name: str, method: str, k: int, seed: int, c: dict[str, int], pool:
     return res, {"shared_line_objects": shared_lines(res), "object_size": 8}
 
 
-def run_workload(name: str, c: dict[str, Any], procs: list[int], pool: WorkerPool,
-                 arenas: Arenas) -> dict[str, Any]:
+def run_workload(
+    name: str, c: dict[str, Any], procs: list[int], pool: WorkerPool, arenas: Arenas
+) -> dict[str, Any]:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
     procs = [k for k in procs if name != "xmalloc-test" or k == 1 or k % 2 == 0]
     runs: dict[tuple[str, int], list[tuple[float, float, dict[str, Any]]]] = {
-        (m, k): [] for m in methods for k in procs}
+        (m, k): [] for m in methods for k in procs
+    }
     used0 = mgr.stats().used
     for t in range(c["trials"]):
         progress(f"{name}: trial {t + 1}/{c['trials']}")
@@ -449,18 +530,28 @@ def run_workload(name: str, c: dict[str, Any], procs: list[int], pool: WorkerPoo
     report = mgr.check()
     pool.detach(mgr.name)
     arenas.drop(mgr)
-    out: dict[str, Any] = {"unit": UNITS[name], "procs": procs, "methods": {},
-                           "arena_check": {"blocks": report.blocks, "used": report.used}}
+    out: dict[str, Any] = {
+        "unit": UNITS[name],
+        "procs": procs,
+        "methods": {},
+        "arena_check": {"blocks": report.blocks, "used": report.used},
+    }
     for m in methods:
         by = {}
         for k in procs:
             rates, walls, extras = zip(*runs[m, k], strict=True)
-            by[str(k)] = summarize(rates, wall_seconds=statistics.median(walls),
-                                   **{key: statistics.fmean(e[key] for e in extras)
-                                      for key in extras[0]})
-        out["methods"][m] = {"label": LABELS[m], "by_procs": by,
-                             "scaling": {f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"]
-                                         for k in procs if k != 1}}
+            by[str(k)] = summarize(
+                rates,
+                wall_seconds=statistics.median(walls),
+                **{key: statistics.fmean(e[key] for e in extras) for key in extras[0]},
+            )
+        out["methods"][m] = {
+            "label": LABELS[m],
+            "by_procs": by,
+            "scaling": {
+                f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"] for k in procs if k != 1
+            },
+        }
     return out
 
 
@@ -469,8 +560,9 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if not lar or "2_over_1" not in lar["methods"]["shmalloc"]["scaling"]:
         return {}
     j = judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
-    j["baselines"] = {m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items()
-                      if m != "shmalloc"}
+    j["baselines"] = {
+        m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items() if m != "shmalloc"
+    }
     base = j["baselines"].get("malloc_private")
     # what the machine gave: the same loop on private heaps is the ceiling shmalloc can reach
     j["share_of_private_malloc_scaling"] = j["value"] / base if base else None
@@ -482,25 +574,45 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     if not j:
         return []
     base = j["baselines"].get("malloc_private")
-    note = (f"the same loop on private cffi malloc heaps scaled {base:.2f}x in this run "
-            "(the machine's ceiling)") if base else ""
+    note = (
+        (
+            f"the same loop on private cffi malloc heaps scaled {base:.2f}x in this run "
+            "(the machine's ceiling)"
+        )
+        if base
+        else ""
+    )
     return [target_row("larson: 2 processes / 1 process", j, "x", note)]
 
 
 def report(res: dict[str, Any]) -> None:
     print_header(res)
-    print(f"operations per second summed over processes: median of {res['config']['trials']} "
-          "trials [min-max]")
+    print(
+        f"operations per second summed over processes: median of {res['config']['trials']} "
+        "trials [min-max]"
+    )
     for name, w in res["workloads"].items():
         procs, sh = w["procs"], w["methods"]["shmalloc"]["by_procs"]
-        procs_table(f"{name} ({w['unit']})", procs,
-                    {m: v["by_procs"] for m, v in w["methods"].items()})
-        extra = {"larson": ("share of shmalloc frees that freed another process's block",
-                            "remote_free_fraction", "{:.0%}"),
-                 "mstress": ("blocks migrated between processes per run (shmalloc)",
-                             "migrated_blocks", "{:,.0f}"),
-                 "cache-scratch": ("shmalloc objects sharing a 64 B line with another "
-                                   "process's object", "shared_line_objects", "{:.0f}")}
+        procs_table(
+            f"{name} ({w['unit']})", procs, {m: v["by_procs"] for m, v in w["methods"].items()}
+        )
+        extra = {
+            "larson": (
+                "share of shmalloc frees that freed another process's block",
+                "remote_free_fraction",
+                "{:.0%}",
+            ),
+            "mstress": (
+                "blocks migrated between processes per run (shmalloc)",
+                "migrated_blocks",
+                "{:,.0f}",
+            ),
+            "cache-scratch": (
+                "shmalloc objects sharing a 64 B line with another process's object",
+                "shared_line_objects",
+                "{:.0f}",
+            ),
+        }
         if name in extra:
             label, key, fmt = extra[name]
             print(f"  {label}: " + ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs))
@@ -508,29 +620,30 @@ def report(res: dict[str, Any]) -> None:
     j = res["derived"].get("larson_2p_over_1p")
     if j:
         base = ", ".join(f"{k} {v:.2f}x" for k, v in j["baselines"].items() if v)
-        print(f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   "
-              f"target >= {j['target']:g}x  {verdict(j)}   (baselines: {base})")
-
-
-def plot(plt: Any, res: dict[str, Any]) -> Any:
-    names = list(res["workloads"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        w = res["workloads"][name]
-        plot_rates(ax, w["procs"], {m: v["by_procs"] for m, v in w["methods"].items()},
-                   w["unit"], name)
-    return fig
+        print(
+            f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   "
+            f"target >= {j['target']:g}x  {verdict(j)}   (baselines: {base})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args("bench_workloads", "mimalloc-bench allocator workloads (larson, xmalloc-test, "
-                   "mstress, cache-scratch) ported to processes sharing one shmalloc arena, with "
-                   "1, 2 and 4 processes, beside private-heap baselines.",
-                   quick="small runs, 3 trials (a CI smoke run)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
-    p.add_argument("--procs", default="1,2,4",
-                   help="comma-separated process counts (default 1,2,4; 1 is always added)")
+    p = bench_args(
+        "bench_workloads",
+        "mimalloc-bench allocator workloads (larson, xmalloc-test, "
+        "mstress, cache-scratch) ported to processes sharing one shmalloc arena, with "
+        "1, 2 and 4 processes, beside private-heap baselines.",
+        quick="small runs, 3 trials (a CI smoke run)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
+    )
+    p.add_argument(
+        "--procs",
+        default="1,2,4",
+        help="comma-separated process counts (default 1,2,4; 1 is always added)",
+    )
     p.add_argument("--trials", type=int, help="trials per figure (default 5; quick 3)")
     p.add_argument("--seed", type=int, default=4141, help="random seed (larson's default)")
     a = p.parse_args(argv)
@@ -546,13 +659,20 @@ def main(argv: list[str] | None = None) -> int:
     def body(res: dict[str, Any], arenas: Arenas) -> None:
         progress(f"starting {max(a.procs)} worker processes")
         with WorkerPool(max(a.procs)) as pool:
-            res["workloads"] = {name: run_workload(name, c, a.procs, pool, arenas)
-                                for name in a.workloads}
+            res["workloads"] = {
+                name: run_workload(name, c, a.procs, pool, arenas) for name in a.workloads
+            }
 
-    return run_bench("bench_workloads", a, {**c, "procs": a.procs, "workloads": a.workloads,
-                                            "units": UNITS, "labels": LABELS}, body,
-                     targets={"larson_2p_over_1p": TARGET_LARSON}, derive=derive,
-                     targets_summary=targets_summary, report=report, plot=plot)
+    return run_bench(
+        "bench_workloads",
+        a,
+        {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS},
+        body,
+        targets={"larson_2p_over_1p": TARGET_LARSON},
+        derive=derive,
+        targets_summary=targets_summary,
+        report=report,
+    )
 
 
 if __name__ == "__main__":

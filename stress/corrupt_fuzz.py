@@ -3,40 +3,27 @@
     python -m stress.corrupt_fuzz [--arenas N] [--seed X] [--json PATH] [--quick]
                                   [--jobs J] [--timeout T] [--index I] [--no-corrupt]
 
-Each of N scratch arenas (1 MiB, or the header plus 512 KiB if that is more) is handled by one
-child process (``python -m stress.corrupt_fuzz --role child --index I``, one ``subprocess.run``
-with a timeout each), which:
+Each scratch arena (1 MiB, or the header plus 512 KiB) is handled by one child process (one
+``subprocess.run`` with a timeout), which populates it (blocks of known content, some freed,
+retained, sealed, persistent, named, owned by the parent or by processes that died meanwhile,
+one with blocks in its cache and on its remote list), damages it (1 to 3 mutations: a bit flip,
+random bytes or an "interesting" value in the arena header, the counters, the heap lock, the
+bitmap, the bins, the process table, the references, the names, the event ring, the undo
+journal, the caches and slot locks, block headers or free-list links; block headers may get
+their checksum recomputed with ``shm_debug_block_checksum``, and a lock may be left to a dead
+holder with ``shm_debug_lock_forge``; offsets come from ``ffi.offsetof``), then attaches afresh
+and runs a batch of operations, catching exceptions. Undamaged, the batch raises nothing
+(``--no-corrupt`` checks that).
 
-1. creates the arena and populates it: blocks of random sizes (some aligned) with a known
-   pattern, a third of them freed again, some retained, sealed, persistent, bound to names, some
-   owned by the parent and some by processes that died meanwhile (one with blocks in its cache
-   and on its remote list);
-2. damages it: 1 to 3 mutations, each in one region: the arena header, the counters, the heap
-   lock, the bitmap, the bins, the process table, the references, the names, the event ring, the
-   undo journal, the caches and slot locks, block headers and free-list links. A mutation flips
-   a bit, writes random bytes or sets a field to an "interesting" value (0, -1, the capacity,
-   the heap's start, another block's offset, its own, off by 16...). For block headers it may
-   also recompute the header's checksum (``shm_debug_block_checksum``: an adversary that knows
-   the salt, whom only structural checks can catch). A lock may be left to a dead holder
-   (``shm_debug_lock_forge``). Offsets come from the compiled layout (``ffi.offsetof``);
-3. attaches afresh and runs a batch of operations, catching exceptions: stats, check, size_of
-   and read of known blocks (compared with their pattern), write, allocate/write/read new blocks,
-   retain/release, adopt, persist, seal, names, lookup, bind, unbind, processes, all_blocks,
-   deallocate, collect, free_process_memory, drain_events, check again, close. On an undamaged
-   arena this batch raises nothing (``--no-corrupt`` verifies that).
-
-The child prints its mutations as one JSON line before the operations, and its outcome as one
-last line. The parent classifies each arena by how the child ended: ``clean`` (nothing raised),
-``detected`` (CorruptionDetected), ``other_error`` (another ShmallocError, ValueError, KeyError,
-OSError: refused, but not named as corruption), ``error`` (any other exception: a bug in the
-Python layer), ``crash`` (the child died by a signal), ``hang`` (no end within ``--timeout``).
-Independently, ``wrong`` counts silent wrong answers (a read that returned other bytes than were
-written, without an exception) and ``slow`` operations slower than 0.5 s (the batch stops there).
-Children run with faulthandler on, so a crash or hang leaves the Python stack in the report.
-
-Arena i's randomness is derived from (seed, i) alone: ``--seed X --index I`` replays arena I
-exactly (up to the arena's random salt and pids) and prints everything. Exit code 0 only if there
-were no crashes and no hangs. Every arena and child is cleaned up on the way out.
+The child prints its mutations as one JSON line first, its outcome as one line last. The parent
+classifies each arena by how the child ended: ``clean``, ``detected`` (CorruptionDetected),
+``other_error`` (another ShmallocError, ValueError, KeyError, OSError: refused, not named as
+corruption), ``error`` (any other exception: a bug in the Python layer), ``crash`` (killed by a
+signal), ``hang`` (no end within ``--timeout``). Independently, ``wrong`` counts reads that
+returned other bytes than were written, without an exception, and ``slow`` operations slower
+than 0.5 s (the batch stops there). Children run with faulthandler on: a crash or hang leaves
+the Python stack in the report. Arena i's randomness comes from (seed, i) alone: ``--seed X
+--index I`` replays it and prints everything. Exit code 0 only without crashes and hangs.
 """
 
 from __future__ import annotations
@@ -72,6 +59,9 @@ KiB, MiB = 1 << 10, 1 << 20
 HDR = ffi.sizeof("shm_block_t")
 HEAP_OFF = int(lib.shm_header_size())
 SLOW = 0.5  # seconds: an operation slower than this ends the batch and is reported as slow
+PIPES: dict[str, Any] = dict(
+    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+)
 EXPECTED = (ShmallocError, ValueError, KeyError, OSError, MemoryError)
 OUTCOMES = ("clean", "detected", "other_error", "error", "crash", "hang")
 
@@ -122,8 +112,13 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
     known: list[dict[str, Any]] = []
     for gen in range(1, rng.randint(8, 36) + 1):
         r = rng.random()
-        n = rng.randint(1, 256) if r < 0.5 else rng.randint(256, 4096) if r < 0.85 else \
-            rng.randint(4096, 24 * KiB)
+        n = (
+            rng.randint(1, 256)
+            if r < 0.5
+            else rng.randint(256, 4096)
+            if r < 0.85
+            else rng.randint(4096, 24 * KiB)
+        )
         a = m.allocate(n, align=rng.choice((64, 256, 4096)) if rng.random() < 0.1 else None)
         size = m.size_of(a)
         m.write(a, pattern(a, gen, size))
@@ -185,13 +180,33 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- mutations
 
 
+DESC = ("region", "target", "field", "offset", "size", "kind", "old", "new")
+
+
+def desc(*values: Any) -> dict[str, Any]:
+    """A mutation as the report shows it."""
+    return dict(zip(DESC, values, strict=True))
+
+
 class Mutator:
     """The adversary: a raw read-write mapping of the segment (and a handle over it for the two
     debug calls), and the regions it damages."""
 
-    REGIONS = {"block": 3.0, "links": 2.0, "bins": 1.5, "bitmap": 1.0, "procs": 1.5, "refs": 1.0,
-               "names": 1.0, "counters": 1.0, "arena": 0.7, "lock": 0.7, "ring": 0.7,
-               "journal": 0.7, "caches": 1.5}
+    REGIONS = {
+        "block": 3.0,
+        "links": 2.0,
+        "bins": 1.5,
+        "bitmap": 1.0,
+        "procs": 1.5,
+        "refs": 1.0,
+        "names": 1.0,
+        "counters": 1.0,
+        "arena": 0.7,
+        "lock": 0.7,
+        "ring": 0.7,
+        "journal": 0.7,
+        "caches": 1.5,
+    }
 
     def __init__(self, name: str, rng: random.Random, dead: list[int]) -> None:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
@@ -230,38 +245,43 @@ class Mutator:
         """An "interesting" value for a field: offsets, sizes and counts near the edges."""
         r, cap = self.rng, self.cap
         if size == 4:
-            return r.choice([0, 1, 2, 127, 128, 255, M32, 0x7FFFFFFF, 0x80000000,
-                             r.getrandbits(32), (old + 1) & M32, (old - 1) & M32])
+            edges = [0, 1, 2, 127, 128, 255, M32, 0x7FFFFFFF, 0x80000000, (old + 1) & M32]
+            return r.choice([*edges, (old - 1) & M32, r.getrandbits(32)])
         if size != 8:
             return r.getrandbits(8 * size)
-        blk = self.some_block()
-        common = [0, M64, 1 << 63, cap, cap - 16, cap + 16, r.randrange(cap) & ~15,
-                  old ^ (1 << r.randrange(64)), old + 16, old - 16]
+        blk, jitter = self.some_block(), old ^ (1 << r.randrange(64))
+        common = [0, M64, 1 << 63, cap, cap - 16, cap + 16, r.randrange(cap) & ~15, jitter]
         if name.rsplit(".", 1)[-1] in ("size", "prev_size", "heap_size", "capacity", "used"):
-            return r.choice(common + [16, 48, 64, 80, old * 2, old // 2 & ~15, cap - at])
-        return r.choice(common + [8, HEAP_OFF, HEAP_OFF - 16, blk, blk + HDR, blk - 16, at,
-                                  at - HDR, self.some_block(lib.SHM_BF_FREE, True), old + 64])
+            return r.choice(common + [16, 48, 64, 80, old * 2, old // 2 & ~15, cap - at, old + 16])
+        near = [blk, blk + HDR, blk - 16, at, at - HDR, old + 64, old - 16]
+        free = self.some_block(lib.SHM_BF_FREE, True)
+        return r.choice(common + near + [8, HEAP_OFF, HEAP_OFF - 16, free])
 
-    def mutate(self, region: str, target: str, at: int, size: int, name: str,
-               reseal: int | None = None) -> dict[str, Any]:
+    def mutate(
+        self, region: str, target: str, at: int, size: int, name: str, reseal: int | None = None
+    ) -> dict[str, Any]:
         r = self.rng
         if size > 8:  # a byte array: one byte or one word inside it
-            rel = r.randrange(0, size - 7) & ~7 if size >= 8 and r.random() < 0.4 else \
-                r.randrange(size)
+            rel = (
+                r.randrange(0, size - 7) & ~7
+                if size >= 8 and r.random() < 0.4
+                else r.randrange(size)
+            )
             width = 8 if rel % 8 == 0 and rel + 8 <= size and r.random() < 0.5 else 1
             return self.mutate(region, target, at + rel, width, f"{name}[{rel}]", reseal)
         old = self.u(at, size)
         kind = r.choices(("bitflip", "set", "random"), (35, 50, 15))[0]
-        new = {"bitflip": lambda: old ^ (1 << r.randrange(8 * size)),
-               "set": lambda: self.value(name, size, old, at),
-               "random": lambda: r.getrandbits(8 * size)}[kind]() & ((1 << (8 * size)) - 1)
+        new = {
+            "bitflip": lambda: old ^ (1 << r.randrange(8 * size)),
+            "set": lambda: self.value(name, size, old, at),
+            "random": lambda: r.getrandbits(8 * size),
+        }[kind]() & ((1 << (8 * size)) - 1)
         self.put(at, size, new if new != old else old ^ 1)
         if reseal is not None:  # recompute the header's checksum, as an adversary with the salt
             kind += "+checksum"
             o, s = BLOCK["check"]
             self.put(reseal + o, s, lib.shm_debug_block_checksum(self.base, self.cap, reseal))
-        return {"region": region, "target": target, "field": name, "offset": at, "size": size,
-                "kind": kind, "old": f"{old:#x}", "new": f"{self.u(at, size):#x}"}
+        return desc(region, target, name, at, size, kind, f"{old:#x}", f"{self.u(at, size):#x}")
 
     def dead_tid(self) -> int:
         if not self.dead:
@@ -277,17 +297,27 @@ class Mutator:
         cleanup: the next taker must recover it (and roll the journal back)."""
         tid = self.dead_tid()
         assert lib.shm_debug_lock_forge(self.h, which, tid) == 0
-        return {"region": region, "target": f"lock {which}", "field": "holder",
-                "offset": int(lib.shm_lock_offset(which)), "size": 0, "kind": "dead holder",
-                "old": "", "new": str(tid)}
+        return desc(
+            region,
+            f"lock {which}",
+            "holder",
+            int(lib.shm_lock_offset(which)),
+            0,
+            "dead holder",
+            "",
+            str(tid),
+        )
 
     def entry(self, region: str) -> tuple[int, int, str]:
         """A table entry, preferring live ones (a non-zero first word): (index, offset, type)."""
         base, count, ctype = TABLES[region]
         size = ffi.sizeof(ctype)
         live = [i for i in range(count) if self.u(base + i * size, 8)]
-        i = self.rng.choice(live) if live and self.rng.random() < 0.8 else \
-            self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
+        i = (
+            self.rng.choice(live)
+            if live and self.rng.random() < 0.8
+            else self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
+        )
         return i, base + i * size, ctype
 
     def field_of(self, region: str, target: str, at: int, ctype: str) -> dict[str, Any]:
@@ -309,14 +339,24 @@ class Mutator:
 
     def r_bitmap(self) -> dict[str, Any]:
         words = int(lib.SHM_BITMAP_WORDS)
-        bit = self.rng.randrange(64 * words) if self.rng.random() < 0.3 else \
-            self.rng.randrange(int(lib.SHM_NBINS))
+        bit = (
+            self.rng.randrange(64 * words)
+            if self.rng.random() < 0.3
+            else self.rng.randrange(int(lib.SHM_NBINS))
+        )
         at = off("bitmap") + 8 * (bit // 64)
         old = self.u(at, 8)
         self.put(at, 8, old ^ (1 << bit % 64))
-        return {"region": "bitmap", "target": f"bin {bit}", "field": f"bitmap[{bit // 64}]",
-                "offset": at, "size": 8, "kind": "bitflip", "old": f"{old:#x}",
-                "new": f"{old ^ (1 << bit % 64):#x}"}
+        return desc(
+            "bitmap",
+            f"bin {bit}",
+            f"bitmap[{bit // 64}]",
+            at,
+            8,
+            "bitflip",
+            f"{old:#x}",
+            f"{old ^ (1 << bit % 64):#x}",
+        )
 
     def r_bins(self) -> dict[str, Any]:
         nbins = int(lib.SHM_NBINS)
@@ -338,8 +378,16 @@ class Mutator:
             o = int(ffi.offsetof(ctype, "name"))
             n = int(lib.SHM_NAME_LEN)
             self.mm[at + o : at + o + n] = b"Z" * n
-            return {"region": "names", "target": f"name entry {i}", "field": "name",
-                    "offset": at + o, "size": n, "kind": "unterminated", "old": "", "new": "Z.."}
+            return {
+                "region": "names",
+                "target": f"name entry {i}",
+                "field": "name",
+                "offset": at + o,
+                "size": n,
+                "kind": "unterminated",
+                "old": "",
+                "new": "Z..",
+            }
         return self.field_of("names", f"name entry {i}", at, ctype)
 
     def r_ring(self) -> dict[str, Any]:
@@ -367,8 +415,11 @@ class Mutator:
             recs.append(f"{at & M64:#x}+{ln & M64:#x}")
         self.put(j + f["count"][0], f["count"][1], len(recs))
         self.put(j + f["used"][0], f["used"][1], pos)
-        return {**self.forge("journal", -1), "target": "journal + dead lock holder",
-                "new": ", ".join(recs)}
+        return {
+            **self.forge("journal", -1),
+            "target": "journal + dead lock holder",
+            "new": ", ".join(recs),
+        }
 
     def r_caches(self) -> dict[str, Any]:
         """A process's cache (list heads, counts, remote list, pending word), the link in a
@@ -384,27 +435,33 @@ class Mutator:
         return self.field_of("caches", f"cache of slot {i}", at, ctype)
 
     def r_block(self) -> dict[str, Any]:
-        b = self.some_block(lib.SHM_BF_FREE, None if self.rng.random() < 0.6 else
-                            bool(self.rng.getrandbits(1)))
+        b = self.some_block(
+            lib.SHM_BF_FREE, None if self.rng.random() < 0.6 else bool(self.rng.getrandbits(1))
+        )
         kind = "free" if self.u(b + BLOCK["flags"][0], 4) & lib.SHM_BF_FREE else "allocated"
         forge = self.rng.random() < 0.4
-        n, o, s = self.rng.choice([f for f in fields("shm_block_t")
-                                   if not (forge and f[0] == "check")])
-        return self.mutate("block", f"{kind} block at {b:#x}", b + o, s, n,
-                           reseal=b if forge else None)
+        n, o, s = self.rng.choice(
+            [f for f in fields("shm_block_t") if not (forge and f[0] == "check")]
+        )
+        return self.mutate(
+            "block", f"{kind} block at {b:#x}", b + o, s, n, reseal=b if forge else None
+        )
 
     def r_links(self) -> dict[str, Any]:
         frees = [o for o, fl in self.blocks if fl & lib.SHM_BF_FREE]
         if not frees:
             return self.r_block()
         b, which = self.rng.choice(frees), self.rng.randrange(2)
-        return self.mutate("links", f"free block at {b:#x}", b + HDR + 8 * which, 8,
-                           ("next", "prev")[which])
+        return self.mutate(
+            "links", f"free block at {b:#x}", b + HDR + 8 * which, 8, ("next", "prev")[which]
+        )
 
     def run(self, regions: list[str]) -> list[dict[str, Any]]:
         weights = [self.REGIONS[k] for k in regions]
-        return [getattr(self, "r_" + self.rng.choices(regions, weights)[0])()
-                for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3)))]
+        return [
+            getattr(self, "r_" + self.rng.choices(regions, weights)[0])()
+            for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3)))
+        ]
 
 
 # ----------------------------------------------------------------------------- the operations
@@ -441,8 +498,14 @@ class Ops:
             self.other += 1
             self.exc[f"{label}: {type(e).__name__}"] += 1
         except Exception as e:  # noqa: BLE001 - anything else is what this fuzz looks for
-            self.unexpected.append({"op": label, "type": type(e).__name__, "message": str(e)[:300],
-                                    "traceback": traceback.format_exc(limit=8)[-2000:]})
+            self.unexpected.append(
+                {
+                    "op": label,
+                    "type": type(e).__name__,
+                    "message": str(e)[:300],
+                    "traceback": traceback.format_exc(limit=8)[-2000:],
+                }
+            )
         finally:
             if time.monotonic() - t > SLOW:
                 self.slow.append({"op": label, "seconds": round(time.monotonic() - t, 2)})
@@ -457,8 +520,15 @@ class Ops:
         exp = pattern(a, gen, n)
         if data[:k] != exp[:k]:
             i = next(j for j in range(k) if data[j] != exp[j])
-            self.wrong.append({"op": f"read {label}", "address": a, "offset": i,
-                               "expected": exp[i : i + 16].hex(), "found": data[i : i + 16].hex()})
+            self.wrong.append(
+                {
+                    "op": f"read {label}",
+                    "address": a,
+                    "offset": i,
+                    "expected": exp[i : i + 16].hex(),
+                    "found": data[i : i + 16].hex(),
+                }
+            )
         if size != n:
             self.resized.append({"address": a, "size": n, "size_now": size})
 
@@ -474,17 +544,27 @@ class Ops:
             for k in known[:10]:
                 self.verify(m, "known", k["a"], k["gen"], k["n"])
             for k in [k for k in known if not k["sealed"]][:5]:
-                if call("write known", m.write, k["a"], pattern(k["a"], k["gen"] + 1000, k["n"])) \
-                        is not self.FAIL:
+                if (
+                    call("write known", m.write, k["a"], pattern(k["a"], k["gen"] + 1000, k["n"]))
+                    is not self.FAIL
+                ):
                     k["gen"] += 1000  # (a refused write changed nothing)
                     self.verify(m, "rewritten", k["a"], k["gen"], k["n"])
             new = []
-            for n, align in ((24, None), (700, None), (3000, 256), (9000, None), (70000, None),
-                             (200, 4096)):
+            for n, align in (
+                (24, None),
+                (700, None),
+                (3000, 256),
+                (9000, None),
+                (70000, None),
+                (200, 4096),
+            ):
                 a = call("allocate", m.allocate, n, align=align)
                 size = self.FAIL if a is self.FAIL else call("size_of new", m.size_of, a)
-                if size is not self.FAIL and \
-                        call("write new", m.write, a, pattern(a, 7, size)) is not self.FAIL:
+                if (
+                    size is not self.FAIL
+                    and call("write new", m.write, a, pattern(a, 7, size)) is not self.FAIL
+                ):
                     new.append((a, size))
             for a, size in new:
                 self.verify(m, "new", a, 7, size)
@@ -526,8 +606,15 @@ class Ops:
             call("close", m.close)
 
     def outcome(self) -> str:
-        return "error" if self.unexpected else "detected" if self.corruption else \
-            "other_error" if self.other else "clean"
+        return (
+            "error"
+            if self.unexpected
+            else "detected"
+            if self.corruption
+            else "other_error"
+            if self.other
+            else "clean"
+        )
 
 
 # ----------------------------------------------------------------------------- one arena
@@ -555,10 +642,22 @@ def child_main(a: argparse.Namespace) -> int:
         print(json.dumps({"mutations": muts}), flush=True)
         ops = Ops(rng, state)
         ops.run(name)
-        print(json.dumps({"outcome": ops.outcome(), "exceptions": dict(ops.exc),
-                          "first_detected": ops.first_detected, "unexpected": ops.unexpected[:3],
-                          "wrong": ops.wrong[:3], "resized": ops.resized[:3],
-                          "slow": ops.slow[:3], "nops": ops.nops}, default=str), flush=True)
+        print(
+            json.dumps(
+                {
+                    "outcome": ops.outcome(),
+                    "exceptions": dict(ops.exc),
+                    "first_detected": ops.first_detected,
+                    "unexpected": ops.unexpected[:3],
+                    "wrong": ops.wrong[:3],
+                    "resized": ops.resized[:3],
+                    "slow": ops.slow[:3],
+                    "nops": ops.nops,
+                },
+                default=str,
+            ),
+            flush=True,
+        )
     finally:
         faulthandler.cancel_dump_traceback_later()
         if os.path.exists(os.path.join(SHM_DIR, name)):
@@ -582,17 +681,15 @@ class Fuzz:
     def run_one(self, i: int) -> dict[str, Any]:
         """Arena i in a child process; its outcome from how the child ended and what it said."""
         a = self.a
-        cmd = [sys.executable, "-m", "stress.corrupt_fuzz", "--role", "child", "--index", str(i),
-               "--seed", str(a.seed), "--prefix", self.prefix, "--capacity", str(a.capacity),
-               "--timeout", str(a.timeout), "--regions", ",".join(a.regions)]
+        args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} --capacity "
+        args += f"{a.capacity} --timeout {a.timeout} --regions {','.join(a.regions)}"
+        cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
         if a.no_corrupt:
             cmd.append("--no-corrupt")
         with self.lock:
             if self.stopping:
                 raise KeyboardInterrupt
-            p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), text=True,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+            p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), text=True, **PIPES)
             self.children.add(p)
         try:
             out, err = p.communicate(timeout=a.timeout)
@@ -610,8 +707,13 @@ class Fuzz:
         lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
         muts = lines[0]["mutations"] if lines else None
         res = lines[1] if len(lines) > 1 and status is None else {}
-        return {"index": i, "mutations": muts, "outcome": status or res["outcome"],
-                "status": signame(p.returncode), "stderr": err[-4000:] if status else "", **res}
+        head = {"index": i, "mutations": muts, "status": signame(p.returncode)}
+        return {
+            **head,
+            "outcome": status or res["outcome"],
+            "stderr": err[-4000:] * bool(status),
+            **res,
+        }
 
     def record(self, r: dict[str, Any]) -> None:
         outcome = r["outcome"]
@@ -619,9 +721,13 @@ class Fuzz:
         for region in sorted({m["region"] for m in r["mutations"] or []}) or ["(none)"]:
             self.by_region[region][outcome] += 1
         r["reproduce"] = f"python -m stress.corrupt_fuzz --seed {self.a.seed} --index {r['index']}"
-        for kind, hit in (("crash", outcome == "crash"), ("hang", outcome == "hang"),
-                          ("error", outcome == "error"), ("wrong", r.get("wrong")),
-                          ("slow", r.get("slow"))):
+        for kind, hit in (
+            ("crash", outcome == "crash"),
+            ("hang", outcome == "hang"),
+            ("error", outcome == "error"),
+            ("wrong", r.get("wrong")),
+            ("slow", r.get("slow")),
+        ):
             if hit and len(self.examples[kind]) < 50:
                 self.examples[kind].append(r)
         self.wrong += bool(r.get("wrong"))
@@ -636,8 +742,9 @@ class Fuzz:
         bar = Bar(len(indices), "arenas")
         pool = ThreadPoolExecutor(a.jobs)
         try:
-            for done, fut in enumerate(as_completed([pool.submit(self.run_one, i)
-                                                     for i in indices]), 1):
+            for done, fut in enumerate(
+                as_completed([pool.submit(self.run_one, i) for i in indices]), 1
+            ):
                 self.record(fut.result())
                 bar.update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
         finally:
@@ -650,32 +757,54 @@ class Fuzz:
         counts = {k: self.counts[k] for k in OUTCOMES}
         return {
             "ok": counts["crash"] == 0 and counts["hang"] == 0,
-            "config": {"seed": a.seed, "arenas": len(indices), "capacity": a.capacity,
-                       "timeout": a.timeout, "jobs": a.jobs, "quick": a.quick,
-                       "corrupt": not a.no_corrupt, "regions": a.regions, "index": a.index},
-            "arenas": sum(counts.values()), "counts": counts, "wrong": self.wrong,
-            "resized_silently": self.resized, "slow": self.slow,
+            "config": {
+                "seed": a.seed,
+                "arenas": len(indices),
+                "capacity": a.capacity,
+                "timeout": a.timeout,
+                "jobs": a.jobs,
+                "quick": a.quick,
+                "corrupt": not a.no_corrupt,
+                "regions": a.regions,
+                "index": a.index,
+            },
+            "arenas": sum(counts.values()),
+            "counts": counts,
+            "wrong": self.wrong,
+            "resized_silently": self.resized,
+            "slow": self.slow,
             "by_region": {k: dict(v) for k, v in sorted(self.by_region.items())},
-            **{f"{k}_examples": self.examples[k] for k in ("crash", "hang", "error", "wrong",
-                                                          "slow")},
-            "detail": self.detail, "duration": round(time.monotonic() - t0, 2),
+            **{
+                f"{k}_examples": self.examples[k]
+                for k in ("crash", "hang", "error", "wrong", "slow")
+            },
+            "detail": self.detail,
+            "duration": round(time.monotonic() - t0, 2),
         }
 
 
 def _mut_str(muts: list[dict[str, Any]] | None) -> str:
     if not muts:
         return "(before any mutation)"
-    return "; ".join(f"{m['region']}/{m['target']}.{m['field']} {m['kind']} {m['old']}->{m['new']}"
-                     for m in muts)
+    return "; ".join(
+        f"{m['region']}/{m['target']}.{m['field']} {m['kind']} {m['old']}->{m['new']}" for m in muts
+    )
 
 
 def print_report(res: dict[str, Any]) -> None:
     c, cfg = res["counts"], res["config"]
-    print(f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
-          f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s")
-    labels = {"clean": "clean", "detected": "corruption detected", "other_error":
-              "other error (refused)", "error": "unexpected exception", "crash": "CRASH",
-              "hang": "HANG"}
+    print(
+        f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
+        f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s"
+    )
+    labels = {
+        "clean": "clean",
+        "detected": "corruption detected",
+        "other_error": "other error (refused)",
+        "error": "unexpected exception",
+        "crash": "CRASH",
+        "hang": "HANG",
+    }
     for k, label in labels.items():
         print(f"  {label:<24} {c[k]:>7}")
     print(f"  {'wrong answer (silent)':<24} {res['wrong']:>7}")
@@ -703,27 +832,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m stress.corrupt_fuzz",
         description="Damage scratch arenas on purpose, then run operations on them in child "
-        "processes; count clean / detected / refused / error / crash / hang.")
+        "processes; count clean / detected / refused / error / crash / hang.",
+    )
     p.add_argument("--arenas", type=int, help="scratch arenas to damage (default 2000; quick 100)")
     p.add_argument("--seed", type=int, default=1, help="arena i's randomness is (seed, i)")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
     p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2,
-                   help="child processes at once (default: CPUs)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds an arena may take before it counts as a hang (default 10)")
-    p.add_argument("--capacity", type=int, default=MiB,
-                   help="arena size (default 1 MiB, at least header + 512 KiB)")
+    p.add_argument(
+        "--jobs", type=int, default=os.cpu_count(), help="children at once (default: CPUs)"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang (default 10)")
+    p.add_argument(
+        "--capacity", type=int, default=MiB, help="arena bytes (at least header + 512 KiB)"
+    )
     p.add_argument("--index", type=int, help="replay only arena I of this seed, verbosely")
-    p.add_argument("--regions", type=lambda s: s.split(","), default=list(Mutator.REGIONS),
-                   help="comma-separated regions to damage (default all: "
-                   + ",".join(Mutator.REGIONS) + ")")
-    p.add_argument("--no-corrupt", action="store_true",
-                   help="populate and run the operations without damage (all must be clean)")
+    p.add_argument("--regions", default=",".join(Mutator.REGIONS), help="regions to damage (all)")
+    p.add_argument("--no-corrupt", action="store_true", help="no damage: every arena must be clean")
     p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.arenas = a.arenas if a.arenas is not None else (100 if a.quick else 2000)
+    a.regions = a.regions.split(",")
     unknown = set(a.regions) - set(Mutator.REGIONS)
     if unknown:
         p.error(f"unknown regions {sorted(unknown)}; choose from {list(Mutator.REGIONS)}")

@@ -3,34 +3,24 @@
     python -m stress.crash_storm [--workers N] [--kills K] [--seconds S] [--seed X]
                                  [--json PATH] [--quick] [--keep-going]
 
-N worker processes attached to one arena churn: they allocate random sizes, write a pattern
-derived from (address, generation) over the whole block, verify it, rewrite, free, retain and
-release, persist, seal, hand blocks to each other through named blocks (bound by the sender;
-looked up, unbound, verified and adopted or freed by the receiver), and run short allocate/free
-bursts straight through the C core, so that a kill often lands inside it, holding the heap lock.
-A survivor process holds blocks of known content (some sealed, some retained) for the whole run
-and keeps allocating and freeing.
-
-The driver sends SIGKILL to a random worker after a random interval (exponential, mean
-``--interval``) and respawns it, until K kills (or S seconds). A share of the kills
-(``--lock-kills``) is aimed: the driver watches the heap lock's holder (``shm_lock_owner``) and
-kills the worker holding it, half-way through an operation. After every kill (every
-``--check-every`` kills) it runs ``collect()`` and ``check()`` and reads the survivor's blocks.
-
-At the end half of the workers stop gracefully (they free what they hold), the others are
-killed; the survivor verifies and frees its blocks; the driver collects, checks, frees what dead
-workers left persistent or named (expected leftovers, reported apart) and then expects nothing
-used, one free block and no process slot left. Any other block is a leak.
+Workers attached to one arena allocate random sizes, write a pattern derived from (address,
+generation) over each block, verify, rewrite, free, retain, release, persist, seal, hand blocks
+to each other through bound names, and run allocate/free bursts straight through the C core so
+that a kill often lands inside it. A survivor holds blocks of known content for the whole run.
+The driver SIGKILLs a random worker after a random interval (mean ``--interval``) and respawns
+it, until K kills or S seconds; a share of the kills (``--lock-kills``) is aimed at the worker
+holding the heap lock (``shm_lock_owner``). After every kill it collects, checks the arena and
+reads the survivor's blocks. At the end half the workers stop gracefully, the others are killed,
+the survivor verifies and frees its blocks, and the driver collects, frees what dead workers
+left persistent or named (expected leftovers, reported apart) and expects nothing used, one free
+block and no slot left; any other block is a leak.
 
 An inconsistency is a ``check()`` failure, a ``CorruptionDetected`` seen by a worker, or a block
-whose content or size changed under its owner. The first one stops the storm (``--keep-going``
-continues). Exit code 0 only if there was no inconsistency, no worker error, no leak and the
-survivor's data is intact. ``--seed`` fixes every random choice the driver and workers make; the
-interleaving is the OS's, so a failing storm reproduces statistically. Every process and arena
-this starts is gone on the way out, Ctrl-C and SIGTERM included.
-
-The fault-step matrix (a child killed at each named step of the C core) is
-``tests/test_fault_steps.py``.
+whose content or size changed under its owner; the first one stops the storm (unless
+``--keep-going``). Exit code 0 only without inconsistency, worker error, leak or damage to the
+survivor's data. ``--seed`` fixes every random choice; the interleaving is the OS's. Every
+process and arena is gone on the way out, Ctrl-C and SIGTERM included. The fault-step matrix (a
+child killed at each named step of the C core) is ``tests/test_fault_steps.py``.
 """
 
 from __future__ import annotations
@@ -63,11 +53,12 @@ from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 from ._common import REPO_ROOT, Bar, child_env, core_handle, signame, write_json
 
 MiB = 1 << 20
-OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist",
-       "seal", "handoff", "claim", "burst", "core_burst", "collect", "check", "stats", "stop")
-WEIGHTS = {"alloc": 28, "verify": 14, "rewrite": 6, "free": 20, "retain": 3, "release": 3,
-           "persist": 2, "seal": 2, "handoff": 4, "claim": 4, "burst": 8, "core_burst": 6,
-           "collect": 0.6, "check": 0.3, "stats": 1}
+OPS = (
+    "idle start alloc verify rewrite free retain release persist seal handoff claim burst "
+    "core_burst collect check stats stop"
+).split()
+# operation: weight in a worker's random choice
+WEIGHTS = dict(zip(OPS[2:-1], (28, 14, 6, 20, 3, 3, 2, 2, 4, 4, 8, 6, 0.6, 0.3, 1), strict=True))
 # status words of one process, a row of a small shared file (not in the arena under test)
 F_OPS, F_CUR, F_READY, F_ERRS, F_OOMS = range(5)
 ROW = 8
@@ -313,8 +304,13 @@ class Worker:
         except CorruptionDetected as e:
             self.report("corruption", op=op, offset=e.offset, detail=e.detail)
         except Exception as e:  # noqa: BLE001 - any surprise is reported, then the churn goes on
-            self.report("unexpected", op=op, type=type(e).__name__, message=str(e),
-                        traceback=traceback.format_exc(limit=6))
+            self.report(
+                "unexpected",
+                op=op,
+                type=type(e).__name__,
+                message=str(e),
+                traceback=traceback.format_exc(limit=6),
+            )
         self.st.set(self.row, F_CUR, 0)
         self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
 
@@ -362,7 +358,10 @@ class Survivor(Worker):
                 b.refs = 1
         print(json.dumps({"held": [[a, b.gen, b.n] for a, b in held.items()]}), flush=True)
         corrupt = verified = 0
-        ops, weights = ["alloc", "verify", "rewrite", "free", "burst", "stats"], [30, 20, 8, 30, 8, 4]
+        ops, weights = (
+            ["alloc", "verify", "rewrite", "free", "burst", "stats"],
+            [30, 20, 8, 30, 8, 4],
+        )
         ppid = os.getppid()
         while not select.select([sys.stdin], [], [], 0)[0]:
             if os.getppid() != ppid:
@@ -379,8 +378,17 @@ class Survivor(Worker):
                 self.m.release(a)
             self.m.deallocate(a)
         self.m.close()
-        print(json.dumps({"corrupt": corrupt, "verified": verified, "errors": self.nerr,
-                          "ops": self.st.get(self.row, F_OPS)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "corrupt": corrupt,
+                    "verified": verified,
+                    "errors": self.nerr,
+                    "ops": self.st.get(self.row, F_OPS),
+                }
+            ),
+            flush=True,
+        )
         return 0
 
 
@@ -401,8 +409,10 @@ class Storm:
         self.mgr = MemoryManager.create(self.name, args.capacity)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.survivor: subprocess.Popen[str] | None = None
-        self.logs = [open(os.path.join(self.tmp, f"w{i}.log"), "ab")  # noqa: SIM115
-                     for i in range(args.workers + 1)]
+        self.logs = [
+            open(os.path.join(self.tmp, f"w{i}.log"), "ab")  # noqa: SIM115
+            for i in range(args.workers + 1)
+        ]
         self.incarnation = self.kills = self.aimed = self.checks = 0
         self.retired_ops = self.retired_ooms = 0
         self.killed_during: Counter[str] = Counter()
@@ -415,18 +425,32 @@ class Storm:
 
     def child(self, role: str, w: int, **kw: Any) -> subprocess.Popen[Any]:
         self.incarnation += 1
-        cmd = [sys.executable, "-m", "stress.crash_storm", "--role", role, "--arena", self.name,
-               "--wid", str(w), "--inc", str(self.incarnation),
-               "--worker-seed", str(self.rng.getrandbits(63)),
-               "--status", self.status_path, "--errors", self.errors_path]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stress.crash_storm",
+            "--role",
+            role,
+            "--arena",
+            self.name,
+            "--wid",
+            str(w),
+            "--inc",
+            str(self.incarnation),
+            "--worker-seed",
+            str(self.rng.getrandbits(63)),
+            "--status",
+            self.status_path,
+            "--errors",
+            self.errors_path,
+        ]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
 
     def spawn(self, w: int) -> None:
         for f in (F_READY, F_CUR, F_ERRS):
             self.st.set(w, f, 0)
         self.st.set(w, F_CUR, OPS.index("start"))
-        self.procs[w] = self.child("worker", w, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL)
+        self.procs[w] = self.child("worker", w, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def retire(self, w: int) -> None:
         self.retired_ops += self.st.get(w, F_OPS)
@@ -440,8 +464,9 @@ class Storm:
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
         with open(os.path.join(self.tmp, f"w{w}.log"), "rb") as f:
             tail = f.read()[-3000:].decode("utf-8", "replace")
-        self.abnormal_exits.append({"worker": w, "pid": p.pid, "status": status,
-                                    "after_kill": self.kills, "log": tail})
+        self.abnormal_exits.append(
+            {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills, "log": tail}
+        )
 
     def reap_exited(self) -> None:
         """Workers that ended on their own (an error limit, a crash): record and respawn."""
@@ -454,8 +479,9 @@ class Storm:
     def lock_holder(self) -> int | None:
         """The worker holding the heap lock right now, if any (the lock is read, not taken)."""
         tid = ffi.new("uint32_t *")
-        pids = {p.pid: w for w, p in enumerate(self.procs)
-                if p is not None and self.st.get(w, F_READY)}
+        pids = {
+            p.pid: w for w, p in enumerate(self.procs) if p is not None and self.st.get(w, F_READY)
+        }
         h = core_handle(self.mgr)[0]
         deadline = time.monotonic() + 0.5
         while pids and time.monotonic() < deadline:
@@ -505,9 +531,14 @@ class Storm:
                 self.inconsistency("worker", rec)
 
     def inconsistency(self, source: str, detail: dict[str, Any]) -> None:
-        self.inconsistencies.append({"source": source, "after_kill": self.kills,
-                                     "kills_since_last_clean_check": self.kills_since_check[-5:],
-                                     **detail})
+        self.inconsistencies.append(
+            {
+                "source": source,
+                "after_kill": self.kills,
+                "kills_since_last_clean_check": self.kills_since_check[-5:],
+                **detail,
+            }
+        )
 
     def held_changed(self) -> int:
         return sum(self.mgr.read(a) != pattern(a, gen, n) for a, gen, n in self.held)
@@ -517,8 +548,10 @@ class Storm:
         try:
             return fn()
         except ShmallocError as e:
-            self.inconsistency(what, {"type": type(e).__name__, "detail": str(e),
-                                      "offset": getattr(e, "offset", None)})
+            self.inconsistency(
+                what,
+                {"type": type(e).__name__, "detail": str(e), "offset": getattr(e, "offset", None)},
+            )
             return None
 
     def check(self) -> None:
@@ -544,8 +577,9 @@ class Storm:
 
     def run(self) -> dict[str, Any]:
         a = self.a
-        self.survivor = self.child("survivor", a.workers, stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+        self.survivor = self.child(
+            "survivor", a.workers, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.held = self.survivor_line(60)["held"]
         for w in range(a.workers):
             self.spawn(w)
@@ -593,8 +627,9 @@ class Storm:
         surv = self.survivor_line(120)
         surv_rc = self.survivor.wait(timeout=60)
         self.read_errors()
-        gs = self.attempt("final collect",
-                          lambda: GlobalGarbageCollector(m).collect(GcStrategy.GLOBAL))
+        gs = self.attempt(
+            "final collect", lambda: GlobalGarbageCollector(m).collect(GcStrategy.GLOBAL)
+        )
         final: dict[str, Any] = {"gc": gs and gs.__dict__}
         final["check_after_gc"] = vars(self.attempt("final check", m.check) or {})
         # persistent and named blocks of dead workers are expected leftovers; the rest leaks
@@ -616,17 +651,42 @@ class Storm:
         leaked_bytes = sum(b["size"] for b in leaked) + s.used
         survivor_ok = surv["corrupt"] == 0 and surv_rc == 0 and driver_corrupt == 0
         one_free = after.get("free_blocks") == 1 and after.get("allocated_blocks") == 0
-        ok = (not self.inconsistencies and not self.worker_errors and not self.abnormal_exits
-              and leaked_bytes == 0 and survivor_ok and not slots and one_free)
+        ok = (
+            not self.inconsistencies
+            and not self.worker_errors
+            and not self.abnormal_exits
+            and leaked_bytes == 0
+            and survivor_ok
+            and not slots
+            and one_free
+        )
         return {
-            "mode": "storm", "ok": ok, "stop_reason": stop_reason, "arena": self.name,
-            "config": {k: getattr(self.a, k) for k in (
-                "workers", "kills", "seconds", "seed", "interval", "lock_kills", "check_every",
-                "capacity", "quick", "keep_going")},
+            "mode": "storm",
+            "ok": ok,
+            "stop_reason": stop_reason,
+            "arena": self.name,
+            "config": {
+                k: getattr(self.a, k)
+                for k in (
+                    "workers",
+                    "kills",
+                    "seconds",
+                    "seed",
+                    "interval",
+                    "lock_kills",
+                    "check_every",
+                    "capacity",
+                    "quick",
+                    "keep_going",
+                )
+            },
             "duration": round(time.monotonic() - self.t0, 2),
-            "kills": self.kills, "lock_holder_kills": self.aimed,
-            "operations": self.operations(), "respawns": self.incarnation - self.a.workers - 1,
-            "out_of_memory_answers": self.retired_ooms, "checks": self.checks,
+            "kills": self.kills,
+            "lock_holder_kills": self.aimed,
+            "operations": self.operations(),
+            "respawns": self.incarnation - self.a.workers - 1,
+            "out_of_memory_answers": self.retired_ooms,
+            "checks": self.checks,
             "lock_recoveries": s.lock_recoveries,
             "killed_during": dict(self.killed_during.most_common()),
             "inconsistencies": self.inconsistencies,
@@ -635,11 +695,19 @@ class Storm:
             "n_worker_errors": len(self.worker_errors),
             "abnormal_exits": self.abnormal_exits,
             "persistent_leftovers": persistent,
-            "leaked_blocks": leaked[:50], "n_leaked_blocks": len(leaked),
-            "leaked_bytes": leaked_bytes, "slots_left": slots, "final_used": s.used,
+            "leaked_blocks": leaked[:50],
+            "n_leaked_blocks": len(leaked),
+            "leaked_bytes": leaked_bytes,
+            "slots_left": slots,
+            "final_used": s.used,
             "final": final,
-            "survivor": {**surv, "exit": signame(surv_rc), "driver_corrupt": driver_corrupt,
-                         "held_blocks": len(self.held), "ok": survivor_ok},
+            "survivor": {
+                **surv,
+                "exit": signame(surv_rc),
+                "driver_corrupt": driver_corrupt,
+                "held_blocks": len(self.held),
+                "ok": survivor_ok,
+            },
         }
 
     def cleanup(self) -> None:
@@ -658,8 +726,10 @@ class Storm:
 
 def print_storm(res: dict[str, Any]) -> None:
     c, left = res["config"], res["persistent_leftovers"]
-    print(f"crash storm on {res['arena']}: {c['workers']} workers, seed {c['seed']}, "
-          f"stopped by {res['stop_reason']}")
+    print(
+        f"crash storm on {res['arena']}: {c['workers']} workers, seed {c['seed']}, "
+        f"stopped by {res['stop_reason']}"
+    )
     rows = [
         ("kills", f"{res['kills']:,} ({res['lock_holder_kills']:,} aimed at the lock holder)"),
         ("operations", f"{res['operations']:,}"),
@@ -671,10 +741,16 @@ def print_storm(res: dict[str, Any]) -> None:
         ("abnormal worker exits", f"{len(res['abnormal_exits']):,}"),
         ("leaked bytes / blocks", f"{res['leaked_bytes']:,} / {res['n_leaked_blocks']:,}"),
         ("slots left", f"{len(res['slots_left']):,}"),
-        ("persistent leftovers", f"{left['blocks']} blocks, {left['bytes']:,} B "
-                                 f"({left['named']} named), freed by the driver"),
-        ("survivor", f"{res['survivor']['verified']:,} reads, "
-                     f"{res['survivor']['corrupt'] + res['survivor']['driver_corrupt']} changed"),
+        (
+            "persistent leftovers",
+            f"{left['blocks']} blocks, {left['bytes']:,} B "
+            f"({left['named']} named), freed by the driver",
+        ),
+        (
+            "survivor",
+            f"{res['survivor']['verified']:,} reads, "
+            f"{res['survivor']['corrupt'] + res['survivor']['driver_corrupt']} changed",
+        ),
         ("duration", f"{res['duration']} s"),
         ("result", "PASS" if res["ok"] else "FAIL"),
     ]
@@ -683,13 +759,17 @@ def print_storm(res: dict[str, Any]) -> None:
     if res["killed_during"]:
         print("  killed during: " + ", ".join(f"{k} {v}" for k, v in res["killed_during"].items()))
     for inc in res["inconsistencies"][:20]:
-        print(f"  ! {inc['source']} after kill {inc['after_kill']}: "
-              f"{inc.get('detail') or inc.get('kind')}")
+        print(
+            f"  ! {inc['source']} after kill {inc['after_kill']}: "
+            f"{inc.get('detail') or inc.get('kind')}"
+        )
         for k in inc["kills_since_last_clean_check"][-3:]:
             print(f"      kill {k['kill']}: worker {k['worker']} (pid {k['pid']}) in {k['op']}")
     for e in res["worker_errors"][:10]:
-        print(f"  ! worker {e['worker']} {e['kind']} in {e.get('op')}: "
-              f"{e.get('detail') or e.get('message') or ''}")
+        print(
+            f"  ! worker {e['worker']} {e['kind']} in {e.get('op')}: "
+            f"{e.get('detail') or e.get('message') or ''}"
+        )
     for e in res["abnormal_exits"][:5]:
         print(f"  ! worker {e['worker']} (pid {e['pid']}) ended: {e['status']}")
         for t in e["log"].strip().splitlines()[-3:]:
@@ -701,22 +781,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m stress.crash_storm",
         description="Churn one arena from many processes while SIGKILLing them at random (some "
         "while they hold the heap lock); check the heap after every kill, the survivor's data "
-        "and that nothing leaked.")
+        "and that nothing leaked.",
+    )
     p.add_argument("--workers", type=int, help="worker processes (default 4; --quick 3)")
     p.add_argument("--kills", type=int, help="stop after this many kills (default 200; --quick 10)")
     p.add_argument("--seconds", type=float, help="also stop after this many seconds")
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
     p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
-    p.add_argument("--interval", type=float,
-                   help="mean seconds between kills (exponential; default 0.1, --quick 0.05)")
-    p.add_argument("--lock-kills", type=float, default=0.3,
-                   help="share of kills aimed at the worker holding the heap lock (default 0.3)")
-    p.add_argument("--check-every", type=int, default=1,
-                   help="collect + check every N kills (default 1)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        help="mean seconds between kills (exponential; default 0.1, --quick 0.05)",
+    )
+    p.add_argument(
+        "--lock-kills",
+        type=float,
+        default=0.3,
+        help="share of kills aimed at the worker holding the heap lock (default 0.3)",
+    )
+    p.add_argument(
+        "--check-every", type=int, default=1, help="collect + check every N kills (default 1)"
+    )
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="do not stop at the first inconsistency")
+    p.add_argument(
+        "--keep-going", action="store_true", help="do not stop at the first inconsistency"
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
     for internal in ("--role", "--arena", "--status", "--errors"):  # the children's roles
         p.add_argument(internal, help=argparse.SUPPRESS)

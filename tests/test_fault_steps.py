@@ -32,22 +32,31 @@ A = "A = [int(x) for x in sys.argv[2:]]\n"
 Setup = Callable[[MemoryManager, Path], tuple[str, list[int]]]  # -> (child's code, its args)
 
 
-def run_python(code: str, mgr: MemoryManager, args: list[int], cwd: Path,
-               fault: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, mgr: MemoryManager, args: list[int], cwd: Path, fault: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("SHMALLOC_FAULT", None)
     if fault is not None:
         env["SHMALLOC_FAULT"] = fault
-    return subprocess.run([sys.executable, "-c", ATTACH + A + code, mgr.name, *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-c", ATTACH + A + code, mgr.name, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def orphans(mgr: MemoryManager, cwd: Path, sizes: list[int], retain: int = 0) -> list[int]:
     """A process that allocates ``sizes`` (retaining the first ``retain``) and exits without
     freeing: its blocks are orphans. Returns [its pid, the addresses...]."""
-    code = ("out = [m.allocate(s) for s in A[1:]]\n[m.retain(a) for a in out[:A[0]]]\n"
-            "import os; print(os.getpid(), *out)\n")
+    code = (
+        "out = [m.allocate(s) for s in A[1:]]\n[m.retain(a) for a in out[:A[0]]]\n"
+        "import os; print(os.getpid(), *out)\n"
+    )
     p = run_python(code, mgr, [retain, *sizes], cwd)
     assert p.returncode == 0, p.stderr
     return [int(x) for x in p.stdout.split()]
@@ -87,8 +96,9 @@ def alloc_after_dead_holder(m: MemoryManager, cwd: Path) -> tuple[str, list[int]
     return "m.allocate(100)", []
 
 
-def _frees(m: MemoryManager, pick: Callable[[list[int]], tuple[list[int], int]]
-           ) -> tuple[str, list[int]]:
+def _frees(
+    m: MemoryManager, pick: Callable[[list[int]], tuple[list[int], int]]
+) -> tuple[str, list[int]]:
     blocks = [m.allocate(500) for _ in range(5)]
     holes, victim = pick(blocks)
     for a in holes:
@@ -141,8 +151,10 @@ def gc_dead_retained(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
 
 def gc_unreferenced(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     orphans(m, cwd, [100, 200, 300, 400])
-    return ("from shmalloc.gc import GcStrategy, GlobalGarbageCollector\n"
-            "GlobalGarbageCollector(m).collect(GcStrategy.UNREFERENCED)"), []
+    return (
+        "from shmalloc.gc import GcStrategy, GlobalGarbageCollector\n"
+        "GlobalGarbageCollector(m).collect(GcStrategy.UNREFERENCED)"
+    ), []
 
 
 def gc_targeted(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
@@ -202,8 +214,10 @@ def arena() -> Iterator[MemoryManager]:
         yield m
 
 
-@pytest.mark.parametrize(("step", "setup"), [
-    pytest.param(step, s, id=f"{step}-{s.__name__}") for step in PLAN for s in PLAN[step]])
+@pytest.mark.parametrize(
+    ("step", "setup"),
+    [pytest.param(step, s, id=f"{step}-{s.__name__}") for step in PLAN for s in PLAN[step]],
+)
 def test_killed_at_step(step: str, setup: Setup, arena: MemoryManager, tmp_path: Path) -> None:
     m = arena
     mine = {}  # this process's blocks and their content
@@ -215,9 +229,14 @@ def test_killed_at_step(step: str, setup: Setup, arena: MemoryManager, tmp_path:
     recoveries = m.stats().lock_recoveries
 
     env = dict(os.environ, SHMALLOC_FAULT=step)
-    child = subprocess.Popen([sys.executable, "-c", ATTACH + A + code + "\nprint('completed')",
-                              m.name, *map(str, args)], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + A + code + "\nprint('completed')", m.name, *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL, f"{step} not reached: {child.returncode} {err}"
     assert "completed" not in out
