@@ -53,10 +53,8 @@ from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 from ._common import REPO_ROOT, Bar, child_env, core_handle, signame, write_json
 
 MiB = 1 << 20
-OPS = (
-    "idle start alloc verify rewrite free retain release persist seal handoff claim burst "
-    "core_burst collect check stats stop"
-).split()
+OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
+OPS += ("seal", "handoff", "claim", "burst", "core_burst", "collect", "check", "stats", "stop")
 # operation: weight in a worker's random choice
 WEIGHTS = dict(zip(OPS[2:-1], (28, 14, 6, 20, 3, 3, 2, 2, 4, 4, 8, 6, 0.6, 0.3, 1), strict=True))
 # status words of one process, a row of a small shared file (not in the arena under test)
@@ -425,24 +423,14 @@ class Storm:
 
     def child(self, role: str, w: int, **kw: Any) -> subprocess.Popen[Any]:
         self.incarnation += 1
+        args = f"--role {role} --arena {self.name} --wid {w} --inc {self.incarnation} --status "
+        args += f"{self.status_path} --errors {self.errors_path} --worker-seed "
         cmd = [
             sys.executable,
             "-m",
             "stress.crash_storm",
-            "--role",
-            role,
-            "--arena",
-            self.name,
-            "--wid",
-            str(w),
-            "--inc",
-            str(self.incarnation),
-            "--worker-seed",
+            *args.split(),
             str(self.rng.getrandbits(63)),
-            "--status",
-            self.status_path,
-            "--errors",
-            self.errors_path,
         ]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
 
@@ -651,64 +639,26 @@ class Storm:
         leaked_bytes = sum(b["size"] for b in leaked) + s.used
         survivor_ok = surv["corrupt"] == 0 and surv_rc == 0 and driver_corrupt == 0
         one_free = after.get("free_blocks") == 1 and after.get("allocated_blocks") == 0
-        ok = (
-            not self.inconsistencies
-            and not self.worker_errors
-            and not self.abnormal_exits
-            and leaked_bytes == 0
-            and survivor_ok
-            and not slots
-            and one_free
+        bad = self.inconsistencies or self.worker_errors or self.abnormal_exits or slots
+        ok = not bad and leaked_bytes == 0 and survivor_ok and one_free
+        config = ("workers", "kills", "seconds", "seed", "interval", "lock_kills", "check_every")
+        res = dict(mode="storm", ok=ok, stop_reason=stop_reason, arena=self.name)
+        res["config"] = {k: getattr(self.a, k) for k in (*config, "capacity", "quick")}
+        res.update(duration=round(time.monotonic() - self.t0, 2), kills=self.kills)
+        res.update(lock_holder_kills=self.aimed, operations=self.operations(), checks=self.checks)
+        res.update(respawns=self.incarnation - self.a.workers - 1, final=final, final_used=s.used)
+        res.update(out_of_memory_answers=self.retired_ooms, lock_recoveries=s.lock_recoveries)
+        res["killed_during"] = dict(self.killed_during.most_common())
+        res.update(
+            inconsistencies=self.inconsistencies, n_inconsistencies=len(self.inconsistencies)
         )
-        return {
-            "mode": "storm",
-            "ok": ok,
-            "stop_reason": stop_reason,
-            "arena": self.name,
-            "config": {
-                k: getattr(self.a, k)
-                for k in (
-                    "workers",
-                    "kills",
-                    "seconds",
-                    "seed",
-                    "interval",
-                    "lock_kills",
-                    "check_every",
-                    "capacity",
-                    "quick",
-                    "keep_going",
-                )
-            },
-            "duration": round(time.monotonic() - self.t0, 2),
-            "kills": self.kills,
-            "lock_holder_kills": self.aimed,
-            "operations": self.operations(),
-            "respawns": self.incarnation - self.a.workers - 1,
-            "out_of_memory_answers": self.retired_ooms,
-            "checks": self.checks,
-            "lock_recoveries": s.lock_recoveries,
-            "killed_during": dict(self.killed_during.most_common()),
-            "inconsistencies": self.inconsistencies,
-            "n_inconsistencies": len(self.inconsistencies),
-            "worker_errors": self.worker_errors[:200],
-            "n_worker_errors": len(self.worker_errors),
-            "abnormal_exits": self.abnormal_exits,
-            "persistent_leftovers": persistent,
-            "leaked_blocks": leaked[:50],
-            "n_leaked_blocks": len(leaked),
-            "leaked_bytes": leaked_bytes,
-            "slots_left": slots,
-            "final_used": s.used,
-            "final": final,
-            "survivor": {
-                **surv,
-                "exit": signame(surv_rc),
-                "driver_corrupt": driver_corrupt,
-                "held_blocks": len(self.held),
-                "ok": survivor_ok,
-            },
-        }
+        res.update(worker_errors=self.worker_errors[:200], n_worker_errors=len(self.worker_errors))
+        res.update(abnormal_exits=self.abnormal_exits, persistent_leftovers=persistent)
+        res.update(leaked_blocks=leaked[:50], n_leaked_blocks=len(leaked), slots_left=slots)
+        res.update(leaked_bytes=leaked_bytes)
+        res["survivor"] = {**surv, "exit": signame(surv_rc), "driver_corrupt": driver_corrupt}
+        res["survivor"].update(held_blocks=len(self.held), ok=survivor_ok)
+        return res
 
     def cleanup(self) -> None:
         for p in [*self.procs, self.survivor]:
@@ -725,51 +675,41 @@ class Storm:
 
 
 def print_storm(res: dict[str, Any]) -> None:
-    c, left = res["config"], res["persistent_leftovers"]
-    print(
-        f"crash storm on {res['arena']}: {c['workers']} workers, seed {c['seed']}, "
-        f"stopped by {res['stop_reason']}"
+    c, left, surv = res["config"], res["persistent_leftovers"], res["survivor"]
+    print(f"crash storm on {res['arena']}: {c['workers']} workers, seed {c['seed']}, ", end="")
+    print(f"stopped by {res['stop_reason']}")
+    rows = {"kills": f"{res['kills']:,} ({res['lock_holder_kills']:,} aimed at the lock holder)"}
+    for key in (
+        "operations",
+        "checks",
+        "out_of_memory_answers",
+        "lock_recoveries",
+        "n_inconsistencies",
+        "n_worker_errors",
+        "leaked_bytes",
+        "n_leaked_blocks",
+    ):
+        rows[key.replace("n_", "", 1).replace("_", " ")] = f"{res[key]:,}"
+    rows["abnormal worker exits"] = f"{len(res['abnormal_exits']):,}"
+    rows["slots left"] = f"{len(res['slots_left']):,}"
+    rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({left['named']} "
+    rows["persistent leftovers"] += "named), freed by the driver"
+    rows["survivor"] = (
+        f"{surv['verified']:,} reads, {surv['corrupt'] + surv['driver_corrupt']} changed"
     )
-    rows = [
-        ("kills", f"{res['kills']:,} ({res['lock_holder_kills']:,} aimed at the lock holder)"),
-        ("operations", f"{res['operations']:,}"),
-        ("checks run", f"{res['checks']:,}"),
-        ("out-of-memory answers", f"{res['out_of_memory_answers']:,}"),
-        ("lock recoveries", f"{res['lock_recoveries']:,}"),
-        ("inconsistencies", f"{res['n_inconsistencies']:,}"),
-        ("worker errors", f"{res['n_worker_errors']:,}"),
-        ("abnormal worker exits", f"{len(res['abnormal_exits']):,}"),
-        ("leaked bytes / blocks", f"{res['leaked_bytes']:,} / {res['n_leaked_blocks']:,}"),
-        ("slots left", f"{len(res['slots_left']):,}"),
-        (
-            "persistent leftovers",
-            f"{left['blocks']} blocks, {left['bytes']:,} B "
-            f"({left['named']} named), freed by the driver",
-        ),
-        (
-            "survivor",
-            f"{res['survivor']['verified']:,} reads, "
-            f"{res['survivor']['corrupt'] + res['survivor']['driver_corrupt']} changed",
-        ),
-        ("duration", f"{res['duration']} s"),
-        ("result", "PASS" if res["ok"] else "FAIL"),
-    ]
-    for k, v in rows:
+    rows["duration"] = f"{res['duration']} s"
+    rows["result"] = "PASS" if res["ok"] else "FAIL"
+    for k, v in rows.items():
         print(f"  {k:<22}  {v}")
     if res["killed_during"]:
         print("  killed during: " + ", ".join(f"{k} {v}" for k, v in res["killed_during"].items()))
     for inc in res["inconsistencies"][:20]:
-        print(
-            f"  ! {inc['source']} after kill {inc['after_kill']}: "
-            f"{inc.get('detail') or inc.get('kind')}"
-        )
+        print(f"  ! {inc['source']} after kill {inc['after_kill']}: {inc.get('detail')}")
         for k in inc["kills_since_last_clean_check"][-3:]:
             print(f"      kill {k['kill']}: worker {k['worker']} (pid {k['pid']}) in {k['op']}")
     for e in res["worker_errors"][:10]:
-        print(
-            f"  ! worker {e['worker']} {e['kind']} in {e.get('op')}: "
-            f"{e.get('detail') or e.get('message') or ''}"
-        )
+        print(f"  ! worker {e['worker']} {e['kind']} in {e.get('op')}: ", end="")
+        print(e.get("detail") or e.get("message") or "")
     for e in res["abnormal_exits"][:5]:
         print(f"  ! worker {e['worker']} (pid {e['pid']}) ended: {e['status']}")
         for t in e["log"].strip().splitlines()[-3:]:
@@ -789,24 +729,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
     p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
-    p.add_argument(
-        "--interval",
-        type=float,
-        help="mean seconds between kills (exponential; default 0.1, --quick 0.05)",
-    )
-    p.add_argument(
-        "--lock-kills",
-        type=float,
-        default=0.3,
-        help="share of kills aimed at the worker holding the heap lock (default 0.3)",
-    )
-    p.add_argument(
-        "--check-every", type=int, default=1, help="collect + check every N kills (default 1)"
-    )
+    p.add_argument("--interval", type=float, help="mean seconds between kills (default 0.1)")
+    p.add_argument("--lock-kills", type=float, default=0.3, help="share aimed at the lock holder")
+    p.add_argument("--check-every", type=int, default=1, help="collect + check every N kills")
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
-    p.add_argument(
-        "--keep-going", action="store_true", help="do not stop at the first inconsistency"
-    )
+    p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
     for internal in ("--role", "--arena", "--status", "--errors"):  # the children's roles
         p.add_argument(internal, help=argparse.SUPPRESS)
