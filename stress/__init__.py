@@ -37,7 +37,7 @@ def _use_installed_shmalloc() -> None:
     source = CHECKOUT / "shmalloc"
     if "shmalloc" in sys.modules or not source.is_dir():
         return
-    if any(source.glob(f"_native{suffix}") for suffix in EXTENSION_SUFFIXES):
+    if any((source / f"_native{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
         return  # an editable install (or a build in place): the checkout is the package
 
     def is_checkout(entry: str) -> bool:
