@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cffi
@@ -45,7 +46,7 @@ Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
 @functools.cache
 def libc() -> tuple[Any, Any]:
     """(ffi, lib) for glibc's malloc/free through cffi's ABI mode: the private-heap baseline of
-    several benchmarks (made on first use: parsing the declarations costs an import of pycparser)."""
+    several benchmarks (made on first use: parsing declarations imports pycparser)."""
     ffi = cffi.FFI()
     ffi.cdef("void *malloc(size_t); void free(void *);")
     return ffi, ffi.dlopen(None)
@@ -394,52 +395,33 @@ def write_json(path: Path, res: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def bench_args(name: str, description: str, **extra_help: str) -> argparse.ArgumentParser:
-    """A benchmark's parser with the options every benchmark has: --quick, --json."""
-    p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=description)
-    p.add_argument(
-        "--quick", action="store_true", help=extra_help.get("quick", "a short run (a CI smoke run)")
-    )
+def bench_args(mod: ModuleType, quick: str) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first line of its module's docstring, with the
+    options every benchmark has: --quick (what it does: ``quick``) and --json."""
+    name = mod.__name__.rsplit(".", 1)[-1]
+    doc = (mod.__doc__ or "").strip().splitlines()[0]
+    p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=doc)
+    p.add_argument("--quick", action="store_true", help=quick)
     default = RESULTS_DIR / f"{name}.json"
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=default,
-        metavar="PATH",
-        help=f"where to write the results (default: {default.relative_to(REPO_ROOT)})",
-    )
+    where = f"where to write the results (default: {default.relative_to(REPO_ROOT)})"
+    p.add_argument("--json", type=Path, default=default, metavar="PATH", help=where)
     return p
 
 
-def run_bench(
-    name: str,
-    args: argparse.Namespace,
-    config: dict[str, Any],
-    body: Callable[[dict[str, Any], Arenas], None],
-    *,
-    targets: dict[str, tuple[str, float]] | None = None,
-    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    targets_summary: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
-    report: Callable[[dict[str, Any]], None],
-) -> int:
+def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any], body: Any) -> int:
     """A benchmark's run from start to exit code: the JSON's head (benchmark, schema, timestamp,
-    machine, config, targets), ``body(res, arenas)`` with SIGTERM unwinding like Ctrl-C and every
-    arena destroyed however it ends, then derived figures, targets_summary, the report on
-    stdout and the JSON. 130 if interrupted, else 0: targets are reported,
-    never asserted."""
-    t0 = time.perf_counter()
+    machine, config, the module's TARGETS), ``body(res, arenas)`` with SIGTERM unwinding like
+    Ctrl-C and every arena destroyed however it ends, then the module's ``derive(res)`` and
+    ``targets_summary(res)`` (when it has them), its ``report(res)`` on stdout, and the JSON.
+    130 if interrupted, else 0: targets are reported, never asserted."""
+    t0, name = time.perf_counter(), mod.__name__.rsplit(".", 1)[-1]
     machine = machine_info()
-    res: dict[str, Any] = {
-        "benchmark": name,
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "noise_note": noise_note(machine),
-        "config": {"quick": args.quick, **config},
-        "targets": {k: {"op": op, "value": v} for k, (op, v) in (targets or {}).items()},
-    }
-    progress = make_progress(name)
-    arenas = Arenas(progress)
+    res: dict[str, Any] = {"benchmark": name, "schema": 1, "machine": machine}
+    res.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), noise_note=noise_note(machine))
+    res["config"] = {"quick": args.quick, **config}
+    targets = getattr(mod, "TARGETS", {}).items()
+    res["targets"] = {k: {"op": op, "value": v} for k, (op, v) in targets}
+    arenas = Arenas(make_progress(name))
     try:
         with sigterm_as_interrupt():
             try:
@@ -448,15 +430,15 @@ def run_bench(
                 arenas.drop_all()
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: {name} stopped its workers and destroyed its arenas; nothing written",
+            f"\ninterrupted: {name} stopped its workers and arenas; nothing written",
             file=sys.stderr,
         )
         return 130
     res["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    res["derived"] = derive(res) if derive else {}
-    res["targets_summary"] = targets_summary(res) if targets_summary else []
+    res["derived"] = mod.derive(res) if hasattr(mod, "derive") else {}
+    res["targets_summary"] = mod.targets_summary(res) if hasattr(mod, "targets_summary") else []
     res["elapsed_seconds"] = time.perf_counter() - t0
-    report(res)
+    mod.report(res)
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     return 0

@@ -261,13 +261,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_alloc",
-        "Benchmark shmalloc's allocate+deallocate pair against the C "
-        "core alone, a cffi malloc+free and stdlib SharedMemory, and the cost of an "
-        "event collector.",
-        quick="few iterations (a CI smoke run, ~10 s)",
-    )
+    p = bench_args(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
     p.add_argument(
         "--parts",
         default="pair,collector",
@@ -294,15 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             res[part] = parts[part](a, arenas)
 
     return run_bench(
-        "bench_alloc",
+        sys.modules[__name__],
         a,
         {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}
         | {"unit": "ns per allocate+free pair"},
         body,
-        targets=TARGETS,
-        derive=derive,
-        targets_summary=targets_summary,
-        report=report,
     )
 
 

@@ -251,15 +251,13 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         ("core_over_glibc", "glibc", "glibc malloc+free (C)"),
         ("core_over_boost", "boost", "Boost.Interprocess pair"),
     ):
-        j = res["derived"][key]
-        note = (
-            "skipped: " + j["skipped"]
-            if j["value"] is None
-            else ", ".join(
-                f"{format_bytes(r['size'])} {r['core']['median']:.0f} vs {r[other]['median']:.0f} ns"
-                for r in res["pairs"]["rows"]
-            )
-        )
+        j, rows = res["derived"][key], res["pairs"]["rows"]
+        vs = [
+            f"{format_bytes(r['size'])} {r['core']['median']:.0f} vs {r[other]['median']:.0f}"
+            for r in rows
+            if r[other]
+        ]
+        note = "skipped: " + j["skipped"] if j["value"] is None else " ns, ".join(vs) + " ns"
         out.append(target_row(f"C core pair / {label}", j, "x", note))
     return out
 
@@ -318,13 +316,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_c",
-        "Time the shmalloc C core's shm_alloc/shm_free pair from a C "
-        "program, beside glibc malloc/free and Boost.Interprocess "
-        "managed_shared_memory (if its headers are installed).",
-        quick="fewer pairs and trials (a CI smoke run)",
-    )
+    p = bench_args(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
     p.add_argument(
         "--sizes",
         default=",".join(map(str, SIZES)),
@@ -354,15 +346,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_bench(
-            "bench_c",
+            sys.modules[__name__],
             a,
             {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}
             | {"unit": "ns per pair"},
             body,
-            targets=TARGETS,
-            derive=derive,
-            targets_summary=targets_summary,
-            report=report,
         )
     except (BuildError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"bench_c: {e}", file=sys.stderr)

@@ -261,11 +261,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_coordinator",
-        "Reclamation latency after kill -9 and the idle coordinator's CPU use.",
-        quick="16 processes, 5 kills, 3 s of idle CPU",
-    )
+    p = bench_args(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
     p.add_argument("--procs", type=int, help="idle attached processes (default 64)")
     p.add_argument("--kills", type=int, help="victims killed with SIGKILL (default 20)")
     p.add_argument("--seconds", type=float, help="idle CPU measurement (default 10)")
@@ -279,24 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     a.procs = a.procs or (16 if a.quick else 64)
     a.kills = a.kills or (5 if a.quick else 20)
     a.seconds = a.seconds or (3.0 if a.quick else 10.0)
-    config = {
-        "procs": a.procs,
-        "kills": a.kills,
-        "seconds": a.seconds,
-        "interval": a.interval,
-        "arena_bytes": ARENA,
-        "victim_blocks": VICTIM_BLOCKS,
-    }
-    return run_bench(
-        "bench_coordinator",
-        a,
-        config,
-        lambda res, arenas: run(a, res, arenas),
-        targets=TARGETS,
-        derive=derive,
-        targets_summary=targets_summary,
-        report=report,
-    )
+    config = {k: getattr(a, k) for k in ("procs", "kills", "seconds", "interval")}
+    config.update(arena_bytes=ARENA, victim_blocks=VICTIM_BLOCKS)
+    return run_bench(sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas))
 
 
 if __name__ == "__main__":

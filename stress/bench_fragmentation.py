@@ -72,6 +72,7 @@ from .bench_workloads import mstress_size
 progress = make_progress("bench_fragmentation")
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
 TARGET = ("<=", 1.25)
+TARGETS = {"footprint_over_live": TARGET}
 XMALLOC_SIZES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is 0 for frees
 
@@ -354,14 +355,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_fragmentation",
-        "Replay mixed-size allocation traces (larson-, "
-        "mstress- and xmalloc-like, and random lifetimes with log-uniform sizes "
-        "16 B..1 MiB) into a fresh arena and report peak footprint / peak live bytes, "
-        "beside glibc malloc on the same traces.",
-        quick="shorter traces, one seed",
-    )
+    p = bench_args(sys.modules[__name__], "shorter traces, one seed")
     p.add_argument(
         "--traces", default=",".join(TRACES), help=f"comma-separated subset of {','.join(TRACES)}"
     )
@@ -392,16 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "heap_start": int(lib.shm_header_size()),
         "random_lifetime_sizes": [16, 1 * MiB],
     }
-    return run_bench(
-        "bench_fragmentation",
-        a,
-        config,
-        body,
-        targets={"footprint_over_live": TARGET},
-        derive=derive,
-        targets_summary=targets_summary,
-        report=report,
-    )
+    return run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class Bench:
                 return self.replies.get(timeout=1.0)
             except queue.Empty:
                 if not self.proc.is_alive():
-                    raise RuntimeError(f"the consumer died (exit code {self.proc.exitcode})")
+                    raise RuntimeError(f"the consumer died ({self.proc.exitcode})") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no answer from the consumer in {TIMEOUT} s") from None
 
@@ -240,13 +240,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_handoff",
-        "Array hand-off between two processes: shmalloc zero-copy "
-        "vs pickling through a Queue vs one stdlib SharedMemory per array, with the "
-        "memcpy floor.",
-        quick="fewer trials and repetitions (< 20 s)",
-    )
+    p = bench_args(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
     p.add_argument("--trials", type=int, help="trials per method and size (default 7; quick 3)")
     a = p.parse_args(argv)
     a.trials = a.trials or (3 if a.quick else 7)
@@ -282,15 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float64",
         "consumer": "spawned process, reads first and last element",
     }
-    return run_bench(
-        "bench_handoff",
-        a,
-        config,
-        body,
-        targets=TARGETS,
-        targets_summary=targets_summary,
-        report=report,
-    )
+    return run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ METHODS = {
     "malloc_private": "cffi malloc/free + memmove, private heap per process",
 }
 TARGET = ("<=", 1.2)
+TARGETS = {"scaling_max_over_1e3": TARGET}
 
 
 def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any]:
@@ -284,13 +285,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_scaling",
-        "Cost per allocate+free pair from 1e3 to 1e6 live blocks, "
-        "and throughput of an allocate/write/free loop in 1, 2 and 4 processes beside "
-        "private malloc.",
-        quick="1e3..1e5 live blocks, short loops, 3 trials",
-    )
+    p = bench_args(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
     p.add_argument("--parts", default="live,procs", help="comma-separated: live, procs")
     p.add_argument("--trials", type=int, help="trials per figure (default 7; quick 3)")
     p.add_argument(
@@ -321,17 +316,13 @@ def main(argv: list[str] | None = None) -> int:
             res[part] = (part_live if part == "live" else part_procs)(a, arenas)
 
     return run_bench(
-        "bench_scaling",
+        sys.modules[__name__],
         a,
         {
             k: getattr(a, k)
             for k in ("parts", "trials", "live_levels", "live_ops", "procs", "loop_ops", "seed")
         },
         body,
-        targets={"scaling_max_over_1e3": TARGET},
-        derive=derive,
-        targets_summary=targets_summary,
-        report=report,
     )
 
 

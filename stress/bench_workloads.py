@@ -78,6 +78,7 @@ progress = make_progress("bench_workloads")
 clock = time.perf_counter
 WORKLOADS = ("larson", "xmalloc-test", "mstress", "cache-scratch")
 TARGET_LARSON = (">=", 1.7)
+TARGETS = {"larson_2p_over_1p": TARGET_LARSON}
 LABELS = {
     "shmalloc": "shmalloc public API, one shared arena",
     "malloc_private": "cffi malloc/free, private heap per process (no cross-process frees)",
@@ -627,13 +628,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(
-        "bench_workloads",
-        "mimalloc-bench allocator workloads (larson, xmalloc-test, "
-        "mstress, cache-scratch) ported to processes sharing one shmalloc arena, with "
-        "1, 2 and 4 processes, beside private-heap baselines.",
-        quick="small runs, 3 trials (a CI smoke run)",
-    )
+    p = bench_args(sys.modules[__name__], "small runs, 3 trials (a CI smoke run)")
     p.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
@@ -664,14 +659,10 @@ def main(argv: list[str] | None = None) -> int:
             }
 
     return run_bench(
-        "bench_workloads",
+        sys.modules[__name__],
         a,
         {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS},
         body,
-        targets={"larson_2p_over_1p": TARGET_LARSON},
-        derive=derive,
-        targets_summary=targets_summary,
-        report=report,
     )
 
 

@@ -192,21 +192,9 @@ class Mutator:
     """The adversary: a raw read-write mapping of the segment (and a handle over it for the two
     debug calls), and the regions it damages."""
 
-    REGIONS = {
-        "block": 3.0,
-        "links": 2.0,
-        "bins": 1.5,
-        "bitmap": 1.0,
-        "procs": 1.5,
-        "refs": 1.0,
-        "names": 1.0,
-        "counters": 1.0,
-        "arena": 0.7,
-        "lock": 0.7,
-        "ring": 0.7,
-        "journal": 0.7,
-        "caches": 1.5,
-    }
+    # region: weight in the choice of what to damage
+    REGIONS = dict(block=3.0, links=2.0, bins=1.5, bitmap=1.0, procs=1.5, refs=1.0, names=1.0)
+    REGIONS.update(counters=1.0, arena=0.7, lock=0.7, ring=0.7, journal=0.7, caches=1.5)
 
     def __init__(self, name: str, rng: random.Random, dead: list[int]) -> None:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
@@ -755,32 +743,16 @@ class Fuzz:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.finish()
         counts = {k: self.counts[k] for k in OUTCOMES}
-        return {
-            "ok": counts["crash"] == 0 and counts["hang"] == 0,
-            "config": {
-                "seed": a.seed,
-                "arenas": len(indices),
-                "capacity": a.capacity,
-                "timeout": a.timeout,
-                "jobs": a.jobs,
-                "quick": a.quick,
-                "corrupt": not a.no_corrupt,
-                "regions": a.regions,
-                "index": a.index,
-            },
-            "arenas": sum(counts.values()),
-            "counts": counts,
-            "wrong": self.wrong,
-            "resized_silently": self.resized,
-            "slow": self.slow,
-            "by_region": {k: dict(v) for k, v in sorted(self.by_region.items())},
-            **{
-                f"{k}_examples": self.examples[k]
-                for k in ("crash", "hang", "error", "wrong", "slow")
-            },
-            "detail": self.detail,
-            "duration": round(time.monotonic() - t0, 2),
-        }
+        config = {k: getattr(a, k) for k in ("seed", "capacity", "timeout", "jobs", "quick")}
+        config.update(arenas=len(indices), corrupt=not a.no_corrupt, regions=a.regions)
+        res = dict(ok=counts["crash"] == counts["hang"] == 0, config=config, counts=counts)
+        res.update(arenas=sum(counts.values()), wrong=self.wrong, slow=self.slow)
+        res.update(resized_silently=self.resized, detail=self.detail, index=a.index)
+        res["by_region"] = {k: dict(v) for k, v in sorted(self.by_region.items())}
+        for k in ("crash", "hang", "error", "wrong", "slow"):
+            res[f"{k}_examples"] = self.examples[k]
+        res["duration"] = round(time.monotonic() - t0, 2)
+        return res
 
 
 def _mut_str(muts: list[dict[str, Any]] | None) -> str:
@@ -797,14 +769,10 @@ def print_report(res: dict[str, Any]) -> None:
         f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
         f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s"
     )
-    labels = {
-        "clean": "clean",
-        "detected": "corruption detected",
-        "other_error": "other error (refused)",
-        "error": "unexpected exception",
-        "crash": "CRASH",
-        "hang": "HANG",
-    }
+    labels = dict(
+        clean="clean", detected="corruption detected", other_error="other error (refused)"
+    )
+    labels.update(error="unexpected exception", crash="CRASH", hang="HANG")
     for k, label in labels.items():
         print(f"  {label:<24} {c[k]:>7}")
     print(f"  {'wrong answer (silent)':<24} {res['wrong']:>7}")
