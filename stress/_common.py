@@ -395,10 +395,15 @@ def write_json(path: Path, res: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def bench_name(mod: ModuleType) -> str:
+    """bench_x for stress.bench_x, also when it runs as ``__main__`` (python -m)."""
+    return (mod.__spec__.name if mod.__spec__ else mod.__name__).rsplit(".", 1)[-1]
+
+
 def bench_args(mod: ModuleType, quick: str) -> argparse.ArgumentParser:
     """A benchmark's parser, described by the first line of its module's docstring, with the
     options every benchmark has: --quick (what it does: ``quick``) and --json."""
-    name = mod.__name__.rsplit(".", 1)[-1]
+    name = bench_name(mod)
     doc = (mod.__doc__ or "").strip().splitlines()[0]
     p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=doc)
     p.add_argument("--quick", action="store_true", help=quick)
@@ -414,7 +419,7 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     Ctrl-C and every arena destroyed however it ends, then the module's ``derive(res)`` and
     ``targets_summary(res)`` (when it has them), its ``report(res)`` on stdout, and the JSON.
     130 if interrupted, else 0: targets are reported, never asserted."""
-    t0, name = time.perf_counter(), mod.__name__.rsplit(".", 1)[-1]
+    t0, name = time.perf_counter(), bench_name(mod)
     machine = machine_info()
     res: dict[str, Any] = {"benchmark": name, "schema": 1, "machine": machine}
     res.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), noise_note=noise_note(machine))
