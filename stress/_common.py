@@ -1,19 +1,23 @@
-"""Helpers shared by the benchmark drivers in ``stress/``: bookkeeping that destroys every arena
-however a run ends, interleaved trials and their median/min/max, machine facts, table printing,
-target verdicts, and a pool of long-lived worker processes for the multi-process workloads.
+"""What the runners in ``stress/`` share: arenas destroyed however a run ends, interleaved trials
+and their median/min/max, machine facts, tables, targets, the JSON every benchmark writes, one
+progress bar, and a pool of long-lived worker processes for the multi-process workloads.
 
-Nothing here measures anything by itself; each ``bench_*`` module says what it measures.
+Nothing here measures anything by itself; each runner says what it measures.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import gc
+import hashlib
 import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import platform
+import queue as queue_mod
 import signal
 import statistics
 import subprocess
@@ -25,27 +29,34 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import cffi
+
+import shmalloc
 from shmalloc import MemoryManager
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
-
-perf_counter_ns = time.perf_counter_ns
-
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
+
+
+@functools.cache
+def libc() -> tuple[Any, Any]:
+    """(ffi, lib) for glibc's malloc/free through cffi's ABI mode: the private-heap baseline of
+    several benchmarks (made on first use: parsing declarations imports pycparser)."""
+    ffi = cffi.FFI()
+    ffi.cdef("void *malloc(size_t); void free(void *);")
+    return ffi, ffi.dlopen(None)
 
 
 # --------------------------------------------------------------------------- bookkeeping
 
 
 def make_progress(name: str) -> Callable[[str], None]:
-    """A progress printer for one driver: ``[name HH:MM:SS] msg`` on stderr."""
+    """A progress printer for one runner: ``[name HH:MM:SS] msg`` on stderr."""
 
     def progress(msg: str) -> None:
         print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -53,12 +64,41 @@ def make_progress(name: str) -> Callable[[str], None]:
     return progress
 
 
-class Arenas:
-    """Every arena the benchmark makes, so that all of them are destroyed however it ends."""
+class Bar:
+    """One progress line on stderr: rewritten in place on a terminal, a line per 10 % otherwise."""
 
-    def __init__(self, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = max(1, total), label
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self.last = -1
+
+    def update(self, done: int, extra: str = "") -> None:
+        frac = min(1.0, done / self.total)
+        el = time.monotonic() - self.t0
+        if self.tty:
+            fill = int(frac * 30)
+            sys.stderr.write(
+                f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (30 - fill)}] "
+                f"{done}/{self.total} {extra} {el:.1f}s"
+            )
+        elif int(frac * 10) != self.last:
+            self.last = int(frac * 10)
+            sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Arenas:
+    """Every arena a benchmark makes, so that all of them are destroyed however it ends."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
         self._live: list[MemoryManager] = []
-        self._log = log or make_progress("bench")
+        self._log = log
 
     def new(self, capacity: int) -> MemoryManager:
         m = MemoryManager(capacity)
@@ -66,23 +106,21 @@ class Arenas:
         return m
 
     def drop(self, m: MemoryManager) -> None:
+        if m in self._live:
+            self._live.remove(m)
         try:
             if not m.closed:
                 m.close()
         finally:
             m.destroy()
-            if m in self._live:
-                self._live.remove(m)
 
     def drop_all(self) -> None:
         while self._live:
             m = self._live[-1]
             try:
                 self.drop(m)
-            except Exception as e:  # keep destroying the others
+            except Exception as e:  # noqa: BLE001 - say so, and keep destroying the others
                 self._log(f"warning: could not close arena {m.name}: {e!r}")
-                if m in self._live:
-                    self._live.remove(m)
 
 
 _stop = threading.Event()
@@ -97,18 +135,14 @@ def check_interrupt() -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that the finally blocks destroy the arenas; both also set
-    a flag that check_interrupt() turns into KeyboardInterrupt later if the first one was lost."""
+    """SIGTERM unwinds like Ctrl-C, so that the finally blocks clean up; both also set a flag
+    that check_interrupt() turns into KeyboardInterrupt later if the first one was lost."""
 
     def handler(signum: int, frame: Any) -> None:
         _stop.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    old = signal.signal(signal.SIGTERM, handler)
     old_int = signal.getsignal(signal.SIGINT)
     if old_int is signal.default_int_handler:  # leave an ignored SIGINT ignored
         signal.signal(signal.SIGINT, handler)
@@ -120,118 +154,116 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGINT, old_int)
 
 
-def summarize(per_op: list[float], n: int) -> dict[str, Any]:
-    return {
-        "median": statistics.median(per_op),
-        "min": min(per_op),
-        "max": max(per_op),
-        "trials": per_op,
-        "ops_per_trial": n,
-    }
+# --------------------------------------------------------------------------- trials
 
 
-def summarize_rates(rates: Sequence[float], **extra: Any) -> dict[str, Any]:
-    """median/min/max of per-trial rates (operations per second), plus anything in extra."""
-    rates = list(rates)
+def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
+    """median/min/max of per-trial values (ns per operation, or operations per second)."""
+    values = list(values)
     return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "trials": rates,
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "trials": values,
         **extra,
     }
-
-
-def measure(runners: dict[str, Runner], n: int, trials: int) -> dict[str, dict[str, Any]]:
-    """Interleaved trials: trial t runs every runner once (in a rotated order), n ops each.
-
-    One untimed warm-up run each first. The cyclic GC is off while the loops run."""
-    labels = list(runners)
-    per_op: dict[str, list[float]] = {k: [] for k in labels}
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for k in labels:
-            runners[k](max(1, n // 10))
-        for t in range(trials):
-            order = labels[t % len(labels):] + labels[: t % len(labels)]
-            for k in order:
-                per_op[k].append(runners[k](n) / n)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return {k: summarize(v, n) for k, v in per_op.items()}
 
 
 def rotated(items: Sequence[Any], t: int) -> list[Any]:
     """items rotated left by t: the order of trial t in interleaved measurements."""
     items = list(items)
-    if not items:
-        return items
-    k = t % len(items)
+    k = t % len(items) if items else 0
     return items[k:] + items[:k]
+
+
+def measure(runners: dict[str, Runner], n: int, trials: int) -> dict[str, dict[str, Any]]:
+    """Interleaved trials: trial t runs every runner once (in a rotated order), n ops each.
+    One untimed warm-up run each first. The cyclic GC is off while the loops run."""
+    per_op: dict[str, list[float]] = {k: [] for k in runners}
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for run in runners.values():
+            run(max(1, n // 10))
+        for t in range(trials):
+            for k in rotated(runners, t):
+                per_op[k].append(runners[k](n) / n)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {k: summarize(v, ops_per_trial=n) for k, v in per_op.items()}
+
+
+def pair_loop(alloc: Callable[[int], Any], free: Callable[[Any], Any], size: int) -> Runner:
+    """n ``free(alloc(size))`` pairs through local names: every pair row has this one shape."""
+
+    def run(n: int) -> int:
+        r = range(n)
+        t0 = time.perf_counter_ns()
+        for _ in r:
+            free(alloc(size))
+        return time.perf_counter_ns() - t0
+
+    return run
+
+
+def core_handle(mgr: MemoryManager) -> tuple[Any, int]:
+    """The C handle and this process's slot behind ``mgr``, for loops that call the C core
+    directly (``lib.shm_alloc(h, size, 0, slot)``) to time it without the Python wrapper."""
+    return mgr._h, mgr._own_slot()
+
+
+def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:
+    """The loops free what they allocate; a call that failed silently would show here."""
+    used = mgr.stats().used
+    if used != used_before:
+        raise RuntimeError(f"{what}: arena used bytes went {used_before} -> {used}")
 
 
 # --------------------------------------------------------------------------- machine
 
 
 def machine_info() -> dict[str, Any]:
-    import cffi
-
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": len(os.sched_getaffinity(0)),
         "python_version": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "libc": " ".join(platform.libc_ver()),
         "cffi_version": cffi.__version__,
+        "shmalloc_version": shmalloc.__version__,
+        "loadavg_at_start": list(os.getloadavg()),
     }
-    try:
-        info["loadavg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import shmalloc
-
-        info["shmalloc_version"] = shmalloc.__version__
-    except AttributeError:
-        pass
-    try:  # which build of the C core was measured (it is rebuilt in place by pip install -e)
-        import hashlib
-
-        from shmalloc import _native
-
-        so = Path(_native.__file__)
+    with open("/proc/cpuinfo") as f:
+        info["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
+        )
+    # which build of the C core was measured (pip install -e rebuilds it in place)
+    so = next(Path(shmalloc.__file__).parent.glob("_native.*"), None)
+    if so is not None:
         info["native_build"] = {
             "path": str(so),
             "mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime)),
             "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16],
         }
-    except (OSError, AttributeError, TypeError):
-        pass
+    git = ["git", "-C", str(REPO_ROOT)]
     try:
-        git = ["git", "-C", str(REPO_ROOT)]
-        info["git_commit"] = subprocess.run(
-            git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         dirty = subprocess.run(
-            git + ["status", "--porcelain", "--", "shmalloc", "native"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-        info["core_tree_dirty"] = bool(dirty)
+            [*git, "status", "--porcelain", "--", "shmalloc", "native"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
-        pass
+        return info  # no git: the figures stand without the commit
+    info["git_commit"] = head.stdout.strip() or None
+    info["core_tree_dirty"] = bool(dirty.stdout.strip())
     return info
 
 
@@ -241,11 +273,15 @@ def noise_note(machine: dict[str, Any]) -> str | None:
     load = machine.get("loadavg_at_start")
     parts = []
     if cpus <= 2:
-        parts.append(f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
-                     "measure time-sharing, not parallelism")
+        parts.append(
+            f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
+            "measure time-sharing, not parallelism"
+        )
     if load and load[0] > 0.25 * cpus:
-        parts.append(f"1-minute load average was {load[0]:.2f} at the start: other work was "
-                     "running, so figures are noisy")
+        parts.append(
+            f"1-minute load average was {load[0]:.2f} at the start: other work was "
+            "running, so figures are noisy"
+        )
     return "; ".join(parts) or None
 
 
@@ -264,10 +300,8 @@ def fmt_rate(x: float) -> str:
     """Operations per second, compactly: 1.23M, 456k, 789."""
     if x >= 1e6:
         return f"{x / 1e6:.2f}M"
-    if x >= 1e4:
-        return f"{x / 1e3:.0f}k"
     if x >= 1e3:
-        return f"{x / 1e3:.1f}k"
+        return f"{x / 1e3:.0f}k" if x >= 1e4 else f"{x / 1e3:.1f}k"
     return f"{x:.0f}"
 
 
@@ -281,29 +315,42 @@ def fmt_count(n: int) -> str:
     return f"1e{e}" if n == 10**e else f"{n:,}"
 
 
-def fmt_size(n: int) -> str:
-    for unit, div in (("MiB", MiB), ("KiB", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
-
-
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB', 73400320 -> '70.0 MiB'."""
-    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def print_table(headers: list[str], rows: list[list[str]], title: str) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join("-" * w for w in widths)
     print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    print(line)
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=False)))
+    print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
+
+
+def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]]) -> None:
+    """Rates by process count (median [min-max]) and the speed-up over 1 process, one row per
+    method: ``series[method] = {str(k): summary}``."""
+    rows = [
+        [m]
+        + [fmt_rate_stat(by[str(k)]) for k in procs]
+        + [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in procs if k != 1]
+        for m, by in series.items()
+    ]
+    print_table(
+        ["method"]
+        + [f"{k} proc{'s' if k > 1 else ''}" for k in procs]
+        + [f"{k}p/1p" for k in procs if k != 1],
+        rows,
+        title,
+    )
+
+
+def print_header(res: dict[str, Any]) -> None:
+    m = res["machine"]
+    print(
+        f"shmalloc {res['benchmark']}{' (--quick)' if res['config'].get('quick') else ''}: "
+        f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
+        f"{m['platform']}"
+    )
+    if res.get("noise_note"):
+        print(f"NOTE: {res['noise_note']}")
 
 
 # --------------------------------------------------------------------------- targets
@@ -311,21 +358,22 @@ def print_table(headers: list[str], rows: list[list[str]], title: str) -> None:
 
 def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     """{"value", "target", "op", "met"}: met is None when there is no value."""
-    if value is None:
-        return {"value": None, "target": target, "op": op, "met": None}
-    met = value <= target if op == "<=" else value < target if op == "<" else (
-        value > target if op == ">" else value >= target)
+    ops: dict[str, Callable[[float, float], bool]] = {
+        "<=": lambda v, t: v <= t,
+        "<": lambda v, t: v < t,
+        ">": lambda v, t: v > t,
+        ">=": lambda v, t: v >= t,
+    }
+    met = None if value is None else ops[op](value, target)
     return {"value": value, "target": target, "op": op, "met": met}
 
 
 def verdict(j: dict[str, Any]) -> str:
-    if j.get("met") is None:
-        return "(not judged)"
-    return "MET" if j["met"] else "MISSED"
+    return "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:
-    """One line of a driver's ``targets_summary``: what bench_all puts in its combined table."""
+    """One line of a runner's ``targets_summary``: what bench_all puts in its combined table."""
     return {
         "name": name,
         "op": j["op"],
@@ -337,88 +385,68 @@ def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") ->
     }
 
 
-def write_json(path: Path, res: dict[str, Any], *, default: Callable[[Any], Any] | None = None
-               ) -> None:
+# --------------------------------------------------------------------------- results
+
+
+def write_json(path: Path, res: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=default) + "\n")
+    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
-def write_results(path: Path, res: dict[str, Any], *, default: Callable[[Any], Any] | None = None
-                  ) -> None:
-    """Write res as JSON to path (atomically) and say so, with the run's total time."""
-    write_json(path, res, default=default)
-    print(f"\nJSON written to {path} ({res['elapsed_seconds']:.1f} s total)")
+def bench_name(mod: ModuleType) -> str:
+    """bench_x for stress.bench_x, also when it runs as ``__main__`` (python -m)."""
+    return (mod.__spec__.name if mod.__spec__ else mod.__name__).rsplit(".", 1)[-1]
 
 
-# --------------------------------------------------------------------------- driver scaffolding
+def bench_args(mod: ModuleType, quick: str) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first line of its module's docstring, with the
+    options every benchmark has: --quick (what it does: ``quick``) and --json."""
+    name = bench_name(mod)
+    doc = (mod.__doc__ or "").strip().splitlines()[0]
+    p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=doc)
+    p.add_argument("--quick", action="store_true", help=quick)
+    default = RESULTS_DIR / f"{name}.json"
+    where = f"where to write the results (default: {default.relative_to(REPO_ROOT)})"
+    p.add_argument("--json", type=Path, default=default, metavar="PATH", help=where)
+    return p
 
 
-def new_result(benchmark: str, config: dict[str, Any], targets: dict[str, Any] | None = None,
-               *, machine: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """The head every driver's JSON starts with: benchmark, schema, timestamp, machine, config,
-    targets (left out when None), then anything in extra, in that order."""
-    res: dict[str, Any] = {
-        "benchmark": benchmark,
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info() if machine is None else machine,
-        "config": config,
-    }
-    if targets is not None:
-        res["targets"] = targets
-    res.update(extra)
-    return res
-
-
-def run_interruptible(body: Callable[[], None], note: str,
-                      arenas: Arenas | None = None) -> bool:
-    """Run body() with SIGTERM unwinding like Ctrl-C, destroying every arena in ``arenas``
-    however it ends. On an interrupt print ``interrupted: <note>`` and return False."""
+def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any], body: Any) -> int:
+    """A benchmark's run from start to exit code: the JSON's head (benchmark, schema, timestamp,
+    machine, config, the module's TARGETS), ``body(res, arenas)`` with SIGTERM unwinding like
+    Ctrl-C and every arena destroyed however it ends, then the module's ``derive(res)`` and
+    ``targets_summary(res)`` (when it has them), its ``report(res)`` on stdout, and the JSON.
+    130 if interrupted, else 0: targets are reported, never asserted."""
+    t0, name = time.perf_counter(), bench_name(mod)
+    machine = machine_info()
+    res: dict[str, Any] = {"benchmark": name, "schema": 1, "machine": machine}
+    res.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), noise_note=noise_note(machine))
+    res["config"] = {"quick": args.quick, **config}
+    targets = getattr(mod, "TARGETS", {}).items()
+    res["targets"] = {k: {"op": op, "value": v} for k, (op, v) in targets}
+    arenas = Arenas(make_progress(name))
     try:
         with sigterm_as_interrupt():
             try:
-                body()
+                body(res, arenas)
             finally:
-                if arenas is not None:
-                    arenas.drop_all()
+                arenas.drop_all()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {note}", file=sys.stderr)
-        return False
-    return True
-
-
-def finish_result(res: dict[str, Any], t_start: float, *,
-                  derive: Callable[[dict[str, Any]], Any] | None = None,
-                  targets_summary: Callable[[dict[str, Any]], Any] | None = None,
-                  noise: bool = True) -> None:
-    """Add noise_note, derived, targets_summary (each if asked for) and elapsed_seconds."""
-    if noise:
-        res["noise_note"] = noise_note(res["machine"])
-    if derive is not None:
-        res["derived"] = derive(res)
-    if targets_summary is not None:
-        res["targets_summary"] = targets_summary(res)
-    res["elapsed_seconds"] = time.perf_counter() - t_start
-
-
-def add_json_arg(p: Any, default: Path, help: str | None = None) -> None:
-    """The --json PATH option every driver has."""
-    p.add_argument("--json", type=Path, default=default, metavar="PATH",
-                   help=help or f"where to write the results (default: "
-                   f"{default.relative_to(REPO_ROOT)})")
-
-
-def save_figure(plt: Any, fig: Any, path: Path, *, dpi: int = 100,
-                log: Callable[[str], None] | None = None) -> None:
-    """tight_layout, write fig to path (making its folder), close it, and log that it was."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    if log is not None:
-        log(f"plot written to {path}")
+        print(
+            f"\ninterrupted: {name} stopped its workers and arenas; nothing written",
+            file=sys.stderr,
+        )
+        return 130
+    res["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    res["derived"] = mod.derive(res) if hasattr(mod, "derive") else {}
+    res["targets_summary"] = mod.targets_summary(res) if hasattr(mod, "targets_summary") else []
+    res["elapsed_seconds"] = time.perf_counter() - t0
+    mod.report(res)
+    write_json(args.json, res)
+    print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
+    return 0
 
 
 def signame(rc: int | None) -> str:
@@ -434,30 +462,12 @@ def signame(rc: int | None) -> str:
 
 
 def child_env(fault: str | None = None) -> dict[str, str]:
-    """os.environ for a child interpreter: SHMALLOC_FAULT set to fault (or removed when None),
-    the repository first on PYTHONPATH."""
+    """os.environ for a child interpreter, with SHMALLOC_FAULT set to fault (removed if None)."""
     env = dict(os.environ)
     env.pop("SHMALLOC_FAULT", None)
     if fault is not None:
         env["SHMALLOC_FAULT"] = fault
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
     return env
-
-
-def load_pyplot(what: str) -> Any:
-    """matplotlib.pyplot with the Agg backend, or None (and a note on stderr) if not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{what}: matplotlib is not installed (pip install 'shmalloc[bench]'); "
-              "no plot written (the table and JSON were)", file=sys.stderr)
-        return None
-    return plt
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -504,16 +514,12 @@ def _worker_main(index: int, conn: Any, barriers: dict[int, Any], queue: Any) ->
             ctx = WorkerCtx(index, nworkers, barriers[nworkers], queue, managers)
             try:
                 gc.collect()
-                result = func(ctx, **kwargs)
-                conn.send(("ok", result))
+                conn.send(("ok", func(ctx, **kwargs)))
             except BaseException:
                 conn.send(("err", traceback.format_exc()))
     finally:
         for m in managers.values():
-            try:
-                m.close()
-            except Exception:
-                pass
+            m.close()
 
 
 def _detach(ctx: WorkerCtx, name: str) -> None:
@@ -527,8 +533,7 @@ class WorkerPool:
 
     def __init__(self, n: int, *, queue_size: int = 16, timeout: float = 600.0) -> None:
         ctx = mp.get_context("spawn")
-        self.n = n
-        self.timeout = timeout
+        self.n, self.timeout = n, timeout
         self.barriers = {k: ctx.Barrier(k) for k in range(1, n + 1)}
         self.queue = ctx.Queue(maxsize=queue_size)
         self._procs: list[Any] = []
@@ -537,8 +542,12 @@ class WorkerPool:
         try:
             for i in range(n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, args=(i, child, self.barriers, self.queue),
-                                name=f"bench-worker-{i}", daemon=True)
+                p = ctx.Process(
+                    target=_worker_main,
+                    args=(i, child, self.barriers, self.queue),
+                    name=f"bench-worker-{i}",
+                    daemon=True,
+                )
                 p.start()
                 child.close()
                 self._procs.append(p)
@@ -553,11 +562,9 @@ class WorkerPool:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def run(self, func: Callable[..., Any], k: int,
-            per_worker: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> list[Any]:
-        """Run func on workers 0..k-1 (kwargs, updated by per_worker[i] for worker i) and return
-        their results in worker order. A failure in any worker raises RuntimeError here, after
-        the others were released from the barrier."""
+    def run(self, func: Callable[..., Any], k: int, **kwargs: Any) -> list[Any]:
+        """Run func(ctx, **kwargs) on workers 0..k-1 and return their results in worker order. A
+        failure in any worker raises RuntimeError here, after the others left the barrier."""
         if not 1 <= k <= self.n:
             raise ValueError(f"k={k} workers asked of a pool of {self.n}")
         if self._busy:
@@ -565,38 +572,34 @@ class WorkerPool:
         check_interrupt()
         self._busy = True
         for i in range(k):
-            kw = dict(kwargs)
-            if per_worker is not None:
-                kw.update(per_worker[i])
-            self._conns[i].send((func, k, kw))
+            self._conns[i].send((func, k, kwargs))
         results: list[Any] = [None] * k
         pending = set(range(k))
         errors: list[str] = []
         deadline = time.monotonic() + self.timeout
         while pending:
             check_interrupt()
-            ready = mpc.wait([self._conns[i] for i in pending], timeout=0.5)
-            for c in ready:
+            for c in mpc.wait([self._conns[i] for i in pending], timeout=0.5):
                 i = self._conns.index(c)
                 try:
-                    status, value = self._conns[i].recv()
+                    status, value = c.recv()
                 except EOFError:
-                    status, value = "err", f"worker {i} died (exit code {self._procs[i].exitcode})"
+                    status, value = "err", f"died (exit code {self._procs[i].exitcode})"
                 pending.discard(i)
                 if status == "ok":
                     results[i] = value
                 else:
                     errors.append(f"worker {i}:\n{value}")
                     self.barriers[k].abort()  # release the others from the barrier
-            for i in list(pending):
-                if not self._procs[i].is_alive():
-                    pending.discard(i)
-                    errors.append(f"worker {i} died (exit code {self._procs[i].exitcode})")
-                    self.barriers[k].abort()
+            for i in [i for i in pending if not self._procs[i].is_alive()]:
+                pending.discard(i)
+                errors.append(f"worker {i} died (exit code {self._procs[i].exitcode})")
+                self.barriers[k].abort()
             if pending and time.monotonic() > deadline:
                 self.barriers[k].abort()
-                raise RuntimeError(f"workers {sorted(pending)} did not finish within "
-                                   f"{self.timeout:.0f} s")
+                raise RuntimeError(
+                    f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
+                )
         self._busy = False
         if errors:
             self.barriers[k].reset()
@@ -614,19 +617,15 @@ class WorkerPool:
         if self._busy:  # an interrupted run: release whoever waits at a barrier
             for b in self.barriers.values():
                 b.abort()
-        for c, p in zip(self._conns, self._procs):
+        for c, p in zip(self._conns, self._procs, strict=False):
             if p.is_alive():
                 try:
                     c.send(None)
                 except (OSError, ValueError):
-                    pass
+                    p.terminate()  # its pipe is gone: it cannot be asked
         deadline = time.monotonic() + 5.0
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        for p in self._procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5.0)
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -634,27 +633,23 @@ class WorkerPool:
             c.close()
         self._procs.clear()
         self._conns.clear()
-        try:
-            self.queue.close()
-            self.queue.join_thread()
-        except (OSError, ValueError, AssertionError):
-            pass
+        self.queue.close()
+        self.queue.join_thread()
+
+    def drain(self) -> int:
+        """Empty the queue left non-empty by a failed run; returns the items dropped."""
+        n = 0
+        while True:
+            try:
+                self.queue.get(timeout=0.05)
+            except queue_mod.Empty:
+                return n
+            n += 1
 
 
-def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, int, float]:
-    """(ops per second, total ops, wall seconds) of workers that each returned {ops, t0, t1}
-    measured with time.perf_counter (CLOCK_MONOTONIC: one clock for every process)."""
+def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """(ops per second, wall seconds) of workers that each returned {ops, t0, t1} measured with
+    time.perf_counter (CLOCK_MONOTONIC: one clock for every process)."""
     ops = sum(int(r["ops"]) for r in results)
     wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
-    return (ops / wall if wall > 0 else float("inf")), ops, wall
-
-
-def drain_queue(q: Any) -> int:
-    """Empty a multiprocessing.Queue left non-empty by a failed run; returns items dropped."""
-    n = 0
-    while True:
-        try:
-            q.get(timeout=0.05)
-        except Exception:
-            return n
-        n += 1
+    return (ops / wall if wall > 0 else math.inf), wall

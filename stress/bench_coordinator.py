@@ -26,16 +26,13 @@ SIGTERM included.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import random
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -43,28 +40,13 @@ import psutil
 from shmalloc import MemoryManager
 from shmalloc._binding import ffi, lib
 from shmalloc.coordinator import DEFAULT_INTERVAL, coordinator_command, lease_holder
-from shmalloc.gc import handle_of
 
-from ._common import write_results
+from ._common import Arenas, bench_args, core_handle, judge, make_progress, run_bench, target_row
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_coordinator.json"
 ARENA = 256 << 20
 VICTIM_BLOCKS = [4096, 65536, 300, 1 << 20, 12345, 777, 8192, 100_000]
-CPU_TARGET = 1.0  # percent of one core
-RECLAIM_TARGET = 1.0  # seconds ("within about a second")
-
-
-def log(msg: str) -> None:
-    print(f"[bench_coordinator {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    raise _Stop()
+TARGETS = {"worst_reclaim_ms": ("<", 1000.0), "idle_cpu_percent": ("<", 1.0)}
+log = make_progress("bench_coordinator")
 
 
 class Workers:
@@ -120,7 +102,7 @@ class SlotWatch:
     """Is (pid's slot) still taken? One lock-free read of one slot, so polling it is cheap."""
 
     def __init__(self, m: MemoryManager, pid: int) -> None:
-        self.h = handle_of(m)
+        self.h = core_handle(m)[0]
         self.pid = pid
         self.slot = next(p.slot for p in m.processes() if p.pid == pid)
         self.info = ffi.new("shm_proc_info_t *")
@@ -142,19 +124,18 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    t_start = time.monotonic()
-    m = MemoryManager(ARENA)
+def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
+    m = arenas.new(ARENA)
     workers = Workers(m)
     coord: subprocess.Popen[bytes] | None = None
     try:
-        log(f"forking {args.procs} idle workers")
-        for _ in range(args.procs):
+        log(f"forking {a.procs} idle workers")
+        for _ in range(a.procs):
             workers.fork([4096])
         idle_pids = list(workers.hold)
-        log(f"starting the coordinator (interval {args.interval} s)")
+        log(f"starting the coordinator (interval {a.interval} s)")
         coord = subprocess.Popen(
-            coordinator_command(m.name, interval=args.interval, log_level="WARNING"),
+            coordinator_command(m.name, interval=a.interval, log_level="WARNING"),
             stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
@@ -163,95 +144,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"the coordinator did not start (exit {coord.poll()})")
             time.sleep(0.01)
         cp = psutil.Process(coord.pid)
-        time.sleep(max(1.0, 4 * args.interval))  # let it settle: open its pidfds, import lazily
+        time.sleep(max(1.0, 4 * a.interval))  # let it settle: open its pidfds, import lazily
 
-        log(f"idle CPU over {args.seconds} s with {args.procs} attached processes")
+        log(f"idle CPU over {a.seconds} s with {a.procs} attached processes")
         c0, n0, w0 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
-        time.sleep(args.seconds)
+        time.sleep(a.seconds)
         c1, n1, w1 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
         user, system, wall = c1.user - c0.user, c1.system - c0.system, w1 - w0
-        cpu_pct = 100.0 * (user + system) / wall  # psutil: clock ticks (10 ms) resolution
-        sched_pct = 100.0 * (n1 - n0) / 1e9 / wall  # the scheduler's nanoseconds
-        attached = sum(1 for p in m.processes() if p.alive)
+        res["idle_cpu"] = {
+            "percent_of_core": 100.0 * (user + system) / wall,  # psutil: 10 ms clock ticks
+            "percent_of_core_schedstat": 100.0 * (n1 - n0) / 1e9 / wall,  # the scheduler's ns
+            "user_s": user,
+            "system_s": system,
+            "wall_s": wall,
+            "attached_processes": sum(1 for p in m.processes() if p.alive),
+        }
 
-        log(f"reclamation latency over {args.kills} kill -9")
+        log(f"reclamation latency over {a.kills} kill -9")
         rng = random.Random(5)
         samples = []
-        for i in range(args.kills):
+        for i in range(a.kills):
             pid = workers.fork(VICTIM_BLOCKS)
             held = m.process_memory(pid)
             watch = SlotWatch(m, pid)
-            time.sleep(args.interval * (2 + rng.random()))
+            time.sleep(a.interval * (2 + rng.random()))  # not in phase with the coordinator
             t0 = time.perf_counter()
             workers.kill(pid)
             while watch.taken():
                 time.sleep(0.0002)
                 if time.perf_counter() - t0 > 30:
                     raise RuntimeError(f"worker {pid} was not reclaimed within 30 s")
-            dt = time.perf_counter() - t0
-            samples.append(dt)
+            samples.append((time.perf_counter() - t0) * 1e3)
             workers.reap(pid)
             log(
                 f"  kill {i + 1}: {held} bytes in {len(VICTIM_BLOCKS)} blocks back in "
-                f"{dt * 1e3:.2f} ms"
+                f"{samples[-1]:.2f} ms"
             )
         assert all(p in workers.hold for p in idle_pids)
         alive = coord.poll() is None
         coord.send_signal(signal.SIGTERM)
-        code = coord.wait(timeout=30)
+        res["coordinator"] = {
+            "alive_through_run": alive,
+            "exit_code_on_sigterm": coord.wait(timeout=30),
+        }
         coord = None
-        return {
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "python_version": platform.python_version(),
-                "platform": platform.platform(),
-            },
-            "config": {
-                "quick": args.quick,
-                "procs": args.procs,
-                "kills": args.kills,
-                "seconds": args.seconds,
-                "interval": args.interval,
-                "arena_bytes": ARENA,
-                "victim_blocks": VICTIM_BLOCKS,
-            },
-            "reclaim": {
-                "samples_ms": [s * 1e3 for s in samples],
-                "median_ms": statistics.median(samples) * 1e3,
-                "worst_ms": max(samples) * 1e3,
-                "best_ms": min(samples) * 1e3,
-            },
-            "idle_cpu": {
-                "percent_of_core": cpu_pct,
-                "percent_of_core_schedstat": sched_pct,
-                "user_s": user,
-                "system_s": system,
-                "wall_s": wall,
-                "attached_processes": attached,
-            },
-            "coordinator": {"alive_through_run": alive, "exit_code_on_sigterm": code},
-            "targets": {
-                "idle_cpu_under_1pct": cpu_pct < CPU_TARGET,
-                "worst_reclaim_under_1s": max(samples) < RECLAIM_TARGET,
-            },
-            "elapsed_seconds": time.monotonic() - t_start,
+        res["reclaim"] = {
+            "samples_ms": samples,
+            "median_ms": statistics.median(samples),
+            "worst_ms": max(samples),
+            "best_ms": min(samples),
         }
     finally:
         workers.close()
         if coord is not None:
             coord.kill()
             coord.wait()
-        m.close()
-        m.destroy()
+
+
+def derive(res: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "worst_reclaim_ms": judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
+        "idle_cpu_percent": judge(*TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]),
+    }
+
+
+def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    d = res["derived"]
+    return [
+        target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
+        target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
+    ]
 
 
 def report(res: dict[str, Any]) -> None:
-    c, r, u = res["config"], res["reclaim"], res["idle_cpu"]
+    c, r, u, d = res["config"], res["reclaim"], res["idle_cpu"], res["derived"]
     quick = " (--quick)" if c["quick"] else ""
     print(
         f"shmalloc bench_coordinator{quick}: {res['machine']['cpu_count']} CPUs, "
         f"Python {res['machine']['python_version']}, interval {c['interval']} s"
     )
+    met = {True: "met", False: "NOT met"}
     rows = [
         (
             "reclaim after kill -9, median",
@@ -261,16 +233,14 @@ def report(res: dict[str, Any]) -> None:
         (
             "reclaim after kill -9, worst",
             f"{r['worst_ms']:.2f} ms",
-            f"target < {RECLAIM_TARGET:g} s: {'met' if res['targets']['worst_reclaim_under_1s'] else 'NOT met'}",
+            f"target < 1 s: {met[d['worst_reclaim_ms']['met']]}",
         ),
         ("reclaim after kill -9, best", f"{r['best_ms']:.2f} ms", ""),
         (
             "coordinator CPU, idle",
             f"{u['percent_of_core']:.3f} % of a core",
-            (
-                f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < {CPU_TARGET:g} %: "
-                f"{'met' if res['targets']['idle_cpu_under_1pct'] else 'NOT met'}"
-            ),
+            f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
+            f"{met[d['idle_cpu_percent']['met']]}",
         ),
         (
             "  of which user / system",
@@ -284,22 +254,14 @@ def report(res: dict[str, Any]) -> None:
         ),
         ("exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""),
     ]
-    w0 = max(len(a) for a, _, _ in rows)
-    w1 = max(len(b) for _, b, _ in rows)
-    print(f"{'measure'.ljust(w0)}  {'value'.rjust(w1)}  notes")
-    print("-" * (w0 + w1 + 40))
+    w0, w1 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
+    print(f"{'measure'.ljust(w0)}  {'value'.rjust(w1)}  notes\n" + "-" * (w0 + w1 + 40))
     for a, b, n in rows:
         print(f"{a.ljust(w0)}  {b.rjust(w1)}  {n}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.bench_coordinator",
-        description="Reclamation latency after kill -9 and the idle coordinator's CPU use.",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="16 processes, 5 kills, 3 s of idle CPU: a smoke run"
-    )
+def main(argv: list[str] | None = None) -> int:
+    p = bench_args(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
     p.add_argument("--procs", type=int, help="idle attached processes (default 64)")
     p.add_argument("--kills", type=int, help="victims killed with SIGKILL (default 20)")
     p.add_argument("--seconds", type=float, help="idle CPU measurement (default 10)")
@@ -309,30 +271,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_INTERVAL,
         help=f"the coordinator's interval (default {DEFAULT_INTERVAL})",
     )
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=DEFAULT_JSON,
-        help=f"where to write the results (default: {DEFAULT_JSON.relative_to(REPO_ROOT)})",
-    )
     a = p.parse_args(argv)
-    a.procs = a.procs if a.procs is not None else (16 if a.quick else 64)
-    a.kills = a.kills if a.kills is not None else (5 if a.quick else 20)
-    a.seconds = a.seconds if a.seconds is not None else (3.0 if a.quick else 10.0)
-    return a
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_term)
-    try:
-        res = run(args)
-    except (KeyboardInterrupt, _Stop):
-        print("\ninterrupted: arena destroyed, children reaped, nothing written", file=sys.stderr)
-        return 130
-    report(res)
-    write_results(args.json, res)
-    return 0
+    a.procs = a.procs or (16 if a.quick else 64)
+    a.kills = a.kills or (5 if a.quick else 20)
+    a.seconds = a.seconds or (3.0 if a.quick else 10.0)
+    config = {k: getattr(a, k) for k in ("procs", "kills", "seconds", "interval")}
+    config.update(arena_bytes=ARENA, victim_blocks=VICTIM_BLOCKS)
+    return run_bench(sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas))
 
 
 if __name__ == "__main__":

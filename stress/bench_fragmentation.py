@@ -36,7 +36,6 @@ arena is destroyed on the way out, Ctrl-C included.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import math
@@ -50,39 +49,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shmalloc._binding import ffi as shm_ffi
-from shmalloc._binding import lib as shm_lib
+from shmalloc._binding import ffi, lib
+from shmalloc.sizes import format_bytes
 
 from ._common import (
     Arenas,
     GiB,
     MiB,
-    RESULTS_DIR,
-    add_json_arg,
+    bench_args,
     check_interrupt,
-    finish_result,
-    fmt_bytes,
     judge,
-    load_pyplot,
     make_progress,
-    new_result,
+    print_header,
     print_table,
-    run_interruptible,
-    save_figure,
+    run_bench,
     target_row,
     verdict,
-    write_results,
 )
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
 
 progress = make_progress("bench_fragmentation")
-
-DEFAULT_JSON = RESULTS_DIR / "bench_fragmentation.json"
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
 TARGET = ("<=", 1.25)
+TARGETS = {"footprint_over_live": TARGET}
 XMALLOC_SIZES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-
 Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is 0 for frees
 
 
@@ -148,8 +139,9 @@ def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
             yield -1, b, 0
 
 
-def trace_random_lifetime(rng: random.Random, scale: float, lifetime: float = 500.0
-                          ) -> Iterator[Event]:
+def trace_random_lifetime(
+    rng: random.Random, scale: float, lifetime: float = 500.0
+) -> Iterator[Event]:
     n = int(50_000 * scale)
     lo, hi = math.log(16), math.log(1 * MiB)
     deaths: list[tuple[int, int]] = []
@@ -170,22 +162,19 @@ GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
 }
 
 
-def make_trace(name: str, seed: int, scale: float) -> list[Event]:
-    return list(GENERATORS[name](random.Random(f"{name}:{seed}"), scale))
-
-
 # --------------------------------------------------------------------------- replays
 
 
-def replay_shmalloc(trace: list[Event], arenas: Arenas, capacity: int,
-                    caches: bool = True) -> dict[str, Any]:
+def replay_shmalloc(
+    trace: list[Event], arenas: Arenas, capacity: int, caches: bool = True
+) -> dict[str, Any]:
     """Replay into a fresh arena; caches=False turns the per-process caches off (heap only)."""
     mgr = arenas.new(capacity)
     try:
         if not caches:
             mgr.set_cache_limit(0)
-        heap_start = int(shm_lib.shm_header_size())
-        hdr = shm_ffi.sizeof("shm_block_t")
+        heap_start = int(lib.shm_header_size())
+        hdr = ffi.sizeof("shm_block_t")
         a, d, size_of = mgr.allocate, mgr.deallocate, mgr.size_of
         addr: dict[int, int] = {}
         req: dict[int, int] = {}
@@ -240,8 +229,13 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
             rec.pack_into(buf, n * rec.size, 1 if op > 0 else 2, i, size)
         f.write(buf)
         f.flush()
-        r = subprocess.run([str(binary), "replay", f.name], capture_output=True, text=True,
-                           timeout=600, check=False)
+        r = subprocess.run(
+            [str(binary), "replay", f.name],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     if r.returncode != 0:
         raise RuntimeError(f"glibc replay failed ({r.returncode}): {r.stderr.strip()}")
     out: dict[str, Any] = json.loads(r.stdout)
@@ -252,28 +246,27 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def run(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+def run(a: Any, arenas: Arenas) -> dict[str, Any]:
     out: dict[str, Any] = {}
     binary = None
-    if not args.no_glibc:
+    if not a.no_glibc:
         try:
             binary, _ = build_core()
         except BuildError as e:
             progress(f"glibc reference skipped: {e}")
-    for name in args.traces:
+    for name in a.traces:
         per_seed = []
-        for s in range(args.seeds):
+        for seed in range(a.seed, a.seed + a.seeds):
             check_interrupt()
-            seed = args.seed + s
-            trace = make_trace(name, seed, args.scale)
-            n_alloc = sum(1 for e in trace if e[0] > 0)
-            progress(f"{name}: seed {seed}, {n_alloc:,} allocations")
-            r = replay_shmalloc(trace, arenas, args.capacity)
-            r["no_caches"] = replay_shmalloc(trace, arenas, args.capacity, caches=False)
-            r["seed"] = seed
-            r["events"] = len(trace)
-            r["glibc"] = replay_glibc(trace, binary) if binary is not None else None
-            del trace
+            trace = list(GENERATORS[name](random.Random(f"{name}:{seed}"), a.scale))
+            progress(f"{name}: seed {seed}, {sum(e[0] > 0 for e in trace):,} allocations")
+            r = replay_shmalloc(trace, arenas, a.capacity)
+            r.update(
+                no_caches=replay_shmalloc(trace, arenas, a.capacity, caches=False),
+                seed=seed,
+                events=len(trace),
+                glibc=replay_glibc(trace, binary) if binary is not None else None,
+            )
             per_seed.append(r)
         worst = max(per_seed, key=lambda r: r["ratio"])
         out[name] = {"seeds": per_seed, "worst_ratio": worst["ratio"], "worst_seed": worst["seed"]}
@@ -281,136 +274,119 @@ def run(args: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    op, target = TARGET
-    d: dict[str, Any] = {}
-    for name, t in res["traces"].items():
-        d[f"fragmentation_{name}"] = {**judge(op, target, t["worst_ratio"]), "trace": name,
-                                       "aggregate": "worst seed (max)"}
-    if d:
-        worst = max(d.values(), key=lambda j: j["value"])
-        d["fragmentation_worst"] = {**judge(op, target, worst["value"]), "trace": worst["trace"],
-                                    "aggregate": "worst trace"}
+    d = {
+        f"fragmentation_{name}": {
+            **judge(*TARGET, t["worst_ratio"]),
+            "trace": name,
+            "aggregate": "worst seed (max)",
+        }
+        for name, t in res["traces"].items()
+    }
+    worst = max(d.values(), key=lambda j: j["value"])
+    d["fragmentation_worst"] = {**worst, "aggregate": "worst trace"}
     return d
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, t in res["traces"].items():
-        j = res["derived"][f"fragmentation_{name}"]
         w = next(s for s in t["seeds"] if s["seed"] == t["worst_seed"])
-        note = (f"headers+rounding {w['headers_and_rounding']:.2f}x, placement {w['placement']:.2f}x"
-                f"; caches off {w['no_caches']['ratio']:.2f}x")
-        if w.get("glibc"):
+        note = (
+            f"headers+rounding {w['headers_and_rounding']:.2f}x, placement "
+            f"{w['placement']:.2f}x; caches off {w['no_caches']['ratio']:.2f}x"
+        )
+        if w["glibc"]:
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
-        rows.append(target_row(f"fragmentation, {name} trace (footprint/live)", j, "x", note))
+        rows.append(
+            target_row(
+                f"fragmentation, {name} trace (footprint/live)",
+                res["derived"][f"fragmentation_{name}"],
+                "x",
+                note,
+            )
+        )
     return rows
 
 
 def report(res: dict[str, Any]) -> None:
-    m = res["machine"]
-    print(f"shmalloc bench_fragmentation{' (--quick)' if res['config']['quick'] else ''}: "
-          f"Python {m['python_version']}, {m['platform']}")
-    rows = []
-    for name, t in res["traces"].items():
-        for r in t["seeds"]:
-            g = r.get("glibc")
-            rows.append([
-                name, str(r["seed"]), f"{r['events']:,}", fmt_bytes(r["peak_live"]),
-                fmt_bytes(r["peak_footprint"]), f"{r['ratio']:.3f}",
-                f"{r['headers_and_rounding']:.3f}", f"{r['placement']:.3f}",
-                f"{r['reserved_ratio']:.2f}", f"{r['no_caches']['ratio']:.3f}",
-                f"{g['ratio']:.3f}" if g else "-",
-            ])
+    print_header(res)
+    rows = [
+        [
+            name,
+            str(r["seed"]),
+            f"{r['events']:,}",
+            format_bytes(r["peak_live"]),
+            format_bytes(r["peak_footprint"]),
+            f"{r['ratio']:.3f}",
+            f"{r['headers_and_rounding']:.3f}",
+            f"{r['placement']:.3f}",
+            f"{r['reserved_ratio']:.2f}",
+            f"{r['no_caches']['ratio']:.3f}",
+            f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-",
+        ]
+        for name, t in res["traces"].items()
+        for r in t["seeds"]
+    ]
     print_table(
-        ["trace", "seed", "events", "peak live", "peak footprint", "ratio", "hdr+round",
-         "placement", "reserved", "caches off", "glibc ratio"],
+        [
+            "trace",
+            "seed",
+            "events",
+            "peak live",
+            "peak footprint",
+            "ratio",
+            "hdr+round",
+            "placement",
+            "reserved",
+            "caches off",
+            "glibc ratio",
+        ],
         rows,
-        "Peak footprint / peak live bytes (target <= 1.25 on every trace); "
-        "ratio ~= hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
+        "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
+        "hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
     )
     print()
     for key, j in res["derived"].items():
-        if key == "fragmentation_worst":
-            continue
-        print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   target <= {j['target']:g}  "
-              f"{verdict(j)}")
+        if key != "fragmentation_worst":
+            print(
+                f"  {j['trace']:<16} worst ratio {j['value']:.3f}   target <= {j['target']:g}"
+                f"  {verdict(j)}"
+            )
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
-    plt = load_pyplot(f"--plot {path}")
-    if plt is None:
-        return
-    names = list(res["traces"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = range(len(names))
-    sh = [res["traces"][n]["worst_ratio"] for n in names]
-    gl = [max((s["glibc"] or {}).get("ratio", 0) for s in res["traces"][n]["seeds"])
-          for n in names]
-    ax.bar([i - 0.2 for i in x], sh, width=0.4, label="shmalloc")
-    ax.bar([i + 0.2 for i in x], gl, width=0.4, label="glibc malloc (approx.)")
-    ax.axhline(TARGET[1], color="red", linestyle="--", label=f"target {TARGET[1]}")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("peak footprint / peak live bytes")
-    ax.legend()
-    save_figure(plt, fig, path, log=progress)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.bench_fragmentation",
-        description="Replay mixed-size allocation traces (larson-, mstress- and xmalloc-like, "
-        "and random lifetimes with log-uniform sizes 16 B..1 MiB) into a fresh arena and report "
-        "peak footprint / peak live bytes, beside glibc malloc on the same traces.",
+def main(argv: list[str] | None = None) -> int:
+    p = bench_args(sys.modules[__name__], "shorter traces, one seed")
+    p.add_argument(
+        "--traces", default=",".join(TRACES), help=f"comma-separated subset of {','.join(TRACES)}"
     )
-    p.add_argument("--quick", action="store_true", help="shorter traces, one seed")
-    add_json_arg(p, DEFAULT_JSON)
-    p.add_argument("--plot", type=Path, metavar="PATH", help="also write a PNG (needs matplotlib)")
-    p.add_argument("--traces", default=",".join(TRACES),
-                   help=f"comma-separated subset of {','.join(TRACES)}")
     p.add_argument("--seeds", type=int, help="seeds per trace (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=1, help="first seed")
     p.add_argument("--scale", type=float, help="trace length multiplier (default 1; quick 0.2)")
     p.add_argument("--no-glibc", action="store_true", help="skip the glibc malloc reference")
     a = p.parse_args(argv)
-    a.traces = tuple(t.strip() for t in a.traces.split(",") if t.strip())
-    bad = set(a.traces) - set(TRACES)
-    if bad or not a.traces:
-        p.error(f"unknown trace(s) {sorted(bad)}; choose from {', '.join(TRACES)}")
-    if a.seeds is None:
-        a.seeds = 1 if a.quick else 3
-    if a.scale is None:
-        a.scale = 0.2 if a.quick else 1.0
+    a.traces = [t for t in a.traces.split(",") if t]
+    if not a.traces or set(a.traces) - set(TRACES):
+        p.error(f"--traces takes a subset of {', '.join(TRACES)}")
+    a.seeds = a.seeds or (1 if a.quick else 3)
+    a.scale = a.scale or (0.2 if a.quick else 1.0)
     if a.seeds < 1 or a.scale <= 0:
         p.error("--seeds and --scale must be positive")
     a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
-    return a
 
+    def body(res: dict[str, Any], arenas: Arenas) -> None:
+        res["traces"] = run(a, arenas)
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    res = new_result(
-        "bench_fragmentation",
-        {"quick": args.quick, "traces": list(args.traces), "seeds": args.seeds,
-         "first_seed": args.seed, "scale": args.scale, "glibc": not args.no_glibc,
-         "block_header_bytes": shm_ffi.sizeof("shm_block_t"),
-         "heap_start": int(shm_lib.shm_header_size()),
-         "random_lifetime_sizes": [16, 1 * MiB]},
-        {"footprint_over_live": {"op": TARGET[0], "value": TARGET[1]}},
-    )
-    arenas = Arenas(progress)
-
-    def body() -> None:
-        res["traces"] = run(args, arenas)
-
-    if not run_interruptible(body, "all arenas destroyed, nothing written", arenas):
-        return 130
-    finish_result(res, t_start, derive=derive, targets_summary=targets_summary)
-    report(res)
-    write_results(args.json, res)
-    if args.plot:
-        plot(res, args.plot)
-    return 0
+    config = {
+        "traces": a.traces,
+        "seeds": a.seeds,
+        "first_seed": a.seed,
+        "scale": a.scale,
+        "glibc": not a.no_glibc,
+        "block_header_bytes": ffi.sizeof("shm_block_t"),
+        "heap_start": int(lib.shm_header_size()),
+        "random_lifetime_sizes": [16, 1 * MiB],
+    }
+    return run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

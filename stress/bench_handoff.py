@@ -31,19 +31,12 @@ out, Ctrl-C and SIGTERM included.
 
 from __future__ import annotations
 
-import argparse
-import gc
 import multiprocessing as mp
-import os
-import platform
 import queue
-import statistics
 import sys
 import time
 import zlib
-from collections.abc import Callable
 from multiprocessing import shared_memory
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -51,26 +44,34 @@ import numpy as np
 
 from shmalloc import MemoryManager, compat
 from shmalloc.arrays import SharedArray, share_array
+from shmalloc.sizes import format_bytes
 
-from ._common import new_result, sigterm_as_interrupt, write_results
+from ._common import (
+    Arenas,
+    KiB,
+    MiB,
+    Runner,
+    bench_args,
+    judge,
+    make_progress,
+    measure,
+    print_header,
+    print_table,
+    run_bench,
+    target_row,
+)
 
-KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 METHODS = ["memcpy", "ping", "shmalloc", "compat_shm", "stdlib_shm", "pickle"]
 SHM_MODULES: dict[str, ModuleType] = {"stdlib_shm": shared_memory, "compat_shm": compat}
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = REPO_ROOT / "stress" / "results" / "bench_handoff.json"
 # hand-offs per trial, by size: enough that one trial takes milliseconds, not microseconds
 REPS = {
     "full": {64 * KiB: 200, 1 * MiB: 50, 64 * MiB: 3},
     "quick": {64 * KiB: 20, 1 * MiB: 5, 64 * MiB: 1},
 }
+TARGETS = {"pickle_over_shmalloc": (">=", 10.0), "shmalloc_over_memcpy": ("<=", 2.0)}
 TIMEOUT = 120.0
-perf_counter_ns = time.perf_counter_ns
-
-
-def progress(msg: str) -> None:
-    print(f"[bench_handoff] {msg}", file=sys.stderr, flush=True)
+progress = make_progress("bench_handoff")
 
 
 # ------------------------------------------------------------------------------ the consumer
@@ -132,7 +133,7 @@ class Bench:
                 return self.replies.get(timeout=1.0)
             except queue.Empty:
                 if not self.proc.is_alive():
-                    raise RuntimeError(f"the consumer died (exit code {self.proc.exitcode})")
+                    raise RuntimeError(f"the consumer died ({self.proc.exitcode})") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no answer from the consumer in {TIMEOUT} s") from None
 
@@ -157,24 +158,18 @@ class Bench:
                 shm.unlink()
         raise ValueError(method)
 
-    def runner(self, method: str, a: Any) -> Callable[[int], int]:
+    def runner(self, method: str, a: Any) -> Runner:
         """A function that runs n hand-offs and returns the nanoseconds they took."""
-        if method == "memcpy":
-            dst = np.empty_like(a)
-
-            def run_copy(n: int) -> int:
-                t0 = perf_counter_ns()
-                for _ in range(n):
-                    np.copyto(dst, a)
-                return perf_counter_ns() - t0
-
-            return run_copy
+        dst = np.empty_like(a) if method == "memcpy" else None
 
         def run(n: int) -> int:
-            t0 = perf_counter_ns()
+            t0 = time.perf_counter_ns()
             for _ in range(n):
-                self.handoff(method, a)
-            elapsed = perf_counter_ns() - t0
+                if dst is not None:
+                    np.copyto(dst, a)
+                else:
+                    self.handoff(method, a)
+            elapsed = time.perf_counter_ns() - t0
             if method == "pickle":
                 # the Queue's feeder thread holds the last pickle until its next message: hand
                 # it one now, untimed, so that freeing 64 MiB is not charged to the next method
@@ -184,15 +179,6 @@ class Bench:
         return run
 
 
-def stat(per_op_ns: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(per_op_ns),
-        "min": min(per_op_ns),
-        "max": max(per_op_ns),
-        "trials": per_op_ns,
-    }
-
-
 def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
     a = np.random.default_rng(size).standard_normal(size // 8)
     expected = _crc(a)
@@ -200,20 +186,12 @@ def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
         got = b.handoff(m, a, check=True)
         if got != expected:
             raise AssertionError(f"{m} delivered different data (crc {got:#x} != {expected:#x})")
-    runners = {m: b.runner(m, a) for m in METHODS}
-    for r in runners.values():  # warm up: first-touch page faults, imports, caches
-        r(1)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    gc.disable()
-    try:
-        for t in range(trials):
-            order = METHODS[t % len(METHODS) :] + METHODS[: t % len(METHODS)]
-            for m in order:
-                times[m].append(runners[m](reps) / reps)
-    finally:
-        gc.enable()
-    row: dict[str, Any] = {"size": size, "reps": reps, "verified": True}
-    row.update({m: stat(times[m]) for m in METHODS})
+    row: dict[str, Any] = {
+        "size": size,
+        "reps": reps,
+        "verified": True,
+        **measure({m: b.runner(m, a) for m in METHODS}, reps, trials),
+    }
     med = {m: row[m]["median"] for m in METHODS}
     row["pickle_over_shmalloc"] = med["pickle"] / med["shmalloc"]
     row["stdlib_over_shmalloc"] = med["stdlib_shm"] / med["shmalloc"]
@@ -223,121 +201,82 @@ def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
     return row
 
 
-# ------------------------------------------------------------------------------ reporting
+def fmt_time(ns: float) -> str:
+    return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} µs"
 
 
-def fmt_size(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+RATIOS = {
+    "pickle/shmalloc": "pickle_over_shmalloc",
+    "stdlib/shmalloc": "stdlib_over_shmalloc",
+    "stdlib/compat": "stdlib_over_compat",
+}
 
 
-def fmt_ns(ns: float) -> str:
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    return f"{ns / 1e3:.1f} µs"
-
-
-def table(res: dict[str, Any]) -> str:
-    ratios = {
-        "pickle/shmalloc": "pickle_over_shmalloc",
-        "stdlib/shmalloc": "stdlib_over_shmalloc",
-        "stdlib/compat": "stdlib_over_compat",
-    }
-    head = ["size", *METHODS, *ratios]
-    lines = [head]
-    for r in res["rows"]:
-        lines.append(
-            [fmt_size(r["size"])]
-            + [fmt_ns(r[m]["median"]) for m in METHODS]
-            + [f"{r[k]:.1f}x" for k in ratios.values()]
-        )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    out = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in lines
-    ]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "numpy_version": np.__version__,
-    }
-
-
-# ------------------------------------------------------------------------------ main
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.bench_handoff",
-        description="Array hand-off between two processes: shmalloc zero-copy vs pickling "
-        "through a Queue vs one stdlib SharedMemory per array, with the memcpy floor.",
+def report(res: dict[str, Any]) -> None:
+    print_header(res)
+    print_table(
+        ["size", *METHODS, *RATIOS],
+        [
+            [format_bytes(r["size"])]
+            + [fmt_time(r[m]["median"]) for m in METHODS]
+            + [f"{r[k]:.1f}x" for k in RATIOS.values()]
+            for r in res["rows"]
+        ],
+        "per hand-off, median of trials; ping = transport floor, memcpy = one copy in "
+        "one process; a/b = how many times a takes b's time",
     )
-    p.add_argument("--quick", action="store_true", help="fewer trials and repetitions (< 20 s)")
-    p.add_argument("--trials", type=int, default=None, help="trials per method and size")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default: {DEFAULT_JSON}")
-    a = p.parse_args(argv)
-    if a.trials is not None and a.trials < 1:
-        p.error("--trials must be positive")
-    return a
+
+
+def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's two 1 MiB targets."""
+    row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
+    return [
+        target_row(f"1 MiB hand-off: {label}", judge(*TARGETS[key], row[key]))
+        for key, label in (
+            ("pickle_over_shmalloc", "Queue (pickle) / shmalloc"),
+            ("shmalloc_over_memcpy", "shmalloc / one memcpy"),
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    trials = args.trials or (3 if args.quick else 7)
-    t_start = time.perf_counter()
-    res = new_result(
-        "bench_handoff",
-        {
-            "quick": args.quick,
-            "trials": trials,
-            "reps": {str(k): v for k, v in REPS[mode].items()},
-            "sizes": SIZES,
-            "methods": METHODS,
-            "unit": "ns per hand-off",
-            "statistic": "median of trials (min, max also given)",
-            "dtype": "float64",
-            "consumer": "spawned process, reads first and last element",
-        },
-        machine=machine_info(),
-    )
-    ctx = mp.get_context("spawn")
-    try:
-        with sigterm_as_interrupt(), MemoryManager(max(SIZES) * 4) as mgr:
-            requests, replies = ctx.Queue(), ctx.Queue()
-            proc = ctx.Process(target=consumer, args=(mgr.name, requests, replies), daemon=True)
-            proc.start()
-            compat.set_arena(mgr)
-            try:
-                b = Bench(mgr, requests, replies, proc)
-                rows = []
-                for size in SIZES:
-                    progress(f"{fmt_size(size)}: {trials} trials x {REPS[mode][size]} hand-offs")
-                    rows.append(bench_size(b, size, trials, REPS[mode][size]))
-                res["rows"] = rows
-                requests.put(("stop", None, False))
-                proc.join(TIMEOUT)
-            finally:
-                compat.set_arena(None)
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join()
-    except KeyboardInterrupt:
-        print("\ninterrupted: arena destroyed, consumer stopped, nothing written", file=sys.stderr)
-        return 130
-    res["elapsed_seconds"] = time.perf_counter() - t_start
-    print(table(res))
-    print(
-        "\nper hand-off, median; ping = transport floor, memcpy = one copy in one process; "
-        "a/b = how many times a takes b's time"
-    )
-    write_results(args.json, res)
-    return 0
+    p = bench_args(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
+    p.add_argument("--trials", type=int, help="trials per method and size (default 7; quick 3)")
+    a = p.parse_args(argv)
+    a.trials = a.trials or (3 if a.quick else 7)
+    reps = REPS["quick" if a.quick else "full"]
+
+    def body(res: dict[str, Any], arenas: Arenas) -> None:
+        mgr = arenas.new(max(SIZES) * 4)
+        ctx = mp.get_context("spawn")
+        requests, replies = ctx.Queue(), ctx.Queue()
+        proc = ctx.Process(target=consumer, args=(mgr.name, requests, replies), daemon=True)
+        proc.start()
+        compat.set_arena(mgr)
+        try:
+            b = Bench(mgr, requests, replies, proc)
+            res["rows"] = []
+            for size in SIZES:
+                progress(f"{format_bytes(size)}: {a.trials} trials x {reps[size]} hand-offs")
+                res["rows"].append(bench_size(b, size, a.trials, reps[size]))
+            requests.put(("stop", None, False))
+            proc.join(TIMEOUT)
+        finally:
+            compat.set_arena(None)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+    config = {
+        "trials": a.trials,
+        "reps": {str(k): v for k, v in reps.items()},
+        "sizes": SIZES,
+        "methods": METHODS,
+        "unit": "ns per hand-off",
+        "dtype": "float64",
+        "consumer": "spawned process, reads first and last element",
+    }
+    return run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

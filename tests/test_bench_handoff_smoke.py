@@ -17,12 +17,13 @@ def test_bench_handoff_quick(tmp_path: Path) -> None:
     pid, stdout = run_module("stress.bench_handoff", "--quick", "--json", str(out))
     left = arenas_left(pid)
     assert not left, f"benchmark left arenas behind: {left}"
-    assert "pickle/shmalloc" in stdout and "64 MiB" in stdout
+    assert "pickle/shmalloc" in stdout and "64.0 MiB" in stdout
 
     res = json.loads(out.read_text())
     for key in ("benchmark", "machine", "config", "rows", "elapsed_seconds"):
         assert key in res, key
     assert res["config"]["quick"] is True
+    assert len(res["targets_summary"]) == 2
     rows = res["rows"]
     assert [r["size"] for r in rows] == [64 << 10, 1 << 20, 64 << 20]
     for r in rows:

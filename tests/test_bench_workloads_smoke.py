@@ -17,8 +17,13 @@ MODULES = ["bench_workloads", "bench_fragmentation", "bench_scaling", "bench_c"]
 
 def test_bench_all_quick(tmp_path: Path) -> None:
     _, stdout = run_module(
-        "stress.bench_all", "--quick", "--no-echo", "--out-dir", str(tmp_path),
-        "--only", ",".join(MODULES),
+        "stress.bench_all",
+        "--quick",
+        "--no-echo",
+        "--out-dir",
+        str(tmp_path),
+        "--only",
+        ",".join(MODULES),
     )
     assert "Summary of every target" in stdout
 
@@ -85,4 +90,4 @@ def test_bench_all_quick(tmp_path: Path) -> None:
         else:
             assert c["pairs"]["build"]["boost"]["skipped"]  # says why
     for k in ("1", "2", "4"):
-        check_stat(c["pairs"]["scale"]["by_procs"][k]["core"], f"c.scale.{k}")
+        check_stat(c["pairs"]["scale"]["by_method"]["core"][k], f"c.scale.{k}")

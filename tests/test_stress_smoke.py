@@ -1,4 +1,5 @@
-"""Smoke runs of the reliability stress drivers (stress/crash_storm.py, stress/corrupt_fuzz.py).
+"""Smoke runs of the reliability stress drivers (stress/crash_storm.py, stress/corrupt_fuzz.py);
+the fault-step matrix is tests/test_fault_steps.py.
 
 Each driver runs as a subprocess with ``--quick`` and a fixed seed; the tests assert its exit code
 and the figures of its JSON report, never timings. They are strict on purpose: an inconsistency
@@ -46,30 +47,12 @@ def test_crash_storm_quick(tmp_path: Path) -> None:
     assert res["leaked_bytes"] == 0 and res["n_leaked_blocks"] == 0, res["leaked_blocks"]
     assert res["final_used"] == 0
     assert not res["slots_left"], res["slots_left"]
-    assert res["survivor"]["ok"] and res["survivor_corruption"] == 0, res["survivor"]
-    assert res["survivor"]["verified"] > 0
+    assert res["survivor"]["ok"] and res["survivor"]["corrupt"] == 0, res["survivor"]
+    assert res["survivor"]["verified"] > 0 and res["operations"] > 1000
+    assert sum(res["killed_during"].values()) == 10
     assert res["final"]["check_after_cleanup"]["free_blocks"] == 1
     assert res["final"]["check_after_cleanup"]["allocated_blocks"] == 0
     assert res["lock_recoveries"] >= 0
-    assert res["ok"] is True, output
-
-
-def test_crash_storm_fault_steps_quick(tmp_path: Path) -> None:
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from stress.crash_storm import parse_fault_steps
-
-    res, output, pid = _run(["stress.crash_storm", "--fault-steps", "--quick"], tmp_path / "f.json")
-    assert not _left(f"shmalloc-fault-{pid}-"), "fault runs left arenas behind"
-    assert [s["step"] for s in res["steps"]] == parse_fault_steps()
-    assert len(res["steps"]) >= 2  # at least alloc.locked and free.locked
-    for s in res["steps"]:
-        assert s["reached_by"], f"no scenario reaches fault step {s['step']!r}"
-        assert s["consistent"] is True, json.dumps(s["inconsistent_runs"], indent=1)[:5000]
-        for r in s["runs"]:
-            if r["reached"]:
-                assert r["child"] == "SIGKILL" and r["verifier"]["ok"], r
-                assert r["leaked_bytes"] == 0, r
     assert res["ok"] is True, output
 
 
@@ -77,7 +60,7 @@ def test_corrupt_fuzz_quick(tmp_path: Path) -> None:
     res, output, pid = _run(["stress.corrupt_fuzz", "--quick", "--seed", "1"], tmp_path / "c.json")
     assert not _left(f"shmalloc-fuzz-{pid}-"), "the fuzz left scratch arenas behind"
     c = res["counts"]
-    assert res["arenas"] == 200 and sum(c.values()) == 200, c
+    assert res["arenas"] == 100 and sum(c.values()) == 100, c
     assert c["detected"] > 0, "no mutation was ever detected: the fuzz is not damaging anything"
     crashes = [(e["reproduce"], e["status"], e["mutations"]) for e in res["crash_examples"]]
     assert c["crash"] == 0, json.dumps(crashes, indent=1)[:5000]
@@ -85,7 +68,7 @@ def test_corrupt_fuzz_quick(tmp_path: Path) -> None:
     assert c["hang"] == 0, json.dumps(hangs, indent=1)[:5000]
     # damaged bytes must give CorruptionDetected (or another clear shmalloc error), never a stray
     # Python exception (OverflowError, TypeError, ...) from the library
-    errors = [(e["reproduce"], e.get("unexpected")) for e in res["error_examples"]]
+    errors = [(e["reproduce"], e.get("unexpected"), e["stderr"]) for e in res["error_examples"]]
     assert c["error"] == 0, json.dumps(errors, indent=1)[:5000]
     assert res["ok"] is True, output
 
