@@ -36,6 +36,8 @@ import cffi
 
 import shmalloc
 from shmalloc import MemoryManager
+from shmalloc.manager import attachment_of
+from shmalloc.tracking import own_slot
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -211,7 +213,8 @@ def pair_loop(alloc: Callable[[int], Any], free: Callable[[Any], Any], size: int
 def core_handle(mgr: MemoryManager) -> tuple[Any, int]:
     """The C handle and this process's slot behind ``mgr``, for loops that call the C core
     directly (``lib.shm_alloc(h, size, 0, slot)``) to time it without the Python wrapper."""
-    return mgr._h, mgr._own_slot()
+    state = attachment_of(mgr)
+    return state.handle(), own_slot(state)
 
 
 def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:

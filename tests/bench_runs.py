@@ -45,7 +45,7 @@ def run_module(*args: str, timeout: float = 300) -> tuple[int, str]:
 
 
 def arenas_left(pid: int) -> list[str]:
-    """The segments named after ``pid`` (a benchmark names every arena it makes shmalloc-PID-...)."""
+    """The segments named after ``pid`` (a benchmark names its arenas shmalloc-PID-...)."""
     return [n for n in os.listdir(SHM_DIR) if n.startswith(f"shmalloc-{pid}-")]
 
 

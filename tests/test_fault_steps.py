@@ -23,7 +23,9 @@ import pytest
 from conftest import destroyed_after, unique_name
 
 from shmalloc import MemoryManager
+from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
+from shmalloc.manager import attachment_of
 
 STEPS = [ffi.string(lib.shm_fault_step_name(i)).decode() for i in range(lib.shm_fault_step_count())]
 
@@ -199,13 +201,8 @@ def test_every_fault_step_of_the_core_has_scenarios() -> None:
 
 def lock_holders(mgr: MemoryManager, pid: int) -> list[int]:
     """The locks (-1: the heap lock, i: slot i's) whose holder is thread ``pid``."""
-    tid = ffi.new("uint32_t *")
-    out = []
-    for which in range(-1, int(lib.SHM_MAX_PROCS)):
-        assert lib.shm_lock_owner(mgr._h, which, tid) == 0
-        if tid[0] == pid:
-            out.append(which)
-    return out
+    h = attachment_of(mgr).handle()
+    return [which for which in range(-1, C.MAX_PROCS) if C.lock_owner(h, which) == pid]
 
 
 @pytest.fixture

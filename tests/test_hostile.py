@@ -50,7 +50,9 @@ def _poke(mgr: MemoryManager, offset: int, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("which", ["heap", "slot"])
-def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(mgr: MemoryManager, which: str) -> None:
+def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(
+    mgr: MemoryManager, which: str
+) -> None:
     """The heap lock (taken to free a large block) or this process's slot lock (taken to free a
     small one into its cache), damaged to name a thread that does not exist."""
     a = mgr.allocate(1 << 20 if which == "heap" else 100)

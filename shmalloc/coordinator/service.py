@@ -189,10 +189,9 @@ class Coordinator:
         self._pressure = PressureLevels(self.name)
         self._me = me
         self._counts = MetricsSnapshot(capacity=manager.capacity)
-        try:
-            self._inode: int | None = os.stat(os.path.join(SHM_DIR, self.name)).st_ino
-        except OSError:
-            self._inode = None
+        # the segment this process mapped (not whatever the name points at by now: the arena may
+        # have been destroyed between the attach and this line)
+        self._inode: int | None = os.fstat(attachment_of(manager).fd).st_ino
         with contextlib.ExitStack() as stack:
             if self.events_path is not None:
                 self._events = stack.enter_context(open(self.events_path, "a", encoding="utf-8"))
