@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_lock_held_by_a_thread_that_does_not_exist_is_corruption(
     small one into its cache), damaged to name a thread that does not exist."""
     a = mgr.allocate(1 << 20 if which == "heap" else 100)
     # a pid that does not exist: beyond the kernel's pid_max
-    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     ghost = pid_max + 7
     if ghost >= 1 << 30:
         pytest.skip("pid_max leaves no room for a ghost thread id")
