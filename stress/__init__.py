@@ -3,6 +3,7 @@ from a checkout of the repository.
 
     crash_storm          workers churn one arena while others SIGKILL them; check after each kill
     corrupt_fuzz         damage scratch arenas on purpose, then use them from a child process
+    soak                 threads, forks, signals and kill -9 mixed on one arena for minutes
     bench_all            every benchmark below, one after the other, and a summary of targets
     bench_alloc          allocate+free pair: public API, C core, cffi malloc, stdlib segments
     bench_scaling        pair cost against live blocks; a loop's throughput against processes

@@ -1,0 +1,233 @@
+"""Soak: threads, forks, signals and kill -9 mixed on one arena for minutes.
+
+Workers (separate processes) each run threads that allocate, write, verify and free; their
+main thread takes SIGUSR1, whose handler allocates and frees; they fork children (while their
+threads run) that use the inherited manager and exit; and each one ends by closing its manager
+while its threads are still inside the library. The driver sends signals, kills workers with
+SIGKILL and starts new ones, checks the arena after every kill, and at the end counts:
+
+    crashes  a worker or forked child that died of a signal we did not send, or exited non-zero
+    hangs    a worker that did not finish within --grace seconds of being asked to
+    leaked   bytes still allocated once every worker is gone and the arena has collected
+
+    python -m stress.soak --seconds 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from shmalloc import MemoryManager
+from shmalloc.gc import GcStrategy, GlobalGarbageCollector
+
+from ._common import RESULTS_DIR, child_env, print_table, signame
+
+CAPACITY = 64 << 20
+
+
+def _churn(
+    mgr: MemoryManager, rng: random.Random, stop: threading.Event, errors: list[str]
+) -> None:
+    """Allocate, write, verify and free until stopped or the manager is closed under us."""
+    mine: dict[int, bytes] = {}
+    try:
+        while not stop.is_set():
+            if mine and (len(mine) > 64 or rng.random() < 0.5):
+                a = rng.choice(list(mine))
+                if mgr.read(a, len(mine[a])) != mine[a]:
+                    errors.append(f"block {a:#x} changed under its owner")
+                mgr.deallocate(a)
+                del mine[a]
+            else:
+                size = rng.choice((24, 100, 700, 5000, 70_000))
+                a = mgr.allocate(size)
+                mine[a] = rng.randbytes(min(size, 64))
+                mgr.write(a, mine[a])
+    except ValueError as e:
+        if "closed" not in str(e):  # the manager closed under a running call: expected, clean
+            errors.append(f"thread: {e!r}")
+
+
+def worker(name: str, seed: int, out: str) -> int:
+    """One worker process: threads churning, a signal handler allocating, forks, a close under
+    running threads. Writes its counts to ``out`` and exits 0 unless something went wrong."""
+    rng = random.Random(seed)
+    mgr = MemoryManager.attach(name)
+    errors: list[str] = []
+    counts = {"signals": 0, "forks": 0}
+
+    def on_usr1(signum: int, frame: object) -> None:
+        mgr.deallocate(mgr.allocate(rng.choice((16, 4096, 100_000))))
+        counts["signals"] += 1
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_churn, args=(mgr, random.Random(seed + i), stop, errors))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    print("ready", flush=True)  # the driver signals a worker only once its handlers are in place
+    while not stopping.wait(rng.uniform(0.05, 0.3)):
+        pid = os.fork()  # while the threads are inside the library
+        if pid == 0:
+            code = 2
+            try:
+                child_errors: list[str] = []
+                _churn_for(mgr, random.Random(seed ^ os.getpid()), 200, child_errors)
+                code = 1 if child_errors else 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        counts["forks"] += 1
+        if status != 0:
+            errors.append(f"forked child exited with status {status:#x}")
+    mgr.close()  # with its threads still running: they must see ValueError, never a crash
+    stop.set()
+    for t in threads:
+        t.join()
+    Path(out).write_text(json.dumps({"errors": errors, **counts}))
+    return 1 if errors else 0
+
+
+def _churn_for(mgr: MemoryManager, rng: random.Random, n: int, errors: list[str]) -> None:
+    """What a fork child does with the manager it inherited: n steps, then everything freed."""
+    mine: dict[int, bytes] = {}
+    for _ in range(n):
+        if mine and rng.random() < 0.5:
+            a, data = mine.popitem()
+            if mgr.read(a, len(data)) != data:
+                errors.append(f"block {a:#x} changed under the fork child")
+            mgr.deallocate(a)
+        else:
+            a = mgr.allocate(rng.choice((32, 900, 20_000)))
+            mine[a] = rng.randbytes(32)
+            mgr.write(a, mine[a])
+    for a in mine:
+        mgr.deallocate(a)
+
+
+def drive(args: argparse.Namespace) -> dict[str, object]:
+    rng = random.Random(args.seed)
+    name = f"shmalloc-{os.getpid()}-soak"
+    tmp = Path(args.out_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    mgr = MemoryManager.create(name, CAPACITY)
+    res: dict[str, object] = {}
+    try:
+        coordinator = mgr.start_coordinator()
+        procs: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+        n = 0
+        crashes: list[str] = []
+
+        def start() -> None:
+            nonlocal n
+            n += 1
+            out = str(tmp / f"worker-{n}.json")
+            cmd = [sys.executable, "-m", "stress.soak", "--worker", name, str(n), out]
+            p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE)
+            assert p.stdout is not None
+            if p.stdout.readline() != b"ready\n":
+                crashes.append(f"worker {p.pid} did not start: {signame(p.wait())}")
+                return
+            procs[p.pid] = (p, out)
+
+        for _ in range(args.workers):
+            start()
+        kills = signals = checks = 0
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.05, 0.2))
+            for pid, (p, _) in list(procs.items()):
+                if p.poll() is not None:  # ended by itself: never expected before SIGTERM
+                    crashes.append(f"worker {pid}: {signame(p.returncode)}")
+                    del procs[pid]
+                    start()
+            pid = rng.choice(list(procs))
+            if rng.random() < 0.15:
+                os.kill(pid, signal.SIGKILL)
+                procs.pop(pid)[0].wait()
+                kills += 1
+                mgr.check()
+                checks += 1
+                start()
+            else:
+                os.kill(pid, signal.SIGUSR1)
+                signals += 1
+        hangs = 0
+        worker_signals = forks = 0
+        for p, _ in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for pid, (p, out) in procs.items():
+            try:
+                rc = p.wait(timeout=args.grace)
+            except subprocess.TimeoutExpired:
+                hangs += 1
+                p.kill()
+                p.wait()
+                continue
+            stats = json.loads(Path(out).read_text()) if Path(out).exists() else {}
+            worker_signals += int(stats.get("signals", 0))
+            forks += int(stats.get("forks", 0))
+            if rc != 0:
+                crashes.append(f"worker {pid}: {signame(rc)} {stats.get('errors', [])[:3]}")
+        GlobalGarbageCollector(mgr).collect(GcStrategy.GLOBAL)
+        mgr.collect()
+        report = mgr.check()
+        leaked = mgr.stats().used
+        os.kill(coordinator, signal.SIGTERM)
+        res = {
+            "seconds": args.seconds,
+            "workers_started": n,
+            "kills": kills,
+            "signals_sent": signals,
+            "signal_handlers_run": worker_signals,
+            "forks": forks,
+            "checks": checks + 1,
+            "crashes": crashes,
+            "hangs": hangs,
+            "leaked_bytes": leaked,
+            "check_blocks": report.blocks,
+        }
+    finally:
+        mgr.close()
+        mgr.destroy()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stress.soak", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds a worker has to finish")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR / "soak"))
+    p.add_argument("--worker", nargs=3, metavar=("ARENA", "SEED", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker[0], int(args.worker[1]), args.worker[2])
+    res = drive(args)
+    rows = [[k, str(v if not isinstance(v, list) else len(v))] for k, v in res.items()]
+    print_table(["figure", "value"], rows, f"soak, {args.seconds:g} s, seed {args.seed}")
+    for c in res["crashes"]:  # type: ignore[attr-defined]
+        print("crash:", c)
+    (Path(args.out_dir) / "soak.json").write_text(json.dumps(res, indent=1))
+    ok = not res["crashes"] and not res["hangs"] and not res["leaked_bytes"]
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
