@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "shm_internal.h"
 
@@ -40,6 +41,10 @@ PIN(shm_arena_t, ring, 0x46880);
 PIN(shm_arena_t, slot_locks, 0x86940);
 PIN(shm_ring_t, slots, 0xc0);
 PIN(shm_arena_t, journal, 0x8a940);
+PIN(shm_arena_t, life_locks, 0x9a980);
+PIN(shm_lock_t, holder_ns, 0x40);
+PIN(shm_lock_t, holder_slot, 0x48);
+_Static_assert(sizeof(shm_lock_t) == 128, "a lock is two cache lines");
 _Static_assert(sizeof(shm_cache_t) == 0x440, "a cache is 17 cache lines");
 PIN(shm_cache_t, pending, 0x40);
 PIN(shm_cache_t, head, 0x80);
@@ -57,6 +62,7 @@ static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, 
     h->heap_end = capacity;
     h->salt = salt;
     h->fd = fd;
+    h->seg_dev = h->seg_ino = 0;
     h->slot = -1;
     h->claimed = 0;
 }
@@ -92,6 +98,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     a->counters.cache_limit = cache_limit < 65536 ? 0 : cache_limit;
     int rc = lock_init(&a->heap_lock);
     for (int i = 0; rc == SHM_OK && i < SHM_MAX_PROCS; i++) rc = lock_init(&a->slot_locks[i]);
+    for (int i = 0; rc == SHM_OK && i < SHM_MAX_PROCS; i++) rc = lock_init(&a->life_locks[i]);
     if (rc != SHM_OK) return rc;
 
     shm_handle_t h;
@@ -144,22 +151,32 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
                        (unsigned long long)a->capacity, (unsigned long long)a->heap_off,
                        (unsigned long long)capacity);
     fault_init();
+    struct stat st;
+    if (fstat(fd, &st) != 0) return err_sys(errno, "fstat of the segment");
     shm_handle_t *h = malloc(sizeof *h);
     if (!h) return err_sys(ENOMEM, "malloc");
     handle_fill(h, base, capacity, fd, a->salt);
+    h->seg_dev = (uint64_t)st.st_dev;
+    h->seg_ino = (uint64_t)st.st_ino;
     handles_add(h);
     *out = h;
     return SHM_OK;
 }
 
+/* The last handle of this process on a segment closes: its life lock is let go (life.c). */
 void shm_handle_close(shm_handle_t *h) {
     pthread_mutex_lock(&handles_mu);
-    for (shm_handle_t **p = &handles; *p; p = &(*p)->next)
+    int others = 0;
+    for (shm_handle_t **p = &handles; *p;) {
         if (*p == h) {
             *p = h->next;
-            break;
+            continue;
         }
+        others += (*p)->seg_dev == h->seg_dev && (*p)->seg_ino == h->seg_ino;
+        p = &(*p)->next;
+    }
     pthread_mutex_unlock(&handles_mu);
+    if (!others) life_forget(h->seg_dev, h->seg_ino);
     free(h);
 }
 

@@ -14,8 +14,8 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 SOURCES = [
     "alloc.c", "arena.c", "block.c", "cache.c", "check.c", "error.c", "fault.c", "freelist.c",
-    "gc.c", "heap.c", "journal.c", "lease.c", "lock.c", "names.c", "own.c", "process.c", "ring.c",
-    "sizeclass.c",
+    "gc.c", "heap.c", "journal.c", "lease.c", "life.c", "lock.c", "names.c", "own.c", "process.c",
+    "ring.c", "sizeclass.c",
 ]
 
 ffibuilder = FFI()
