@@ -155,8 +155,10 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
         const shm_cache_t *k = &a->caches[i];
         uint64_t poff = offsetof(shm_arena_t, procs) + (uint64_t)i * sizeof *p;
         if (p->state > SHM_PROC_DEAD) FAIL(poff, "[P1] slot %d has state %u", i, p->state);
-        if (p->state == SHM_PROC_LIVE) r->live_procs++;
-        if (p->state == SHM_PROC_DEAD) r->dead_procs++;
+        /* a LIVE slot whose life lock's holder died is dead already, though not yet marked */
+        int ended = p->state == SHM_PROC_LIVE && life_peek(h, i) == SHM_LIFE_DEAD;
+        if (p->state == SHM_PROC_LIVE && !ended) r->live_procs++;
+        if (p->state == SHM_PROC_DEAD || ended) r->dead_procs++;
         /* The cache side changes under the slot's own lock: only a full check (every live slot
          * locked) can compare it; a dead process's cache may be torn until collected. */
         if (!full || p->state != SHM_PROC_LIVE) continue;

@@ -26,6 +26,7 @@ __all__ = [
     "block_info",
     "free_process_memory",
     "is_running",
+    "live_and_dead",
     "mark_if_dead",
     "process_allocations",
     "process_memory",
@@ -117,6 +118,14 @@ def mark_if_dead(h: C.Handle, row: SlotRow, mark: bool = True) -> bool:
         row.state = C.PROC_DEAD
         return True
     return False
+
+
+def live_and_dead(h: C.Handle) -> tuple[int, int]:
+    """How many processes in the table run, and how many have ended (marked DEAD or not yet):
+    the same answer ``processes()`` gives, so that check, info and top agree."""
+    rows = scan_slots(h)
+    live = sum(1 for r in rows if is_running(h, r))
+    return live, len(rows) - live
 
 
 def reclaim_dead(h: C.Handle, slot: int = -1) -> tuple[C.GcResult, list[tuple[int, int]]]:

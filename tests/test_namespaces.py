@@ -120,6 +120,8 @@ def test_a_live_process_of_another_pid_namespace_is_never_reclaimed(
     c.kill()
     info = next(p for p in mgr.processes() if p.slot == c.slot)
     assert info.alive is False
+    report = mgr.check()
+    assert (report.live_processes, report.dead_processes) == (1, 1)
     assert mgr.collect() >= 2
     assert all(p.slot != c.slot or p.pid != c.pid for p in mgr.processes())
     for a in (c.small, c.big):
