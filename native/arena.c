@@ -144,6 +144,11 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
         return err_set(SHM_ELAYOUT, 8,
                        "layout version %u (header %u bytes); this build reads %d (%zu)", a->version,
                        a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
+    if (a->capacity > capacity && a->heap_off == hs && a->heap_size == a->capacity - hs)
+        return err_set(SHM_ECORRUPT, capacity,
+                       "the segment is %llu bytes, its arena header says %llu: it was truncated "
+                       "by a process of this user, and the blocks past its end are lost",
+                       (unsigned long long)capacity, (unsigned long long)a->capacity);
     if (a->capacity != capacity || a->heap_off != hs || a->heap_size != capacity - hs ||
         a->max_procs != SHM_MAX_PROCS || a->nbins != SHM_NBINS)
         return err_set(SHM_ELAYOUT, 0x10,
@@ -267,10 +272,12 @@ int64_t shm_largest_free(shm_handle_t *h) {
  * lock: the order every path takes them in. */
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     const shm_arena_t *a = h->arena;
+    int rc = shm_segment_check(h); /* before touching a page that may be gone */
+    if (rc != SHM_OK) return rc;
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
         a->heap_off != h->heap_off || a->salt != h->salt)
         return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
-    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
+    int locked[SHM_MAX_PROCS] = {0};
     for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
         if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = slot_lock(h, i, 1)) == SHM_OK)
             locked[i] = 1;

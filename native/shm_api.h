@@ -155,6 +155,9 @@ int shm_segment_probe(const void *head, uint64_t len); /* SHM_SEG_*; a pure func
  * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
 uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
 
+/* check.c: SHM_ECORRUPT if the segment is shorter than the mapping (truncated); one fstat */
+int shm_segment_check(shm_handle_t *h);
+
 /* cache.c */
 int shm_cache_flush(shm_handle_t *h, int32_t slot);
 /* limit 0: no caches, every call takes the heap lock */

@@ -127,6 +127,14 @@
  *     and its slot's life lock says that process has ended; a holder of another namespace
  *     without a slot is waited for (nothing here can tell it is gone).
  *
+ * Truncation. A process of the same user can ftruncate the segment under every mapping; the
+ * pages past the new end are gone, and any access to one raises SIGBUS in the process that makes
+ * it (reader or creator alike). That is outside the threat model (same-user processes are trusted
+ * not to do it) and cannot be prevented cheaply. What is survived: shm_segment_check (check.c,
+ * one fstat, no access) reports SHM_ECORRUPT naming the truncation; shm_check runs it before its
+ * walk, shm_handle_open compares the header's capacity with the segment's size, and the
+ * coordinator runs it before each tick. An access that races the truncation is not caught.
+ *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
  *   alloc.c, gc.c          the user's calls on blocks; collection and detach
  *   own.c, names.c, cache.c, lease.c, arena.c   ownership, names, per-process caches, lease,

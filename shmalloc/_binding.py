@@ -505,6 +505,12 @@ class CheckCounts:
     cached_bytes: int
 
 
+def segment_check(h: Handle) -> None:
+    """CorruptionDetected if the segment was truncated under this mapping (one fstat; touches
+    nothing in the segment)."""
+    _check(lib.shm_segment_check(h))
+
+
 def check(h: Handle) -> CheckCounts:
     r = ffi.new("shm_check_report_t *")
     _check(lib.shm_check(h, r))
