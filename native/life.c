@@ -80,7 +80,8 @@ static void *keeper_main(void *arg) {
 }
 
 /* Fork: the child has no keeper and holds no life lock (the parent's stay the parent's); its
- * entries keep their mappings for its own claims. Its PID namespace may differ (unshare). */
+ * entries keep their mappings for its own claims. The locks are taken around fork so that the
+ * child's copies of the entries and the request are whole. */
 static void life_prepare(void) {
     pthread_mutex_lock(&calls_mu);
     pthread_mutex_lock(&keeper_mu);
