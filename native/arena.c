@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "shm_internal.h"
 
@@ -40,6 +41,10 @@ PIN(shm_arena_t, ring, 0x46880);
 PIN(shm_arena_t, slot_locks, 0x86940);
 PIN(shm_ring_t, slots, 0xc0);
 PIN(shm_arena_t, journal, 0x8a940);
+PIN(shm_arena_t, life_locks, 0x9a980);
+PIN(shm_lock_t, holder_ns, 0x40);
+PIN(shm_lock_t, holder_slot, 0x48);
+_Static_assert(sizeof(shm_lock_t) == 128, "a lock is two cache lines");
 _Static_assert(sizeof(shm_cache_t) == 0x440, "a cache is 17 cache lines");
 PIN(shm_cache_t, pending, 0x40);
 PIN(shm_cache_t, head, 0x80);
@@ -57,6 +62,7 @@ static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, 
     h->heap_end = capacity;
     h->salt = salt;
     h->fd = fd;
+    h->seg_dev = h->seg_ino = 0;
     h->slot = -1;
     h->claimed = 0;
 }
@@ -92,6 +98,7 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     a->counters.cache_limit = cache_limit < 65536 ? 0 : cache_limit;
     int rc = lock_init(&a->heap_lock);
     for (int i = 0; rc == SHM_OK && i < SHM_MAX_PROCS; i++) rc = lock_init(&a->slot_locks[i]);
+    for (int i = 0; rc == SHM_OK && i < SHM_MAX_PROCS; i++) rc = lock_init(&a->life_locks[i]);
     if (rc != SHM_OK) return rc;
 
     shm_handle_t h;
@@ -137,6 +144,11 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
         return err_set(SHM_ELAYOUT, 8,
                        "layout version %u (header %u bytes); this build reads %d (%zu)", a->version,
                        a->header_size, SHM_LAYOUT_VERSION, sizeof(shm_arena_t));
+    if (a->capacity > capacity && a->heap_off == hs && a->heap_size == a->capacity - hs)
+        return err_set(SHM_ECORRUPT, capacity,
+                       "the segment is %llu bytes, its arena header says %llu: it was truncated "
+                       "by a process of this user, and the blocks past its end are lost",
+                       (unsigned long long)capacity, (unsigned long long)a->capacity);
     if (a->capacity != capacity || a->heap_off != hs || a->heap_size != capacity - hs ||
         a->max_procs != SHM_MAX_PROCS || a->nbins != SHM_NBINS)
         return err_set(SHM_ELAYOUT, 0x10,
@@ -144,22 +156,32 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
                        (unsigned long long)a->capacity, (unsigned long long)a->heap_off,
                        (unsigned long long)capacity);
     fault_init();
+    struct stat st;
+    if (fstat(fd, &st) != 0) return err_sys(errno, "fstat of the segment");
     shm_handle_t *h = malloc(sizeof *h);
     if (!h) return err_sys(ENOMEM, "malloc");
     handle_fill(h, base, capacity, fd, a->salt);
+    h->seg_dev = (uint64_t)st.st_dev;
+    h->seg_ino = (uint64_t)st.st_ino;
     handles_add(h);
     *out = h;
     return SHM_OK;
 }
 
+/* The last handle of this process on a segment closes: its life lock is let go (life.c). */
 void shm_handle_close(shm_handle_t *h) {
     pthread_mutex_lock(&handles_mu);
-    for (shm_handle_t **p = &handles; *p; p = &(*p)->next)
+    int others = 0;
+    for (shm_handle_t **p = &handles; *p;) {
         if (*p == h) {
             *p = h->next;
-            break;
+            continue;
         }
+        others += (*p)->seg_dev == h->seg_dev && (*p)->seg_ino == h->seg_ino;
+        p = &(*p)->next;
+    }
     pthread_mutex_unlock(&handles_mu);
+    if (!others) life_forget(h->seg_dev, h->seg_ino);
     free(h);
 }
 
@@ -250,10 +272,12 @@ int64_t shm_largest_free(shm_handle_t *h) {
  * lock: the order every path takes them in. */
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
     const shm_arena_t *a = h->arena;
+    int rc = shm_segment_check(h); /* before touching a page that may be gone */
+    if (rc != SHM_OK) return rc;
     if (a->magic != SHM_MAGIC || a->version != SHM_LAYOUT_VERSION || a->capacity != h->capacity ||
         a->heap_off != h->heap_off || a->salt != h->salt)
         return err_set(SHM_ECORRUPT, 0, "[A1] [A2] the arena header has changed since attach");
-    int locked[SHM_MAX_PROCS] = {0}, rc = SHM_OK;
+    int locked[SHM_MAX_PROCS] = {0};
     for (int i = 0; i < SHM_MAX_PROCS && rc == SHM_OK; i++)
         if (A_LOAD(&a->procs[i].state) == SHM_PROC_LIVE && (rc = slot_lock(h, i, 1)) == SHM_OK)
             locked[i] = 1;

@@ -25,6 +25,7 @@ SOURCES = [
     "heap.c",
     "journal.c",
     "lease.c",
+    "life.c",
     "lock.c",
     "names.c",
     "own.c",

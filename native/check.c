@@ -6,7 +6,9 @@
  * walk by the heap's size, each list walk by the number of free blocks the heap walk found), so a
  * corrupt segment gives SHM_ECORRUPT with the first bad offset, never a hang or a read outside the
  * segment. */
+#include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "shm_internal.h"
 
@@ -155,8 +157,10 @@ static int check_counters(shm_handle_t *h, shm_check_report_t *r, const proc_sum
         const shm_cache_t *k = &a->caches[i];
         uint64_t poff = offsetof(shm_arena_t, procs) + (uint64_t)i * sizeof *p;
         if (p->state > SHM_PROC_DEAD) FAIL(poff, "[P1] slot %d has state %u", i, p->state);
-        if (p->state == SHM_PROC_LIVE) r->live_procs++;
-        if (p->state == SHM_PROC_DEAD) r->dead_procs++;
+        /* a LIVE slot whose life lock's holder died is dead already, though not yet marked */
+        int ended = p->state == SHM_PROC_LIVE && life_peek(h, i) == SHM_LIFE_DEAD;
+        if (p->state == SHM_PROC_LIVE && !ended) r->live_procs++;
+        if (p->state == SHM_PROC_DEAD || ended) r->dead_procs++;
         /* The cache side changes under the slot's own lock: only a full check (every live slot
          * locked) can compare it; a dead process's cache may be torn until collected. */
         if (!full || p->state != SHM_PROC_LIVE) continue;
@@ -241,4 +245,22 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     }
     if (rc == SHM_OK) *out = r;
     return rc;
+}
+
+/* Has the segment been truncated under its mapping? The mapping keeps its length, but the pages
+ * past the file's new end are gone: touching one kills the toucher with SIGBUS. One fstat, no
+ * access to the segment, so that callers ask before they touch anything (shm_check, the
+ * coordinator's tick). Truncating an arena is outside what shmalloc defends against (a process of
+ * the same user may do anything to its segment): this says so clearly instead of crashing where a
+ * check can come first, and cannot protect an access that races the truncation. */
+int shm_segment_check(shm_handle_t *h) {
+    struct stat st;
+    if (fstat(h->fd, &st) != 0) return err_sys(errno, "fstat of the segment");
+    if ((uint64_t)st.st_size < h->capacity)
+        return err_set(SHM_ECORRUPT, (uint64_t)st.st_size,
+                       "the segment was truncated to %llu bytes under a %llu-byte arena (a "
+                       "process of this user shrank it): the blocks past the new end are lost, "
+                       "and touching them kills a process with SIGBUS",
+                       (unsigned long long)st.st_size, (unsigned long long)h->capacity);
+    return SHM_OK;
 }

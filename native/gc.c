@@ -1,11 +1,12 @@
 /* gc.c -- the end of a slot: reclaiming the blocks of dead processes, cleaning their slots, and a
  * living process's detach.
  *
- * Which processes are dead is decided in Python (process.py compares pid and start time); it
- * marks their slots DEAD with shm_proc_mark_dead() (process.c). shm_gc() first finishes the
- * remote pushes that dead processes left half done and drains live processes' remote lists
- * (cache.c; each under the owner's slot lock, before the heap lock: the lock order), then, under
- * the heap lock:
+ * Which processes are dead is decided in Python (tracking.py: the slot's life lock, life.c, and
+ * only where nobody holds it, pid and start time from /proc); it marks their slots DEAD with
+ * shm_proc_mark_dead() (process.c), which refuses a slot whose life lock is held. shm_gc() first
+ * finishes the remote pushes that dead processes left half done and drains live processes' remote
+ * lists (cache.c; each under the owner's slot lock, before the heap lock: the lock order), then,
+ * under the heap lock:
  *   1. drops the references held by DEAD slots (references die with their holder);
  *   2. walks the heap and frees, for slot == -1, every block whose owner is DEAD and which no live
  *      process references; for slot >= 0 the same restricted to that slot, or with all_blocks
@@ -136,6 +137,7 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
         !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) &&
         !refs_held_by(h, (uint32_t)slot + 1)) {
         proc_free_slot(h, slot);
+        life_let_go(h, slot); /* if this process's keeper holds it: the slot is given back */
         freed = 1;
     }
     heap_unlock(h);

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "shm_internal.h"
@@ -40,13 +41,23 @@ int lock_init(shm_lock_t *l) {
 }
 
 /* glibc's robust mutex keeps its holder's thread id in the futex word (__lock), with the kernel's
- * FUTEX_WAITERS and FUTEX_OWNER_DIED bits above it, and again in __owner. These two functions are
- * the only places that know it. */
-#define LOCK_TID_MASK 0x3fffffffu /* FUTEX_TID_MASK */
+ * FUTEX_WAITERS and FUTEX_OWNER_DIED bits above it, and again in __owner. When a holder dies the
+ * kernel clears the thread id and sets FUTEX_OWNER_DIED. These functions are the only places that
+ * know it. */
+#define LOCK_TID_MASK 0x3fffffffu   /* FUTEX_TID_MASK */
+#define LOCK_OWNER_DIED 0x40000000u /* FUTEX_OWNER_DIED */
 
-static uint32_t lock_holder(shm_lock_t *l) {
-    const pthread_mutex_t *m = lock_mutex(l);
-    return (uint32_t)__atomic_load_n(&m->__data.__lock, __ATOMIC_RELAXED) & LOCK_TID_MASK;
+static uint32_t lock_word(const shm_lock_t *l) {
+    const pthread_mutex_t *m = (const pthread_mutex_t *)(const void *)l->mutex;
+    return (uint32_t)__atomic_load_n(&m->__data.__lock, __ATOMIC_ACQUIRE);
+}
+
+static uint32_t lock_holder(shm_lock_t *l) { return lock_word(l) & LOCK_TID_MASK; }
+
+int lock_peek(const shm_lock_t *l) {
+    uint32_t w = lock_word(l);
+    if (w & LOCK_TID_MASK) return LOCK_PEEK_HELD;
+    return (w & LOCK_OWNER_DIED) ? LOCK_PEEK_OWNER_DIED : LOCK_PEEK_FREE;
 }
 
 static void lock_forge(shm_lock_t *l, uint32_t tid) {
@@ -56,14 +67,65 @@ static void lock_forge(shm_lock_t *l, uint32_t tid) {
     __atomic_store_n(&m->__data.__lock, (int)tid, __ATOMIC_RELEASE);
 }
 
+/* This process's PID namespace (the inode of /proc/self/ns/pid), read once; a fork child reads it
+ * again (its parent may have made it in a new namespace). 0 when there is no /proc: unknown. */
+static uint64_t self_ns;
+static pthread_once_t self_ns_once = PTHREAD_ONCE_INIT;
+
+static void self_ns_forget(void) { self_ns = 0; }
+static void self_ns_register(void) { pthread_atfork(NULL, NULL, self_ns_forget); }
+
+uint64_t lock_self_ns(void) {
+    uint64_t ns = __atomic_load_n(&self_ns, __ATOMIC_RELAXED);
+    if (UNLIKELY(!ns)) {
+        struct stat st;
+        pthread_once(&self_ns_once, self_ns_register);
+        if (stat("/proc/self/ns/pid", &st) != 0) return 0;
+        ns = (uint64_t)st.st_ino;
+        __atomic_store_n(&self_ns, ns, __ATOMIC_RELAXED);
+    }
+    return ns;
+}
+
+/* The holder's stamps (shm_lock_t): written right after taking the lock, cleared before letting
+ * go. A waiter reads them to judge a holder it cannot see. */
+static void lock_stamp(shm_handle_t *h, shm_lock_t *l) {
+    A_STORE(&l->holder_ns, lock_self_ns());
+    A_STORE(&l->holder_slot, (uint32_t)(h->slot + 1));
+}
+
+static void lock_unstamp(shm_lock_t *l) {
+    A_STORE(&l->holder_slot, 0);
+    A_STORE(&l->holder_ns, 0);
+}
+
+/* Is the holder that lock l names gone without the kernel's owner-died mark (damaged lock
+ * bytes)? A thread id only means something in the holder's own PID namespace:
+ *   - stamped by a process of our namespace (or not stamped: damaged bytes, or a holder between
+ *     its lock and its stamp, which the second look a second later settles): kill(tid, 0) says;
+ *   - stamped by a process of another namespace: its tid means nothing here. It is a ghost only if
+ *     the slot it stamped says its process has ended (that slot's life lock, life.c, read here
+ *     as a lock word); a holder
+ *     without a slot there cannot be judged from here, and is waited for. */
+static int lock_holder_is_ghost(shm_handle_t *h, shm_lock_t *l, uint32_t tid) {
+    uint64_t ns = A_LOAD(&l->holder_ns), mine = lock_self_ns();
+    uint32_t slot = A_LOAD(&l->holder_slot);
+    if (ns && mine && ns != mine)
+        return slot >= 1 && slot <= SHM_MAX_PROCS &&
+               lock_peek(&h->arena->life_locks[slot - 1]) == LOCK_PEEK_OWNER_DIED;
+    return kill((pid_t)tid, 0) != 0 && errno == ESRCH;
+}
+
 /* Wait for the mutex, but never forever on a holder that does not exist: damaged lock bytes can
  * name a thread that is gone without the kernel's owner-died mark. Every second of waiting, look
- * at the holder's thread id; if there is no such thread (or twice in a row none is named, which a
- * hand-over between two holders cannot explain), report corruption instead of hanging. */
+ * at the holder; if it is a ghost twice in a row (the same thread id), or twice in a row no holder
+ * is named (which a hand-over between two holders cannot explain), report corruption instead of
+ * hanging. */
 static int lock_wait(shm_handle_t *h, shm_lock_t *l) {
     pthread_mutex_t *m = lock_mutex(l);
     int rc = pthread_mutex_trylock(m);
     if (LIKELY(rc != EBUSY)) return rc;
+    uint32_t last_ghost = 0;
     for (int nobody = 0;;) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
@@ -72,10 +134,12 @@ static int lock_wait(shm_handle_t *h, shm_lock_t *l) {
         if (rc != ETIMEDOUT) return rc;
         uint32_t tid = lock_holder(l);
         nobody = tid == 0 ? nobody + 1 : 0;
-        if (nobody >= 2 || (tid && kill((pid_t)tid, 0) != 0 && errno == ESRCH))
+        uint32_t ghost = tid && lock_holder_is_ghost(h, l, tid) ? tid : 0;
+        if (nobody >= 2 || (ghost && ghost == last_ghost))
             return err_set(SHM_ECORRUPT, (uint64_t)((uint8_t *)l - h->base),
                            "the %s lock is held by thread %u, which does not exist",
                            l == &h->arena->heap_lock ? "heap" : "process cache", tid);
+        last_ghost = ghost;
     }
 }
 
@@ -105,14 +169,20 @@ int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out) {
 
 /* Test-only: the lock as a holder that died without the kernel's robust-list cleanup leaves it
  * (tid != 0), or unlocked again (tid == 0). */
-int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid) {
+int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid, uint64_t ns, int32_t slot) {
     shm_lock_t *l = lock_named(h, which);
     if (!l) return SHM_EINVAL;
     if (tid > LOCK_TID_MASK)
         return err_set(SHM_EINVAL, tid, "thread id %u does not fit a futex word", tid);
+    if (slot < -1 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)(int64_t)slot, "no process slot %d", slot);
     lock_forge(l, tid);
+    A_STORE(&l->holder_ns, tid ? ns : 0);
+    A_STORE(&l->holder_slot, tid ? (uint32_t)(slot + 1) : 0);
     return SHM_OK;
 }
+
+uint64_t shm_pid_namespace(void) { return lock_self_ns(); }
 
 /* Take the heap lock and begin the journal; a dead holder's half-done step is rolled back first. */
 int heap_lock(shm_handle_t *h) {
@@ -142,6 +212,7 @@ int heap_lock(shm_handle_t *h) {
         return err_sys(rc, "pthread_mutex_lock");
     }
     journal_begin(h);
+    lock_stamp(h, l);
     return SHM_OK;
 }
 
@@ -151,7 +222,10 @@ int heap_lock(shm_handle_t *h) {
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
     shm_assert(l != &h->arena->heap_lock); /* the heap lock goes through heap_lock(): its journal */
     int rc = wait ? lock_wait(h, l) : pthread_mutex_trylock(lock_mutex(l));
-    if (LIKELY(rc == 0)) return SHM_OK;
+    if (LIKELY(rc == 0)) {
+        lock_stamp(h, l);
+        return SHM_OK;
+    }
     if (rc == SHM_ECORRUPT) return rc;
     if (rc == EBUSY)
         return err_set(SHM_EBUSY, (uint64_t)((uint8_t *)l - h->base), "the lock at %#llx is held",
@@ -161,6 +235,7 @@ int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
             pthread_mutex_unlock(lock_mutex(l));
             return err_sys(rc, "pthread_mutex_consistent");
         }
+        lock_stamp(h, l);
         return SHM_LOCK_RECOVERED;
     }
     if (rc == ENOTRECOVERABLE)
@@ -169,7 +244,10 @@ int lock_take(shm_handle_t *h, shm_lock_t *l, int wait) {
     return err_sys(rc, "pthread_mutex_lock");
 }
 
-void lock_give(shm_lock_t *l) { pthread_mutex_unlock(lock_mutex(l)); }
+void lock_give(shm_lock_t *l) {
+    lock_unstamp(l);
+    pthread_mutex_unlock(lock_mutex(l));
+}
 
 /* End the journal (the operation is done: nothing to roll back), let go of the claimed block, and
  * unlock. */
@@ -182,5 +260,6 @@ void heap_unlock(shm_handle_t *h) {
 #endif
     if (h->claimed) block_unclaim(h, h->claimed);
     journal_end(h);
+    lock_unstamp(&h->arena->heap_lock);
     pthread_mutex_unlock(lock_mutex(&h->arena->heap_lock));
 }

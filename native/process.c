@@ -1,9 +1,13 @@
 /* process.c -- the process table: one slot per attached process, keyed by (pid, start time).
  *
  * A slot is claimed by shm_proc_attach() under the heap lock and stays LIVE while its process
- * runs. The start time (field 22 of /proc/<pid>/stat) tells a recycled pid from the process that
- * held the slot before: an attach that finds the same pid with another start time marks the old
- * slot DEAD. A slot returns to FREE only once it owns nothing, so a block's owner always names the
+ * runs. A process claiming its own slot has its keeper take the slot's life lock first (life.c):
+ * whether the slot's process still runs is the life lock's answer, in any PID namespace. (pid,
+ * start time) stays the identity shown to people and the key a process finds its slot by; the
+ * start time (field 22 of /proc/<pid>/stat) tells a recycled pid from the process that held the
+ * slot before: an attach that finds the same pid with another start time marks the old slot
+ * DEAD, unless its life lock is held (a process of another PID namespace with the same number).
+ * A slot returns to FREE only once it owns nothing, so a block's owner always names the
  * process that allocated it [B6]. Membership and usage change under the heap lock, journaled, as
  * relaxed atomics that readers load without a lock; peak, limit and the trim pair are written
  * without the heap lock (shm_layout.h, Concurrency). */
@@ -63,8 +67,15 @@ void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes) {
     A_ADD(&p->nfrees, 1);
 }
 
+/* The slot's process has ended: mark it DEAD (heap lock held); gc.c frees what it owned. */
+static void proc_mark(shm_handle_t *h, shm_proc_t *p) {
+    J(h, p);
+    A_STORE(&p->state, SHM_PROC_DEAD);
+}
+
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
     if (pid == 0) return err_set(SHM_EINVAL, 0, "pid 0 cannot own memory");
+    int self = pid == (uint32_t)getpid();
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     int found = -1, free_slot = -1;
@@ -73,16 +84,23 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
         if (p->state == SHM_PROC_FREE) {
             if (free_slot < 0) free_slot = i;
         } else if (p->pid == pid && p->state == SHM_PROC_LIVE) {
-            if (p->start_time == start_time) {
-                found = i;
-            } else {
-                J(h, p);
-                A_STORE(&p->state, SHM_PROC_DEAD); /* the pid was recycled; gc.c frees the slot */
-            }
+            int life = life_probe(h, i);
+            if (life == SHM_LIFE_DEAD)
+                proc_mark(h, p); /* whoever it was has ended */
+            else if (p->start_time != start_time) {
+                /* held: a live process of another PID namespace numbered like us; else the pid
+                 * was recycled (the /proc fallback, life.c) */
+                if (life != SHM_LIFE_HELD) proc_mark(h, p);
+            } else if (!self || life != SHM_LIFE_HELD || life_is_mine(h, i))
+                found = i; /* held by another process: a twin (pid, start) of another namespace */
         }
     }
+    if (found >= 0 && self) life_hold(h, found); /* again after a close; failing: /proc decides */
     if (found < 0 && free_slot >= 0) {
         shm_proc_t *p = &h->arena->procs[free_slot];
+        /* before the slot is LIVE, so that no probe finds it LIVE and unheld; if the keeper cannot
+         * take it, the slot's liveness falls back to /proc (life.c) */
+        if (self) life_hold(h, free_slot);
         J(h, p);
         proc_reset_cache(h, free_slot);
         p->pid = pid;
@@ -189,8 +207,10 @@ int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
     return SHM_OK;
 }
 
-/* A collector found the process in slot dead (Python compares pid and start time): mark it, if the
- * slot still holds that process. Returns 1 if marked. */
+/* A collector found the process in slot dead (its life lock's holder died, or nobody holds the
+ * life lock and /proc no longer shows (pid, start time)): mark it, if the slot still holds that
+ * process and its life lock is not held (a held one is alive, whatever /proc says: another PID
+ * namespace). Returns 1 if marked. */
 int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
@@ -198,9 +218,9 @@ int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t sta
     if (rc != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];
     int marked = 0;
-    if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time) {
-        J(h, p);
-        A_STORE(&p->state, SHM_PROC_DEAD);
+    if (p->state == SHM_PROC_LIVE && p->pid == pid && p->start_time == start_time &&
+        life_probe(h, slot) != SHM_LIFE_HELD) {
+        proc_mark(h, p);
         marked = 1;
     }
     heap_unlock(h);

@@ -155,6 +155,9 @@ int shm_segment_probe(const void *head, uint64_t len); /* SHM_SEG_*; a pure func
  * at base (salt read from its arena header); 0 if the offset is out of range. A pure read. */
 uint64_t shm_debug_block_checksum(const void *base, uint64_t capacity, uint64_t header_offset);
 
+/* check.c: SHM_ECORRUPT if the segment is shorter than the mapping (truncated); one fstat */
+int shm_segment_check(shm_handle_t *h);
+
 /* cache.c */
 int shm_cache_flush(shm_handle_t *h, int32_t slot);
 /* limit 0: no caches, every call takes the heap lock */
@@ -184,8 +187,11 @@ int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64
                    uint64_t new_start);
 
 /* lock.c: which = -1 names the heap lock, 0..SHM_MAX_PROCS-1 that slot's lock */
-int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out);  /* 0: free; no lock taken */
-int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid); /* tests: a ghost holder */
+int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out); /* 0: free; no lock taken */
+/* tests: make a lock look held by thread tid (0: unlocked), stamped with a PID namespace inode and
+ * a holder slot (-1: none) as its holder would stamp it */
+int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid, uint64_t ns, int32_t slot);
+uint64_t shm_pid_namespace(void);       /* inode of this process's PID namespace; 0 if unknown */
 int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
 
 /* names.c */
@@ -209,6 +215,13 @@ int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit);
 int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time);
 int shm_proc_trim_request(shm_handle_t *h, int32_t slot);
 int shm_proc_trim_ack(shm_handle_t *h, int32_t slot);
+
+/* life.c: whether a slot's process runs, from its life lock, in any PID namespace. A read of the
+ * lock word, no lock taken. */
+#define SHM_LIFE_UNHELD 0 /* nobody holds it: detached, or kept for another pid; ask /proc */
+#define SHM_LIFE_HELD 1   /* its process holds it: alive */
+#define SHM_LIFE_DEAD 2   /* its holder died: the process has ended */
+int shm_proc_life(shm_handle_t *h, int32_t slot);
 
 /* ring.c */
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,

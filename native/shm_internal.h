@@ -75,7 +75,8 @@ struct shm_handle {
     uint64_t heap_end;
     uint64_t salt;
     int fd;
-    int32_t slot;     /* this process's slot once attached (shm_proc_attach), else -1 */
+    uint64_t seg_dev, seg_ino; /* the segment's identity (fstat): life.c keys its locks by it */
+    int32_t slot;              /* this process's slot once attached (shm_proc_attach), else -1 */
     uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
     struct shm_handle *next; /* this process's open handles (arena.c) */
 };
@@ -152,6 +153,19 @@ void heap_unlock(shm_handle_t *h);
 #define SHM_LOCK_RECOVERED 1
 int lock_take(shm_handle_t *h, shm_lock_t *l, int wait);
 void lock_give(shm_lock_t *l);
+#define LOCK_PEEK_FREE 0
+#define LOCK_PEEK_HELD 1
+#define LOCK_PEEK_OWNER_DIED 2
+int lock_peek(const shm_lock_t *l);
+uint64_t lock_self_ns(void);
+
+/* life.c */
+int life_hold(shm_handle_t *h, int slot);
+int life_is_mine(const shm_handle_t *h, int slot);
+void life_let_go(shm_handle_t *h, int slot);
+void life_forget(uint64_t dev, uint64_t ino);
+int life_peek(const shm_handle_t *h, int slot);
+int life_probe(shm_handle_t *h, int slot);
 
 /* block.c */
 static inline shm_block_t *block_at(const shm_handle_t *h, uint64_t off) {

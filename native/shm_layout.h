@@ -22,12 +22,15 @@
  *
  * Concurrency
  * -----------
- * Processes share the segment with two kinds of robust process-shared mutex (lock.c) and a few
- * lock-free protocols. The heap lock guards the heap's structure: the bins, the block headers'
- * sizes and links, the counters, the process table's membership, the references and the names.
- * Each slot lock guards one process's cache lists and the cache-side counters (cache.c). The
+ * Processes share the segment with three kinds of robust process-shared mutex (lock.c, life.c)
+ * and a few lock-free protocols. The heap lock guards the heap's structure: the bins, the block
+ * headers' sizes and links, the counters, the process table's membership, the references and the
+ * names. Each slot lock guards one process's cache lists and the cache-side counters (cache.c). The
  * small-block hot path takes only its own slot lock; the heap lock is taken to refill or trim a
- * cache and for everything else. Who writes what:
+ * cache and for everything else. Each slot's life lock guards nothing: it is held, for as long as
+ * the slot's process is attached, by that process's keeper thread (life.c), and it says whether
+ * the process runs, in any PID namespace (a pid does not cross namespaces; a robust mutex's
+ * owner-died mark does). Who writes what:
  *
  *   field (group)                    written by                        protected by
  *   -------------------------------  --------------------------------  -------------------------
@@ -70,6 +73,12 @@
  *   journal                          the heap lock's holder (and the   heap lock: the next taker
  *                                    next taker, rolling it back)      is the holder
  *   heap_lock, slot_locks[]          pthread                           themselves
+ *   their holder_ns, holder_slot     the lock's holder, after taking   the lock itself; relaxed
+ *                                    it and before letting go          atomics (read by waiters)
+ *   life_locks[i]                    slot i's process's keeper (take,  itself; probes run under
+ *                                    let go); a heap-lock holder's     the heap lock, so they
+ *                                    probe (trylock, and unlock at     never hold it when a
+ *                                    once)                             claimer wants it
  *
  * A block's (owner, flags) word leaves the plain "allocated, flags 0" state by exactly one
  * compare-and-swap, so the heap lock's holder never races a cache on a block: it claims a block
@@ -99,16 +108,39 @@
  *     names in its pending word.
  *   - a ring producer between its claim and its publish: the cell looks unpublished; consumers
  *     retire it once producers are half a ring ahead (ring.c).
- *   - a process that dies holding no lock: its slot stays LIVE until Python finds the process gone
- *     (pid and start time) and marks it DEAD (shm_proc_mark_dead); collection (gc.c) then frees its
- *     blocks (cached, remotely freed and allocated ones that nobody references), drops its
- *     references and returns the slot to FREE.
+ *   - any process, always: its keeper dies with it, and the kernel marks every life lock it held
+ *     owner-died, in whatever PID namespace it ran (also on exec). Its slot stays LIVE until a
+ *     collector reads that (tracking.py) and marks it DEAD (shm_proc_mark_dead, which probes the
+ *     life lock under the heap lock, makes it consistent and unlocks it, and refuses a slot whose
+ *     life lock is held: that process runs); collection (gc.c) then frees its blocks (cached,
+ *     remotely freed and allocated ones that nobody references), drops its references and returns
+ *     the slot to FREE. Only a LIVE slot whose life lock nobody holds (its process closed its
+ *     last handle on the segment while owning blocks, or the slot accounts for another pid, or
+ *     the keeper could not start) is judged by pid and start time from /proc, which cannot see a
+ *     process of another PID namespace: such a process is reclaimed once it detached that way.
+ *   - a process that dies between its keeper's take and the slot becoming LIVE: the journal
+ *     rolls the slot back to FREE; the next claimer's keeper finds the life lock owner-died and
+ *     makes it consistent.
+ *   - a damaged lock that names a holder which does not exist (no owner-died mark): a waiter
+ *     reports SHM_ECORRUPT after two one-second looks (lock.c) when the holder's stamps say it
+ *     ran in this PID namespace and kill(tid, 0) finds no such thread, or say it ran in another
+ *     and its slot's life lock says that process has ended; a holder of another namespace
+ *     without a slot is waited for (nothing here can tell it is gone).
+ *
+ * Truncation. A process of the same user can ftruncate the segment under every mapping; the
+ * pages past the new end are gone, and any access to one raises SIGBUS in the process that makes
+ * it (reader or creator alike). That is outside the threat model (same-user processes are trusted
+ * not to do it) and cannot be prevented cheaply. What is survived: shm_segment_check (check.c,
+ * one fstat, no access) reports SHM_ECORRUPT naming the truncation; shm_check runs it before its
+ * walk, shm_handle_open compares the header's capacity with the segment's size, and the
+ * coordinator runs it before each tick. An access that races the truncation is not caught.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
  *   alloc.c, gc.c          the user's calls on blocks; collection and detach
  *   own.c, names.c, cache.c, lease.c, arena.c   ownership, names, per-process caches, lease,
  *                          format/attach/stats/check
  *   process.c              the process table
+ *   life.c                 the life locks and this process's keeper thread
  *   heap.c, check.c        carve and release blocks under a lock its callers hold; the full walk
  *   lock.c                 the locks (at SHMALLOC_DEBUG >= 3 heap_unlock runs check.c's walk)
  *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, error.c   the leaves
@@ -121,7 +153,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 5
+#define SHM_LAYOUT_VERSION 6
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -326,10 +358,19 @@ typedef struct shm_lease {
     uint64_t start_time; /* +0x08 its start time, clock ticks since boot */
 } shm_lease_t;
 
-/* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc). */
+/* Storage for a process-shared robust pthread mutex (lock.c casts it; 40 bytes on glibc), and who
+ * holds it in terms that mean something in every PID namespace: the futex word inside the mutex
+ * names the holder's thread id as the holder's namespace numbers it. The holder writes the two
+ * stamps right after taking the lock and clears them before letting go (relaxed atomics); a waiter
+ * reads them only to tell a live holder from a ghost (lock.c, lock_wait). Life locks (life.c) are
+ * never stamped. */
 typedef struct shm_lock {
     uint8_t mutex[SHM_MUTEX_BYTES]; /* +0x00 pthread_mutex_t, process-shared and robust */
-    uint64_t pad[8];                /* +0x40 keeps the next field on its own cache line */
+    uint64_t
+        holder_ns; /* +0x40 inode of the holder's PID namespace (/proc/self/ns/pid), 0 unknown */
+    uint32_t holder_slot; /* +0x48 the holder's process slot + 1, 0 when it has none */
+    uint32_t pad0;
+    uint64_t pad[6]; /* keeps the next field on its own cache line */
 } shm_lock_t;
 
 /* Arena header: offset 0 of the segment, written once by create, but for the tables after
@@ -362,4 +403,5 @@ typedef struct shm_arena {
     shm_ring_t ring;                      /* +0x46880 the event ring */
     shm_lock_t slot_locks[SHM_MAX_PROCS]; /* +0x86940 slot_locks[i] guards caches[i] */
     shm_journal_t journal;                /* +0x8a940 the undo journal */
+    shm_lock_t life_locks[SHM_MAX_PROCS]; /* +0x9a980 held by slot i's process while it lives */
 } shm_arena_t;

@@ -351,8 +351,20 @@ def proc_set_limit(h: Handle, slot: int, limit: int) -> None:
 
 
 def proc_mark_dead(h: Handle, slot: int, pid: int, start_time: int) -> bool:
-    """Mark slot DEAD if it still holds (pid, start_time) as LIVE; False if it did not."""
+    """Mark slot DEAD if it still holds (pid, start_time) as LIVE and its life lock is not held;
+    False if it did not (the slot changed, or its process runs)."""
     return _check(lib.shm_proc_mark_dead(h, slot, pid, start_time)) == 1
+
+
+LIFE_UNHELD: int = lib.SHM_LIFE_UNHELD
+LIFE_HELD: int = lib.SHM_LIFE_HELD
+LIFE_DEAD: int = lib.SHM_LIFE_DEAD
+
+
+def proc_life(h: Handle, slot: int) -> int:
+    """What slot's life lock says, read without a lock: LIFE_HELD (its process runs, in whatever
+    PID namespace), LIFE_DEAD (it has ended) or LIFE_UNHELD (nobody holds it: ask /proc)."""
+    return _check(int(lib.shm_proc_life(h, slot)))
 
 
 def proc_trim_request(h: Handle, slot: int) -> None:
@@ -493,6 +505,12 @@ class CheckCounts:
     cached_bytes: int
 
 
+def segment_check(h: Handle) -> None:
+    """CorruptionDetected if the segment was truncated under this mapping (one fstat; touches
+    nothing in the segment)."""
+    _check(lib.shm_segment_check(h))
+
+
 def check(h: Handle) -> CheckCounts:
     r = ffi.new("shm_check_report_t *")
     _check(lib.shm_check(h, r))
@@ -548,9 +566,15 @@ def lock_offset(which: int) -> int:
     return _check(int(lib.shm_lock_offset(which)))
 
 
-def debug_lock_forge(h: Handle, which: int, tid: int) -> None:
-    """Tests only: make a lock look held by thread ``tid`` (0: unlocked)."""
-    _check(lib.shm_debug_lock_forge(h, which, tid))
+def debug_lock_forge(h: Handle, which: int, tid: int, ns: int = 0, slot: int = -1) -> None:
+    """Tests only: make a lock look held by thread ``tid`` (0: unlocked), stamped as a holder in
+    the PID namespace ``ns`` (an inode; 0: unknown) with the slot ``slot`` (-1: none) stamps it."""
+    _check(lib.shm_debug_lock_forge(h, which, tid, ns, slot))
+
+
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (/proc/self/ns/pid); 0 if unknown."""
+    return int(lib.shm_pid_namespace())
 
 
 def debug_block_checksum(base: CData, capacity: int, header_offset: int) -> int:

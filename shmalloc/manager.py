@@ -378,6 +378,7 @@ class MemoryManager:
         """Walk the whole heap and verify every invariant; CorruptionDetected names the first bad
         offset."""
         r = C.check(self._state.handle())
+        live, dead = tracking.live_and_dead(self._state.handle())  # as processes() says
         return CheckReport(
             blocks=r.blocks,
             allocated_blocks=r.allocated_blocks,
@@ -385,8 +386,8 @@ class MemoryManager:
             used=r.used,
             free_bytes=r.free_bytes,
             largest_free=r.largest_free,
-            live_processes=r.live_procs,
-            dead_processes=r.dead_procs,
+            live_processes=live,
+            dead_processes=dead,
             cached_blocks=r.cached_blocks,
             cached_bytes=r.cached_bytes,
         )

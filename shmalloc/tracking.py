@@ -1,9 +1,12 @@
 """Per-process tracking: the arena's process table as seen from Python.
 
 Usage, peak and block counts are atomics in the segment (O(1) reads); listing a process's
-blocks walks the heap under the lock. Whether a process is alive is decided here, from its
-(pid, start time) and /proc (process.py); a slot found dead is marked DEAD in the segment so
-that collection may take its blocks.
+blocks walks the heap under the lock. Whether a process is alive is decided here (``is_running``)
+from its slot's life lock (native/life.c), which its process holds for as long as it is attached
+and which the kernel marks when it dies, in whatever PID namespace it runs; only where nobody
+holds the life lock (the process closed its last attachment while still owning blocks, or the
+slot accounts for another pid) does (pid, start time) from /proc decide (process.py). A slot found
+dead is marked DEAD in the segment so that collection may take its blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ __all__ = [
     "all_blocks",
     "block_info",
     "free_process_memory",
+    "is_running",
+    "live_and_dead",
     "mark_if_dead",
     "process_allocations",
     "process_memory",
@@ -87,16 +92,40 @@ def scan_slots(h: C.Handle) -> list[SlotRow]:
     return [r for r in C.proc_rows(h) if r.state != C.PROC_FREE]
 
 
+def is_running(h: C.Handle, row: SlotRow) -> bool:
+    """Does the LIVE slot's process run? Its life lock says, in any PID namespace; /proc only
+    where nobody holds the life lock (see the module's docstring)."""
+    if row.state != C.PROC_LIVE:
+        return False
+    life = C.proc_life(h, row.slot)
+    if life == C.LIFE_UNHELD:
+        return process.is_alive(row.pid, row.start_time)
+    return life == C.LIFE_HELD
+
+
 def mark_if_dead(h: C.Handle, row: SlotRow, mark: bool = True) -> bool:
-    """True if the slot's process has ended (pid and start time, from /proc); with ``mark``, a
-    LIVE slot is then marked DEAD in the segment, so that collection may take its blocks."""
+    """True if the slot's process has ended (``is_running``); with ``mark``, a LIVE slot is then
+    marked DEAD in the segment, so that collection may take its blocks. The C core marks it only
+    if its life lock is still not held: False then (it is alive after all), or if the slot went to
+    another process meanwhile."""
     if row.state == C.PROC_DEAD:
         return True
-    if row.state != C.PROC_LIVE or process.is_alive(row.pid, row.start_time):
+    if row.state != C.PROC_LIVE or is_running(h, row):
         return False
-    if mark and C.proc_mark_dead(h, row.slot, row.pid, row.start_time):
+    if not mark:
+        return True
+    if C.proc_mark_dead(h, row.slot, row.pid, row.start_time):
         row.state = C.PROC_DEAD
-    return True
+        return True
+    return False
+
+
+def live_and_dead(h: C.Handle) -> tuple[int, int]:
+    """How many processes in the table run, and how many have ended (marked DEAD or not yet):
+    the same answer ``processes()`` gives, so that check, info and top agree."""
+    rows = scan_slots(h)
+    live = sum(1 for r in rows if is_running(h, r))
+    return live, len(rows) - live
 
 
 def reclaim_dead(h: C.Handle, slot: int = -1) -> tuple[C.GcResult, list[tuple[int, int]]]:
@@ -163,7 +192,7 @@ def processes(a: Attachment) -> list[ProcessInfo]:
     return [
         ProcessInfo(
             pid=r.pid,
-            alive=r.state == C.PROC_LIVE and process.is_alive(r.pid, r.start_time),
+            alive=is_running(a.handle(), r),
             usage=r.usage,
             peak=r.peak,
             limit=r.limit or None,

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
+from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
 from ._common import REPO_ROOT, Bar, child_env, signame, write_json
@@ -197,16 +198,11 @@ class Mutator:
     REGIONS.update(counters=1.0, arena=0.7, lock=0.7, ring=0.7, journal=0.7, caches=1.5)
 
     def __init__(self, name: str, rng: random.Random, dead: list[int]) -> None:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
-        try:
-            self.cap = os.fstat(fd).st_size
-            self.mm = mmap.mmap(fd, self.cap)
-        finally:
-            os.close(fd)
+        self.fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)  # the handle keeps using it
+        self.cap = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, self.cap)
         self.base = ffi.from_buffer(self.mm)
-        hp = ffi.new("shm_handle_t **")
-        assert lib.shm_handle_open(self.base, self.cap, -1, hp) == 0
-        self.h = hp[0]
+        self.h = C.handle_open(self.base, self.cap, self.fd)
         self.rng, self.dead = rng, dead
         self.blocks: list[tuple[int, int]] = []  # (offset, flags) walked from the headers
         o = HEAP_OFF
@@ -215,9 +211,10 @@ class Mutator:
             o += size
 
     def close(self) -> None:
-        lib.shm_handle_close(self.h)
+        C.handle_close(self.h)
         ffi.release(self.base)
         self.mm.close()
+        os.close(self.fd)
 
     def u(self, o: int, size: int) -> int:
         return int.from_bytes(self.mm[o : o + size], "little")
@@ -284,7 +281,7 @@ class Mutator:
         """The lock ``which`` (-1: the heap lock) left to a holder that died without the kernel's
         cleanup: the next taker must recover it (and roll the journal back)."""
         tid = self.dead_tid()
-        assert lib.shm_debug_lock_forge(self.h, which, tid) == 0
+        C.debug_lock_forge(self.h, which, tid)
         return desc(
             region,
             f"lock {which}",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -390,6 +392,35 @@ def test_zombie_child_counts_as_dead(mgr: MemoryManager) -> None:
         p.join(TIMEOUT)
         here.close()
     mgr.check()
+
+
+def test_check_counts_a_killed_process_as_dead_like_info_and_top(
+    mgr: MemoryManager, children: Any
+) -> None:
+    """Right after a kill -9, before any collection: check() and ``shmalloc check`` count the
+    killed process as dead, as processes() (behind ``info`` and ``top``) shows it."""
+    mgr.allocate(100)
+    kept, killed = children("fork", mgr), children("fork", mgr)
+    kept("alloc", 100)
+    killed("alloc", 100)
+    report = mgr.check()
+    assert (report.live_processes, report.dead_processes) == (3, 0)
+    killed.kill()
+    alive = {p.pid: p.alive for p in mgr.processes()}
+    assert alive == {os.getpid(): True, kept.pid: True, killed.pid: False}
+    report = mgr.check()
+    assert (report.live_processes, report.dead_processes) == (2, 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "shmalloc", "check", mgr.name],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "2 live and 1 dead processes" in out.stdout
+    mgr.collect()
+    report = mgr.check()
+    assert (report.live_processes, report.dead_processes) == (2, 0)
 
 
 def test_usage_never_exceeds_the_limit(mgr: MemoryManager) -> None:

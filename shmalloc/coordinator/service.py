@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .. import _binding as C
 from .. import events, lease
-from ..errors import ShmallocError
+from ..errors import CorruptionDetected, ShmallocError
 from ..events import Event
 from ..gc import GcStats, GlobalGarbageCollector
 from ..manager import MemoryManager, attachment_of
@@ -90,6 +90,7 @@ class Coordinator:
         self._wake_lock = threading.Lock()
         self._wake_r = self._wake_w = -1  # the self-pipe, open while run() runs
         self.lost_lease = False
+        self.truncated: CorruptionDetected | None = None  # the segment shrank: run() raises it
         # what the loop keeps between ticks
         self._processes: ProcessWatch | None = None  # while run() runs
         self._counts = MetricsSnapshot()
@@ -129,6 +130,8 @@ class Coordinator:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self._wake_r = self._wake_w = -1
+        if self.truncated is not None:
+            raise self.truncated
         if self.lost_lease:
             raise ShmallocError(
                 f"the coordinator of arena {self.name!r} lost its lease to another process and "
@@ -163,7 +166,7 @@ class Coordinator:
                 try:
                     self._serve(manager, me)
                 finally:
-                    if not self.lost_lease:
+                    if not self.lost_lease and self.truncated is None:
                         lease.release(attachment_of(manager), me)
                     logger.info("coordinator of arena %s stopped", self.name)
             finally:
@@ -215,7 +218,7 @@ class Coordinator:
                         ended = True
                 if self._stopping.is_set():
                     break
-                if ended:
+                if ended and self._intact():
                     self._step("reclaiming", procs.reclaim)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -224,7 +227,8 @@ class Coordinator:
             if self._signal is not None:
                 logger.info("received %s: stopping", signal.Signals(self._signal).name)
             # a last drain so that nothing emitted before the stop is lost
-            self._step("draining events", self._drain_events)
+            if self.truncated is None:
+                self._step("draining events", self._drain_events)
 
     def _drain_wake(self) -> None:
         try:
@@ -243,7 +247,23 @@ class Coordinator:
                 logger.exception("coordinator of arena %s: %s", self.name, text)
                 self._last_error = text
 
+    def _intact(self) -> bool:
+        """Is the segment still as long as the mapping? One fstat before the tick touches it: a
+        truncated segment (outside the threat model: a process of the same user shrank it) is
+        reported and the coordinator stops, instead of dying of SIGBUS on a page that is gone.
+        A truncation racing an access already under way cannot be caught."""
+        try:
+            C.segment_check(self._h)
+        except CorruptionDetected as e:
+            logger.critical("coordinator of arena %s: %s: stopping", self.name, e)
+            self.truncated = e
+            self.stop()
+            return False
+        return True
+
     def _tick(self) -> None:
+        if not self._intact():
+            return
         self._step("checking the lease and the arena", self._check_role)
         if self._stopping.is_set():
             return

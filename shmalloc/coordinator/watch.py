@@ -1,12 +1,17 @@
 """The process watch: how the coordinator finds the processes that ended and reclaims their memory.
 
-Each LIVE slot of the process table gets a pidfd (``pidfd_open``): the coordinator's loop sleeps
-in ``poll()`` on them and on its self-pipe (signals, ``stop()``), so a death wakes it at once
-instead of at the next tick, and an idle arena costs one table scan per tick. The slot's start
-time is compared with /proc right after opening, so a recycled pid is never watched in place of
-the process that held the slot. Where pidfds are not available the tick asks /proc instead.
-Either way the collection itself (``GlobalGarbageCollector.reclaim_dead``) decides again from
-/proc which slots are dead before anything is freed.
+Whether a slot's process runs is its life lock's answer (native/life.c, read each tick without a
+lock): held, it runs, in whatever PID namespace; owner-died, it has ended. A pid only helps to be
+woken at once: each LIVE slot whose process this coordinator can see gets a pidfd
+(``pidfd_open``), and the loop sleeps in ``poll()`` on them and on its self-pipe (signals,
+``stop()``), so a death wakes it at once instead of at the next tick. The slot's start time is
+compared with /proc right after opening, so a recycled pid is never watched in place of the
+process that held the slot; a process whose life lock is held but whose pid shows another process
+(or none) runs in another PID namespace (another container sharing /dev/shm): it is not watched,
+and its life lock, read every tick, tells when it ends. Only a slot whose life lock nobody holds
+(its process closed the arena while owning blocks) is judged from /proc. Either way the
+collection itself (``GlobalGarbageCollector.reclaim_dead``) decides again, from the life lock,
+which slots are dead before anything is freed.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class ProcessWatch:
         self.rows: list[Any] = []
         self._tried: set[_Key] = set()  # DEAD slots left after the last reclaim
         self._retry_at = 0.0
+        # running (life lock held) but not watched through a pidfd: its pid shows another process
+        # or none (another PID namespace), or pidfds are not available; its life lock is read
+        self.foreign: set[_Key] = set()
 
     def owns(self, fd: int) -> bool:
         """Whether ``fd`` (ready in the poller) is the pidfd of a watched process."""
@@ -69,7 +77,15 @@ class ProcessWatch:
                     ended = True
                 continue
             live.add(key)
+            life = C.proc_life(self._h, r.slot)
+            if life == C.LIFE_DEAD:  # its holder died: ended, whatever its pid shows now
+                ended = True
+                continue
             if key in self._watched:
+                continue
+            if life == C.LIFE_HELD:  # it runs; watch its pid only if it is the same process
+                if key not in self.foreign and (not self._pidfd_ok or not self._open_watch(key)):
+                    self.foreign.add(key)
                 continue
             if key in self.exited or not self._pidfd_ok:
                 if not process.is_alive(*key):
@@ -80,6 +96,7 @@ class ProcessWatch:
         for key in [k for k in self._watched if k not in live]:
             self._unwatch(self._watched[key])
         self.exited &= live
+        self.foreign &= live
         if ended:
             self.reclaim()
 
