@@ -1,10 +1,6 @@
 """Allocation microbenchmark: shmalloc's allocate+deallocate pair beside its peers, in one run.
 
-    python -m stress.bench_alloc [--quick] [--json PATH] [--parts pair,collector]
-
-Each figure is nanoseconds per allocate+free pair, the median of several trials of N operations
-with min and max; methods are interleaved trial by trial so that clock drift and noisy
-neighbours hit all of them alike:
+Nanoseconds per allocate+free pair, median [min-max] of interleaved trials (``measure``):
 
   public     ``mgr.deallocate(mgr.allocate(size))``: the Python API users call
   core       ``lib.shm_free(h, lib.shm_alloc(h, size, 0, slot))``: the C core through cffi,
@@ -14,8 +10,7 @@ neighbours hit all of them alike:
              segment per object, what shmalloc replaces
   collector  the public pair with ``mgr.set_collector(lambda e: None)`` against none
 
-The pair's cost against the number of live blocks is ``python -m stress.bench_scaling``. Targets
-(issues 3 and 7) are reported, never asserted. Every arena is destroyed on the way out.
+The pair's cost against the number of live blocks is ``python -m stress.bench_scaling``.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -37,10 +31,11 @@ from ._common import (
     Arenas,
     KiB,
     MiB,
+    Parser,
     Runner,
     assert_balanced,
-    bench_args,
     core_handle,
+    csv,
     fmt_ns,
     fmt_stat,
     judge,
@@ -48,8 +43,8 @@ from ._common import (
     make_progress,
     measure,
     pair_loop,
+    print_columns,
     print_header,
-    print_table,
     run_bench,
     target_row,
     verdict,
@@ -170,6 +165,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+PARTS = {"pair": bench_pairs, "collector": bench_collector}
 LABELS = {
     "public_over_malloc": "public allocate+free pair / cffi malloc+free",
     "stdlib_over_public": "stdlib SharedMemory create+unlink / public pair",
@@ -193,50 +189,33 @@ def report(res: dict[str, Any]) -> None:
     print_header(res)
     cfg, d = res["config"], res["derived"]
     if res.get("pair"):
-        rows = [
-            [
-                format_bytes(r["size"]),
-                fmt_stat(r["public"]),
-                fmt_stat(r["core"]),
-                fmt_stat(r["cffi_malloc"]),
-                fmt_stat(r["stdlib_shm"]),
-                fmt_ns(r["wrapper_ns"]),
-                f"{r['public_over_malloc']:.2f}x",
-                f"{r['stdlib_over_public']:.0f}x",
-            ]
-            for r in res["pair"]["rows"]
-        ]
-        print_table(
-            [
-                "size",
-                "public ns",
-                "core ns",
-                "cffi malloc ns",
-                "stdlib SharedMemory ns",
-                "wrapper ns",
-                "public/malloc",
-                "stdlib/public",
-            ],
-            rows,
+        print_columns(
             f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
             f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
             f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
             "(not subtracted)",
+            [
+                ("size", lambda r: format_bytes(r["size"])),
+                *((f"{k} ns", lambda r, k=k: fmt_stat(r[k])) for k in ("public", "core")),
+                ("cffi malloc ns", lambda r: fmt_stat(r["cffi_malloc"])),
+                ("stdlib SharedMemory ns", lambda r: fmt_stat(r["stdlib_shm"])),
+                ("wrapper ns", lambda r: fmt_ns(r["wrapper_ns"])),
+                ("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x"),
+                ("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x"),
+            ],
+            res["pair"]["rows"],
         )
     if res.get("collector"):
-        c = res["collector"]
-        print_table(
-            ["size", "without ns", "with ns", "with/without", "added ns"],
-            [
-                [
-                    format_bytes(c["size"]),
-                    fmt_stat(c["without"]),
-                    fmt_stat(c["with"]),
-                    f"{c['ratio']:.2f}x",
-                    fmt_ns(c["added_ns"]),
-                ]
-            ],
+        print_columns(
             "Event collector: public pair with mgr.set_collector(lambda e: None) vs None",
+            [
+                ("size", lambda c: format_bytes(c["size"])),
+                ("without ns", lambda c: fmt_stat(c["without"])),
+                ("with ns", lambda c: fmt_stat(c["with"])),
+                ("with/without", lambda c: f"{c['ratio']:.2f}x"),
+                ("added ns", lambda c: fmt_ns(c["added_ns"])),
+            ],
+            [res["collector"]],
         )
     print("\nDerived figures")
     for key, label in LABELS.items():
@@ -261,31 +240,16 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
-    p.add_argument(
-        "--parts",
-        default="pair,collector",
-        help="comma-separated parts to run: pair, collector (default: both)",
-    )
-    p.add_argument("--trials", type=int, help="trials per measurement (default 9; quick 5)")
-    p.add_argument("--ops", type=int, help="operations per trial (default 50000; quick 20000)")
-    a = p.parse_args(argv)
-    a.parts = [x for x in a.parts.split(",") if x]
-    if set(a.parts) - {"pair", "collector"}:
-        p.error("--parts takes pair and/or collector")
-    a.trials = a.trials or (5 if a.quick else 9)
-    a.ops = a.ops or (20_000 if a.quick else 50_000)
+    p = Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
+    p.add_argument("--parts", type=csv(PARTS), default=list(PARTS), help="pair and/or collector")
+    p.scaled("--trials", 5, 9, "trials per measurement")
+    p.scaled("--ops", 20_000, 50_000, "operations per trial")
+    a = p.parse(argv)
     a.stdlib_ops = min(a.ops, 200 if a.quick else 1000)
-    if a.trials < 1 or a.ops < 1:
-        p.error("--trials and --ops must be positive")
 
     def body(res: dict[str, Any], arenas: Arenas) -> None:
-        parts: dict[str, Callable[[argparse.Namespace, Arenas], dict[str, Any]]] = {
-            "pair": bench_pairs,
-            "collector": bench_collector,
-        }
         for part in a.parts:
-            res[part] = parts[part](a, arenas)
+            res[part] = PARTS[part](a, arenas)
 
     return run_bench(
         sys.modules[__name__],
