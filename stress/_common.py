@@ -393,17 +393,18 @@ def bench_name(mod: ModuleType) -> str:
 
 class Parser(argparse.ArgumentParser):
     """A runner's command line, described by the first line of its module's docstring: --quick,
-    --json (by default, for a benchmark, into stress/results/) and ``scaled`` options, whose
-    default depends on --quick."""
+    --json (into stress/results/ by default with ``results``, optional without, absent with
+    None) and ``scaled`` options, whose default depends on --quick."""
 
-    def __init__(self, mod: ModuleType, quick: str, results: bool = True) -> None:
+    def __init__(self, mod: ModuleType, quick: str, results: bool | None = True) -> None:
         name, doc = bench_name(mod), (mod.__doc__ or "").strip().splitlines()[0]
         super().__init__(prog=f"python -m stress.{name}", description=doc)
         self.add_argument("--quick", action="store_true", help=quick)
         default = RESULTS_DIR / f"{name}.json" if results else None
         where = f" (default: {default.relative_to(REPO_ROOT)})" if default else ""
         help = "write the results as JSON here" + where
-        self.add_argument("--json", type=Path, default=default, metavar="PATH", help=help)
+        if results is not None:
+            self.add_argument("--json", type=Path, default=default, metavar="PATH", help=help)
         self.scaled_defaults: dict[str, tuple[Any, Any, float]] = {}
 
     def scaled(self, flag: str, quick: Any, full: Any, what: str, least: float = 1) -> None:

@@ -1,29 +1,14 @@
 """C-level benchmark: the shmalloc core's allocate+free pair called from C, beside glibc malloc/free
 in the same program and Boost.Interprocess ``managed_shared_memory`` in a C++ one.
 
-    python -m stress.bench_c [--quick] [--json PATH] [--sizes 64,1024,16384]
-
-``stress/bench_c.c`` is compiled with the system ``cc`` against ``native/*.c`` with the flags
-``native/build_ffi.py`` uses for a release build (``-O2 -std=gnu11 -DNDEBUG -DSHMALLOC_DEBUG=0``).
-It creates its own segment (shm_open, ftruncate, mmap, then shm_arena_format, shm_handle_open and
-shm_proc_attach) and times shm_alloc/shm_free pairs and malloc/free pairs, interleaved trial by
-trial. ``stress/bench_c_boost.cpp`` is compiled with ``c++ -O2`` only if the Boost.Interprocess
-headers are installed (Debian: ``apt-get install libboost-dev``); otherwise Boost is skipped
-with a message. The two programs run alternately, a few trials per turn, so that both see the
-same machine. Figures are nanoseconds per pair: median of the trials, with min and max.
-
-A second part (no target; ``--no-scale`` skips it) forks 1, 2 and 4 processes from the C program
-onto the one arena, each claiming its own slot and timing 64 B pairs at the same moment, then
-does the same on private glibc heaps: aggregate pairs per second, what sharing the heap costs
-when processes allocate at once, with no Python in the way.
-
-Binaries are cached under the system temp directory, keyed by a hash of the sources, flags and
-compiler, so reruns do not recompile. Both programs unlink their segment right after mapping
-it: nothing is left in /dev/shm however they end.
-
-Targets (issue 7): the core's pair within 1.5x of glibc's, and faster than Boost.Interprocess.
-Reported, never asserted; the exit code is 0 whether or not they are met (it is 1 only if the
-core program cannot be built or fails).
+``stress/bench_c.c`` is compiled against ``native/*.c`` with the release flags of
+``native/build_ffi.py``; ``stress/bench_c_boost.cpp`` only if the Boost.Interprocess headers are
+installed (Debian: libboost-dev), else Boost is skipped with a message. The two programs run
+alternately, a few trials per turn, so that both see the same machine: ns per pair, median
+[min-max]. A second part (no target; ``--no-scale`` skips it) forks 1, 2 and 4 C processes onto
+one arena, then onto private glibc heaps: aggregate pairs per second with no Python in the way.
+Binaries are cached in the temp directory, keyed by a hash of sources, flags and compiler. The
+exit code is 1 only if the core program cannot be built or fails.
 """
 
 from __future__ import annotations
@@ -43,12 +28,13 @@ from shmalloc.sizes import format_bytes
 
 from ._common import (
     REPO_ROOT,
-    bench_args,
+    Parser,
+    csv,
     fmt_stat,
     judge,
     make_progress,
+    print_columns,
     print_header,
-    print_table,
     procs_table,
     run_bench,
     summarize,
@@ -57,7 +43,7 @@ from ._common import (
 )
 
 progress = make_progress("bench_c")
-SIZES = (64, 1024, 16384)
+SIZES = [64, 1024, 16384]
 PROCS = (1, 2, 4)
 SCALE_SIZE = 64
 C_SOURCE = REPO_ROOT / "stress" / "bench_c.c"
@@ -151,7 +137,7 @@ def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
 
 
 def run_pairs(
-    core: Path, boost: Path | None, sizes: tuple[int, ...], iters: int, rounds: int, per_round: int
+    core: Path, boost: Path | None, sizes: list[int], iters: int, rounds: int, per_round: int
 ) -> dict[str, dict[str, list[float]]]:
     """Alternate the two programs `rounds` times, `per_round` trials each; merge the trials."""
     trials: dict[str, dict[str, list[float]]] = {
@@ -205,18 +191,12 @@ def bench(a: Any) -> dict[str, Any]:
     trials = run_pairs(core, boost, a.sizes, a.iters, a.rounds, a.per_round)
     rows = []
     for s in a.sizes:
-        row: dict[str, Any] = {
-            "size": s,
-            **{
-                k: summarize(v, ops_per_trial=a.iters) if v else None
-                for k, v in trials[str(s)].items()
-            },
+        row = {
+            k: summarize(v, ops_per_trial=a.iters) if v else None for k, v in trials[str(s)].items()
         }
-        row["core_over_glibc"] = row["core"]["median"] / row["glibc"]["median"]
-        row["core_over_boost"] = (
-            row["core"]["median"] / row["boost"]["median"] if row["boost"] else None
-        )
-        rows.append(row)
+        ns, boost_ns = row["core"]["median"], row["boost"] and row["boost"]["median"]
+        row.update(size=s, core_over_glibc=ns / row["glibc"]["median"])
+        rows.append({**row, "core_over_boost": ns / boost_ns if boost_ns else None})
     return {
         "sizes": list(a.sizes),
         "rows": rows,
@@ -230,18 +210,12 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     rows, d = res["pairs"]["rows"], {}
     for key in TARGETS:
         if key == "core_over_boost" and not res["pairs"]["boost_available"]:
-            d[key] = {
-                **judge(*TARGETS[key], None),
-                "skipped": res["pairs"]["build"]["boost"]["skipped"],
-            }
+            skipped = res["pairs"]["build"]["boost"]["skipped"]
+            d[key] = {**judge(*TARGETS[key], None), "skipped": skipped}
             continue
         worst = max(rows, key=lambda r: r[key])
-        d[key] = {
-            **judge(*TARGETS[key], worst[key]),
-            "aggregate": "worst size (max)",
-            "worst_size": worst["size"],
-            "by_size": {str(r["size"]): r[key] for r in rows},
-        }
+        d[key] = {**judge(*TARGETS[key], worst[key]), "aggregate": "worst size (max)"}
+        d[key].update(worst_size=worst["size"], by_size={str(r["size"]): r[key] for r in rows})
     return d
 
 
@@ -265,29 +239,18 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 def report(res: dict[str, Any]) -> None:
     print_header(res)
     p = res["pairs"]
-    rows = [
-        [
-            format_bytes(r["size"]),
-            fmt_stat(r["core"]),
-            fmt_stat(r["glibc"]),
-            fmt_stat(r["boost"]) if r["boost"] else "skipped",
-            f"{r['core_over_glibc']:.2f}x",
-            f"{r['core_over_boost']:.2f}x" if r["core_over_boost"] else "-",
-        ]
-        for r in p["rows"]
-    ]
-    print_table(
-        [
-            "size",
-            "shmalloc core ns",
-            "glibc malloc ns",
-            "Boost.Interprocess ns",
-            "core/glibc",
-            "core/boost",
-        ],
-        rows,
+    print_columns(
         f"ns per allocate+free pair, called from C ({res['config']['iters']:,} pairs per "
         "trial; median [min-max])",
+        [
+            ("size", lambda r: format_bytes(r["size"])),
+            ("shmalloc core ns", lambda r: fmt_stat(r["core"])),
+            ("glibc malloc ns", lambda r: fmt_stat(r["glibc"])),
+            ("Boost.Interprocess ns", lambda r: fmt_stat(r["boost"]) if r["boost"] else "skipped"),
+            ("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x"),
+            ("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-"),
+        ],
+        p["rows"],
     )
     if not p["boost_available"]:
         print(f"\nBoost.Interprocess skipped: {p['build']['boost']['skipped']}")
@@ -316,30 +279,17 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
-    p.add_argument(
-        "--sizes",
-        default=",".join(map(str, SIZES)),
-        help="comma-separated block sizes in bytes (default 64,1024,16384)",
-    )
-    p.add_argument("--iters", type=int, help="pairs per trial (default 1000000; quick 200000)")
-    p.add_argument(
-        "--rounds", type=int, help="turns of each program, alternating (default 3; quick 2)"
-    )
-    p.add_argument("--per-round", type=int, help="trials per turn (default 3; quick 2)")
-    p.add_argument(
-        "--no-scale",
-        dest="scale",
-        action="store_false",
-        help="skip the 1/2/4-process part (forked C processes on one arena)",
-    )
-    a = p.parse_args(argv)
-    a.sizes = tuple(int(x) for x in a.sizes.split(",") if x)
-    if not a.sizes or any(s < 1 for s in a.sizes) or len(a.sizes) > 16:
+    p = Parser(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
+    sizes = "comma-separated block sizes in bytes, at most 16 (default 64,1024,16384)"
+    p.add_argument("--sizes", type=csv(of=int), default=list(SIZES), help=sizes)
+    p.scaled("--iters", 200_000, 1_000_000, "pairs per trial")
+    p.scaled("--rounds", 2, 3, "turns of each program, alternating")
+    p.scaled("--per-round", 2, 3, "trials per turn")
+    no_scale = "skip the 1/2/4-process part (forked C processes on one arena)"
+    p.add_argument("--no-scale", dest="scale", action="store_false", help=no_scale)
+    a = p.parse(argv)
+    if min(a.sizes) < 1 or len(a.sizes) > 16:
         p.error("--sizes takes 1 to 16 positive sizes")
-    a.iters = a.iters or (200_000 if a.quick else 1_000_000)
-    a.rounds = a.rounds or (2 if a.quick else 3)
-    a.per_round = a.per_round or (2 if a.quick else 3)
 
     def body(res: dict[str, Any], arenas: Any) -> None:
         res["pairs"] = bench(a)

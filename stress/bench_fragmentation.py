@@ -1,37 +1,19 @@
 """Fragmentation: peak arena footprint over peak live bytes on mixed-size allocation traces.
 
-    python -m stress.bench_fragmentation [--quick] [--json PATH] [--traces LIST] [--seeds N]
+Each trace is a deterministic list of allocate/free events with the size and lifetime
+distributions of ``bench_workloads`` (larson, mstress with its rare giants and long-lived blocks,
+xmalloc-test's batches in FIFO order) and one more (random-lifetime: log-uniform sizes from 16 B
+to 1 MiB, exponential lifetimes), replayed into a fresh arena by one process.
 
-Each trace is a deterministic list of allocate/free events, synthesised with the size and
-lifetime distributions of the workloads in ``bench_workloads`` (and one more), and replayed into
-a fresh arena by one process:
+  live       sum of the *requested* bytes of the live blocks; peak live is its maximum
+  footprint  the highest byte ever handed out, less the heap start: its peak over the replay
+  ratio      peak footprint / peak live (target <= 1.25 on every trace), about the product of
+             headers+rounding (peak of the live blocks' whole sizes / peak live) and placement
+             (peak footprint / that)
 
-  larson           C live blocks of 8..1000 B (uniform); each step frees a random one and
-                   allocates a new one
-  mstress          many live blocks of power-of-two sizes with mstress's rare x100 / x1000 /
-                   x10000 giants; rounds free a random half and reallocate, and each round also
-                   allocates long-lived ("retained") blocks that live to the end
-  xmalloc          batches of objects of xmalloc-test's mixed sizes (8..2048 B) plus the batch's
-                   own address array, a few batches in flight, freed in FIFO order
-  random-lifetime  sizes log-uniform between 16 B and 1 MiB, each block living an exponentially
-                   distributed number of allocations (mean --lifetime)
-
-Definitions (per trace and seed):
-  live       sum of the *requested* bytes of the blocks live at a moment; peak live is its maximum
-  footprint  highest byte ever handed out: max(address + size_of(address)) - heap start, over the
-             whole replay (the heap start is the C core's header size); peak footprint is that
-  ratio      peak footprint / peak live: the target is <= 1.25 on every trace
-It is split into two factors that multiply to it (approximately: the peaks can fall at different
-moments): headers+rounding = peak of the live blocks' whole sizes (usable size + block header)
-/ peak live, and placement = peak footprint / that. Also given: ``reserved``, the tmpfs pages the
-arena fallocated (1 MiB steps) over peak live, and the same trace replayed through glibc
-``malloc`` by the C program of ``bench_c`` (``bench_c replay``; its footprint is mallinfo2's
-arena + mmapped bytes less what was in use before, sampled every 16 events and at every new live
-peak, with M_TOP_PAD 0): a reference for what the trace allows. Without a C compiler the glibc
-column is skipped.
-
-Targets are reported, never asserted; the exit code is 0 whether or not they are met. Every
-arena is destroyed on the way out, Ctrl-C included.
+Also given: ``reserved`` (the tmpfs pages the arena fallocated, over peak live), the ratio with
+the caches off, and the same trace through glibc malloc (``bench_c replay``: mallinfo2's arena +
+mmapped bytes, M_TOP_PAD 0) as a reference for what the trace allows; skipped without a compiler.
 """
 
 from __future__ import annotations
@@ -56,12 +38,13 @@ from ._common import (
     Arenas,
     GiB,
     MiB,
-    bench_args,
+    Parser,
     check_interrupt,
+    csv,
     judge,
     make_progress,
+    print_columns,
     print_header,
-    print_table,
     run_bench,
     target_row,
     verdict,
@@ -310,40 +293,23 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(res: dict[str, Any]) -> None:
     print_header(res)
-    rows = [
-        [
-            name,
-            str(r["seed"]),
-            f"{r['events']:,}",
-            format_bytes(r["peak_live"]),
-            format_bytes(r["peak_footprint"]),
-            f"{r['ratio']:.3f}",
-            f"{r['headers_and_rounding']:.3f}",
-            f"{r['placement']:.3f}",
-            f"{r['reserved_ratio']:.2f}",
-            f"{r['no_caches']['ratio']:.3f}",
-            f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-",
-        ]
-        for name, t in res["traces"].items()
-        for r in t["seeds"]
-    ]
-    print_table(
-        [
-            "trace",
-            "seed",
-            "events",
-            "peak live",
-            "peak footprint",
-            "ratio",
-            "hdr+round",
-            "placement",
-            "reserved",
-            "caches off",
-            "glibc ratio",
-        ],
-        rows,
+    print_columns(
         "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
         "hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
+        [
+            ("trace", lambda r: r["trace"]),
+            ("seed", lambda r: str(r["seed"])),
+            ("events", lambda r: f"{r['events']:,}"),
+            ("peak live", lambda r: format_bytes(r["peak_live"])),
+            ("peak footprint", lambda r: format_bytes(r["peak_footprint"])),
+            ("ratio", lambda r: f"{r['ratio']:.3f}"),
+            ("hdr+round", lambda r: f"{r['headers_and_rounding']:.3f}"),
+            ("placement", lambda r: f"{r['placement']:.3f}"),
+            ("reserved", lambda r: f"{r['reserved_ratio']:.2f}"),
+            ("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}"),
+            ("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-"),
+        ],
+        [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]],
     )
     print()
     for key, j in res["derived"].items():
@@ -355,22 +321,13 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "shorter traces, one seed")
-    p.add_argument(
-        "--traces", default=",".join(TRACES), help=f"comma-separated subset of {','.join(TRACES)}"
-    )
-    p.add_argument("--seeds", type=int, help="seeds per trace (default 3; quick 1)")
+    p = Parser(sys.modules[__name__], "shorter traces, one seed")
+    p.add_argument("--traces", type=csv(TRACES), default=list(TRACES), help=",".join(TRACES))
+    p.scaled("--seeds", 1, 3, "seeds per trace")
     p.add_argument("--seed", type=int, default=1, help="first seed")
-    p.add_argument("--scale", type=float, help="trace length multiplier (default 1; quick 0.2)")
+    p.scaled("--scale", 0.2, 1.0, "trace length multiplier", least=0.001)
     p.add_argument("--no-glibc", action="store_true", help="skip the glibc malloc reference")
-    a = p.parse_args(argv)
-    a.traces = [t for t in a.traces.split(",") if t]
-    if not a.traces or set(a.traces) - set(TRACES):
-        p.error(f"--traces takes a subset of {', '.join(TRACES)}")
-    a.seeds = a.seeds or (1 if a.quick else 3)
-    a.scale = a.scale or (0.2 if a.quick else 1.0)
-    if a.seeds < 1 or a.scale <= 0:
-        p.error("--seeds and --scale must be positive")
+    a = p.parse(argv)
     a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
 
     def body(res: dict[str, Any], arenas: Arenas) -> None:

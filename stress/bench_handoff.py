@@ -1,13 +1,9 @@
 """Array hand-off between two processes: shmalloc zero-copy beside pickling and stdlib segments.
 
-    python -m stress.bench_handoff [--quick] [--json PATH] [--trials N]
-
 One hand-off: the producer (this process) holds a numpy array; the consumer (one spawned
-process, started once) must end up with an ndarray of the same data, look at it and let it go;
-the producer learns that it has. Every method uses the same two multiprocessing.Queues, so the
-transport costs the same for all. Measured from the producer, per hand-off, side by side in the
-same run (methods interleaved trial by trial; each figure is the median of the trials, min and
-max also kept):
+process) must end up with an ndarray of the same data, look at it (its first and last element)
+and let it go; the producer learns that it has. Every method uses the same two Queues, so the
+transport costs the same for all. Per hand-off, median of interleaved trials:
 
   memcpy      np.copyto(dst, src) of the same size within one process: the floor for one copy
   ping        a tiny message there and back: the floor for the transport
@@ -20,13 +16,7 @@ max also kept):
               SharedMemory is a block of the benchmark's arena (compat.set_arena in both)
   pickle      put the array itself on the Queue (pickled, written through a pipe, unpickled)
 
-"Reads" is the first and last element: what every method must deliver is an array the consumer
-can use; reading all of it afterwards costs the same whichever way it came. Before timing, each
-method's delivery is checked once with a CRC of the whole array on both sides.
-
-Output: a table on stdout (progress on stderr) and JSON (default
-stress/results/bench_handoff.json). The arena is destroyed and the consumer stopped on the way
-out, Ctrl-C and SIGTERM included.
+Before timing, each method's delivery is checked once with a CRC of the whole array.
 """
 
 from __future__ import annotations
@@ -50,8 +40,8 @@ from ._common import (
     Arenas,
     KiB,
     MiB,
+    Parser,
     Runner,
-    bench_args,
     judge,
     make_progress,
     measure,
@@ -240,10 +230,9 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
-    p.add_argument("--trials", type=int, help="trials per method and size (default 7; quick 3)")
-    a = p.parse_args(argv)
-    a.trials = a.trials or (3 if a.quick else 7)
+    p = Parser(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
+    p.scaled("--trials", 3, 7, "trials per method and size")
+    a = p.parse(argv)
     reps = REPS["quick" if a.quick else "full"]
 
     def body(res: dict[str, Any], arenas: Arenas) -> None:

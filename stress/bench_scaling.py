@@ -1,21 +1,13 @@
 """Scaling curves: cost per operation against live blocks, and throughput against processes.
 
-    python -m stress.bench_scaling [--quick] [--json PATH] [--parts live,procs]
-
-  live   ns per allocate+free pair (public API and C core through cffi, bench_alloc's loops;
-         64 B, 1 KiB, 16 KiB and 256 KiB) with 1e3, 1e4, 1e5 and 1e6 other blocks live
-         (16..1024 B, a quarter of them freed at random first to fragment the heap). Every
-         level's arena is populated first and all levels are timed in the same interleaved
-         trials, so that load changes during the run hit every level alike.
-         Target (issue 7): cost at 1e6 live within 1.2x of 1e3 (judged only when the run
-         reaches 1e6; --quick stops at 1e5).
-  procs  throughput of a loop (allocate 256 B, write 64 B into it, free it) in 1, 2 and 4
-         processes allocating from one shared arena, beside the same loop on a private cffi
-         malloc heap per process. Summed operations per second, median [min-max] of interleaved
-         trials; no target of its own (larson in bench_workloads has the 2-process target).
-
-Targets are reported, never asserted. Every arena is destroyed and every worker joined on the
-way out, Ctrl-C and SIGTERM included.
+live   ns per allocate+free pair (public API and C core, bench_alloc's loops; 64 B to 256 KiB)
+       with 1e3 .. 1e6 other blocks live (16..1024 B, a quarter freed at random first to
+       fragment the heap). Every level's arena is populated first and all levels are timed in
+       the same interleaved trials. Target: cost at 1e6 live within 1.2x of 1e3 (judged only
+       when the run reaches 1e6; --quick stops at 1e5).
+procs  throughput of a loop (allocate 256 B, write 64 B into it, free it) in 1, 2 and 4
+       processes on one shared arena, beside the same loop on a private cffi malloc heap per
+       process: summed operations per second; no target of its own (see bench_workloads).
 """
 
 from __future__ import annotations
@@ -33,18 +25,19 @@ from ._common import (
     GiB,
     KiB,
     MiB,
+    Parser,
     WorkerCtx,
     WorkerPool,
     assert_balanced,
-    bench_args,
+    csv,
     fmt_count,
     fmt_stat,
     judge,
     libc,
     make_progress,
     measure,
+    print_columns,
     print_header,
-    print_table,
     procs_table,
     rotated,
     run_bench,
@@ -87,29 +80,21 @@ def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any
     }
 
 
-def loop_shm(ctx: WorkerCtx, *, arena: str, n: int) -> dict[str, Any]:
-    mgr = ctx.attach(arena)
-    a, d, w = mgr.allocate, mgr.deallocate, mgr.write
+def loop(ctx: WorkerCtx, *, n: int, arena: str = "") -> dict[str, Any]:
+    """n times: allocate, write, free; in ``arena``, or on a private malloc heap without one."""
+    if arena:
+        mgr = ctx.attach(arena)
+        a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
+    else:
+        ffi, c = libc()
+        a, d, w, k = c.malloc, c.free, ffi.memmove, LOOP_WRITE  # k: memmove's length
     data, r = bytes(range(LOOP_WRITE)), range(n)
     ctx.wait()
     t0 = time.perf_counter()
     for _ in r:
         p = a(LOOP_SIZE)
-        w(p, data)
+        w(p, data, k)
         d(p)
-    return {"ops": n, "t0": t0, "t1": time.perf_counter()}
-
-
-def loop_malloc(ctx: WorkerCtx, *, n: int) -> dict[str, Any]:
-    ffi, c = libc()
-    ma, fr, mm = c.malloc, c.free, ffi.memmove
-    data, r = bytes(range(LOOP_WRITE)), range(n)
-    ctx.wait()
-    t0 = time.perf_counter()
-    for _ in r:
-        p = ma(LOOP_SIZE)
-        mm(p, data, LOOP_WRITE)
-        fr(p)
     return {"ops": n, "t0": t0, "t1": time.perf_counter()}
 
 
@@ -160,11 +145,8 @@ def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
             progress(f"procs: trial {t + 1}/{a.trials}")
             for k in a.procs:
                 for m in rotated(list(METHODS), t + k):
-                    kw = {"arena": mgr.name} if m == "shmalloc" else {}
-                    res = pool.run(
-                        loop_shm if m == "shmalloc" else loop_malloc, k, n=a.loop_ops, **kw
-                    )
-                    rates[m][k].append(throughput(res)[0])
+                    arena = mgr.name if m == "shmalloc" else ""
+                    rates[m][k].append(throughput(pool.run(loop, k, n=a.loop_ops, arena=arena))[0])
         assert_balanced(mgr, used0, "procs")
         pool.detach(mgr.name)
     by = {m: {str(k): summarize(rates[m][k]) for k in a.procs} for m in METHODS}
@@ -183,6 +165,9 @@ def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
             for m in METHODS
         },
     }
+
+
+PARTS = {"live": part_live, "procs": part_procs}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -244,21 +229,19 @@ def report(res: dict[str, Any]) -> None:
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
         rows = [
-            [
-                f"{lv['live']:,}",
-                format_bytes(s),
-                fmt_stat(lv["public"][str(s)]),
-                fmt_stat(lv["core"][str(s)]),
-                f"{lv['public'][str(s)]['median'] / base[s]:.2f}x",
-                f"{lv['fragmentation_ratio']:.2f}",
-            ]
-            for lv in sc["levels"]
-            for s in SIZES
+            (lv, s, lv["public"][str(s)], lv["core"][str(s)]) for lv in sc["levels"] for s in SIZES
         ]
-        print_table(
-            ["live blocks", "size", "public ns", "core ns", f"vs {sc['base_live']:,} live", "frag"],
-            rows,
+        print_columns(
             "ns per allocate+free pair with N other blocks live (median [min-max])",
+            [
+                ("live blocks", lambda r: f"{r[0]['live']:,}"),
+                ("size", lambda r: format_bytes(r[1])),
+                ("public ns", lambda r: fmt_stat(r[2])),
+                ("core ns", lambda r: fmt_stat(r[3])),
+                (f"vs {sc['base_live']:,} live", lambda r: f"{r[2]['median'] / base[r[1]]:.2f}x"),
+                ("frag", lambda r: f"{r[0]['fragmentation_ratio']:.2f}"),
+            ],
+            rows,
         )
     if pr:
         procs_table(
@@ -285,35 +268,23 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
-    p.add_argument("--parts", default="live,procs", help="comma-separated: live, procs")
-    p.add_argument("--trials", type=int, help="trials per figure (default 7; quick 3)")
-    p.add_argument(
-        "--max-live",
-        type=int,
-        metavar="N",
-        help="largest live-block level (default 1e6; quick 1e5)",
-    )
-    p.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    p = Parser(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
+    p.add_argument("--parts", type=csv(PARTS), default=list(PARTS), help="live and/or procs")
+    p.scaled("--trials", 3, 7, "trials per figure")
+    p.scaled("--max-live", 100_000, 1_000_000, "largest live-block level")
+    procs = "process counts (default 1,2,4; 1 is always added)"
+    p.add_argument("--procs", type=csv(range(1, 65), int), default=[1, 2, 4], help=procs)
     p.add_argument("--seed", type=int, default=12345)
-    a = p.parse_args(argv)
-    a.parts = [x for x in a.parts.split(",") if x]
-    if not a.parts or set(a.parts) - {"live", "procs"}:
-        p.error("--parts takes live and/or procs")
-    a.procs = sorted({1, *(int(x) for x in a.procs.split(",") if x)})
-    a.trials = a.trials or (3 if a.quick else 7)
-    max_live = a.max_live or (100_000 if a.quick else 1_000_000)
-    a.live_levels = [
-        n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= max_live
-    ] or [1_000]
+    a = p.parse(argv)
+    a.procs = sorted({1, *a.procs})
+    levels = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+    a.live_levels = [n for n in levels if n <= a.max_live] or [1_000]
     a.live_ops = 10_000 if a.quick else 30_000
     a.loop_ops = 20_000 if a.quick else 100_000
-    if a.trials < 1 or not 1 <= max(a.procs) <= 64:
-        p.error("--trials must be positive, --procs between 1 and 64")
 
     def body(res: dict[str, Any], arenas: Arenas) -> None:
         for part in a.parts:
-            res[part] = (part_live if part == "live" else part_procs)(a, arenas)
+            res[part] = PARTS[part](a, arenas)
 
     return run_bench(
         sys.modules[__name__],
