@@ -21,6 +21,7 @@ import platform
 import queue as queue_mod
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -471,6 +472,12 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     return 0
+
+
+def pattern(address: int, gen: int, n: int) -> bytes:
+    """The content a storm or fuzz writes into a block: (address, generation) repeated over its
+    n usable bytes, so that a block moved or overwritten by another one does not pass."""
+    return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
 def signame(rc: int | None) -> str:

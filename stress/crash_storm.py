@@ -35,7 +35,6 @@ import secrets
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocErr
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, child_env, core_handle, signame, write_json
+from ._common import REPO_ROOT, Bar, child_env, core_handle, pattern, signame, write_json
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -63,11 +62,6 @@ ROW = 8
 MAX_LIVE = 48
 MAX_WORKER_ERRORS = 20  # a worker that reported this many errors exits (status 3)
 CORE_SIZES = (16, 24, 64, 100, 200, 500, 1000, 2000, 4000, 6000, 10000, 40000, 70000, 300000)
-
-
-def pattern(address: int, gen: int, n: int) -> bytes:
-    """The content of a block: (address, generation) repeated over its n usable bytes."""
-    return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
 def random_size(rng: random.Random) -> int:
