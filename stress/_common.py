@@ -367,8 +367,10 @@ def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     return {"value": value, "target": target, "op": op, "met": met}
 
 
-def verdict(j: dict[str, Any]) -> str:
-    return "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
+def verdict(j: dict[str, Any], unit: str = "x") -> str:
+    """The target and whether it was met: ``target <= 2x  MET``."""
+    met = "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
+    return f"target {j['op']} {j['target']:g}{unit}  {met}"
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:

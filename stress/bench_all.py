@@ -21,20 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._common import (
-    REPO_ROOT,
-    RESULTS_DIR,
-    Parser,
-    check_interrupt,
-    csv,
-    judge,
-    machine_info,
-    noise_note,
-    print_table,
-    sigterm_as_interrupt,
-    target_row,
-    write_json,
-)
+from . import _common as bench
 
 STATS = ("median", "min", "max")
 ORDER = (
@@ -50,7 +37,7 @@ ORDER = (
 
 def discover() -> list[str]:
     """The benchmark modules in stress/: the known ones in their order, then any others."""
-    found = {p.stem for p in (REPO_ROOT / "stress").glob("bench_*.py")} - {"bench_all"}
+    found = {p.stem for p in (bench.REPO_ROOT / "stress").glob("bench_*.py")} - {"bench_all"}
     return [m for m in ORDER if m in found] + sorted(found - set(ORDER))
 
 
@@ -61,7 +48,12 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
     t0 = time.monotonic()
     latest = ["starting"]
     proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+        cmd,
+        cwd=bench.REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     out: list[str] = []
     with open(a.out_dir / f"{mod}.log", "w") as log:
@@ -83,7 +75,7 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
         shown = ""
         try:
             while proc.poll() is None:
-                check_interrupt()
+                bench.check_interrupt()
                 line = (
                     f"[{index + 1}/{len(a.modules)}] {mod} {time.monotonic() - t0:.0f}s {latest[0]}"
                 )
@@ -141,7 +133,11 @@ def collect_targets(modules: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             rows += [{"source": mod, **r} for r in entry["result"]["targets_summary"]]
         else:
             note = f"status {entry['status']}, exit {entry.get('exit_code')}"
-            rows.append(target_row(f"{mod} did not run to the end", judge("<", 0, None), "", note))
+            rows.append(
+                bench.target_row(
+                    f"{mod} did not run to the end", bench.judge("<", 0, None), "", note
+                )
+            )
             rows[-1].update(source=mod, op=None, target=None)
     return rows
 
@@ -161,7 +157,7 @@ def cells(r: dict[str, Any]) -> list[str]:
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     headers = ["module", "target", "goal", "measured", "met"]
-    print_table(headers, [cells(r) for r in rows], "Summary of every target", left=True)
+    bench.print_table(headers, [cells(r) for r in rows], "Summary of every target", left=True)
     judged = [r for r in rows if r["met"] is not None]
     print(f"\n{sum(r['met'] for r in judged)} of {len(judged)} judged targets met")
 
@@ -184,8 +180,8 @@ def write_markdown(
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
     notes = [f"- {r['name']}: {r['note']}" for r in rows if r["note"]]
     lines += ["", "Notes:", "", *notes] if notes else []
-    if noise_note(machine):
-        lines += ["", f"Caveat: {noise_note(machine)}."]
+    if bench.noise_note(machine):
+        lines += ["", f"Caveat: {bench.noise_note(machine)}."]
     if quick:
         lines += [
             "",
@@ -240,11 +236,13 @@ def write_plot(path: Path, modules: dict[str, dict[str, Any]]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "pass --quick to every module", results=None)
-    where = f"JSON, logs and summaries (default: {RESULTS_DIR.relative_to(REPO_ROOT)})"
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, metavar="DIR", help=where)
-    p.add_argument("--only", type=csv(), help="comma-separated modules to run (default: all)")
-    p.add_argument("--skip", type=csv(), default=[], help="comma-separated modules not to run")
+    p = bench.Parser(sys.modules[__name__], "pass --quick to every module", results=None)
+    where = f"JSON, logs and summaries (default: {bench.RESULTS_DIR.relative_to(bench.REPO_ROOT)})"
+    p.add_argument("--out-dir", type=Path, default=bench.RESULTS_DIR, metavar="DIR", help=where)
+    p.add_argument("--only", type=bench.csv(), help="comma-separated modules to run (default: all)")
+    p.add_argument(
+        "--skip", type=bench.csv(), default=[], help="comma-separated modules not to run"
+    )
     no_echo = "do not print each module's own tables (they are saved as .txt)"
     p.add_argument("--no-echo", dest="echo", action="store_false", help=no_echo)
     timeout = "seconds one module may take (default 3600)"
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     modules: dict[str, dict[str, Any]] = {}
     try:
-        with sigterm_as_interrupt():
+        with bench.sigterm_as_interrupt():
             for i, mod in enumerate(a.modules):
                 try:
                     modules[mod] = run_module(mod, a, i)
@@ -278,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    machine = machine_info()
+    machine = bench.machine_info()
     rows = collect_targets(modules)
     failed = [m for m, e in modules.items() if e["status"] != "ok"]
     res = {
@@ -286,18 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 1,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
-        "noise_note": noise_note(machine),
+        "noise_note": bench.noise_note(machine),
         "config": {"quick": a.quick, "modules": a.modules},
         "elapsed_seconds": time.monotonic() - t0,
         "modules": modules,
         "summary": rows,
     }
-    write_json(a.out_dir / "all.json", res)
+    bench.write_json(a.out_dir / "all.json", res)
     write_markdown(a.out_dir / "summary.md", rows, machine, a.quick, failed)
     plotted = write_plot(a.out_dir / "summary.png", modules)
     print_summary(rows)
-    if noise_note(machine):
-        print(f"NOTE: {noise_note(machine)}")
+    if bench.noise_note(machine):
+        print(f"NOTE: {bench.noise_note(machine)}")
     print(
         f"\nwritten to {a.out_dir}: all.json, summary.md{', summary.png' if plotted else ''} "
         f"({res['elapsed_seconds']:.0f} s total)"

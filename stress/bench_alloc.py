@@ -27,42 +27,22 @@ from shmalloc import MemoryManager
 from shmalloc._binding import lib
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    KiB,
-    MiB,
-    Parser,
-    Runner,
-    assert_balanced,
-    core_handle,
-    csv,
-    fmt_ns,
-    fmt_stat,
-    judge,
-    libc,
-    make_progress,
-    measure,
-    pair_loop,
-    print_columns,
-    print_header,
-    run_bench,
-    target_row,
-    verdict,
-)
+from . import _common as bench
+from ._common import KiB, MiB
 
 SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB]
 COLLECTOR_SIZE = 1 * KiB
 TARGETS = {"public_over_malloc": ("<=", 2.0), "stdlib_over_public": (">=", 100.0)}
-progress = make_progress("bench_alloc")
+progress = bench.make_progress("bench_alloc")
 
 
-def public_pair(mgr: MemoryManager, size: int) -> Runner:
-    return pair_loop(mgr.allocate, mgr.deallocate, size)
+def public_pair(mgr: MemoryManager, size: int) -> bench.Runner:
+    return bench.pair_loop(mgr.allocate, mgr.deallocate, size)
 
 
-def core_pair(mgr: MemoryManager, size: int) -> Runner:
+def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
     """The C core's pair, handle and slot bound outside the loop: only the two C calls."""
-    h, slot = core_handle(mgr)
+    h, slot = bench.core_handle(mgr)
     sa, sf = lib.shm_alloc, lib.shm_free
 
     def run(n: int) -> int:
@@ -75,33 +55,33 @@ def core_pair(mgr: MemoryManager, size: int) -> Runner:
     return run
 
 
-def stdlib_pair(size: int) -> Runner:
+def stdlib_pair(size: int) -> bench.Runner:
     def create_unlink(s: int) -> Any:
         shm = shared_memory.SharedMemory(create=True, size=s)
         shm.close()
         shm.unlink()
 
-    return pair_loop(create_unlink, lambda _: None, size)
+    return bench.pair_loop(create_unlink, lambda _: None, size)
 
 
-def bench_pairs(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(256 * MiB)
     used0 = mgr.stats().used
-    _, c = libc()
+    _, c = bench.libc()
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
-        fast = measure(
+        fast = bench.measure(
             {
                 "public": public_pair(mgr, size),
                 "core": core_pair(mgr, size),
-                "cffi_malloc": pair_loop(c.malloc, c.free, size),
+                "cffi_malloc": bench.pair_loop(c.malloc, c.free, size),
             },
             cfg.ops,
             cfg.trials,
         )
-        assert_balanced(mgr, used0, f"pair size {size}")
-        slow = measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
+        bench.assert_balanced(mgr, used0, f"pair size {size}")
+        slow = bench.measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
         pub = fast["public"]["median"]
         rows.append(
             {
@@ -114,11 +94,11 @@ def bench_pairs(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
                 "stdlib_over_public": slow["stdlib_shm"]["median"] / pub,
             }
         )
-    empty = measure({"loop": pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
+    empty = bench.measure({"loop": bench.pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
     return {"sizes": SIZES, "rows": rows, "two_calls_of_id_ns": empty}
 
 
-def bench_collector(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+def bench_collector(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(64 * MiB)
     used0 = mgr.stats().used
     base = public_pair(mgr, COLLECTOR_SIZE)
@@ -131,8 +111,8 @@ def bench_collector(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
             mgr.set_collector(None)
 
     progress(f"collector: size {COLLECTOR_SIZE}")
-    res = measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
-    assert_balanced(mgr, used0, "collector")
+    res = bench.measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
+    bench.assert_balanced(mgr, used0, "collector")
     return {
         "size": COLLECTOR_SIZE,
         "collector": "lambda e: None",
@@ -149,7 +129,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
         for key, worst in (("public_over_malloc", max), ("stdlib_over_public", min)):
             v, size = worst((r[key], r["size"]) for r in rows)
             d[key] = {
-                **judge(*TARGETS[key], v),
+                **bench.judge(*TARGETS[key], v),
                 "aggregate": f"worst size ({worst.__name__})",
                 "worst_size": size,
                 "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows)),
@@ -174,7 +154,7 @@ LABELS = {
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     return [
-        target_row(
+        bench.target_row(
             label,
             j,
             "x",
@@ -186,34 +166,34 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     cfg, d = res["config"], res["derived"]
     if res.get("pair"):
-        print_columns(
+        bench.print_columns(
             f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
             f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
             f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
             "(not subtracted)",
             [
                 ("size", lambda r: format_bytes(r["size"])),
-                *((f"{k} ns", lambda r, k=k: fmt_stat(r[k])) for k in ("public", "core")),
-                ("cffi malloc ns", lambda r: fmt_stat(r["cffi_malloc"])),
-                ("stdlib SharedMemory ns", lambda r: fmt_stat(r["stdlib_shm"])),
-                ("wrapper ns", lambda r: fmt_ns(r["wrapper_ns"])),
+                *((f"{k} ns", lambda r, k=k: bench.fmt_stat(r[k])) for k in ("public", "core")),
+                ("cffi malloc ns", lambda r: bench.fmt_stat(r["cffi_malloc"])),
+                ("stdlib SharedMemory ns", lambda r: bench.fmt_stat(r["stdlib_shm"])),
+                ("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"])),
                 ("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x"),
                 ("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x"),
             ],
             res["pair"]["rows"],
         )
     if res.get("collector"):
-        print_columns(
+        bench.print_columns(
             "Event collector: public pair with mgr.set_collector(lambda e: None) vs None",
             [
                 ("size", lambda c: format_bytes(c["size"])),
-                ("without ns", lambda c: fmt_stat(c["without"])),
-                ("with ns", lambda c: fmt_stat(c["with"])),
+                ("without ns", lambda c: bench.fmt_stat(c["without"])),
+                ("with ns", lambda c: bench.fmt_stat(c["with"])),
                 ("with/without", lambda c: f"{c['ratio']:.2f}x"),
-                ("added ns", lambda c: fmt_ns(c["added_ns"])),
+                ("added ns", lambda c: bench.fmt_ns(c["added_ns"])),
             ],
             [res["collector"]],
         )
@@ -223,7 +203,7 @@ def report(res: dict[str, Any]) -> None:
             j = d[key]
             print(
                 f"  {label}: {j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}), "
-                f"{j['geomean']:.2f}x geomean   target {j['op']} {j['target']:g}x  {verdict(j)}"
+                f"{j['geomean']:.2f}x geomean   {bench.verdict(j)}"
             )
     if "public_over_core" in d:
         j = d["public_over_core"]
@@ -240,18 +220,20 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
-    p.add_argument("--parts", type=csv(PARTS), default=list(PARTS), help="pair and/or collector")
+    p = bench.Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
+    p.add_argument(
+        "--parts", type=bench.csv(PARTS), default=list(PARTS), help="pair and/or collector"
+    )
     p.scaled("--trials", 5, 9, "trials per measurement")
     p.scaled("--ops", 20_000, 50_000, "operations per trial")
     a = p.parse(argv)
     a.stdlib_ops = min(a.ops, 200 if a.quick else 1000)
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         for part in a.parts:
             res[part] = PARTS[part](a, arenas)
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}

@@ -26,28 +26,14 @@ from typing import Any
 
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    REPO_ROOT,
-    Parser,
-    csv,
-    fmt_stat,
-    judge,
-    make_progress,
-    print_columns,
-    print_header,
-    procs_table,
-    run_bench,
-    summarize,
-    target_row,
-    verdict,
-)
+from . import _common as bench
 
-progress = make_progress("bench_c")
+progress = bench.make_progress("bench_c")
 SIZES = [64, 1024, 16384]
 PROCS = (1, 2, 4)
 SCALE_SIZE = 64
-C_SOURCE = REPO_ROOT / "stress" / "bench_c.c"
-BOOST_SOURCE = REPO_ROOT / "stress" / "bench_c_boost.cpp"
+C_SOURCE = bench.REPO_ROOT / "stress" / "bench_c.c"
+BOOST_SOURCE = bench.REPO_ROOT / "stress" / "bench_c_boost.cpp"
 BOOST_HEADERS = Path("/usr/include/boost/interprocess")
 CORE_FLAGS = ["-O2", "-std=gnu11", "-DNDEBUG", "-DSHMALLOC_DEBUG=0"]
 BOOST_FLAGS = ["-O2", "-std=c++17", "-DNDEBUG"]
@@ -83,7 +69,7 @@ def _build(
     for s in sources:
         h.update(s.name.encode())
         h.update(s.read_bytes())
-    for hdr in sorted((REPO_ROOT / "native").glob("*.h")):
+    for hdr in sorted((bench.REPO_ROOT / "native").glob("*.h")):
         h.update(hdr.read_bytes())
     digest = h.hexdigest()[:16]
     out = CACHE_DIR / f"{name}-{digest}"
@@ -98,7 +84,7 @@ def _build(
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
     r = subprocess.run(
-        command(tmp), capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False
+        command(tmp), capture_output=True, text=True, cwd=bench.REPO_ROOT, timeout=600, check=False
     )
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -110,9 +96,13 @@ def _build(
 
 def build_core() -> tuple[Path, dict[str, Any]]:
     """bench_c.c with the C core, built as native/build_ffi.py builds the core (release)."""
-    sources = sorted((REPO_ROOT / "native").glob("*.c")) + [C_SOURCE]
+    sources = sorted((bench.REPO_ROOT / "native").glob("*.c")) + [C_SOURCE]
     return _build(
-        "bench_c", "cc", [*CORE_FLAGS, "-I" + str(REPO_ROOT / "native")], sources, ["-lpthread"]
+        "bench_c",
+        "cc",
+        [*CORE_FLAGS, "-I" + str(bench.REPO_ROOT / "native")],
+        sources,
+        ["-lpthread"],
     )
 
 
@@ -167,7 +157,7 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
             out = _run_json([str(core), "scale", str(k), str(iters), str(SCALE_SIZE)], 600)
             got[k]["core"].append(out["core_pairs_per_s"])
             got[k]["glibc"].append(out["glibc_pairs_per_s"])
-    by = {m: {str(k): summarize(got[k][m]) for k in PROCS} for m in ("core", "glibc")}
+    by = {m: {str(k): bench.summarize(got[k][m]) for k in PROCS} for m in ("core", "glibc")}
     return {
         "procs": list(PROCS),
         "size": SCALE_SIZE,
@@ -181,7 +171,7 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
     }
 
 
-def bench(a: Any) -> dict[str, Any]:
+def run_pairs_and_scale(a: Any) -> dict[str, Any]:
     progress("building the C program (core + glibc)")
     core, core_info = build_core()
     progress("building the Boost.Interprocess program")
@@ -192,7 +182,8 @@ def bench(a: Any) -> dict[str, Any]:
     rows = []
     for s in a.sizes:
         row = {
-            k: summarize(v, ops_per_trial=a.iters) if v else None for k, v in trials[str(s)].items()
+            k: bench.summarize(v, ops_per_trial=a.iters) if v else None
+            for k, v in trials[str(s)].items()
         }
         ns, boost_ns = row["core"]["median"], row["boost"] and row["boost"]["median"]
         row.update(size=s, core_over_glibc=ns / row["glibc"]["median"])
@@ -211,10 +202,10 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     for key in TARGETS:
         if key == "core_over_boost" and not res["pairs"]["boost_available"]:
             skipped = res["pairs"]["build"]["boost"]["skipped"]
-            d[key] = {**judge(*TARGETS[key], None), "skipped": skipped}
+            d[key] = {**bench.judge(*TARGETS[key], None), "skipped": skipped}
             continue
         worst = max(rows, key=lambda r: r[key])
-        d[key] = {**judge(*TARGETS[key], worst[key]), "aggregate": "worst size (max)"}
+        d[key] = {**bench.judge(*TARGETS[key], worst[key]), "aggregate": "worst size (max)"}
         d[key].update(worst_size=worst["size"], by_size={str(r["size"]): r[key] for r in rows})
     return d
 
@@ -232,21 +223,24 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
             if r[other]
         ]
         note = "skipped: " + j["skipped"] if j["value"] is None else " ns, ".join(vs) + " ns"
-        out.append(target_row(f"C core pair / {label}", j, "x", note))
+        out.append(bench.target_row(f"C core pair / {label}", j, "x", note))
     return out
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     p = res["pairs"]
-    print_columns(
+    bench.print_columns(
         f"ns per allocate+free pair, called from C ({res['config']['iters']:,} pairs per "
         "trial; median [min-max])",
         [
             ("size", lambda r: format_bytes(r["size"])),
-            ("shmalloc core ns", lambda r: fmt_stat(r["core"])),
-            ("glibc malloc ns", lambda r: fmt_stat(r["glibc"])),
-            ("Boost.Interprocess ns", lambda r: fmt_stat(r["boost"]) if r["boost"] else "skipped"),
+            ("shmalloc core ns", lambda r: bench.fmt_stat(r["core"])),
+            ("glibc malloc ns", lambda r: bench.fmt_stat(r["glibc"])),
+            (
+                "Boost.Interprocess ns",
+                lambda r: bench.fmt_stat(r["boost"]) if r["boost"] else "skipped",
+            ),
             ("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x"),
             ("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-"),
         ],
@@ -256,7 +250,7 @@ def report(res: dict[str, Any]) -> None:
         print(f"\nBoost.Interprocess skipped: {p['build']['boost']['skipped']}")
     sc = p["scale"]
     if sc:
-        procs_table(
+        bench.procs_table(
             f"{format_bytes(sc['size'])} allocate+free pairs per second summed over "
             f"forked processes ({sc['iters_per_process']:,} core / "
             f"{sc['malloc_iters_per_process']:,} malloc pairs each; no target)",
@@ -271,17 +265,14 @@ def report(res: dict[str, Any]) -> None:
         if j["value"] is None:
             print(f"  core pair / {label} pair: skipped (not judged)")
         else:
-            print(
-                f"  core pair / {label} pair: {j['value']:.2f}x worst (at "
-                f"{format_bytes(j['worst_size'])})   target {j['op']} {j['target']:g}x  "
-                f"{verdict(j)}"
-            )
+            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
+            print(f"  core pair / {label} pair: {worst}   {bench.verdict(j)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
+    p = bench.Parser(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
     sizes = "comma-separated block sizes in bytes, at most 16 (default 64,1024,16384)"
-    p.add_argument("--sizes", type=csv(of=int), default=list(SIZES), help=sizes)
+    p.add_argument("--sizes", type=bench.csv(of=int), default=list(SIZES), help=sizes)
     p.scaled("--iters", 200_000, 1_000_000, "pairs per trial")
     p.scaled("--rounds", 2, 3, "turns of each program, alternating")
     p.scaled("--per-round", 2, 3, "trials per turn")
@@ -292,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--sizes takes 1 to 16 positive sizes")
 
     def body(res: dict[str, Any], arenas: Any) -> None:
-        res["pairs"] = bench(a)
+        res["pairs"] = run_pairs_and_scale(a)
 
     try:
-        return run_bench(
+        return bench.run_bench(
             sys.modules[__name__],
             a,
             {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}

@@ -29,22 +29,12 @@ from shmalloc import MemoryManager
 from shmalloc._binding import ffi, lib
 from shmalloc.coordinator import DEFAULT_INTERVAL, coordinator_command, lease_holder
 
-from ._common import (
-    Arenas,
-    Parser,
-    core_handle,
-    judge,
-    make_progress,
-    print_header,
-    print_table,
-    run_bench,
-    target_row,
-)
+from . import _common as bench
 
 ARENA = 256 << 20
 VICTIM_BLOCKS = [4096, 65536, 300, 1 << 20, 12345, 777, 8192, 100_000]
 TARGETS = {"worst_reclaim_ms": ("<", 1000.0), "idle_cpu_percent": ("<", 1.0)}
-log = make_progress("bench_coordinator")
+log = bench.make_progress("bench_coordinator")
 
 
 class Workers:
@@ -100,7 +90,7 @@ class SlotWatch:
     """Is (pid's slot) still taken? One lock-free read of one slot, so polling it is cheap."""
 
     def __init__(self, m: MemoryManager, pid: int) -> None:
-        self.h = core_handle(m)[0]
+        self.h = bench.core_handle(m)[0]
         self.pid = pid
         self.slot = next(p.slot for p in m.processes() if p.pid == pid)
         self.info = ffi.new("shm_proc_info_t *")
@@ -122,7 +112,7 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
+def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
     m = arenas.new(ARENA)
     workers = Workers(m)
     coord: subprocess.Popen[bytes] | None = None
@@ -201,21 +191,23 @@ def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
     return {
-        "worst_reclaim_ms": judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
-        "idle_cpu_percent": judge(*TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]),
+        "worst_reclaim_ms": bench.judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
+        "idle_cpu_percent": bench.judge(
+            *TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]
+        ),
     }
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     d = res["derived"]
     return [
-        target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
-        target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
+        bench.target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
+        bench.target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
     ]
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     c, r, u, d = res["config"], res["reclaim"], res["idle_cpu"], res["derived"]
     kill9, met = "reclaim after kill -9,", {True: "met", False: "NOT met"}
     cpu = f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
@@ -248,11 +240,11 @@ def report(res: dict[str, Any]) -> None:
         ],
         ["exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""],
     ]
-    print_table(["measure", "value", "notes"], rows, f"interval {c['interval']} s", left=True)
+    bench.print_table(["measure", "value", "notes"], rows, f"interval {c['interval']} s", left=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
+    p = bench.Parser(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
     p.scaled("--procs", 16, 64, "idle attached processes")
     p.scaled("--kills", 5, 20, "victims killed with SIGKILL")
     p.scaled("--seconds", 3.0, 10.0, "idle CPU measurement", least=0.1)
@@ -261,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
     config = {k: getattr(a, k) for k in ("procs", "kills", "seconds", "interval")}
     config.update(arena_bytes=ARENA, victim_blocks=VICTIM_BLOCKS)
-    return run_bench(sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas))
+    return bench.run_bench(
+        sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas)
+    )
 
 
 if __name__ == "__main__":

@@ -34,25 +34,12 @@ from typing import Any
 from shmalloc._binding import ffi, lib
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    GiB,
-    MiB,
-    Parser,
-    check_interrupt,
-    csv,
-    judge,
-    make_progress,
-    print_columns,
-    print_header,
-    run_bench,
-    target_row,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB, MiB
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
 
-progress = make_progress("bench_fragmentation")
+progress = bench.make_progress("bench_fragmentation")
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
 TARGET = ("<=", 1.25)
 TARGETS = {"footprint_over_live": TARGET}
@@ -149,7 +136,7 @@ GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
 
 
 def replay_shmalloc(
-    trace: list[Event], arenas: Arenas, capacity: int, caches: bool = True
+    trace: list[Event], arenas: bench.Arenas, capacity: int, caches: bool = True
 ) -> dict[str, Any]:
     """Replay into a fresh arena; caches=False turns the per-process caches off (heap only)."""
     mgr = arenas.new(capacity)
@@ -229,7 +216,7 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def run(a: Any, arenas: Arenas) -> dict[str, Any]:
+def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     out: dict[str, Any] = {}
     binary = None
     if not a.no_glibc:
@@ -240,7 +227,7 @@ def run(a: Any, arenas: Arenas) -> dict[str, Any]:
     for name in a.traces:
         per_seed = []
         for seed in range(a.seed, a.seed + a.seeds):
-            check_interrupt()
+            bench.check_interrupt()
             trace = list(GENERATORS[name](random.Random(f"{name}:{seed}"), a.scale))
             progress(f"{name}: seed {seed}, {sum(e[0] > 0 for e in trace):,} allocations")
             r = replay_shmalloc(trace, arenas, a.capacity)
@@ -259,7 +246,7 @@ def run(a: Any, arenas: Arenas) -> dict[str, Any]:
 def derive(res: dict[str, Any]) -> dict[str, Any]:
     d = {
         f"fragmentation_{name}": {
-            **judge(*TARGET, t["worst_ratio"]),
+            **bench.judge(*TARGET, t["worst_ratio"]),
             "trace": name,
             "aggregate": "worst seed (max)",
         }
@@ -281,7 +268,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         if w["glibc"]:
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
         rows.append(
-            target_row(
+            bench.target_row(
                 f"fragmentation, {name} trace (footprint/live)",
                 res["derived"][f"fragmentation_{name}"],
                 "x",
@@ -292,8 +279,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
-    print_columns(
+    bench.print_header(res)
+    bench.print_columns(
         "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
         "hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
         [
@@ -314,15 +301,12 @@ def report(res: dict[str, Any]) -> None:
     print()
     for key, j in res["derived"].items():
         if key != "fragmentation_worst":
-            print(
-                f"  {j['trace']:<16} worst ratio {j['value']:.3f}   target <= {j['target']:g}"
-                f"  {verdict(j)}"
-            )
+            print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   {bench.verdict(j, '')}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "shorter traces, one seed")
-    p.add_argument("--traces", type=csv(TRACES), default=list(TRACES), help=",".join(TRACES))
+    p = bench.Parser(sys.modules[__name__], "shorter traces, one seed")
+    p.add_argument("--traces", type=bench.csv(TRACES), default=list(TRACES), help=",".join(TRACES))
     p.scaled("--seeds", 1, 3, "seeds per trace")
     p.add_argument("--seed", type=int, default=1, help="first seed")
     p.scaled("--scale", 0.2, 1.0, "trace length multiplier", least=0.001)
@@ -330,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
     a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         res["traces"] = run(a, arenas)
 
     config = {
@@ -343,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "heap_start": int(lib.shm_header_size()),
         "random_lifetime_sizes": [16, 1 * MiB],
     }
-    return run_bench(sys.modules[__name__], a, config, body)
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

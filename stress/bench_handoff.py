@@ -36,20 +36,8 @@ from shmalloc import MemoryManager, compat
 from shmalloc.arrays import SharedArray, share_array
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    KiB,
-    MiB,
-    Parser,
-    Runner,
-    judge,
-    make_progress,
-    measure,
-    print_header,
-    print_table,
-    run_bench,
-    target_row,
-)
+from . import _common as bench
+from ._common import KiB, MiB
 
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 METHODS = ["memcpy", "ping", "shmalloc", "compat_shm", "stdlib_shm", "pickle"]
@@ -61,7 +49,7 @@ REPS = {
 }
 TARGETS = {"pickle_over_shmalloc": (">=", 10.0), "shmalloc_over_memcpy": ("<=", 2.0)}
 TIMEOUT = 120.0
-progress = make_progress("bench_handoff")
+progress = bench.make_progress("bench_handoff")
 
 
 # ------------------------------------------------------------------------------ the consumer
@@ -148,7 +136,7 @@ class Bench:
                 shm.unlink()
         raise ValueError(method)
 
-    def runner(self, method: str, a: Any) -> Runner:
+    def runner(self, method: str, a: Any) -> bench.Runner:
         """A function that runs n hand-offs and returns the nanoseconds they took."""
         dst = np.empty_like(a) if method == "memcpy" else None
 
@@ -180,7 +168,7 @@ def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
         "size": size,
         "reps": reps,
         "verified": True,
-        **measure({m: b.runner(m, a) for m in METHODS}, reps, trials),
+        **bench.measure({m: b.runner(m, a) for m in METHODS}, reps, trials),
     }
     med = {m: row[m]["median"] for m in METHODS}
     row["pickle_over_shmalloc"] = med["pickle"] / med["shmalloc"]
@@ -203,8 +191,8 @@ RATIOS = {
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
-    print_table(
+    bench.print_header(res)
+    bench.print_table(
         ["size", *METHODS, *RATIOS],
         [
             [format_bytes(r["size"])]
@@ -221,7 +209,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 7's two 1 MiB targets."""
     row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
     return [
-        target_row(f"1 MiB hand-off: {label}", judge(*TARGETS[key], row[key]))
+        bench.target_row(f"1 MiB hand-off: {label}", bench.judge(*TARGETS[key], row[key]))
         for key, label in (
             ("pickle_over_shmalloc", "Queue (pickle) / shmalloc"),
             ("shmalloc_over_memcpy", "shmalloc / one memcpy"),
@@ -230,12 +218,12 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
+    p = bench.Parser(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
     p.scaled("--trials", 3, 7, "trials per method and size")
     a = p.parse(argv)
     reps = REPS["quick" if a.quick else "full"]
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         mgr = arenas.new(max(SIZES) * 4)
         ctx = mp.get_context("spawn")
         requests, replies = ctx.Queue(), ctx.Queue()
@@ -265,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float64",
         "consumer": "spawned process, reads first and last element",
     }
-    return run_bench(sys.modules[__name__], a, config, body)
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

@@ -20,35 +20,11 @@ from typing import Any
 from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    GiB,
-    KiB,
-    MiB,
-    Parser,
-    WorkerCtx,
-    WorkerPool,
-    assert_balanced,
-    csv,
-    fmt_count,
-    fmt_stat,
-    judge,
-    libc,
-    make_progress,
-    measure,
-    print_columns,
-    print_header,
-    procs_table,
-    rotated,
-    run_bench,
-    summarize,
-    target_row,
-    throughput,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB, KiB, MiB
 from .bench_alloc import core_pair, public_pair
 
-progress = make_progress("bench_scaling")
+progress = bench.make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
@@ -80,13 +56,13 @@ def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any
     }
 
 
-def loop(ctx: WorkerCtx, *, n: int, arena: str = "") -> dict[str, Any]:
+def loop(ctx: bench.WorkerCtx, *, n: int, arena: str = "") -> dict[str, Any]:
     """n times: allocate, write, free; in ``arena``, or on a private malloc heap without one."""
     if arena:
         mgr = ctx.attach(arena)
         a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
     else:
-        ffi, c = libc()
+        ffi, c = bench.libc()
         a, d, w, k = c.malloc, c.free, ffi.memmove, LOOP_WRITE  # k: memmove's length
     data, r = bytes(range(LOOP_WRITE)), range(n)
     ctx.wait()
@@ -98,7 +74,7 @@ def loop(ctx: WorkerCtx, *, n: int, arena: str = "") -> dict[str, Any]:
     return {"ops": n, "t0": t0, "t1": time.perf_counter()}
 
 
-def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
+def part_live(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     rng = random.Random(a.seed)
     levels, mgrs, runners = [], [], {}
     for live in a.live_levels:
@@ -111,10 +87,10 @@ def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
             runners[f"{live}/public/{size}"] = public_pair(mgr, size)
             runners[f"{live}/core/{size}"] = core_pair(mgr, size)
     progress(f"live: timing {len(runners)} pair loops, all levels interleaved")
-    res = measure(runners, a.live_ops, a.trials)
+    res = bench.measure(runners, a.live_ops, a.trials)
     for info, mgr in zip(levels, mgrs, strict=True):
         live = info["live"]
-        assert_balanced(mgr, info["used_bytes"], f"scaling {live}")
+        bench.assert_balanced(mgr, info["used_bytes"], f"scaling {live}")
         for kind in ("public", "core"):
             info[kind] = {str(s): res[f"{live}/{kind}/{s}"] for s in SIZES}
         arenas.drop(mgr)
@@ -135,21 +111,23 @@ def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
     }
 
 
-def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
+def part_procs(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(1 * GiB)
     rates: dict[str, dict[int, list[float]]] = {m: {k: [] for k in a.procs} for m in METHODS}
     progress(f"procs: starting {max(a.procs)} worker processes")
-    with WorkerPool(max(a.procs)) as pool:
+    with bench.WorkerPool(max(a.procs)) as pool:
         used0 = mgr.stats().used
         for t in range(a.trials):
             progress(f"procs: trial {t + 1}/{a.trials}")
             for k in a.procs:
-                for m in rotated(list(METHODS), t + k):
+                for m in bench.rotated(list(METHODS), t + k):
                     arena = mgr.name if m == "shmalloc" else ""
-                    rates[m][k].append(throughput(pool.run(loop, k, n=a.loop_ops, arena=arena))[0])
-        assert_balanced(mgr, used0, "procs")
+                    rates[m][k].append(
+                        bench.throughput(pool.run(loop, k, n=a.loop_ops, arena=arena))[0]
+                    )
+        bench.assert_balanced(mgr, used0, "procs")
         pool.detach(mgr.name)
-    by = {m: {str(k): summarize(rates[m][k]) for k in a.procs} for m in METHODS}
+    by = {m: {str(k): bench.summarize(rates[m][k]) for k in a.procs} for m in METHODS}
     return {
         "procs": list(a.procs),
         "size": LOOP_SIZE,
@@ -176,7 +154,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if sc:
         ratios = sc["ratio_max_over_base"]["public"]
         worst = max(ratios, key=lambda k: ratios[k])
-        j = judge(*TARGET, ratios[worst])
+        j = bench.judge(*TARGET, ratios[worst])
         if sc["max_live"] < 1_000_000:
             j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
         lv = sc["levels"]
@@ -203,6 +181,10 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def levels(j: dict[str, Any]) -> str:
+    return f"{bench.fmt_count(j['max_live'])} live / at {bench.fmt_count(j['base_live'])}"
+
+
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     j = res["derived"].get("scaling_max_over_1e3")
     if not j:
@@ -214,8 +196,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
     return [
-        target_row(
-            f"pair cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])} live",
+        bench.target_row(
+            f"pair cost at {levels(j)} live",
             j,
             "x",
             note,
@@ -224,27 +206,27 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     sc, pr, d = res.get("live"), res.get("procs"), res["derived"]
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
         rows = [
             (lv, s, lv["public"][str(s)], lv["core"][str(s)]) for lv in sc["levels"] for s in SIZES
         ]
-        print_columns(
+        bench.print_columns(
             "ns per allocate+free pair with N other blocks live (median [min-max])",
             [
                 ("live blocks", lambda r: f"{r[0]['live']:,}"),
                 ("size", lambda r: format_bytes(r[1])),
-                ("public ns", lambda r: fmt_stat(r[2])),
-                ("core ns", lambda r: fmt_stat(r[3])),
+                ("public ns", lambda r: bench.fmt_stat(r[2])),
+                ("core ns", lambda r: bench.fmt_stat(r[3])),
                 (f"vs {sc['base_live']:,} live", lambda r: f"{r[2]['median'] / base[r[1]]:.2f}x"),
                 ("frag", lambda r: f"{r[0]['fragmentation_ratio']:.2f}"),
             ],
             rows,
         )
     if pr:
-        procs_table(
+        bench.procs_table(
             f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
             "over processes (loops/s)",
             pr["procs"],
@@ -254,10 +236,10 @@ def report(res: dict[str, Any]) -> None:
     if "scaling_max_over_1e3" in d:
         j = d["scaling_max_over_1e3"]
         print(
-            f"\n  cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])}: "
+            f"\n  cost at {levels(j)}: "
             f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
             f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)   "
-            f"target <= {j['target']:g}x (at 1e6)  {verdict(j)}"
+            f"{bench.verdict(j)} (at 1e6)"
         )
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
@@ -268,12 +250,12 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
-    p.add_argument("--parts", type=csv(PARTS), default=list(PARTS), help="live and/or procs")
+    p = bench.Parser(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
+    p.add_argument("--parts", type=bench.csv(PARTS), default=list(PARTS), help="live and/or procs")
     p.scaled("--trials", 3, 7, "trials per figure")
     p.scaled("--max-live", 100_000, 1_000_000, "largest live-block level")
     procs = "process counts (default 1,2,4; 1 is always added)"
-    p.add_argument("--procs", type=csv(range(1, 65), int), default=[1, 2, 4], help=procs)
+    p.add_argument("--procs", type=bench.csv(range(1, 65), int), default=[1, 2, 4], help=procs)
     p.add_argument("--seed", type=int, default=12345)
     a = p.parse(argv)
     a.procs = sorted({1, *a.procs})
@@ -282,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     a.live_ops = 10_000 if a.quick else 30_000
     a.loop_ops = 20_000 if a.quick else 100_000
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         for part in a.parts:
             res[part] = PARTS[part](a, arenas)
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {

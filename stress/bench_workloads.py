@@ -44,28 +44,10 @@ from typing import Any
 
 from shmalloc import MemoryManager
 
-from ._common import (
-    Arenas,
-    GiB,
-    Parser,
-    WorkerCtx,
-    WorkerPool,
-    assert_balanced,
-    csv,
-    judge,
-    libc,
-    make_progress,
-    print_header,
-    procs_table,
-    rotated,
-    run_bench,
-    summarize,
-    target_row,
-    throughput,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB
 
-progress = make_progress("bench_workloads")
+progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
 WORKLOADS = ("larson", "xmalloc-test", "mstress", "cache-scratch")
 TARGET_LARSON = (">=", 1.7)
@@ -132,7 +114,7 @@ def larson_script(
 
 
 def larson(
-    ctx: WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
+    ctx: bench.WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
 ) -> dict[str, Any]:
     """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
     change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
@@ -146,7 +128,7 @@ def larson(
         views += segs
         a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
     else:
-        ffi, c = libc()
+        ffi, c = bench.libc()
         a, d, w, k = c.malloc, c.free, ffi.memmove, 2  # k: memmove's length
         make = a if method == "malloc_private" else bytearray
         rng = random.Random(seed)
@@ -182,7 +164,7 @@ def larson(
 
 
 def xmalloc(
-    ctx: WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
+    ctx: bench.WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
 ) -> dict[str, Any]:
     """Producers make batches of objects, consumers free them (1 worker: both, in turn)."""
     pat = bytes(i & 255 for i in range(XM_SIZE))
@@ -264,7 +246,7 @@ def mstress_script(
 
 
 def mstress(
-    ctx: WorkerCtx,
+    ctx: bench.WorkerCtx,
     *,
     method: str,
     live: int,
@@ -282,7 +264,7 @@ def mstress(
         view = mgr.view(transfer, nw * nmig * 8)
         q = view.cast("Q")
     else:
-        ffi, c = libc()
+        ffi, c = bench.libc()
         a, d, w, k = c.malloc, c.free, ffi.memmove, 8  # k: memmove's length
     blocks = [bytearray(s) for s in init] if private else [a(s) for s in init]
     for p in [] if private else blocks:
@@ -321,7 +303,7 @@ def mstress(
 
 
 def scratch(
-    ctx: WorkerCtx,
+    ctx: bench.WorkerCtx,
     *,
     method: str,
     iterations: int,
@@ -392,7 +374,7 @@ def run_once(
     k: int,
     seed: int,
     c: dict[str, int],
-    pool: WorkerPool,
+    pool: bench.WorkerPool,
     mgr: MemoryManager,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One (workload, method, processes) run: the parent's setup, the workers, its teardown
@@ -452,7 +434,7 @@ def run_once(
 
 
 def run_workload(
-    name: str, c: dict[str, Any], procs: list[int], pool: WorkerPool, arenas: Arenas
+    name: str, c: dict[str, Any], procs: list[int], pool: bench.WorkerPool, arenas: bench.Arenas
 ) -> dict[str, Any]:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
@@ -464,10 +446,10 @@ def run_workload(
     for t in range(c["trials"]):
         progress(f"{name}: trial {t + 1}/{c['trials']}")
         for k in procs:
-            for m in rotated(methods, t + k):
+            for m in bench.rotated(methods, t + k):
                 res, extra = run_once(name, m, k, c["seed"] + t, c, pool, mgr)
-                assert_balanced(mgr, used0, f"{name}/{m}/{k}")
-                runs[m, k].append((*throughput(res), extra))
+                bench.assert_balanced(mgr, used0, f"{name}/{m}/{k}")
+                runs[m, k].append((*bench.throughput(res), extra))
     report = mgr.check()
     pool.detach(mgr.name)
     arenas.drop(mgr)
@@ -481,7 +463,7 @@ def run_workload(
         by = {}
         for k in procs:
             rates, walls, extras = zip(*runs[m, k], strict=True)
-            by[str(k)] = summarize(
+            by[str(k)] = bench.summarize(
                 rates,
                 wall_seconds=statistics.median(walls),
                 **{key: statistics.fmean(e[key] for e in extras) for key in extras[0]},
@@ -500,7 +482,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     lar = res["workloads"].get("larson")
     if not lar or "2_over_1" not in lar["methods"]["shmalloc"]["scaling"]:
         return {}
-    j = judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
+    j = bench.judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
     j["baselines"] = {
         m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items() if m != "shmalloc"
     }
@@ -523,18 +505,18 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         if base
         else ""
     )
-    return [target_row("larson: 2 processes / 1 process", j, "x", note)]
+    return [bench.target_row("larson: 2 processes / 1 process", j, "x", note)]
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     print(
         f"operations per second summed over processes: median of {res['config']['trials']} "
         "trials [min-max]"
     )
     for name, w in res["workloads"].items():
         procs, sh = w["procs"], w["methods"]["shmalloc"]["by_procs"]
-        procs_table(
+        bench.procs_table(
             f"{name} ({w['unit']})", procs, {m: v["by_procs"] for m, v in w["methods"].items()}
         )
         extra = {
@@ -563,30 +545,30 @@ def report(res: dict[str, Any]) -> None:
         base = ", ".join(f"{k} {v:.2f}x" for k, v in j["baselines"].items() if v)
         print(
             f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   "
-            f"target >= {j['target']:g}x  {verdict(j)}   (baselines: {base})"
+            f"{bench.verdict(j)}   (baselines: {base})"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(sys.modules[__name__], "small runs, 3 trials (a CI smoke run)")
+    p = bench.Parser(sys.modules[__name__], "small runs, 3 trials (a CI smoke run)")
     which = f"comma-separated subset of {','.join(WORKLOADS)} (default: all)"
-    p.add_argument("--workloads", type=csv(WORKLOADS), default=list(WORKLOADS), help=which)
+    p.add_argument("--workloads", type=bench.csv(WORKLOADS), default=list(WORKLOADS), help=which)
     procs = "comma-separated process counts (default 1,2,4; 1 is always added)"
-    p.add_argument("--procs", type=csv(range(1, 65), int), default=[1, 2, 4], help=procs)
+    p.add_argument("--procs", type=bench.csv(range(1, 65), int), default=[1, 2, 4], help=procs)
     p.scaled("--trials", 3, 5, "trials per figure")
     p.add_argument("--seed", type=int, default=4141, help="random seed (larson's default)")
     a = p.parse(argv)
     a.procs = sorted({1, *a.procs})
     c = {**SIZES["quick" if a.quick else "full"], "seed": a.seed, "trials": a.trials}
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         progress(f"starting {max(a.procs)} worker processes")
-        with WorkerPool(max(a.procs)) as pool:
+        with bench.WorkerPool(max(a.procs)) as pool:
             res["workloads"] = {
                 name: run_workload(name, c, a.procs, pool, arenas) for name in a.workloads
             }
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS},
