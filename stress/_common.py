@@ -165,13 +165,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     """median/min/max of per-trial values (ns per operation, or operations per second)."""
     values = list(values)
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "trials": values,
-        **extra,
-    }
+    stats = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {**stats, "trials": values, **extra}
 
 
 def rotated(items: Sequence[Any], t: int) -> list[Any]:
@@ -181,22 +176,29 @@ def rotated(items: Sequence[Any], t: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+@contextmanager
+def untraced() -> Iterator[None]:
+    """The cyclic GC off (after one collection) while timed loops run."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def measure(runners: dict[str, Runner], n: int, trials: int) -> dict[str, dict[str, Any]]:
     """Interleaved trials: trial t runs every runner once (in a rotated order), n ops each.
     One untimed warm-up run each first. The cyclic GC is off while the loops run."""
     per_op: dict[str, list[float]] = {k: [] for k in runners}
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with untraced():
         for run in runners.values():
             run(max(1, n // 10))
         for t in range(trials):
             for k in rotated(runners, t):
                 per_op[k].append(runners[k](n) / n)
-    finally:
-        if was_enabled:
-            gc.enable()
     return {k: summarize(v, ops_per_trial=n) for k, v in per_op.items()}
 
 

@@ -47,14 +47,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
     jpath.unlink(missing_ok=True)  # a stale file must not pass for this run's results
     t0 = time.monotonic()
     latest = ["starting"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=bench.REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-    )
+    pipes: dict[str, Any] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=bench.REPO_ROOT, text=True, **pipes)
     out: list[str] = []
     with open(a.out_dir / f"{mod}.log", "w") as log:
 
@@ -76,9 +70,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
         try:
             while proc.poll() is None:
                 bench.check_interrupt()
-                line = (
-                    f"[{index + 1}/{len(a.modules)}] {mod} {time.monotonic() - t0:.0f}s {latest[0]}"
-                )
+                took = time.monotonic() - t0
+                line = f"[{index + 1}/{len(a.modules)}] {mod} {took:.0f}s {latest[0]}"
                 if sys.stderr.isatty():
                     sys.stderr.write("\r\x1b[K" + line[:150])
                 elif latest[0] != shown:
@@ -104,13 +97,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
                 sys.stderr.write("\r\x1b[K")
     stdout = "".join(out)
     (a.out_dir / f"{mod}.txt").write_text(stdout)
-    entry: dict[str, Any] = {
-        "module": mod,
-        "command": " ".join(cmd),
-        "pid": proc.pid,
-        "exit_code": proc.returncode,
-        "seconds": time.monotonic() - t0,
-    }
+    entry: dict[str, Any] = dict(module=mod, command=" ".join(cmd), pid=proc.pid)
+    entry.update(exit_code=proc.returncode, seconds=time.monotonic() - t0)
     if proc.returncode == 0 and jpath.exists():
         entry.update(status="ok", result=json.loads(jpath.read_text()))
     else:
@@ -119,9 +107,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
         print(f"\n{'=' * 20} {mod} ({entry['status']}, {entry['seconds']:.0f} s) {'=' * 20}")
         print(stdout.rstrip() or "(no output)")
         if entry["status"] != "ok":
-            print(
-                f"--- {mod} failed (exit {proc.returncode}); stderr tail:\n{entry['stderr_tail']}"
-            )
+            print(f"--- {mod} failed (exit {proc.returncode}); stderr tail:")
+            print(entry["stderr_tail"])
         sys.stdout.flush()
     return entry
 

@@ -71,29 +71,16 @@ def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
-        fast = bench.measure(
-            {
-                "public": public_pair(mgr, size),
-                "core": core_pair(mgr, size),
-                "cffi_malloc": bench.pair_loop(c.malloc, c.free, size),
-            },
-            cfg.ops,
-            cfg.trials,
-        )
+        runners = {"public": public_pair(mgr, size), "core": core_pair(mgr, size)}
+        runners["cffi_malloc"] = bench.pair_loop(c.malloc, c.free, size)
+        fast = bench.measure(runners, cfg.ops, cfg.trials)
         bench.assert_balanced(mgr, used0, f"pair size {size}")
         slow = bench.measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
-        pub = fast["public"]["median"]
-        rows.append(
-            {
-                "size": size,
-                **fast,
-                **slow,
-                "public_over_malloc": pub / fast["cffi_malloc"]["median"],
-                "public_over_core": pub / fast["core"]["median"],
-                "wrapper_ns": pub - fast["core"]["median"],
-                "stdlib_over_public": slow["stdlib_shm"]["median"] / pub,
-            }
-        )
+        pub, core = fast["public"]["median"], fast["core"]["median"]
+        row = {"size": size, **fast, **slow, "public_over_core": pub / core}
+        row.update(wrapper_ns=pub - core, public_over_malloc=pub / fast["cffi_malloc"]["median"])
+        row["public_over_malloc"] = pub / fast["cffi_malloc"]["median"]
+        rows.append({**row, "stdlib_over_public": slow["stdlib_shm"]["median"] / pub})
     empty = bench.measure({"loop": bench.pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
     return {"sizes": SIZES, "rows": rows, "two_calls_of_id_ns": empty}
 
@@ -113,13 +100,9 @@ def bench_collector(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, 
     progress(f"collector: size {COLLECTOR_SIZE}")
     res = bench.measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
     bench.assert_balanced(mgr, used0, "collector")
-    return {
-        "size": COLLECTOR_SIZE,
-        "collector": "lambda e: None",
-        **res,
-        "ratio": res["with"]["median"] / res["without"]["median"],
-        "added_ns": res["with"]["median"] - res["without"]["median"],
-    }
+    with_, without = res["with"]["median"], res["without"]["median"]
+    out = {"size": COLLECTOR_SIZE, "collector": "lambda e: None", **res}
+    return {**out, "ratio": with_ / without, "added_ns": with_ - without}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -128,17 +111,13 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
         rows = res["pair"]["rows"]
         for key, worst in (("public_over_malloc", max), ("stdlib_over_public", min)):
             v, size = worst((r[key], r["size"]) for r in rows)
-            d[key] = {
-                **bench.judge(*TARGETS[key], v),
-                "aggregate": f"worst size ({worst.__name__})",
-                "worst_size": size,
-                "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows)),
-            }
-        d["public_over_core"] = {
-            "value": statistics.median(r["public_over_core"] for r in rows),
-            "aggregate": "median over sizes",
-            "wrapper_ns_median": statistics.median(r["wrapper_ns"] for r in rows),
-        }
+            geomean = math.exp(statistics.fmean(math.log(r[key]) for r in rows))
+            d[key] = {**bench.judge(*TARGETS[key], v), "worst_size": size, "geomean": geomean}
+            d[key]["aggregate"] = f"worst size ({worst.__name__})"
+        value = statistics.median(r["public_over_core"] for r in rows)
+        wrapper = statistics.median(r["wrapper_ns"] for r in rows)
+        d["public_over_core"] = {"value": value, "aggregate": "median over sizes"}
+        d["public_over_core"]["wrapper_ns_median"] = wrapper
     if res.get("collector"):
         c = res["collector"]
         d["collector_ratio"] = {"value": c["ratio"], "target": None, "added_ns": c["added_ns"]}
@@ -153,16 +132,12 @@ LABELS = {
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        bench.target_row(
-            label,
-            j,
-            "x",
-            f"worst size {format_bytes(j['worst_size'])}, geomean {j['geomean']:.2f}x",
-        )
-        for key, label in LABELS.items()
-        if (j := res["derived"].get(key))
-    ]
+    rows = []
+    for key, label in LABELS.items():
+        if j := res["derived"].get(key):
+            note = f"worst size {format_bytes(j['worst_size'])}, geomean {j['geomean']:.2f}x"
+            rows.append(bench.target_row(label, j, "x", note))
+    return rows
 
 
 def report(res: dict[str, Any]) -> None:

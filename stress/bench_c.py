@@ -60,10 +60,8 @@ def _build(
     """Compile (or reuse a cached build of) sources into a binary; return its path and facts."""
     cc = shutil.which(compiler)
     if cc is None:
-        raise BuildError(
-            f"no `{compiler}` on PATH: install a C/C++ compiler (Debian: "
-            "apt-get install build-essential)"
-        )
+        install = "install a C/C++ compiler (Debian: apt-get install build-essential)"
+        raise BuildError(f"no `{compiler}` on PATH: {install}")
     h = hashlib.sha256()
     h.update(" ".join([_compiler_id(cc), *args, *libs]).encode())
     for s in sources:
@@ -83,9 +81,7 @@ def _build(
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    r = subprocess.run(
-        command(tmp), capture_output=True, text=True, cwd=bench.REPO_ROOT, timeout=600, check=False
-    )
+    r = subprocess.run(command(tmp), capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"compiling {name} failed ({info['command']}):\n{r.stderr[-3000:]}")
@@ -96,22 +92,15 @@ def _build(
 
 def build_core() -> tuple[Path, dict[str, Any]]:
     """bench_c.c with the C core, built as native/build_ffi.py builds the core (release)."""
-    sources = sorted((bench.REPO_ROOT / "native").glob("*.c")) + [C_SOURCE]
-    return _build(
-        "bench_c",
-        "cc",
-        [*CORE_FLAGS, "-I" + str(bench.REPO_ROOT / "native")],
-        sources,
-        ["-lpthread"],
-    )
+    native = bench.REPO_ROOT / "native"
+    sources = [*sorted(native.glob("*.c")), C_SOURCE]
+    return _build("bench_c", "cc", [*CORE_FLAGS, f"-I{native}"], sources, ["-lpthread"])
 
 
 def build_boost() -> tuple[Path | None, dict[str, Any]]:
     if not BOOST_HEADERS.is_dir():
-        return None, {
-            "skipped": f"Boost.Interprocess headers not found ({BOOST_HEADERS}); "
-            "install them with `apt-get install libboost-dev` to compare"
-        }
+        why = f"Boost.Interprocess headers not found ({BOOST_HEADERS}); install them with "
+        return None, {"skipped": why + "`apt-get install libboost-dev` to compare"}
     try:
         return _build("bench_c_boost", "c++", BOOST_FLAGS, [BOOST_SOURCE], ["-lpthread", "-lrt"])
     except BuildError as e:
@@ -130,9 +119,7 @@ def run_pairs(
     core: Path, boost: Path | None, sizes: list[int], iters: int, rounds: int, per_round: int
 ) -> dict[str, dict[str, list[float]]]:
     """Alternate the two programs `rounds` times, `per_round` trials each; merge the trials."""
-    trials: dict[str, dict[str, list[float]]] = {
-        str(s): {"core": [], "glibc": [], "boost": []} for s in sizes
-    }
+    trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in sizes}
     args = [str(iters), str(per_round), *map(str, sizes)]
     for r in range(rounds):
         progress(f"round {r + 1}/{rounds}")
@@ -158,17 +145,11 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
             got[k]["core"].append(out["core_pairs_per_s"])
             got[k]["glibc"].append(out["glibc_pairs_per_s"])
     by = {m: {str(k): bench.summarize(got[k][m]) for k in PROCS} for m in ("core", "glibc")}
-    return {
-        "procs": list(PROCS),
-        "size": SCALE_SIZE,
-        "iters_per_process": iters,
-        "malloc_iters_per_process": iters * 20,  # MALLOC_X in bench_c.c
-        "unit": "allocate+free pairs per second, summed over processes",
-        "by_method": by,
-        "speedup": {
-            m: {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()} for m in by
-        },
-    }
+    out = dict(procs=list(PROCS), size=SCALE_SIZE, iters_per_process=iters, by_method=by)
+    out["malloc_iters_per_process"] = iters * 20  # MALLOC_X in bench_c.c
+    out["unit"] = "allocate+free pairs per second, summed over processes"
+    speedup = {m: {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()} for m in by}
+    return {**out, "speedup": speedup}
 
 
 def run_pairs_and_scale(a: Any) -> dict[str, Any]:

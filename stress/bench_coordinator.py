@@ -210,34 +210,20 @@ def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     c, r, u, d = res["config"], res["reclaim"], res["idle_cpu"], res["derived"]
     kill9, met = "reclaim after kill -9,", {True: "met", False: "NOT met"}
+    attached = f"{c['kills']} kills, {c['procs']} other processes attached"
+    worst = f"target < 1 s: {met[d['worst_reclaim_ms']['met']]}"
     cpu = f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
+    cpu += met[d["idle_cpu_percent"]["met"]]
+    core = f"{u['percent_of_core']:.3f} % of a core"
+    sched = f"{u['percent_of_core_schedstat']:.3f} % of a core"
+    us = f"{u['user_s']:.3f} / {u['system_s']:.3f} s"
     rows = [
-        [
-            f"{kill9} median",
-            f"{r['median_ms']:.2f} ms",
-            f"{c['kills']} kills, {c['procs']} other processes attached",
-        ],
-        [
-            f"{kill9} worst",
-            f"{r['worst_ms']:.2f} ms",
-            f"target < 1 s: {met[d['worst_reclaim_ms']['met']]}",
-        ],
+        [f"{kill9} median", f"{r['median_ms']:.2f} ms", attached],
+        [f"{kill9} worst", f"{r['worst_ms']:.2f} ms", worst],
         [f"{kill9} best", f"{r['best_ms']:.2f} ms", ""],
-        [
-            "coordinator CPU, idle",
-            f"{u['percent_of_core']:.3f} % of a core",
-            cpu + met[d["idle_cpu_percent"]["met"]],
-        ],
-        [
-            "  of which user / system",
-            f"{u['user_s']:.3f} / {u['system_s']:.3f} s",
-            "psutil cpu_times (10 ms ticks)",
-        ],
-        [
-            "coordinator CPU, idle (schedstat)",
-            f"{u['percent_of_core_schedstat']:.3f} % of a core",
-            "the scheduler's ns count, all threads",
-        ],
+        ["coordinator CPU, idle", core, cpu],
+        ["  of which user / system", us, "psutil cpu_times (10 ms ticks)"],
+        ["coordinator CPU, idle (schedstat)", sched, "the scheduler's ns count, all threads"],
         ["exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""],
     ]
     bench.print_table(["measure", "value", "notes"], rows, f"interval {c['interval']} s", left=True)

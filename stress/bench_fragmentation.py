@@ -173,19 +173,12 @@ def replay_shmalloc(
         if st.allocated_blocks != 0 or addr:
             raise RuntimeError(f"replay left {st.allocated_blocks} blocks allocated")
         mgr.check()
-        footprint = top - heap_start
-        return {
-            "peak_live": peak_live,
-            "peak_block_bytes": peak_blocks,
-            "peak_footprint": footprint,
-            "reserved": st.reserved - heap_start,
-            "ratio": footprint / peak_live,
-            "headers_and_rounding": peak_blocks / peak_live,
-            "placement": footprint / peak_blocks,
-            "reserved_ratio": (st.reserved - heap_start) / peak_live,
-            "replay_seconds": elapsed,
-            "allocations": st.allocations,
-        }
+        footprint, reserved = top - heap_start, st.reserved - heap_start
+        out = dict(peak_live=peak_live, peak_block_bytes=peak_blocks, peak_footprint=footprint)
+        out.update(reserved=reserved, ratio=footprint / peak_live)
+        out.update(headers_and_rounding=peak_blocks / peak_live, placement=footprint / peak_blocks)
+        out.update(reserved_ratio=reserved / peak_live, replay_seconds=elapsed)
+        return {**out, "allocations": st.allocations}
     finally:
         arenas.drop(mgr)
 
@@ -199,13 +192,8 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
             rec.pack_into(buf, n * rec.size, 1 if op > 0 else 2, i, size)
         f.write(buf)
         f.flush()
-        r = subprocess.run(
-            [str(binary), "replay", f.name],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        cmd = [str(binary), "replay", f.name]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"glibc replay failed ({r.returncode}): {r.stderr.strip()}")
     out: dict[str, Any] = json.loads(r.stdout)
@@ -244,14 +232,10 @@ def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    d = {
-        f"fragmentation_{name}": {
-            **bench.judge(*TARGET, t["worst_ratio"]),
-            "trace": name,
-            "aggregate": "worst seed (max)",
-        }
-        for name, t in res["traces"].items()
-    }
+    d = {}
+    for name, t in res["traces"].items():
+        j = bench.judge(*TARGET, t["worst_ratio"])
+        d[f"fragmentation_{name}"] = {**j, "trace": name, "aggregate": "worst seed (max)"}
     worst = max(d.values(), key=lambda j: j["value"])
     d["fragmentation_worst"] = {**worst, "aggregate": "worst trace"}
     return d
@@ -267,14 +251,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
         if w["glibc"]:
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
-        rows.append(
-            bench.target_row(
-                f"fragmentation, {name} trace (footprint/live)",
-                res["derived"][f"fragmentation_{name}"],
-                "x",
-                note,
-            )
-        )
+        j = res["derived"][f"fragmentation_{name}"]
+        rows.append(bench.target_row(f"fragmentation, {name} trace (footprint/live)", j, "x", note))
     return rows
 
 
@@ -317,16 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         res["traces"] = run(a, arenas)
 
-    config = {
-        "traces": a.traces,
-        "seeds": a.seeds,
-        "first_seed": a.seed,
-        "scale": a.scale,
-        "glibc": not a.no_glibc,
-        "block_header_bytes": ffi.sizeof("shm_block_t"),
-        "heap_start": int(lib.shm_header_size()),
-        "random_lifetime_sizes": [16, 1 * MiB],
-    }
+    config = dict(traces=a.traces, seeds=a.seeds, first_seed=a.seed, scale=a.scale)
+    config.update(glibc=not a.no_glibc, block_header_bytes=ffi.sizeof("shm_block_t"))
+    config.update(heap_start=int(lib.shm_header_size()), random_lifetime_sizes=[16, 1 * MiB])
     return bench.run_bench(sys.modules[__name__], a, config, body)
 
 

@@ -43,10 +43,8 @@ SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 METHODS = ["memcpy", "ping", "shmalloc", "compat_shm", "stdlib_shm", "pickle"]
 SHM_MODULES: dict[str, ModuleType] = {"stdlib_shm": shared_memory, "compat_shm": compat}
 # hand-offs per trial, by size: enough that one trial takes milliseconds, not microseconds
-REPS = {
-    "full": {64 * KiB: 200, 1 * MiB: 50, 64 * MiB: 3},
-    "quick": {64 * KiB: 20, 1 * MiB: 5, 64 * MiB: 1},
-}
+REPS = {"full": {SIZES[0]: 200, SIZES[1]: 50, SIZES[2]: 3}}
+REPS["quick"] = {SIZES[0]: 20, SIZES[1]: 5, SIZES[2]: 1}
 TARGETS = {"pickle_over_shmalloc": (">=", 10.0), "shmalloc_over_memcpy": ("<=", 2.0)}
 TIMEOUT = 120.0
 progress = bench.make_progress("bench_handoff")
@@ -164,12 +162,8 @@ def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
         got = b.handoff(m, a, check=True)
         if got != expected:
             raise AssertionError(f"{m} delivered different data (crc {got:#x} != {expected:#x})")
-    row: dict[str, Any] = {
-        "size": size,
-        "reps": reps,
-        "verified": True,
-        **bench.measure({m: b.runner(m, a) for m in METHODS}, reps, trials),
-    }
+    row = {"size": size, "reps": reps, "verified": True}
+    row.update(bench.measure({m: b.runner(m, a) for m in METHODS}, reps, trials))
     med = {m: row[m]["median"] for m in METHODS}
     row["pickle_over_shmalloc"] = med["pickle"] / med["shmalloc"]
     row["stdlib_over_shmalloc"] = med["stdlib_shm"] / med["shmalloc"]
@@ -244,15 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.join()
 
-    config = {
-        "trials": a.trials,
-        "reps": {str(k): v for k, v in reps.items()},
-        "sizes": SIZES,
-        "methods": METHODS,
-        "unit": "ns per hand-off",
-        "dtype": "float64",
-        "consumer": "spawned process, reads first and last element",
-    }
+    config = dict(trials=a.trials, reps={str(k): v for k, v in reps.items()}, sizes=SIZES)
+    config.update(methods=METHODS, unit="ns per hand-off", dtype="float64")
+    config["consumer"] = "spawned process, reads first and last element"
     return bench.run_bench(sys.modules[__name__], a, config, body)
 
 

@@ -32,14 +32,11 @@ Target: larson with 2 processes >= 1.7x larson with 1 process.
 
 from __future__ import annotations
 
-import gc
 import random
 import statistics
 import sys
 import time
 from array import array
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from shmalloc import MemoryManager
@@ -82,25 +79,17 @@ SIZES = {
 }
 XM_SIZE = 64
 STAMP = b"mstress!"
+EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, format, meaning)
+    "larson": ("remote_free_fraction", "{:.0%}", "share of frees of another process's block"),
+    "mstress": ("migrated_blocks", "{:,.0f}", "blocks migrated between processes per run"),
+    "cache-scratch": ("shared_line_objects", "{:.0f}", "objects in a 64 B line with another's"),
+}
 
 
 # =========================================================================== worker functions
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-
-
-@contextmanager
-def untraced() -> Iterator[None]:
-    """The cyclic GC off while a worker's loop runs."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def larson_script(
@@ -134,7 +123,7 @@ def larson(
         rng = random.Random(seed)
         segs = [[make(rng.randint(8, 1000)) for _ in range(chunks)]] * nw  # one array: its own
     try:
-        with untraced():
+        with bench.untraced():
             ctx.wait()
             t0 = clock()
             for r, (victims, sizes) in enumerate(script):
@@ -198,7 +187,7 @@ def xmalloc(
             return len(b)
 
     role = "both" if ctx.nworkers == 1 else "producer" if ctx.index % 2 == 0 else "consumer"
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         if role == "both":
@@ -270,7 +259,7 @@ def mstress(
     for p in [] if private else blocks:
         w(p, STAMP, k)
     ops = migrated = 0
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         for victims, sizes, migrate in script:
@@ -315,7 +304,7 @@ def scratch(
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         if method == "shmalloc":
@@ -453,28 +442,16 @@ def run_workload(
     report = mgr.check()
     pool.detach(mgr.name)
     arenas.drop(mgr)
-    out: dict[str, Any] = {
-        "unit": UNITS[name],
-        "procs": procs,
-        "methods": {},
-        "arena_check": {"blocks": report.blocks, "used": report.used},
-    }
+    out: dict[str, Any] = {"unit": UNITS[name], "procs": procs, "methods": {}}
+    out["arena_check"] = {"blocks": report.blocks, "used": report.used}
     for m in methods:
         by = {}
         for k in procs:
             rates, walls, extras = zip(*runs[m, k], strict=True)
-            by[str(k)] = bench.summarize(
-                rates,
-                wall_seconds=statistics.median(walls),
-                **{key: statistics.fmean(e[key] for e in extras) for key in extras[0]},
-            )
-        out["methods"][m] = {
-            "label": LABELS[m],
-            "by_procs": by,
-            "scaling": {
-                f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"] for k in procs if k != 1
-            },
-        }
+            means = {key: statistics.fmean(e[key] for e in extras) for key in extras[0]}
+            by[str(k)] = bench.summarize(rates, wall_seconds=statistics.median(walls), **means)
+        scaling = {f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"] for k in procs[1:]}
+        out["methods"][m] = {"label": LABELS[m], "by_procs": by, "scaling": scaling}
     return out
 
 
@@ -483,9 +460,8 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if not lar or "2_over_1" not in lar["methods"]["shmalloc"]["scaling"]:
         return {}
     j = bench.judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
-    j["baselines"] = {
-        m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items() if m != "shmalloc"
-    }
+    j["baselines"] = {m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items()}
+    del j["baselines"]["shmalloc"]
     base = j["baselines"].get("malloc_private")
     # what the machine gave: the same loop on private heaps is the ceiling shmalloc can reach
     j["share_of_private_malloc_scaling"] = j["value"] / base if base else None
@@ -497,14 +473,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     if not j:
         return []
     base = j["baselines"].get("malloc_private")
-    note = (
-        (
-            f"the same loop on private cffi malloc heaps scaled {base:.2f}x in this run "
-            "(the machine's ceiling)"
-        )
-        if base
-        else ""
-    )
+    ceiling = "the same loop on private cffi malloc heaps scaled {:.2f}x in this run"
+    note = ceiling.format(base) if base else ""
     return [bench.target_row("larson: 2 processes / 1 process", j, "x", note)]
 
 
@@ -519,26 +489,10 @@ def report(res: dict[str, Any]) -> None:
         bench.procs_table(
             f"{name} ({w['unit']})", procs, {m: v["by_procs"] for m, v in w["methods"].items()}
         )
-        extra = {
-            "larson": (
-                "share of shmalloc frees that freed another process's block",
-                "remote_free_fraction",
-                "{:.0%}",
-            ),
-            "mstress": (
-                "blocks migrated between processes per run (shmalloc)",
-                "migrated_blocks",
-                "{:,.0f}",
-            ),
-            "cache-scratch": (
-                "shmalloc objects sharing a 64 B line with another process's object",
-                "shared_line_objects",
-                "{:.0f}",
-            ),
-        }
-        if name in extra:
-            label, key, fmt = extra[name]
-            print(f"  {label}: " + ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs))
+        if name in EXTRAS:
+            key, fmt, label = EXTRAS[name]
+            got = ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs)
+            print(f"  {label} (shmalloc): {got}")
     print("\nbaselines: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items()))
     j = res["derived"].get("larson_2p_over_1p")
     if j:

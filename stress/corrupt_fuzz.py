@@ -236,11 +236,7 @@ class Mutator:
     ) -> dict[str, Any]:
         r = self.rng
         if size > 8:  # a byte array: one byte or one word inside it
-            rel = (
-                r.randrange(0, size - 7) & ~7
-                if size >= 8 and r.random() < 0.4
-                else r.randrange(size)
-            )
+            rel = r.randrange(0, size - 7) & ~7 if r.random() < 0.4 else r.randrange(size)
             width = 8 if rel % 8 == 0 and rel + 8 <= size and r.random() < 0.5 else 1
             return self.mutate(region, target, at + rel, width, f"{name}[{rel}]", reseal)
         old = self.u(at, size)
@@ -279,11 +275,10 @@ class Mutator:
         base, count, ctype = TABLES[region]
         size = ffi.sizeof(ctype)
         live = [i for i in range(count) if self.u(base + i * size, 8)]
-        i = (
-            self.rng.choice(live)
-            if live and self.rng.random() < 0.8
-            else self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
-        )
+        if live and self.rng.random() < 0.8:
+            i = self.rng.choice(live)
+        else:  # often among the first few, where a small run's entries are
+            i = self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
         return i, base + i * size, ctype
 
     def field_of(self, region: str, target: str, at: int, ctype: str) -> dict[str, Any]:
@@ -380,26 +375,20 @@ class Mutator:
         return self.field_of("caches", f"cache of slot {i}", at, ctype)
 
     def r_block(self) -> dict[str, Any]:
-        b = self.some_block(
-            lib.SHM_BF_FREE, None if self.rng.random() < 0.6 else bool(self.rng.getrandbits(1))
-        )
+        r = self.rng
+        b = self.some_block(lib.SHM_BF_FREE, None if r.random() < 0.6 else bool(r.getrandbits(1)))
         kind = "free" if self.u(b + BLOCK["flags"][0], 4) & lib.SHM_BF_FREE else "allocated"
-        forge = self.rng.random() < 0.4
-        n, o, s = self.rng.choice(
-            [f for f in fields("shm_block_t") if not (forge and f[0] == "check")]
-        )
-        return self.mutate(
-            "block", f"{kind} block at {b:#x}", b + o, s, n, reseal=b if forge else None
-        )
+        forge = r.random() < 0.4  # then the checksum is recomputed, not damaged
+        n, o, s = r.choice([f for f in fields("shm_block_t") if not (forge and f[0] == "check")])
+        return self.mutate("block", f"{kind} block at {b:#x}", b + o, s, n, b if forge else None)
 
     def r_links(self) -> dict[str, Any]:
         frees = [o for o, fl in self.blocks if fl & lib.SHM_BF_FREE]
         if not frees:
             return self.r_block()
         b, which = self.rng.choice(frees), self.rng.randrange(2)
-        return self.mutate(
-            "links", f"free block at {b:#x}", b + HDR + 8 * which, 8, ("next", "prev")[which]
-        )
+        at, name = b + HDR + 8 * which, ("next", "prev")[which]
+        return self.mutate("links", f"free block at {b:#x}", at, 8, name)
 
     def run(self, regions: list[str]) -> list[dict[str, Any]]:
         weights = [self.REGIONS[k] for k in regions]

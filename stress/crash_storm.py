@@ -278,12 +278,6 @@ class Worker:
             for a in live:
                 self.m.deallocate(a)
 
-    def op_collect(self) -> None:
-        self.m.collect()
-
-    def op_check(self) -> None:
-        self.m.check()
-
     def op_stats(self) -> None:
         s = self.m.stats()
         if s.used > s.total:
@@ -292,7 +286,7 @@ class Worker:
     def run_op(self, op: str) -> None:
         self.st.set(self.row, F_CUR, OPS.index(op))
         try:
-            getattr(self, "op_" + op)()
+            (getattr(self, "op_" + op, None) or getattr(self.m, op))()  # collect, check: as is
         except OutOfMemory:  # an answer, not a failure: make room
             self.st.set(self.row, F_OOMS, self.st.get(self.row, F_OOMS) + 1)
             for a in list(self.blocks)[: len(self.blocks) // 2]:
@@ -301,13 +295,8 @@ class Worker:
         except CorruptionDetected as e:
             self.report("corruption", op=op, offset=e.offset, detail=e.detail)
         except Exception as e:  # noqa: BLE001 - any surprise is reported, then the churn goes on
-            self.report(
-                "unexpected",
-                op=op,
-                type=type(e).__name__,
-                message=str(e),
-                traceback=traceback.format_exc(limit=6),
-            )
+            tb = traceback.format_exc(limit=6)
+            self.report("unexpected", op=op, type=type(e).__name__, message=str(e), traceback=tb)
         self.st.set(self.row, F_CUR, 0)
         self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
 
@@ -412,14 +401,9 @@ class Storm:
     def child(self, role: str, w: int, **kw: Any) -> subprocess.Popen[Any]:
         self.incarnation += 1
         args = f"--role {role} --arena {self.name} --wid {w} --inc {self.incarnation} --status "
-        args += f"{self.status_path} --errors {self.errors_path} --worker-seed "
-        cmd = [
-            sys.executable,
-            "-m",
-            "stress.crash_storm",
-            *args.split(),
-            str(self.rng.getrandbits(63)),
-        ]
+        args += f"{self.status_path} --errors {self.errors_path} "
+        args += f"--worker-seed {self.rng.getrandbits(63)}"
+        cmd = [sys.executable, "-m", "stress.crash_storm", *args.split()]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
 
     def spawn(self, w: int) -> None:
