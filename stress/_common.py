@@ -436,6 +436,8 @@ def csv(choices: Sequence[Any] = (), of: Callable[[str], Any] = str) -> Callable
         got = [of(x) for x in text.split(",") if x]
         if not got or set(got) - set(choices or got):
             among = f" of {','.join(map(str, choices))}" if choices else ""
+            if isinstance(choices, range):
+                among = f" of numbers from {choices[0]} to {choices[-1]}"
             raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list{among}")
         return got
 
