@@ -13,15 +13,11 @@ from a checkout of the repository.
     bench_coordinator    reclaim latency after kill -9, idle CPU of the coordinator
     bench_c              the C core called from C, beside glibc malloc and Boost.Interprocess
 
-stress/ is not part of the installed package, so these commands run from the checkout, whose
-directory ``python -m`` puts first on ``sys.path``. With an editable install that is what we
-want: the checkout's ``shmalloc/`` holds the compiled core. With a normal (non-editable)
-install it is not: the checkout's ``shmalloc/`` is only the source, without the compiled
-module, and importing it fails. So, when this package is imported before ``shmalloc`` and the
-checkout's ``shmalloc/`` has no compiled module beside it, the checkout's entries move to the
-END of ``sys.path``: ``shmalloc`` then resolves to the installed package, while ``stress``
-(never installed) still resolves to the checkout. The reordered path is what spawned worker
-processes inherit; children started with ``python -m stress.<name>`` reorder their own.
+stress/ is not installed, so these run from the checkout, which ``python -m`` puts first on
+``sys.path``. With a normal (non-editable) install the checkout's ``shmalloc/`` is source only,
+without the compiled core: so when it has no compiled module, importing this package moves the
+checkout's entries to the END of ``sys.path``. ``shmalloc`` then resolves to the installed
+package, ``stress`` still to the checkout; spawned workers inherit the order.
 """
 
 from __future__ import annotations

@@ -15,11 +15,13 @@ import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import operator
 import os
 import platform
 import queue as queue_mod
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -43,6 +45,7 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
+COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator.ge}
 
 
 @functools.cache
@@ -162,13 +165,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     """median/min/max of per-trial values (ns per operation, or operations per second)."""
     values = list(values)
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "trials": values,
-        **extra,
-    }
+    stats = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {**stats, "trials": values, **extra}
 
 
 def rotated(items: Sequence[Any], t: int) -> list[Any]:
@@ -178,22 +176,29 @@ def rotated(items: Sequence[Any], t: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+@contextmanager
+def untraced() -> Iterator[None]:
+    """The cyclic GC off (after one collection) while timed loops run."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def measure(runners: dict[str, Runner], n: int, trials: int) -> dict[str, dict[str, Any]]:
     """Interleaved trials: trial t runs every runner once (in a rotated order), n ops each.
     One untimed warm-up run each first. The cyclic GC is off while the loops run."""
     per_op: dict[str, list[float]] = {k: [] for k in runners}
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with untraced():
         for run in runners.values():
             run(max(1, n // 10))
         for t in range(trials):
             for k in rotated(runners, t):
                 per_op[k].append(runners[k](n) / n)
-    finally:
-        if was_enabled:
-            gc.enable()
     return {k: summarize(v, ops_per_trial=n) for k, v in per_op.items()}
 
 
@@ -251,22 +256,16 @@ def machine_info() -> dict[str, Any]:
             "mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime)),
             "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16],
         }
-    git = ["git", "-C", str(REPO_ROOT)]
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(REPO_ROOT), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
+
     try:
-        head = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "shmalloc", "native"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
+        info["git_commit"] = git("rev-parse", "HEAD").strip()
+        info["core_tree_dirty"] = bool(git("status", "--porcelain", "--", "shmalloc", "native"))
     except (OSError, subprocess.SubprocessError):
-        return info  # no git: the figures stand without the commit
-    info["git_commit"] = head.stdout.strip() or None
-    info["core_tree_dirty"] = bool(dirty.stdout.strip())
+        info["git_commit"] = None  # no git, or not a checkout: the figures stand without it
     return info
 
 
@@ -318,13 +317,18 @@ def fmt_count(n: int) -> str:
     return f"1e{e}" if n == 10**e else f"{n:,}"
 
 
-def print_table(headers: list[str], rows: list[list[str]], title: str) -> None:
+def print_table(headers: list[str], rows: list[list[str]], title: str, left: bool = False) -> None:
+    """Columns as wide as their widest cell, right-aligned (left-aligned with ``left``)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=False)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
+    for r in [headers, ["-" * w for w in widths], *rows]:
+        cells = (c.ljust(w) if left else c.rjust(w) for c, w in zip(r, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+def print_columns(title: str, columns: list[tuple[str, Callable[[Any], str]]], rows: Any) -> None:
+    """print_table of one row per item of ``rows``, a column per (header, cell of an item)."""
+    print_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows], title)
 
 
 def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]]) -> None:
@@ -361,31 +365,20 @@ def print_header(res: dict[str, Any]) -> None:
 
 def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     """{"value", "target", "op", "met"}: met is None when there is no value."""
-    ops: dict[str, Callable[[float, float], bool]] = {
-        "<=": lambda v, t: v <= t,
-        "<": lambda v, t: v < t,
-        ">": lambda v, t: v > t,
-        ">=": lambda v, t: v >= t,
-    }
-    met = None if value is None else ops[op](value, target)
+    met = None if value is None else COMPARE[op](value, target)
     return {"value": value, "target": target, "op": op, "met": met}
 
 
-def verdict(j: dict[str, Any]) -> str:
-    return "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
+def verdict(j: dict[str, Any], unit: str = "x") -> str:
+    """The target and whether it was met: ``target <= 2x  MET``."""
+    met = "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
+    return f"target {j['op']} {j['target']:g}{unit}  {met}"
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:
     """One line of a runner's ``targets_summary``: what bench_all puts in its combined table."""
-    return {
-        "name": name,
-        "op": j["op"],
-        "target": j["target"],
-        "value": j["value"],
-        "unit": unit,
-        "met": j["met"],
-        "note": note,
-    }
+    row = {k: j[k] for k in ("op", "target", "value", "met")}
+    return {"name": name, **row, "unit": unit, "note": note}
 
 
 # --------------------------------------------------------------------------- results
@@ -403,17 +396,52 @@ def bench_name(mod: ModuleType) -> str:
     return (mod.__spec__.name if mod.__spec__ else mod.__name__).rsplit(".", 1)[-1]
 
 
-def bench_args(mod: ModuleType, quick: str) -> argparse.ArgumentParser:
-    """A benchmark's parser, described by the first line of its module's docstring, with the
-    options every benchmark has: --quick (what it does: ``quick``) and --json."""
-    name = bench_name(mod)
-    doc = (mod.__doc__ or "").strip().splitlines()[0]
-    p = argparse.ArgumentParser(prog=f"python -m stress.{name}", description=doc)
-    p.add_argument("--quick", action="store_true", help=quick)
-    default = RESULTS_DIR / f"{name}.json"
-    where = f"where to write the results (default: {default.relative_to(REPO_ROOT)})"
-    p.add_argument("--json", type=Path, default=default, metavar="PATH", help=where)
-    return p
+class Parser(argparse.ArgumentParser):
+    """A runner's command line, described by the first line of its module's docstring: --quick,
+    --json (into stress/results/ by default with ``results``, optional without, absent with
+    None) and ``scaled`` options, whose default depends on --quick."""
+
+    def __init__(self, mod: ModuleType, quick: str, results: bool | None = True) -> None:
+        name, doc = bench_name(mod), (mod.__doc__ or "").strip().splitlines()[0]
+        super().__init__(prog=f"python -m stress.{name}", description=doc)
+        self.add_argument("--quick", action="store_true", help=quick)
+        default = RESULTS_DIR / f"{name}.json" if results else None
+        where = f" (default: {default.relative_to(REPO_ROOT)})" if default else ""
+        help = "write the results as JSON here" + where
+        if results is not None:
+            self.add_argument("--json", type=Path, default=default, metavar="PATH", help=help)
+        self.scaled_defaults: dict[str, tuple[Any, Any, float]] = {}
+
+    def scaled(self, flag: str, quick: Any, full: Any, what: str, least: float = 1) -> None:
+        """``flag`` takes a number of ``full``'s type, at least ``least``; by default ``full``,
+        or ``quick`` with --quick."""
+        self.scaled_defaults[flag[2:].replace("-", "_")] = (quick, full, least)
+        help = f"{what} (default {full:,}; quick {quick:,})"
+        self.add_argument(flag, type=type(full), metavar="N", help=help)
+
+    def parse(self, argv: list[str] | None) -> argparse.Namespace:
+        a = self.parse_args(argv)
+        for key, (quick, full, least) in self.scaled_defaults.items():
+            if getattr(a, key) is None:
+                setattr(a, key, quick if a.quick else full)
+            elif getattr(a, key) < least:
+                self.error(f"--{key.replace('_', '-')} must be at least {least:g}")
+        return a
+
+
+def csv(choices: Sequence[Any] = (), of: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """An argparse type: a non-empty comma-separated list of ``of``, drawn from ``choices``."""
+
+    def parse(text: str) -> list[Any]:
+        got = [of(x) for x in text.split(",") if x]
+        if not got or set(got) - set(choices or got):
+            among = f" of {','.join(map(str, choices))}" if choices else ""
+            if isinstance(choices, range):
+                among = f" of numbers from {choices[0]} to {choices[-1]}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list{among}")
+        return got
+
+    return parse
 
 
 def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any], body: Any) -> int:
@@ -450,6 +478,12 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     return 0
+
+
+def pattern(address: int, gen: int, n: int) -> bytes:
+    """The content a storm or fuzz writes into a block: (address, generation) repeated over its
+    n usable bytes, so that a block moved or overwritten by another one does not pass."""
+    return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
 def signame(rc: int | None) -> str:

@@ -1,20 +1,12 @@
-"""Run the whole benchmark suite with one command and summarise every target.
+"""Run every benchmark of stress/ (bench_*), one process after the other, and summarise targets.
 
-    python -m stress.bench_all [--quick] [--out-dir DIR] [--only LIST] [--skip LIST]
-
-Runs every benchmark module of ``stress/`` (``bench_*``) as its own process, ``python -m
-stress.<module> --json ...`` with ``--quick`` passed on, one after the other so that they do not
-disturb each other. A status line on stderr shows which module runs and its latest progress
-line; each module's own tables are printed as it finishes. Then a combined table of every
-target (the ``targets_summary`` each module writes in its JSON) is printed.
-
-Written to the output directory (default ``stress/results``): each module's JSON, stdout (.txt)
-and stderr (.log); ``all.json`` with all of them and the summary; ``summary.md``, a markdown
-table for the README; ``summary.png`` (throughput against processes), with matplotlib.
-
-Targets are reported, never asserted. The exit code is 0 when every module ran (whether or not
-its targets were met), 1 when one failed, 130 when interrupted (the running module is stopped
-and cleans up its own arenas and processes first).
+Each module runs as ``python -m stress.<module> --json ...`` (``--quick`` passed on), so that they
+do not disturb each other; a status line on stderr shows its latest progress, and its own tables
+are printed as it finishes. Then one table of every target (the ``targets_summary`` of each
+module's JSON). Written to the output directory: each module's JSON, stdout (.txt) and stderr
+(.log), ``all.json``, ``summary.md`` (a markdown table for the README) and ``summary.png``
+(throughput against processes, with matplotlib). Exit code 0 when every module ran, whether or
+not its targets were met; 1 when one failed; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -29,16 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._common import (
-    REPO_ROOT,
-    RESULTS_DIR,
-    check_interrupt,
-    machine_info,
-    noise_note,
-    sigterm_as_interrupt,
-    write_json,
-)
+from . import _common as bench
 
+STATS = ("median", "min", "max")
 ORDER = (
     "bench_alloc",
     "bench_handoff",
@@ -52,25 +37,18 @@ ORDER = (
 
 def discover() -> list[str]:
     """The benchmark modules in stress/: the known ones in their order, then any others."""
-    found = {p.stem for p in (REPO_ROOT / "stress").glob("bench_*.py")} - {"bench_all"}
+    found = {p.stem for p in (bench.REPO_ROOT / "stress").glob("bench_*.py")} - {"bench_all"}
     return [m for m in ORDER if m in found] + sorted(found - set(ORDER))
 
 
 def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
     jpath = a.out_dir / f"{mod}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        f"stress.{mod}",
-        "--json",
-        str(jpath),
-    ] + (["--quick"] if a.quick else [])
+    cmd = [sys.executable, "-m", f"stress.{mod}", "--json", str(jpath), *["--quick"][: a.quick]]
     jpath.unlink(missing_ok=True)  # a stale file must not pass for this run's results
     t0 = time.monotonic()
     latest = ["starting"]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-    )
+    pipes: dict[str, Any] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=bench.REPO_ROOT, text=True, **pipes)
     out: list[str] = []
     with open(a.out_dir / f"{mod}.log", "w") as log:
 
@@ -91,10 +69,9 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
         shown = ""
         try:
             while proc.poll() is None:
-                check_interrupt()
-                line = (
-                    f"[{index + 1}/{len(a.modules)}] {mod} {time.monotonic() - t0:.0f}s {latest[0]}"
-                )
+                bench.check_interrupt()
+                took = time.monotonic() - t0
+                line = f"[{index + 1}/{len(a.modules)}] {mod} {took:.0f}s {latest[0]}"
                 if sys.stderr.isatty():
                     sys.stderr.write("\r\x1b[K" + line[:150])
                 elif latest[0] != shown:
@@ -120,13 +97,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
                 sys.stderr.write("\r\x1b[K")
     stdout = "".join(out)
     (a.out_dir / f"{mod}.txt").write_text(stdout)
-    entry: dict[str, Any] = {
-        "module": mod,
-        "command": " ".join(cmd),
-        "pid": proc.pid,
-        "exit_code": proc.returncode,
-        "seconds": time.monotonic() - t0,
-    }
+    entry: dict[str, Any] = dict(module=mod, command=" ".join(cmd), pid=proc.pid)
+    entry.update(exit_code=proc.returncode, seconds=time.monotonic() - t0)
     if proc.returncode == 0 and jpath.exists():
         entry.update(status="ok", result=json.loads(jpath.read_text()))
     else:
@@ -135,9 +107,8 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
         print(f"\n{'=' * 20} {mod} ({entry['status']}, {entry['seconds']:.0f} s) {'=' * 20}")
         print(stdout.rstrip() or "(no output)")
         if entry["status"] != "ok":
-            print(
-                f"--- {mod} failed (exit {proc.returncode}); stderr tail:\n{entry['stderr_tail']}"
-            )
+            print(f"--- {mod} failed (exit {proc.returncode}); stderr tail:")
+            print(entry["stderr_tail"])
         sys.stdout.flush()
     return entry
 
@@ -145,21 +116,16 @@ def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
 def collect_targets(modules: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for mod, entry in modules.items():
-        got = [{"source": mod, **r} for r in entry.get("result", {}).get("targets_summary", [])]
-        if entry["status"] != "ok":
-            got = [
-                {
-                    "source": mod,
-                    "name": f"{mod} did not run to the end",
-                    "op": None,
-                    "target": None,
-                    "value": None,
-                    "unit": "",
-                    "met": None,
-                    "note": f"status {entry['status']}, exit {entry.get('exit_code')}",
-                }
-            ]
-        rows += got
+        if entry["status"] == "ok":
+            rows += [{"source": mod, **r} for r in entry["result"]["targets_summary"]]
+        else:
+            note = f"status {entry['status']}, exit {entry.get('exit_code')}"
+            rows.append(
+                bench.target_row(
+                    f"{mod} did not run to the end", bench.judge("<", 0, None), "", note
+                )
+            )
+            rows[-1].update(source=mod, op=None, target=None)
     return rows
 
 
@@ -178,11 +144,7 @@ def cells(r: dict[str, Any]) -> list[str]:
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     headers = ["module", "target", "goal", "measured", "met"]
-    table = [cells(r) for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
-    print("\nSummary of every target")
-    for t in [headers, ["-" * w for w in widths], *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+    bench.print_table(headers, [cells(r) for r in rows], "Summary of every target", left=True)
     judged = [r for r in rows if r["met"] is not None]
     print(f"\n{sum(r['met'] for r in judged)} of {len(judged)} judged targets met")
 
@@ -205,8 +167,8 @@ def write_markdown(
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
     notes = [f"- {r['name']}: {r['note']}" for r in rows if r["note"]]
     lines += ["", "Notes:", "", *notes] if notes else []
-    if noise_note(machine):
-        lines += ["", f"Caveat: {noise_note(machine)}."]
+    if bench.noise_note(machine):
+        lines += ["", f"Caveat: {bench.noise_note(machine)}."]
     if quick:
         lines += [
             "",
@@ -218,41 +180,9 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
-def load_pyplot(what: str) -> Any:
-    """matplotlib.pyplot with the Agg backend, or None (and a note on stderr) if not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            f"{what}: matplotlib is not installed (pip install 'shmalloc[bench]'); "
-            "no plot written (the table and JSON were)",
-            file=sys.stderr,
-        )
-        return None
-    return plt
-
-
-def plot_rates(
-    ax: Any, procs: list[int], series: dict[str, dict[str, Any]], ylabel: str, title: str
-) -> None:
-    """Rates against processes with min-max error bars: ``series[label] = {str(k): summary}``."""
-    for label, by in series.items():
-        med = [by[str(k)]["median"] for k in procs]
-        lo = [m - by[str(k)]["min"] for m, k in zip(med, procs, strict=False)]
-        hi = [by[str(k)]["max"] - m for m, k in zip(med, procs, strict=False)]
-        ax.errorbar(procs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-    ax.set_xticks(procs)
-    ax.set_ylim(bottom=0)
-    ax.set(xlabel="processes", ylabel=ylabel, title=title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-
-
 def write_plot(path: Path, modules: dict[str, dict[str, Any]]) -> bool:
-    """Throughput against processes, as speed-up over 1 process, of every multi-process run."""
+    """Throughput against processes, as speed-up over 1 process, of every multi-process run, with
+    min-max error bars. False (and a note on stderr) without matplotlib."""
     series: dict[str, dict[str, Any]] = {}
     procs: list[int] = []
     wl = modules.get("bench_workloads", {}).get("result", {}).get("workloads", {})
@@ -263,23 +193,29 @@ def write_plot(path: Path, modules: dict[str, dict[str, Any]]) -> bool:
         series["alloc/write/free loop"] = pr["methods"]["shmalloc"]["by_procs"]
     if not series:
         return False
-    plt = load_pyplot(f"summary plot {path}")
-    if plt is None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        install = "matplotlib is not installed (pip install 'shmalloc[bench]')"
+        print(f"no {path}: {install}", file=sys.stderr)
         return False
-    procs = procs or pr["procs"]
-    speedups = {
-        label: {
-            str(k): {m: by[str(k)][m] / by["1"]["median"] for m in ("median", "min", "max")}
-            for k in procs
-            if str(k) in by
-        }
-        for label, by in series.items()
-    }
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    plot_rates(
-        ax, procs, speedups, "throughput / throughput with 1 process", "Throughput vs processes"
-    )
+    for label, by in series.items():
+        ks = [k for k in procs or pr["procs"] if str(k) in by]
+        med, lo, hi = ([by[str(k)][m] / by["1"]["median"] for k in ks] for m in STATS)
+        err = [[a - b for a, b in zip(med, lo, strict=True)]]
+        err.append([b - a for a, b in zip(med, hi, strict=True)])
+        ax.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=label)
     ax.axhline(1.7, color="red", linestyle="--", linewidth=1, label="larson target at 2 (1.7x)")
+    ax.set_xticks(procs or pr["procs"])
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="processes", ylabel="throughput / throughput with 1 process")
+    ax.set_title("Throughput vs processes")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -287,35 +223,20 @@ def write_plot(path: Path, modules: dict[str, dict[str, Any]]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.bench_all",
-        description="Run every benchmark module in stress/ (bench_*), then print and write a "
-        "summary of every target.",
-    )
-    p.add_argument("--quick", action="store_true", help="pass --quick to every module")
+    p = bench.Parser(sys.modules[__name__], "pass --quick to every module", results=None)
+    where = f"JSON, logs and summaries (default: {bench.RESULTS_DIR.relative_to(bench.REPO_ROOT)})"
+    p.add_argument("--out-dir", type=Path, default=bench.RESULTS_DIR, metavar="DIR", help=where)
+    p.add_argument("--only", type=bench.csv(), help="comma-separated modules to run (default: all)")
     p.add_argument(
-        "--out-dir",
-        type=Path,
-        default=RESULTS_DIR,
-        metavar="DIR",
-        help="where JSON, logs, summary.md and summary.png go (default: "
-        f"{RESULTS_DIR.relative_to(REPO_ROOT)})",
+        "--skip", type=bench.csv(), default=[], help="comma-separated modules not to run"
     )
-    p.add_argument("--only", help="comma-separated modules to run (default: all found)")
-    p.add_argument("--skip", default="", help="comma-separated modules not to run")
-    p.add_argument(
-        "--no-echo",
-        dest="echo",
-        action="store_false",
-        help="do not print each module's own tables (they are saved as .txt)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=3600.0, help="seconds one module may take (default 3600)"
-    )
-    a = p.parse_args(argv)
+    no_echo = "do not print each module's own tables (they are saved as .txt)"
+    p.add_argument("--no-echo", dest="echo", action="store_false", help=no_echo)
+    timeout = "seconds one module may take (default 3600)"
+    p.add_argument("--timeout", type=float, default=3600.0, help=timeout)
+    a = p.parse(argv)
     found = discover()
-    want = [m for m in a.only.split(",") if m] if a.only else found
-    skip = {m for m in a.skip.split(",") if m}
+    want, skip = a.only or found, set(a.skip)
     if (set(want) | skip) - set(found):
         p.error(
             f"no such benchmark module(s) {sorted((set(want) | skip) - set(found))}; "
@@ -328,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     modules: dict[str, dict[str, Any]] = {}
     try:
-        with sigterm_as_interrupt():
+        with bench.sigterm_as_interrupt():
             for i, mod in enumerate(a.modules):
                 try:
                     modules[mod] = run_module(mod, a, i)
@@ -342,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    machine = machine_info()
+    machine = bench.machine_info()
     rows = collect_targets(modules)
     failed = [m for m, e in modules.items() if e["status"] != "ok"]
     res = {
@@ -350,18 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 1,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
-        "noise_note": noise_note(machine),
+        "noise_note": bench.noise_note(machine),
         "config": {"quick": a.quick, "modules": a.modules},
         "elapsed_seconds": time.monotonic() - t0,
         "modules": modules,
         "summary": rows,
     }
-    write_json(a.out_dir / "all.json", res)
+    bench.write_json(a.out_dir / "all.json", res)
     write_markdown(a.out_dir / "summary.md", rows, machine, a.quick, failed)
     plotted = write_plot(a.out_dir / "summary.png", modules)
     print_summary(rows)
-    if noise_note(machine):
-        print(f"NOTE: {noise_note(machine)}")
+    if bench.noise_note(machine):
+        print(f"NOTE: {bench.noise_note(machine)}")
     print(
         f"\nwritten to {a.out_dir}: all.json, summary.md{', summary.png' if plotted else ''} "
         f"({res['elapsed_seconds']:.0f} s total)"

@@ -1,10 +1,6 @@
 """Allocation microbenchmark: shmalloc's allocate+deallocate pair beside its peers, in one run.
 
-    python -m stress.bench_alloc [--quick] [--json PATH] [--parts pair,collector]
-
-Each figure is nanoseconds per allocate+free pair, the median of several trials of N operations
-with min and max; methods are interleaved trial by trial so that clock drift and noisy
-neighbours hit all of them alike:
+Nanoseconds per allocate+free pair, median [min-max] of interleaved trials (``measure``):
 
   public     ``mgr.deallocate(mgr.allocate(size))``: the Python API users call
   core       ``lib.shm_free(h, lib.shm_alloc(h, size, 0, slot))``: the C core through cffi,
@@ -14,8 +10,7 @@ neighbours hit all of them alike:
              segment per object, what shmalloc replaces
   collector  the public pair with ``mgr.set_collector(lambda e: None)`` against none
 
-The pair's cost against the number of live blocks is ``python -m stress.bench_scaling``. Targets
-(issues 3 and 7) are reported, never asserted. Every arena is destroyed on the way out.
+The pair's cost against the number of live blocks is ``python -m stress.bench_scaling``.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -33,41 +27,22 @@ from shmalloc import MemoryManager
 from shmalloc._binding import lib
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    KiB,
-    MiB,
-    Runner,
-    assert_balanced,
-    bench_args,
-    core_handle,
-    fmt_ns,
-    fmt_stat,
-    judge,
-    libc,
-    make_progress,
-    measure,
-    pair_loop,
-    print_header,
-    print_table,
-    run_bench,
-    target_row,
-    verdict,
-)
+from . import _common as bench
+from ._common import KiB, MiB
 
 SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB]
 COLLECTOR_SIZE = 1 * KiB
 TARGETS = {"public_over_malloc": ("<=", 2.0), "stdlib_over_public": (">=", 100.0)}
-progress = make_progress("bench_alloc")
+progress = bench.make_progress("bench_alloc")
 
 
-def public_pair(mgr: MemoryManager, size: int) -> Runner:
-    return pair_loop(mgr.allocate, mgr.deallocate, size)
+def public_pair(mgr: MemoryManager, size: int) -> bench.Runner:
+    return bench.pair_loop(mgr.allocate, mgr.deallocate, size)
 
 
-def core_pair(mgr: MemoryManager, size: int) -> Runner:
+def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
     """The C core's pair, handle and slot bound outside the loop: only the two C calls."""
-    h, slot = core_handle(mgr)
+    h, slot = bench.core_handle(mgr)
     sa, sf = lib.shm_alloc, lib.shm_free
 
     def run(n: int) -> int:
@@ -80,50 +55,37 @@ def core_pair(mgr: MemoryManager, size: int) -> Runner:
     return run
 
 
-def stdlib_pair(size: int) -> Runner:
+def stdlib_pair(size: int) -> bench.Runner:
     def create_unlink(s: int) -> Any:
         shm = shared_memory.SharedMemory(create=True, size=s)
         shm.close()
         shm.unlink()
 
-    return pair_loop(create_unlink, lambda _: None, size)
+    return bench.pair_loop(create_unlink, lambda _: None, size)
 
 
-def bench_pairs(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(256 * MiB)
     used0 = mgr.stats().used
-    _, c = libc()
+    _, c = bench.libc()
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
-        fast = measure(
-            {
-                "public": public_pair(mgr, size),
-                "core": core_pair(mgr, size),
-                "cffi_malloc": pair_loop(c.malloc, c.free, size),
-            },
-            cfg.ops,
-            cfg.trials,
-        )
-        assert_balanced(mgr, used0, f"pair size {size}")
-        slow = measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
-        pub = fast["public"]["median"]
-        rows.append(
-            {
-                "size": size,
-                **fast,
-                **slow,
-                "public_over_malloc": pub / fast["cffi_malloc"]["median"],
-                "public_over_core": pub / fast["core"]["median"],
-                "wrapper_ns": pub - fast["core"]["median"],
-                "stdlib_over_public": slow["stdlib_shm"]["median"] / pub,
-            }
-        )
-    empty = measure({"loop": pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
+        runners = {"public": public_pair(mgr, size), "core": core_pair(mgr, size)}
+        runners["cffi_malloc"] = bench.pair_loop(c.malloc, c.free, size)
+        fast = bench.measure(runners, cfg.ops, cfg.trials)
+        bench.assert_balanced(mgr, used0, f"pair size {size}")
+        slow = bench.measure({"stdlib_shm": stdlib_pair(size)}, cfg.stdlib_ops, cfg.trials)
+        pub, core = fast["public"]["median"], fast["core"]["median"]
+        row = {"size": size, **fast, **slow, "public_over_core": pub / core}
+        row.update(wrapper_ns=pub - core, public_over_malloc=pub / fast["cffi_malloc"]["median"])
+        row["public_over_malloc"] = pub / fast["cffi_malloc"]["median"]
+        rows.append({**row, "stdlib_over_public": slow["stdlib_shm"]["median"] / pub})
+    empty = bench.measure({"loop": bench.pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
     return {"sizes": SIZES, "rows": rows, "two_calls_of_id_ns": empty}
 
 
-def bench_collector(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
+def bench_collector(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(64 * MiB)
     used0 = mgr.stats().used
     base = public_pair(mgr, COLLECTOR_SIZE)
@@ -136,15 +98,11 @@ def bench_collector(cfg: argparse.Namespace, arenas: Arenas) -> dict[str, Any]:
             mgr.set_collector(None)
 
     progress(f"collector: size {COLLECTOR_SIZE}")
-    res = measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
-    assert_balanced(mgr, used0, "collector")
-    return {
-        "size": COLLECTOR_SIZE,
-        "collector": "lambda e: None",
-        **res,
-        "ratio": res["with"]["median"] / res["without"]["median"],
-        "added_ns": res["with"]["median"] - res["without"]["median"],
-    }
+    res = bench.measure({"without": base, "with": with_collector}, cfg.ops, cfg.trials)
+    bench.assert_balanced(mgr, used0, "collector")
+    with_, without = res["with"]["median"], res["without"]["median"]
+    out = {"size": COLLECTOR_SIZE, "collector": "lambda e: None", **res}
+    return {**out, "ratio": with_ / without, "added_ns": with_ - without}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -153,23 +111,20 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
         rows = res["pair"]["rows"]
         for key, worst in (("public_over_malloc", max), ("stdlib_over_public", min)):
             v, size = worst((r[key], r["size"]) for r in rows)
-            d[key] = {
-                **judge(*TARGETS[key], v),
-                "aggregate": f"worst size ({worst.__name__})",
-                "worst_size": size,
-                "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows)),
-            }
-        d["public_over_core"] = {
-            "value": statistics.median(r["public_over_core"] for r in rows),
-            "aggregate": "median over sizes",
-            "wrapper_ns_median": statistics.median(r["wrapper_ns"] for r in rows),
-        }
+            geomean = math.exp(statistics.fmean(math.log(r[key]) for r in rows))
+            d[key] = {**bench.judge(*TARGETS[key], v), "worst_size": size, "geomean": geomean}
+            d[key]["aggregate"] = f"worst size ({worst.__name__})"
+        value = statistics.median(r["public_over_core"] for r in rows)
+        wrapper = statistics.median(r["wrapper_ns"] for r in rows)
+        d["public_over_core"] = {"value": value, "aggregate": "median over sizes"}
+        d["public_over_core"]["wrapper_ns_median"] = wrapper
     if res.get("collector"):
         c = res["collector"]
         d["collector_ratio"] = {"value": c["ratio"], "target": None, "added_ns": c["added_ns"]}
     return d
 
 
+PARTS = {"pair": bench_pairs, "collector": bench_collector}
 LABELS = {
     "public_over_malloc": "public allocate+free pair / cffi malloc+free",
     "stdlib_over_public": "stdlib SharedMemory create+unlink / public pair",
@@ -177,66 +132,45 @@ LABELS = {
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        target_row(
-            label,
-            j,
-            "x",
-            f"worst size {format_bytes(j['worst_size'])}, geomean {j['geomean']:.2f}x",
-        )
-        for key, label in LABELS.items()
-        if (j := res["derived"].get(key))
-    ]
+    rows = []
+    for key, label in LABELS.items():
+        if j := res["derived"].get(key):
+            note = f"worst size {format_bytes(j['worst_size'])}, geomean {j['geomean']:.2f}x"
+            rows.append(bench.target_row(label, j, "x", note))
+    return rows
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     cfg, d = res["config"], res["derived"]
     if res.get("pair"):
-        rows = [
-            [
-                format_bytes(r["size"]),
-                fmt_stat(r["public"]),
-                fmt_stat(r["core"]),
-                fmt_stat(r["cffi_malloc"]),
-                fmt_stat(r["stdlib_shm"]),
-                fmt_ns(r["wrapper_ns"]),
-                f"{r['public_over_malloc']:.2f}x",
-                f"{r['stdlib_over_public']:.0f}x",
-            ]
-            for r in res["pair"]["rows"]
-        ]
-        print_table(
-            [
-                "size",
-                "public ns",
-                "core ns",
-                "cffi malloc ns",
-                "stdlib SharedMemory ns",
-                "wrapper ns",
-                "public/malloc",
-                "stdlib/public",
-            ],
-            rows,
+        bench.print_columns(
             f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
             f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
             f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
             "(not subtracted)",
+            [
+                ("size", lambda r: format_bytes(r["size"])),
+                *((f"{k} ns", lambda r, k=k: bench.fmt_stat(r[k])) for k in ("public", "core")),
+                ("cffi malloc ns", lambda r: bench.fmt_stat(r["cffi_malloc"])),
+                ("stdlib SharedMemory ns", lambda r: bench.fmt_stat(r["stdlib_shm"])),
+                ("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"])),
+                ("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x"),
+                ("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x"),
+            ],
+            res["pair"]["rows"],
         )
     if res.get("collector"):
-        c = res["collector"]
-        print_table(
-            ["size", "without ns", "with ns", "with/without", "added ns"],
-            [
-                [
-                    format_bytes(c["size"]),
-                    fmt_stat(c["without"]),
-                    fmt_stat(c["with"]),
-                    f"{c['ratio']:.2f}x",
-                    fmt_ns(c["added_ns"]),
-                ]
-            ],
+        bench.print_columns(
             "Event collector: public pair with mgr.set_collector(lambda e: None) vs None",
+            [
+                ("size", lambda c: format_bytes(c["size"])),
+                ("without ns", lambda c: bench.fmt_stat(c["without"])),
+                ("with ns", lambda c: bench.fmt_stat(c["with"])),
+                ("with/without", lambda c: f"{c['ratio']:.2f}x"),
+                ("added ns", lambda c: bench.fmt_ns(c["added_ns"])),
+            ],
+            [res["collector"]],
         )
     print("\nDerived figures")
     for key, label in LABELS.items():
@@ -244,7 +178,7 @@ def report(res: dict[str, Any]) -> None:
             j = d[key]
             print(
                 f"  {label}: {j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}), "
-                f"{j['geomean']:.2f}x geomean   target {j['op']} {j['target']:g}x  {verdict(j)}"
+                f"{j['geomean']:.2f}x geomean   {bench.verdict(j)}"
             )
     if "public_over_core" in d:
         j = d["public_over_core"]
@@ -261,33 +195,20 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
+    p = bench.Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
     p.add_argument(
-        "--parts",
-        default="pair,collector",
-        help="comma-separated parts to run: pair, collector (default: both)",
+        "--parts", type=bench.csv(PARTS), default=list(PARTS), help="pair and/or collector"
     )
-    p.add_argument("--trials", type=int, help="trials per measurement (default 9; quick 5)")
-    p.add_argument("--ops", type=int, help="operations per trial (default 50000; quick 20000)")
-    a = p.parse_args(argv)
-    a.parts = [x for x in a.parts.split(",") if x]
-    if set(a.parts) - {"pair", "collector"}:
-        p.error("--parts takes pair and/or collector")
-    a.trials = a.trials or (5 if a.quick else 9)
-    a.ops = a.ops or (20_000 if a.quick else 50_000)
+    p.scaled("--trials", 5, 9, "trials per measurement")
+    p.scaled("--ops", 20_000, 50_000, "operations per trial")
+    a = p.parse(argv)
     a.stdlib_ops = min(a.ops, 200 if a.quick else 1000)
-    if a.trials < 1 or a.ops < 1:
-        p.error("--trials and --ops must be positive")
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
-        parts: dict[str, Callable[[argparse.Namespace, Arenas], dict[str, Any]]] = {
-            "pair": bench_pairs,
-            "collector": bench_collector,
-        }
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         for part in a.parts:
-            res[part] = parts[part](a, arenas)
+            res[part] = PARTS[part](a, arenas)
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}

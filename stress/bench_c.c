@@ -1,28 +1,16 @@
 /* bench_c.c -- the C core's allocate+free pair beside glibc malloc+free, with no Python at all.
+ * Built by stress/bench_c.py with the core's release flags (-O2 -DNDEBUG -DSHMALLOC_DEBUG=0).
  *
- * Built by stress/bench_c.py, the same way native/build_ffi.py builds the core:
- *     cc -O2 -std=gnu11 -DNDEBUG -DSHMALLOC_DEBUG=0 -Inative native/<core>.c stress/bench_c.c
- *
- *   bench_c pairs ITERS TRIALS SIZE...
- *       Creates its own segment (shm_open, ftruncate, mmap; unlinked at once, so nothing is left
- *       behind however the program ends), formats it with shm_arena_format, opens a handle with
- *       shm_handle_open, claims a slot with shm_proc_attach, then times ITERS shm_alloc/shm_free
- *       pairs and ITERS malloc/free pairs per size, TRIALS times, interleaved (trial t runs both,
- *       in alternating order). Prints one JSON object: ns per pair for every trial.
- *
- *   bench_c scale NPROCS ITERS SIZE
- *       The same arena, then NPROCS forked processes (each claims its own slot) that start
- *       together and each time ITERS shm_alloc/shm_free pairs of SIZE bytes on the shared arena;
- *       then the same with 20*ITERS malloc/free pairs on each child's private heap (so that both
- *       runs last about as long). Prints the aggregate pairs
- *       per second of both as JSON: what the shared heap lock and shared cache lines cost when
- *       processes allocate at once, with no Python in the way.
- *
- *   bench_c replay FILE
- *       Replays an allocation trace through glibc malloc/free and prints the peak of the requested
- *       live bytes and the peak footprint (mallinfo2 arena + mmapped bytes, sampled at every new
- *       live peak and every 16 events, less what was in use before; M_TOP_PAD 0) as JSON. FILE holds records of 16 bytes: uint32 op (1
- *       allocate, 2 free), uint32 id, uint64 size. Used by bench_fragmentation as a reference.
+ *   bench_c pairs ITERS TRIALS SIZE...   ITERS shm_alloc/shm_free pairs and ITERS malloc/free
+ *       pairs per size, TRIALS times, interleaved, on its own arena (a segment unlinked at once,
+ *       so nothing is left behind); prints ns per pair of every trial as JSON.
+ *   bench_c scale NPROCS ITERS SIZE      NPROCS forked processes, each with its own slot, time
+ *       ITERS core pairs at once on the one arena, then MALLOC_X*ITERS malloc pairs on private
+ *       heaps; prints the aggregate pairs per second of both as JSON.
+ *   bench_c replay FILE                  replays a trace of 16-byte records (uint32 op: 1
+ *       allocate, 2 free; uint32 id; uint64 size) through glibc with M_TOP_PAD 0; prints the
+ *       peak requested live bytes and the peak footprint (mallinfo2 arena + mmapped bytes,
+ *       sampled at every new live peak and every 16 events, less what was in use before).
  *
  * A failure prints a message on stderr and exits with status 1. */
 #define _GNU_SOURCE
@@ -59,17 +47,12 @@ static void die_shm(const char *what, int64_t status) {
     exit(1);
 }
 
-static uint64_t now_ns(void) {
+static uint64_t clock_ns(clockid_t which) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(which, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
-
-static uint64_t realtime_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+#define now_ns() clock_ns(CLOCK_MONOTONIC)
 
 /* Field 22 of /proc/self/stat: what the core keys a process slot by, with the pid. */
 static uint64_t self_start_time(void) {
@@ -101,7 +84,7 @@ static shm_handle_t *make_arena(int32_t *slot_out) {
     void *base = mmap(NULL, SEGMENT_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) die("mmap");
     int rc = shm_arena_format(base, SEGMENT_BYTES, fd, 0x9e3779b97f4a7c15ull ^ now_ns(),
-                              realtime_ns());
+                              clock_ns(CLOCK_REALTIME));
     if (rc != SHM_OK) die_shm("shm_arena_format", rc);
     shm_handle_t *h = NULL;
     rc = shm_handle_open(base, SEGMENT_BYTES, fd, &h);

@@ -1,29 +1,14 @@
 """C-level benchmark: the shmalloc core's allocate+free pair called from C, beside glibc malloc/free
 in the same program and Boost.Interprocess ``managed_shared_memory`` in a C++ one.
 
-    python -m stress.bench_c [--quick] [--json PATH] [--sizes 64,1024,16384]
-
-``stress/bench_c.c`` is compiled with the system ``cc`` against ``native/*.c`` with the flags
-``native/build_ffi.py`` uses for a release build (``-O2 -std=gnu11 -DNDEBUG -DSHMALLOC_DEBUG=0``).
-It creates its own segment (shm_open, ftruncate, mmap, then shm_arena_format, shm_handle_open and
-shm_proc_attach) and times shm_alloc/shm_free pairs and malloc/free pairs, interleaved trial by
-trial. ``stress/bench_c_boost.cpp`` is compiled with ``c++ -O2`` only if the Boost.Interprocess
-headers are installed (Debian: ``apt-get install libboost-dev``); otherwise Boost is skipped
-with a message. The two programs run alternately, a few trials per turn, so that both see the
-same machine. Figures are nanoseconds per pair: median of the trials, with min and max.
-
-A second part (no target; ``--no-scale`` skips it) forks 1, 2 and 4 processes from the C program
-onto the one arena, each claiming its own slot and timing 64 B pairs at the same moment, then
-does the same on private glibc heaps: aggregate pairs per second, what sharing the heap costs
-when processes allocate at once, with no Python in the way.
-
-Binaries are cached under the system temp directory, keyed by a hash of the sources, flags and
-compiler, so reruns do not recompile. Both programs unlink their segment right after mapping
-it: nothing is left in /dev/shm however they end.
-
-Targets (issue 7): the core's pair within 1.5x of glibc's, and faster than Boost.Interprocess.
-Reported, never asserted; the exit code is 0 whether or not they are met (it is 1 only if the
-core program cannot be built or fails).
+``stress/bench_c.c`` is compiled against ``native/*.c`` with the release flags of
+``native/build_ffi.py``; ``stress/bench_c_boost.cpp`` only if the Boost.Interprocess headers are
+installed (Debian: libboost-dev), else Boost is skipped with a message. The two programs run
+alternately, a few trials per turn, so that both see the same machine: ns per pair, median
+[min-max]. A second part (no target; ``--no-scale`` skips it) forks 1, 2 and 4 C processes onto
+one arena, then onto private glibc heaps: aggregate pairs per second with no Python in the way.
+Binaries are cached in the temp directory, keyed by a hash of sources, flags and compiler. The
+exit code is 1 only if the core program cannot be built or fails.
 """
 
 from __future__ import annotations
@@ -41,27 +26,14 @@ from typing import Any
 
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    REPO_ROOT,
-    bench_args,
-    fmt_stat,
-    judge,
-    make_progress,
-    print_header,
-    print_table,
-    procs_table,
-    run_bench,
-    summarize,
-    target_row,
-    verdict,
-)
+from . import _common as bench
 
-progress = make_progress("bench_c")
-SIZES = (64, 1024, 16384)
+progress = bench.make_progress("bench_c")
+SIZES = [64, 1024, 16384]
 PROCS = (1, 2, 4)
 SCALE_SIZE = 64
-C_SOURCE = REPO_ROOT / "stress" / "bench_c.c"
-BOOST_SOURCE = REPO_ROOT / "stress" / "bench_c_boost.cpp"
+C_SOURCE = bench.REPO_ROOT / "stress" / "bench_c.c"
+BOOST_SOURCE = bench.REPO_ROOT / "stress" / "bench_c_boost.cpp"
 BOOST_HEADERS = Path("/usr/include/boost/interprocess")
 CORE_FLAGS = ["-O2", "-std=gnu11", "-DNDEBUG", "-DSHMALLOC_DEBUG=0"]
 BOOST_FLAGS = ["-O2", "-std=c++17", "-DNDEBUG"]
@@ -88,16 +60,14 @@ def _build(
     """Compile (or reuse a cached build of) sources into a binary; return its path and facts."""
     cc = shutil.which(compiler)
     if cc is None:
-        raise BuildError(
-            f"no `{compiler}` on PATH: install a C/C++ compiler (Debian: "
-            "apt-get install build-essential)"
-        )
+        install = "install a C/C++ compiler (Debian: apt-get install build-essential)"
+        raise BuildError(f"no `{compiler}` on PATH: {install}")
     h = hashlib.sha256()
     h.update(" ".join([_compiler_id(cc), *args, *libs]).encode())
     for s in sources:
         h.update(s.name.encode())
         h.update(s.read_bytes())
-    for hdr in sorted((REPO_ROOT / "native").glob("*.h")):
+    for hdr in sorted((bench.REPO_ROOT / "native").glob("*.h")):
         h.update(hdr.read_bytes())
     digest = h.hexdigest()[:16]
     out = CACHE_DIR / f"{name}-{digest}"
@@ -111,9 +81,7 @@ def _build(
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    r = subprocess.run(
-        command(tmp), capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False
-    )
+    r = subprocess.run(command(tmp), capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"compiling {name} failed ({info['command']}):\n{r.stderr[-3000:]}")
@@ -124,18 +92,15 @@ def _build(
 
 def build_core() -> tuple[Path, dict[str, Any]]:
     """bench_c.c with the C core, built as native/build_ffi.py builds the core (release)."""
-    sources = sorted((REPO_ROOT / "native").glob("*.c")) + [C_SOURCE]
-    return _build(
-        "bench_c", "cc", [*CORE_FLAGS, "-I" + str(REPO_ROOT / "native")], sources, ["-lpthread"]
-    )
+    native = bench.REPO_ROOT / "native"
+    sources = [*sorted(native.glob("*.c")), C_SOURCE]
+    return _build("bench_c", "cc", [*CORE_FLAGS, f"-I{native}"], sources, ["-lpthread"])
 
 
 def build_boost() -> tuple[Path | None, dict[str, Any]]:
     if not BOOST_HEADERS.is_dir():
-        return None, {
-            "skipped": f"Boost.Interprocess headers not found ({BOOST_HEADERS}); "
-            "install them with `apt-get install libboost-dev` to compare"
-        }
+        why = f"Boost.Interprocess headers not found ({BOOST_HEADERS}); install them with "
+        return None, {"skipped": why + "`apt-get install libboost-dev` to compare"}
     try:
         return _build("bench_c_boost", "c++", BOOST_FLAGS, [BOOST_SOURCE], ["-lpthread", "-lrt"])
     except BuildError as e:
@@ -151,12 +116,10 @@ def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
 
 
 def run_pairs(
-    core: Path, boost: Path | None, sizes: tuple[int, ...], iters: int, rounds: int, per_round: int
+    core: Path, boost: Path | None, sizes: list[int], iters: int, rounds: int, per_round: int
 ) -> dict[str, dict[str, list[float]]]:
     """Alternate the two programs `rounds` times, `per_round` trials each; merge the trials."""
-    trials: dict[str, dict[str, list[float]]] = {
-        str(s): {"core": [], "glibc": [], "boost": []} for s in sizes
-    }
+    trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in sizes}
     args = [str(iters), str(per_round), *map(str, sizes)]
     for r in range(rounds):
         progress(f"round {r + 1}/{rounds}")
@@ -181,21 +144,15 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
             out = _run_json([str(core), "scale", str(k), str(iters), str(SCALE_SIZE)], 600)
             got[k]["core"].append(out["core_pairs_per_s"])
             got[k]["glibc"].append(out["glibc_pairs_per_s"])
-    by = {m: {str(k): summarize(got[k][m]) for k in PROCS} for m in ("core", "glibc")}
-    return {
-        "procs": list(PROCS),
-        "size": SCALE_SIZE,
-        "iters_per_process": iters,
-        "malloc_iters_per_process": iters * 20,  # MALLOC_X in bench_c.c
-        "unit": "allocate+free pairs per second, summed over processes",
-        "by_method": by,
-        "speedup": {
-            m: {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()} for m in by
-        },
-    }
+    by = {m: {str(k): bench.summarize(got[k][m]) for k in PROCS} for m in ("core", "glibc")}
+    out = dict(procs=list(PROCS), size=SCALE_SIZE, iters_per_process=iters, by_method=by)
+    out["malloc_iters_per_process"] = iters * 20  # MALLOC_X in bench_c.c
+    out["unit"] = "allocate+free pairs per second, summed over processes"
+    speedup = {m: {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()} for m in by}
+    return {**out, "speedup": speedup}
 
 
-def bench(a: Any) -> dict[str, Any]:
+def run_pairs_and_scale(a: Any) -> dict[str, Any]:
     progress("building the C program (core + glibc)")
     core, core_info = build_core()
     progress("building the Boost.Interprocess program")
@@ -205,18 +162,13 @@ def bench(a: Any) -> dict[str, Any]:
     trials = run_pairs(core, boost, a.sizes, a.iters, a.rounds, a.per_round)
     rows = []
     for s in a.sizes:
-        row: dict[str, Any] = {
-            "size": s,
-            **{
-                k: summarize(v, ops_per_trial=a.iters) if v else None
-                for k, v in trials[str(s)].items()
-            },
+        row = {
+            k: bench.summarize(v, ops_per_trial=a.iters) if v else None
+            for k, v in trials[str(s)].items()
         }
-        row["core_over_glibc"] = row["core"]["median"] / row["glibc"]["median"]
-        row["core_over_boost"] = (
-            row["core"]["median"] / row["boost"]["median"] if row["boost"] else None
-        )
-        rows.append(row)
+        ns, boost_ns = row["core"]["median"], row["boost"] and row["boost"]["median"]
+        row.update(size=s, core_over_glibc=ns / row["glibc"]["median"])
+        rows.append({**row, "core_over_boost": ns / boost_ns if boost_ns else None})
     return {
         "sizes": list(a.sizes),
         "rows": rows,
@@ -230,18 +182,12 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     rows, d = res["pairs"]["rows"], {}
     for key in TARGETS:
         if key == "core_over_boost" and not res["pairs"]["boost_available"]:
-            d[key] = {
-                **judge(*TARGETS[key], None),
-                "skipped": res["pairs"]["build"]["boost"]["skipped"],
-            }
+            skipped = res["pairs"]["build"]["boost"]["skipped"]
+            d[key] = {**bench.judge(*TARGETS[key], None), "skipped": skipped}
             continue
         worst = max(rows, key=lambda r: r[key])
-        d[key] = {
-            **judge(*TARGETS[key], worst[key]),
-            "aggregate": "worst size (max)",
-            "worst_size": worst["size"],
-            "by_size": {str(r["size"]): r[key] for r in rows},
-        }
+        d[key] = {**bench.judge(*TARGETS[key], worst[key]), "aggregate": "worst size (max)"}
+        d[key].update(worst_size=worst["size"], by_size={str(r["size"]): r[key] for r in rows})
     return d
 
 
@@ -258,42 +204,34 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
             if r[other]
         ]
         note = "skipped: " + j["skipped"] if j["value"] is None else " ns, ".join(vs) + " ns"
-        out.append(target_row(f"C core pair / {label}", j, "x", note))
+        out.append(bench.target_row(f"C core pair / {label}", j, "x", note))
     return out
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     p = res["pairs"]
-    rows = [
-        [
-            format_bytes(r["size"]),
-            fmt_stat(r["core"]),
-            fmt_stat(r["glibc"]),
-            fmt_stat(r["boost"]) if r["boost"] else "skipped",
-            f"{r['core_over_glibc']:.2f}x",
-            f"{r['core_over_boost']:.2f}x" if r["core_over_boost"] else "-",
-        ]
-        for r in p["rows"]
-    ]
-    print_table(
-        [
-            "size",
-            "shmalloc core ns",
-            "glibc malloc ns",
-            "Boost.Interprocess ns",
-            "core/glibc",
-            "core/boost",
-        ],
-        rows,
+    bench.print_columns(
         f"ns per allocate+free pair, called from C ({res['config']['iters']:,} pairs per "
         "trial; median [min-max])",
+        [
+            ("size", lambda r: format_bytes(r["size"])),
+            ("shmalloc core ns", lambda r: bench.fmt_stat(r["core"])),
+            ("glibc malloc ns", lambda r: bench.fmt_stat(r["glibc"])),
+            (
+                "Boost.Interprocess ns",
+                lambda r: bench.fmt_stat(r["boost"]) if r["boost"] else "skipped",
+            ),
+            ("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x"),
+            ("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-"),
+        ],
+        p["rows"],
     )
     if not p["boost_available"]:
         print(f"\nBoost.Interprocess skipped: {p['build']['boost']['skipped']}")
     sc = p["scale"]
     if sc:
-        procs_table(
+        bench.procs_table(
             f"{format_bytes(sc['size'])} allocate+free pairs per second summed over "
             f"forked processes ({sc['iters_per_process']:,} core / "
             f"{sc['malloc_iters_per_process']:,} malloc pairs each; no target)",
@@ -308,44 +246,28 @@ def report(res: dict[str, Any]) -> None:
         if j["value"] is None:
             print(f"  core pair / {label} pair: skipped (not judged)")
         else:
-            print(
-                f"  core pair / {label} pair: {j['value']:.2f}x worst (at "
-                f"{format_bytes(j['worst_size'])})   target {j['op']} {j['target']:g}x  "
-                f"{verdict(j)}"
-            )
+            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
+            print(f"  core pair / {label} pair: {worst}   {bench.verdict(j)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
-    p.add_argument(
-        "--sizes",
-        default=",".join(map(str, SIZES)),
-        help="comma-separated block sizes in bytes (default 64,1024,16384)",
-    )
-    p.add_argument("--iters", type=int, help="pairs per trial (default 1000000; quick 200000)")
-    p.add_argument(
-        "--rounds", type=int, help="turns of each program, alternating (default 3; quick 2)"
-    )
-    p.add_argument("--per-round", type=int, help="trials per turn (default 3; quick 2)")
-    p.add_argument(
-        "--no-scale",
-        dest="scale",
-        action="store_false",
-        help="skip the 1/2/4-process part (forked C processes on one arena)",
-    )
-    a = p.parse_args(argv)
-    a.sizes = tuple(int(x) for x in a.sizes.split(",") if x)
-    if not a.sizes or any(s < 1 for s in a.sizes) or len(a.sizes) > 16:
+    p = bench.Parser(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
+    sizes = "comma-separated block sizes in bytes, at most 16 (default 64,1024,16384)"
+    p.add_argument("--sizes", type=bench.csv(of=int), default=list(SIZES), help=sizes)
+    p.scaled("--iters", 200_000, 1_000_000, "pairs per trial")
+    p.scaled("--rounds", 2, 3, "turns of each program, alternating")
+    p.scaled("--per-round", 2, 3, "trials per turn")
+    no_scale = "skip the 1/2/4-process part (forked C processes on one arena)"
+    p.add_argument("--no-scale", dest="scale", action="store_false", help=no_scale)
+    a = p.parse(argv)
+    if min(a.sizes) < 1 or len(a.sizes) > 16:
         p.error("--sizes takes 1 to 16 positive sizes")
-    a.iters = a.iters or (200_000 if a.quick else 1_000_000)
-    a.rounds = a.rounds or (2 if a.quick else 3)
-    a.per_round = a.per_round or (2 if a.quick else 3)
 
     def body(res: dict[str, Any], arenas: Any) -> None:
-        res["pairs"] = bench(a)
+        res["pairs"] = run_pairs_and_scale(a)
 
     try:
-        return run_bench(
+        return bench.run_bench(
             sys.modules[__name__],
             a,
             {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}

@@ -1,27 +1,15 @@
 """Coordinator benchmark: how fast the memory of a killed process comes back, and what an idle
-coordinator costs.
+coordinator costs (issue 5).
 
-    python -m stress.bench_coordinator [--quick] [--json PATH] [--procs N] [--kills N]
-                                       [--seconds S] [--interval S]
+  reclaim   latency from ``kill -9`` of an attached worker that owns blocks until its slot is free
+            in the arena's process table (its blocks freed), over 20 kills; each victim lives a
+            random 2-3 coordinator intervals, so kills are not in phase with its ticks.
+  idle CPU  the coordinator's CPU time (psutil, user + system; and the scheduler's schedstat) over
+            10 s on an idle arena with 64 attached processes, as a percentage of one core.
 
-What is measured (issue 5, "Numbers to reach"):
-
-  reclaim   latency from ``kill -9`` of an attached worker that owns blocks until its slot is gone
-            from the arena's process table (its blocks freed): median and worst of 20 kills.
-            Each victim is killed after living a random 2-3 coordinator intervals, so kills are
-            not in phase with the coordinator's ticks. The other workers stay attached meanwhile.
-  idle CPU  the coordinator's own CPU time (psutil cpu_times, user + system) over ~10 s on an idle
-            arena with 64 attached processes, at the default interval (0.25 s), as a percentage of
-            one core. Target: under 1 %.
-
-Workers are forked from this process after it imported shmalloc (copy-on-write: 64 of them cost
-little memory); each allocates, says it is ready through a pipe, then blocks until killed or
-until the pipe closes. The coordinator is a real ``python -m shmalloc.coordinator`` child.
-
-Output: a table on stdout (progress on stderr) and JSON (default
-``stress/results/bench_coordinator.json``). Targets are reported, never asserted: the exit code
-is 0 whether or not they are met. The arena and every child are gone on the way out, Ctrl-C and
-SIGTERM included.
+Workers are forked from this process (copy-on-write: 64 of them cost little); each allocates,
+says it is ready through a pipe, then blocks until killed or until the pipe closes. The
+coordinator is a real ``python -m shmalloc.coordinator`` child.
 """
 
 from __future__ import annotations
@@ -41,12 +29,12 @@ from shmalloc import MemoryManager
 from shmalloc._binding import ffi, lib
 from shmalloc.coordinator import DEFAULT_INTERVAL, coordinator_command, lease_holder
 
-from ._common import Arenas, bench_args, core_handle, judge, make_progress, run_bench, target_row
+from . import _common as bench
 
 ARENA = 256 << 20
 VICTIM_BLOCKS = [4096, 65536, 300, 1 << 20, 12345, 777, 8192, 100_000]
 TARGETS = {"worst_reclaim_ms": ("<", 1000.0), "idle_cpu_percent": ("<", 1.0)}
-log = make_progress("bench_coordinator")
+log = bench.make_progress("bench_coordinator")
 
 
 class Workers:
@@ -102,7 +90,7 @@ class SlotWatch:
     """Is (pid's slot) still taken? One lock-free read of one slot, so polling it is cheap."""
 
     def __init__(self, m: MemoryManager, pid: int) -> None:
-        self.h = core_handle(m)[0]
+        self.h = bench.core_handle(m)[0]
         self.pid = pid
         self.slot = next(p.slot for p in m.processes() if p.pid == pid)
         self.info = ffi.new("shm_proc_info_t *")
@@ -124,7 +112,7 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
+def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
     m = arenas.new(ARENA)
     workers = Workers(m)
     coord: subprocess.Popen[bytes] | None = None
@@ -203,81 +191,57 @@ def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
     return {
-        "worst_reclaim_ms": judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
-        "idle_cpu_percent": judge(*TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]),
+        "worst_reclaim_ms": bench.judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
+        "idle_cpu_percent": bench.judge(
+            *TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]
+        ),
     }
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     d = res["derived"]
     return [
-        target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
-        target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
+        bench.target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
+        bench.target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
     ]
 
 
 def report(res: dict[str, Any]) -> None:
+    bench.print_header(res)
     c, r, u, d = res["config"], res["reclaim"], res["idle_cpu"], res["derived"]
-    quick = " (--quick)" if c["quick"] else ""
-    print(
-        f"shmalloc bench_coordinator{quick}: {res['machine']['cpu_count']} CPUs, "
-        f"Python {res['machine']['python_version']}, interval {c['interval']} s"
-    )
-    met = {True: "met", False: "NOT met"}
+    kill9, met = "reclaim after kill -9,", {True: "met", False: "NOT met"}
+    attached = f"{c['kills']} kills, {c['procs']} other processes attached"
+    worst = f"target < 1 s: {met[d['worst_reclaim_ms']['met']]}"
+    cpu = f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
+    cpu += met[d["idle_cpu_percent"]["met"]]
+    core = f"{u['percent_of_core']:.3f} % of a core"
+    sched = f"{u['percent_of_core_schedstat']:.3f} % of a core"
+    us = f"{u['user_s']:.3f} / {u['system_s']:.3f} s"
     rows = [
-        (
-            "reclaim after kill -9, median",
-            f"{r['median_ms']:.2f} ms",
-            f"{c['kills']} kills, {c['procs']} other processes attached",
-        ),
-        (
-            "reclaim after kill -9, worst",
-            f"{r['worst_ms']:.2f} ms",
-            f"target < 1 s: {met[d['worst_reclaim_ms']['met']]}",
-        ),
-        ("reclaim after kill -9, best", f"{r['best_ms']:.2f} ms", ""),
-        (
-            "coordinator CPU, idle",
-            f"{u['percent_of_core']:.3f} % of a core",
-            f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
-            f"{met[d['idle_cpu_percent']['met']]}",
-        ),
-        (
-            "  of which user / system",
-            f"{u['user_s']:.3f} / {u['system_s']:.3f} s",
-            "psutil cpu_times (10 ms ticks)",
-        ),
-        (
-            "coordinator CPU, idle (schedstat)",
-            f"{u['percent_of_core_schedstat']:.3f} % of a core",
-            "the scheduler's ns count, all threads",
-        ),
-        ("exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""),
+        [f"{kill9} median", f"{r['median_ms']:.2f} ms", attached],
+        [f"{kill9} worst", f"{r['worst_ms']:.2f} ms", worst],
+        [f"{kill9} best", f"{r['best_ms']:.2f} ms", ""],
+        ["coordinator CPU, idle", core, cpu],
+        ["  of which user / system", us, "psutil cpu_times (10 ms ticks)"],
+        ["coordinator CPU, idle (schedstat)", sched, "the scheduler's ns count, all threads"],
+        ["exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""],
     ]
-    w0, w1 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
-    print(f"{'measure'.ljust(w0)}  {'value'.rjust(w1)}  notes\n" + "-" * (w0 + w1 + 40))
-    for a, b, n in rows:
-        print(f"{a.ljust(w0)}  {b.rjust(w1)}  {n}")
+    bench.print_table(["measure", "value", "notes"], rows, f"interval {c['interval']} s", left=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
-    p.add_argument("--procs", type=int, help="idle attached processes (default 64)")
-    p.add_argument("--kills", type=int, help="victims killed with SIGKILL (default 20)")
-    p.add_argument("--seconds", type=float, help="idle CPU measurement (default 10)")
-    p.add_argument(
-        "--interval",
-        type=float,
-        default=DEFAULT_INTERVAL,
-        help=f"the coordinator's interval (default {DEFAULT_INTERVAL})",
-    )
-    a = p.parse_args(argv)
-    a.procs = a.procs or (16 if a.quick else 64)
-    a.kills = a.kills or (5 if a.quick else 20)
-    a.seconds = a.seconds or (3.0 if a.quick else 10.0)
+    p = bench.Parser(sys.modules[__name__], "16 processes, 5 kills, 3 s of idle CPU")
+    p.scaled("--procs", 16, 64, "idle attached processes")
+    p.scaled("--kills", 5, 20, "victims killed with SIGKILL")
+    p.scaled("--seconds", 3.0, 10.0, "idle CPU measurement", least=0.1)
+    interval = f"the coordinator's interval (default {DEFAULT_INTERVAL})"
+    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help=interval)
+    a = p.parse(argv)
     config = {k: getattr(a, k) for k in ("procs", "kills", "seconds", "interval")}
     config.update(arena_bytes=ARENA, victim_blocks=VICTIM_BLOCKS)
-    return run_bench(sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas))
+    return bench.run_bench(
+        sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas)
+    )
 
 
 if __name__ == "__main__":

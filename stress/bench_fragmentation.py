@@ -1,37 +1,19 @@
 """Fragmentation: peak arena footprint over peak live bytes on mixed-size allocation traces.
 
-    python -m stress.bench_fragmentation [--quick] [--json PATH] [--traces LIST] [--seeds N]
+Each trace is a deterministic list of allocate/free events with the size and lifetime
+distributions of ``bench_workloads`` (larson, mstress with its rare giants and long-lived blocks,
+xmalloc-test's batches in FIFO order) and one more (random-lifetime: log-uniform sizes from 16 B
+to 1 MiB, exponential lifetimes), replayed into a fresh arena by one process.
 
-Each trace is a deterministic list of allocate/free events, synthesised with the size and
-lifetime distributions of the workloads in ``bench_workloads`` (and one more), and replayed into
-a fresh arena by one process:
+  live       sum of the *requested* bytes of the live blocks; peak live is its maximum
+  footprint  the highest byte ever handed out, less the heap start: its peak over the replay
+  ratio      peak footprint / peak live (target <= 1.25 on every trace), about the product of
+             headers+rounding (peak of the live blocks' whole sizes / peak live) and placement
+             (peak footprint / that)
 
-  larson           C live blocks of 8..1000 B (uniform); each step frees a random one and
-                   allocates a new one
-  mstress          many live blocks of power-of-two sizes with mstress's rare x100 / x1000 /
-                   x10000 giants; rounds free a random half and reallocate, and each round also
-                   allocates long-lived ("retained") blocks that live to the end
-  xmalloc          batches of objects of xmalloc-test's mixed sizes (8..2048 B) plus the batch's
-                   own address array, a few batches in flight, freed in FIFO order
-  random-lifetime  sizes log-uniform between 16 B and 1 MiB, each block living an exponentially
-                   distributed number of allocations (mean --lifetime)
-
-Definitions (per trace and seed):
-  live       sum of the *requested* bytes of the blocks live at a moment; peak live is its maximum
-  footprint  highest byte ever handed out: max(address + size_of(address)) - heap start, over the
-             whole replay (the heap start is the C core's header size); peak footprint is that
-  ratio      peak footprint / peak live: the target is <= 1.25 on every trace
-It is split into two factors that multiply to it (approximately: the peaks can fall at different
-moments): headers+rounding = peak of the live blocks' whole sizes (usable size + block header)
-/ peak live, and placement = peak footprint / that. Also given: ``reserved``, the tmpfs pages the
-arena fallocated (1 MiB steps) over peak live, and the same trace replayed through glibc
-``malloc`` by the C program of ``bench_c`` (``bench_c replay``; its footprint is mallinfo2's
-arena + mmapped bytes less what was in use before, sampled every 16 events and at every new live
-peak, with M_TOP_PAD 0): a reference for what the trace allows. Without a C compiler the glibc
-column is skipped.
-
-Targets are reported, never asserted; the exit code is 0 whether or not they are met. Every
-arena is destroyed on the way out, Ctrl-C included.
+Also given: ``reserved`` (the tmpfs pages the arena fallocated, over peak live), the ratio with
+the caches off, and the same trace through glibc malloc (``bench_c replay``: mallinfo2's arena +
+mmapped bytes, M_TOP_PAD 0) as a reference for what the trace allows; skipped without a compiler.
 """
 
 from __future__ import annotations
@@ -52,24 +34,12 @@ from typing import Any
 from shmalloc._binding import ffi, lib
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    GiB,
-    MiB,
-    bench_args,
-    check_interrupt,
-    judge,
-    make_progress,
-    print_header,
-    print_table,
-    run_bench,
-    target_row,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB, MiB
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
 
-progress = make_progress("bench_fragmentation")
+progress = bench.make_progress("bench_fragmentation")
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
 TARGET = ("<=", 1.25)
 TARGETS = {"footprint_over_live": TARGET}
@@ -166,7 +136,7 @@ GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
 
 
 def replay_shmalloc(
-    trace: list[Event], arenas: Arenas, capacity: int, caches: bool = True
+    trace: list[Event], arenas: bench.Arenas, capacity: int, caches: bool = True
 ) -> dict[str, Any]:
     """Replay into a fresh arena; caches=False turns the per-process caches off (heap only)."""
     mgr = arenas.new(capacity)
@@ -203,19 +173,12 @@ def replay_shmalloc(
         if st.allocated_blocks != 0 or addr:
             raise RuntimeError(f"replay left {st.allocated_blocks} blocks allocated")
         mgr.check()
-        footprint = top - heap_start
-        return {
-            "peak_live": peak_live,
-            "peak_block_bytes": peak_blocks,
-            "peak_footprint": footprint,
-            "reserved": st.reserved - heap_start,
-            "ratio": footprint / peak_live,
-            "headers_and_rounding": peak_blocks / peak_live,
-            "placement": footprint / peak_blocks,
-            "reserved_ratio": (st.reserved - heap_start) / peak_live,
-            "replay_seconds": elapsed,
-            "allocations": st.allocations,
-        }
+        footprint, reserved = top - heap_start, st.reserved - heap_start
+        out = dict(peak_live=peak_live, peak_block_bytes=peak_blocks, peak_footprint=footprint)
+        out.update(reserved=reserved, ratio=footprint / peak_live)
+        out.update(headers_and_rounding=peak_blocks / peak_live, placement=footprint / peak_blocks)
+        out.update(reserved_ratio=reserved / peak_live, replay_seconds=elapsed)
+        return {**out, "allocations": st.allocations}
     finally:
         arenas.drop(mgr)
 
@@ -229,13 +192,8 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
             rec.pack_into(buf, n * rec.size, 1 if op > 0 else 2, i, size)
         f.write(buf)
         f.flush()
-        r = subprocess.run(
-            [str(binary), "replay", f.name],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        cmd = [str(binary), "replay", f.name]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"glibc replay failed ({r.returncode}): {r.stderr.strip()}")
     out: dict[str, Any] = json.loads(r.stdout)
@@ -246,7 +204,7 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def run(a: Any, arenas: Arenas) -> dict[str, Any]:
+def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     out: dict[str, Any] = {}
     binary = None
     if not a.no_glibc:
@@ -257,7 +215,7 @@ def run(a: Any, arenas: Arenas) -> dict[str, Any]:
     for name in a.traces:
         per_seed = []
         for seed in range(a.seed, a.seed + a.seeds):
-            check_interrupt()
+            bench.check_interrupt()
             trace = list(GENERATORS[name](random.Random(f"{name}:{seed}"), a.scale))
             progress(f"{name}: seed {seed}, {sum(e[0] > 0 for e in trace):,} allocations")
             r = replay_shmalloc(trace, arenas, a.capacity)
@@ -274,14 +232,10 @@ def run(a: Any, arenas: Arenas) -> dict[str, Any]:
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    d = {
-        f"fragmentation_{name}": {
-            **judge(*TARGET, t["worst_ratio"]),
-            "trace": name,
-            "aggregate": "worst seed (max)",
-        }
-        for name, t in res["traces"].items()
-    }
+    d = {}
+    for name, t in res["traces"].items():
+        j = bench.judge(*TARGET, t["worst_ratio"])
+        d[f"fragmentation_{name}"] = {**j, "trace": name, "aggregate": "worst seed (max)"}
     worst = max(d.values(), key=lambda j: j["value"])
     d["fragmentation_worst"] = {**worst, "aggregate": "worst trace"}
     return d
@@ -297,96 +251,54 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
         if w["glibc"]:
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
-        rows.append(
-            target_row(
-                f"fragmentation, {name} trace (footprint/live)",
-                res["derived"][f"fragmentation_{name}"],
-                "x",
-                note,
-            )
-        )
+        j = res["derived"][f"fragmentation_{name}"]
+        rows.append(bench.target_row(f"fragmentation, {name} trace (footprint/live)", j, "x", note))
     return rows
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
-    rows = [
-        [
-            name,
-            str(r["seed"]),
-            f"{r['events']:,}",
-            format_bytes(r["peak_live"]),
-            format_bytes(r["peak_footprint"]),
-            f"{r['ratio']:.3f}",
-            f"{r['headers_and_rounding']:.3f}",
-            f"{r['placement']:.3f}",
-            f"{r['reserved_ratio']:.2f}",
-            f"{r['no_caches']['ratio']:.3f}",
-            f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-",
-        ]
-        for name, t in res["traces"].items()
-        for r in t["seeds"]
-    ]
-    print_table(
-        [
-            "trace",
-            "seed",
-            "events",
-            "peak live",
-            "peak footprint",
-            "ratio",
-            "hdr+round",
-            "placement",
-            "reserved",
-            "caches off",
-            "glibc ratio",
-        ],
-        rows,
+    bench.print_header(res)
+    bench.print_columns(
         "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
         "hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
+        [
+            ("trace", lambda r: r["trace"]),
+            ("seed", lambda r: str(r["seed"])),
+            ("events", lambda r: f"{r['events']:,}"),
+            ("peak live", lambda r: format_bytes(r["peak_live"])),
+            ("peak footprint", lambda r: format_bytes(r["peak_footprint"])),
+            ("ratio", lambda r: f"{r['ratio']:.3f}"),
+            ("hdr+round", lambda r: f"{r['headers_and_rounding']:.3f}"),
+            ("placement", lambda r: f"{r['placement']:.3f}"),
+            ("reserved", lambda r: f"{r['reserved_ratio']:.2f}"),
+            ("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}"),
+            ("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-"),
+        ],
+        [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]],
     )
     print()
     for key, j in res["derived"].items():
         if key != "fragmentation_worst":
-            print(
-                f"  {j['trace']:<16} worst ratio {j['value']:.3f}   target <= {j['target']:g}"
-                f"  {verdict(j)}"
-            )
+            print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   {bench.verdict(j, '')}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "shorter traces, one seed")
-    p.add_argument(
-        "--traces", default=",".join(TRACES), help=f"comma-separated subset of {','.join(TRACES)}"
-    )
-    p.add_argument("--seeds", type=int, help="seeds per trace (default 3; quick 1)")
+    p = bench.Parser(sys.modules[__name__], "shorter traces, one seed")
+    p.add_argument("--traces", type=bench.csv(TRACES), default=list(TRACES), help=",".join(TRACES))
+    p.scaled("--seeds", 1, 3, "seeds per trace")
     p.add_argument("--seed", type=int, default=1, help="first seed")
-    p.add_argument("--scale", type=float, help="trace length multiplier (default 1; quick 0.2)")
+    p.scaled("--scale", 0.2, 1.0, "trace length multiplier", least=0.001)
     p.add_argument("--no-glibc", action="store_true", help="skip the glibc malloc reference")
-    a = p.parse_args(argv)
-    a.traces = [t for t in a.traces.split(",") if t]
-    if not a.traces or set(a.traces) - set(TRACES):
-        p.error(f"--traces takes a subset of {', '.join(TRACES)}")
-    a.seeds = a.seeds or (1 if a.quick else 3)
-    a.scale = a.scale or (0.2 if a.quick else 1.0)
-    if a.seeds < 1 or a.scale <= 0:
-        p.error("--seeds and --scale must be positive")
+    a = p.parse(argv)
     a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         res["traces"] = run(a, arenas)
 
-    config = {
-        "traces": a.traces,
-        "seeds": a.seeds,
-        "first_seed": a.seed,
-        "scale": a.scale,
-        "glibc": not a.no_glibc,
-        "block_header_bytes": ffi.sizeof("shm_block_t"),
-        "heap_start": int(lib.shm_header_size()),
-        "random_lifetime_sizes": [16, 1 * MiB],
-    }
-    return run_bench(sys.modules[__name__], a, config, body)
+    config = dict(traces=a.traces, seeds=a.seeds, first_seed=a.seed, scale=a.scale)
+    config.update(glibc=not a.no_glibc, block_header_bytes=ffi.sizeof("shm_block_t"))
+    config.update(heap_start=int(lib.shm_header_size()), random_lifetime_sizes=[16, 1 * MiB])
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

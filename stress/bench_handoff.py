@@ -1,13 +1,9 @@
 """Array hand-off between two processes: shmalloc zero-copy beside pickling and stdlib segments.
 
-    python -m stress.bench_handoff [--quick] [--json PATH] [--trials N]
-
 One hand-off: the producer (this process) holds a numpy array; the consumer (one spawned
-process, started once) must end up with an ndarray of the same data, look at it and let it go;
-the producer learns that it has. Every method uses the same two multiprocessing.Queues, so the
-transport costs the same for all. Measured from the producer, per hand-off, side by side in the
-same run (methods interleaved trial by trial; each figure is the median of the trials, min and
-max also kept):
+process) must end up with an ndarray of the same data, look at it (its first and last element)
+and let it go; the producer learns that it has. Every method uses the same two Queues, so the
+transport costs the same for all. Per hand-off, median of interleaved trials:
 
   memcpy      np.copyto(dst, src) of the same size within one process: the floor for one copy
   ping        a tiny message there and back: the floor for the transport
@@ -20,13 +16,7 @@ max also kept):
               SharedMemory is a block of the benchmark's arena (compat.set_arena in both)
   pickle      put the array itself on the Queue (pickled, written through a pipe, unpickled)
 
-"Reads" is the first and last element: what every method must deliver is an array the consumer
-can use; reading all of it afterwards costs the same whichever way it came. Before timing, each
-method's delivery is checked once with a CRC of the whole array on both sides.
-
-Output: a table on stdout (progress on stderr) and JSON (default
-stress/results/bench_handoff.json). The arena is destroyed and the consumer stopped on the way
-out, Ctrl-C and SIGTERM included.
+Before timing, each method's delivery is checked once with a CRC of the whole array.
 """
 
 from __future__ import annotations
@@ -46,32 +36,18 @@ from shmalloc import MemoryManager, compat
 from shmalloc.arrays import SharedArray, share_array
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    KiB,
-    MiB,
-    Runner,
-    bench_args,
-    judge,
-    make_progress,
-    measure,
-    print_header,
-    print_table,
-    run_bench,
-    target_row,
-)
+from . import _common as bench
+from ._common import KiB, MiB
 
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 METHODS = ["memcpy", "ping", "shmalloc", "compat_shm", "stdlib_shm", "pickle"]
 SHM_MODULES: dict[str, ModuleType] = {"stdlib_shm": shared_memory, "compat_shm": compat}
 # hand-offs per trial, by size: enough that one trial takes milliseconds, not microseconds
-REPS = {
-    "full": {64 * KiB: 200, 1 * MiB: 50, 64 * MiB: 3},
-    "quick": {64 * KiB: 20, 1 * MiB: 5, 64 * MiB: 1},
-}
+REPS = {"full": {SIZES[0]: 200, SIZES[1]: 50, SIZES[2]: 3}}
+REPS["quick"] = {SIZES[0]: 20, SIZES[1]: 5, SIZES[2]: 1}
 TARGETS = {"pickle_over_shmalloc": (">=", 10.0), "shmalloc_over_memcpy": ("<=", 2.0)}
 TIMEOUT = 120.0
-progress = make_progress("bench_handoff")
+progress = bench.make_progress("bench_handoff")
 
 
 # ------------------------------------------------------------------------------ the consumer
@@ -158,7 +134,7 @@ class Bench:
                 shm.unlink()
         raise ValueError(method)
 
-    def runner(self, method: str, a: Any) -> Runner:
+    def runner(self, method: str, a: Any) -> bench.Runner:
         """A function that runs n hand-offs and returns the nanoseconds they took."""
         dst = np.empty_like(a) if method == "memcpy" else None
 
@@ -186,12 +162,8 @@ def bench_size(b: Bench, size: int, trials: int, reps: int) -> dict[str, Any]:
         got = b.handoff(m, a, check=True)
         if got != expected:
             raise AssertionError(f"{m} delivered different data (crc {got:#x} != {expected:#x})")
-    row: dict[str, Any] = {
-        "size": size,
-        "reps": reps,
-        "verified": True,
-        **measure({m: b.runner(m, a) for m in METHODS}, reps, trials),
-    }
+    row = {"size": size, "reps": reps, "verified": True}
+    row.update(bench.measure({m: b.runner(m, a) for m in METHODS}, reps, trials))
     med = {m: row[m]["median"] for m in METHODS}
     row["pickle_over_shmalloc"] = med["pickle"] / med["shmalloc"]
     row["stdlib_over_shmalloc"] = med["stdlib_shm"] / med["shmalloc"]
@@ -213,8 +185,8 @@ RATIOS = {
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
-    print_table(
+    bench.print_header(res)
+    bench.print_table(
         ["size", *METHODS, *RATIOS],
         [
             [format_bytes(r["size"])]
@@ -231,7 +203,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 7's two 1 MiB targets."""
     row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
     return [
-        target_row(f"1 MiB hand-off: {label}", judge(*TARGETS[key], row[key]))
+        bench.target_row(f"1 MiB hand-off: {label}", bench.judge(*TARGETS[key], row[key]))
         for key, label in (
             ("pickle_over_shmalloc", "Queue (pickle) / shmalloc"),
             ("shmalloc_over_memcpy", "shmalloc / one memcpy"),
@@ -240,13 +212,12 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
-    p.add_argument("--trials", type=int, help="trials per method and size (default 7; quick 3)")
-    a = p.parse_args(argv)
-    a.trials = a.trials or (3 if a.quick else 7)
+    p = bench.Parser(sys.modules[__name__], "fewer trials and repetitions (< 20 s)")
+    p.scaled("--trials", 3, 7, "trials per method and size")
+    a = p.parse(argv)
     reps = REPS["quick" if a.quick else "full"]
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         mgr = arenas.new(max(SIZES) * 4)
         ctx = mp.get_context("spawn")
         requests, replies = ctx.Queue(), ctx.Queue()
@@ -267,16 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.join()
 
-    config = {
-        "trials": a.trials,
-        "reps": {str(k): v for k, v in reps.items()},
-        "sizes": SIZES,
-        "methods": METHODS,
-        "unit": "ns per hand-off",
-        "dtype": "float64",
-        "consumer": "spawned process, reads first and last element",
-    }
-    return run_bench(sys.modules[__name__], a, config, body)
+    config = dict(trials=a.trials, reps={str(k): v for k, v in reps.items()}, sizes=SIZES)
+    config.update(methods=METHODS, unit="ns per hand-off", dtype="float64")
+    config["consumer"] = "spawned process, reads first and last element"
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,13 @@
 """Scaling curves: cost per operation against live blocks, and throughput against processes.
 
-    python -m stress.bench_scaling [--quick] [--json PATH] [--parts live,procs]
-
-  live   ns per allocate+free pair (public API and C core through cffi, bench_alloc's loops;
-         64 B, 1 KiB, 16 KiB and 256 KiB) with 1e3, 1e4, 1e5 and 1e6 other blocks live
-         (16..1024 B, a quarter of them freed at random first to fragment the heap). Every
-         level's arena is populated first and all levels are timed in the same interleaved
-         trials, so that load changes during the run hit every level alike.
-         Target (issue 7): cost at 1e6 live within 1.2x of 1e3 (judged only when the run
-         reaches 1e6; --quick stops at 1e5).
-  procs  throughput of a loop (allocate 256 B, write 64 B into it, free it) in 1, 2 and 4
-         processes allocating from one shared arena, beside the same loop on a private cffi
-         malloc heap per process. Summed operations per second, median [min-max] of interleaved
-         trials; no target of its own (larson in bench_workloads has the 2-process target).
-
-Targets are reported, never asserted. Every arena is destroyed and every worker joined on the
-way out, Ctrl-C and SIGTERM included.
+live   ns per allocate+free pair (public API and C core, bench_alloc's loops; 64 B to 256 KiB)
+       with 1e3 .. 1e6 other blocks live (16..1024 B, a quarter freed at random first to
+       fragment the heap). Every level's arena is populated first and all levels are timed in
+       the same interleaved trials. Target: cost at 1e6 live within 1.2x of 1e3 (judged only
+       when the run reaches 1e6; --quick stops at 1e5).
+procs  throughput of a loop (allocate 256 B, write 64 B into it, free it) in 1, 2 and 4
+       processes on one shared arena, beside the same loop on a private cffi malloc heap per
+       process: summed operations per second; no target of its own (see bench_workloads).
 """
 
 from __future__ import annotations
@@ -28,34 +20,11 @@ from typing import Any
 from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    GiB,
-    KiB,
-    MiB,
-    WorkerCtx,
-    WorkerPool,
-    assert_balanced,
-    bench_args,
-    fmt_count,
-    fmt_stat,
-    judge,
-    libc,
-    make_progress,
-    measure,
-    print_header,
-    print_table,
-    procs_table,
-    rotated,
-    run_bench,
-    summarize,
-    target_row,
-    throughput,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB, KiB, MiB
 from .bench_alloc import core_pair, public_pair
 
-progress = make_progress("bench_scaling")
+progress = bench.make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
@@ -63,6 +32,7 @@ METHODS = {
     "shmalloc": "shmalloc public API, one shared arena",
     "malloc_private": "cffi malloc/free + memmove, private heap per process",
 }
+KINDS = ("public", "core")  # the pair through the Python API, and through the C core
 TARGET = ("<=", 1.2)
 TARGETS = {"scaling_max_over_1e3": TARGET}
 
@@ -77,43 +47,30 @@ def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any
     st = mgr.stats()
     if st.allocated_blocks != live:
         raise RuntimeError(f"{live} live blocks expected, the arena says {st.allocated_blocks}")
-    return {
-        "live": live,
-        "allocated": total,
-        "setup_seconds": time.perf_counter() - t0,
-        "used_bytes": st.used,
-        "free_blocks": st.free_blocks,
-        "fragmentation_ratio": st.fragmentation_ratio(),
-    }
+    out = dict(live=live, allocated=total, setup_seconds=time.perf_counter() - t0)
+    out.update(used_bytes=st.used, free_blocks=st.free_blocks)
+    return {**out, "fragmentation_ratio": st.fragmentation_ratio()}
 
 
-def loop_shm(ctx: WorkerCtx, *, arena: str, n: int) -> dict[str, Any]:
-    mgr = ctx.attach(arena)
-    a, d, w = mgr.allocate, mgr.deallocate, mgr.write
+def loop(ctx: bench.WorkerCtx, *, n: int, arena: str = "") -> dict[str, Any]:
+    """n times: allocate, write, free; in ``arena``, or on a private malloc heap without one."""
+    if arena:
+        mgr = ctx.attach(arena)
+        a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
+    else:
+        ffi, c = bench.libc()
+        a, d, w, k = c.malloc, c.free, ffi.memmove, LOOP_WRITE  # k: memmove's length
     data, r = bytes(range(LOOP_WRITE)), range(n)
     ctx.wait()
     t0 = time.perf_counter()
     for _ in r:
         p = a(LOOP_SIZE)
-        w(p, data)
+        w(p, data, k)
         d(p)
     return {"ops": n, "t0": t0, "t1": time.perf_counter()}
 
 
-def loop_malloc(ctx: WorkerCtx, *, n: int) -> dict[str, Any]:
-    ffi, c = libc()
-    ma, fr, mm = c.malloc, c.free, ffi.memmove
-    data, r = bytes(range(LOOP_WRITE)), range(n)
-    ctx.wait()
-    t0 = time.perf_counter()
-    for _ in r:
-        p = ma(LOOP_SIZE)
-        mm(p, data, LOOP_WRITE)
-        fr(p)
-    return {"ops": n, "t0": t0, "t1": time.perf_counter()}
-
-
-def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
+def part_live(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     rng = random.Random(a.seed)
     levels, mgrs, runners = [], [], {}
     for live in a.live_levels:
@@ -126,63 +83,45 @@ def part_live(a: Any, arenas: Arenas) -> dict[str, Any]:
             runners[f"{live}/public/{size}"] = public_pair(mgr, size)
             runners[f"{live}/core/{size}"] = core_pair(mgr, size)
     progress(f"live: timing {len(runners)} pair loops, all levels interleaved")
-    res = measure(runners, a.live_ops, a.trials)
+    res = bench.measure(runners, a.live_ops, a.trials)
     for info, mgr in zip(levels, mgrs, strict=True):
         live = info["live"]
-        assert_balanced(mgr, info["used_bytes"], f"scaling {live}")
-        for kind in ("public", "core"):
+        bench.assert_balanced(mgr, info["used_bytes"], f"scaling {live}")
+        for kind in KINDS:
             info[kind] = {str(s): res[f"{live}/{kind}/{s}"] for s in SIZES}
         arenas.drop(mgr)
     base, top = levels[0], levels[-1]
-    return {
-        "sizes": SIZES,
-        "free_fraction": FREE_FRACTION,
-        "block_sizes": [16, 1024],
-        "levels": levels,
-        "base_live": base["live"],
-        "max_live": top["live"],
-        "ratio_max_over_base": {
-            kind: {
-                str(s): top[kind][str(s)]["median"] / base[kind][str(s)]["median"] for s in SIZES
-            }
-            for kind in ("public", "core")
-        },
-    }
+    out = dict(sizes=SIZES, free_fraction=FREE_FRACTION, block_sizes=[16, 1024], levels=levels)
+    out.update(base_live=base["live"], max_live=top["live"])
+    ratio = {k: {s: top[k][s]["median"] / base[k][s]["median"] for s in top[k]} for k in KINDS}
+    return {**out, "ratio_max_over_base": ratio}
 
 
-def part_procs(a: Any, arenas: Arenas) -> dict[str, Any]:
+def part_procs(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(1 * GiB)
     rates: dict[str, dict[int, list[float]]] = {m: {k: [] for k in a.procs} for m in METHODS}
     progress(f"procs: starting {max(a.procs)} worker processes")
-    with WorkerPool(max(a.procs)) as pool:
+    with bench.WorkerPool(max(a.procs)) as pool:
         used0 = mgr.stats().used
         for t in range(a.trials):
             progress(f"procs: trial {t + 1}/{a.trials}")
             for k in a.procs:
-                for m in rotated(list(METHODS), t + k):
-                    kw = {"arena": mgr.name} if m == "shmalloc" else {}
-                    res = pool.run(
-                        loop_shm if m == "shmalloc" else loop_malloc, k, n=a.loop_ops, **kw
+                for m in bench.rotated(list(METHODS), t + k):
+                    arena = mgr.name if m == "shmalloc" else ""
+                    rates[m][k].append(
+                        bench.throughput(pool.run(loop, k, n=a.loop_ops, arena=arena))[0]
                     )
-                    rates[m][k].append(throughput(res)[0])
-        assert_balanced(mgr, used0, "procs")
+        bench.assert_balanced(mgr, used0, "procs")
         pool.detach(mgr.name)
-    by = {m: {str(k): summarize(rates[m][k]) for k in a.procs} for m in METHODS}
-    return {
-        "procs": list(a.procs),
-        "size": LOOP_SIZE,
-        "write": LOOP_WRITE,
-        "ops_per_process": a.loop_ops,
-        "unit": "allocate+write+free loops/s",
-        "methods": {
-            m: {
-                "label": METHODS[m],
-                "by_procs": by[m],
-                "speedup": {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()},
-            }
-            for m in METHODS
-        },
-    }
+    out = dict(procs=list(a.procs), size=LOOP_SIZE, write=LOOP_WRITE, ops_per_process=a.loop_ops)
+    out["unit"] = "allocate+write+free loops/s"
+    by = {m: {str(k): bench.summarize(rates[m][k]) for k in a.procs} for m in METHODS}
+    speedup = {m: {k: v["median"] / by[m]["1"]["median"] for k, v in by[m].items()} for m in by}
+    methods = {m: {"label": METHODS[m], "by_procs": by[m], "speedup": speedup[m]} for m in by}
+    return {**out, "methods": methods}
+
+
+PARTS = {"live": part_live, "procs": part_procs}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -191,31 +130,25 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if sc:
         ratios = sc["ratio_max_over_base"]["public"]
         worst = max(ratios, key=lambda k: ratios[k])
-        j = judge(*TARGET, ratios[worst])
+        j = bench.judge(*TARGET, ratios[worst])
         if sc["max_live"] < 1_000_000:
             j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
-        lv = sc["levels"]
-        d["scaling_max_over_1e3"] = {
-            **j,
-            "aggregate": "worst size (max), public pair",
-            "worst_size": int(worst),
-            "base_live": sc["base_live"],
-            "max_live": sc["max_live"],
-            "core_worst": max(sc["ratio_max_over_base"]["core"].values()),
-            # the same ratio over each level's fastest trial: less sensitive to a busy machine
-            "min_ratio_worst": max(
-                lv[-1]["public"][str(s)]["min"] / lv[0]["public"][str(s)]["min"] for s in SIZES
-            ),
-        }
+        lv, core = sc["levels"], sc["ratio_max_over_base"]["core"]
+        j.update(aggregate="worst size (max), public pair", worst_size=int(worst))
+        j.update(base_live=sc["base_live"], max_live=sc["max_live"], core_worst=max(core.values()))
+        # the same ratio over each level's fastest trial: less sensitive to a busy machine
+        fastest = (lv[-1]["public"][s]["min"] / lv[0]["public"][s]["min"] for s in lv[0]["public"])
+        d["scaling_max_over_1e3"] = {**j, "min_ratio_worst": max(fastest)}
     pr = res.get("procs")
     if pr and "2" in pr["methods"]["shmalloc"]["speedup"]:
-        d["loop_2p_over_1p"] = {
-            "value": pr["methods"]["shmalloc"]["speedup"]["2"],
-            "target": None,
-            "met": None,
-            "baseline": pr["methods"]["malloc_private"]["speedup"]["2"],
-        }
+        speedup = {m: v["speedup"]["2"] for m, v in pr["methods"].items()}
+        d["loop_2p_over_1p"] = {"value": speedup["shmalloc"], "target": None, "met": None}
+        d["loop_2p_over_1p"]["baseline"] = speedup["malloc_private"]
     return d
+
+
+def levels(j: dict[str, Any]) -> str:
+    return f"{bench.fmt_count(j['max_live'])} live / at {bench.fmt_count(j['base_live'])}"
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -229,8 +162,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
     return [
-        target_row(
-            f"pair cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])} live",
+        bench.target_row(
+            f"pair cost at {levels(j)} live",
             j,
             "x",
             note,
@@ -239,29 +172,27 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     sc, pr, d = res.get("live"), res.get("procs"), res["derived"]
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
         rows = [
-            [
-                f"{lv['live']:,}",
-                format_bytes(s),
-                fmt_stat(lv["public"][str(s)]),
-                fmt_stat(lv["core"][str(s)]),
-                f"{lv['public'][str(s)]['median'] / base[s]:.2f}x",
-                f"{lv['fragmentation_ratio']:.2f}",
-            ]
-            for lv in sc["levels"]
-            for s in SIZES
+            (lv, s, lv["public"][str(s)], lv["core"][str(s)]) for lv in sc["levels"] for s in SIZES
         ]
-        print_table(
-            ["live blocks", "size", "public ns", "core ns", f"vs {sc['base_live']:,} live", "frag"],
-            rows,
+        bench.print_columns(
             "ns per allocate+free pair with N other blocks live (median [min-max])",
+            [
+                ("live blocks", lambda r: f"{r[0]['live']:,}"),
+                ("size", lambda r: format_bytes(r[1])),
+                ("public ns", lambda r: bench.fmt_stat(r[2])),
+                ("core ns", lambda r: bench.fmt_stat(r[3])),
+                (f"vs {sc['base_live']:,} live", lambda r: f"{r[2]['median'] / base[r[1]]:.2f}x"),
+                ("frag", lambda r: f"{r[0]['fragmentation_ratio']:.2f}"),
+            ],
+            rows,
         )
     if pr:
-        procs_table(
+        bench.procs_table(
             f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
             "over processes (loops/s)",
             pr["procs"],
@@ -271,10 +202,10 @@ def report(res: dict[str, Any]) -> None:
     if "scaling_max_over_1e3" in d:
         j = d["scaling_max_over_1e3"]
         print(
-            f"\n  cost at {fmt_count(j['max_live'])} live / at {fmt_count(j['base_live'])}: "
+            f"\n  cost at {levels(j)}: "
             f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
             f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)   "
-            f"target <= {j['target']:g}x (at 1e6)  {verdict(j)}"
+            f"{bench.verdict(j)} (at 1e6)"
         )
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
@@ -285,37 +216,25 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
-    p.add_argument("--parts", default="live,procs", help="comma-separated: live, procs")
-    p.add_argument("--trials", type=int, help="trials per figure (default 7; quick 3)")
-    p.add_argument(
-        "--max-live",
-        type=int,
-        metavar="N",
-        help="largest live-block level (default 1e6; quick 1e5)",
-    )
-    p.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    p = bench.Parser(sys.modules[__name__], "1e3..1e5 live blocks, short loops, 3 trials")
+    p.add_argument("--parts", type=bench.csv(PARTS), default=list(PARTS), help="live and/or procs")
+    p.scaled("--trials", 3, 7, "trials per figure")
+    p.scaled("--max-live", 100_000, 1_000_000, "largest live-block level")
+    procs = "process counts (default 1,2,4; 1 is always added)"
+    p.add_argument("--procs", type=bench.csv(range(1, 65), int), default=[1, 2, 4], help=procs)
     p.add_argument("--seed", type=int, default=12345)
-    a = p.parse_args(argv)
-    a.parts = [x for x in a.parts.split(",") if x]
-    if not a.parts or set(a.parts) - {"live", "procs"}:
-        p.error("--parts takes live and/or procs")
-    a.procs = sorted({1, *(int(x) for x in a.procs.split(",") if x)})
-    a.trials = a.trials or (3 if a.quick else 7)
-    max_live = a.max_live or (100_000 if a.quick else 1_000_000)
-    a.live_levels = [
-        n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= max_live
-    ] or [1_000]
+    a = p.parse(argv)
+    a.procs = sorted({1, *a.procs})
+    levels = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+    a.live_levels = [n for n in levels if n <= a.max_live] or [1_000]
     a.live_ops = 10_000 if a.quick else 30_000
     a.loop_ops = 20_000 if a.quick else 100_000
-    if a.trials < 1 or not 1 <= max(a.procs) <= 64:
-        p.error("--trials must be positive, --procs between 1 and 64")
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         for part in a.parts:
-            res[part] = (part_live if part == "live" else part_procs)(a, arenas)
+            res[part] = PARTS[part](a, arenas)
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {

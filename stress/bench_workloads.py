@@ -1,13 +1,10 @@
 """Allocator workloads from mimalloc-bench, ported from threads to processes sharing one arena.
 
-    python -m stress.bench_workloads [--quick] [--json PATH] [--workloads LIST]
-
-Each workload runs with 1, 2 and 4 worker processes (long-lived spawn workers that attach to the
-arena by name, as a user's processes would), beside baselines that do the same work without a
-shared heap. A figure is operations per second summed over the workers: total operations /
-(last worker's end - first worker's start), on one monotonic clock every process shares; each
-run's workers start together at a barrier. Trials are interleaved: trial t runs every
-(processes, method) pair once, methods in a rotated order; tables show median [min-max].
+Each workload runs with 1, 2 and 4 worker processes (spawned once; they attach to the arena by
+name, as a user's processes would), beside baselines that do the same work without a shared
+heap (``LABELS``). A figure is operations per second summed over the workers: operations / (last
+worker's end - first worker's start), on one monotonic clock; the workers of a run start together
+at a barrier, and trials interleave the (processes, method) pairs in a rotated order.
 
 The workloads (Larson & Krishnan, ISMM 1998; Lever & Boreham, USENIX 2000; mimalloc's mstress;
 Berger's Hoard cache-scratch):
@@ -30,51 +27,24 @@ Berger's Hoard cache-scratch):
                 allocates an 8-byte object, writes into it many times, and frees it: two
                 processes' objects in one cache line would contend (passive false sharing).
 
-Baselines: malloc_private (cffi malloc/free in each process, a private heap: no block ever
-crosses a process), bytearray_private (Python bytearray objects, likewise), bytearray_pickled
-(xmalloc-test: batches of bytearrays pickled through the same Queue: copies, nothing shared) and
-forced_sharing (cache-scratch: a calibration, every process writes its own byte of ONE 64-byte
-line of the arena, to show what false sharing would cost here).
-
-Target (issue 7): larson with 2 processes >= 1.7x larson with 1 process. Reported, never
-asserted. Every arena is destroyed and every worker joined on the way out.
+Target: larson with 2 processes >= 1.7x larson with 1 process.
 """
 
 from __future__ import annotations
 
-import gc
 import random
 import statistics
 import sys
 import time
 from array import array
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from shmalloc import MemoryManager
 
-from ._common import (
-    Arenas,
-    GiB,
-    WorkerCtx,
-    WorkerPool,
-    assert_balanced,
-    bench_args,
-    judge,
-    libc,
-    make_progress,
-    print_header,
-    procs_table,
-    rotated,
-    run_bench,
-    summarize,
-    target_row,
-    throughput,
-    verdict,
-)
+from . import _common as bench
+from ._common import GiB
 
-progress = make_progress("bench_workloads")
+progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
 WORKLOADS = ("larson", "xmalloc-test", "mstress", "cache-scratch")
 TARGET_LARSON = (">=", 1.7)
@@ -98,53 +68,28 @@ UNITS = {
     "mstress": "free+allocate pairs/s",
     "cache-scratch": "one-byte writes/s",
 }
+SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
+SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {
-    "quick": dict(
-        trials=3,
-        larson_chunks=500,
-        larson_rounds=4,
-        larson_ops=2500,
-        xm_batches=40,
-        xm_batch=128,
-        ms_live=2000,
-        ms_rounds=4,
-        cs_iterations=10,
-        cs_writes=10_000,
-    ),
-    "full": dict(
-        trials=5,
-        larson_chunks=2000,
-        larson_rounds=6,
-        larson_ops=10_000,
-        xm_batches=200,
-        xm_batch=256,
-        ms_live=10_000,
-        ms_rounds=8,
-        cs_iterations=20,
-        cs_writes=50_000,
-    ),
+    mode: dict(zip(SCALE_KEYS, values, strict=True))
+    for mode, values in (
+        ("quick", (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)),
+        ("full", (2000, 6, 10_000, 200, 256, 10_000, 8, 20, 50_000)),
+    )
 }
 XM_SIZE = 64
 STAMP = b"mstress!"
+EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, format, meaning)
+    "larson": ("remote_free_fraction", "{:.0%}", "share of frees of another process's block"),
+    "mstress": ("migrated_blocks", "{:,.0f}", "blocks migrated between processes per run"),
+    "cache-scratch": ("shared_line_objects", "{:.0f}", "objects in a 64 B line with another's"),
+}
 
 
 # =========================================================================== worker functions
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-
-
-@contextmanager
-def untraced() -> Iterator[None]:
-    """The cyclic GC off while a worker's loop runs."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def larson_script(
@@ -157,74 +102,58 @@ def larson_script(
     ]
 
 
-def larson_shm(
-    ctx: WorkerCtx, *, arena: str, table: int, chunks: int, rounds: int, ops: int, seed: int
+def larson(
+    ctx: bench.WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
 ) -> dict[str, Any]:
-    mgr = ctx.attach(arena)
+    """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
+    change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
     script = larson_script(seed, ctx.index, rounds, ops, chunks)
-    nw, me = ctx.nworkers, ctx.index
-    view = mgr.view(table, nw * chunks * 8)
-    q = view.cast("Q")
-    segs = [q[i * chunks : (i + 1) * chunks] for i in range(nw)]
-    a, d, w, ab = mgr.allocate, mgr.deallocate, mgr.write, b"ab"
+    nw, me, ab, views = ctx.nworkers, ctx.index, b"ab", []
+    if method == "shmalloc":
+        mgr = ctx.attach(shm["arena"])
+        views.append(mgr.view(shm["table"], nw * chunks * 8))
+        views.append(q := views[0].cast("Q"))
+        segs = [q[i * chunks : (i + 1) * chunks] for i in range(nw)]
+        views += segs
+        a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
+    else:
+        ffi, c = bench.libc()
+        a, d, w, k = c.malloc, c.free, ffi.memmove, 2  # k: memmove's length
+        make = a if method == "malloc_private" else bytearray
+        rng = random.Random(seed)
+        segs = [[make(rng.randint(8, 1000)) for _ in range(chunks)]] * nw  # one array: its own
     try:
-        with untraced():
+        with bench.untraced():
             ctx.wait()
             t0 = clock()
             for r, (victims, sizes) in enumerate(script):
                 if r:
                     ctx.wait()  # everyone finished round r-1: arrays change hands
                 seg = segs[(me + r) % nw]
+                if method == "bytearray_private":
+                    for v, s in zip(victims, sizes, strict=True):
+                        seg[v] = p = bytearray(s)  # the old object is freed here
+                        p[0:2] = ab
+                    continue
                 for v, s in zip(victims, sizes, strict=True):
                     d(seg[v])
                     seg[v] = p = a(s)
-                    w(p, ab)
+                    w(p, ab, k)
             t1 = clock()
     finally:
-        for sv in [*segs, q, view]:
-            sv.release()
+        for v in reversed(views):
+            v.release()
+    if method == "malloc_private":
+        for p in segs[0]:
+            d(p)
     # the first free of a slot in a round frees a block its previous holder allocated: the
     # parent in round 0, another worker afterwards when there is more than one
     remote = sum(len(set(v)) for r, (v, _) in enumerate(script) if r == 0 or nw > 1)
-    return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": remote}
-
-
-def larson_private(
-    ctx: WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int
-) -> dict[str, Any]:
-    script = larson_script(seed, ctx.index, rounds, ops, chunks)
-    rng = random.Random(seed)
-    ffi, c = libc()
-    ma, fr, mm, ab = c.malloc, c.free, ffi.memmove, b"ab"
-    malloc = method == "malloc_private"
-    seg = [
-        ma(rng.randint(8, 1000)) if malloc else bytearray(rng.randint(8, 1000))
-        for _ in range(chunks)
-    ]
-    with untraced():
-        ctx.wait()
-        t0 = clock()
-        for r, (victims, sizes) in enumerate(script):
-            if r:
-                ctx.wait()  # the shared version's synchronisation; the array stays private
-            if malloc:
-                for v, s in zip(victims, sizes, strict=True):
-                    fr(seg[v])
-                    seg[v] = p = ma(s)
-                    mm(p, ab, 2)
-            else:
-                for v, s in zip(victims, sizes, strict=True):
-                    seg[v] = p = bytearray(s)  # the old object is freed here
-                    p[0:2] = ab
-        t1 = clock()
-    if malloc:
-        for p in seg:
-            fr(p)
-    return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": 0}
+    return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": remote * bool(views)}
 
 
 def xmalloc(
-    ctx: WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
+    ctx: bench.WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
 ) -> dict[str, Any]:
     """Producers make batches of objects, consumers free them (1 worker: both, in turn)."""
     pat = bytes(i & 255 for i in range(XM_SIZE))
@@ -258,7 +187,7 @@ def xmalloc(
             return len(b)
 
     role = "both" if ctx.nworkers == 1 else "producer" if ctx.index % 2 == 0 else "consumer"
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         if role == "both":
@@ -306,7 +235,7 @@ def mstress_script(
 
 
 def mstress(
-    ctx: WorkerCtx,
+    ctx: bench.WorkerCtx,
     *,
     method: str,
     live: int,
@@ -317,42 +246,32 @@ def mstress(
 ) -> dict[str, Any]:
     init, script = mstress_script(seed, ctx.index, live, rounds)
     nmig, nw, me = len(script[0][2]), ctx.nworkers, ctx.index
-    shared = method == "shmalloc"
+    shared, private = method == "shmalloc", method == "bytearray_private"
     if shared:
         mgr = ctx.attach(arena)
-        a, d, w = mgr.allocate, mgr.deallocate, mgr.write
+        a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
         view = mgr.view(transfer, nw * nmig * 8)
         q = view.cast("Q")
-        blocks = [a(s) for s in init]
-        for p in blocks:
-            w(p, STAMP)
-    elif method == "malloc_private":
-        ffi, c = libc()
-        a, d, mm = c.malloc, c.free, ffi.memmove
-        blocks = [a(s) for s in init]
-        for p in blocks:
-            mm(p, STAMP, 8)
     else:
-        blocks = [bytearray(s) for s in init]
+        ffi, c = bench.libc()
+        a, d, w, k = c.malloc, c.free, ffi.memmove, 8  # k: memmove's length
+    blocks = [bytearray(s) for s in init] if private else [a(s) for s in init]
+    for p in [] if private else blocks:
+        w(p, STAMP, k)
     ops = migrated = 0
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         for victims, sizes, migrate in script:
-            if shared:
-                for i, s in zip(victims, sizes, strict=True):
-                    d(blocks[i])
-                    blocks[i] = p = a(s)
-                    w(p, STAMP)
-            elif method == "malloc_private":
-                for i, s in zip(victims, sizes, strict=True):
-                    d(blocks[i])
-                    blocks[i] = p = a(s)
-                    mm(p, STAMP, 8)
-            else:
+            if private:
                 for i, s in zip(victims, sizes, strict=True):
                     blocks[i] = p = bytearray(s)
                     p[0:8] = STAMP
+            else:
+                for i, s in zip(victims, sizes, strict=True):
+                    d(blocks[i])
+                    blocks[i] = p = a(s)
+                    w(p, STAMP, k)
             ops += len(victims)
             if shared:  # publish some blocks, then take the neighbour's
                 for j, i in enumerate(migrate):
@@ -367,14 +286,13 @@ def mstress(
     if shared:
         q.release()
         view.release()
-    if method != "bytearray_private":
-        for p in blocks:  # untimed: free what this worker holds now (some came from others)
-            d(p)
+    for p in [] if private else blocks:  # untimed: free what this worker holds now
+        d(p)
     return {"ops": ops, "t0": t0, "t1": t1, "migrated": migrated if nw > 1 else 0}
 
 
 def scratch(
-    ctx: WorkerCtx,
+    ctx: bench.WorkerCtx,
     *,
     method: str,
     iterations: int,
@@ -386,7 +304,7 @@ def scratch(
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
-    with untraced():
+    with bench.untraced():
         ctx.wait()
         t0 = clock()
         if method == "shmalloc":
@@ -445,7 +363,7 @@ def run_once(
     k: int,
     seed: int,
     c: dict[str, int],
-    pool: WorkerPool,
+    pool: bench.WorkerPool,
     mgr: MemoryManager,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One (workload, method, processes) run: the parent's setup, the workers, its teardown
@@ -457,29 +375,22 @@ def run_once(
             chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"], seed=seed
         )
         if not shm:
-            return pool.run(larson_private, k, method=method, **kw), {"remote_free_fraction": 0}
+            return pool.run(larson, k, method=method, **kw), {"remote_free_fraction": 0}
         rng = random.Random(seed)
-        blocks = array(
-            "Q", (mgr.allocate(rng.randint(8, 1000)) for _ in range(k * c["larson_chunks"]))
-        )
+        sizes = [rng.randint(8, 1000) for _ in range(k * c["larson_chunks"])]
+        blocks = array("Q", map(mgr.allocate, sizes))
         table = mgr.allocate(len(blocks) * 8)
         mgr.write(table, blocks)
-        res = pool.run(larson_shm, k, arena=mgr.name, table=table, **kw)
+        res = pool.run(larson, k, method=method, arena=mgr.name, table=table, **kw)
         for p in array("Q", mgr.read(table, len(blocks) * 8)):
             mgr.deallocate(p)
         mgr.deallocate(table)
         frees = sum(r["ops"] for r in res)
         return res, {"remote_free_fraction": sum(r["remote_frees"] for r in res) / frees}
     if name == "xmalloc-test":
+        kw = dict(batches=c["xm_batches"], batch=c["xm_batch"], arena=mgr.name)
         try:
-            res = pool.run(
-                xmalloc,
-                k,
-                method=method,
-                batches=c["xm_batches"],
-                batch=c["xm_batch"],
-                arena=mgr.name,
-            )
+            res = pool.run(xmalloc, k, method=method, **kw)
         except BaseException:
             pool.drain()
             raise
@@ -512,7 +423,7 @@ def run_once(
 
 
 def run_workload(
-    name: str, c: dict[str, Any], procs: list[int], pool: WorkerPool, arenas: Arenas
+    name: str, c: dict[str, Any], procs: list[int], pool: bench.WorkerPool, arenas: bench.Arenas
 ) -> dict[str, Any]:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
@@ -524,35 +435,23 @@ def run_workload(
     for t in range(c["trials"]):
         progress(f"{name}: trial {t + 1}/{c['trials']}")
         for k in procs:
-            for m in rotated(methods, t + k):
+            for m in bench.rotated(methods, t + k):
                 res, extra = run_once(name, m, k, c["seed"] + t, c, pool, mgr)
-                assert_balanced(mgr, used0, f"{name}/{m}/{k}")
-                runs[m, k].append((*throughput(res), extra))
+                bench.assert_balanced(mgr, used0, f"{name}/{m}/{k}")
+                runs[m, k].append((*bench.throughput(res), extra))
     report = mgr.check()
     pool.detach(mgr.name)
     arenas.drop(mgr)
-    out: dict[str, Any] = {
-        "unit": UNITS[name],
-        "procs": procs,
-        "methods": {},
-        "arena_check": {"blocks": report.blocks, "used": report.used},
-    }
+    out: dict[str, Any] = {"unit": UNITS[name], "procs": procs, "methods": {}}
+    out["arena_check"] = {"blocks": report.blocks, "used": report.used}
     for m in methods:
         by = {}
         for k in procs:
             rates, walls, extras = zip(*runs[m, k], strict=True)
-            by[str(k)] = summarize(
-                rates,
-                wall_seconds=statistics.median(walls),
-                **{key: statistics.fmean(e[key] for e in extras) for key in extras[0]},
-            )
-        out["methods"][m] = {
-            "label": LABELS[m],
-            "by_procs": by,
-            "scaling": {
-                f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"] for k in procs if k != 1
-            },
-        }
+            means = {key: statistics.fmean(e[key] for e in extras) for key in extras[0]}
+            by[str(k)] = bench.summarize(rates, wall_seconds=statistics.median(walls), **means)
+        scaling = {f"{k}_over_1": by[str(k)]["median"] / by["1"]["median"] for k in procs[1:]}
+        out["methods"][m] = {"label": LABELS[m], "by_procs": by, "scaling": scaling}
     return out
 
 
@@ -560,10 +459,9 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     lar = res["workloads"].get("larson")
     if not lar or "2_over_1" not in lar["methods"]["shmalloc"]["scaling"]:
         return {}
-    j = judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
-    j["baselines"] = {
-        m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items() if m != "shmalloc"
-    }
+    j = bench.judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
+    j["baselines"] = {m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items()}
+    del j["baselines"]["shmalloc"]
     base = j["baselines"].get("malloc_private")
     # what the machine gave: the same loop on private heaps is the ceiling shmalloc can reach
     j["share_of_private_malloc_scaling"] = j["value"] / base if base else None
@@ -575,90 +473,56 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     if not j:
         return []
     base = j["baselines"].get("malloc_private")
-    note = (
-        (
-            f"the same loop on private cffi malloc heaps scaled {base:.2f}x in this run "
-            "(the machine's ceiling)"
-        )
-        if base
-        else ""
-    )
-    return [target_row("larson: 2 processes / 1 process", j, "x", note)]
+    ceiling = "the same loop on private cffi malloc heaps scaled {:.2f}x in this run"
+    note = ceiling.format(base) if base else ""
+    return [bench.target_row("larson: 2 processes / 1 process", j, "x", note)]
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     print(
         f"operations per second summed over processes: median of {res['config']['trials']} "
         "trials [min-max]"
     )
     for name, w in res["workloads"].items():
         procs, sh = w["procs"], w["methods"]["shmalloc"]["by_procs"]
-        procs_table(
+        bench.procs_table(
             f"{name} ({w['unit']})", procs, {m: v["by_procs"] for m, v in w["methods"].items()}
         )
-        extra = {
-            "larson": (
-                "share of shmalloc frees that freed another process's block",
-                "remote_free_fraction",
-                "{:.0%}",
-            ),
-            "mstress": (
-                "blocks migrated between processes per run (shmalloc)",
-                "migrated_blocks",
-                "{:,.0f}",
-            ),
-            "cache-scratch": (
-                "shmalloc objects sharing a 64 B line with another process's object",
-                "shared_line_objects",
-                "{:.0f}",
-            ),
-        }
-        if name in extra:
-            label, key, fmt = extra[name]
-            print(f"  {label}: " + ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs))
+        if name in EXTRAS:
+            key, fmt, label = EXTRAS[name]
+            got = ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs)
+            print(f"  {label} (shmalloc): {got}")
     print("\nbaselines: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items()))
     j = res["derived"].get("larson_2p_over_1p")
     if j:
         base = ", ".join(f"{k} {v:.2f}x" for k, v in j["baselines"].items() if v)
         print(
             f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   "
-            f"target >= {j['target']:g}x  {verdict(j)}   (baselines: {base})"
+            f"{bench.verdict(j)}   (baselines: {base})"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "small runs, 3 trials (a CI smoke run)")
-    p.add_argument(
-        "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
-    )
-    p.add_argument(
-        "--procs",
-        default="1,2,4",
-        help="comma-separated process counts (default 1,2,4; 1 is always added)",
-    )
-    p.add_argument("--trials", type=int, help="trials per figure (default 5; quick 3)")
+    p = bench.Parser(sys.modules[__name__], "small runs, 3 trials (a CI smoke run)")
+    which = f"comma-separated subset of {','.join(WORKLOADS)} (default: all)"
+    p.add_argument("--workloads", type=bench.csv(WORKLOADS), default=list(WORKLOADS), help=which)
+    procs = "comma-separated process counts (default 1,2,4; 1 is always added)"
+    p.add_argument("--procs", type=bench.csv(range(1, 65), int), default=[1, 2, 4], help=procs)
+    p.scaled("--trials", 3, 5, "trials per figure")
     p.add_argument("--seed", type=int, default=4141, help="random seed (larson's default)")
-    a = p.parse_args(argv)
-    a.workloads = [x for x in a.workloads.split(",") if x]
-    if not a.workloads or set(a.workloads) - set(WORKLOADS):
-        p.error(f"--workloads takes a subset of {','.join(WORKLOADS)}")
-    a.procs = sorted({1, *(int(x) for x in a.procs.split(",") if x)})
-    if max(a.procs) > 64 or (a.trials is not None and a.trials < 1):
-        p.error("--procs values must be between 1 and 64, --trials positive")
-    c = {**SIZES["quick" if a.quick else "full"], "seed": a.seed}
-    c["trials"] = a.trials or c["trials"]
+    a = p.parse(argv)
+    a.procs = sorted({1, *a.procs})
+    c = {**SIZES["quick" if a.quick else "full"], "seed": a.seed, "trials": a.trials}
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         progress(f"starting {max(a.procs)} worker processes")
-        with WorkerPool(max(a.procs)) as pool:
+        with bench.WorkerPool(max(a.procs)) as pool:
             res["workloads"] = {
                 name: run_workload(name, c, a.procs, pool, arenas) for name in a.workloads
             }
 
-    return run_bench(
+    return bench.run_bench(
         sys.modules[__name__],
         a,
         {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS},

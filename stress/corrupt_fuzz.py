@@ -1,29 +1,20 @@
 """Corruption fuzz: damage scratch arenas on purpose, then use them from a child process.
 
-    python -m stress.corrupt_fuzz [--arenas N] [--seed X] [--json PATH] [--quick]
-                                  [--jobs J] [--timeout T] [--index I] [--no-corrupt]
+Each scratch arena (1 MiB) is handled by one child process, which populates it (blocks of known
+content, some freed, retained, sealed, persistent, named, owned by the parent or by processes
+that died meanwhile, one with blocks in its cache and on its remote list), damages it (1 to 3
+mutations of a region: a bit flip, random bytes or an "interesting" value; a block header may
+get its checksum recomputed, a lock may be left to a dead holder; offsets from ``ffi.offsetof``),
+then attaches afresh and runs a batch of operations. Undamaged, the batch raises nothing
+(``--no-corrupt`` checks that). The child prints its mutations, then its outcome.
 
-Each scratch arena (1 MiB, or the header plus 512 KiB) is handled by one child process (one
-``subprocess.run`` with a timeout), which populates it (blocks of known content, some freed,
-retained, sealed, persistent, named, owned by the parent or by processes that died meanwhile,
-one with blocks in its cache and on its remote list), damages it (1 to 3 mutations: a bit flip,
-random bytes or an "interesting" value in the arena header, the counters, the heap lock, the
-bitmap, the bins, the process table, the references, the names, the event ring, the undo
-journal, the caches and slot locks, block headers or free-list links; block headers may get
-their checksum recomputed with ``shm_debug_block_checksum``, and a lock may be left to a dead
-holder with ``shm_debug_lock_forge``; offsets come from ``ffi.offsetof``), then attaches afresh
-and runs a batch of operations, catching exceptions. Undamaged, the batch raises nothing
-(``--no-corrupt`` checks that).
-
-The child prints its mutations as one JSON line first, its outcome as one line last. The parent
-classifies each arena by how the child ended: ``clean``, ``detected`` (CorruptionDetected),
-``other_error`` (another ShmallocError, ValueError, KeyError, OSError: refused, not named as
-corruption), ``error`` (any other exception: a bug in the Python layer), ``crash`` (killed by a
-signal), ``hang`` (no end within ``--timeout``). Independently, ``wrong`` counts reads that
+Each arena is classified by how its child ended: ``clean``, ``detected`` (CorruptionDetected),
+``other_error`` (another ShmallocError, ValueError, KeyError, OSError: refused), ``error`` (any
+other exception: a bug in the Python layer), ``crash`` (a signal), ``hang`` (no end within
+``--timeout``; faulthandler leaves the stack). Apart from that, ``wrong`` counts reads that
 returned other bytes than were written, without an exception, and ``slow`` operations slower
-than 0.5 s (the batch stops there). Children run with faulthandler on: a crash or hang leaves
-the Python stack in the report. Arena i's randomness comes from (seed, i) alone: ``--seed X
---index I`` replays it and prints everything. Exit code 0 only without crashes and hangs.
+than 0.5 s. Arena i's randomness comes from (seed, i) alone: ``--seed X --index I`` replays it
+and prints everything. Exit code 0 only without crashes and hangs.
 """
 
 from __future__ import annotations
@@ -45,14 +36,13 @@ import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any
 
 from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Bar, child_env, signame, write_json
+from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, signame, write_json
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -65,6 +55,12 @@ PIPES: dict[str, Any] = dict(
 )
 EXPECTED = (ShmallocError, ValueError, KeyError, OSError, MemoryError)
 OUTCOMES = ("clean", "detected", "other_error", "error", "crash", "hang")
+LABELS = dict(clean="clean", detected="corruption detected", other_error="other error (refused)")
+LABELS.update(error="unexpected exception", crash="CRASH", hang="HANG")
+LABELS.update(wrong="wrong answer (silent)", resized_silently="size changed (silent)")
+LABELS.update(slow=f"slow answer (> {SLOW} s)")
+EXAMPLES = ("crash", "hang", "error", "slow", "wrong")  # outcomes and findings shown in full
+NEW_BLOCKS = ((24, None), (700, None), (3000, 256), (9000, None), (70000, None), (200, 4096))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -100,10 +96,6 @@ TABLES = {  # region: (offset of the array, entries, entry type)
 }
 
 
-def pattern(address: int, gen: int, n: int) -> bytes:
-    return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
-
-
 # ----------------------------------------------------------------------------- populate
 
 
@@ -113,13 +105,7 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
     known: list[dict[str, Any]] = []
     for gen in range(1, rng.randint(8, 36) + 1):
         r = rng.random()
-        n = (
-            rng.randint(1, 256)
-            if r < 0.5
-            else rng.randint(256, 4096)
-            if r < 0.85
-            else rng.randint(4096, 24 * KiB)
-        )
+        n = rng.randint(*((1, 256) if r < 0.5 else (256, 4096) if r < 0.85 else (4096, 24 * KiB)))
         a = m.allocate(n, align=rng.choice((64, 256, 4096)) if rng.random() < 0.1 else None)
         size = m.size_of(a)
         m.write(a, pattern(a, gen, size))
@@ -247,11 +233,7 @@ class Mutator:
     ) -> dict[str, Any]:
         r = self.rng
         if size > 8:  # a byte array: one byte or one word inside it
-            rel = (
-                r.randrange(0, size - 7) & ~7
-                if size >= 8 and r.random() < 0.4
-                else r.randrange(size)
-            )
+            rel = r.randrange(0, size - 7) & ~7 if r.random() < 0.4 else r.randrange(size)
             width = 8 if rel % 8 == 0 and rel + 8 <= size and r.random() < 0.5 else 1
             return self.mutate(region, target, at + rel, width, f"{name}[{rel}]", reseal)
         old = self.u(at, size)
@@ -282,27 +264,18 @@ class Mutator:
         cleanup: the next taker must recover it (and roll the journal back)."""
         tid = self.dead_tid()
         C.debug_lock_forge(self.h, which, tid)
-        return desc(
-            region,
-            f"lock {which}",
-            "holder",
-            int(lib.shm_lock_offset(which)),
-            0,
-            "dead holder",
-            "",
-            str(tid),
-        )
+        at = int(lib.shm_lock_offset(which))
+        return desc(region, f"lock {which}", "holder", at, 0, "dead holder", "", str(tid))
 
     def entry(self, region: str) -> tuple[int, int, str]:
         """A table entry, preferring live ones (a non-zero first word): (index, offset, type)."""
         base, count, ctype = TABLES[region]
         size = ffi.sizeof(ctype)
         live = [i for i in range(count) if self.u(base + i * size, 8)]
-        i = (
-            self.rng.choice(live)
-            if live and self.rng.random() < 0.8
-            else self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
-        )
+        if live and self.rng.random() < 0.8:
+            i = self.rng.choice(live)
+        else:  # often among the first few, where a small run's entries are
+            i = self.rng.randrange(min(count, 8) if self.rng.random() < 0.5 else count)
         return i, base + i * size, ctype
 
     def field_of(self, region: str, target: str, at: int, ctype: str) -> dict[str, Any]:
@@ -329,19 +302,10 @@ class Mutator:
             if self.rng.random() < 0.3
             else self.rng.randrange(int(lib.SHM_NBINS))
         )
-        at = off("bitmap") + 8 * (bit // 64)
-        old = self.u(at, 8)
-        self.put(at, 8, old ^ (1 << bit % 64))
-        return desc(
-            "bitmap",
-            f"bin {bit}",
-            f"bitmap[{bit // 64}]",
-            at,
-            8,
-            "bitflip",
-            f"{old:#x}",
-            f"{old ^ (1 << bit % 64):#x}",
-        )
+        at, word = off("bitmap") + 8 * (bit // 64), f"bitmap[{bit // 64}]"
+        old, new = self.u(at, 8), self.u(at, 8) ^ (1 << bit % 64)
+        self.put(at, 8, new)
+        return desc("bitmap", f"bin {bit}", word, at, 8, "bitflip", f"{old:#x}", f"{new:#x}")
 
     def r_bins(self) -> dict[str, Any]:
         nbins = int(lib.SHM_NBINS)
@@ -363,16 +327,7 @@ class Mutator:
             o = int(ffi.offsetof(ctype, "name"))
             n = int(lib.SHM_NAME_LEN)
             self.mm[at + o : at + o + n] = b"Z" * n
-            return {
-                "region": "names",
-                "target": f"name entry {i}",
-                "field": "name",
-                "offset": at + o,
-                "size": n,
-                "kind": "unterminated",
-                "old": "",
-                "new": "Z..",
-            }
+            return desc("names", f"name entry {i}", "name", at + o, n, "unterminated", "", "Z..")
         return self.field_of("names", f"name entry {i}", at, ctype)
 
     def r_ring(self) -> dict[str, Any]:
@@ -400,11 +355,8 @@ class Mutator:
             recs.append(f"{at & M64:#x}+{ln & M64:#x}")
         self.put(j + f["count"][0], f["count"][1], len(recs))
         self.put(j + f["used"][0], f["used"][1], pos)
-        return {
-            **self.forge("journal", -1),
-            "target": "journal + dead lock holder",
-            "new": ", ".join(recs),
-        }
+        forged = self.forge("journal", -1)
+        return {**forged, "target": "journal + dead lock holder", "new": ", ".join(recs)}
 
     def r_caches(self) -> dict[str, Any]:
         """A process's cache (list heads, counts, remote list, pending word), the link in a
@@ -420,26 +372,20 @@ class Mutator:
         return self.field_of("caches", f"cache of slot {i}", at, ctype)
 
     def r_block(self) -> dict[str, Any]:
-        b = self.some_block(
-            lib.SHM_BF_FREE, None if self.rng.random() < 0.6 else bool(self.rng.getrandbits(1))
-        )
+        r = self.rng
+        b = self.some_block(lib.SHM_BF_FREE, None if r.random() < 0.6 else bool(r.getrandbits(1)))
         kind = "free" if self.u(b + BLOCK["flags"][0], 4) & lib.SHM_BF_FREE else "allocated"
-        forge = self.rng.random() < 0.4
-        n, o, s = self.rng.choice(
-            [f for f in fields("shm_block_t") if not (forge and f[0] == "check")]
-        )
-        return self.mutate(
-            "block", f"{kind} block at {b:#x}", b + o, s, n, reseal=b if forge else None
-        )
+        forge = r.random() < 0.4  # then the checksum is recomputed, not damaged
+        n, o, s = r.choice([f for f in fields("shm_block_t") if not (forge and f[0] == "check")])
+        return self.mutate("block", f"{kind} block at {b:#x}", b + o, s, n, b if forge else None)
 
     def r_links(self) -> dict[str, Any]:
         frees = [o for o, fl in self.blocks if fl & lib.SHM_BF_FREE]
         if not frees:
             return self.r_block()
         b, which = self.rng.choice(frees), self.rng.randrange(2)
-        return self.mutate(
-            "links", f"free block at {b:#x}", b + HDR + 8 * which, 8, ("next", "prev")[which]
-        )
+        at, name = b + HDR + 8 * which, ("next", "prev")[which]
+        return self.mutate("links", f"free block at {b:#x}", at, 8, name)
 
     def run(self, regions: list[str]) -> list[dict[str, Any]]:
         weights = [self.REGIONS[k] for k in regions]
@@ -483,14 +429,9 @@ class Ops:
             self.other += 1
             self.exc[f"{label}: {type(e).__name__}"] += 1
         except Exception as e:  # noqa: BLE001 - anything else is what this fuzz looks for
-            self.unexpected.append(
-                {
-                    "op": label,
-                    "type": type(e).__name__,
-                    "message": str(e)[:300],
-                    "traceback": traceback.format_exc(limit=8)[-2000:],
-                }
-            )
+            tb = traceback.format_exc(limit=8)[-2000:]
+            self.unexpected.append(dict(op=label, type=type(e).__name__, message=str(e)[:300]))
+            self.unexpected[-1]["traceback"] = tb
         finally:
             if time.monotonic() - t > SLOW:
                 self.slow.append({"op": label, "seconds": round(time.monotonic() - t, 2)})
@@ -505,15 +446,9 @@ class Ops:
         exp = pattern(a, gen, n)
         if data[:k] != exp[:k]:
             i = next(j for j in range(k) if data[j] != exp[j])
-            self.wrong.append(
-                {
-                    "op": f"read {label}",
-                    "address": a,
-                    "offset": i,
-                    "expected": exp[i : i + 16].hex(),
-                    "found": data[i : i + 16].hex(),
-                }
-            )
+            found, expected = data[i : i + 16].hex(), exp[i : i + 16].hex()
+            self.wrong.append(dict(op=f"read {label}", address=a, offset=i, expected=expected))
+            self.wrong[-1]["found"] = found
         if size != n:
             self.resized.append({"address": a, "size": n, "size_now": size})
 
@@ -536,20 +471,11 @@ class Ops:
                     k["gen"] += 1000  # (a refused write changed nothing)
                     self.verify(m, "rewritten", k["a"], k["gen"], k["n"])
             new = []
-            for n, align in (
-                (24, None),
-                (700, None),
-                (3000, 256),
-                (9000, None),
-                (70000, None),
-                (200, 4096),
-            ):
+            for n, align in NEW_BLOCKS:
                 a = call("allocate", m.allocate, n, align=align)
                 size = self.FAIL if a is self.FAIL else call("size_of new", m.size_of, a)
-                if (
-                    size is not self.FAIL
-                    and call("write new", m.write, a, pattern(a, 7, size)) is not self.FAIL
-                ):
+                wrote = size is not self.FAIL and call("write new", m.write, a, pattern(a, 7, size))
+                if wrote not in (False, self.FAIL):
                     new.append((a, size))
             for a, size in new:
                 self.verify(m, "new", a, 7, size)
@@ -591,22 +517,12 @@ class Ops:
             call("close", m.close)
 
     def outcome(self) -> str:
-        return (
-            "error"
-            if self.unexpected
-            else "detected"
-            if self.corruption
-            else "other_error"
-            if self.other
-            else "clean"
-        )
+        if self.unexpected:
+            return "error"
+        return "detected" if self.corruption else "other_error" if self.other else "clean"
 
 
 # ----------------------------------------------------------------------------- one arena
-
-
-def arena_name(prefix: str, i: int) -> str:
-    return f"{prefix}-{i}"
 
 
 def child_main(a: argparse.Namespace) -> int:
@@ -614,7 +530,7 @@ def child_main(a: argparse.Namespace) -> int:
     faulthandler.enable()
     faulthandler.dump_traceback_later(max(0.5, a.timeout - 1), exit=False)  # before a hang kill
     rng = random.Random(f"{a.seed}:{a.index}")
-    name = arena_name(a.prefix, a.index)
+    name = f"{a.prefix}-{a.index}"
     try:
         m = MemoryManager.create(name, a.capacity)
         state = populate(m, rng)
@@ -627,22 +543,10 @@ def child_main(a: argparse.Namespace) -> int:
         print(json.dumps({"mutations": muts}), flush=True)
         ops = Ops(rng, state)
         ops.run(name)
-        print(
-            json.dumps(
-                {
-                    "outcome": ops.outcome(),
-                    "exceptions": dict(ops.exc),
-                    "first_detected": ops.first_detected,
-                    "unexpected": ops.unexpected[:3],
-                    "wrong": ops.wrong[:3],
-                    "resized": ops.resized[:3],
-                    "slow": ops.slow[:3],
-                    "nops": ops.nops,
-                },
-                default=str,
-            ),
-            flush=True,
-        )
+        res = dict(outcome=ops.outcome(), exceptions=dict(ops.exc), nops=ops.nops)
+        res.update(first_detected=ops.first_detected, unexpected=ops.unexpected[:3])
+        res.update(wrong=ops.wrong[:3], resized=ops.resized[:3], slow=ops.slow[:3])
+        print(json.dumps(res, default=str), flush=True)
     finally:
         faulthandler.cancel_dump_traceback_later()
         if os.path.exists(os.path.join(SHM_DIR, name)):
@@ -686,19 +590,14 @@ class Fuzz:
         finally:
             with self.lock:
                 self.children.discard(p)
-            path = os.path.join(SHM_DIR, arena_name(self.prefix, i))
+            path = os.path.join(SHM_DIR, f"{self.prefix}-{i}")
             if os.path.exists(path):
                 os.unlink(path)
         lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
         muts = lines[0]["mutations"] if lines else None
         res = lines[1] if len(lines) > 1 and status is None else {}
-        head = {"index": i, "mutations": muts, "status": signame(p.returncode)}
-        return {
-            **head,
-            "outcome": status or res["outcome"],
-            "stderr": err[-4000:] * bool(status),
-            **res,
-        }
+        res = {"index": i, "mutations": muts, "status": signame(p.returncode), **res}
+        return {**res, "outcome": status or res["outcome"], "stderr": err[-4000:] * bool(status)}
 
     def record(self, r: dict[str, Any]) -> None:
         outcome = r["outcome"]
@@ -706,14 +605,8 @@ class Fuzz:
         for region in sorted({m["region"] for m in r["mutations"] or []}) or ["(none)"]:
             self.by_region[region][outcome] += 1
         r["reproduce"] = f"python -m stress.corrupt_fuzz --seed {self.a.seed} --index {r['index']}"
-        for kind, hit in (
-            ("crash", outcome == "crash"),
-            ("hang", outcome == "hang"),
-            ("error", outcome == "error"),
-            ("wrong", r.get("wrong")),
-            ("slow", r.get("slow")),
-        ):
-            if hit and len(self.examples[kind]) < 50:
+        for kind in EXAMPLES:  # the outcome, or a list of what went wrong in the child
+            if (outcome == kind or r.get(kind)) and len(self.examples[kind]) < 50:
                 self.examples[kind].append(r)
         self.wrong += bool(r.get("wrong"))
         self.resized += bool(r.get("resized"))
@@ -746,8 +639,7 @@ class Fuzz:
         res.update(arenas=sum(counts.values()), wrong=self.wrong, slow=self.slow)
         res.update(resized_silently=self.resized, detail=self.detail, index=a.index)
         res["by_region"] = {k: dict(v) for k, v in sorted(self.by_region.items())}
-        for k in ("crash", "hang", "error", "wrong", "slow"):
-            res[f"{k}_examples"] = self.examples[k]
+        res.update({f"{k}_examples": self.examples[k] for k in EXAMPLES})
         res["duration"] = round(time.monotonic() - t0, 2)
         return res
 
@@ -766,20 +658,16 @@ def print_report(res: dict[str, Any]) -> None:
         f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
         f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s"
     )
-    labels = dict(
-        clean="clean", detected="corruption detected", other_error="other error (refused)"
-    )
-    labels.update(error="unexpected exception", crash="CRASH", hang="HANG")
-    for k, label in labels.items():
-        print(f"  {label:<24} {c[k]:>7}")
-    print(f"  {'wrong answer (silent)':<24} {res['wrong']:>7}")
-    print(f"  {'size changed (silent)':<24} {res['resized_silently']:>7}")
-    print(f"  {f'slow answer (> {SLOW} s)':<24} {res['slow']:>7}")
+    rows = dict(clean=c["clean"], detected=c["detected"], other_error=c["other_error"])
+    rows.update(error=c["error"], crash=c["crash"], hang=c["hang"], wrong=res["wrong"])
+    rows.update(resized_silently=res["resized_silently"], slow=res["slow"])
+    for k, n in rows.items():
+        print(f"  {LABELS[k]:<24} {n:>7}")
     if res["by_region"]:
         print("  by region:  " + " ".join(f"{k:>11}" for k in OUTCOMES))
         for r, cnt in res["by_region"].items():
             print(f"    {r:<10}" + " ".join(f"{cnt.get(k, 0):>11}" for k in OUTCOMES))
-    for kind in ("crash", "hang", "error", "slow", "wrong"):
+    for kind in EXAMPLES:
         for e in res[f"{kind}_examples"][:10]:
             print(f"  {kind} in arena {e['index']} [{e['status']}]: {_mut_str(e['mutations'])}")
             print(f"      reproduce: {e['reproduce']}")
@@ -794,35 +682,24 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.corrupt_fuzz",
-        description="Damage scratch arenas on purpose, then run operations on them in child "
-        "processes; count clean / detected / refused / error / crash / hang.",
-    )
-    p.add_argument("--arenas", type=int, help="scratch arenas to damage (default 2000; quick 100)")
+    p = Parser(sys.modules[__name__], "100 arenas (a CI smoke test)", results=False)
+    p.scaled("--arenas", 100, 2000, "scratch arenas to damage", least=0)
     p.add_argument("--seed", type=int, default=1, help="arena i's randomness is (seed, i)")
-    p.add_argument("--json", type=Path, help="write the figures as JSON here")
-    p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
-    p.add_argument(
-        "--jobs", type=int, default=os.cpu_count(), help="children at once (default: CPUs)"
-    )
+    jobs = "children at once (default: the CPUs)"
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help=jobs)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang (default 10)")
-    p.add_argument(
-        "--capacity", type=int, default=MiB, help="arena bytes (at least header + 512 KiB)"
-    )
+    capacity = "arena bytes, rounded up to MiB, at least the header + 512 KiB (default 1 MiB)"
+    p.add_argument("--capacity", type=int, default=MiB, help=capacity)
     p.add_argument("--index", type=int, help="replay only arena I of this seed, verbosely")
-    p.add_argument("--regions", default=",".join(Mutator.REGIONS), help="regions to damage (all)")
+    regions = list(Mutator.REGIONS)
+    what = f"comma-separated regions to damage (default: all of {','.join(regions)})"
+    p.add_argument("--regions", type=csv(regions), default=regions, help=what)
     p.add_argument("--no-corrupt", action="store_true", help="no damage: every arena must be clean")
     p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.arenas = a.arenas if a.arenas is not None else (100 if a.quick else 2000)
-    a.regions = a.regions.split(",")
-    unknown = set(a.regions) - set(Mutator.REGIONS)
-    if unknown:
-        p.error(f"unknown regions {sorted(unknown)}; choose from {list(Mutator.REGIONS)}")
-    if a.arenas < 0 or a.jobs < 1 or a.timeout <= 0:
-        p.error("--arenas >= 0, --jobs >= 1 and --timeout > 0")
+    a = p.parse(argv)
+    if a.jobs < 1 or a.timeout <= 0:
+        p.error("--jobs >= 1 and --timeout > 0")
     a.capacity = -(-max(a.capacity, HEAP_OFF + 512 * KiB) // MiB) * MiB
     return a
 

@@ -1,26 +1,20 @@
 """Crash storm: worker processes churn one arena while the driver SIGKILLs them at random.
 
-    python -m stress.crash_storm [--workers N] [--kills K] [--seconds S] [--seed X]
-                                 [--json PATH] [--quick] [--keep-going]
-
-Workers attached to one arena allocate random sizes, write a pattern derived from (address,
-generation) over each block, verify, rewrite, free, retain, release, persist, seal, hand blocks
-to each other through bound names, and run allocate/free bursts straight through the C core so
-that a kill often lands inside it. A survivor holds blocks of known content for the whole run.
-The driver SIGKILLs a random worker after a random interval (mean ``--interval``) and respawns
-it, until K kills or S seconds; a share of the kills (``--lock-kills``) is aimed at the worker
-holding the heap lock (``shm_lock_owner``). After every kill it collects, checks the arena and
+Workers allocate random sizes, write a pattern of (address, generation) over each block, verify,
+rewrite, free, retain, release, persist, seal, hand blocks to each other through bound names,
+and run allocate/free bursts straight through the C core so that a kill often lands inside it.
+A survivor holds blocks of known content for the whole run. The driver kills a random worker
+after a random interval and respawns it, until K kills or S seconds; a share of the kills is
+aimed at the worker holding the heap lock. After every kill it collects, checks the arena and
 reads the survivor's blocks. At the end half the workers stop gracefully, the others are killed,
-the survivor verifies and frees its blocks, and the driver collects, frees what dead workers
-left persistent or named (expected leftovers, reported apart) and expects nothing used, one free
-block and no slot left; any other block is a leak.
+the survivor verifies and frees its blocks, and the driver frees what dead workers left
+persistent or named (reported apart) and expects nothing used, one free block and no slot left.
 
 An inconsistency is a ``check()`` failure, a ``CorruptionDetected`` seen by a worker, or a block
 whose content or size changed under its owner; the first one stops the storm (unless
 ``--keep-going``). Exit code 0 only without inconsistency, worker error, leak or damage to the
-survivor's data. ``--seed`` fixes every random choice; the interleaving is the OS's. Every
-process and arena is gone on the way out, Ctrl-C and SIGTERM included. The fault-step matrix (a
-child killed at each named step of the C core) is ``tests/test_fault_steps.py``.
+survivor's data. The fault-step matrix (a child killed at each named step of the C core) is
+``tests/test_fault_steps.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +29,6 @@ import secrets
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -43,14 +36,22 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocError
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, child_env, core_handle, signame, write_json
+from ._common import (
+    REPO_ROOT,
+    Bar,
+    Parser,
+    child_env,
+    core_handle,
+    pattern,
+    signame,
+    write_json,
+)
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -62,12 +63,10 @@ F_OPS, F_CUR, F_READY, F_ERRS, F_OOMS = range(5)
 ROW = 8
 MAX_LIVE = 48
 MAX_WORKER_ERRORS = 20  # a worker that reported this many errors exits (status 3)
+SURVIVOR_WEIGHTS = dict(alloc=30, verify=20, rewrite=8, free=30, burst=8, stats=4)
+SHOWN = ("operations", "checks", "out_of_memory_answers", "lock_recoveries", "n_inconsistencies")
+SHOWN += ("n_worker_errors", "leaked_bytes", "n_leaked_blocks")  # counts in the report
 CORE_SIZES = (16, 24, 64, 100, 200, 500, 1000, 2000, 4000, 6000, 10000, 40000, 70000, 300000)
-
-
-def pattern(address: int, gen: int, n: int) -> bytes:
-    """The content of a block: (address, generation) repeated over its n usable bytes."""
-    return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
 def random_size(rng: random.Random) -> int:
@@ -279,12 +278,6 @@ class Worker:
             for a in live:
                 self.m.deallocate(a)
 
-    def op_collect(self) -> None:
-        self.m.collect()
-
-    def op_check(self) -> None:
-        self.m.check()
-
     def op_stats(self) -> None:
         s = self.m.stats()
         if s.used > s.total:
@@ -293,7 +286,7 @@ class Worker:
     def run_op(self, op: str) -> None:
         self.st.set(self.row, F_CUR, OPS.index(op))
         try:
-            getattr(self, "op_" + op)()
+            (getattr(self, "op_" + op, None) or getattr(self.m, op))()  # collect, check: as is
         except OutOfMemory:  # an answer, not a failure: make room
             self.st.set(self.row, F_OOMS, self.st.get(self.row, F_OOMS) + 1)
             for a in list(self.blocks)[: len(self.blocks) // 2]:
@@ -302,13 +295,8 @@ class Worker:
         except CorruptionDetected as e:
             self.report("corruption", op=op, offset=e.offset, detail=e.detail)
         except Exception as e:  # noqa: BLE001 - any surprise is reported, then the churn goes on
-            self.report(
-                "unexpected",
-                op=op,
-                type=type(e).__name__,
-                message=str(e),
-                traceback=traceback.format_exc(limit=6),
-            )
+            tb = traceback.format_exc(limit=6)
+            self.report("unexpected", op=op, type=type(e).__name__, message=str(e), traceback=tb)
         self.st.set(self.row, F_CUR, 0)
         self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
 
@@ -356,10 +344,7 @@ class Survivor(Worker):
                 b.refs = 1
         print(json.dumps({"held": [[a, b.gen, b.n] for a, b in held.items()]}), flush=True)
         corrupt = verified = 0
-        ops, weights = (
-            ["alloc", "verify", "rewrite", "free", "burst", "stats"],
-            [30, 20, 8, 30, 8, 4],
-        )
+        ops, weights = list(SURVIVOR_WEIGHTS), list(SURVIVOR_WEIGHTS.values())
         ppid = os.getppid()
         while not select.select([sys.stdin], [], [], 0)[0]:
             if os.getppid() != ppid:
@@ -376,17 +361,9 @@ class Survivor(Worker):
                 self.m.release(a)
             self.m.deallocate(a)
         self.m.close()
-        print(
-            json.dumps(
-                {
-                    "corrupt": corrupt,
-                    "verified": verified,
-                    "errors": self.nerr,
-                    "ops": self.st.get(self.row, F_OPS),
-                }
-            ),
-            flush=True,
-        )
+        ops = self.st.get(self.row, F_OPS)
+        out = dict(corrupt=corrupt, verified=verified, errors=self.nerr, ops=ops)
+        print(json.dumps(out), flush=True)
         return 0
 
 
@@ -424,14 +401,9 @@ class Storm:
     def child(self, role: str, w: int, **kw: Any) -> subprocess.Popen[Any]:
         self.incarnation += 1
         args = f"--role {role} --arena {self.name} --wid {w} --inc {self.incarnation} --status "
-        args += f"{self.status_path} --errors {self.errors_path} --worker-seed "
-        cmd = [
-            sys.executable,
-            "-m",
-            "stress.crash_storm",
-            *args.split(),
-            str(self.rng.getrandbits(63)),
-        ]
+        args += f"{self.status_path} --errors {self.errors_path} "
+        args += f"--worker-seed {self.rng.getrandbits(63)}"
+        cmd = [sys.executable, "-m", "stress.crash_storm", *args.split()]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
 
     def spawn(self, w: int) -> None:
@@ -649,9 +621,8 @@ class Storm:
         res.update(respawns=self.incarnation - self.a.workers - 1, final=final, final_used=s.used)
         res.update(out_of_memory_answers=self.retired_ooms, lock_recoveries=s.lock_recoveries)
         res["killed_during"] = dict(self.killed_during.most_common())
-        res.update(
-            inconsistencies=self.inconsistencies, n_inconsistencies=len(self.inconsistencies)
-        )
+        res.update(inconsistencies=self.inconsistencies)
+        res.update(n_inconsistencies=len(self.inconsistencies))
         res.update(worker_errors=self.worker_errors[:200], n_worker_errors=len(self.worker_errors))
         res.update(abnormal_exits=self.abnormal_exits, persistent_leftovers=persistent)
         res.update(leaked_blocks=leaked[:50], n_leaked_blocks=len(leaked), slots_left=slots)
@@ -679,16 +650,7 @@ def print_storm(res: dict[str, Any]) -> None:
     print(f"crash storm on {res['arena']}: {c['workers']} workers, seed {c['seed']}, ", end="")
     print(f"stopped by {res['stop_reason']}")
     rows = {"kills": f"{res['kills']:,} ({res['lock_holder_kills']:,} aimed at the lock holder)"}
-    for key in (
-        "operations",
-        "checks",
-        "out_of_memory_answers",
-        "lock_recoveries",
-        "n_inconsistencies",
-        "n_worker_errors",
-        "leaked_bytes",
-        "n_leaked_blocks",
-    ):
+    for key in SHOWN:
         rows[key.replace("n_", "", 1).replace("_", " ")] = f"{res[key]:,}"
     rows["abnormal worker exits"] = f"{len(res['abnormal_exits']):,}"
     rows["slots left"] = f"{len(res['slots_left']):,}"
@@ -717,19 +679,12 @@ def print_storm(res: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stress.crash_storm",
-        description="Churn one arena from many processes while SIGKILLing them at random (some "
-        "while they hold the heap lock); check the heap after every kill, the survivor's data "
-        "and that nothing leaked.",
-    )
-    p.add_argument("--workers", type=int, help="worker processes (default 4; --quick 3)")
-    p.add_argument("--kills", type=int, help="stop after this many kills (default 200; --quick 10)")
+    p = Parser(sys.modules[__name__], "3 workers, 10 kills (a CI smoke test)", results=False)
+    p.scaled("--workers", 3, 4, "worker processes")
+    p.scaled("--kills", 10, 200, "stop after this many kills", least=0)
     p.add_argument("--seconds", type=float, help="also stop after this many seconds")
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
-    p.add_argument("--json", type=Path, help="write the figures as JSON here")
-    p.add_argument("--quick", action="store_true", help="a short run (CI smoke test)")
-    p.add_argument("--interval", type=float, help="mean seconds between kills (default 0.1)")
+    p.scaled("--interval", 0.05, 0.1, "mean seconds between kills", least=0.001)
     p.add_argument("--lock-kills", type=float, default=0.3, help="share aimed at the lock holder")
     p.add_argument("--check-every", type=int, default=1, help="collect + check every N kills")
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
@@ -739,12 +694,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(internal, help=argparse.SUPPRESS)
     for internal in ("--wid", "--inc", "--worker-seed"):
         p.add_argument(internal, type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.workers = a.workers or (3 if a.quick else 4)
-    a.kills = a.kills if a.kills is not None else (10 if a.quick else 200)
-    a.interval = a.interval or (0.05 if a.quick else 0.1)
-    if a.workers < 1 or a.kills < 0 or a.interval <= 0 or a.check_every < 1:
-        p.error("--workers and --check-every must be >= 1, --kills >= 0, --interval > 0")
+    a = p.parse(argv)
+    if a.check_every < 1:
+        p.error("--check-every must be >= 1")
     return a
 
 
