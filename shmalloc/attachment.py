@@ -9,6 +9,7 @@ act on an Attachment.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import re
 import secrets
@@ -16,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, SupportsIndex
 
 import posix_ipc
 
@@ -55,10 +56,13 @@ def validate_name(name: object) -> str:
 
 
 def check_int(value: object, what: str) -> int:
-    """``value`` as an int, or TypeError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (anything ``operator.index`` takes, e.g. numpy integers, but not a
+    bool), or TypeError naming ``what``."""
+    if value.__class__ is int:
+        return value  # the hot case, checked exactly
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    return value
+    return int(operator.index(value))
 
 
 class Attachment:

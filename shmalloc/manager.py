@@ -19,7 +19,7 @@ from typing import Any
 from . import _binding as C
 from . import access, collection, events, lease, ownership, process, tracking
 from .attachment import Attachment, check_int, validate_name
-from .errors import AlignmentError, InvalidAddress
+from .errors import AlignmentError
 from .events import Event
 from .guard import MemoryGuard
 from .stats import CheckReport, MemoryStats
@@ -181,8 +181,10 @@ class MemoryManager:
             raise ValueError(f"size must be positive, got {size}")
         if align is None:
             align = 0
-        elif align.__class__ is not int or align <= 0:
-            raise AlignmentError(check_int(align, "align"))
+        else:
+            align = check_int(align, "align")
+            if not 0 < align <= C.U64_MAX:
+                raise AlignmentError(align)
         st = self._state
         h = st.handle()
         slot = tracking.slot_for(st, pid)
@@ -222,9 +224,8 @@ class MemoryManager:
         return r
 
     def _deallocate_slow(self, address: object) -> int:
-        address = check_int(address, "address")
-        self._state.handle()
-        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
+        address = access.checked_address(address)  # InvalidAddress if it cannot be an offset
+        return int(_free(self._state.handle(), address))
 
     def allocate_guarded(self, size: int, pid: int | None = None) -> MemoryGuard:
         """Allocate a block that is freed when the returned guard's ``with`` block ends."""
@@ -312,6 +313,7 @@ class MemoryManager:
 
     def block_info(self, address: int) -> MemoryBlock:
         """The live block at ``address``: size, owner, seal and references."""
+        address = access.checked_address(address)
         access.size_of(self._state, address)
         return tracking.block_info(self._state, address)
 
