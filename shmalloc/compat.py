@@ -18,6 +18,11 @@ Which arena
     fork children inherit it anyway. ``set_arena(None)`` goes back to the default.
     ``get_arena()`` returns the current arena's ``MemoryManager``.
 
+    The default name is predictable and ``/dev/shm`` is writable by every user, so the default
+    arena is created with mode 0600 and an existing one is used only if this user owns it and
+    its mode is 0600 or narrower: one planted by another user raises ``PermissionError`` naming
+    its owner and mode (``MemoryManager.attach``), and nothing is written into it.
+
 What a name is
     A block's name (``psm_`` and 8 hex digits when generated, like the standard library's) is
     bound in the arena's named-block directory with ``MemoryManager.bind``: any process attached
@@ -180,6 +185,11 @@ def _open_arena(name: str, *, create: bool) -> _Arena:
             except FileNotFoundError:
                 if not create:
                     raise
+            except PermissionError as e:  # another user's, or open to other users: not ours
+                raise PermissionError(
+                    f"shmalloc.compat will not put objects in arena {name!r}: {e}. Pick another "
+                    f"arena with compat.set_arena() or ${ARENA_ENV}"
+                ) from None
             try:
                 mgr = MemoryManager.create(name, DEFAULT_CAPACITY)
                 break

@@ -104,9 +104,15 @@ class MemoryManager:
         return m
 
     @classmethod
-    def attach(cls, name: str) -> MemoryManager:
-        """Join the existing arena ``name``; ``FileNotFoundError`` if there is none."""
-        return cls._wrap(Attachment.open(validate_name(name)), owns_name=False)
+    def attach(cls, name: str, *, mode: int = 0o600) -> MemoryManager:
+        """Join the existing arena ``name``; ``FileNotFoundError`` if there is none,
+        ``NotAnArena`` if the segment is something else. ``PermissionError`` if another user
+        owns it or its mode is wider than ``mode``: a wider ``mode`` (e.g. 0o660) accepts an
+        arena shared across users on purpose."""
+        mode = check_int(mode, "mode")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode:#o}")
+        return cls._wrap(Attachment.open(validate_name(name), mode), owns_name=False)
 
     @property
     def name(self) -> str:

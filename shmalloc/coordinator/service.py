@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import _binding as C
 from .. import events, lease
+from ..attachment import own_arena_mode
 from ..errors import ShmallocError
 from ..events import Event
 from ..gc import GcStats, GlobalGarbageCollector
@@ -151,7 +152,7 @@ class Coordinator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
-            manager = MemoryManager.attach(self.name)
+            manager = MemoryManager.attach(self.name, mode=own_arena_mode(self.name))
             try:
                 me = lease.acquire(attachment_of(manager))
                 logger.info(
