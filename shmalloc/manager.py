@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -147,9 +148,24 @@ class MemoryManager:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        """Close; an arena this manager created with a generated name is destroyed first, so it
+        never stays in /dev/shm, even when the close is refused. An exception in flight is never
+        replaced: a failed close or destroy is added to its notes instead."""
+        failed: list[Exception] = []
         if self._owns_name:
-            self.destroy()
+            try:
+                self.destroy()
+            except OSError as e:
+                failed.append(e)
+        try:
+            self.close()
+        except BufferError as e:
+            failed.append(e)
+        if failed and ev is None:
+            raise failed[0]
+        for failure in failed:
+            assert ev is not None
+            _note(ev, f"then leaving the `with` block of arena {self.name!r} failed: {failure}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (MemoryManager.attach, (self.name,))
@@ -465,6 +481,15 @@ class MemoryManager:
     def dropped_events(self) -> int:
         """Events lost because the ring was full."""
         return C.event_dropped(self._state.handle())
+
+
+def _note(exc: BaseException, text: str) -> None:
+    """Add ``text`` to the notes of an exception in flight (a warning before Python 3.11)."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+    else:
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
 
 
 def attachment_of(manager: MemoryManager) -> Attachment:
