@@ -314,12 +314,18 @@ class Attachment:
             return
         C.proc_detach(self.h, self.slot)
 
-    def __del__(self) -> None:
+    def __del__(
+        self,
+        _handle_close: Callable[[C.Handle], None] = C.handle_close_raw,
+        _close: Callable[[int], None] = os.close,
+    ) -> None:
+        # bound as defaults: at interpreter exit this may run after the module's globals were
+        # cleared (an arena object still held by multiprocessing's Process in a spawn child)
         h = getattr(self, "h", None)
         if h is not None:
-            C.handle_close(h)
+            _handle_close(h)
             self.h = None
-            os.close(self.fd)
+            _close(self.fd)
 
     def destroy(self) -> None:
         """Unlink the segment (idempotent). Mappings already open keep working until closed."""
