@@ -67,11 +67,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     with attached(args.name) as mgr:
-        if kind == "targeted" and all(p.pid != value for p in mgr.processes()):
-            raise CliError(
-                f"process {value} has no entry in arena {args.name!r} "
-                f"(see `shmalloc info {args.name}`)"
-            )
+        if kind == "targeted":
+            rows = [p for p in mgr.processes() if p.pid == value]
+            if not rows:
+                raise CliError(
+                    f"process {value} has no entry in arena {args.name!r} "
+                    f"(see `shmalloc info {args.name}`)"
+                )
+            if any(p.alive for p in rows) and not args.force:
+                raise CliError(
+                    f"process {value} is alive: targeted=PID would free its "
+                    f"{count(sum(p.allocations for p in rows), 'block')} under it (it would read "
+                    "freed memory or crash); stop it first, or add --force if that is intended"
+                )
         try:
             from ..gc import GcStrategy, GlobalGarbageCollector
         except ImportError:
@@ -98,6 +106,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "freed_blocks": int(result.freed_blocks),
         "processes_cleaned": int(result.processes_cleaned),
         "duration": float(result.duration),
+        "reclaimed": [{"pid": pid, "bytes": nbytes} for pid, nbytes in result.reclaimed],
+        "trimmed": list(result.trimmed),
     }
     if args.json:
         print(json.dumps(out))
@@ -107,6 +117,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"({format_bytes(out['freed_bytes'])}) of {count(out['processes_cleaned'], 'process')} "
             f"in {out['duration'] * 1000:.1f} ms"
         )
+        for pid, nbytes in result.reclaimed:
+            print(f"  reclaimed {format_bytes(nbytes)} of process {pid}")
+        if result.trimmed:
+            pids = ", ".join(map(str, result.trimmed))
+            print(
+                f"  asked {count(len(result.trimmed), 'live process')} to trim: {pids} (their "
+                "on_pressure callbacks run on their next allocation)"
+            )
     return EXIT_OK
 
 
