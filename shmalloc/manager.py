@@ -93,7 +93,10 @@ class MemoryManager:
         """Create the arena ``name``; ``FileExistsError`` if it exists. ``cache_limit``: see
         set_cache_limit() (default: 1/512 of the arena, at most 4 MiB; none below 32 MiB)."""
         validate_name(name)
-        state = Attachment.create(name, check_int(capacity, "capacity"), check_int(mode, "mode"))
+        mode = check_int(mode, "mode")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits from 0 to 0o777, got {mode:#o}")
+        state = Attachment.create(name, check_int(capacity, "capacity"), mode)
         m = cls._wrap(state, owns_name=False)
         if cache_limit is not None:
             try:
@@ -112,7 +115,7 @@ class MemoryManager:
         arena shared across users on purpose."""
         mode = check_int(mode, "mode")
         if not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode:#o}")
+            raise ValueError(f"mode must be permission bits from 0 to 0o777, got {mode:#o}")
         return cls._wrap(Attachment.open(validate_name(name), mode), owns_name=False)
 
     @property

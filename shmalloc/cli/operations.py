@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from ..manager import MemoryManager, validate_name
 from ..sizes import count, format_bytes, parse_size
-from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached
+from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached, segment_path
 from .snapshot import make_console
 
 __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd_destroy", "cmd_gc"]
@@ -25,9 +26,17 @@ __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd
 def cmd_create(args: argparse.Namespace) -> int:
     try:
         validate_name(args.name)
-        mode = int(args.mode, 8)
     except ValueError as e:
-        raise CliError(str(e) if "mode" not in str(e) else f"invalid mode {args.mode!r}") from None
+        raise CliError(str(e)) from None
+    try:
+        mode = int(args.mode, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise CliError(
+            f"invalid mode {args.mode!r}: give the permission bits in octal, from 0000 to 0777 "
+            "(e.g. 0600: only this user, the default; 0660: this user's group too)"
+        )
     try:
         mgr = MemoryManager.create(args.name, args.capacity, mode=mode)
     except (FileExistsError, PermissionError, ValueError) as e:
@@ -129,6 +138,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
+    try:
+        validate_name(args.name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not os.path.lexists(segment_path(args.name)):
+        raise CliError(f"no arena named {args.name!r}: nothing to destroy (see `shmalloc list`)")
     with attached(args.name) as mgr:
         live = [p.pid for p in mgr.processes() if p.alive]
         mgr.destroy()

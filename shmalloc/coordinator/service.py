@@ -141,7 +141,8 @@ class Coordinator:
         old_level = shm_logger.level
         shm_logger.setLevel(self.log_level)
         handler = None
-        if not logging.getLogger().handlers and not shm_logger.handlers:
+        real = [h for h in shm_logger.handlers if not isinstance(h, logging.NullHandler)]
+        if not logging.getLogger().handlers and not real:
             handler = logging.StreamHandler()
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
