@@ -48,7 +48,8 @@ int block_claim(shm_handle_t *h, uint64_t off) {
         if (flags & SHM_BF_BUSY) break;
         if (flags & (SHM_BF_CACHED | SHM_BF_REMOTE))
             return err_set(SHM_EADDR, off + SHM_HDR,
-                           "the block at address %#llx is free (already freed?)",
+                           "the block at address %#llx was freed (by deallocate(), or by a "
+                           "collection that reclaimed its owner)",
                            (unsigned long long)(off + SHM_HDR));
         uint64_t want = cur | ((uint64_t)SHM_BF_BUSY << 32);
         if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -116,16 +117,29 @@ int block_validate(const shm_handle_t *h, uint64_t off) {
     return SHM_OK;
 }
 
+/* Is the header at off one that block_scrub() wiped: a block freed and merged into a neighbour? */
+static int block_is_scrubbed(const shm_handle_t *h, uint64_t off) {
+    shm_block_t copy = *block_at(h, off);
+    return copy.size == 0 && copy.check == ~block_checksum(h, off, &copy);
+}
+
 /* Walk the heap from its start to decide whether off is a block start whose header is damaged
- * (corruption) or no block start at all (a bad address). Only error paths come here. */
+ * (corruption) or no block start at all (a bad address: a block freed since, or a pointer into a
+ * block). Only error paths come here. */
 static int block_classify_bad(const shm_handle_t *h, uint64_t address, uint64_t off) {
-    uint64_t cur = h->heap_off;
+    uint64_t cur = h->heap_off, around = cur;
     while (cur < off) {
         if (block_validate(h, cur) != SHM_OK) return SHM_ECORRUPT;
+        around = cur;
         cur += block_at(h, cur)->size;
     }
     if (cur == off)
         return err_set(SHM_ECORRUPT, off, "the header of the block at address %#llx is damaged",
+                       (unsigned long long)address);
+    if (block_is_scrubbed(h, off) || (block_at(h, around)->flags & SHM_BF_FREE))
+        return err_set(SHM_EADDR, address,
+                       "the block at address %#llx was freed (by deallocate(), or by a collection "
+                       "that reclaimed its owner)",
                        (unsigned long long)address);
     return err_set(SHM_EADDR, address, "address %#llx lies inside a block, not at its start",
                    (unsigned long long)address);
@@ -142,7 +156,9 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
     uint64_t off = address - SHM_HDR;
     if (UNLIKELY(block_validate(h, off) != SHM_OK)) return block_classify_bad(h, address, off);
     if (UNLIKELY(block_at(h, off)->flags & (SHM_BF_FREE | SHM_BF_CACHED | SHM_BF_REMOTE)))
-        return err_set(SHM_EADDR, address, "the block at address %#llx is free (already freed?)",
+        return err_set(SHM_EADDR, address,
+                       "the block at address %#llx was freed (by deallocate(), or by a collection "
+                       "that reclaimed its owner)",
                        (unsigned long long)address);
     *off_out = off;
     return SHM_OK;

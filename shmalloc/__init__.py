@@ -4,6 +4,7 @@ One POSIX shared-memory segment is the arena; a C core keeps the heap, the free 
 counters inside it, so any number of processes allocate, read, write and free zero-copy.
 """
 
+import logging
 from typing import Any
 
 from .errors import (
@@ -51,6 +52,10 @@ __all__ = [
     "ShmallocError",
 ]
 __version__ = "0.1.0"
+
+# A library logs, it does not print: pressure warnings reach stderr only if the application
+# configured logging (the coordinator and the command line configure their own handlers).
+logging.getLogger("shmalloc").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

@@ -125,6 +125,8 @@ def _check(status: int, address: int = 0) -> int:
 alloc_raw: Callable[[Handle, int, int, int], int] = lib.shm_alloc
 free_raw: Callable[[Handle, int], int] = lib.shm_free
 block_size_raw: Callable[[Handle, int, int], int] = lib.shm_block_size
+# for finalizers, which may run at interpreter exit after this module's globals were cleared
+handle_close_raw: Callable[[Handle], None] = lib.shm_handle_close
 
 # ------------------------------------------------------------------ arena and handle
 

@@ -12,15 +12,34 @@ from typing import Any
 from . import _binding as C
 from .attachment import Attachment, check_int
 from .errors import InvalidAddress, ProtectionViolation
+from .sizes import count
 
-__all__ = ["block_size", "ndarray", "read", "seal", "size_of", "span", "view", "write"]
+__all__ = [
+    "block_size",
+    "checked_address",
+    "ndarray",
+    "read",
+    "seal",
+    "size_of",
+    "span",
+    "view",
+    "write",
+]
+
+
+def checked_address(address: object) -> int:
+    """``address`` as an int (any ``operator.index`` value); InvalidAddress when it cannot be an
+    offset into an arena."""
+    address = check_int(address, "address")
+    if not 0 <= address <= C.U64_MAX:
+        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
+    return address
 
 
 def block_size(a: Attachment, address: int, for_write: int) -> int:
     """Usable bytes of the live block at ``address`` (``for_write``: refuse a sealed one)."""
     if address.__class__ is not int or not 0 <= address <= C.U64_MAX:
-        address = check_int(address, "address")
-        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
+        address = checked_address(address)
     h = a.h
     r = C.block_size_raw(h if h is not None else a.handle(), address, for_write)
     if r < 0:
@@ -33,16 +52,18 @@ def span(size: int, address: int, n: int | None, offset: int) -> tuple[int, int]
     offset = check_int(offset, "offset")
     if not 0 <= offset <= size:
         raise ValueError(
-            f"offset {offset} is outside the block at {address:#x} ({size} usable bytes)"
+            f"offset {offset} is outside the block at {address:#x} ({count(size, 'usable byte')})"
         )
     if n is None:
         n = size - offset
     else:
         n = check_int(n, "n")
-        if n < 0 or offset + n > size:
+        if n < 0:
+            raise ValueError(f"n must be >= 0 (a number of bytes), got {n}")
+        if offset + n > size:
             raise ValueError(
-                f"{n} bytes at offset {offset} cross the end of the block at {address:#x} "
-                f"({size} usable bytes); stay within size_of(address)"
+                f"{count(n, 'byte')} at offset {offset} cross the end of the block at {address:#x} "
+                f"({count(size, 'usable byte')}); stay within size_of(address)"
             )
     start = address + offset
     return start, start + n
@@ -55,6 +76,8 @@ def size_of(a: Attachment, address: int) -> int:
 
 def read(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> bytes:
     """Copy ``n`` bytes (default: to the block's end) out of the block, from ``offset``."""
+    if address.__class__ is not int:
+        address = checked_address(address)
     start, end = span(block_size(a, address, 0), address, n, offset)
     return a.mm[start:end]
 
@@ -67,6 +90,8 @@ def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
         raise TypeError(
             f"data must be a contiguous bytes-like object, not {type(data).__name__}"
         ) from None
+    if address.__class__ is not int:
+        address = checked_address(address)
     start, end = span(block_size(a, address, 1), address, src.nbytes, offset)
     a.mv[start:end] = src
     return end - start
@@ -74,6 +99,8 @@ def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
 
 def view(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> memoryview:
     """A zero-copy memoryview of the block (read-only if the block is sealed)."""
+    if address.__class__ is not int:
+        address = checked_address(address)
     try:
         size, sealed = block_size(a, address, 1), False
     except ProtectionViolation:
@@ -88,17 +115,19 @@ def ndarray(a: Attachment, address: int, shape: int | tuple[int, ...], dtype: An
     import numpy as np
 
     dt = np.dtype(dtype)
-    shp = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = 1
+    one = hasattr(type(shape), "__index__")
+    shp = tuple(check_int(d, "shape entry") for d in ((shape,) if one else shape))  # type: ignore[union-attr]
+    items = 1
     for d in shp:
-        if check_int(d, "shape entry") < 0:
+        if d < 0:
             raise ValueError(f"negative dimension in shape {shp}")
-        count *= d
-    v = view(a, address, count * dt.itemsize)
-    return np.frombuffer(v, dtype=dt, count=count).reshape(shp)
+        items *= d
+    v = view(a, address, items * dt.itemsize)
+    return np.frombuffer(v, dtype=dt, count=items).reshape(shp)
 
 
 def seal(a: Attachment, address: int) -> None:
     """Make the block immutable: later writes raise ProtectionViolation, views are read-only."""
+    address = checked_address(address)
     block_size(a, address, 0)
     C.block_seal(a.handle(), address)

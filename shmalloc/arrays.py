@@ -11,21 +11,35 @@ array-protocol description, so structured dtypes survive) and the memory order. 
 another process attaches to the arena (once per process) and returns an ndarray over the block:
 writes through it are seen by every process that opened it.
 
-The block belongs to the producer like any allocation: if the producer ends before the block is
-freed, the arena's collector reclaims it unless a consumer took it over (``open(adopt=True)``)
-or the producer shared it with ``persist=True`` (then only ``free()`` releases it). A handle is
-valid until its block is freed; after that, an open may fail with ``InvalidAddress`` or, if the
-space was reused, see other data, like any dangling address.
+The block belongs to the producer like any allocation, and the producer may end right after
+sharing: the block is pinned (``MemoryManager.retain``) in every process that holds it, so no
+collection frees it under a reader.
+
+* An opened array pins its block for as long as the array or any view of it (slices, ``.T``,
+  memoryviews, arrays built on it) is alive; the last one to go releases the reference.
+* A handle received from another process (unpickled: through a queue, a pipe, a Pool result)
+  pins its block for as long as that handle object lives, so a pool worker's result survives the
+  worker's end until the receiver opens it.
+
+When the producer has ended and the last pin goes, the block is freed at once. Otherwise it
+lives until ``free()``, until a consumer takes it over (``open(adopt=True)``) and ends, or, with
+``persist=True``, until ``free()`` only. A handle whose block was freed is a dangling address: an
+open may fail with ``InvalidAddress``. A pin costs one entry of the arena's reference table (4096
+entries, one per process and block) while it lives.
 
 numpy is an optional extra (``pip install shmalloc[numpy]``); it is imported on first use.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ShmallocError
 from .manager import MemoryManager
 
 __all__ = ["SharedArray", "share_array"]
@@ -61,6 +75,41 @@ def _over(mgr: MemoryManager, address: int, shape: tuple[int, ...], dtype: Any, 
     return mgr.ndarray(address, shape, dtype)
 
 
+def _unpin(mgr: MemoryManager, address: int, pid: int) -> None:
+    """Drop the reference a pin took (a finalizer: it must not raise)."""
+    if os.getpid() != pid or mgr.closed:
+        return  # a fork child's copy of the parent's pin, or the process detached: not ours
+    try:
+        mgr.release(address)
+    except (ShmallocError, ValueError) as e:
+        warnings.warn(
+            f"the block at {address:#x} of arena {mgr.name!r} was freed while an array or handle "
+            f"still pinned it ({e}); free() it only once every array over it is gone",
+            ResourceWarning,
+            stacklevel=1,
+        )
+
+
+def _pin(
+    mgr: MemoryManager, address: int, holder: object
+) -> weakref.finalize[[MemoryManager, int, int], object]:
+    """Hold a reference on the block until ``holder`` is garbage (at exit, the reference dies
+    with the process)."""
+    mgr.retain(address)
+    fin = weakref.finalize(holder, _unpin, mgr, address, os.getpid())
+    fin.atexit = False
+    return fin
+
+
+def _root(array: Any) -> Any:
+    """The ndarray every view of ``array`` keeps alive: numpy points each view's ``base`` at the
+    first array made over the buffer (the one made by frombuffer)."""
+    np = _numpy()
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
 @dataclass(frozen=True)
 class SharedArray:
     """A small, picklable handle to an ndarray held in a block of an arena."""
@@ -89,9 +138,13 @@ class SharedArray:
         mgr = self._manager(mgr)
         if adopt:
             mgr.adopt(self.address)
-        return _over(
-            mgr, self.address, self.shape, np.lib.format.descr_to_dtype(self.dtype), self.order
-        )
+        dtype = np.lib.format.descr_to_dtype(self.dtype)
+        array = _over(mgr, self.address, self.shape, dtype, self.order)
+        _pin(mgr, self.address, _root(array))
+        return array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_received, (self.arena, self.address, self.shape, self.dtype, self.order))
 
     def asarray(self, mgr: MemoryManager | None = None) -> Any:
         """The array, zero-copy (``open()`` under numpy's name)."""
@@ -100,7 +153,25 @@ class SharedArray:
     def free(self, mgr: MemoryManager | None = None) -> int:
         """Free the block (from any process); return its size. Arrays opened on it must no
         longer be used."""
+        pin = self.__dict__.get("_pin")
+        if pin is not None:
+            pin.detach()  # the free drops every reference, this handle's too
         return self._manager(mgr).deallocate(self.address)
+
+
+def _received(
+    arena: str, address: int, shape: tuple[int, ...], dtype: Any, order: str
+) -> SharedArray:
+    """Unpickle a handle: pin its block while this handle object lives, so that it survives its
+    producer's end (a pool worker's result) until this process opens it. Best effort: a handle
+    whose block or arena is gone still unpickles (open() then says what is wrong)."""
+    handle = SharedArray(arena, address, shape, dtype, order)
+    try:
+        pin = _pin(_attach(arena), address, handle)
+    except (ShmallocError, OSError, ValueError):
+        return handle  # dangling already, or the arena is gone: nothing to pin
+    object.__setattr__(handle, "_pin", pin)  # frozen: a private attribute outside the fields
+    return handle
 
 
 def share_array(mgr: MemoryManager, array: Any, *, persist: bool = False) -> SharedArray:

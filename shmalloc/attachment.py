@@ -9,14 +9,16 @@ act on an Attachment.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, SupportsIndex
 
 import posix_ipc
 
@@ -25,9 +27,10 @@ from . import process
 from .errors import CorruptionDetected, NotAnArena
 from .events import RARE, Event, encode
 
-__all__ = ["Attachment", "validate_name", "check_int"]
+__all__ = ["Attachment", "check_int", "own_arena_mode", "validate_name"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
 _ATTACH_WAIT = 1.0  # seconds an attach waits for a concurrent create to finish formatting
 
 # Attachments open in this process: a fork child forgets their slots (it is a new process).
@@ -55,10 +58,83 @@ def validate_name(name: object) -> str:
 
 
 def check_int(value: object, what: str) -> int:
-    """``value`` as an int, or TypeError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (anything ``operator.index`` takes, e.g. numpy integers, but not a
+    bool), or TypeError naming ``what``."""
+    if value.__class__ is int:
+        return value  # the hot case, checked exactly
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    return value
+    return int(operator.index(value))
+
+
+def _owner_of(name: str) -> str:
+    """``it belongs to uid U with mode 0MMM`` for the segment ``name`` (without following a
+    symbolic link), for messages."""
+    try:
+        st = os.lstat(os.path.join(SHM_DIR, name))
+    except OSError:
+        return "it belongs to another user"
+    return f"it belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _not_a_segment(name: str) -> str:
+    """Why /dev/shm/NAME, which shm_open refused, is no segment at all ('' if it looks like
+    one)."""
+    try:
+        st = os.lstat(os.path.join(SHM_DIR, name))
+    except OSError:
+        return ""
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link, not a shared-memory segment (links are never followed)"
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a directory, not a shared-memory segment"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a shared-memory segment (not a regular file)"
+    return ""
+
+
+def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
+    """Refuse a segment that another user could have planted or can read: one owned by another
+    uid (unless ``mode`` itself lets other users in: the caller shares on purpose), or one
+    whose permission bits go beyond ``mode``."""
+    found = stat.S_IMODE(st.st_mode)
+    me = os.geteuid()
+    if st.st_uid != me and not mode & 0o077:
+        raise PermissionError(
+            f"arena {name!r} belongs to uid {st.st_uid} (mode {found:04o}), not to this user "
+            f"(uid {me}): another user may have planted it to read what is written there; "
+            "refused. Remove it if it is not yours, or attach with the mode it was shared with "
+            "(e.g. mode=0o660) if another user shares it with you on purpose"
+        )
+    if found & ~mode:
+        raise PermissionError(
+            f"arena {name!r} has mode {found:04o} (owner uid {st.st_uid}), wider than the "
+            f"{mode:04o} asked for: other users can open it; attach with mode=0o{found:o} if "
+            "that is intended, or recreate it with a narrower mode"
+        )
+
+
+def own_arena_mode(name: str) -> int:
+    """The mode an operator's tool (the command line, the coordinator) attaches with: an arena of
+    this user is taken with the mode it was created with (``create(..., mode=)``: its creator
+    chose it); any other is held to 0600, so that one planted by another user is refused."""
+    try:
+        st = os.lstat(os.path.join(SHM_DIR, name))
+    except OSError:
+        return 0o600
+    if st.st_uid != os.geteuid():
+        return 0o600
+    return stat.S_IMODE(st.st_mode) | 0o600
+
+
+def _sized(fd: int, size: int) -> int:
+    """The segment's size; a 0-byte one is given a moment, since a creator sizes its segment
+    right after creating it (shm_open, then ftruncate)."""
+    deadline = time.monotonic() + _ATTACH_WAIT
+    while size == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+        size = os.fstat(fd).st_size
+    return size
 
 
 class Attachment:
@@ -118,8 +194,10 @@ class Attachment:
         return a
 
     @classmethod
-    def open(cls, name: str) -> Attachment:
-        """Map the existing segment ``name`` and check that it is an arena."""
+    def open(cls, name: str, mode: int = 0o600) -> Attachment:
+        """Map the existing segment ``name`` and check that it is an arena that this user owns
+        (or, when ``mode`` lets other users in, that the caller agreed to share) and whose mode
+        is no wider than ``mode``: PermissionError naming the owner and the mode otherwise."""
         a = cls(name)
         try:
             shm = posix_ipc.SharedMemory("/" + name)
@@ -129,12 +207,26 @@ class Attachment:
             ) from None
         except posix_ipc.PermissionsError:
             raise PermissionError(
-                f"arena {name!r} exists but this user may not open it (mode 0600)"
+                f"arena {name!r} exists but this user (uid {os.geteuid()}) may not open it; "
+                f"{_owner_of(name)}: run as that user"
             ) from None
+        except (OSError, ValueError):  # ELOOP: a symbolic link; EINVAL/EISDIR: a directory
+            why = _not_a_segment(name)
+            if not why:
+                raise  # a failure of the system (e.g. no descriptor left), not of the segment
+            raise NotAnArena(name, why) from None
         try:
-            capacity = os.fstat(shm.fd).st_size
+            st = os.fstat(shm.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotAnArena(name, "it is not a shared-memory segment (not a regular file)")
+            capacity = _sized(shm.fd, st.st_size)
             if capacity < C.header_size() + mmap.PAGESIZE:
                 raise NotAnArena(name, f"the segment is {capacity} bytes, too small for an arena")
+            _check_owner(name, st, mode)  # before the C core reads or writes a byte of it
+        except BaseException:
+            shm.close_fd()
+            raise
+        try:
             a._map(shm.fd, capacity)
             deadline = time.monotonic() + _ATTACH_WAIT
             while True:
@@ -222,12 +314,18 @@ class Attachment:
             return
         C.proc_detach(self.h, self.slot)
 
-    def __del__(self) -> None:
+    def __del__(
+        self,
+        _handle_close: Callable[[C.Handle], None] = C.handle_close_raw,
+        _close: Callable[[int], None] = os.close,
+    ) -> None:
+        # bound as defaults: at interpreter exit this may run after the module's globals were
+        # cleared (an arena object still held by multiprocessing's Process in a spawn child)
         h = getattr(self, "h", None)
         if h is not None:
-            C.handle_close(h)
+            _handle_close(h)
             self.h = None
-            os.close(self.fd)
+            _close(self.fd)
 
     def destroy(self) -> None:
         """Unlink the segment (idempotent). Mappings already open keep working until closed."""

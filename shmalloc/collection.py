@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from . import _binding as C
 from . import events
-from .attachment import Attachment
+from .attachment import Attachment, check_int
 from .events import Event
 from .stats import MemoryPressure
 from .tracking import mark_if_dead, reclaim_dead, scan_slots
@@ -89,6 +89,7 @@ def run_pressure_callbacks(a: Attachment) -> None:
 def request_trim(a: Attachment, pid: int) -> None:
     """Ask the live process ``pid`` to trim: its on_pressure callbacks run on its next
     allocation."""
+    pid = check_int(pid, "pid")
     h = a.handle()
     for r in scan_slots(h):
         if r.state == C.PROC_LIVE and r.pid == pid:

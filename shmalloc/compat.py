@@ -10,13 +10,20 @@ its own: creating one is an allocation, not a ``shm_open`` + ``ftruncate`` + ``m
 Which arena
     Objects go to the *current arena* of this process. By default that is the arena named by the
     environment variable ``SHMALLOC_COMPAT_ARENA``, else ``shmalloc-compat-<uid>``: one per user,
-    created on first use with a capacity of 1 GiB (reserved lazily: it costs only what is used)
+    created on first use with a capacity of ``default_capacity()``: the size of ``/dev/shm``, at
+    most 1 TiB (reserved lazily: it costs only what is used, so objects as large as the machine
+    allows fit)
     and attached by every later process. When two processes race to create it, the loser's
     ``FileExistsError`` turns into an attach. ``set_arena(manager_or_name)`` picks another arena
     (a ``MemoryManager``, or a name that is attached or created); it also exports the name in
     ``SHMALLOC_COMPAT_ARENA`` so that spawned children and subprocesses find the same arena, while
     fork children inherit it anyway. ``set_arena(None)`` goes back to the default.
     ``get_arena()`` returns the current arena's ``MemoryManager``.
+
+    The default name is predictable and ``/dev/shm`` is writable by every user, so the default
+    arena is created with mode 0600 and an existing one is used only if this user owns it and
+    its mode is 0600 or narrower: one planted by another user raises ``PermissionError`` naming
+    its owner and mode (``MemoryManager.attach``), and nothing is written into it.
 
 What a name is
     A block's name (``psm_`` and 8 hex digits when generated, like the standard library's) is
@@ -58,7 +65,8 @@ Differences from the standard library, all deliberate
       them at exit, and no warning). ``SharedMemoryManager`` frees what it handed out on exit;
       ``shmalloc destroy shmalloc-compat-<uid>`` removes the whole default arena.
     * Over-long names raise ``ValueError`` (55 bytes here, 255 for POSIX); an arena whose name
-      directory is full raises ``ShmallocError``.
+      directory is full (1024 names) raises ``ShmallocError`` saying so and how to pick another
+      arena (``set_arena``, ``SHMALLOC_COMPAT_ARENA``), as does an ``OutOfMemory``.
     * ``ShareableList`` stores its items in the standard library's formats (``.format`` matches)
       but with its own layout; an item of an unsupported type raises a ``TypeError`` that is also
       a ``KeyError`` (the standard library raises a bare ``KeyError``), and a str/bytes item of
@@ -71,6 +79,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import mmap
 import operator
 import os
 import pickle
@@ -86,7 +95,7 @@ from typing import Any
 
 import posix_ipc
 
-from .errors import InvalidAddress, ShmallocError
+from .errors import InvalidAddress, OutOfMemory, ShmallocError
 from .manager import DEFAULT_CAPACITY, MemoryManager
 
 __all__ = [
@@ -94,16 +103,48 @@ __all__ = [
     "ShareableList",
     "SharedMemory",
     "SharedMemoryManager",
+    "default_capacity",
     "get_arena",
     "set_arena",
 ]
 
 ARENA_ENV = "SHMALLOC_COMPAT_ARENA"
+_SHM_DIR = "/dev/shm"
+_MAX_CAPACITY = 1 << 40  # the largest arena there is
 
 
 def default_arena_name() -> str:
     """``$SHMALLOC_COMPAT_ARENA``, else ``shmalloc-compat-<uid>``."""
     return os.environ.get(ARENA_ENV) or f"shmalloc-compat-{os.getuid()}"
+
+
+def default_capacity() -> int:
+    """The capacity compat creates arenas with: the size of /dev/shm, where every block ends up,
+    at most 1 TiB (1 GiB if it cannot be read). An arena costs only the pages in use, so sizing
+    it for the machine costs nothing and lets objects as large as the machine allows fit."""
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return DEFAULT_CAPACITY
+    size = min(st.f_frsize * st.f_blocks, _MAX_CAPACITY)
+    size -= size % mmap.PAGESIZE
+    if size < 1 << 20:  # a file system that reports (nearly) no size: keep the old default
+        return DEFAULT_CAPACITY
+    return size
+
+
+def _with_compat_advice(e: ShmallocError, mgr: MemoryManager) -> ShmallocError:
+    """The same error, with what a compat user can change: the arena (set_arena or the
+    environment variable), since compat chose it for them."""
+    advice = (
+        f"shmalloc.compat puts objects in arena {mgr.name!r} ({mgr.capacity} bytes); give it "
+        f"another, larger arena: compat.set_arena(MemoryManager.create(name, capacity)) or "
+        f"${ARENA_ENV}=name"
+    )
+    if isinstance(e, OutOfMemory):
+        detail = e.detail or "the arena has no free block large enough"
+        return OutOfMemory(e.requested, e.available, e.used, e.total, f"{detail}. {advice}")
+    return ShmallocError(f"{e}; {advice}")
 
 
 # ------------------------------------------------------------------------------------ arenas
@@ -151,10 +192,12 @@ class _Arena:
         self._mutex = threading.RLock()
         self._depth = 0
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close is bound here: at interpreter exit this may run after the module's globals
+        # were cleared (an object held by multiprocessing's Process, e.g. a spawn child's args)
         fd, self.fd = getattr(self, "fd", -1), -1
         if fd >= 0:
-            os.close(fd)
+            _close(fd)
 
 
 _state = threading.RLock()
@@ -180,8 +223,13 @@ def _open_arena(name: str, *, create: bool) -> _Arena:
             except FileNotFoundError:
                 if not create:
                     raise
+            except PermissionError as e:  # another user's, or open to other users: not ours
+                raise PermissionError(
+                    f"shmalloc.compat will not put objects in arena {name!r}: {e}. Pick another "
+                    f"arena with compat.set_arena() or ${ARENA_ENV}"
+                ) from None
             try:
-                mgr = MemoryManager.create(name, DEFAULT_CAPACITY)
+                mgr = MemoryManager.create(name, default_capacity())
                 break
             except FileExistsError:
                 continue  # another process created it meanwhile: attach to theirs
@@ -397,7 +445,10 @@ class SharedMemory:
 
     @staticmethod
     def _create(mgr: MemoryManager, name: str | None, size: int) -> tuple[int, str]:
-        address = mgr.allocate(_HEADER.size + size, align=_HEADER.size)
+        try:
+            address = mgr.allocate(_HEADER.size + size, align=_HEADER.size)
+        except OutOfMemory as e:
+            raise _with_compat_advice(e, mgr) from None
         try:
             mgr.write(address, _HEADER.pack(_MAGIC, size, secrets.token_bytes(8)))
             view = mgr.view(address, size, _HEADER.size)
@@ -417,6 +468,8 @@ class SharedMemory:
                         raise FileExistsError(
                             errno.EEXIST, os.strerror(errno.EEXIST), name
                         ) from None
+                except ShmallocError as e:  # the names directory is full
+                    raise _with_compat_advice(e, mgr) from None
         except BaseException:
             mgr.deallocate(address)  # drops its references too
             raise

@@ -21,7 +21,8 @@ The strategies:
                        holding more than ``n`` are asked to trim (their ``on_pressure`` callbacks
                        run the next time they enter the library).
 ``targeted(pid)``      every block of one process, alive or not, retained or not: an operator's
-                       action.
+                       action (a live process then finds its blocks gone: the command line
+                       refuses a live one without ``--force``).
 ``UNREFERENCED``       one sweep of the heap freeing the orphaned blocks that no live process
                        references. References die with their holder, so this frees the same
                        blocks as GLOBAL; it is one C call instead of one per process (a block of
@@ -97,7 +98,9 @@ class GcStats:
     """What one collection did.
 
     ``freed_bytes`` counts usable bytes (as ``process_memory`` does), ``freed_blocks`` the blocks
-    freed, ``processes_cleaned`` the slots of dead processes given back, ``duration`` seconds.
+    freed, ``duration`` seconds. ``processes_cleaned`` counts the processes this collection
+    cleaned: each ended process whose slot it gave back and, under ``targeted(pid)``, the
+    targeted process whether it was alive (its blocks freed, its slot kept) or not.
     ``reclaimed`` lists (pid, bytes) per process whose blocks were freed, ``trimmed`` the live
     processes asked to trim.
     """
@@ -313,10 +316,12 @@ class GlobalGarbageCollector:
             if r.pid != pid:
                 continue
             mark_if_dead(h, r)  # a dead one's slot is then given back too
-            res = self._gc(h, r.slot, True, r)
+            res = C.gc(h, r.slot, True, (r.pid, r.start_time))
+            if res is None:
+                continue  # the slot went to another process meanwhile: nothing freed
             freed_blocks += res.freed_blocks
             freed_bytes += res.freed_bytes
-            cleaned += res.procs_cleaned
+            cleaned += 1  # the targeted process, alive (its slot stays) or not (given back)
         return GcStats(
             freed_bytes=int(freed_bytes),
             freed_blocks=int(freed_blocks),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from . import _binding as C
 from . import access, collection, events, lease, ownership, process, tracking
 from .attachment import Attachment, check_int, validate_name
-from .errors import AlignmentError, InvalidAddress
+from .errors import AlignmentError
 from .events import Event
 from .guard import MemoryGuard
 from .stats import CheckReport, MemoryStats
@@ -92,7 +93,10 @@ class MemoryManager:
         """Create the arena ``name``; ``FileExistsError`` if it exists. ``cache_limit``: see
         set_cache_limit() (default: 1/512 of the arena, at most 4 MiB; none below 32 MiB)."""
         validate_name(name)
-        state = Attachment.create(name, check_int(capacity, "capacity"), check_int(mode, "mode"))
+        mode = check_int(mode, "mode")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits from 0 to 0o777, got {mode:#o}")
+        state = Attachment.create(name, check_int(capacity, "capacity"), mode)
         m = cls._wrap(state, owns_name=False)
         if cache_limit is not None:
             try:
@@ -104,9 +108,15 @@ class MemoryManager:
         return m
 
     @classmethod
-    def attach(cls, name: str) -> MemoryManager:
-        """Join the existing arena ``name``; ``FileNotFoundError`` if there is none."""
-        return cls._wrap(Attachment.open(validate_name(name)), owns_name=False)
+    def attach(cls, name: str, *, mode: int = 0o600) -> MemoryManager:
+        """Join the existing arena ``name``; ``FileNotFoundError`` if there is none,
+        ``NotAnArena`` if the segment is something else. ``PermissionError`` if another user
+        owns it or its mode is wider than ``mode``: a wider ``mode`` (e.g. 0o660) accepts an
+        arena shared across users on purpose."""
+        mode = check_int(mode, "mode")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits from 0 to 0o777, got {mode:#o}")
+        return cls._wrap(Attachment.open(validate_name(name), mode), owns_name=False)
 
     @property
     def name(self) -> str:
@@ -141,9 +151,24 @@ class MemoryManager:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        """Close; an arena this manager created with a generated name is destroyed first, so it
+        never stays in /dev/shm, even when the close is refused. An exception in flight is never
+        replaced: a failed close or destroy is added to its notes instead."""
+        failed: list[Exception] = []
         if self._owns_name:
-            self.destroy()
+            try:
+                self.destroy()
+            except OSError as e:
+                failed.append(e)
+        try:
+            self.close()
+        except BufferError as e:
+            failed.append(e)
+        if failed and ev is None:
+            raise failed[0]
+        for failure in failed:
+            assert ev is not None
+            _note(ev, f"then leaving the `with` block of arena {self.name!r} failed: {failure}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (MemoryManager.attach, (self.name,))
@@ -181,8 +206,10 @@ class MemoryManager:
             raise ValueError(f"size must be positive, got {size}")
         if align is None:
             align = 0
-        elif align.__class__ is not int or align <= 0:
-            raise AlignmentError(check_int(align, "align"))
+        else:
+            align = check_int(align, "align")
+            if not 0 < align <= C.U64_MAX:
+                raise AlignmentError(align)
         st = self._state
         h = st.handle()
         slot = tracking.slot_for(st, pid)
@@ -222,9 +249,8 @@ class MemoryManager:
         return r
 
     def _deallocate_slow(self, address: object) -> int:
-        address = check_int(address, "address")
-        self._state.handle()
-        raise InvalidAddress(address, "addresses are non-negative offsets into the arena")
+        address = access.checked_address(address)  # InvalidAddress if it cannot be an offset
+        return int(_free(self._state.handle(), address))
 
     def allocate_guarded(self, size: int, pid: int | None = None) -> MemoryGuard:
         """Allocate a block that is freed when the returned guard's ``with`` block ends."""
@@ -312,6 +338,7 @@ class MemoryManager:
 
     def block_info(self, address: int) -> MemoryBlock:
         """The live block at ``address``: size, owner, seal and references."""
+        address = access.checked_address(address)
         access.size_of(self._state, address)
         return tracking.block_info(self._state, address)
 
@@ -458,6 +485,15 @@ class MemoryManager:
     def dropped_events(self) -> int:
         """Events lost because the ring was full."""
         return C.event_dropped(self._state.handle())
+
+
+def _note(exc: BaseException, text: str) -> None:
+    """Add ``text`` to the notes of an exception in flight (a warning before Python 3.11)."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+    else:
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
 
 
 def attachment_of(manager: MemoryManager) -> Attachment:

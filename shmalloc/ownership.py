@@ -8,7 +8,7 @@ is reported before any lock is taken.
 from __future__ import annotations
 
 from . import _binding as C
-from .access import size_of
+from .access import checked_address, size_of
 from .attachment import Attachment
 from .tracking import mark_if_dead, read_slot, slot_for
 
@@ -44,16 +44,19 @@ def _live_block(a: Attachment, address: int) -> C.Handle:
 
 def adopt(a: Attachment, address: int) -> None:
     """Make the calling process the block's owner."""
+    address = checked_address(address)
     C.block_adopt(_live_block(a, address), address, slot_for(a, None))
 
 
 def retain(a: Attachment, address: int) -> None:
     """Hold a reference: the block outlives its owner while this process lives."""
+    address = checked_address(address)
     C.block_retain(_live_block(a, address), address, slot_for(a, None))
 
 
 def release(a: Attachment, address: int) -> bool:
     """Drop a reference taken with retain(). True if that freed an orphaned block."""
+    address = checked_address(address)
     h = _live_block(a, address)
     _mark_owner_if_dead(h, address)
     freed = C.block_release(h, address, slot_for(a, None))
@@ -74,12 +77,14 @@ def _mark_owner_if_dead(h: C.Handle, address: int) -> None:
 
 def persist(a: Attachment, address: int) -> None:
     """Give the block no owner: it is never collected, only freed by deallocate()."""
+    address = checked_address(address)
     C.block_persist(_live_block(a, address), address)
 
 
 def bind(a: Attachment, name: str, address: int) -> None:
     """Name the block (any process can lookup() it) and make it persistent."""
     raw = encode_block_name(name)
+    address = checked_address(address)
     h = _live_block(a, address)
     try:
         C.name_bind(h, raw, address)

@@ -247,8 +247,10 @@ def free_process_memory(a: Attachment, pid: int) -> int:
 def set_process_limit(a: Attachment, pid: int, nbytes: int | None) -> None:
     """Cap the bytes ``pid`` may own (None: no cap)."""
     if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"a limit must be an int or None, not {type(nbytes).__name__}")
-        if nbytes <= 0:
-            raise ValueError(f"a limit must be positive (or None for none), got {nbytes}")
+        nbytes = check_int(nbytes, "a limit (or None)")
+        if not 0 < nbytes <= C.U64_MAX:
+            raise ValueError(
+                f"a limit must be a positive number of bytes below 2**64 (or None for none), "
+                f"got {nbytes}"
+            )
     C.proc_set_limit(a.handle(), slot_for(a, pid), nbytes or 0)

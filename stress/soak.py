@@ -29,6 +29,7 @@ from pathlib import Path
 from shmalloc import MemoryManager
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
+from . import _common
 from ._common import RESULTS_DIR, child_env, print_table, signame
 
 CAPACITY = 64 << 20
@@ -208,22 +209,22 @@ def drive(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stress.soak", description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=300.0)
-    p.add_argument("--workers", type=int, default=4)
+    if argv is None and sys.argv[1:2] == ["--worker"]:  # a worker process of the driver below
+        return worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    p = _common.Parser(sys.modules[__name__], "20 s with 3 workers (a CI smoke test)")
+    p.scaled("--seconds", 20.0, 300.0, "how long to soak")
+    p.scaled("--workers", 3, 4, "worker processes at once")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a worker has to finish")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR / "soak"))
-    p.add_argument("--worker", nargs=3, metavar=("ARENA", "SEED", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        return worker(args.worker[0], int(args.worker[1]), args.worker[2])
+    args = p.parse(argv)
+    args.out_dir = str(RESULTS_DIR / "soak")
     res = drive(args)
-    rows = [[k, str(v if not isinstance(v, list) else len(v))] for k, v in res.items()]
+    rows = [[k, str(len(v) if isinstance(v, list) else v)] for k, v in res.items()]
     print_table(["figure", "value"], rows, f"soak, {args.seconds:g} s, seed {args.seed}")
     for c in res["crashes"]:  # type: ignore[attr-defined]
         print("crash:", c)
-    (Path(args.out_dir) / "soak.json").write_text(json.dumps(res, indent=1))
+    if args.json:
+        _common.write_json(args.json, res)
     ok = not res["crashes"] and not res["hangs"] and not res["leaked_bytes"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

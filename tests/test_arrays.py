@@ -3,6 +3,8 @@ another process (spawn or fork) opens the same memory: what it writes, the produ
 
 from __future__ import annotations
 
+import gc
+import multiprocessing as mp
 import os
 import pickle
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from children import TIMEOUT, run_child
 
-from shmalloc import InvalidAddress, MemoryManager
+from shmalloc import GlobalGarbageCollector, InvalidAddress, MemoryManager
 from shmalloc.arrays import SharedArray, share_array
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -112,19 +114,94 @@ def test_a_handle_refuses_another_arena(mgr: MemoryManager) -> None:
 
 
 @pytest.mark.parametrize("persist", [False, True])
-def test_a_producer_that_ends_leaves_its_block_to_the_collector_unless_persistent(
+def test_a_producer_that_ends_leaves_a_received_handle_usable(
     mgr: MemoryManager, persist: bool
 ) -> None:
-    [h] = run_child("spawn", _produce, mgr.name, persist)
+    [h] = run_child("spawn", _produce, mgr.name, persist)  # the producer has ended
     mgr.collect()
+    GlobalGarbageCollector(mgr).collect()
+    a = h.open(mgr)  # the received handle pinned the block: no collection freed it
+    assert np.array_equal(a, np.arange(1000, dtype=np.int32))
+    del a
     if persist:
-        a = h.open(mgr)
-        assert np.array_equal(a, np.arange(1000, dtype=np.int32))
-        del a
         h.free(mgr)
-    else:
-        with pytest.raises(InvalidAddress):
-            h.open(mgr)
+    else:  # orphaned: the last pin (this handle) frees it as it goes
+        del h
+        gc.collect()
+        assert mgr.stats().allocated_blocks == 0
+
+
+def _blocks(mgr: MemoryManager) -> set[int]:
+    return {b.address for b in mgr.all_blocks()}
+
+
+def test_an_opened_view_outlives_its_producer_and_every_collection(mgr: MemoryManager) -> None:
+    """The producer shares and ends; this process keeps only a view of what it opened: no
+    collection frees the block under it, new allocations do not land on it, and the block is
+    freed once the last view goes."""
+    [h] = run_child("spawn", _produce, mgr.name, False)
+    a = h.open(mgr)
+    del h  # only the array pins the block now
+    gc.collect()
+    view = a[10:20][::-1]
+    raw = memoryview(a[500:])
+    del a
+    gc.collect()
+    assert mgr.collect() == 0
+    stats = GlobalGarbageCollector(mgr).collect()
+    assert stats.freed_blocks == 0
+    pinned = _blocks(mgr)
+    fresh = [mgr.allocate(4000) for _ in range(50)]
+    for x in fresh:
+        mgr.write(x, b"\xff" * 4000)
+    assert list(view) == list(range(19, 9, -1))
+    assert np.frombuffer(raw, dtype=np.int32)[0] == 500
+    assert pinned <= _blocks(mgr)
+    del view
+    assert pinned <= _blocks(mgr)  # raw still pins it
+    raw.release()
+    del raw
+    gc.collect()
+    assert _blocks(mgr) == set(fresh)  # freed with its last view, at once
+    for x in fresh:
+        mgr.deallocate(x)
+    mgr.check()
+
+
+def _pool_share(arena: str, seed: int) -> SharedArray:
+    m = MemoryManager.attach(arena)
+    return share_array(m, np.full(256, seed, dtype=np.float64))
+
+
+def test_pool_results_survive_the_workers_without_persist(mgr: MemoryManager) -> None:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2, maxtasksperchild=1) as pool:
+        handles = pool.starmap(_pool_share, [(mgr.name, i) for i in range(4)])
+        pool.close()
+        pool.join()  # every worker has ended
+    mgr.collect()
+    GlobalGarbageCollector(mgr).collect()
+    arrays = [h.open(mgr) for h in handles]
+    assert [float(x[0]) for x in arrays] == [0.0, 1.0, 2.0, 3.0]
+    del arrays, handles
+    gc.collect()
+    assert mgr.stats().allocated_blocks == 0
+
+
+def test_a_fork_child_does_not_release_the_parents_pin(mgr: MemoryManager) -> None:
+    h = share_array(mgr, np.arange(8))
+    a = h.open(mgr)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the array, then leaves
+        del a
+        gc.collect()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert mgr.block_info(h.address).refcount == 1  # still this process's pin
+    del a
+    gc.collect()
+    assert mgr.block_info(h.address).refcount == 0
+    h.free(mgr)
 
 
 def test_a_consumer_can_adopt_the_block(mgr: MemoryManager) -> None:

@@ -450,13 +450,36 @@ def test_gc_threshold_spares_small_dead_processes(arena: MemoryManager) -> None:
     assert res["freed_blocks"] == 1
 
 
-def test_gc_targeted_frees_a_live_process(arena: MemoryManager) -> None:
+def test_gc_targeted_refuses_a_live_process_without_force(arena: MemoryManager) -> None:
     arena.allocate(MiB)
     arena.allocate(MiB)
+    held = arena.process_memory(os.getpid())
     r = shmalloc("gc", arena.name, "--strategy", f"targeted={os.getpid()}", "--json")
+    assert_one_line_error(r, 2, f"process {os.getpid()} is alive", "2 blocks", "--force")
+    assert arena.process_memory(os.getpid()) == held  # nothing freed
+    r = shmalloc("gc", arena.name, "--strategy", f"targeted={os.getpid()}", "--json", "--force")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["freed_blocks"] == 2
+    res = json.loads(r.stdout)
+    assert res["freed_blocks"] == 2 and res["processes_cleaned"] == 1
+    assert res["reclaimed"] == [{"pid": os.getpid(), "bytes": held}]
+    assert res["trimmed"] == []
     assert arena.process_memory(os.getpid()) == 0
+    arena.allocate(64)
+    r = shmalloc("gc", arena.name, "--strategy", f"targeted={os.getpid()}", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "freed 1 block (" in r.stdout and "of 1 process in" in r.stdout, r.stdout
+    assert f"reclaimed 64 B of process {os.getpid()}" in r.stdout, r.stdout
+
+
+def test_gc_says_which_processes_were_asked_to_trim(arena: MemoryManager) -> None:
+    arena.allocate(2 * MiB)
+    r = shmalloc("gc", arena.name, "--strategy", "threshold=1M", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["trimmed"] == [os.getpid()] and res["reclaimed"] == []
+    r = shmalloc("gc", arena.name, "--strategy", "threshold=1M")
+    assert r.returncode == 0, r.stderr
+    assert f"asked 1 live process to trim: {os.getpid()}" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("strategy", ["everything", "threshold", "threshold=10MB", "targeted=me"])

@@ -306,7 +306,8 @@ def test_missing_arena_is_an_error(arena_name: str) -> None:
         text=True,
         timeout=DEADLINE,
     )
-    assert r.returncode == 1
+    assert r.returncode == 2
+    assert r.stderr.startswith("shmalloc coordinator: error: ")
     assert f"no arena named {arena_name!r}" in r.stderr
 
 

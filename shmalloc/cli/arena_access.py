@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 
 from .. import _binding as C
-from ..errors import CorruptionDetected
+from ..attachment import own_arena_mode
+from ..errors import CorruptionDetected, NotAnArena
 from ..manager import MemoryManager, validate_name
 
 __all__ = [
@@ -60,6 +62,15 @@ def _identify(name: str) -> str:
     """Classify /dev/shm/NAME: ``arena``, ``formatting`` (magic not yet written), ``foreign`` or
     ``version`` (ours, another layout). CliError when it is missing or unreadable."""
     try:
+        st = os.lstat(segment_path(name))
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        if stat.S_ISLNK(st.st_mode):
+            what = "a symbolic link (links are never followed)"
+        raise CliError(str(NotAnArena(name, f"it is {what}, not a shared-memory segment")))
+    try:
         head = read_header(name)
     except PermissionError:
         raise _not_permitted(name) from None
@@ -104,11 +115,11 @@ def open_arena(name: str) -> MemoryManager:
             f"layout {C.layout_version()}); use the shmalloc version that created it"
         )
     try:
-        return MemoryManager.attach(name)
-    except FileNotFoundError as e:
+        return MemoryManager.attach(name, mode=own_arena_mode(name))
+    except (FileNotFoundError, NotAnArena) as e:
         raise CliError(str(e)) from None
-    except PermissionError:
-        raise _not_permitted(name) from None
+    except PermissionError as e:
+        raise CliError(str(e)) from None
     except CorruptionDetected as e:
         raise CliError(f"arena {name!r} cannot be opened: {e}", EXIT_FAILED) from None
 

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "without a live reference), threshold=SIZE (dead processes holding more than "
         "SIZE), targeted=PID (all of one process's blocks, alive or not)",
     )
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="with targeted=PID, free the blocks of a process that is still alive",
+    )
     add_json(sp)
 
     add(

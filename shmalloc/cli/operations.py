@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from ..manager import MemoryManager, validate_name
 from ..sizes import count, format_bytes, parse_size
-from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached
+from .arena_access import EXIT_FAILED, EXIT_OK, CliError, attached, segment_path
 from .snapshot import make_console
 
 __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd_destroy", "cmd_gc"]
@@ -25,9 +26,17 @@ __all__ = ["bench_delegated", "cmd_bench", "cmd_coordinator", "cmd_create", "cmd
 def cmd_create(args: argparse.Namespace) -> int:
     try:
         validate_name(args.name)
-        mode = int(args.mode, 8)
     except ValueError as e:
-        raise CliError(str(e) if "mode" not in str(e) else f"invalid mode {args.mode!r}") from None
+        raise CliError(str(e)) from None
+    try:
+        mode = int(args.mode, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise CliError(
+            f"invalid mode {args.mode!r}: give the permission bits in octal, from 0000 to 0777 "
+            "(e.g. 0600: only this user, the default; 0660: this user's group too)"
+        )
     try:
         mgr = MemoryManager.create(args.name, args.capacity, mode=mode)
     except (FileExistsError, PermissionError, ValueError) as e:
@@ -67,11 +76,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     with attached(args.name) as mgr:
-        if kind == "targeted" and all(p.pid != value for p in mgr.processes()):
-            raise CliError(
-                f"process {value} has no entry in arena {args.name!r} "
-                f"(see `shmalloc info {args.name}`)"
-            )
+        if kind == "targeted":
+            rows = [p for p in mgr.processes() if p.pid == value]
+            if not rows:
+                raise CliError(
+                    f"process {value} has no entry in arena {args.name!r} "
+                    f"(see `shmalloc info {args.name}`)"
+                )
+            if any(p.alive for p in rows) and not args.force:
+                raise CliError(
+                    f"process {value} is alive: targeted=PID would free its "
+                    f"{count(sum(p.allocations for p in rows), 'block')} under it (it would read "
+                    "freed memory or crash); stop it first, or add --force if that is intended"
+                )
         try:
             from ..gc import GcStrategy, GlobalGarbageCollector
         except ImportError:
@@ -98,6 +115,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "freed_blocks": int(result.freed_blocks),
         "processes_cleaned": int(result.processes_cleaned),
         "duration": float(result.duration),
+        "reclaimed": [{"pid": pid, "bytes": nbytes} for pid, nbytes in result.reclaimed],
+        "trimmed": list(result.trimmed),
     }
     if args.json:
         print(json.dumps(out))
@@ -107,10 +126,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"({format_bytes(out['freed_bytes'])}) of {count(out['processes_cleaned'], 'process')} "
             f"in {out['duration'] * 1000:.1f} ms"
         )
+        for pid, nbytes in result.reclaimed:
+            print(f"  reclaimed {format_bytes(nbytes)} of process {pid}")
+        if result.trimmed:
+            pids = ", ".join(map(str, result.trimmed))
+            print(
+                f"  asked {count(len(result.trimmed), 'live process')} to trim: {pids} (their "
+                "on_pressure callbacks run on their next allocation)"
+            )
     return EXIT_OK
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
+    try:
+        validate_name(args.name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not os.path.lexists(segment_path(args.name)):
+        raise CliError(f"no arena named {args.name!r}: nothing to destroy (see `shmalloc list`)")
     with attached(args.name) as mgr:
         live = [p.pid for p in mgr.processes() if p.alive]
         mgr.destroy()

@@ -8,13 +8,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import ShmallocError
+from ..errors import NotAnArena, ShmallocError
 from ..lease import EXIT_LEASE_HELD, CoordinatorRunning
 from .service import DEFAULT_INTERVAL, LOG_LEVELS, Coordinator
 
-__all__ = ["EXIT_ERROR", "EXIT_LEASE_HELD", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_LEASE_HELD", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # as for every command: it could not run (no such arena, not an arena, permission)
 
 # ---------------------------------------------------------------------------- argument types
 
@@ -49,7 +50,8 @@ def build_parser(prog: str = "shmalloc coordinator") -> argparse.ArgumentParser:
         description="Run the coordinator of an arena in the foreground: reclaim the memory of "
         "dead processes, monitor pressure, export events and metrics. Stops on SIGTERM/SIGINT.",
         epilog=f"Exit status: 0 on a clean stop, {EXIT_LEASE_HELD} if another coordinator holds "
-        f"the arena, {EXIT_ERROR} on other errors.",
+        f"the arena, {EXIT_USAGE} if it could not start (no such arena, not an arena, no "
+        f"permission), {EXIT_ERROR} on other errors.",
     )
     p.add_argument("name", help="the arena's name")
     p.add_argument(
@@ -118,9 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_interval=args.min_interval,
         ).run()
     except CoordinatorRunning as e:
-        print(f"shmalloc coordinator: {e}", file=sys.stderr)
+        print(f"shmalloc coordinator: error: {e}", file=sys.stderr)
         return EXIT_LEASE_HELD
+    except (FileNotFoundError, PermissionError, NotAnArena) as e:
+        print(f"shmalloc coordinator: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ShmallocError, OSError, ValueError) as e:
-        print(f"shmalloc coordinator: {e}", file=sys.stderr)
+        print(f"shmalloc coordinator: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     return 0

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import _binding as C
 from .. import events, lease
+from ..attachment import own_arena_mode
 from ..errors import CorruptionDetected, ShmallocError
 from ..events import Event
 from ..gc import GcStats, GlobalGarbageCollector
@@ -143,7 +144,8 @@ class Coordinator:
         old_level = shm_logger.level
         shm_logger.setLevel(self.log_level)
         handler = None
-        if not logging.getLogger().handlers and not shm_logger.handlers:
+        real = [h for h in shm_logger.handlers if not isinstance(h, logging.NullHandler)]
+        if not logging.getLogger().handlers and not real:
             handler = logging.StreamHandler()
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -154,7 +156,7 @@ class Coordinator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
-            manager = MemoryManager.attach(self.name)
+            manager = MemoryManager.attach(self.name, mode=own_arena_mode(self.name))
             try:
                 me = lease.acquire(attachment_of(manager))
                 logger.info(
