@@ -450,7 +450,7 @@ int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
 }
 
 /* Give slot's whole cache and its remote list back to the heap. */
-static int cache_flush(shm_handle_t *h, int slot) {
+int cache_flush(shm_handle_t *h, int slot) {
     int rc = slot_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE) rc = drain_remote(h, slot);
@@ -510,12 +510,14 @@ void cache_finish_pushes(shm_handle_t *h) {
 }
 
 int shm_cache_flush(shm_handle_t *h, int32_t slot) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     return cache_flush(h, slot);
 }
 
 int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
+    SHM_GATE(h);
     if (limit > h->heap_end - h->heap_off)
         return err_set(SHM_EINVAL, limit,
                        "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
@@ -530,6 +532,7 @@ int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
 }
 
 int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     const shm_cache_t *c = cache_of(h, slot);

@@ -82,6 +82,15 @@
  * lock is held (only shm_check, which takes all of them) they are taken in slot order. A slot lock
  * may be tried without waiting (help_drain) while no lock is held.
  *
+ * Threads of one process share its handle (process-local, shm_internal.h), its slot, its slot
+ * lock and its cache; the locks above serialise them as they serialise processes. What is only
+ * theirs: the handle's gate (arena.c): every public call enters it and leaves it, and close waits
+ * until no thread is inside before Python unmaps the segment; a call that comes later is refused
+ * (SHM_ECLOSED), and the handle's memory is freed only with Python's last reference to it. A fork
+ * child keeps none of its parent's threads: its handles forget the parent's slot and count no
+ * thread inside. The slot claim (process.c) is idempotent for one (pid, start time), so Python
+ * needs no lock around it (a lock a fork child or a signal handler could wait on forever).
+ *
  * Death. A process may be killed (SIGKILL) at any instruction; the robust mutex hands the next
  * taker EOWNERDEAD. What each death leaves behind, and who repairs it:
  *   - heap lock holder: the counted records of the undo journal describe every byte the current
