@@ -12,7 +12,6 @@ import mmap
 import os
 import re
 import secrets
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -78,7 +77,6 @@ class Attachment:
         self.h = None
         self.slot = -1
         self.slot_pid = 0
-        self.lock = threading.Lock()
         self.collector = None
         self.pressure_callbacks = []
 

@@ -181,3 +181,169 @@ def test_calls_after_close_raise_value_error(arena_name: str) -> None:
     ):
         with pytest.raises(ValueError, match="closed"):
             call()
+
+
+# ---------------------------------------------------------------- 2, 3. the slot claim
+
+FORK_MID_CLAIM = (
+    PRELUDE
+    + """
+m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
+release = hold_heap_lock(m.name)  # a real process holds the heap lock, paused
+t = threading.Thread(target=lambda: m.deallocate(m.allocate(100)))
+t.start()  # this process's first allocation: its slot claim sleeps on the heap lock
+wait_for_heap_lock_sleeper(m)
+pid = os.fork()  # from the main thread, while the other is inside the claim
+if pid == 0:
+    try:
+        m.deallocate(m.allocate(100))  # the child's own first allocation: its own slot
+        code = 0 if attachment_of(m).slot_pid == os.getpid() else 3
+    except BaseException as e:
+        print("child:", repr(e), flush=True)
+        code = 2
+    os._exit(code)
+release()
+t.join()
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+m.check()
+m.close()
+print("ok")
+"""
+)
+
+
+def test_fork_while_another_thread_claims_the_slot(arena_name: str) -> None:
+    """The child of a fork made while another thread sleeps inside the slot claim (on the heap
+    lock, held by a real process) claims its own slot and goes on; it used to hang forever on
+    the Python lock that thread held."""
+    _assert_ok(_run(FORK_MID_CLAIM, arena_name))
+
+
+SIGNAL_IN_CLAIM = (
+    PRELUDE
+    + """
+m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
+got = []
+
+
+def on_alarm(signum, frame):
+    a = m.allocate(200)  # a handler that allocates, inside the first allocate's claim
+    m.write(a, b"handler")
+    got.append(a)
+
+
+signal.signal(signal.SIGALRM, on_alarm)
+release = hold_heap_lock(m.name)
+
+
+def ring():
+    wait_for_heap_lock_sleeper(m)  # the main thread sleeps inside its slot claim
+    signal.setitimer(signal.ITIMER_REAL, 0.001)  # the handler runs as the claim returns
+    while not signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0):
+        time.sleep(0.001)
+    release()
+
+
+t = threading.Thread(target=ring)
+t.start()
+first = m.allocate(100)  # this process's first allocation
+t.join()
+while not got:  # the handler has run (the signal arrived while the claim slept)
+    time.sleep(0.001)
+assert m.read(got[0], 7) == b"handler"
+st = m.processes()
+assert [p.pid for p in st] == [os.getpid()], st
+m.deallocate(first)
+m.deallocate(got[0])
+m.check()
+m.close()
+print("ok")
+"""
+)
+
+
+def test_signal_handler_that_allocates_during_the_first_allocation(arena_name: str) -> None:
+    """SIGALRM arrives while the process's first allocate() sleeps inside its slot claim; the
+    handler allocates too. It used to deadlock on the Python lock the interrupted claim held;
+    now both claims get the same slot."""
+    _assert_ok(_run(SIGNAL_IN_CLAIM, arena_name))
+
+
+SIGNAL_STORM = """
+import os, signal, sys
+from shmalloc import MemoryManager
+
+m = MemoryManager.attach(sys.argv[1])
+got = []
+signal.signal(signal.SIGALRM, lambda s, f: got.append(m.allocate(64)))
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[2]), 0.01)  # then every 10 ms
+a = m.allocate(100)
+while not got:
+    signal.pause()  # (a signal between the test and the pause: the next one ends it)
+signal.setitimer(signal.ITIMER_REAL, 0)
+m.deallocate(a)
+for b in got:
+    m.deallocate(b)
+m.close()
+print("ok")
+"""
+
+
+def test_timer_signals_across_the_first_allocation_of_fresh_processes(arena_name: str) -> None:
+    """Fresh processes arm a timer that lands around their first allocate() (spread over the
+    claim and the /proc read); the handler allocates. None may hang or fail."""
+    from shmalloc import MemoryManager
+
+    m = MemoryManager.create(arena_name, 64 << 20)
+    try:
+        for i in range(24):
+            delay = 0.000_05 + i * 0.000_05
+            _assert_ok(_run(SIGNAL_STORM, arena_name, f"{delay:.6f}"))
+        m.collect()
+        assert m.stats().used == 0
+        m.check()
+    finally:
+        m.close()
+        m.destroy()
+
+
+FORK_MID_COLLECT = (
+    PRELUDE
+    + """
+from shmalloc.gc import GlobalGarbageCollector
+
+m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
+m.deallocate(m.allocate(100))  # this process has its slot
+leaver = "import os, sys; from shmalloc import MemoryManager; "
+leaver += "MemoryManager.attach(sys.argv[1]).allocate(100); os._exit(0)"
+subprocess.run([sys.executable, "-c", leaver, m.name], check=True)  # ends owning a block
+collector = GlobalGarbageCollector(m)
+release = hold_heap_lock(m.name)
+t = threading.Thread(target=collector.collect)
+t.start()  # a collection that sleeps on the heap lock (marking the ended process dead)
+wait_for_heap_lock_sleeper(m)
+pid = os.fork()
+if pid == 0:
+    try:
+        collector.collect()  # the child's own collection, with the parent's collector object
+        code = 0
+    except BaseException as e:
+        print("child:", repr(e), flush=True)
+        code = 2
+    os._exit(code)
+release()
+t.join()
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+m.check()
+m.close()
+print("ok")
+"""
+)
+
+
+def test_fork_while_another_thread_collects(arena_name: str) -> None:
+    """A fork child of a process whose other thread is inside GlobalGarbageCollector.collect()
+    can collect with the same collector (it used to hang on the collector's Python lock)."""
+    _assert_ok(_run(FORK_MID_COLLECT, arena_name))
