@@ -347,3 +347,181 @@ def test_fork_while_another_thread_collects(arena_name: str) -> None:
     """A fork child of a process whose other thread is inside GlobalGarbageCollector.collect()
     can collect with the same collector (it used to hang on the collector's Python lock)."""
     _assert_ok(_run(FORK_MID_COLLECT, arena_name))
+
+
+# ---------------------------------------------------------------- 4. the slot's pending word
+
+OWNER = """
+import sys
+from shmalloc import MemoryManager
+
+m = MemoryManager.attach(sys.argv[1])
+print(m.allocate(100), m.allocate(100), flush=True)
+sys.stdin.readline()  # killed while it waits here
+"""
+
+FREER = """
+import os, sys, threading
+from shmalloc import MemoryManager
+
+note_r, note_w = os.pipe()
+go_r, go_w = os.pipe()
+os.environ["SHMALLOC_FAULT"] = "remote.claimed"  # read when the first handle opens
+os.environ["SHMALLOC_FAULT_PAUSE"] = f"{note_w}:{go_r}"
+m = MemoryManager.attach(sys.argv[1])
+m.deallocate(m.allocate(64))  # this process has its slot (and so frees through its cache)
+a, b = int(sys.argv[2]), int(sys.argv[3])
+t = threading.Thread(target=m.deallocate, args=(a,))
+t.start()
+assert os.read(note_r, 1) == b"p"  # t has claimed a (REMOTE) and not yet pushed it
+m.deallocate(b)  # another thread of this process frees another of the owner's blocks
+print("freed", flush=True)
+sys.stdin.readline()
+os.write(go_w, b"g")
+t.join()
+m.close()
+print("ok", flush=True)
+"""
+
+
+def test_two_threads_freeing_another_process_blocks_share_no_pending_push(
+    arena_name: str,
+) -> None:
+    """Thread 1 of a process is paused between claiming another process's block and pushing it
+    onto that owner's remote list; thread 2 frees another block of the same owner; the owner
+    dies and a third process collects. The block in flight must survive the collection (it
+    used to be freed: thread 2 overwrote, then cleared, the process's one pending word) and be
+    freed exactly once after the push."""
+    from shmalloc import MemoryManager
+
+    m = MemoryManager.create(arena_name, 64 << 20)
+    owner = freer = None
+    try:
+        owner = subprocess.Popen(
+            [sys.executable, "-c", OWNER, arena_name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert owner.stdout is not None and owner.stdin is not None
+        a, b = owner.stdout.readline().split()
+        freer = subprocess.Popen(
+            [sys.executable, "-c", FREER, arena_name, a, b],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert freer.stdout is not None and freer.stdin is not None
+        assert freer.stdout.readline().strip() == "freed"
+        owner.kill()
+        owner.wait(TIMEOUT)
+        m.collect()
+        # block a is still claimed by the paused push: a heap block that is neither free nor
+        # cached (check() reports it as freed, as users see it), and the dead owner's slot
+        # stays until it is freed
+        rep = m.check()
+        assert rep.blocks - rep.free_blocks - rep.cached_blocks - rep.allocated_blocks == 1
+        assert [p.pid for p in m.processes() if not p.alive] == [owner.pid]
+        freer.stdin.write("go\n")
+        freer.stdin.flush()
+        out, _ = freer.communicate(timeout=TIMEOUT)
+        assert freer.returncode == 0 and out.strip().endswith("ok"), out
+        m.collect()
+        st = m.stats()
+        rep = m.check()
+        assert (st.used, rep.allocated_blocks, rep.free_blocks) == (0, 0, 1)
+        assert m.processes() == []
+    finally:
+        for p in (owner, freer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(TIMEOUT)
+        m.close()
+        m.destroy()
+
+
+MANY_OWNER = """
+import sys
+from shmalloc import MemoryManager
+
+m = MemoryManager.attach(sys.argv[1])
+print(" ".join(str(m.allocate(16 + 16 * (i % 40))) for i in range(int(sys.argv[2]))), flush=True)
+sys.stdin.readline()  # killed while it waits here
+"""
+
+MANY_FREER = """
+import sys, threading
+from shmalloc import InvalidAddress, MemoryManager
+
+m = MemoryManager.attach(sys.argv[1])
+m.deallocate(m.allocate(64))  # this process has its slot: it frees through its cache
+addrs = [int(x) for x in sys.stdin.readline().split()]
+gone, errors = [0], []
+
+
+def free(mine):
+    for a in mine:
+        try:
+            m.deallocate(a)
+        except InvalidAddress:  # the owner died and a collection took it first
+            gone[0] += 1
+        except BaseException as e:
+            errors.append(repr(e))
+
+
+ts = [threading.Thread(target=free, args=(addrs[i::4],)) for i in range(4)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+m.close()
+assert not errors, errors[:3]
+print("ok", gone[0], flush=True)
+"""
+
+
+def test_threads_free_another_process_blocks_while_it_dies_and_others_collect(
+    arena_name: str,
+) -> None:
+    """Four threads of one process free thousands of another process's blocks, which is killed
+    meanwhile, while this process collects in a loop: afterwards every block is free exactly
+    once (nothing used, one free block, the heap walk clean)."""
+    from shmalloc import MemoryManager
+
+    m = MemoryManager.create(arena_name, 64 << 20)
+    owner = freer = None
+    try:
+        for _ in range(3):
+            owner = subprocess.Popen(
+                [sys.executable, "-c", MANY_OWNER, arena_name, "4000"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            freer = subprocess.Popen(
+                [sys.executable, "-c", MANY_FREER, arena_name],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert owner.stdout is not None and freer.stdin is not None
+            freer.stdin.write(owner.stdout.readline())
+            freer.stdin.flush()
+            m.collect()
+            owner.kill()  # while the freer's threads are at work
+            owner.wait(TIMEOUT)
+            while freer.poll() is None:
+                m.collect()
+            out, _ = freer.communicate(timeout=TIMEOUT)
+            assert freer.returncode == 0 and out.startswith("ok"), out
+            m.collect()
+            st, rep = m.stats(), m.check()
+            assert (st.used, rep.allocated_blocks, rep.free_blocks) == (0, 0, 1), (st, rep)
+            assert m.processes() == []
+    finally:
+        for p in (owner, freer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(TIMEOUT)
+        m.close()
+        m.destroy()
