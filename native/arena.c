@@ -65,6 +65,7 @@ static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, 
     h->claimed = 0;
     h->gate = 0;
     h->orphaned = 0;
+    h->closer = 0;
     h->next = NULL;
 }
 
@@ -173,9 +174,10 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
  * subtract, uncontended but for the threads of this process that share the handle), and closing
  * is three steps:
  *   shutdown  sets GATE_CLOSING: from then on every call is refused with SHM_ECLOSED (Python:
- *             ValueError, "closed in this process"); then waits (a futex on the gate word, woken
- *             by each leaving call once GATE_CLOSING is set) until no thread is inside. Only then
- *             does Python unmap the segment.
+ *             ValueError, "closed in this process"), but the closing thread's own (it detaches
+ *             the slot); then waits (a futex on the gate word, woken by each leaving call once
+ *             GATE_CLOSING is set) until no other thread is inside. Only then does Python unmap
+ *             the segment.
  *   reopen    clears GATE_CLOSING again when the unmap is refused (views still alive).
  *   free      gives the handle's memory back; Python calls it when the last reference to the
  *             handle's cffi object goes (ffi.gc), so a thread that read the pointer before the
@@ -183,6 +185,7 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
  * Enter and shutdown are read-modify-writes of the same word, so they are totally ordered: either
  * the call entered first and shutdown waits for it, or it sees GATE_CLOSING and backs out. */
 int gate_refuse(shm_handle_t *h) {
+    if (__atomic_load_n(&h->closer, __ATOMIC_RELAXED) == (int32_t)gettid()) return SHM_OK;
     if (__atomic_sub_fetch(&h->gate, 1, __ATOMIC_RELEASE) & GATE_CLOSING) gate_wake(h);
     return err_set(SHM_ECLOSED, 0, "the arena is closed in this process; attach to it again");
 }
@@ -195,12 +198,14 @@ int shm_handle_shutdown(shm_handle_t *h) {
     uint32_t n = __atomic_fetch_or(&h->gate, GATE_CLOSING, __ATOMIC_ACQ_REL);
     /* closing already: another thread closes it, unless that thread is gone (fork) */
     if ((n & GATE_CLOSING) && !__atomic_exchange_n(&h->orphaned, 0, __ATOMIC_ACQ_REL)) return 0;
+    __atomic_store_n(&h->closer, (int32_t)gettid(), __ATOMIC_RELAXED);
     while ((n = __atomic_load_n(&h->gate, __ATOMIC_ACQUIRE)) != GATE_CLOSING)
         syscall(SYS_futex, &h->gate, FUTEX_WAIT_PRIVATE, n, NULL, NULL, 0);
     return 1;
 }
 
 void shm_handle_reopen(shm_handle_t *h) {
+    __atomic_store_n(&h->closer, 0, __ATOMIC_RELAXED);
     __atomic_fetch_and(&h->gate, ~GATE_CLOSING, __ATOMIC_RELEASE);
 }
 

@@ -79,21 +79,22 @@ struct shm_handle {
     uint64_t claimed;  /* block claimed BUSY under the heap lock (block_claim); let go at release */
     uint32_t gate;     /* threads inside a public call, and GATE_CLOSING (arena.c, the gate) */
     uint32_t orphaned; /* a fork child's copy of a handle its parent was closing (arena.c) */
+    int32_t closer;    /* thread id of the thread closing it, which the gate lets through */
+    int32_t pad;
     struct shm_handle *next; /* this process's handles not yet freed (arena.c) */
 };
 
 /* The gate (arena.c): every public call that touches the segment passes it, so that close never
  * unmaps the segment under a thread that is still inside. SHM_GATE(h) enters (or returns
- * SHM_ECLOSED once the handle is closing) and leaves again when the function returns, by
- * whichever return. Two uncontended atomic additions per call. */
+ * SHM_ECLOSED once the handle is closing, to every thread but the closing one) and leaves again
+ * when the function returns, by whichever return. Two uncontended atomic additions per call. */
 #define GATE_CLOSING 0x80000000u
 int gate_refuse(shm_handle_t *h);
 void gate_wake(shm_handle_t *h);
 static inline shm_handle_t *gate_enter(shm_handle_t *h) {
-    if (UNLIKELY(__atomic_fetch_add(&h->gate, 1, __ATOMIC_ACQUIRE) & GATE_CLOSING)) {
-        gate_refuse(h);
+    if (UNLIKELY(__atomic_fetch_add(&h->gate, 1, __ATOMIC_ACQUIRE) & GATE_CLOSING) &&
+        gate_refuse(h) != SHM_OK)
         return NULL;
-    }
     return h;
 }
 static inline void gate_leave(shm_handle_t **held) {

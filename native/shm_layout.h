@@ -86,8 +86,8 @@
  * Threads of one process share its handle (process-local, shm_internal.h), its slot, its slot
  * lock and its cache; the locks above serialise them as they serialise processes. What is only
  * theirs: the handle's gate (arena.c): every public call enters it and leaves it, and close waits
- * until no thread is inside before Python unmaps the segment; a call that comes later is refused
- * (SHM_ECLOSED), and the handle's memory is freed only with Python's last reference to it. A fork
+ * until no other thread is inside before Python detaches and unmaps; a call that comes later is
+ * refused (SHM_ECLOSED), and the handle's memory is freed only with Python's last reference. A fork
  * child keeps none of its parent's threads: its handles forget the parent's slot and count no
  * thread inside. The slot claim (process.c) is idempotent for one (pid, start time), so Python
  * needs no lock around it (a lock a fork child or a signal handler could wait on forever). The

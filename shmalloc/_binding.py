@@ -178,8 +178,9 @@ def handle_open(base: CData, capacity: int, fd: int) -> Handle:
 
 
 def handle_shutdown(h: Handle) -> bool:
-    """Refuse new calls on ``h`` (ValueError) and wait until no thread is inside one. True for
-    the one caller that may now unmap the segment; False if the handle was closing already."""
+    """Refuse new calls on ``h`` (ValueError) from every thread but this one, and wait until no
+    other thread is inside one. True for the one caller that may now detach and unmap; False if
+    the handle was closing already."""
     return int(lib.shm_handle_shutdown(h)) == 1
 
 

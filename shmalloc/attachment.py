@@ -188,16 +188,22 @@ class Attachment:
         """Give the slot back (if this process owns nothing there), unmap, close the handle.
 
         A thread of this process inside a call when the close begins is waited for; a call that
-        begins after it raises ValueError (the C core's gate: native/arena.c). BufferError (and
+        begins after it raises ValueError (the C core's gate: native/arena.c), and so does one
+        made during a close that is then refused. BufferError (and
         still open) while views or arrays into the mapping are alive."""
         h = self.h
         if h is None:
             return
-        # Python cannot ask an mmap how many views it has, so detach first and, if the close is
-        # refused, forget the slot: the next allocation claims it again.
-        self._detach_slot(h)
         if not C.handle_shutdown(h):
             return  # another thread of this process is closing it
+        # Python cannot ask an mmap how many views it has, so detach first (the gate lets this
+        # thread through) and, if the close is refused, forget the slot: the next allocation
+        # claims it again.
+        try:
+            self._detach_slot(h)
+        except BaseException:
+            C.handle_reopen(h)
+            raise
         # No thread is inside the C core with this handle now, and none can enter: unmapping is
         # safe. Python's own reads and writes through the mapping hold the GIL, as this does:
         # they come before the unmap, or after it and raise ValueError (closed mmap, released
