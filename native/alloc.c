@@ -56,6 +56,7 @@ static int64_t alloc_heap(shm_handle_t *h, uint64_t size, uint64_t align, uint32
 }
 
 int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
+    SHM_GATE(h);
     if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
         return size ? alloc_oom(h, SHM_ENOMEM, size)
                     : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
@@ -121,6 +122,7 @@ static int64_t free_heap(shm_handle_t *h, uint64_t address) {
 }
 
 int64_t shm_free(shm_handle_t *h, uint64_t address) {
+    SHM_GATE(h);
     int slot = __atomic_load_n(&h->slot, __ATOMIC_RELAXED); /* once: another thread may detach */
     int64_t r = CACHE_DECLINED;
     if (LIKELY(slot >= 0 && slot < SHM_MAX_PROCS)) r = cache_free(h, slot, address);
@@ -129,6 +131,7 @@ int64_t shm_free(shm_handle_t *h, uint64_t address) {
 
 /* Drop one reference; an orphan (owner dead) whose last reference goes is freed: returns 1. */
 int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t off;
@@ -144,6 +147,7 @@ int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
  * Runs without the lock: a header torn by a concurrent writer fails its checksum, and then the
  * answer is taken again under the lock. */
 int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
+    SHM_GATE(h);
     uint64_t off;
     int rc = block_from_address(h, address, &off);
     if (UNLIKELY(rc == SHM_ECORRUPT)) {
@@ -160,6 +164,7 @@ int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
 }
 
 int shm_block_seal(shm_handle_t *h, uint64_t address) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t off;
@@ -173,6 +178,7 @@ int shm_block_seal(shm_handle_t *h, uint64_t address) {
 }
 
 int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t off;

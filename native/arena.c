@@ -7,10 +7,14 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "shm_internal.h"
 
@@ -65,6 +69,10 @@ static void handle_fill(shm_handle_t *h, void *base, uint64_t capacity, int fd, 
     h->seg_dev = h->seg_ino = 0;
     h->slot = -1;
     h->claimed = 0;
+    h->gate = 0;
+    h->orphaned = 0;
+    h->closer = 0;
+    h->next = NULL;
 }
 
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns) {
@@ -111,14 +119,21 @@ int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint6
     return SHM_OK;
 }
 
-/* This process's open handles. A child made by fork() is another process: the slot its parent
- * attached (and that slot's cache, lock and pending word) is not its own, so the child's copies
- * of the handles forget it until the child attaches its own (shm_proc_attach). */
+/* This process's handles not yet freed. A child made by fork() is another process: the slot its
+ * parent attached (and that slot's cache, lock and pending word) is not its own, so the child's
+ * copies of the handles forget it until the child attaches its own (shm_proc_attach); and the
+ * threads that were inside calls in the parent do not exist in the child, so its gates count none
+ * (a handle the parent was closing stays closing, but the child may finish the close itself). */
 static pthread_mutex_t handles_mu = PTHREAD_MUTEX_INITIALIZER;
 static shm_handle_t *handles;
 
 static void forget_slots_in_child(void) {
-    for (shm_handle_t *h = handles; h; h = h->next) h->slot = -1;
+    for (shm_handle_t *h = handles; h; h = h->next) {
+        h->slot = -1;
+        uint32_t closing = h->gate & GATE_CLOSING;
+        h->gate = closing;
+        h->orphaned = closing != 0;
+    }
     pthread_mutex_init(&handles_mu, NULL);
 }
 
@@ -168,8 +183,50 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
     return SHM_OK;
 }
 
-/* The last handle of this process on a segment closes: its life lock is let go (life.c). */
-void shm_handle_close(shm_handle_t *h) {
+/* The gate. Python calls the C core without the GIL (cffi releases it), so one thread may close
+ * an arena while others are inside calls that read the mapping: unmapping it then would crash
+ * them, and freeing the handle would pull their pointer away. So every public call that touches
+ * the segment enters the handle's gate and leaves it on return (SHM_GATE: one atomic add and one
+ * subtract, uncontended but for the threads of this process that share the handle), and closing
+ * is three steps:
+ *   shutdown  sets GATE_CLOSING: from then on every call is refused with SHM_ECLOSED (Python:
+ *             ValueError, "closed in this process"), but the closing thread's own (it detaches
+ *             the slot); then waits (a futex on the gate word, woken by each leaving call once
+ *             GATE_CLOSING is set) until no other thread is inside. Only then does Python unmap
+ *             the segment.
+ *   reopen    clears GATE_CLOSING again when the unmap is refused (views still alive).
+ *   free      gives the handle's memory back; Python calls it when the last reference to the
+ *             handle's cffi object goes (ffi.gc), so a thread that read the pointer before the
+ *             close still points at a live handle, whose gate refuses it.
+ * Enter and shutdown are read-modify-writes of the same word, so they are totally ordered: either
+ * the call entered first and shutdown waits for it, or it sees GATE_CLOSING and backs out. */
+int gate_refuse(shm_handle_t *h) {
+    if (__atomic_load_n(&h->closer, __ATOMIC_RELAXED) == (int32_t)gettid()) return SHM_OK;
+    if (__atomic_sub_fetch(&h->gate, 1, __ATOMIC_RELEASE) & GATE_CLOSING) gate_wake(h);
+    return err_set(SHM_ECLOSED, 0, "the arena is closed in this process; attach to it again");
+}
+
+void gate_wake(shm_handle_t *h) {
+    syscall(SYS_futex, &h->gate, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+int shm_handle_shutdown(shm_handle_t *h) {
+    uint32_t n = __atomic_fetch_or(&h->gate, GATE_CLOSING, __ATOMIC_ACQ_REL);
+    /* closing already: another thread closes it, unless that thread is gone (fork) */
+    if ((n & GATE_CLOSING) && !__atomic_exchange_n(&h->orphaned, 0, __ATOMIC_ACQ_REL)) return 0;
+    __atomic_store_n(&h->closer, (int32_t)gettid(), __ATOMIC_RELAXED);
+    while ((n = __atomic_load_n(&h->gate, __ATOMIC_ACQUIRE)) != GATE_CLOSING)
+        syscall(SYS_futex, &h->gate, FUTEX_WAIT_PRIVATE, n, NULL, NULL, 0);
+    return 1;
+}
+
+void shm_handle_reopen(shm_handle_t *h) {
+    __atomic_store_n(&h->closer, 0, __ATOMIC_RELAXED);
+    __atomic_fetch_and(&h->gate, ~GATE_CLOSING, __ATOMIC_RELEASE);
+}
+
+/* When the last handle of this process on a segment is freed, its life lock is let go (life.c). */
+void shm_handle_free(shm_handle_t *h) {
     pthread_mutex_lock(&handles_mu);
     int others = 0;
     for (shm_handle_t **p = &handles; *p;) {
@@ -183,6 +240,11 @@ void shm_handle_close(shm_handle_t *h) {
     pthread_mutex_unlock(&handles_mu);
     if (!others) life_forget(h->seg_dev, h->seg_ino);
     free(h);
+}
+
+void shm_handle_close(shm_handle_t *h) {
+    shm_handle_shutdown(h);
+    shm_handle_free(h);
 }
 
 int shm_debug_level(void) { return SHMALLOC_DEBUG; }
@@ -212,6 +274,7 @@ int shm_segment_probe(const void *head, uint64_t len) {
 
 /* The heap's counters count cached blocks as allocated; a user sees them as free. */
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
+    SHM_GATE(h);
     const shm_counters_t *c = &h->arena->counters;
     uint64_t cached = 0, ncached = 0, nallocs = 0, nfrees = 0, rbytes = 0, rblocks = 0,
              peak_one = 0;
@@ -256,9 +319,13 @@ int shm_stats_read(shm_handle_t *h, shm_stats_t *out) {
     return SHM_OK;
 }
 
-int shm_pressure_level(shm_handle_t *h) { return (int)A_LOAD(&h->arena->counters.pressure_level); }
+int shm_pressure_level(shm_handle_t *h) {
+    SHM_GATE(h);
+    return (int)A_LOAD(&h->arena->counters.pressure_level);
+}
 
 int64_t shm_largest_free(shm_handle_t *h) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     uint64_t s = 0;
@@ -271,6 +338,7 @@ int64_t shm_largest_free(shm_handle_t *h) {
 /* The full walk (check.c) with every lock held. Slot locks first, in slot order, then the heap
  * lock: the order every path takes them in. */
 int shm_check(shm_handle_t *h, shm_check_report_t *out) {
+    SHM_GATE(h);
     const shm_arena_t *a = h->arena;
     int rc = shm_segment_check(h); /* before touching a page that may be gone */
     if (rc != SHM_OK) return rc;

@@ -14,6 +14,8 @@
  * payloads), lock-free. The owner takes the whole list with one exchange when it next allocates
  * and moves the blocks into its cache. While pushing, the freeing process names the block in its
  * own `pending` word, so that a collector never frees a REMOTE block whose push is still under way.
+ * One word per process, shared by its threads: a thread takes it by compare-and-swap from 0, and
+ * one that finds it taken frees through the heap path instead (remote_free).
  *
  * Who may change what (the rules that make this safe; shm_layout.h's Concurrency section has the
  * whole table and the lock order: a slot lock before the heap lock, never the other way):
@@ -408,12 +410,20 @@ static uint64_t remote_push(shm_handle_t *h, int owner, uint64_t off) {
                               __ATOMIC_RELAXED);
 }
 
-/* Free a block another live process owns: claim it, push it onto that process's remote list. */
+/* Free a block another live process owns: claim it, push it onto that process's remote list.
+ * The pending word is the slot's, and so shared by the threads of its process: it is taken with
+ * a compare-and-swap from 0, never overwritten. A thread that finds it taken (another thread of
+ * this process is between its claim and its push) declines, and the heap path frees the block
+ * under the heap lock: a store would hide the other thread's block from the collector, and its
+ * clear at the end would hide this one's. */
 static int64_t remote_free(shm_handle_t *h, int slot, uint64_t off, int owner) {
     shm_cache_t *mine = cache_of(h, slot);
     uint64_t *w = block_word(h, off);
     uint64_t got = block_at(h, off)->size - SHM_HDR;
-    __atomic_store_n(&mine->pending, off, __ATOMIC_SEQ_CST); /* before the claim: see gc.c */
+    uint64_t none = 0; /* taken before the claim, sequentially consistent: see gc.c */
+    if (!__atomic_compare_exchange_n(&mine->pending, &none, off, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return CACHE_DECLINED;
     uint64_t expect = BLOCK_WORD(owner + 1, 0);
     if (!__atomic_compare_exchange_n(w, &expect, BLOCK_WORD(owner + 1, SHM_BF_REMOTE), 0,
                                      __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
@@ -450,7 +460,7 @@ int64_t cache_free(shm_handle_t *h, int slot, uint64_t address) {
 }
 
 /* Give slot's whole cache and its remote list back to the heap. */
-static int cache_flush(shm_handle_t *h, int slot) {
+int cache_flush(shm_handle_t *h, int slot) {
     int rc = slot_lock(h, slot, 1);
     if (rc != SHM_OK) return rc;
     if (A_LOAD(&h->arena->procs[slot].state) == SHM_PROC_LIVE) rc = drain_remote(h, slot);
@@ -510,12 +520,14 @@ void cache_finish_pushes(shm_handle_t *h) {
 }
 
 int shm_cache_flush(shm_handle_t *h, int32_t slot) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     return cache_flush(h, slot);
 }
 
 int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
+    SHM_GATE(h);
     if (limit > h->heap_end - h->heap_off)
         return err_set(SHM_EINVAL, limit,
                        "a cache limit of %llu bytes exceeds the heap (%llu bytes)",
@@ -530,6 +542,7 @@ int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
 }
 
 int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     const shm_cache_t *c = cache_of(h, slot);

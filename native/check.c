@@ -254,6 +254,7 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
  * the same user may do anything to its segment): this says so clearly instead of crashing where a
  * check can come first, and cannot protect an access that races the truncation. */
 int shm_segment_check(shm_handle_t *h) {
+    SHM_GATE(h);
     struct stat st;
     if (fstat(h->fd, &st) != 0) return err_sys(errno, "fstat of the segment");
     if ((uint64_t)st.st_size < h->capacity)

@@ -30,6 +30,7 @@ static const char *const messages[] = {
     [14] = "a fixed table in the segment is full",
     [15] = "a lock is held by another thread or process",
     [16] = "the segment is not a shmalloc arena",
+    [17] = "the arena is closed in this process",
 };
 
 const char *shm_strerror(int status) {

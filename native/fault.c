@@ -14,8 +14,15 @@
  *   gc.step        a collection has freed its first block and is about to free the next
  *   cache.popped   a cached block is off its list, not yet handed out (no heap lock held)
  *   cache.pushed   a freed block is marked CACHED, not yet on its list (no heap lock held)
- *   remote.claimed another process's block is marked REMOTE, not yet on its remote list */
+ *   remote.claimed another process's block is marked REMOTE, not yet on its remote list
+ *
+ * With SHMALLOC_FAULT_PAUSE=<w>:<r> (two inherited descriptors) the step pauses instead: the first
+ * thread to reach it writes one byte to descriptor w and blocks until it reads one from r, still
+ * inside the step (holding whatever the step holds); later arrivals pass. A test then acts while
+ * a real thread sits in the window, for as long as it needs, and lets it go. */
+#include <errno.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -23,6 +30,7 @@
 #include "shm_internal.h"
 
 int fault_step = -1;
+static int pause_w = -1, pause_r = -1; /* SHMALLOC_FAULT_PAUSE */
 
 static const char *const steps[] = {
     [FAULT_ALLOC_LOCKED] = "alloc.locked",
@@ -47,9 +55,22 @@ void fault_init(void) {
     if (!want) return;
     for (int i = 0; i < (int)(sizeof steps / sizeof steps[0]); i++)
         if (strcmp(want, steps[i]) == 0) fault_step = i;
+    const char *fds = getenv("SHMALLOC_FAULT_PAUSE");
+    if (fds && sscanf(fds, "%d:%d", &pause_w, &pause_r) != 2) pause_w = pause_r = -1;
 }
 
-void fault_fire(void) { kill(getpid(), SIGKILL); }
+void fault_fire(void) {
+    if (pause_w < 0) {
+        kill(getpid(), SIGKILL);
+        return;
+    }
+    static int paused;
+    if (__atomic_exchange_n(&paused, 1, __ATOMIC_ACQ_REL)) return; /* only the first arrival */
+    char c = 'p';
+    ssize_t n;
+    while ((n = write(pause_w, &c, 1)) < 0 && errno == EINTR) {}
+    while ((n = read(pause_r, &c, 1)) < 0 && errno == EINTR) {}
+}
 
 int shm_fault_step_count(void) { return (int)(sizeof steps / sizeof steps[0]); }
 

@@ -104,6 +104,7 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
  * mistake. */
 int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t start_time,
            shm_gc_result_t *out) {
+    SHM_GATE(h);
     if (slot < -1 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_gc_result_t r = {0};
@@ -125,9 +126,10 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t
  * and holds no references is given back; otherwise it stays LIVE until the process ends and a
  * collection cleans it. Returns 1 if freed. */
 int shm_proc_detach(shm_handle_t *h, int32_t slot) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = shm_cache_flush(h, slot);
+    int rc = cache_flush(h, slot); /* not shm_cache_flush: this call has passed the gate */
     if (rc != SHM_OK) return rc;
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];

@@ -6,6 +6,7 @@
 #include "shm_internal.h"
 
 int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     *pid = h->arena->lease.pid;
@@ -16,6 +17,7 @@ int shm_lease_get(shm_handle_t *h, uint64_t *pid, uint64_t *start_time) {
 
 int shm_lease_swap(shm_handle_t *h, uint64_t old_pid, uint64_t old_start, uint64_t new_pid,
                    uint64_t new_start) {
+    SHM_GATE(h);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     shm_lease_t *l = &h->arena->lease;

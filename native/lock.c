@@ -161,6 +161,7 @@ int64_t shm_lock_offset(int32_t which) {
 }
 
 int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out) {
+    SHM_GATE(h);
     shm_lock_t *l = lock_named(h, which);
     if (!l) return SHM_EINVAL;
     *tid_out = lock_holder(l);
@@ -170,6 +171,7 @@ int shm_lock_owner(shm_handle_t *h, int32_t which, uint32_t *tid_out) {
 /* Test-only: the lock as a holder that died without the kernel's robust-list cleanup leaves it
  * (tid != 0), or unlocked again (tid == 0). */
 int shm_debug_lock_forge(shm_handle_t *h, int32_t which, uint32_t tid, uint64_t ns, int32_t slot) {
+    SHM_GATE(h);
     shm_lock_t *l = lock_named(h, which);
     if (!l) return SHM_EINVAL;
     if (tid > LOCK_TID_MASK)

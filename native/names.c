@@ -57,6 +57,7 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
 }
 
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
+    SHM_GATE(h);
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
@@ -66,6 +67,7 @@ int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
 }
 
 int64_t shm_name_lookup(shm_handle_t *h, const char *name) {
+    SHM_GATE(h);
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
@@ -104,6 +106,7 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
 }
 
 int shm_name_unbind(shm_handle_t *h, const char *name) {
+    SHM_GATE(h);
     int rc = name_check(name);
     if (rc != SHM_OK) return rc;
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
@@ -125,6 +128,7 @@ void names_drop_address(shm_handle_t *h, uint64_t address) {
 
 /* Entry `index` of the directory: 1 and its name and address if in use, 0 if empty. */
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out) {
+    SHM_GATE(h);
     if (index >= SHM_MAX_NAMES) return err_set(SHM_EINVAL, index, "no directory entry %u", index);
     int rc = heap_lock(h);
     if (rc != SHM_OK) return rc;

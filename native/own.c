@@ -42,6 +42,7 @@ static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
 }
 
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot) {
+    SHM_GATE(h);
     LOCKED(h, adopt_locked(h, address, slot));
 }
 
@@ -57,7 +58,10 @@ static int persist_locked(shm_handle_t *h, uint64_t address) {
     return SHM_OK;
 }
 
-int shm_block_persist(shm_handle_t *h, uint64_t address) { LOCKED(h, persist_locked(h, address)); }
+int shm_block_persist(shm_handle_t *h, uint64_t address) {
+    SHM_GATE(h);
+    LOCKED(h, persist_locked(h, address));
+}
 
 static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
@@ -97,6 +101,7 @@ static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
 }
 
 int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot) {
+    SHM_GATE(h);
     LOCKED(h, retain_locked(h, address, slot));
 }
 
@@ -186,6 +191,7 @@ static int list_locked(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uin
 /* Blocks owned by slot (-1: persistent ones, -2: every allocated block). */
 int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
                     uint64_t *count) {
+    SHM_GATE(h);
     LOCKED(h, list_locked(h, slot, out, cap, count));
 }
 

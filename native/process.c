@@ -74,6 +74,7 @@ static void proc_mark(shm_handle_t *h, shm_proc_t *p) {
 }
 
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
+    SHM_GATE(h);
     if (pid == 0) return err_set(SHM_EINVAL, 0, "pid 0 cannot own memory");
     int self = pid == (uint32_t)getpid();
     int rc = heap_lock(h);
@@ -125,6 +126,7 @@ int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time) {
 }
 
 int shm_proc_find(shm_handle_t *h, uint32_t pid) {
+    SHM_GATE(h);
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         const shm_proc_t *p = &h->arena->procs[i];
         if (A_LOAD(&p->state) == SHM_PROC_LIVE && A_LOAD(&p->pid) == pid) return i;
@@ -133,6 +135,7 @@ int shm_proc_find(shm_handle_t *h, uint32_t pid) {
 }
 
 int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     const shm_proc_t *p = &h->arena->procs[slot];
@@ -155,6 +158,7 @@ int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
 }
 
 int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS || A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE)
         return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
     A_STORE(&h->arena->procs[slot].limit, limit);
@@ -193,6 +197,7 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
 /* Ask the process in slot to trim: it runs its on_pressure callbacks when it next enters the
  * library (it compares trim_seq with the last value it saw). */
 int shm_proc_trim_request(shm_handle_t *h, int32_t slot) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     __atomic_add_fetch(&h->arena->procs[slot].trim_seq, 1, __ATOMIC_RELAXED); /* no lock here */
@@ -200,6 +205,7 @@ int shm_proc_trim_request(shm_handle_t *h, int32_t slot) {
 }
 
 int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     shm_proc_t *p = &h->arena->procs[slot];
@@ -212,6 +218,7 @@ int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
  * process and its life lock is not held (a held one is alive, whatever /proc says: another PID
  * namespace). Returns 1 if marked. */
 int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
+    SHM_GATE(h);
     if (slot < 0 || slot >= SHM_MAX_PROCS)
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
     int rc = heap_lock(h);

@@ -28,6 +28,7 @@ static int ring_dropped(shm_handle_t *h, const char *why) {
 
 int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_ns, uint64_t f0,
                    uint64_t f1, uint64_t f2, uint64_t f3, uint64_t f4) {
+    SHM_GATE(h);
     shm_ring_t *r = &h->arena->ring;
     uint64_t pos = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
     for (int spins = 0; spins < MAX_SPINS; spins++) {
@@ -62,6 +63,7 @@ int shm_event_push(shm_handle_t *h, uint32_t kind, uint32_t pid, uint64_t time_n
 
 /* 1 and the event in *out, or 0 when nothing is ready. */
 int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
+    SHM_GATE(h);
     shm_ring_t *r = &h->arena->ring;
     uint64_t pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
     for (int spins = 0; spins < MAX_SPINS; spins++) {
@@ -98,5 +100,6 @@ int shm_event_pop(shm_handle_t *h, shm_event_t *out) {
 }
 
 uint64_t shm_event_dropped(shm_handle_t *h) {
-    return __atomic_load_n(&h->arena->ring.dropped, __ATOMIC_RELAXED);
+    shm_handle_t *held __attribute__((cleanup(gate_leave))) = gate_enter(h);
+    return held ? __atomic_load_n(&h->arena->ring.dropped, __ATOMIC_RELAXED) : 0; /* 0: closed */
 }

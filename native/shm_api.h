@@ -25,6 +25,7 @@
 #define SHM_EFULL -14     /* a fixed table in the segment (names, references, ring) is full */
 #define SHM_EBUSY -15     /* a lock another thread or process holds (a trylock gave up) */
 #define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
+#define SHM_ECLOSED -17   /* the handle is closed (or closing) in this process */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
  * level (once per crossing, arena-wide); the address is the result with the bit cleared. */
@@ -140,6 +141,15 @@ int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
 /* arena.c */
 int shm_arena_format(void *base, uint64_t capacity, int fd, uint64_t salt, uint64_t now_ns);
 int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
+/* Closing a handle, in three steps (arena.c, the gate): shutdown refuses new calls (SHM_ECLOSED)
+ * but the calling thread's and waits until no other thread is inside one; it returns 1 to the one
+ * caller that may now detach and unmap, 0 to any other (the handle was closing already). reopen
+ * undoes a shutdown whose unmap could not be done. free gives the memory back once no thread can
+ * hold the pointer (Python: when its last reference goes). shm_handle_close is shutdown and free,
+ * for C callers. */
+int shm_handle_shutdown(shm_handle_t *h);
+void shm_handle_reopen(shm_handle_t *h);
+void shm_handle_free(shm_handle_t *h);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);
 int64_t shm_largest_free(shm_handle_t *h);

@@ -77,9 +77,34 @@ struct shm_handle {
     int fd;
     uint64_t seg_dev, seg_ino; /* the segment's identity (fstat): life.c keys its locks by it */
     int32_t slot;              /* this process's slot once attached (shm_proc_attach), else -1 */
-    uint64_t claimed; /* block claimed BUSY under the heap lock (block_claim); let go at release */
-    struct shm_handle *next; /* this process's open handles (arena.c) */
+    uint64_t claimed;  /* block claimed BUSY under the heap lock (block_claim); let go at release */
+    uint32_t gate;     /* threads inside a public call, and GATE_CLOSING (arena.c, the gate) */
+    uint32_t orphaned; /* a fork child's copy of a handle its parent was closing (arena.c) */
+    int32_t closer;    /* thread id of the thread closing it, which the gate lets through */
+    int32_t pad;
+    struct shm_handle *next; /* this process's handles not yet freed (arena.c) */
 };
+
+/* The gate (arena.c): every public call that touches the segment passes it, so that close never
+ * unmaps the segment under a thread that is still inside. SHM_GATE(h) enters (or returns
+ * SHM_ECLOSED once the handle is closing, to every thread but the closing one) and leaves again
+ * when the function returns, by whichever return. Two uncontended atomic additions per call. */
+#define GATE_CLOSING 0x80000000u
+int gate_refuse(shm_handle_t *h);
+void gate_wake(shm_handle_t *h);
+static inline shm_handle_t *gate_enter(shm_handle_t *h) {
+    if (UNLIKELY(__atomic_fetch_add(&h->gate, 1, __ATOMIC_ACQUIRE) & GATE_CLOSING) &&
+        gate_refuse(h) != SHM_OK)
+        return NULL;
+    return h;
+}
+static inline void gate_leave(shm_handle_t **held) {
+    if (*held && UNLIKELY(__atomic_sub_fetch(&(*held)->gate, 1, __ATOMIC_RELEASE) & GATE_CLOSING))
+        gate_wake(*held);
+}
+#define SHM_GATE(h)                                                                \
+    shm_handle_t *gate_held_ __attribute__((cleanup(gate_leave))) = gate_enter(h); \
+    if (UNLIKELY(!gate_held_)) return SHM_ECLOSED
 
 /* error.c */
 int err_set(int status, uint64_t offset, const char *fmt, ...)
@@ -241,6 +266,7 @@ int slot_lock(shm_handle_t *h, int slot, int wait);
 void slot_unlock(shm_handle_t *h, int slot);
 int64_t cache_alloc(shm_handle_t *h, int slot, uint64_t size);
 int64_t cache_free(shm_handle_t *h, int slot, uint64_t address);
+int cache_flush(shm_handle_t *h, int slot);
 void cache_flush_all(shm_handle_t *h);
 void cache_remote_done(shm_handle_t *h, int slot, uint64_t got);
 int cache_pending_live(const shm_handle_t *h, uint64_t off);

@@ -67,8 +67,9 @@
  *                                    lock holder (drain)
  *   caches[i].remote_bytes, _blocks  pushers (add), the drainer or     atomic add, CAS subtract
  *                                    the collector (subtract)          clamped at 0
- *   caches[i].pending                slot i's own process; the         sequentially consistent
- *                                    collector once slot i is DEAD     stores (see gc.c)
+ *   caches[i].pending                slot i's own process (one thread  taken by a sequentially
+ *                                    at a time); the collector once    consistent CAS from 0,
+ *                                    slot i is DEAD                    cleared by its taker
  *   ring (head, tail, cells)         any producer / any consumer       lock-free (ring.c)
  *   journal                          the heap lock's holder (and the   heap lock: the next taker
  *                                    next taker, rolling it back)      is the holder
@@ -91,6 +92,16 @@
  * lock is held (only shm_check, which takes all of them) they are taken in slot order. A slot lock
  * may be tried without waiting (help_drain) while no lock is held.
  *
+ * Threads of one process share its handle (process-local, shm_internal.h), its slot, its slot
+ * lock and its cache; the locks above serialise them as they serialise processes. What is only
+ * theirs: the handle's gate (arena.c): every public call enters it and leaves it, and close waits
+ * until no other thread is inside before Python detaches and unmaps; a call that comes later is
+ * refused (SHM_ECLOSED), and the handle's memory is freed only with Python's last reference. A fork
+ * child keeps none of its parent's threads: its handles forget the parent's slot and count no
+ * thread inside. The slot claim (process.c) is idempotent for one (pid, start time), so Python
+ * needs no lock around it (a lock a fork child or a signal handler could wait on forever). The
+ * slot's pending word is taken by one thread at a time (cache.c, remote_free).
+ *
  * Death. A process may be killed (SIGKILL) at any instruction; the robust mutex hands the next
  * taker EOWNERDEAD. What each death leaves behind, and who repairs it:
  *   - heap lock holder: the counted records of the undo journal describe every byte the current
@@ -105,7 +116,9 @@
  *   - a remote pusher between its claim (REMOTE) and its push: its `pending` word names the block;
  *     before a collection, cache_finish_pushes() completes the push for DEAD slots, unless the
  *     block is on the list already. The collector never frees a REMOTE block that a live process
- *     names in its pending word.
+ *     names in its pending word. The word is one per process: a second thread of that process
+ *     that frees another's block while the first pushes does not overwrite it (it would hide the
+ *     first one's block from the collector): it finds the word taken and takes the heap path.
  *   - a ring producer between its claim and its publish: the cell looks unpublished; consumers
  *     retire it once producers are half a ring ahead (ring.c).
  *   - any process, always: its keeper dies with it, and the kernel marks every life lock it held
@@ -247,10 +260,10 @@ typedef struct shm_proc {
 /* A process's cache of free small and medium blocks (cache.c), one per slot, and its counters.
  * The lists and the counters below `pending` are written by the holder of the slot's own lock
  * (slot_locks[slot]), or under the heap lock once the slot is DEAD; remote_head by any process
- * with compare-and-swap; pending by the slot's process (and cleared by a collector once the slot
- * is DEAD). See Concurrency above. A process's true usage is procs[].usage + usage here (a two's
- * complement sum: the cache side may count down what the heap side counted up), likewise nblocks,
- * nallocs, nfrees.
+ * with compare-and-swap; pending by one thread at a time of the slot's process (taken from 0 by
+ * compare-and-swap; cleared by a collector once the slot is DEAD). See Concurrency above. A
+ * process's true usage is procs[].usage + usage here (a two's complement sum: the cache side may
+ * count down what the heap side counted up), likewise nblocks, nallocs, nfrees.
  *   [K1] each list holds count[c] blocks of exactly cache_class_size(c) bytes, owned by the slot,
  *        flags CACHED; cached_bytes, cached_blocks are their usable bytes and number
  *   [K2] procs[].usage + usage + cached_bytes == usable bytes of the blocks the slot owns */

@@ -93,6 +93,7 @@ _EXCEPTIONS: dict[int, Callable[[CData, str, int], Exception]] = {
     lib.SHM_EFULL: lambda e, detail, address: ShmallocError(detail),
     lib.SHM_EBUSY: lambda e, detail, address: ShmallocError(detail),
     lib.SHM_ENOTARENA: lambda e, detail, address: NotAnArena("", detail),
+    lib.SHM_ECLOSED: lambda e, detail, address: ValueError(detail),
 }
 
 
@@ -125,8 +126,6 @@ def _check(status: int, address: int = 0) -> int:
 alloc_raw: Callable[[Handle, int, int, int], int] = lib.shm_alloc
 free_raw: Callable[[Handle, int], int] = lib.shm_free
 block_size_raw: Callable[[Handle, int, int], int] = lib.shm_block_size
-# for finalizers, which may run at interpreter exit after this module's globals were cleared
-handle_close_raw: Callable[[Handle], None] = lib.shm_handle_close
 
 # ------------------------------------------------------------------ arena and handle
 
@@ -170,13 +169,24 @@ def arena_format(base: CData, capacity: int, fd: int, salt: int, now_ns: int) ->
 
 
 def handle_open(base: CData, capacity: int, fd: int) -> Handle:
+    """A handle on the arena mapped at ``base``. Its memory is freed when the last reference to
+    the returned object goes, never under a thread that still holds it (native/arena.c, the
+    gate): a thread that read it before a close is refused by the gate, not crashed."""
     out = ffi.new("shm_handle_t **")
     _check(lib.shm_handle_open(base, capacity, fd, out))
-    return out[0]
+    return ffi.gc(out[0], lib.shm_handle_free)
 
 
-def handle_close(h: Handle) -> None:
-    lib.shm_handle_close(h)
+def handle_shutdown(h: Handle) -> bool:
+    """Refuse new calls on ``h`` (ValueError) from every thread but this one, and wait until no
+    other thread is inside one. True for the one caller that may now detach and unmap; False if
+    the handle was closing already."""
+    return int(lib.shm_handle_shutdown(h)) == 1
+
+
+def handle_reopen(h: Handle) -> None:
+    """Undo :func:`handle_shutdown` (the segment could not be unmapped after all)."""
+    lib.shm_handle_reopen(h)
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,7 @@ def stats_read(h: Handle) -> RawStats:
 
 def pressure_level(h: Handle) -> int:
     """The arena's pressure level as the C core last computed it (SHM_PRESSURE_*)."""
-    return int(lib.shm_pressure_level(h))
+    return _check(int(lib.shm_pressure_level(h)))
 
 
 def usage_percent(total: int, available: int) -> float:

@@ -33,7 +33,6 @@ numpy is an optional extra (``pip install shmalloc[numpy]``); it is imported on 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ __all__ = ["SharedArray", "share_array"]
 
 _ALIGN = 64  # a cache line: what numpy's SIMD loops like best
 
-_lock = threading.Lock()
 _attached: dict[str, MemoryManager] = {}  # arenas opened by handles in this process, by name
 
 
@@ -61,11 +59,19 @@ def _numpy() -> Any:
 
 
 def _attach(name: str) -> MemoryManager:
-    with _lock:
+    """The arena ``name``, attached once per process. No Python lock (a fork child or a signal
+    handler could wait forever on one held by a thread that does not exist or that it
+    interrupted): two threads that race here both attach, and the one that comes second keeps
+    the first one's manager and closes its own."""
+    mgr = _attached.get(name)
+    if mgr is None or mgr.closed:
+        new = MemoryManager.attach(name)
         mgr = _attached.get(name)
         if mgr is None or mgr.closed:
-            mgr = _attached[name] = MemoryManager.attach(name)
-        return mgr
+            _attached[name] = mgr = new
+        else:
+            new.close()
+    return mgr
 
 
 def _over(mgr: MemoryManager, address: int, shape: tuple[int, ...], dtype: Any, order: str) -> Any:

@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import stat
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -154,7 +153,6 @@ class Attachment:
         self.h = None
         self.slot = -1
         self.slot_pid = 0
-        self.lock = threading.Lock()
         self.collector = None
         self.pressure_callbacks = []
 
@@ -281,12 +279,27 @@ class Attachment:
     def close(self) -> None:
         """Give the slot back (if this process owns nothing there), unmap, close the handle.
 
-        BufferError (and still open) while views or arrays into the mapping are alive."""
-        if self.h is None:
+        A thread of this process inside a call when the close begins is waited for; a call that
+        begins after it raises ValueError (the C core's gate: native/arena.c), and so does one
+        made during a close that is then refused. BufferError (and
+        still open) while views or arrays into the mapping are alive."""
+        h = self.h
+        if h is None:
             return
-        # Python cannot ask an mmap how many views it has, so detach first and, if the close is
-        # refused, forget the slot: the next allocation claims it again.
-        self._detach_slot()
+        if not C.handle_shutdown(h):
+            return  # another thread of this process is closing it
+        # Python cannot ask an mmap how many views it has, so detach first (the gate lets this
+        # thread through) and, if the close is refused, forget the slot: the next allocation
+        # claims it again.
+        try:
+            self._detach_slot(h)
+        except BaseException:
+            C.handle_reopen(h)
+            raise
+        # No thread is inside the C core with this handle now, and none can enter: unmapping is
+        # safe. Python's own reads and writes through the mapping hold the GIL, as this does:
+        # they come before the unmap, or after it and raise ValueError (closed mmap, released
+        # view).
         self.mv.release()
         C.release(self.base)
         try:
@@ -295,36 +308,30 @@ class Attachment:
             self.base = C.buffer_of(self.mm)
             self.mv = memoryview(self.mm)
             self.slot = -1
+            C.handle_reopen(h)
             raise BufferError(
                 f"cannot close arena {self.name!r}: views or arrays into it are still alive; "
                 "release them (view.release(), del array) first"
             ) from None
-        C.handle_close(self.h)
-        self.h = None
+        self.h = None  # the handle's memory goes with its last reference (C.handle_open)
         self.slot = -1
         os.close(self.fd)
         _open.discard(self)
 
-    def _detach_slot(self) -> None:
+    def _detach_slot(self, h: C.Handle) -> None:
         """Give this process's slot back unless another open attachment of this process to the
         same arena uses it (they share the slot: it is keyed by pid and start time)."""
         if self.slot < 0 or self.slot_pid != os.getpid():
             return
         if any(a is not self and not a.closed and a.name == self.name for a in list(_open)):
             return
-        C.proc_detach(self.h, self.slot)
+        C.proc_detach(h, self.slot)
 
-    def __del__(
-        self,
-        _handle_close: Callable[[C.Handle], None] = C.handle_close_raw,
-        _close: Callable[[int], None] = os.close,
-    ) -> None:
-        # bound as defaults: at interpreter exit this may run after the module's globals were
-        # cleared (an arena object still held by multiprocessing's Process in a spawn child)
-        h = getattr(self, "h", None)
-        if h is not None:
-            _handle_close(h)
-            self.h = None
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close bound as a default: at interpreter exit this may run after the module's globals
+        # were cleared (an arena object still held by multiprocessing's Process in a spawn child)
+        if getattr(self, "h", None) is not None:
+            self.h = None  # the handle is freed with its last reference (ffi.gc)
             _close(self.fd)
 
     def destroy(self) -> None:

@@ -33,13 +33,12 @@ The strategies:
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 from . import _binding as C
-from . import events
+from . import events, process
 from .attachment import Attachment, check_int
 from .manager import MemoryManager, attachment_of
 from .stats import MemoryPressure
@@ -127,8 +126,11 @@ class GlobalGarbageCollector:
     HIGH pressure or worse and at least ``min_interval`` seconds (default 5) passed since this
     collector's last run (any ``collect()`` counts; ``reclaim_dead()`` does not); the threshold
     (``set_threshold``, default 0) is the usage above which a live process is asked to trim.
-    Thread-safe: one collection at a time per collector; across processes the heap lock
-    serialises them.
+    Thread-safe, and safe from a signal handler and in a fork child: it holds no Python lock
+    (one that a handler interrupting its holder, or a child of a fork made while another thread
+    held it, would wait on forever). Collections in several threads run as collections in
+    several processes do (see above); auto_collect() skips a run while one of its own is under
+    way in this process.
     """
 
     def __init__(self, manager: MemoryManager) -> None:
@@ -136,7 +138,7 @@ class GlobalGarbageCollector:
         self._threshold = 0
         self._min_interval = DEFAULT_MIN_INTERVAL
         self._last_run: float | None = None  # time.monotonic() of the last collect()
-        self._lock = threading.Lock()
+        self._auto_pid = 0  # the pid running auto_collect(), 0 for none (a fork child: not it)
 
     @property
     def manager(self) -> MemoryManager:
@@ -184,10 +186,14 @@ class GlobalGarbageCollector:
 
     def auto_collect(self, level: MemoryPressure | None = None) -> GcStats | None:
         """Collect with ``GcStrategy.threshold(threshold)`` if should_collect(level); else None."""
-        with self._lock:
-            if not self.should_collect(level):
-                return None
+        pid = process.current_pid()
+        if self._auto_pid == pid or not self.should_collect(level):
+            return None  # (two threads may both pass here: two collections are safe, see above)
+        self._auto_pid = pid
+        try:
             return self._collect(GcStrategy.threshold(self._threshold))
+        finally:
+            self._auto_pid = 0
 
     # ------------------------------------------------------------ collection
 
@@ -199,20 +205,18 @@ class GlobalGarbageCollector:
                 f"collect() takes a GcStrategy (GLOBAL, UNREFERENCED, threshold(n), targeted(pid)),"
                 f" not {strategy!r}"
             )
-        with self._lock:
-            return self._collect(strategy)
+        return self._collect(strategy)
 
     def reclaim_dead(self) -> GcStats:
         """GLOBAL, as the coordinator runs it whenever it sees a process end: it does not count
         as a run for auto_collect()'s interval, and emits events only if it freed a block or a
         slot (a retry that finds nothing to do stays silent)."""
-        with self._lock:
-            t0 = time.perf_counter()
-            h = attachment_of(self._manager).handle()
-            stats = self._reclaim(h, [r for r in scan(h) if mark_if_dead(h, r)], t0)
-            if stats.freed_blocks or stats.processes_cleaned:
-                self._emit_run(stats)
-            return stats
+        t0 = time.perf_counter()
+        h = attachment_of(self._manager).handle()
+        stats = self._reclaim(h, [r for r in scan(h) if mark_if_dead(h, r)], t0)
+        if stats.freed_blocks or stats.processes_cleaned:
+            self._emit_run(stats)
+        return stats
 
     def _collect(self, strategy: GcStrategy) -> GcStats:
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ dead is marked DEAD in the segment so that collection may take its blocks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import _binding as C
@@ -144,13 +145,22 @@ def reclaim_dead(h: C.Handle, slot: int = -1) -> tuple[C.GcResult, list[tuple[in
 
 
 def own_slot(a: Attachment) -> int:
-    """This process's slot, claimed on first use (and again after fork)."""
-    with a.lock:
-        if a.slot < 0:
-            pid, started = process.self_identity()
-            a.slot = _claim(a.handle(), pid, started)
-            a.slot_pid = pid
-        return a.slot
+    """This process's slot, claimed on first use (and again after fork).
+
+    No Python lock guards the claim: a fork child, or a signal handler that interrupted the
+    claim, would wait forever on a lock held by a thread that does not exist in the child or by
+    the very code it interrupted. None is needed: the C claim is idempotent for (pid, start
+    time), under the heap lock, so threads and handlers racing here all get the same slot, the
+    one the segment says is this process's. A handler that forks between the claim and the
+    assignment leaves the child with its parent's identity: the pid is checked again after the
+    assignment, and the child claims its own slot."""
+    while True:
+        pid, started = process.self_identity()
+        slot = _claim(a.handle(), pid, started)
+        a.slot_pid = pid
+        a.slot = slot
+        if os.getpid() == pid:
+            return slot
 
 
 def slot_for(a: Attachment, pid: int | None) -> int:

@@ -197,7 +197,8 @@ class Mutator:
             o += size
 
     def close(self) -> None:
-        C.handle_close(self.h)
+        C.handle_shutdown(self.h)  # its memory goes with the last reference (ffi.gc)
+        del self.h
         ffi.release(self.base)
         self.mm.close()
         os.close(self.fd)

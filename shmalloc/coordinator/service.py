@@ -105,12 +105,19 @@ class Coordinator:
     def stop(self) -> None:
         """Ask run() to return (from any thread or a signal handler)."""
         self._stopping.set()
-        with self._wake_lock:
+        # Never wait for the lock: a signal handler may have interrupted its holder in this very
+        # thread. When it is busy, its holder is another stop() (which wakes the loop) or run()
+        # opening or closing the pipe (the loop tests _stopping before it first waits).
+        if not self._wake_lock.acquire(blocking=False):
+            return
+        try:
             if self._wake_w >= 0:
                 try:
                     os.write(self._wake_w, b"x")
                 except BlockingIOError:
                     pass  # the pipe is full: the loop is woken already
+        finally:
+            self._wake_lock.release()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum  # logged by the loop: no logging inside a signal handler
