@@ -56,6 +56,16 @@ def test_crash_storm_quick(tmp_path: Path) -> None:
     assert res["ok"] is True, output
 
 
+def test_soak_quick(tmp_path: Path) -> None:
+    """Threads, forks, signals and kill -9 on one arena: nothing crashes, hangs or leaks."""
+    res, output, pid = _run(["stress.soak", "--quick", "--seed", "2"], tmp_path / "k.json")
+    assert not _left(f"shmalloc-{pid}-soak"), "the soak left its arena behind"
+    assert res["kills"] > 0 and res["signals_sent"] > 0, output
+    assert res["forks"] > 0 and res["signal_handlers_run"] > 0, output
+    assert res["crashes"] == [] and res["hangs"] == 0, output
+    assert res["leaked_bytes"] == 0 and res["check_blocks"] == 1, output
+
+
 def test_corrupt_fuzz_quick(tmp_path: Path) -> None:
     res, output, pid = _run(["stress.corrupt_fuzz", "--quick", "--seed", "1"], tmp_path / "c.json")
     assert not _left(f"shmalloc-fuzz-{pid}-"), "the fuzz left scratch arenas behind"
