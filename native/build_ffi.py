@@ -27,10 +27,12 @@ SOURCES = [
     "lease.c",
     "lock.c",
     "names.c",
+    "objects.c",
     "own.c",
     "process.c",
     "ring.c",
     "sizeclass.c",
+    "wait.c",
 ]
 
 ffibuilder = FFI()

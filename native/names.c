@@ -53,6 +53,7 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     memset(slot->name, 0, SHM_NAME_LEN);
     memcpy(slot->name, name, strlen(name));
     slot->address = address;
+    objects_bound(h);
     return SHM_OK;
 }
 
@@ -62,6 +63,7 @@ int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = bind_locked(h, name, address);
     heap_unlock(h);
+    if (rc == SHM_OK) objects_wake_binders(h);
     return rc;
 }
 
@@ -100,7 +102,8 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
     if (rc != SHM_OK) return rc;
     block_edit(h, off)->flags &= ~(uint32_t)SHM_BF_NAMED; /* stays persistent */
     block_reseal(h, off);
-    return SHM_OK;
+    rc = objects_unnamed(h, off); /* an object that nothing else holds goes now */
+    return rc < 0 ? rc : SHM_OK;
 }
 
 int shm_name_unbind(shm_handle_t *h, const char *name) {
@@ -110,6 +113,14 @@ int shm_name_unbind(shm_handle_t *h, const char *name) {
     rc = unbind_locked(h, name);
     heap_unlock(h);
     return rc;
+}
+
+/* The address bound to name, or SHM_ENOENT (objects.c's lookup under the caller's lock). */
+int64_t names_find_address(shm_handle_t *h, const char *name) {
+    if (name_check(name) != SHM_OK) return SHM_EINVAL;
+    const shm_name_t *e = name_find(h, name);
+    return e ? (int64_t)e->address
+             : err_set(SHM_ENOENT, 0, "no object is bound to the name '%s'", name);
 }
 
 /* The block at address is being freed: its names go. */

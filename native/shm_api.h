@@ -25,6 +25,8 @@
 #define SHM_EFULL -14     /* a fixed table in the segment (names, references, ring) is full */
 #define SHM_EBUSY -15     /* a lock another thread or process holds (a trylock gave up) */
 #define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
+#define SHM_ETIMEDOUT -17 /* a wait ended at its timeout */
+#define SHM_EINTR -18     /* a wait was interrupted by a signal: run the handlers, wait again */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
  * level (once per crossing, arena-wide); the address is the result with the bit cleared. */
@@ -97,6 +99,28 @@ typedef struct shm_block_info {
     uint32_t refcount;
     int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
+
+/* What shm_object_open found: where the pickle stream is, and the object's size. The buffers'
+ * (address, nbytes) pairs go to the caller's array. */
+typedef struct shm_object_view {
+    uint64_t address;    /* the object's header address */
+    uint64_t id;         /* its id: (address, id) names it */
+    uint64_t pickle;     /* address of the pickle stream */
+    uint64_t pickle_len; /* its length */
+    uint64_t nbytes;     /* pickle_len + the buffers' bytes */
+    uint32_t nbuffers;
+    uint32_t flags;    /* SHM_OBJ_* */
+    uint32_t bind_seq; /* shm_object_open_name: bind_seq as read with the lookup, for shm_wait */
+    uint32_t pad;
+} shm_object_view_t;
+
+typedef struct shm_objects_info {
+    uint64_t live;               /* objects published and not freed */
+    uint64_t tickets;            /* references in transit */
+    uint64_t dying;              /* objects whose freeing was interrupted, for collection */
+    uint64_t transit_timeout_ns; /* how long a pickled reference keeps its object alive */
+    uint64_t held;               /* objects the given slot holds */
+} shm_objects_info_t;
 
 typedef struct shm_gc_result {
     uint64_t freed_blocks;
@@ -194,12 +218,66 @@ int64_t shm_name_lookup(shm_handle_t *h, const char *name);
 int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
 
+/* objects.c: objects in the arena (shm_layout.h, shm_object_t). `object` is the header block's
+ * address, `id` the object's id (0: any). Every call validates both and answers SHM_ENOENT for an
+ * object that is gone (freed, reused, deleted). */
+/* Allocate, owned by slot, an unpublished object: a header block with room for the buffer table
+ * and pickle_len bytes, and one block per buffer. out[0] = the header's address, out[1] = where
+ * the pickle stream goes, out[2 + i] = buffer i's address. Write them, then publish. A process
+ * killed before publish leaves plain blocks of its own: collection frees them. */
+int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
+                      const uint64_t *sizes, uint64_t *out);
+/* Make the written object live: blocks become persistent object blocks (buffers sealed unless
+ * writable), and slot holds it. Its id goes to *id_out. */
+int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
+                       uint64_t *id_out);
+/* slot takes a process reference (idempotent: one bit per slot) and learns the object's layout;
+ * bufs receives nbuffers (address, nbytes) pairs, cap is its room in pairs. */
+int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
+                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
+/* The same for the object bound to name; SHM_ENOENT (with out->bind_seq set) if none. */
+int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
+                         uint64_t *bufs, uint32_t cap);
+/* Drop slot's process reference: 1 if that freed the object, 0 if not, SHM_ENOENT if slot held
+ * none. */
+int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
+/* delete(): no new references from now on; its names go, its tickets are dropped. 1 if freed. */
+int shm_object_delete(shm_handle_t *h, uint64_t object, uint64_t id);
+/* An anonymous hold (a queue slot, a reference in transit): keeps the object alive without a
+ * process. drop returns 1 when that freed the object. */
+int shm_object_hold(shm_handle_t *h, uint64_t object);
+int shm_object_drop(shm_handle_t *h, uint64_t object);
+/* A pickled reference: a ticket holding the object until claimed or transit_timeout passes. */
+int shm_ticket_issue(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *ticket_out,
+                     uint64_t *ticket_id_out);
+/* Unpickling: slot takes a process reference and the ticket (if still there) is dropped: 1 if
+ * the ticket was claimed, 0 if it was gone but the object lives (a plain reference taken). */
+int shm_ticket_claim(shm_handle_t *h, int32_t slot, uint64_t ticket, uint64_t ticket_id,
+                     uint64_t object, uint64_t id);
+/* Drop expired tickets (and free what they alone held); returns how many. */
+int64_t shm_objects_expire(shm_handle_t *h);
+int shm_objects_set_transit_timeout(shm_handle_t *h, uint64_t ns);
+/* Counts for stats and tests; held is for slot (-1: 0). */
+int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out);
+uint64_t shm_bind_seq_offset(void); /* segment offset of the bind_seq wait word */
+
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_block_persist(shm_handle_t *h, uint64_t address);
 int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
                     uint64_t *count);
+
+/* wait.c: sleeping on a 32-bit word of the segment (futex, shared across processes).
+ * word_offset: a 4-aligned segment offset. timeout_ns < 0: no timeout. shm_wait returns SHM_OK
+ * when woken or when the word no longer holds `expected` (the caller re-checks its condition
+ * either way), SHM_ETIMEDOUT, or SHM_EINTR (a signal: let its handler run, wait again with the
+ * time left). shm_wake wakes up to n waiters (n < 0: all) and returns how many it woke;
+ * shm_word_bump adds 1 to the word and then wakes n: the waker's half of the protocol. */
+int shm_wait(shm_handle_t *h, uint64_t word_offset, uint32_t expected, int64_t timeout_ns);
+int shm_wake(shm_handle_t *h, uint64_t word_offset, int32_t n);
+int shm_word_bump(shm_handle_t *h, uint64_t word_offset, int32_t n);
+int64_t shm_word_load(shm_handle_t *h, uint64_t word_offset); /* the word (>= 0) or a status */
 
 /* process.c */
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);

@@ -86,6 +86,7 @@ int err_set(int status, uint64_t offset, const char *fmt, ...)
 int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+void err_restore(const shm_error_info_t *saved);
 __attribute__((noreturn)) void shm_assert_fail(const char *what, const char *file, int line);
 
 /* journal.c */
@@ -241,8 +242,17 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
+int64_t names_find_address(shm_handle_t *h, const char *name);
 
 /* alloc.c */
 int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+int alloc_oom_report(shm_handle_t *h, uint64_t requested);
+
+/* objects.c */
+int objects_unnamed(shm_handle_t *h, uint64_t off);
+int objects_held(const shm_handle_t *h, int32_t slot);
+int objects_collect(shm_handle_t *h, int32_t slot);
+void objects_bound(shm_handle_t *h);
+void objects_wake_binders(shm_handle_t *h);
 
 #endif

@@ -121,7 +121,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 5
+#define SHM_LAYOUT_VERSION 6
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -138,7 +138,9 @@
 #define SHM_CACHE_CLASSES 77
 #define SHM_CACHE_LISTS 80 /* room for SHM_CACHE_CLASSES lists; keeps shm_cache_t 17 lines long */
 #define SHM_EVENT_FIELDS 5
-#define SHM_MUTEX_BYTES 64 /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
+#define SHM_MUTEX_BYTES 64         /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
+#define SHM_HOLDER_WORDS 2         /* SHM_MAX_PROCS bits: one per slot that holds an object */
+#define SHM_OBJECT_MAX_BUFFERS 256 /* out-of-band buffers of one object (more go in-band) */
 
 /* Block header: 32 bytes in front of every payload.
  * Written by the heap lock's holder, except the transient bits of the (owner, flags) word (see
@@ -185,6 +187,11 @@ typedef struct shm_free_links {
 #define SHM_BF_REMOTE 32
 #define SHM_BF_BUSY 64
 #define SHM_BF_TRANSIENT 112
+/* Objects (objects.c): an object's header block carries OBJECT, each of its buffer blocks and each
+ * transit ticket OBJPART. Both are persistent (owner 0) and freed by objects.c alone: deallocate
+ * and adopt refuse them. */
+#define SHM_BF_OBJECT 128
+#define SHM_BF_OBJPART 256
 
 /* Process table slot, one cache line pair per attached process.
  * state/pid/start_time and the counters change under the heap lock, as relaxed atomics so that
@@ -255,6 +262,78 @@ typedef struct shm_name {
     uint64_t address;        /* +0x00 */
     char name[SHM_NAME_LEN]; /* +0x08 UTF-8, NUL-terminated */
 } shm_name_t;
+
+/* Objects (objects.c): a Python object stored in the arena (pickle protocol 5). Its header block
+ * (flag OBJECT) holds this struct, then `nbuffers` shm_objbuf_t, then the pickle stream; each
+ * out-of-band buffer has a block of its own (flag OBJPART, sealed unless made by empty()).
+ * Written under the heap lock; immutable once published (magic set) but for holders, holds and
+ * flags. The lifetime rule, checked by every call that may end it (release, drop, unbind, delete,
+ * the collection of a dead slot, ticket expiry):
+ *   an object is freed, header and buffers at once, when holders == 0 && holds == 0 && its header
+ *   block is not NAMED.
+ * Invariants:
+ *   [O1] magic in {SHM_OBJECT_MAGIC, SHM_OBJECT_DYING}; the header block is persistent, OBJECT
+ *   [O2] bit s of holders is set exactly when slot s holds a process reference; held[s] of
+ *        shm_objects_t counts the objects with bit s set
+ *   [O3] holds == the transit tickets naming the object + anonymous holds (queue slots, ...)
+ *   [O4] every buffer entry with address != 0 is a live OBJPART block of at least nbytes bytes
+ * A DYING object is being freed: entries already freed have address 0; collection finishes it. */
+typedef struct shm_object {
+    uint64_t magic; /* +0x00 SHM_OBJECT_MAGIC, or SHM_OBJECT_DYING */
+    uint64_t id;    /* +0x08 unique in the arena: a reference is (address, id) */
+    uint64_t holders[SHM_HOLDER_WORDS]; /* +0x10 one bit per slot holding a process reference */
+    uint32_t holds;                     /* +0x20 anonymous holds: queue slots, tickets, handles */
+    uint32_t nbuffers;                  /* +0x24 entries of the buffer table that follows */
+    uint32_t flags;                     /* +0x28 SHM_OBJ_* */
+    uint32_t pad;                       /* +0x2c */
+    uint64_t pickle_len;                /* +0x30 bytes of the pickle stream after the table */
+    uint64_t nbytes;                    /* +0x38 pickle_len + the buffers' bytes */
+} shm_object_t;
+
+#define SHM_OBJECT_MAGIC 0x544345424f4d4853 /* "SHMOBJECT" less the last letter */
+#define SHM_OBJECT_DYING 0x474e495944424f53
+#define SHM_OBJ_DELETED 1  /* delete() was called: no new references, get() finds nothing */
+#define SHM_OBJ_WRITABLE 2 /* made by empty(): its buffer is not sealed */
+
+/* One out-of-band buffer of an object: its block's address and the bytes it uses. */
+typedef struct shm_objbuf {
+    uint64_t address; /* +0x00 payload address of an OBJPART block; 0 once freed (DYING) */
+    uint64_t nbytes;  /* +0x08 */
+} shm_objbuf_t;
+
+/* A pickled reference in transit (objects.c): a block of its own (flag OBJPART), on the arena's
+ * doubly linked list of tickets, holding one of its object's `holds` until a process unpickles
+ * the reference (claim) or the deadline passes (collection, the coordinator's tick).
+ *   [T1] magic == SHM_TICKET_MAGIC; next/prev link payload addresses of tickets, 0 ends */
+typedef struct shm_ticket {
+    uint64_t magic;       /* +0x00 SHM_TICKET_MAGIC */
+    uint64_t id;          /* +0x08 unique: a pickled reference names (address, id) */
+    uint64_t object;      /* +0x10 the object's header address */
+    uint64_t object_id;   /* +0x18 */
+    uint64_t deadline_ns; /* +0x20 CLOCK_MONOTONIC */
+    uint64_t next;        /* +0x28 */
+    uint64_t prev;        /* +0x30 */
+    uint64_t pad;         /* +0x38 */
+} shm_ticket_t;
+
+#define SHM_TICKET_MAGIC 0x54454b434954534f
+
+/* The arena's objects section (objects.c, wait.c). Under the heap lock, journaled, but for the
+ * wait word bind_seq, which changes by atomic add (wait.c's protocol): every bind bumps it under
+ * the heap lock, after the bind, and wakes its sleepers after unlocking; get(name) reads it with
+ * its lookup (under the lock) and sleeps on it until it changes. */
+typedef struct shm_objects {
+    uint32_t bind_seq;            /* +0x00 futex word */
+    uint32_t pad0;                /* +0x04 */
+    uint64_t next_id;             /* +0x08 last object or ticket id handed out */
+    uint64_t transit_timeout_ns;  /* +0x10 how long a pickled reference holds its object */
+    uint64_t live;                /* +0x18 objects published and not freed */
+    uint64_t tickets;             /* +0x20 tickets on the list */
+    uint64_t ticket_head;         /* +0x28 first ticket (payload address), 0 = none */
+    uint64_t dying;               /* +0x30 objects whose freeing a dead process left half done */
+    uint64_t reserved[9];         /* +0x38 room for the queue */
+    uint32_t held[SHM_MAX_PROCS]; /* +0x80 objects whose holders bit for slot i is set [O2] */
+} shm_objects_t;
 
 /* One event in the ring: kind and the meaning of the fields are shmalloc/events.py's table. */
 typedef struct shm_event {
@@ -362,4 +441,5 @@ typedef struct shm_arena {
     shm_ring_t ring;                      /* +0x46880 the event ring */
     shm_lock_t slot_locks[SHM_MAX_PROCS]; /* +0x86940 slot_locks[i] guards caches[i] */
     shm_journal_t journal;                /* +0x8a940 the undo journal */
+    shm_objects_t objects;                /* +0x9a980 objects, tickets, wait words */
 } shm_arena_t;
