@@ -585,6 +585,14 @@ def bind_seq_offset() -> int:
 # ------------------------------------------------------------------ objects (objects.c)
 
 
+def pin_buffer(view: memoryview, on_release: Callable[[], None]) -> Any:
+    """A buffer over ``view``'s memory that keeps ``view`` (and so its exporter, the arena's
+    mapping) alive, and calls ``on_release`` once neither it nor any memoryview made from it
+    is alive any more."""
+    pinned = ffi.gc(ffi.from_buffer(view), lambda _: on_release())
+    return ffi.buffer(pinned, view.nbytes)
+
+
 @dataclass(frozen=True)
 class ObjectView:
     """Where an open object's bytes are (shm_object_view_t and its buffer table)."""
