@@ -563,6 +563,8 @@ static int delete_locked(shm_handle_t *h, uint64_t object, uint64_t id) {
     o->flags |= SHM_OBJ_DELETED;
     int64_t n = tickets_drop(h, object);
     if (n < 0) return (int)n;
+    J(h, &o->holds); /* queue slots and handles too: their later drop finds SHM_ENOENT */
+    o->holds = 0;
     if (block_at(h, off)->flags & SHM_BF_NAMED) {
         names_drop_address(h, object);
         if ((rc = block_claim(h, off)) != SHM_OK) return rc;

@@ -1,21 +1,23 @@
 """Hand a numpy array to another process in one copy: ``share_array()`` and ``SharedArray``.
 
-    handle = share_array(mgr, array)     # producer: one copy into a block of the arena
+    handle = share_array(mgr, array)     # producer: one copy into an array object of the arena
     queue.put(handle)                    # a few hundred bytes, whatever the array's size
-    a = handle.open()                    # consumer: the same array, zero-copy (mgr.ndarray)
+    a = handle.open()                    # consumer: the same array, zero-copy and writable
     ...
     handle.free()                        # whoever is done with it last
 
-A ``SharedArray`` is the arena's name, the block's address, the shape, the dtype (numpy's
-array-protocol description, so structured dtypes survive) and the memory order. Opening it in
-another process attaches to the arena (once per process) and returns an ndarray over the block:
-writes through it are seen by every process that opened it.
+A thin layer on the arena's objects (shmalloc.objects): share_array() is ``mgr.empty()`` and one
+copy; a ``SharedArray`` is the arena's name, the address of the array's data block, the shape,
+the dtype (numpy's array-protocol description, so structured dtypes survive), the memory order
+and the object it belongs to. Opening it in another process attaches to the arena (once per
+process) and returns a writable ndarray over the same memory: writes through it are seen by every
+process that opened it. (``mgr.put``/``mgr.get`` hand out read-only values instead.)
 
-The block belongs to the producer like any allocation: if the producer ends before the block is
-freed, the arena's collector reclaims it unless a consumer took it over (``open(adopt=True)``)
-or the producer shared it with ``persist=True`` (then only ``free()`` releases it). A handle is
-valid until its block is freed; after that, an open may fail with ``InvalidAddress`` or, if the
-space was reused, see other data, like any dangling address.
+Lifetime, as before objects existed: the producer holds the array until it ends or frees it;
+``persist=True`` keeps it until ``free()``; ``open(adopt=True)`` makes the opening process hold
+it too, until it ends or frees it. An array opened is never freed under its live views. Once the
+array is gone, ``open`` raises ``InvalidAddress``. A SharedArray pickles as plain numbers (it
+takes no transit ticket: the holds above decide).
 
 numpy is an optional extra (``pip install shmalloc[numpy]``); it is imported on first use.
 """
@@ -26,14 +28,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .manager import MemoryManager
+from . import objects
+from .errors import InvalidAddress, ObjectNotFound
+from .manager import MemoryManager, attachment_of
+from .objects import ObjectRef
 
 __all__ = ["SharedArray", "share_array"]
 
-_ALIGN = 64  # a cache line: what numpy's SIMD loops like best
-
 _lock = threading.Lock()
 _attached: dict[str, MemoryManager] = {}  # arenas opened by handles in this process, by name
+_kept: dict[tuple[str, int, int], ObjectRef] = {}  # arrays this process holds until free()
 
 
 def _numpy() -> Any:
@@ -54,22 +58,17 @@ def _attach(name: str) -> MemoryManager:
         return mgr
 
 
-def _over(mgr: MemoryManager, address: int, shape: tuple[int, ...], dtype: Any, order: str) -> Any:
-    """The ndarray over a block: mgr.ndarray, transposed for Fortran order."""
-    if order == "F":  # the transpose of the C-ordered array of reversed shape
-        return mgr.ndarray(address, shape[::-1], dtype).T
-    return mgr.ndarray(address, shape, dtype)
-
-
 @dataclass(frozen=True)
 class SharedArray:
-    """A small, picklable handle to an ndarray held in a block of an arena."""
+    """A small, picklable handle to an ndarray held in an array object of an arena."""
 
     arena: str
-    address: int
+    address: int  # the array's data block
     shape: tuple[int, ...]
     dtype: Any  # numpy.lib.format.dtype_to_descr(): '<f8', or a list for structured dtypes
     order: str  # 'C' or 'F'
+    object: int = 0  # the object's header address
+    object_id: int = 0
 
     def _manager(self, mgr: MemoryManager | None) -> MemoryManager:
         if mgr is None:
@@ -82,30 +81,43 @@ class SharedArray:
         return mgr
 
     def open(self, mgr: MemoryManager | None = None, *, adopt: bool = False) -> Any:
-        """The array, zero-copy: an ndarray over the block. ``mgr`` defaults to the arena
-        attached by name (once per process); ``adopt=True`` makes this process the block's owner
-        (it then outlives the producer, until this process ends or frees it)."""
-        np = _numpy()
-        mgr = self._manager(mgr)
+        """The array, zero-copy: a writable ndarray over the arena. ``mgr`` defaults to the
+        arena attached by name (once per process); ``adopt=True`` makes this process hold the
+        array until it ends or frees it (so it outlives the producer)."""
+        _numpy()
+        a = attachment_of(self._manager(mgr))
+        arr = objects.open_array(a, self.object, self.object_id, writable=True)
         if adopt:
-            mgr.adopt(self.address)
-        return _over(
-            mgr, self.address, self.shape, np.lib.format.descr_to_dtype(self.dtype), self.order
-        )
+            key = (self.arena, self.object, self.object_id)
+            with _lock:
+                if key not in _kept:
+                    _kept[key] = objects.reference(a, self.object, self.object_id)
+        return arr
 
     def asarray(self, mgr: MemoryManager | None = None) -> Any:
         """The array, zero-copy (``open()`` under numpy's name)."""
         return self.open(mgr)
 
     def free(self, mgr: MemoryManager | None = None) -> int:
-        """Free the block (from any process); return its size. Arrays opened on it must no
-        longer be used."""
-        return self._manager(mgr).deallocate(self.address)
+        """Free the array (from any process); return its data block's size. Arrays opened on it
+        keep its memory until they are released; opening it again fails."""
+        m = self._manager(mgr)
+        size = m.size_of(self.address)
+        key = (self.arena, self.object, self.object_id)
+        ref = _kept.get(key) or ObjectRef(attachment_of(m), self.object, self.object_id, 0, None)
+        try:
+            m.delete(ref)
+        except ObjectNotFound:
+            raise InvalidAddress(self.address, "the array was freed already") from None
+        finally:
+            with _lock:
+                _kept.pop(key, None)
+        return size
 
 
 def share_array(mgr: MemoryManager, array: Any, *, persist: bool = False) -> SharedArray:
-    """Copy ``array`` (anything ``numpy.asarray`` takes) into a new block of ``mgr``, once, and
-    return a handle that any process turns back into the same array without copying.
+    """Copy ``array`` (anything ``numpy.asarray`` takes) into a new array object of ``mgr``, once,
+    and return a handle that any process turns back into the same array without copying.
 
     A C- or Fortran-contiguous array keeps its memory order; any other is stored C-contiguous.
     Arrays of Python objects cannot be shared (their items are pointers into this process)."""
@@ -117,15 +129,20 @@ def share_array(mgr: MemoryManager, array: Any, *, persist: bool = False) -> Sha
             "this process; convert it to a numeric, bytes or structured dtype first"
         )
     order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-    address = mgr.allocate(max(a.nbytes, 1), align=_ALIGN)
-    try:
-        handle = SharedArray(
-            mgr.name, address, tuple(a.shape), np.lib.format.dtype_to_descr(a.dtype), order
-        )
-        np.copyto(_over(mgr, address, handle.shape, a.dtype, order), a, casting="no")
-        if persist:
-            mgr.persist(address)
-    except BaseException:
-        mgr.deallocate(address)
-        raise
-    return handle
+    dest, ref = mgr.empty(a.shape, a.dtype, order=order)
+    np.copyto(dest, a, casting="no")
+    address = objects.data_address(attachment_of(mgr), ref)
+    del dest
+    if persist:
+        objects.hold(attachment_of(mgr), ref)
+    with _lock:
+        _kept[ref.key] = ref
+    return SharedArray(
+        mgr.name,
+        address,
+        tuple(a.shape),
+        np.lib.format.dtype_to_descr(a.dtype),
+        order,
+        ref.address,
+        ref.id,
+    )

@@ -53,6 +53,9 @@ __all__ = [
     "empty",
     "get",
     "get_async",
+    "hold",
+    "reference",
+    "data_address",
     "object_stats",
     "open_array",
     "put",
@@ -461,7 +464,7 @@ class _ArrayStream:
         self.args = (dtype, shape, order)
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (self.rebuild, (pickle.PickleBuffer(b""), *self.args))
+        return (self.rebuild, (pickle.PickleBuffer(bytearray()), *self.args))  # writable
 
 
 def _numpy() -> Any:
@@ -536,6 +539,29 @@ def open_array(a: Attachment, address: int, oid: int, writable: bool) -> Any:
             _drop(key, True)
             raise InvalidAddress(address, e.detail) from None
     return _load(a, view, writable)
+
+
+def reference(a: Attachment, address: int, oid: int) -> ObjectRef:
+    """A new ObjectRef (held) to the live object (address, oid); ObjectNotFound if gone."""
+    with _critical():
+        view = C.object_open(a.handle(), slot_for(a, None), address, oid)
+        return _held_ref(a, address, oid, view.nbytes, None)
+
+
+def data_address(a: Attachment, ref: ObjectRef) -> int:
+    """The address of the first out-of-band buffer of a held object (an array's data)."""
+    with _critical():
+        _count(a, ref.key, False)
+        try:
+            view = C.object_open(a.handle(), slot_for(a, None), ref.address, ref.id)
+        finally:
+            _drop(ref.key, False)
+    return view.buffers[0][0]
+
+
+def hold(a: Attachment, ref: ObjectRef) -> None:
+    """An anonymous hold on the object: it lives until delete(), whoever holds references."""
+    C.object_hold(a.handle(), ref.address)
 
 
 # ------------------------------------------------------------------ settings and counts

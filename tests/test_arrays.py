@@ -3,7 +3,7 @@ another process (spawn or fork) opens the same memory: what it writes, the produ
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import pickle
 import subprocess
 import sys
@@ -127,12 +127,31 @@ def test_a_producer_that_ends_leaves_its_block_to_the_collector_unless_persisten
             h.open(mgr)
 
 
-def test_a_consumer_can_adopt_the_block(mgr: MemoryManager) -> None:
-    h = share_array(mgr, np.arange(5))
+def _produce_and_wait(arena: str, conn: Any) -> None:
+    """Child: share an array, hand back the handle, end when told."""
+    m = MemoryManager.attach(arena)
+    conn.send(share_array(m, np.arange(5)))
+    conn.recv()
+
+
+def test_a_consumer_can_adopt_the_array(mgr: MemoryManager) -> None:
+    """adopt=True: the consumer holds the array, which then outlives its producer (arrays are
+    objects, held by processes rather than owned: see shmalloc.arrays)."""
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_produce_and_wait, args=(mgr.name, there))
+    child.start()
+    h = here.recv()
     a = h.open(mgr, adopt=True)
-    assert [b.address for b in mgr.process_allocations(os.getpid())] == [h.address]
     del a
+    here.send("end")
+    child.join(TIMEOUT)
+    assert child.exitcode == 0
+    mgr.collect()
+    assert np.array_equal(h.open(mgr), np.arange(5))
     h.free(mgr)
+    with pytest.raises(InvalidAddress):
+        h.open(mgr)
 
 
 def test_without_numpy_the_error_says_what_to_install(mgr: MemoryManager) -> None:
