@@ -30,6 +30,7 @@ SOURCES = [
     "objects.c",
     "own.c",
     "process.c",
+    "queue.c",
     "ring.c",
     "sizeclass.c",
     "wait.c",

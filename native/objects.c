@@ -133,6 +133,10 @@ static int obj_free(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
         if (s->live) s->live--;
         journal_checkpoint(h);
     }
+    if (o->flags & SHM_OBJ_QUEUE) { /* a queue: its items' holds go first (queue.c) */
+        int rc = queue_release_items(h, off, o);
+        if (rc != SHM_OK) return rc;
+    }
     shm_objbuf_t *t = obj_table(o);
     for (uint32_t i = 0; i < o->nbuffers && i < SHM_OBJECT_MAX_BUFFERS; i++) {
         uint64_t boff;
@@ -154,7 +158,7 @@ static int obj_free(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
 }
 
 /* The rule: free the object at off if nothing holds it any more. 1 if freed. */
-static int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o) {
+int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o) {
     if (!obj_unheld(h, off, o)) return 0;
     int rc = obj_free(h, off, NULL);
     return rc == SHM_OK ? 1 : rc;
@@ -648,3 +652,23 @@ int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out) {
 }
 
 uint64_t shm_bind_seq_offset(void) { return offsetof(shm_arena_t, objects.bind_seq); }
+
+/* ------------------------------------------------------------------ queue.c's door */
+
+int objects_find(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *off, shm_object_t **out) {
+    return obj_find(h, object, id, off, out);
+}
+
+int objects_publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
+                           uint64_t *id_out) {
+    return publish_locked(h, slot, object, writable, id_out);
+}
+
+int objects_open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t *o,
+                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
+    return open_found(h, slot, off, o, out, bufs, cap);
+}
+
+void objects_holder_set(shm_handle_t *h, shm_object_t *o, int32_t slot, int on) {
+    holder_set(h, o, slot, on);
+}

@@ -122,6 +122,18 @@ typedef struct shm_objects_info {
     uint64_t held;               /* objects the given slot holds */
 } shm_objects_info_t;
 
+/* What shm_queue_info found (a snapshot under the heap lock). */
+typedef struct shm_queue_info {
+    uint64_t size;         /* items waiting */
+    uint64_t maxsize;      /* 0: unbounded */
+    uint64_t capacity;     /* cells in the ring now */
+    uint64_t unfinished;   /* joinable: items put and not yet task_done() */
+    uint64_t put;          /* items ever put */
+    uint64_t control;      /* segment offset of the queue's shm_queue_t, for shm_queue_wait */
+    uint32_t all_done_seq; /* the all_done wait word, read with unfinished */
+    uint32_t joinable;
+} shm_queue_info_t;
+
 typedef struct shm_gc_result {
     uint64_t freed_blocks;
     uint64_t freed_bytes;
@@ -261,6 +273,37 @@ int shm_objects_set_transit_timeout(shm_handle_t *h, uint64_t ns);
 /* Counts for stats and tests; held is for slot (-1: 0). */
 int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out);
 uint64_t shm_bind_seq_offset(void); /* segment offset of the bind_seq wait word */
+
+/* queue.c: queues of objects (shm_layout.h, shm_queue_t; the state machine is drawn in queue.c).
+ * `queue`, `queue_id` name the queue object; slot is the caller's. */
+#define SHM_QPUT_NEW 0   /* mode: object is an unpublished object of slot's: publish it in */
+#define SHM_QPUT_VALUE 1 /* mode: an existing object (object_id), delivered as its value */
+#define SHM_QPUT_REF 2   /* mode: an existing object, delivered as a reference to it */
+#define SHM_QPUT_KIND 3
+#define SHM_QPUT_FORCE 4 /* with a mode: ignore maxsize (putting back what a get took) */
+#define SHM_QPUT_FULL 1  /* shm_queue_put: the queue is full, *seq_out is not_full's value */
+#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, bufs as shm_object_open) */
+#define SHM_QGET_REF 1   /* shm_queue_get: an item that is a reference to the object in out */
+#define SHM_QGET_EMPTY 2 /* shm_queue_get: nothing waits, *seq_out is not_empty's value */
+#define SHM_QWAIT_NOT_EMPTY 0
+#define SHM_QWAIT_NOT_FULL 1
+#define SHM_QWAIT_ALL_DONE 2
+/* A new queue (maxsize 0: unbounded), held by slot. */
+int shm_queue_create(shm_handle_t *h, int32_t slot, uint64_t maxsize, int joinable,
+                     uint64_t *queue_out, uint64_t *id_out);
+/* Put an item: SHM_OK (woken: one sleeping getter), SHM_QPUT_FULL, or a status. */
+int shm_queue_put(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t object,
+                  uint64_t object_id, uint32_t mode, uint32_t *seq_out);
+/* Take the oldest item, held by slot from now on: SHM_QGET_VALUE / _REF / _EMPTY, or a status. */
+int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+                  shm_object_view_t *out, uint64_t *bufs, uint32_t cap, uint32_t *seq_out);
+/* JoinableQueue.task_done(): SHM_EINVAL if called more often than items were put. */
+int shm_queue_task_done(shm_handle_t *h, uint64_t queue, uint64_t queue_id);
+int shm_queue_info(shm_handle_t *h, uint64_t queue, uint64_t queue_id, shm_queue_info_t *out);
+/* Sleep while the wait word `which` (SHM_QWAIT_*) of the queue whose control struct is at
+ * segment offset `control` holds seq, counted as a sleeper; returns as shm_wait. */
+int shm_queue_wait(shm_handle_t *h, uint64_t control, int32_t which, uint32_t seq,
+                   int64_t timeout_ns);
 
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);

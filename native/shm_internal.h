@@ -137,6 +137,12 @@ enum {
     FAULT_CACHE_POPPED,
     FAULT_CACHE_PUSHED,
     FAULT_REMOTE_CLAIMED,
+    FAULT_QUEUE_PUT_HALF,
+    FAULT_QUEUE_PUT_DONE,
+    FAULT_QUEUE_GET_HALF,
+    FAULT_QUEUE_GET_DONE,
+    FAULT_QUEUE_GROW,
+    FAULT_QUEUE_DRAIN,
 };
 extern int fault_step;
 void fault_init(void);
@@ -254,5 +260,16 @@ int objects_held(const shm_handle_t *h, int32_t slot);
 int objects_collect(shm_handle_t *h, int32_t slot);
 void objects_bound(shm_handle_t *h);
 void objects_wake_binders(shm_handle_t *h);
+/* objects.c, for queue.c: the file-private steps of objects, under the heap lock */
+int objects_find(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *off, shm_object_t **out);
+int objects_publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
+                           uint64_t *id_out);
+int objects_open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t *o,
+                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
+void objects_holder_set(shm_handle_t *h, shm_object_t *o, int32_t slot, int on);
+int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o);
+
+/* queue.c */
+int queue_release_items(shm_handle_t *h, uint64_t off, shm_object_t *qo);
 
 #endif

@@ -318,6 +318,46 @@ typedef struct shm_ticket {
 
 #define SHM_TICKET_MAGIC 0x54454b434954534f
 
+/* A queue (queue.c; the essay there draws its state machine): an object (flag SHM_OBJ_QUEUE)
+ * whose pickle stream is this control struct and whose one buffer is the ring, an array of
+ * `capacity` shm_qcell_t. Processes hold the queue like any object (holder bits, tickets when a
+ * Queue is pickled); each item in the ring holds one anonymous hold on its object. Everything
+ * but the four wait words and the three sleeper counts changes under the heap lock, journaled;
+ * the wait words are bumped under it by atomic add (never journaled: a rollback leaves a bump,
+ * which is only a spurious wake-up), the sleeper counts by any process without it.
+ *   [Q1] magic == SHM_QUEUE_MAGIC; tail <= head; head - tail <= capacity;
+ *        maxsize == 0 || head - tail <= maxsize; capacity == ring's nbytes / sizeof(shm_qcell_t)
+ *   [Q2] the cells of positions [tail, head) (index pos % capacity) hold items, the others 0
+ *   [Q3] unfinished >= head - tail for a joinable queue, 0 for any other */
+typedef struct shm_queue {
+    uint64_t magic;      /* +0x00 SHM_QUEUE_MAGIC */
+    uint64_t maxsize;    /* +0x08 most items waiting; 0 = no bound but the arena's memory */
+    uint64_t capacity;   /* +0x10 cells in the ring; grows by doubling (queue_grow) */
+    uint64_t head;       /* +0x18 items ever put: the next put fills cell head % capacity */
+    uint64_t tail;       /* +0x20 items ever taken: the next get empties cell tail % capacity */
+    uint64_t unfinished; /* +0x28 joinable: items put and not yet task_done() */
+    uint32_t joinable;   /* +0x30 1 for a JoinableQueue */
+    uint32_t pad0;       /* +0x34 */
+    uint64_t pad1[1];    /* +0x38 */
+    uint32_t not_empty;  /* +0x40 wait word: bumped by every put */
+    uint32_t not_full;   /* +0x44 wait word: bumped by every get */
+    uint32_t all_done;   /* +0x48 wait word: bumped when unfinished drops to 0 */
+    uint32_t getters;    /* +0x4c processes asleep on not_empty (atomic; wake only if > 0) */
+    uint32_t putters;    /* +0x50 asleep on not_full */
+    uint32_t joiners;    /* +0x54 asleep on all_done */
+    uint64_t pad2[5];    /* +0x58 */
+} shm_queue_t;
+
+/* One cell of a queue's ring: the item's object, 0 when the cell is empty. */
+typedef struct shm_qcell {
+    uint64_t object; /* +0x00 header address of the item's object | SHM_QCELL_REF; 0 = empty */
+    uint64_t id;     /* +0x08 the object's id */
+} shm_qcell_t;
+
+#define SHM_QUEUE_MAGIC 0x4555455551484d53
+#define SHM_QCELL_REF 1 /* the item is the reference itself: get() hands out an ObjectRef */
+#define SHM_OBJ_QUEUE 4 /* shm_object_t.flags: the object is a queue (shm_queue_t) */
+
 /* The arena's objects section (objects.c, wait.c). Under the heap lock, journaled, but for the
  * wait word bind_seq, which changes by atomic add (wait.c's protocol): every bind bumps it under
  * the heap lock, after the bind, and wakes its sleepers after unlocking; get(name) reads it with

@@ -22,6 +22,7 @@ from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .lease import CoordinatorRunning
 from .manager import DEFAULT_CAPACITY, MemoryManager
+from .queues import JoinableQueue, Queue, SimpleQueue
 from .stats import CheckReport, MemoryPressure, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
 
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_CAPACITY",
     "Event",
     "InvalidAddress",
+    "JoinableQueue",
     "MemoryBlock",
     "MemoryGuard",
     "MemoryManager",
@@ -48,7 +50,9 @@ __all__ = [
     "ProcessInfo",
     "ProcessLimitExceeded",
     "ProtectionViolation",
+    "Queue",
     "ShmallocError",
+    "SimpleQueue",
 ]
 __version__ = "0.1.0"
 

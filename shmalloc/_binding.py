@@ -722,6 +722,102 @@ def objects_info(h: Handle, slot: int = -1) -> ObjectsInfo:
     )
 
 
+# ------------------------------------------------------------------ queues (queue.c)
+
+QPUT_NEW: int = lib.SHM_QPUT_NEW
+QPUT_VALUE: int = lib.SHM_QPUT_VALUE
+QPUT_REF: int = lib.SHM_QPUT_REF
+QPUT_FORCE: int = lib.SHM_QPUT_FORCE
+QWAIT_NOT_EMPTY: int = lib.SHM_QWAIT_NOT_EMPTY
+QWAIT_NOT_FULL: int = lib.SHM_QWAIT_NOT_FULL
+QWAIT_ALL_DONE: int = lib.SHM_QWAIT_ALL_DONE
+
+
+def queue_create(h: Handle, slot: int, maxsize: int, joinable: bool) -> tuple[int, int]:
+    """A new queue object held by slot: (address, id)."""
+    q, qid = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    _check(lib.shm_queue_create(h, slot, maxsize, int(joinable), q, qid))
+    return int(q[0]), int(qid[0])
+
+
+def queue_put(
+    h: Handle, slot: int, queue: int, queue_id: int, address: int, oid: int, mode: int
+) -> int | None:
+    """Put the object at ``address`` (QPUT_* mode): None when done, else the queue is full and
+    the value of its not_full wait word is returned (sleep on it with :func:`queue_wait`)."""
+    seq = ffi.new("uint32_t *")
+    rc = lib.shm_queue_put(h, slot, queue, queue_id, address, oid, mode, seq)
+    if rc == lib.SHM_OK:
+        return None
+    if rc == lib.SHM_QPUT_FULL:
+        return int(seq[0])
+    raise_status(rc, address)
+
+
+def queue_get(
+    h: Handle, slot: int, queue: int, queue_id: int
+) -> tuple[ObjectView | None, bool, int]:
+    """Take the oldest item, held by slot from now on: (its view, True if the item is a
+    reference rather than a value, 0), or (None, False, the not_empty word's value) if the
+    queue is empty."""
+    v = ffi.new("shm_object_view_t *")
+    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
+    seq = ffi.new("uint32_t *")
+    rc = lib.shm_queue_get(h, slot, queue, queue_id, v, bufs, OBJECT_MAX_BUFFERS, seq)
+    if rc == lib.SHM_QGET_EMPTY:
+        return None, False, int(seq[0])
+    _check(rc, queue)
+    return _view(v, bufs), rc == lib.SHM_QGET_REF, 0
+
+
+def queue_task_done(h: Handle, queue: int, queue_id: int) -> None:
+    _check(lib.shm_queue_task_done(h, queue, queue_id), queue)
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """A queue's counts (shm_queue_info_t), read together under the heap lock."""
+
+    size: int
+    maxsize: int
+    capacity: int
+    unfinished: int
+    put: int
+    control: int
+    all_done_seq: int
+    joinable: bool
+
+
+def queue_info(h: Handle, queue: int, queue_id: int) -> QueueInfo:
+    i = ffi.new("shm_queue_info_t *")
+    _check(lib.shm_queue_info(h, queue, queue_id, i), queue)
+    return QueueInfo(
+        int(i.size),
+        int(i.maxsize),
+        int(i.capacity),
+        int(i.unfinished),
+        int(i.put),
+        int(i.control),
+        int(i.all_done_seq),
+        bool(i.joinable),
+    )
+
+
+def queue_wait(h: Handle, control: int, which: int, seq: int, timeout: float | None) -> bool:
+    """Sleep, counted as a sleeper, while the queue's wait word ``which`` (QWAIT_*) holds
+    ``seq``: as :func:`wait` (True: woken or changed, False: timed out)."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    while True:
+        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
+        rc = lib.shm_queue_wait(h, control, which, seq, ns)
+        if rc == lib.SHM_OK:
+            return True
+        if rc == lib.SHM_ETIMEDOUT:
+            return False
+        if rc != lib.SHM_EINTR:
+            _check(rc, control)
+
+
 # ------------------------------------------------------------------ debugging and tests
 
 
