@@ -22,6 +22,7 @@ from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .lease import CoordinatorRunning
 from .manager import DEFAULT_CAPACITY, MemoryManager
+from .objects import ObjectRef
 from .stats import CheckReport, MemoryPressure, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
 
@@ -44,6 +45,7 @@ __all__ = [
     "MemoryStats",
     "NotAnArena",
     "ObjectNotFound",
+    "ObjectRef",
     "OutOfMemory",
     "ProcessInfo",
     "ProcessLimitExceeded",
