@@ -37,6 +37,15 @@ _Static_assert(SHM_HOLDER_WORDS * 64 == SHM_MAX_PROCS, "one holder bit per slot"
 _Static_assert(offsetof(shm_objects_t, held) == 0x80, "shm_objects_t.held");
 _Static_assert(offsetof(shm_arena_t, objects) == 0x9a980, "shm_arena_t.objects");
 
+#define LOCKED(h, expr)                \
+    do {                               \
+        int rc_ = heap_lock(h);        \
+        if (rc_ != SHM_OK) return rc_; \
+        rc_ = (expr);                  \
+        heap_unlock(h);                \
+        return rc_;                    \
+    } while (0)
+
 #define DEFAULT_TRANSIT_NS (60ull * 1000000000ull)
 #define OBJ_FLAGS (SHM_BF_OBJECT | SHM_BF_OBJPART)
 
@@ -164,20 +173,22 @@ int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o) {
     return rc == SHM_OK ? 1 : rc;
 }
 
-/* names.c: the last name of the block at off went. */
-int objects_unnamed(shm_handle_t *h, uint64_t off) {
+/* shm_name_unbind lives here, above names.c: a name is one of an object's holds. */
+static int unbind_locked(shm_handle_t *h, const char *name) {
+    uint64_t off;
+    int rc = names_unbind_locked(h, name, &off);
+    if (rc != SHM_OK || !off || !(block_at(h, off)->flags & SHM_BF_OBJECT)) return rc;
     shm_object_t *o = obj_of(h, off);
-    if (!(block_at(h, off)->flags & SHM_BF_OBJECT) || o->magic != SHM_OBJECT_MAGIC) return 0;
-    return objects_settle(h, off, o);
+    if (o->magic != SHM_OBJECT_MAGIC) return SHM_OK;
+    rc = objects_settle(h, off, o); /* an object that nothing else holds goes now */
+    return rc < 0 ? rc : SHM_OK;
 }
 
-/* names.c, under the heap lock: a name was bound. Waiters re-check after the bump (wait.c). */
-void objects_bound(shm_handle_t *h) {
-    __atomic_add_fetch(&section(h)->bind_seq, 1, __ATOMIC_RELEASE);
+int shm_name_unbind(shm_handle_t *h, const char *name) {
+    int rc = names_check(name);
+    if (rc != SHM_OK) return rc;
+    LOCKED(h, unbind_locked(h, name));
 }
-
-/* names.c, after unlocking: wake every get(name) asleep on bind_seq. */
-void objects_wake_binders(shm_handle_t *h) { shm_wake(h, shm_bind_seq_offset(), -1); }
 
 int objects_held(const shm_handle_t *h, int32_t slot) {
     return slot >= 0 && slot < SHM_MAX_PROCS && h->arena->objects.held[slot] != 0;
@@ -282,15 +293,6 @@ static int publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int wr
     *id_out = o->id;
     return SHM_OK;
 }
-
-#define LOCKED(h, expr)                \
-    do {                               \
-        int rc_ = heap_lock(h);        \
-        if (rc_ != SHM_OK) return rc_; \
-        rc_ = (expr);                  \
-        heap_unlock(h);                \
-        return rc_;                    \
-    } while (0)
 
 int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
                        uint64_t *id_out) {

@@ -227,7 +227,6 @@ int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
 /* names.c */
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);
 int64_t shm_name_lookup(shm_handle_t *h, const char *name);
-int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
 
 /* objects.c: objects in the arena (shm_layout.h, shm_object_t). `object` is the header block's
@@ -273,6 +272,9 @@ int shm_objects_set_transit_timeout(shm_handle_t *h, uint64_t ns);
 /* Counts for stats and tests; held is for slot (-1: 0). */
 int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out);
 uint64_t shm_bind_seq_offset(void); /* segment offset of the bind_seq wait word */
+/* names: unbind lives in objects.c (a name is one of an object's holds; unbinding the last may
+ * free it) */
+int shm_name_unbind(shm_handle_t *h, const char *name);
 
 /* queue.c: queues of objects (shm_layout.h, shm_queue_t; the state machine is drawn in queue.c).
  * `queue`, `queue_id` name the queue object; slot is the caller's. */

@@ -249,17 +249,16 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
 int64_t names_find_address(shm_handle_t *h, const char *name);
+int names_unbind_locked(shm_handle_t *h, const char *name, uint64_t *off_out);
+int names_check(const char *name);
 
 /* alloc.c */
 int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
 int alloc_oom_report(shm_handle_t *h, uint64_t requested);
 
 /* objects.c */
-int objects_unnamed(shm_handle_t *h, uint64_t off);
 int objects_held(const shm_handle_t *h, int32_t slot);
 int objects_collect(shm_handle_t *h, int32_t slot);
-void objects_bound(shm_handle_t *h);
-void objects_wake_binders(shm_handle_t *h);
 /* objects.c, for queue.c: the file-private steps of objects, under the heap lock */
 int objects_find(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *off, shm_object_t **out);
 int objects_publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int writable,

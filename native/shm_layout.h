@@ -57,6 +57,11 @@
  *   procs[i].limit                   shm_proc_set_limit, any process   atomic store, no lock
  *   procs[i].trim_seq / trim_ack     a collector / the slot's process  atomic add / store
  *   refs[], names[], lease           the heap lock's holder            heap lock, journaled
+ *   objects (but bind_seq), object   the heap lock's holder            heap lock, journaled; an
+ *     headers, tickets                                                 object frees in
+ *                                                                      checkpointed steps (DYING)
+ *   objects.bind_seq                 a binder, under the heap lock     atomic add, then futex wake
+ *                                                                      after unlocking (wait.c)
  *   caches[i].head, count, usage,    slot i's lock holder; the heap    slot lock i; once slot i
  *     nblocks, nallocs, nfrees,      lock's holder once slot i is      is DEAD (or FREE) the
  *     cached_bytes, cached_blocks    DEAD or being reset               heap lock
@@ -99,19 +104,26 @@
  *     names in its pending word.
  *   - a ring producer between its claim and its publish: the cell looks unpublished; consumers
  *     retire it once producers are half a ring ahead (ring.c).
+ *   - a process killed while freeing an object: the object is DYING, its freed buffers' entries
+ *     zeroed; collection finishes it (objects.c). One killed between publishing and binding
+ *     leaves an object that only its bit held: collection frees it. A binder killed between its
+ *     bump of bind_seq and its wake: waiters find the name at their next look (objects.py caps
+ *     each sleep), see wait.c.
  *   - a process that dies holding no lock: its slot stays LIVE until Python finds the process gone
  *     (pid and start time) and marks it DEAD (shm_proc_mark_dead); collection (gc.c) then frees its
  *     blocks (cached, remotely freed and allocated ones that nobody references), drops its
  *     references and returns the slot to FREE.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
- *   alloc.c, gc.c          the user's calls on blocks; collection and detach
+ *   gc.c, objects.c        collection and detach; objects (with shm_name_unbind: a name is one
+ *                          of an object's holds)
+ *   alloc.c                the user's calls on blocks
  *   own.c, names.c, cache.c, lease.c, arena.c   ownership, names, per-process caches, lease,
  *                          format/attach/stats/check
  *   process.c              the process table
  *   heap.c, check.c        carve and release blocks under a lock its callers hold; the full walk
  *   lock.c                 the locks (at SHMALLOC_DEBUG >= 3 heap_unlock runs check.c's walk)
- *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, error.c   the leaves
+ *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, wait.c, error.c   the leaves
  */
 
 /* Bin layout (by whole block size s, header included; s is a multiple of 16 and >= 64):

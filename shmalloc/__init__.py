@@ -22,6 +22,7 @@ from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .lease import CoordinatorRunning
 from .manager import DEFAULT_CAPACITY, MemoryManager
+from .objects import ObjectRef
 from .queues import JoinableQueue, Queue, SimpleQueue
 from .stats import CheckReport, MemoryPressure, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
@@ -46,6 +47,7 @@ __all__ = [
     "MemoryStats",
     "NotAnArena",
     "ObjectNotFound",
+    "ObjectRef",
     "OutOfMemory",
     "ProcessInfo",
     "ProcessLimitExceeded",
