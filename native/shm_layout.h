@@ -72,6 +72,10 @@
  *   caches[i].pending                slot i's own process; the         sequentially consistent
  *                                    collector once slot i is DEAD     stores (see gc.c)
  *   ring (head, tail, cells)         any producer / any consumer       lock-free (ring.c)
+ *   queue control (head, tail,       put / get / task_done / grow      heap lock, journaled (the
+ *     capacity, unfinished), cells                                     queue is an object: queue.c)
+ *   queue wait words, sleeper        put/get/task_done (bump, under    atomic add, never
+ *     counts                         the lock); sleepers (counts)      journaled (queue.c)
  *   journal                          the heap lock's holder (and the   heap lock: the next taker
  *                                    next taker, rolling it back)      is the holder
  *   heap_lock, slot_locks[]          pthread                           themselves
@@ -109,12 +113,20 @@
  *     leaves an object that only its bit held: collection frees it. A binder killed between its
  *     bump of bind_seq and its wake: waiters find the name at their next look (objects.py caps
  *     each sleep), see wait.c.
+ *   - a queue's producer or consumer (queue.c draws the cell's two states): put and get are
+ *     one journaled step each, rolled back if the process dies inside; before put's step the
+ *     item is an unpublished object of the dying slot (collection frees it), after get's step
+ *     it is held by the dying slot (collection drops it: delivered once, to the dead). A queue
+ *     freed half way is DYING and collection finishes dropping its items.
  *   - a process that dies holding no lock: its slot stays LIVE until Python finds the process gone
  *     (pid and start time) and marks it DEAD (shm_proc_mark_dead); collection (gc.c) then frees its
  *     blocks (cached, remotely freed and allocated ones that nobody references), drops its
  *     references and returns the slot to FREE.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
+ *   queue.c                queues of objects, on top of objects.c; the one cycle among the
+ *                          files: objects.c's obj_free calls queue_release_items (a hook) to
+ *                          drop a freed queue's items, which settles each through objects.c
  *   gc.c, objects.c        collection and detach; objects (with shm_name_unbind: a name is one
  *                          of an object's holds)
  *   alloc.c                the user's calls on blocks
