@@ -117,10 +117,25 @@ static void holder_set(shm_handle_t *h, shm_object_t *o, int32_t slot, int on) {
     }
 }
 
+/* Make slot + 1 (0: nobody) the object's owner, keeping held[] counts [O2]. */
+static void owner_set(shm_handle_t *h, shm_object_t *o, uint32_t owner) {
+    uint32_t *held = section(h)->held;
+    J(h, &o->owner);
+    if (o->owner >= 1 && o->owner <= SHM_MAX_PROCS && held[o->owner - 1]) {
+        J(h, &held[o->owner - 1]);
+        held[o->owner - 1]--;
+    }
+    if (owner) {
+        J(h, &held[owner - 1]);
+        held[owner - 1]++;
+    }
+    o->owner = owner;
+}
+
 static int obj_unheld(const shm_handle_t *h, uint64_t off, const shm_object_t *o) {
     for (int i = 0; i < SHM_HOLDER_WORDS; i++)
         if (o->holders[i]) return 0;
-    return !o->holds && !(block_at(h, off)->flags & SHM_BF_NAMED);
+    return !o->holds && !o->owner && !(block_at(h, off)->flags & SHM_BF_NAMED);
 }
 
 /* Free a claimed OBJECT or OBJPART block (alloc.c's free, for blocks nobody else may free). */
@@ -383,6 +398,20 @@ int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t 
     LOCKED(h, release_locked(h, slot, object, id));
 }
 
+static int own_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
+    uint64_t off;
+    shm_object_t *o;
+    int rc = live_slot(h, slot);
+    if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
+    if (o->flags & SHM_OBJ_DELETED) return gone(object, "it was deleted");
+    if (o->owner != (uint32_t)slot + 1) owner_set(h, o, (uint32_t)slot + 1);
+    return SHM_OK;
+}
+
+int shm_object_own(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
+    LOCKED(h, own_locked(h, slot, object, id));
+}
+
 static int hold_locked(shm_handle_t *h, uint64_t object, int delta) {
     uint64_t off;
     shm_object_t *o;
@@ -571,6 +600,7 @@ static int delete_locked(shm_handle_t *h, uint64_t object, uint64_t id) {
     if (n < 0) return (int)n;
     J(h, &o->holds); /* queue slots and handles too: their later drop finds SHM_ENOENT */
     o->holds = 0;
+    if (o->owner) owner_set(h, o, 0);
     if (block_at(h, off)->flags & SHM_BF_NAMED) {
         names_drop_address(h, object);
         if ((rc = block_claim(h, off)) != SHM_OK) return rc;
@@ -612,6 +642,9 @@ int objects_collect(shm_handle_t *h, int32_t slot) {
             (o->magic == SHM_OBJECT_MAGIC || o->magic == SHM_OBJECT_DYING)) {
             for (int i = 0; i < SHM_MAX_PROCS; i++)
                 if (((dead[i / 64] >> (i % 64)) & 1) && holder_bit(o, i)) holder_set(h, o, i, 0);
+            if (o->owner >= 1 && o->owner <= SHM_MAX_PROCS &&
+                ((dead[(o->owner - 1) / 64] >> ((o->owner - 1) % 64)) & 1))
+                owner_set(h, o, 0);
             if (o->magic == SHM_OBJECT_DYING || obj_unheld(h, off, o)) rc = obj_free(h, off, &end);
             journal_checkpoint(h);
         }

@@ -252,9 +252,13 @@ int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_ob
 /* Drop slot's process reference: 1 if that freed the object, 0 if not, SHM_ENOENT if slot held
  * none. */
 int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
-/* delete(): no new references from now on; its names go, its anonymous holds (tickets, queue
- * slots, handles) are dropped: a later shm_object_drop of one answers SHM_ENOENT. 1 if freed. */
+/* delete(): no new references from now on; its names go, its owner and anonymous holds
+ * (tickets, queue slots, handles) are dropped: a later shm_object_drop of one answers
+ * SHM_ENOENT. 1 if freed. */
 int shm_object_delete(shm_handle_t *h, uint64_t object, uint64_t id);
+/* slot becomes the object's owner: it holds the object until it ends or anyone deletes it
+ * (shmalloc.arrays' producer and adopt). */
+int shm_object_own(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
 /* An anonymous hold (a queue slot, a reference in transit): keeps the object alive without a
  * process. drop returns 1 when that freed the object. */
 int shm_object_hold(shm_handle_t *h, uint64_t object);

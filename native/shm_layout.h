@@ -293,12 +293,13 @@ typedef struct shm_name {
  * Written under the heap lock; immutable once published (magic set) but for holders, holds and
  * flags. The lifetime rule, checked by every call that may end it (release, drop, unbind, delete,
  * the collection of a dead slot, ticket expiry):
- *   an object is freed, header and buffers at once, when holders == 0 && holds == 0 && its header
- *   block is not NAMED.
+ *   an object is freed, header and buffers at once, when holders == 0 && holds == 0 && owner == 0
+ *   && its header block is not NAMED.
  * Invariants:
  *   [O1] magic in {SHM_OBJECT_MAGIC, SHM_OBJECT_DYING}; the header block is persistent, OBJECT
  *   [O2] bit s of holders is set exactly when slot s holds a process reference; held[s] of
- *        shm_objects_t counts the objects with bit s set
+ *        shm_objects_t counts the objects with bit s set plus those whose owner is s + 1 (an
+ *        owner, shmalloc.arrays' producer, holds until it ends or anyone deletes the object)
  *   [O3] holds == the transit tickets naming the object + anonymous holds (queue slots, ...)
  *   [O4] every buffer entry with address != 0 is a live OBJPART block of at least nbytes bytes
  * A DYING object is being freed: entries already freed have address 0; collection finishes it. */
@@ -309,7 +310,7 @@ typedef struct shm_object {
     uint32_t holds;                     /* +0x20 anonymous holds: queue slots, tickets, handles */
     uint32_t nbuffers;                  /* +0x24 entries of the buffer table that follows */
     uint32_t flags;                     /* +0x28 SHM_OBJ_* */
-    uint32_t pad;                       /* +0x2c */
+    uint32_t owner;                     /* +0x2c slot + 1 holding it while alive; 0: none */
     uint64_t pickle_len;                /* +0x30 bytes of the pickle stream after the table */
     uint64_t nbytes;                    /* +0x38 pickle_len + the buffers' bytes */
 } shm_object_t;

@@ -671,6 +671,11 @@ def object_delete(h: Handle, address: int, oid: int) -> bool:
     return _check(lib.shm_object_delete(h, address, oid), address) == 1
 
 
+def object_own(h: Handle, slot: int, address: int, oid: int) -> None:
+    """slot owns the object: holds it until it ends or anyone deletes it."""
+    _check(lib.shm_object_own(h, slot, address, oid), address)
+
+
 def object_hold(h: Handle, address: int) -> None:
     """An anonymous hold (a queue slot, a reference in transit); ObjectNotFound if gone."""
     _check(lib.shm_object_hold(h, address), address)

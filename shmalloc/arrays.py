@@ -37,7 +37,6 @@ __all__ = ["SharedArray", "share_array"]
 
 _lock = threading.Lock()
 _attached: dict[str, MemoryManager] = {}  # arenas opened by handles in this process, by name
-_kept: dict[tuple[str, int, int], ObjectRef] = {}  # arrays this process holds until free()
 
 
 def _numpy() -> Any:
@@ -88,10 +87,7 @@ class SharedArray:
         a = attachment_of(self._manager(mgr))
         arr = objects.open_array(a, self.object, self.object_id, writable=True)
         if adopt:
-            key = (self.arena, self.object, self.object_id)
-            with _lock:
-                if key not in _kept:
-                    _kept[key] = objects.reference(a, self.object, self.object_id)
+            objects.own(a, self.object, self.object_id)
         return arr
 
     def asarray(self, mgr: MemoryManager | None = None) -> Any:
@@ -103,15 +99,10 @@ class SharedArray:
         keep its memory until they are released; opening it again fails."""
         m = self._manager(mgr)
         size = m.size_of(self.address)
-        key = (self.arena, self.object, self.object_id)
-        ref = _kept.get(key) or ObjectRef(attachment_of(m), self.object, self.object_id, 0, None)
-        try:
-            m.delete(ref)
+        try:  # a reference that this process does not count as a holder: it only names it
+            m.delete(ObjectRef(attachment_of(m), self.object, self.object_id, 0, None))
         except ObjectNotFound:
             raise InvalidAddress(self.address, "the array was freed already") from None
-        finally:
-            with _lock:
-                _kept.pop(key, None)
         return size
 
 
@@ -133,10 +124,9 @@ def share_array(mgr: MemoryManager, array: Any, *, persist: bool = False) -> Sha
     np.copyto(dest, a, casting="no")
     address = objects.data_address(attachment_of(mgr), ref)
     del dest
+    objects.own(attachment_of(mgr), ref.address, ref.id)  # held until this process ends or free()
     if persist:
-        objects.hold(attachment_of(mgr), ref)
-    with _lock:
-        _kept[ref.key] = ref
+        objects.hold(attachment_of(mgr), ref)  # held until free()
     return SharedArray(
         mgr.name,
         address,

@@ -54,6 +54,7 @@ __all__ = [
     "get",
     "get_async",
     "hold",
+    "own",
     "reference",
     "data_address",
     "object_stats",
@@ -557,6 +558,12 @@ def data_address(a: Attachment, ref: ObjectRef) -> int:
         finally:
             _drop(ref.key, False)
     return view.buffers[0][0]
+
+
+def own(a: Attachment, address: int, oid: int) -> None:
+    """This process owns the object: it holds it until it ends or anyone deletes it (the old
+    lifetime of a block, for shmalloc.arrays). ObjectNotFound if gone."""
+    C.object_own(a.handle(), slot_for(a, None), address, oid)
 
 
 def hold(a: Attachment, ref: ObjectRef) -> None:
