@@ -144,7 +144,8 @@ class _Base:
             raise ValueError(f"Queue {self!r} is closed")
 
     def _info(self) -> C.QueueInfo:
-        return C.queue_info(self._att.handle(), self._ref.address, self._ref.id)
+        with objects._critical():  # (in a fork child, first hold what the parent held)
+            return C.queue_info(self._att.handle(), self._ref.address, self._ref.id)
 
     # -------------------------------------------------------------- put
 
@@ -174,9 +175,10 @@ class _Base:
     def _offer(self, item: _Item) -> int | None:
         """One attempt to put ``item``: None when it went in, else the not_full word to wait on."""
         a = self._att
-        seq = C.queue_put(
-            a.handle(), slot_for(a, None), self._ref.address, self._ref.id, *_args(item)
-        )
+        with objects._critical():  # a fork child holds the queue from its first call on
+            seq = C.queue_put(
+                a.handle(), slot_for(a, None), self._ref.address, self._ref.id, *_args(item)
+            )
         if seq is None:
             item.unpublished = []  # published: the queue holds it now
         return seq

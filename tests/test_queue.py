@@ -19,6 +19,7 @@ import queue
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -399,4 +400,28 @@ def test_producers_and_consumers_killed_mid_stream(
     q.put("still works")
     assert q.get(timeout=TIMEOUT) == "still works"
     del q
+    assert_no_leak(mgr)
+
+
+def fork_child_keeps_queue(q: Queue, handed: Any, go: Any) -> None:
+    q.qsize()  # its first call: from now on it holds the queue it inherited
+    handed.set()
+    assert go.wait(TIMEOUT)
+    q.put("from the child")  # the parent let its handle go meanwhile
+    assert q.get(timeout=TIMEOUT) == "from the child"
+
+
+def test_fork_child_holds_the_queue_it_inherited(mgr: MemoryManager) -> None:
+    ctx = mp.get_context("fork")
+    q = Queue(arena=mgr)
+    handed, go = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=fork_child_keeps_queue, args=(q, handed, go))
+    p.start()
+    assert handed.wait(TIMEOUT)
+    del q
+    gc.collect()
+    assert objects.object_stats(attachment_of(mgr)).live == 1  # the child's hold keeps it
+    go.set()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0
     assert_no_leak(mgr)
