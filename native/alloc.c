@@ -21,6 +21,11 @@ static int alloc_oom(shm_handle_t *h, int status, uint64_t requested) {
                    h->heap_end - h->heap_off);
 }
 
+/* Out of memory for a caller that allocates outside shm_alloc (objects.c's tickets). */
+int alloc_oom_report(shm_handle_t *h, uint64_t requested) {
+    return alloc_oom(h, SHM_ENOMEM, requested);
+}
+
 static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint32_t owner) {
     shm_counters_t *c = &h->arena->counters;
     shm_assert(owner >= 1 && owner <= SHM_MAX_PROCS && size > 0);
@@ -106,6 +111,10 @@ static int64_t free_locked(shm_handle_t *h, uint64_t address) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
     if (rc != SHM_OK || (rc = block_claim(h, off)) != SHM_OK) return rc;
+    if (UNLIKELY(block_at(h, off)->flags & (SHM_BF_OBJECT | SHM_BF_OBJPART)))
+        return err_set(SHM_EINVAL, address,
+                       "the block at %#llx belongs to an object; delete the object instead",
+                       (unsigned long long)address);
     int64_t got = (int64_t)(block_at(h, off)->size - SHM_HDR);
     rc = alloc_free_block(h, off, NULL);
     return rc == SHM_OK ? got : rc;

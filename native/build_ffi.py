@@ -28,10 +28,13 @@ SOURCES = [
     "life.c",
     "lock.c",
     "names.c",
+    "objects.c",
     "own.c",
     "process.c",
+    "queue.c",
     "ring.c",
     "sizeclass.c",
+    "wait.c",
 ]
 
 ffibuilder = FFI()

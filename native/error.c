@@ -31,6 +31,8 @@ static const char *const messages[] = {
     [15] = "a lock is held by another thread or process",
     [16] = "the segment is not a shmalloc arena",
     [17] = "the arena is closed in this process",
+    [18] = "the wait timed out",
+    [19] = "the wait was interrupted by a signal",
 };
 
 const char *shm_strerror(int status) {
@@ -82,6 +84,9 @@ int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested) {
     snprintf(last_error.detail, sizeof last_error.detail, "%s", shm_strerror(SHM_ELIMIT));
     return SHM_ELIMIT;
 }
+
+/* Put back an error saved before cleanup calls that may have recorded their own. */
+void err_restore(const shm_error_info_t *saved) { last_error = *saved; }
 
 /* A debug build's assert failed (shm_internal.h): our own logic is wrong, not the segment. */
 void shm_assert_fail(const char *what, const char *file, int line) {

@@ -15,6 +15,12 @@
  *   cache.popped   a cached block is off its list, not yet handed out (no heap lock held)
  *   cache.pushed   a freed block is marked CACHED, not yet on its list (no heap lock held)
  *   remote.claimed another process's block is marked REMOTE, not yet on its remote list
+ *   queue.put.half the item is published and in its cell, the queue's head not yet advanced
+ *   queue.put.done the put is done and the heap lock let go, sleeping getters not yet woken
+ *   queue.get.half the consumer holds the item, its cell is empty, its hold not yet dropped
+ *   queue.get.done the get is done and the heap lock let go, the item not yet back in Python
+ *   queue.grow     a bigger ring is carved and filled, not yet in the queue
+ *   queue.drain    a queue being freed has dropped an item, more are left
  *
  * With SHMALLOC_FAULT_PAUSE=<w>:<r> (two inherited descriptors) the step pauses instead: the first
  * thread to reach it writes one byte to descriptor w and blocks until it reads one from r, still
@@ -45,6 +51,12 @@ static const char *const steps[] = {
     [FAULT_CACHE_POPPED] = "cache.popped",
     [FAULT_CACHE_PUSHED] = "cache.pushed",
     [FAULT_REMOTE_CLAIMED] = "remote.claimed",
+    [FAULT_QUEUE_PUT_HALF] = "queue.put.half",
+    [FAULT_QUEUE_PUT_DONE] = "queue.put.done",
+    [FAULT_QUEUE_GET_HALF] = "queue.get.half",
+    [FAULT_QUEUE_GET_DONE] = "queue.get.done",
+    [FAULT_QUEUE_GROW] = "queue.grow",
+    [FAULT_QUEUE_DRAIN] = "queue.drain",
 };
 
 void fault_init(void) {

@@ -86,7 +86,8 @@ static int gc_locked(shm_handle_t *h, int32_t slot, int all_blocks, shm_gc_resul
     }
     for (int i = 0; i < SHM_MAX_PROCS; i++) {
         shm_proc_t *p = &a->procs[i];
-        if (p->state == SHM_PROC_DEAD && remaining[i] == 0 && (slot < 0 || slot == i)) {
+        if (p->state == SHM_PROC_DEAD && remaining[i] == 0 && !objects_held(h, i) &&
+            (slot < 0 || slot == i)) {
             refs_drop_slot(h, (uint32_t)i + 1);
             proc_free_slot(h, i);
             out->procs_cleaned++;
@@ -110,7 +111,9 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t
     shm_gc_result_t r = {0};
     cache_finish_pushes(h);  /* remote frees that dead processes left half done */
     cache_help_drain_all(h); /* and blocks freed to live processes that have not taken them in */
-    int rc = heap_lock(h);
+    int rc = objects_collect(h, slot); /* dead slots' object references, expired tickets */
+    if (rc != SHM_OK) return rc;
+    if ((rc = heap_lock(h)) != SHM_OK) return rc;
     if (rc != SHM_OK) return rc;
     const shm_proc_t *p = slot >= 0 ? &h->arena->procs[slot] : NULL;
     if (p && pid && (p->state == SHM_PROC_FREE || p->pid != pid || p->start_time != start_time))
@@ -137,7 +140,7 @@ int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     int freed = 0;
     if (p->state == SHM_PROC_LIVE && A_LOAD(&p->nblocks) + A_LOAD(&c->nblocks) == 0 &&
         !A_LOAD(&c->cached_blocks) && !A_LOAD(&c->remote_head) &&
-        !refs_held_by(h, (uint32_t)slot + 1)) {
+        !refs_held_by(h, (uint32_t)slot + 1) && !objects_held(h, slot)) {
         proc_free_slot(h, slot);
         life_let_go(h, slot); /* if this process's keeper holds it: the slot is given back */
         freed = 1;

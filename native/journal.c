@@ -52,13 +52,16 @@ void journal_end(shm_handle_t *h) {
 }
 
 /* Is [off, off+len) a range that journal_save records? The counters, the bins through the names
- * table (bitmap, bins, process table, references, names: contiguous), or the heap. Never the
+ * table (bitmap, bins, process table, references, names: contiguous), the objects section, or
+ * the heap. Never the
  * lock, the ring or the journal itself: a damaged record must not be able to overwrite them. */
 static int journal_may_restore(const shm_handle_t *h, uint64_t off, uint64_t len) {
     const uint64_t c0 = offsetof(shm_arena_t, counters), c1 = c0 + sizeof(shm_counters_t);
     const uint64_t t0 = offsetof(shm_arena_t, bitmap), t1 = offsetof(shm_arena_t, ring);
     if (off >= h->heap_off) return off <= h->capacity && len <= h->capacity - off;
+    const uint64_t o0 = offsetof(shm_arena_t, objects), o1 = o0 + sizeof(shm_objects_t);
     if (off >= c0 && off + len <= c1) return 1;
+    if (off >= o0 && off + len <= o1) return 1;
     return off >= t0 && off + len <= t1;
 }
 

@@ -53,6 +53,8 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     memset(slot->name, 0, SHM_NAME_LEN);
     memcpy(slot->name, name, strlen(name));
     slot->address = address;
+    /* wake every get(name) asleep on bind_seq: bumped here, woken after unlocking (wait.c) */
+    __atomic_add_fetch(&h->arena->objects.bind_seq, 1, __ATOMIC_RELEASE);
     return SHM_OK;
 }
 
@@ -63,6 +65,7 @@ int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address) {
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
     rc = bind_locked(h, name, address);
     heap_unlock(h);
+    if (rc == SHM_OK) shm_wake(h, offsetof(shm_arena_t, objects.bind_seq), -1);
     return rc;
 }
 
@@ -90,7 +93,10 @@ static int address_is_named(shm_handle_t *h, uint64_t address) {
     return 0;
 }
 
-static int unbind_locked(shm_handle_t *h, const char *name) {
+/* Unbind name (heap lock held). *off_out: the block's header offset if that was its last name
+ * (objects.c's shm_name_unbind then applies the objects' rule to it), else 0. */
+int names_unbind_locked(shm_handle_t *h, const char *name, uint64_t *off_out) {
+    *off_out = 0;
     shm_name_t *e = name_find(h, name);
     if (!e) return err_set(SHM_ENOENT, 0, "no block is bound to the name '%s'", name);
     uint64_t address = e->address, off;
@@ -102,17 +108,18 @@ static int unbind_locked(shm_handle_t *h, const char *name) {
     if (rc != SHM_OK) return rc;
     block_edit(h, off)->flags &= ~(uint32_t)SHM_BF_NAMED; /* stays persistent */
     block_reseal(h, off);
+    *off_out = off;
     return SHM_OK;
 }
 
-int shm_name_unbind(shm_handle_t *h, const char *name) {
-    SHM_GATE(h);
-    int rc = name_check(name);
-    if (rc != SHM_OK) return rc;
-    if ((rc = heap_lock(h)) != SHM_OK) return rc;
-    rc = unbind_locked(h, name);
-    heap_unlock(h);
-    return rc;
+int names_check(const char *name) { return name_check(name); }
+
+/* The address bound to name, or SHM_ENOENT (objects.c's lookup under the caller's lock). */
+int64_t names_find_address(shm_handle_t *h, const char *name) {
+    if (name_check(name) != SHM_OK) return SHM_EINVAL;
+    const shm_name_t *e = name_find(h, name);
+    return e ? (int64_t)e->address
+             : err_set(SHM_ENOENT, 0, "no object is bound to the name '%s'", name);
 }
 
 /* The block at address is being freed: its names go. */

@@ -33,6 +33,10 @@ static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         return err_set(SHM_EINVAL, address,
                        "the block at %#llx is named; unbind it before adopting",
                        (unsigned long long)address);
+    if (block_at(h, off)->flags & (SHM_BF_OBJECT | SHM_BF_OBJPART))
+        return err_set(SHM_EINVAL, address,
+                       "the block at %#llx belongs to an object, which its references keep alive",
+                       (unsigned long long)address);
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, (uint32_t)slot + 1, b->size - SHM_HDR);
     b->owner = (uint32_t)slot + 1;

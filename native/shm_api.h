@@ -26,6 +26,8 @@
 #define SHM_EBUSY -15     /* a lock another thread or process holds (a trylock gave up) */
 #define SHM_ENOTARENA -16 /* the segment exists but is not a shmalloc arena */
 #define SHM_ECLOSED -17   /* the handle is closed (or closing) in this process */
+#define SHM_ETIMEDOUT -18 /* a wait ended at its timeout */
+#define SHM_EINTR -19     /* a wait was interrupted by a signal: run the handlers, wait again */
 
 /* Bit set in shm_alloc's result when this allocation moved the arena into a higher pressure
  * level (once per crossing, arena-wide); the address is the result with the bit cleared. */
@@ -98,6 +100,40 @@ typedef struct shm_block_info {
     uint32_t refcount;
     int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
+
+/* What shm_object_open found: where the pickle stream is, and the object's size. The buffers'
+ * (address, nbytes) pairs go to the caller's array. */
+typedef struct shm_object_view {
+    uint64_t address;    /* the object's header address */
+    uint64_t id;         /* its id: (address, id) names it */
+    uint64_t pickle;     /* address of the pickle stream */
+    uint64_t pickle_len; /* its length */
+    uint64_t nbytes;     /* pickle_len + the buffers' bytes */
+    uint32_t nbuffers;
+    uint32_t flags;    /* SHM_OBJ_* */
+    uint32_t bind_seq; /* shm_object_open_name: bind_seq as read with the lookup, for shm_wait */
+    uint32_t pad;
+} shm_object_view_t;
+
+typedef struct shm_objects_info {
+    uint64_t live;               /* objects published and not freed */
+    uint64_t tickets;            /* references in transit */
+    uint64_t dying;              /* objects whose freeing was interrupted, for collection */
+    uint64_t transit_timeout_ns; /* how long a pickled reference keeps its object alive */
+    uint64_t held;               /* objects the given slot holds */
+} shm_objects_info_t;
+
+/* What shm_queue_info found (a snapshot under the heap lock). */
+typedef struct shm_queue_info {
+    uint64_t size;         /* items waiting */
+    uint64_t maxsize;      /* 0: unbounded */
+    uint64_t capacity;     /* cells in the ring now */
+    uint64_t unfinished;   /* joinable: items put and not yet task_done() */
+    uint64_t put;          /* items ever put */
+    uint64_t control;      /* segment offset of the queue's shm_queue_t, for shm_queue_wait */
+    uint32_t all_done_seq; /* the all_done wait word, read with unfinished */
+    uint32_t joinable;
+} shm_queue_info_t;
 
 typedef struct shm_gc_result {
     uint64_t freed_blocks;
@@ -207,8 +243,89 @@ int64_t shm_lock_offset(int32_t which); /* segment offset of that lock */
 /* names.c */
 int shm_name_bind(shm_handle_t *h, const char *name, uint64_t address);
 int64_t shm_name_lookup(shm_handle_t *h, const char *name);
-int shm_name_unbind(shm_handle_t *h, const char *name);
 int shm_name_at(shm_handle_t *h, uint32_t index, char *name_out, uint64_t *address_out);
+
+/* objects.c: objects in the arena (shm_layout.h, shm_object_t). `object` is the header block's
+ * address, `id` the object's id (0: any). Every call validates both and answers SHM_ENOENT for an
+ * object that is gone (freed, reused, deleted). */
+/* Allocate, owned by slot, an unpublished object: a header block with room for the buffer table
+ * and pickle_len bytes, and one block per buffer. out[0] = the header's address, out[1] = where
+ * the pickle stream goes, out[2 + i] = buffer i's address. Write them, then publish. A process
+ * killed before publish leaves plain blocks of its own: collection frees them. */
+int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
+                      const uint64_t *sizes, uint64_t *out);
+/* Make the written object live: blocks become persistent object blocks (buffers sealed unless
+ * writable), and slot holds it. Its id goes to *id_out. */
+int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
+                       uint64_t *id_out);
+/* slot takes a process reference (idempotent: one bit per slot) and learns the object's layout;
+ * bufs receives nbuffers (address, nbytes) pairs, cap is its room in pairs. */
+int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
+                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
+/* The same for the object bound to name; SHM_ENOENT (with out->bind_seq set) if none. */
+int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
+                         uint64_t *bufs, uint32_t cap);
+/* Drop slot's process reference: 1 if that freed the object, 0 if not, SHM_ENOENT if slot held
+ * none. */
+int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
+/* delete(): no new references from now on; its names go, its owner and anonymous holds
+ * (tickets, queue slots, handles) are dropped: a later shm_object_drop of one answers
+ * SHM_ENOENT. 1 if freed. */
+int shm_object_delete(shm_handle_t *h, uint64_t object, uint64_t id);
+/* slot becomes the object's owner: it holds the object until it ends or anyone deletes it
+ * (shmalloc.arrays' producer and adopt). */
+int shm_object_own(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
+/* An anonymous hold (a queue slot, a reference in transit): keeps the object alive without a
+ * process. drop returns 1 when that freed the object. */
+int shm_object_hold(shm_handle_t *h, uint64_t object);
+int shm_object_drop(shm_handle_t *h, uint64_t object);
+/* A pickled reference: a ticket holding the object until claimed or transit_timeout passes. */
+int shm_ticket_issue(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *ticket_out,
+                     uint64_t *ticket_id_out);
+/* Unpickling: slot takes a process reference and the ticket (if still there) is dropped: 1 if
+ * the ticket was claimed, 0 if it was gone but the object lives (a plain reference taken). */
+int shm_ticket_claim(shm_handle_t *h, int32_t slot, uint64_t ticket, uint64_t ticket_id,
+                     uint64_t object, uint64_t id);
+/* Drop expired tickets (and free what they alone held); returns how many. */
+int64_t shm_objects_expire(shm_handle_t *h);
+int shm_objects_set_transit_timeout(shm_handle_t *h, uint64_t ns);
+/* Counts for stats and tests; held is for slot (-1: 0). */
+int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out);
+uint64_t shm_bind_seq_offset(void); /* segment offset of the bind_seq wait word */
+/* names: unbind lives in objects.c (a name is one of an object's holds; unbinding the last may
+ * free it) */
+int shm_name_unbind(shm_handle_t *h, const char *name);
+
+/* queue.c: queues of objects (shm_layout.h, shm_queue_t; the state machine is drawn in queue.c).
+ * `queue`, `queue_id` name the queue object; slot is the caller's. */
+#define SHM_QPUT_NEW 0   /* mode: object is an unpublished object of slot's: publish it in */
+#define SHM_QPUT_VALUE 1 /* mode: an existing object (object_id), delivered as its value */
+#define SHM_QPUT_REF 2   /* mode: an existing object, delivered as a reference to it */
+#define SHM_QPUT_KIND 3
+#define SHM_QPUT_FORCE 4 /* with a mode: ignore maxsize (putting back what a get took) */
+#define SHM_QPUT_FULL 1  /* shm_queue_put: the queue is full, *seq_out is not_full's value */
+#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, bufs as shm_object_open) */
+#define SHM_QGET_REF 1   /* shm_queue_get: an item that is a reference to the object in out */
+#define SHM_QGET_EMPTY 2 /* shm_queue_get: nothing waits, *seq_out is not_empty's value */
+#define SHM_QWAIT_NOT_EMPTY 0
+#define SHM_QWAIT_NOT_FULL 1
+#define SHM_QWAIT_ALL_DONE 2
+/* A new queue (maxsize 0: unbounded), held by slot. */
+int shm_queue_create(shm_handle_t *h, int32_t slot, uint64_t maxsize, int joinable,
+                     uint64_t *queue_out, uint64_t *id_out);
+/* Put an item: SHM_OK (woken: one sleeping getter), SHM_QPUT_FULL, or a status. */
+int shm_queue_put(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t object,
+                  uint64_t object_id, uint32_t mode, uint32_t *seq_out);
+/* Take the oldest item, held by slot from now on: SHM_QGET_VALUE / _REF / _EMPTY, or a status. */
+int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+                  shm_object_view_t *out, uint64_t *bufs, uint32_t cap, uint32_t *seq_out);
+/* JoinableQueue.task_done(): SHM_EINVAL if called more often than items were put. */
+int shm_queue_task_done(shm_handle_t *h, uint64_t queue, uint64_t queue_id);
+int shm_queue_info(shm_handle_t *h, uint64_t queue, uint64_t queue_id, shm_queue_info_t *out);
+/* Sleep while the wait word `which` (SHM_QWAIT_*) of the queue whose control struct is at
+ * segment offset `control` holds seq, counted as a sleeper; returns as shm_wait. */
+int shm_queue_wait(shm_handle_t *h, uint64_t control, int32_t which, uint32_t seq,
+                   int64_t timeout_ns);
 
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);
@@ -216,6 +333,17 @@ int shm_block_persist(shm_handle_t *h, uint64_t address);
 int shm_block_retain(shm_handle_t *h, uint64_t address, int32_t slot);
 int shm_blocks_list(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uint64_t cap,
                     uint64_t *count);
+
+/* wait.c: sleeping on a 32-bit word of the segment (futex, shared across processes).
+ * word_offset: a 4-aligned segment offset. timeout_ns < 0: no timeout. shm_wait returns SHM_OK
+ * when woken or when the word no longer holds `expected` (the caller re-checks its condition
+ * either way), SHM_ETIMEDOUT, or SHM_EINTR (a signal: let its handler run, wait again with the
+ * time left). shm_wake wakes up to n waiters (n < 0: all) and returns how many it woke;
+ * shm_word_bump adds 1 to the word and then wakes n: the waker's half of the protocol. */
+int shm_wait(shm_handle_t *h, uint64_t word_offset, uint32_t expected, int64_t timeout_ns);
+int shm_wake(shm_handle_t *h, uint64_t word_offset, int32_t n);
+int shm_word_bump(shm_handle_t *h, uint64_t word_offset, int32_t n);
+int64_t shm_word_load(shm_handle_t *h, uint64_t word_offset); /* the word (>= 0) or a status */
 
 /* process.c */
 int shm_proc_attach(shm_handle_t *h, uint32_t pid, uint64_t start_time);

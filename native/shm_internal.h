@@ -112,6 +112,7 @@ int err_set(int status, uint64_t offset, const char *fmt, ...)
 int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+void err_restore(const shm_error_info_t *saved);
 __attribute__((noreturn)) void shm_assert_fail(const char *what, const char *file, int line);
 
 /* journal.c */
@@ -162,6 +163,12 @@ enum {
     FAULT_CACHE_POPPED,
     FAULT_CACHE_PUSHED,
     FAULT_REMOTE_CLAIMED,
+    FAULT_QUEUE_PUT_HALF,
+    FAULT_QUEUE_PUT_DONE,
+    FAULT_QUEUE_GET_HALF,
+    FAULT_QUEUE_GET_DONE,
+    FAULT_QUEUE_GROW,
+    FAULT_QUEUE_DRAIN,
 };
 extern int fault_step;
 void fault_init(void);
@@ -281,8 +288,27 @@ int refs_held_by(shm_handle_t *h, uint32_t holder);
 
 /* names.c */
 void names_drop_address(shm_handle_t *h, uint64_t address);
+int64_t names_find_address(shm_handle_t *h, const char *name);
+int names_unbind_locked(shm_handle_t *h, const char *name, uint64_t *off_out);
+int names_check(const char *name);
 
 /* alloc.c */
 int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+int alloc_oom_report(shm_handle_t *h, uint64_t requested);
+
+/* objects.c */
+int objects_held(const shm_handle_t *h, int32_t slot);
+int objects_collect(shm_handle_t *h, int32_t slot);
+/* objects.c, for queue.c: the file-private steps of objects, under the heap lock */
+int objects_find(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t *off, shm_object_t **out);
+int objects_publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
+                           uint64_t *id_out);
+int objects_open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t *o,
+                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
+void objects_holder_set(shm_handle_t *h, shm_object_t *o, int32_t slot, int on);
+int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o);
+
+/* queue.c */
+int queue_release_items(shm_handle_t *h, uint64_t off, shm_object_t *qo);
 
 #endif

@@ -60,6 +60,11 @@
  *   procs[i].limit                   shm_proc_set_limit, any process   atomic store, no lock
  *   procs[i].trim_seq / trim_ack     a collector / the slot's process  atomic add / store
  *   refs[], names[], lease           the heap lock's holder            heap lock, journaled
+ *   objects (but bind_seq), object   the heap lock's holder            heap lock, journaled; an
+ *     headers, tickets                                                 object frees in
+ *                                                                      checkpointed steps (DYING)
+ *   objects.bind_seq                 a binder, under the heap lock     atomic add, then futex wake
+ *                                                                      after unlocking (wait.c)
  *   caches[i].head, count, usage,    slot i's lock holder; the heap    slot lock i; once slot i
  *     nblocks, nallocs, nfrees,      lock's holder once slot i is      is DEAD (or FREE) the
  *     cached_bytes, cached_blocks    DEAD or being reset               heap lock
@@ -71,6 +76,10 @@
  *                                    at a time); the collector once    consistent CAS from 0,
  *                                    slot i is DEAD                    cleared by its taker
  *   ring (head, tail, cells)         any producer / any consumer       lock-free (ring.c)
+ *   queue control (head, tail,       put / get / task_done / grow      heap lock, journaled (the
+ *     capacity, unfinished), cells                                     queue is an object: queue.c)
+ *   queue wait words, sleeper        put/get/task_done (bump, under    atomic add, never
+ *     counts                         the lock); sleepers (counts)      journaled (queue.c)
  *   journal                          the heap lock's holder (and the   heap lock: the next taker
  *                                    next taker, rolling it back)      is the holder
  *   heap_lock, slot_locks[]          pthread                           themselves
@@ -121,6 +130,16 @@
  *     first one's block from the collector): it finds the word taken and takes the heap path.
  *   - a ring producer between its claim and its publish: the cell looks unpublished; consumers
  *     retire it once producers are half a ring ahead (ring.c).
+ *   - a process killed while freeing an object: the object is DYING, its freed buffers' entries
+ *     zeroed; collection finishes it (objects.c). One killed between publishing and binding
+ *     leaves an object that only its bit held: collection frees it. A binder killed between its
+ *     bump of bind_seq and its wake: waiters find the name at their next look (objects.py caps
+ *     each sleep), see wait.c.
+ *   - a queue's producer or consumer (queue.c draws the cell's two states): put and get are
+ *     one journaled step each, rolled back if the process dies inside; before put's step the
+ *     item is an unpublished object of the dying slot (collection frees it), after get's step
+ *     it is held by the dying slot (collection drops it: delivered once, to the dead). A queue
+ *     freed half way is DYING and collection finishes dropping its items.
  *   - any process, always: its keeper dies with it, and the kernel marks every life lock it held
  *     owner-died, in whatever PID namespace it ran (also on exec). Its slot stays LIVE until a
  *     collector reads that (tracking.py) and marks it DEAD (shm_proc_mark_dead, which probes the
@@ -149,14 +168,19 @@
  * coordinator runs it before each tick. An access that races the truncation is not caught.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
- *   alloc.c, gc.c          the user's calls on blocks; collection and detach
+ *   queue.c                queues of objects, on top of objects.c; the one cycle among the
+ *                          files: objects.c's obj_free calls queue_release_items (a hook) to
+ *                          drop a freed queue's items, which settles each through objects.c
+ *   gc.c, objects.c        collection and detach; objects (with shm_name_unbind: a name is one
+ *                          of an object's holds)
+ *   alloc.c                the user's calls on blocks
  *   own.c, names.c, cache.c, lease.c, arena.c   ownership, names, per-process caches, lease,
  *                          format/attach/stats/check
  *   process.c              the process table
  *   life.c                 the life locks and this process's keeper thread
  *   heap.c, check.c        carve and release blocks under a lock its callers hold; the full walk
  *   lock.c                 the locks (at SHMALLOC_DEBUG >= 3 heap_unlock runs check.c's walk)
- *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, error.c   the leaves
+ *   freelist.c, block.c, sizeclass.c, journal.c, fault.c, ring.c, wait.c, error.c   the leaves
  */
 
 /* Bin layout (by whole block size s, header included; s is a multiple of 16 and >= 64):
@@ -166,7 +190,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 6
+#define SHM_LAYOUT_VERSION 7
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -183,7 +207,9 @@
 #define SHM_CACHE_CLASSES 77
 #define SHM_CACHE_LISTS 80 /* room for SHM_CACHE_CLASSES lists; keeps shm_cache_t 17 lines long */
 #define SHM_EVENT_FIELDS 5
-#define SHM_MUTEX_BYTES 64 /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
+#define SHM_MUTEX_BYTES 64         /* room for a pthread_mutex_t (40 bytes on glibc x86-64) */
+#define SHM_HOLDER_WORDS 2         /* SHM_MAX_PROCS bits: one per slot that holds an object */
+#define SHM_OBJECT_MAX_BUFFERS 256 /* out-of-band buffers of one object (more go in-band) */
 
 /* Block header: 32 bytes in front of every payload.
  * Written by the heap lock's holder, except the transient bits of the (owner, flags) word (see
@@ -230,6 +256,11 @@ typedef struct shm_free_links {
 #define SHM_BF_REMOTE 32
 #define SHM_BF_BUSY 64
 #define SHM_BF_TRANSIENT 112
+/* Objects (objects.c): an object's header block carries OBJECT, each of its buffer blocks and each
+ * transit ticket OBJPART. Both are persistent (owner 0) and freed by objects.c alone: deallocate
+ * and adopt refuse them. */
+#define SHM_BF_OBJECT 128
+#define SHM_BF_OBJPART 256
 
 /* Process table slot, one cache line pair per attached process.
  * state/pid/start_time and the counters change under the heap lock, as relaxed atomics so that
@@ -300,6 +331,119 @@ typedef struct shm_name {
     uint64_t address;        /* +0x00 */
     char name[SHM_NAME_LEN]; /* +0x08 UTF-8, NUL-terminated */
 } shm_name_t;
+
+/* Objects (objects.c): a Python object stored in the arena (pickle protocol 5). Its header block
+ * (flag OBJECT) holds this struct, then `nbuffers` shm_objbuf_t, then the pickle stream; each
+ * out-of-band buffer has a block of its own (flag OBJPART, sealed unless made by empty()).
+ * Written under the heap lock; immutable once published (magic set) but for holders, holds and
+ * flags. The lifetime rule, checked by every call that may end it (release, drop, unbind, delete,
+ * the collection of a dead slot, ticket expiry):
+ *   an object is freed, header and buffers at once, when holders == 0 && holds == 0 && owner == 0
+ *   && its header block is not NAMED.
+ * Invariants:
+ *   [O1] magic in {SHM_OBJECT_MAGIC, SHM_OBJECT_DYING}; the header block is persistent, OBJECT
+ *   [O2] bit s of holders is set exactly when slot s holds a process reference; held[s] of
+ *        shm_objects_t counts the objects with bit s set plus those whose owner is s + 1 (an
+ *        owner, shmalloc.arrays' producer, holds until it ends or anyone deletes the object)
+ *   [O3] holds == the transit tickets naming the object + anonymous holds (queue slots, ...)
+ *   [O4] every buffer entry with address != 0 is a live OBJPART block of at least nbytes bytes
+ * A DYING object is being freed: entries already freed have address 0; collection finishes it. */
+typedef struct shm_object {
+    uint64_t magic; /* +0x00 SHM_OBJECT_MAGIC, or SHM_OBJECT_DYING */
+    uint64_t id;    /* +0x08 unique in the arena: a reference is (address, id) */
+    uint64_t holders[SHM_HOLDER_WORDS]; /* +0x10 one bit per slot holding a process reference */
+    uint32_t holds;                     /* +0x20 anonymous holds: queue slots, tickets, handles */
+    uint32_t nbuffers;                  /* +0x24 entries of the buffer table that follows */
+    uint32_t flags;                     /* +0x28 SHM_OBJ_* */
+    uint32_t owner;                     /* +0x2c slot + 1 holding it while alive; 0: none */
+    uint64_t pickle_len;                /* +0x30 bytes of the pickle stream after the table */
+    uint64_t nbytes;                    /* +0x38 pickle_len + the buffers' bytes */
+} shm_object_t;
+
+#define SHM_OBJECT_MAGIC 0x544345424f4d4853 /* "SHMOBJECT" less the last letter */
+#define SHM_OBJECT_DYING 0x474e495944424f53
+#define SHM_OBJ_DELETED 1  /* delete() was called: no new references, get() finds nothing */
+#define SHM_OBJ_WRITABLE 2 /* made by empty(): its buffer is not sealed */
+
+/* One out-of-band buffer of an object: its block's address and the bytes it uses. */
+typedef struct shm_objbuf {
+    uint64_t address; /* +0x00 payload address of an OBJPART block; 0 once freed (DYING) */
+    uint64_t nbytes;  /* +0x08 */
+} shm_objbuf_t;
+
+/* A pickled reference in transit (objects.c): a block of its own (flag OBJPART), on the arena's
+ * doubly linked list of tickets, holding one of its object's `holds` until a process unpickles
+ * the reference (claim) or the deadline passes (collection, the coordinator's tick).
+ *   [T1] magic == SHM_TICKET_MAGIC; next/prev link payload addresses of tickets, 0 ends */
+typedef struct shm_ticket {
+    uint64_t magic;       /* +0x00 SHM_TICKET_MAGIC */
+    uint64_t id;          /* +0x08 unique: a pickled reference names (address, id) */
+    uint64_t object;      /* +0x10 the object's header address */
+    uint64_t object_id;   /* +0x18 */
+    uint64_t deadline_ns; /* +0x20 CLOCK_MONOTONIC */
+    uint64_t next;        /* +0x28 */
+    uint64_t prev;        /* +0x30 */
+    uint64_t pad;         /* +0x38 */
+} shm_ticket_t;
+
+#define SHM_TICKET_MAGIC 0x54454b434954534f
+
+/* A queue (queue.c; the essay there draws its state machine): an object (flag SHM_OBJ_QUEUE)
+ * whose pickle stream is this control struct and whose one buffer is the ring, an array of
+ * `capacity` shm_qcell_t. Processes hold the queue like any object (holder bits, tickets when a
+ * Queue is pickled); each item in the ring holds one anonymous hold on its object. Everything
+ * but the four wait words and the three sleeper counts changes under the heap lock, journaled;
+ * the wait words are bumped under it by atomic add (never journaled: a rollback leaves a bump,
+ * which is only a spurious wake-up), the sleeper counts by any process without it.
+ *   [Q1] magic == SHM_QUEUE_MAGIC; tail <= head; head - tail <= capacity;
+ *        maxsize == 0 || head - tail <= maxsize; capacity == ring's nbytes / sizeof(shm_qcell_t)
+ *   [Q2] the cells of positions [tail, head) (index pos % capacity) hold items, the others 0
+ *   [Q3] unfinished >= head - tail for a joinable queue, 0 for any other */
+typedef struct shm_queue {
+    uint64_t magic;      /* +0x00 SHM_QUEUE_MAGIC */
+    uint64_t maxsize;    /* +0x08 most items waiting; 0 = no bound but the arena's memory */
+    uint64_t capacity;   /* +0x10 cells in the ring; grows by doubling (queue_grow) */
+    uint64_t head;       /* +0x18 items ever put: the next put fills cell head % capacity */
+    uint64_t tail;       /* +0x20 items ever taken: the next get empties cell tail % capacity */
+    uint64_t unfinished; /* +0x28 joinable: items put and not yet task_done() */
+    uint32_t joinable;   /* +0x30 1 for a JoinableQueue */
+    uint32_t pad0;       /* +0x34 */
+    uint64_t pad1[1];    /* +0x38 */
+    uint32_t not_empty;  /* +0x40 wait word: bumped by every put */
+    uint32_t not_full;   /* +0x44 wait word: bumped by every get */
+    uint32_t all_done;   /* +0x48 wait word: bumped when unfinished drops to 0 */
+    uint32_t getters;    /* +0x4c processes asleep on not_empty (atomic; wake only if > 0) */
+    uint32_t putters;    /* +0x50 asleep on not_full */
+    uint32_t joiners;    /* +0x54 asleep on all_done */
+    uint64_t pad2[5];    /* +0x58 */
+} shm_queue_t;
+
+/* One cell of a queue's ring: the item's object, 0 when the cell is empty. */
+typedef struct shm_qcell {
+    uint64_t object; /* +0x00 header address of the item's object | SHM_QCELL_REF; 0 = empty */
+    uint64_t id;     /* +0x08 the object's id */
+} shm_qcell_t;
+
+#define SHM_QUEUE_MAGIC 0x4555455551484d53
+#define SHM_QCELL_REF 1 /* the item is the reference itself: get() hands out an ObjectRef */
+#define SHM_OBJ_QUEUE 4 /* shm_object_t.flags: the object is a queue (shm_queue_t) */
+
+/* The arena's objects section (objects.c, wait.c). Under the heap lock, journaled, but for the
+ * wait word bind_seq, which changes by atomic add (wait.c's protocol): every bind bumps it under
+ * the heap lock, after the bind, and wakes its sleepers after unlocking; get(name) reads it with
+ * its lookup (under the lock) and sleeps on it until it changes. */
+typedef struct shm_objects {
+    uint32_t bind_seq;            /* +0x00 futex word */
+    uint32_t pad0;                /* +0x04 */
+    uint64_t next_id;             /* +0x08 last object or ticket id handed out */
+    uint64_t transit_timeout_ns;  /* +0x10 how long a pickled reference holds its object */
+    uint64_t live;                /* +0x18 objects published and not freed */
+    uint64_t tickets;             /* +0x20 tickets on the list */
+    uint64_t ticket_head;         /* +0x28 first ticket (payload address), 0 = none */
+    uint64_t dying;               /* +0x30 objects whose freeing a dead process left half done */
+    uint64_t reserved[9];         /* +0x38 room for the queue */
+    uint32_t held[SHM_MAX_PROCS]; /* +0x80 objects whose holders bit for slot i is set [O2] */
+} shm_objects_t;
 
 /* One event in the ring: kind and the meaning of the fields are shmalloc/events.py's table. */
 typedef struct shm_event {
@@ -417,4 +561,5 @@ typedef struct shm_arena {
     shm_lock_t slot_locks[SHM_MAX_PROCS]; /* +0x86940 slot_locks[i] guards caches[i] */
     shm_journal_t journal;                /* +0x8a940 the undo journal */
     shm_lock_t life_locks[SHM_MAX_PROCS]; /* +0x9a980 held by slot i's process while it lives */
+    shm_objects_t objects;                /* +0x9e980 objects, tickets, wait words */
 } shm_arena_t;

@@ -23,6 +23,8 @@ from .gc import GcStats, GcStrategy, GlobalGarbageCollector
 from .guard import MemoryGuard
 from .lease import CoordinatorRunning
 from .manager import DEFAULT_CAPACITY, MemoryManager
+from .objects import ObjectRef
+from .queues import JoinableQueue, Queue, SimpleQueue
 from .stats import CheckReport, MemoryPressure, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
 
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_CAPACITY",
     "Event",
     "InvalidAddress",
+    "JoinableQueue",
     "MemoryBlock",
     "MemoryGuard",
     "MemoryManager",
@@ -45,11 +48,14 @@ __all__ = [
     "MemoryStats",
     "NotAnArena",
     "ObjectNotFound",
+    "ObjectRef",
     "OutOfMemory",
     "ProcessInfo",
     "ProcessLimitExceeded",
     "ProtectionViolation",
+    "Queue",
     "ShmallocError",
+    "SimpleQueue",
 ]
 __version__ = "0.1.0"
 

@@ -13,7 +13,8 @@ this module; other modules see ints, bytes and the small dataclasses below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -43,6 +44,8 @@ EINVAL: int = lib.SHM_EINVAL
 EPROCS: int = lib.SHM_EPROCS
 ENOENT: int = lib.SHM_ENOENT
 EEXIST: int = lib.SHM_EEXIST
+ETIMEDOUT: int = lib.SHM_ETIMEDOUT
+EINTR: int = lib.SHM_EINTR
 ADDRESS_MASK: int = lib.SHM_ALLOC_ADDRESS_MASK
 TRIM_FLAG: int = lib.SHM_ALLOC_TRIM_FLAG
 PRESSURE_FLAG: int = lib.SHM_ALLOC_PRESSURE_FLAG
@@ -58,6 +61,9 @@ SEG_ARENA: int = lib.SHM_SEG_ARENA
 SEG_FORMATTING: int = lib.SHM_SEG_FORMATTING
 SEG_OTHER_VERSION: int = lib.SHM_SEG_OTHER_VERSION
 SEG_FOREIGN: int = lib.SHM_SEG_FOREIGN
+OBJECT_MAX_BUFFERS: int = lib.SHM_OBJECT_MAX_BUFFERS
+OBJ_DELETED: int = lib.SHM_OBJ_DELETED
+OBJ_WRITABLE: int = lib.SHM_OBJ_WRITABLE
 U64_MAX = (1 << 64) - 1
 
 # ------------------------------------------------------------------ status -> exception
@@ -94,6 +100,8 @@ _EXCEPTIONS: dict[int, Callable[[CData, str, int], Exception]] = {
     lib.SHM_EBUSY: lambda e, detail, address: ShmallocError(detail),
     lib.SHM_ENOTARENA: lambda e, detail, address: NotAnArena("", detail),
     lib.SHM_ECLOSED: lambda e, detail, address: ValueError(detail),
+    lib.SHM_ETIMEDOUT: lambda e, detail, address: TimeoutError(detail),
+    lib.SHM_EINTR: lambda e, detail, address: InterruptedError(detail),
 }
 
 
@@ -561,6 +569,288 @@ def event_pop(h: Handle) -> RingEvent | None:
 
 def event_dropped(h: Handle) -> int:
     return int(lib.shm_event_dropped(h))
+
+
+# ------------------------------------------------------------------ waiting on words (wait.c)
+
+
+def wait(h: Handle, word_offset: int, expected: int, timeout: float | None) -> bool:
+    """Sleep while the 32-bit word at ``word_offset`` holds ``expected``, at most ``timeout``
+    seconds (None: no limit). True when woken or the word changed (re-check the condition),
+    False at the timeout. A signal interrupts the sleep: its Python handler runs (and may raise)
+    as this function returns to the interpreter between two waits, then the wait goes on with the
+    time left."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    while True:
+        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
+        rc = lib.shm_wait(h, word_offset, expected, ns)
+        if rc == lib.SHM_OK:
+            return True
+        if rc == lib.SHM_ETIMEDOUT:
+            return False
+        if rc != lib.SHM_EINTR:
+            _check(rc, word_offset)
+
+
+def wake(h: Handle, word_offset: int, n: int = -1) -> int:
+    """Wake up to ``n`` sleepers on the word (-1: all); returns how many were woken."""
+    return _check(int(lib.shm_wake(h, word_offset, n)), word_offset)
+
+
+def word_bump(h: Handle, word_offset: int, n: int = -1) -> int:
+    """Add 1 to the word, then wake up to ``n`` sleepers on it: a waker's half of the protocol."""
+    return _check(int(lib.shm_word_bump(h, word_offset, n)), word_offset)
+
+
+def word_load(h: Handle, word_offset: int) -> int:
+    """The 32-bit word at ``word_offset``, read atomically."""
+    return _check(int(lib.shm_word_load(h, word_offset)), word_offset)
+
+
+def bind_seq_offset() -> int:
+    """Segment offset of the word every bind bumps (get(name) sleeps on it)."""
+    return int(lib.shm_bind_seq_offset())
+
+
+# ------------------------------------------------------------------ objects (objects.c)
+
+
+def pin_buffer(view: memoryview, on_release: Callable[[], None]) -> Any:
+    """A buffer over ``view``'s memory that keeps ``view`` (and so its exporter, the arena's
+    mapping) alive, and calls ``on_release`` once neither it nor any memoryview made from it
+    is alive any more."""
+    pinned = ffi.gc(ffi.from_buffer(view), lambda _: on_release())
+    return ffi.buffer(pinned, view.nbytes)
+
+
+@dataclass(frozen=True)
+class ObjectView:
+    """Where an open object's bytes are (shm_object_view_t and its buffer table)."""
+
+    address: int
+    id: int
+    pickle: int
+    pickle_len: int
+    nbytes: int
+    flags: int
+    buffers: tuple[tuple[int, int], ...]  # (address, nbytes) of each out-of-band buffer
+
+
+def object_create(
+    h: Handle, slot: int, pickle_len: int, sizes: Sequence[int]
+) -> tuple[int, int, list[int]]:
+    """Allocate an unpublished object: (header address, pickle stream address, buffer
+    addresses). Write them, then :func:`object_publish`."""
+    n = len(sizes)
+    out = ffi.new("uint64_t[]", n + 2)
+    _check(lib.shm_object_create(h, slot, pickle_len, n, ffi.new("uint64_t[]", list(sizes)), out))
+    return int(out[0]), int(out[1]), [int(out[2 + i]) for i in range(n)]
+
+
+def object_publish(h: Handle, slot: int, address: int, writable: bool) -> int:
+    """Make the written object live, held by slot; returns its id."""
+    oid = ffi.new("uint64_t *")
+    _check(lib.shm_object_publish(h, slot, address, int(writable), oid), address)
+    return int(oid[0])
+
+
+def _view(v: CData, bufs: CData) -> ObjectView:
+    n = int(v.nbuffers)
+    return ObjectView(
+        int(v.address),
+        int(v.id),
+        int(v.pickle),
+        int(v.pickle_len),
+        int(v.nbytes),
+        int(v.flags),
+        tuple((int(bufs[2 * i]), int(bufs[2 * i + 1])) for i in range(n)),
+    )
+
+
+def object_open(h: Handle, slot: int, address: int, oid: int) -> ObjectView:
+    """slot holds the object (idempotent) and learns its layout; ObjectNotFound if gone."""
+    v = ffi.new("shm_object_view_t *")
+    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
+    _check(lib.shm_object_open(h, slot, address, oid, v, bufs, OBJECT_MAX_BUFFERS), address)
+    return _view(v, bufs)
+
+
+def object_open_name(h: Handle, slot: int, name: bytes) -> tuple[ObjectView | None, int]:
+    """The object bound to ``name``, held by slot, or None; with the bind sequence word's value
+    read with the lookup (sleep on it with :func:`wait` to learn of the next bind)."""
+    v = ffi.new("shm_object_view_t *")
+    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
+    rc = lib.shm_object_open_name(h, slot, name, v, bufs, OBJECT_MAX_BUFFERS)
+    if rc == lib.SHM_ENOENT:
+        return None, int(v.bind_seq)
+    _check(rc)
+    return _view(v, bufs), int(v.bind_seq)
+
+
+def object_release(h: Handle, slot: int, address: int, oid: int) -> bool | None:
+    """Drop slot's reference: True if that freed the object, False if not, None if slot held
+    none (or the object is gone)."""
+    rc = lib.shm_object_release(h, slot, address, oid)
+    if rc == lib.SHM_ENOENT:
+        return None
+    return _check(rc, address) == 1
+
+
+def object_delete(h: Handle, address: int, oid: int) -> bool:
+    """No new references; names and tickets go. True if that freed it; ObjectNotFound if gone."""
+    return _check(lib.shm_object_delete(h, address, oid), address) == 1
+
+
+def object_own(h: Handle, slot: int, address: int, oid: int) -> None:
+    """slot owns the object: holds it until it ends or anyone deletes it."""
+    _check(lib.shm_object_own(h, slot, address, oid), address)
+
+
+def object_hold(h: Handle, address: int) -> None:
+    """An anonymous hold (a queue slot, a reference in transit); ObjectNotFound if gone."""
+    _check(lib.shm_object_hold(h, address), address)
+
+
+def object_drop(h: Handle, address: int) -> bool:
+    """Drop an anonymous hold: True if that freed the object."""
+    return _check(lib.shm_object_drop(h, address), address) == 1
+
+
+def ticket_issue(h: Handle, address: int, oid: int) -> tuple[int, int]:
+    """A transit ticket (address, id) holding the object until claimed or expired."""
+    t, tid = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    _check(lib.shm_ticket_issue(h, address, oid, t, tid), address)
+    return int(t[0]), int(tid[0])
+
+
+def ticket_claim(h: Handle, slot: int, ticket: int, ticket_id: int, address: int, oid: int) -> bool:
+    """slot holds the object: True if it took the ticket's hold, False if the ticket was gone
+    (a plain reference then); ObjectNotFound if the object is gone."""
+    return _check(lib.shm_ticket_claim(h, slot, ticket, ticket_id, address, oid), address) == 1
+
+
+def objects_expire(h: Handle) -> int:
+    """Drop the transit tickets whose deadline passed; returns how many."""
+    return _check(int(lib.shm_objects_expire(h)))
+
+
+def objects_set_transit_timeout(h: Handle, seconds: float) -> None:
+    _check(lib.shm_objects_set_transit_timeout(h, max(int(seconds * 1e9), 1)))
+
+
+@dataclass(frozen=True)
+class ObjectsInfo:
+    """The arena's object counts (shm_objects_info_t)."""
+
+    live: int
+    tickets: int
+    dying: int
+    transit_timeout: float
+    held: int
+
+
+def objects_info(h: Handle, slot: int = -1) -> ObjectsInfo:
+    i = ffi.new("shm_objects_info_t *")
+    _check(lib.shm_objects_info(h, slot, i))
+    return ObjectsInfo(
+        int(i.live), int(i.tickets), int(i.dying), int(i.transit_timeout_ns) / 1e9, int(i.held)
+    )
+
+
+# ------------------------------------------------------------------ queues (queue.c)
+
+QPUT_NEW: int = lib.SHM_QPUT_NEW
+QPUT_VALUE: int = lib.SHM_QPUT_VALUE
+QPUT_REF: int = lib.SHM_QPUT_REF
+QPUT_FORCE: int = lib.SHM_QPUT_FORCE
+QWAIT_NOT_EMPTY: int = lib.SHM_QWAIT_NOT_EMPTY
+QWAIT_NOT_FULL: int = lib.SHM_QWAIT_NOT_FULL
+QWAIT_ALL_DONE: int = lib.SHM_QWAIT_ALL_DONE
+
+
+def queue_create(h: Handle, slot: int, maxsize: int, joinable: bool) -> tuple[int, int]:
+    """A new queue object held by slot: (address, id)."""
+    q, qid = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    _check(lib.shm_queue_create(h, slot, maxsize, int(joinable), q, qid))
+    return int(q[0]), int(qid[0])
+
+
+def queue_put(
+    h: Handle, slot: int, queue: int, queue_id: int, address: int, oid: int, mode: int
+) -> int | None:
+    """Put the object at ``address`` (QPUT_* mode): None when done, else the queue is full and
+    the value of its not_full wait word is returned (sleep on it with :func:`queue_wait`)."""
+    seq = ffi.new("uint32_t *")
+    rc = lib.shm_queue_put(h, slot, queue, queue_id, address, oid, mode, seq)
+    if rc == lib.SHM_OK:
+        return None
+    if rc == lib.SHM_QPUT_FULL:
+        return int(seq[0])
+    raise_status(rc, address)
+
+
+def queue_get(
+    h: Handle, slot: int, queue: int, queue_id: int
+) -> tuple[ObjectView | None, bool, int]:
+    """Take the oldest item, held by slot from now on: (its view, True if the item is a
+    reference rather than a value, 0), or (None, False, the not_empty word's value) if the
+    queue is empty."""
+    v = ffi.new("shm_object_view_t *")
+    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
+    seq = ffi.new("uint32_t *")
+    rc = lib.shm_queue_get(h, slot, queue, queue_id, v, bufs, OBJECT_MAX_BUFFERS, seq)
+    if rc == lib.SHM_QGET_EMPTY:
+        return None, False, int(seq[0])
+    _check(rc, queue)
+    return _view(v, bufs), rc == lib.SHM_QGET_REF, 0
+
+
+def queue_task_done(h: Handle, queue: int, queue_id: int) -> None:
+    _check(lib.shm_queue_task_done(h, queue, queue_id), queue)
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """A queue's counts (shm_queue_info_t), read together under the heap lock."""
+
+    size: int
+    maxsize: int
+    capacity: int
+    unfinished: int
+    put: int
+    control: int
+    all_done_seq: int
+    joinable: bool
+
+
+def queue_info(h: Handle, queue: int, queue_id: int) -> QueueInfo:
+    i = ffi.new("shm_queue_info_t *")
+    _check(lib.shm_queue_info(h, queue, queue_id, i), queue)
+    return QueueInfo(
+        int(i.size),
+        int(i.maxsize),
+        int(i.capacity),
+        int(i.unfinished),
+        int(i.put),
+        int(i.control),
+        int(i.all_done_seq),
+        bool(i.joinable),
+    )
+
+
+def queue_wait(h: Handle, control: int, which: int, seq: int, timeout: float | None) -> bool:
+    """Sleep, counted as a sleeper, while the queue's wait word ``which`` (QWAIT_*) holds
+    ``seq``: as :func:`wait` (True: woken or changed, False: timed out)."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    while True:
+        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
+        rc = lib.shm_queue_wait(h, control, which, seq, ns)
+        if rc == lib.SHM_OK:
+            return True
+        if rc == lib.SHM_ETIMEDOUT:
+            return False
+        if rc != lib.SHM_EINTR:
+            _check(rc, control)
 
 
 # ------------------------------------------------------------------ debugging and tests

@@ -18,11 +18,12 @@ from types import TracebackType
 from typing import Any
 
 from . import _binding as C
-from . import access, collection, events, lease, ownership, process, tracking
+from . import access, collection, events, lease, objects, ownership, process, tracking
 from .attachment import Attachment, check_int, validate_name
 from .errors import AlignmentError
 from .events import Event
 from .guard import MemoryGuard
+from .objects import ObjectRef
 from .stats import CheckReport, MemoryStats
 from .tracking import MemoryBlock, ProcessInfo
 
@@ -317,6 +318,50 @@ class MemoryManager:
     def names(self) -> list[str]:
         """Every bound name, in directory order."""
         return ownership.names(self._state)
+
+    # ---------------------------------------------------------------- objects
+
+    def put(self, obj: Any, *, name: str | None = None) -> ObjectRef:
+        """Store ``obj`` in the arena (pickle protocol 5; every out-of-band buffer of 1 KiB or
+        more, e.g. a numpy array's data, in a sealed block of its own) and return a reference;
+        with ``name``, also bind it (FileExistsError if the name is taken)."""
+        return objects.put(self._state, obj, name)
+
+    def get(self, ref_or_name: ObjectRef | str, *, timeout: float | None = None) -> Any:
+        """The object back, in any process: buffers as read-only zero-copy views over the arena
+        (numpy arrays stay numpy arrays), alive while the value or any view of it lives. With a
+        name, wait up to ``timeout`` seconds (None: forever, 0: not at all) for it to be bound:
+        a bind wakes the wait at once. ObjectNotFound if the object is gone or never bound."""
+        return objects.get(self._state, ref_or_name, timeout)
+
+    async def get_async(self, ref_or_name: ObjectRef | str, *, timeout: float | None = None) -> Any:
+        """get() for asyncio code (the wait runs in the loop's default thread executor)."""
+        return await objects.get_async(self._state, ref_or_name, timeout)
+
+    def delete(self, ref_or_name: ObjectRef | str) -> None:
+        """A name: unbind it. A reference: free the object now, as far as nobody still uses its
+        memory (live values here or elsewhere keep it until released); get() then raises
+        ObjectNotFound."""
+        objects.delete(self._state, ref_or_name)
+
+    def empty(self, shape: Any, dtype: Any = float, *, order: str = "C") -> tuple[Any, ObjectRef]:
+        """An array object created in place: (a writable ndarray over the arena, its reference).
+        Fill it, then hand out the reference; nothing is ever copied."""
+        return objects.empty(self._state, shape, dtype, order)
+
+    def zeros(self, shape: Any, dtype: Any = float, *, order: str = "C") -> tuple[Any, ObjectRef]:
+        """empty(), filled with zeros."""
+        return objects.zeros(self._state, shape, dtype, order)
+
+    @property
+    def transit_timeout(self) -> float:
+        """Seconds a pickled ObjectRef keeps its object alive until another process unpickles it
+        (an arena setting, default 60)."""
+        return objects.object_stats(self._state).transit_timeout
+
+    def set_transit_timeout(self, seconds: float) -> None:
+        """Set the arena's transit timeout (for references pickled from now on)."""
+        objects.set_transit_timeout(self._state, seconds)
 
     # ---------------------------------------------------------------- per-process tracking
 

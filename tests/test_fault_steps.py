@@ -6,23 +6,33 @@ recovered, that after a collection nothing of the child's is left (no block, no 
 counted as used once this process has freed its own), that this process's data is intact and
 that the heap still serves allocations.
 
+A queue scenario (steps ``queue.*``) also has a check in ``AFTER``, run once the child is collected:
+the queue holds exactly the items it should (a step inside the heap lock rolled back, one after it
+done: an item put is there once, an item taken went with the dead child), it still works, and
+once dropped it leaves no object behind.
+
 Each step runs the scenarios of ``PLAN`` that reach it, not every scenario: a scenario listed for
 a step that does not reach it fails the test (the child exits instead of dying by SIGKILL).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import pickle
+import queue
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import destroyed_after, unique_name
 
-from shmalloc import MemoryManager
+from shmalloc import MemoryManager, Queue, objects
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 from shmalloc.manager import attachment_of
@@ -177,6 +187,82 @@ def remote_free(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     return "m.deallocate(m.allocate(64)); m.deallocate(A[0])", [x]
 
 
+# Queue scenarios: the queue and what the child must leave in it are kept in _QUEUES until the
+# scenario's check (AFTER) has looked at the queue after the child's death and dropped it.
+# The child gets the queue as a pickled reference (an int of the pickle's bytes).
+_QUEUES: dict[str, Any] = {}
+QCHILD = (
+    "import pickle\nimport numpy as np\n"
+    "q = pickle.loads(A[0].to_bytes((A[0].bit_length() + 7) // 8, 'big'))\n"
+)
+
+
+def _queue_for_child(m: MemoryManager, items: list[Any], maxsize: int = 0) -> int:
+    q = Queue(maxsize, arena=m)
+    for x in items:
+        q.put(x)
+    _QUEUES["q"] = q
+    return int.from_bytes(pickle.dumps(q), "big")
+
+
+def queue_put(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    return QCHILD + "q.put(np.arange(1000))", [_queue_for_child(m, ["first"])]
+
+
+def queue_get(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    return QCHILD + "q.get()", [_queue_for_child(m, ["first", "second"])]
+
+
+def queue_grow(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    return QCHILD + "q.put(64)", [_queue_for_child(m, list(range(64)))]
+
+
+def queue_drain(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    """The child holds the queue last: dropping it frees the queue and its items."""
+    arg = _queue_for_child(m, ["a", np.arange(2000), "c"])
+    del _QUEUES["q"]  # the pickled reference's ticket keeps it for the child
+    gc.collect()
+    return QCHILD + "del q", [arg]
+
+
+def _drained(q: Queue) -> list[Any]:
+    out = []
+    while True:
+        try:
+            x = q.get_nowait()
+        except queue.Empty:
+            return out
+        out.append(x.tolist() if isinstance(x, np.ndarray) else x)
+
+
+def _queue_check(want: list[Any]) -> Callable[[MemoryManager], None]:
+    """After the child died and was collected: the queue holds exactly ``want``, keeps working,
+    and once dropped leaves no object behind."""
+
+    def check(m: MemoryManager) -> None:
+        q = _QUEUES.pop("q", None)
+        if q is not None:
+            assert _drained(q) == want
+            q.put("again")
+            assert q.get_nowait() == "again"
+            del q
+        gc.collect()
+        m.collect()
+        info = objects.object_stats(attachment_of(m))
+        assert (info.live, info.tickets, info.dying) == (0, 0, 0), info
+
+    return check
+
+
+AFTER: dict[tuple[str, Setup], Callable[[MemoryManager], None]] = {
+    ("queue.put.half", queue_put): _queue_check(["first"]),  # rolled back
+    ("queue.put.done", queue_put): _queue_check(["first", list(range(1000))]),  # it is in
+    ("queue.get.half", queue_get): _queue_check(["first", "second"]),  # rolled back
+    ("queue.get.done", queue_get): _queue_check(["second"]),  # delivered to the dead child
+    ("queue.grow", queue_grow): _queue_check(list(range(64))),  # rolled back
+    ("queue.drain", queue_drain): _queue_check([]),  # collection finishes the freeing
+}
+
 ALLOCS = [alloc_split, alloc_exact, alloc_aligned, alloc_large, alloc_after_dead_holder]
 PLAN: dict[str, list[Setup]] = {
     "alloc.locked": ALLOCS,
@@ -191,6 +277,12 @@ PLAN: dict[str, list[Setup]] = {
     "cache.popped": [cache_reuse],
     "cache.pushed": [cache_reuse, remote_free],
     "remote.claimed": [remote_free],
+    "queue.put.half": [queue_put],
+    "queue.put.done": [queue_put],
+    "queue.get.half": [queue_get],
+    "queue.get.done": [queue_get],
+    "queue.grow": [queue_grow],
+    "queue.drain": [queue_drain],
 }
 
 
@@ -244,6 +336,9 @@ def test_killed_at_step(step: str, setup: Setup, arena: MemoryManager, tmp_path:
     if -1 in held:
         assert m.stats().lock_recoveries > recoveries, "the dead holder's lock was not recovered"
     m.collect()
+    after = AFTER.get((step, setup))
+    if after is not None:
+        after(m)
     assert lock_holders(m, child.pid) == [], "a lock still names the dead child"
     assert child.pid not in [p.pid for p in m.processes()], "the dead child keeps its slot"
     assert all(b.pid != child.pid for b in m.all_blocks()), "a block of the dead child is left"

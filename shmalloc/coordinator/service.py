@@ -280,6 +280,7 @@ class Coordinator:
         self._step("scanning processes", self._processes.scan)
         self._step("monitoring pressure", self._monitor)
         self._step("draining events", self._drain_events)
+        self._step("expiring references in transit", lambda: C.objects_expire(self._h))
         if self._metrics is not None:
             self._step("updating metrics", self._update_metrics)
 

@@ -1,0 +1,413 @@
+"""Queues of objects in the arena: drop-ins for multiprocessing's Queue, JoinableQueue and
+SimpleQueue.
+
+    q = shmalloc.Queue()                       # in the per-user default arena (shmalloc.compat)
+    Process(target=work, args=(q,)).start()    # fork or spawn: the queue pickles as a reference
+    q.put(np.arange(10**7))                    # the array's data goes to the arena once
+    a = q.get()                                # elsewhere: the same bytes, zero-copy, read-only
+
+The queue itself lives in the segment (native/queue.c: a ring of object references in a block,
+grown by doubling; its state machine and what a killed process leaves behind are drawn there).
+Each item is an object (shmalloc.objects): put() pickles the item (protocol 5, buffers of 1 KiB or
+more in blocks of their own) into a new, unpublished object, then one C call publishes it into
+the queue; get() takes the oldest item, held by this process from then on, and unpickles it over
+the arena. There is no feeder thread and no pipe: an item is in the queue when put() returns, and
+an unpicklable item raises at once, in put(). A put on a full queue and a get on an empty one
+sleep on a futex word of the queue (native/wait.c) until the other side wakes them; each sleep is
+capped at RECHECK seconds, which only matters when a waker was killed between its step and its
+wake-up call.
+
+A Queue pickles as a reference to its queue object (shmalloc.objects.ObjectRef): send it to
+processes, Pool initializers, other queues. The queue lives while any process holds one, and the
+items still in it go with it. close() is per process, as in multiprocessing: this process will not
+put or get any more; the queue itself stays for the others.
+
+An ObjectRef put as the item itself travels as that reference (no copy, no transit ticket: the
+queue holds the object while the reference waits in it) and get() returns an ObjectRef to the same
+object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import queue as _queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _binding as C
+from . import objects
+from .attachment import Attachment, check_int
+from .manager import MemoryManager, attachment_of
+from .objects import ObjectRef
+from .tracking import slot_for
+
+__all__ = ["RECHECK", "Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
+
+Empty = _queue.Empty
+Full = _queue.Full
+RECHECK = 1.0  # longest single sleep of a blocked put or get (see the module's docstring)
+
+
+def _arena(arena: MemoryManager | None) -> Attachment:
+    if arena is None:
+        from .compat import get_arena  # the per-user default arena
+
+        arena = get_arena()
+    if not isinstance(arena, MemoryManager):
+        raise TypeError(f"arena must be a MemoryManager or None, not {type(arena).__name__}")
+    return attachment_of(arena)
+
+
+def _deadline(block: bool, timeout: float | None) -> float | None:
+    """The monotonic time a blocking call gives up at (None: never); NaN is refused."""
+    if not block or timeout is None:
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+    return time.monotonic() + max(timeout, 0.0)
+
+
+def _time_left(deadline: float | None) -> float:
+    return RECHECK if deadline is None else min(deadline - time.monotonic(), RECHECK)
+
+
+@dataclass
+class _Item:
+    """An item on its way into a queue: the object to put and how (C.QPUT_*); ``unpublished``
+    lists the blocks to free if it never goes in."""
+
+    address: int
+    oid: int
+    mode: int
+    unpublished: list[int] = field(default_factory=list)
+
+    def abandon(self, att: Attachment) -> None:
+        """It will not go in: free its unpublished blocks (plain blocks of this process)."""
+        blocks, self.unpublished = self.unpublished, []
+        if blocks and not att.closed:
+            h = att.handle()
+            for at in blocks:
+                C.free_raw(h, at)
+
+
+@dataclass
+class _Taken:
+    """An item taken out of a queue, held by this process: a reference, or a value to load
+    (counted once as this process's pin, which _load consumes)."""
+
+    view: C.ObjectView
+    ref: ObjectRef | None
+
+
+class _Base:
+    """What the three queues share: the queue object, put and get."""
+
+    _joinable = False
+
+    def __init__(self, maxsize: int = 0, *, arena: MemoryManager | None = None) -> None:
+        maxsize = check_int(maxsize, "maxsize")
+        att = _arena(arena)
+        with objects._critical():
+            address, oid = C.queue_create(
+                att.handle(), slot_for(att, None), max(maxsize, 0), self._joinable
+            )
+            ref = objects._held_ref(att, address, oid, 0, None)
+        self._setup(ref)
+
+    def _setup(self, ref: ObjectRef) -> None:
+        att = ref._att
+        if att is None:
+            raise ValueError(f"{ref!r} names no attached arena")
+        self._ref = ref
+        self._att = att
+        self._closed = False
+        info = C.queue_info(att.handle(), ref.address, ref.id)
+        self._maxsize = info.maxsize
+        self._control = info.control
+
+    def __getstate__(self) -> ObjectRef:
+        return self._ref  # pickled with a transit ticket: the queue lives until unpickled
+
+    def __setstate__(self, ref: ObjectRef) -> None:
+        self._setup(ref)
+
+    def __repr__(self) -> str:
+        bound = f" maxsize={self._maxsize}" if self._maxsize else ""
+        return f"<shmalloc.{type(self).__name__} {self._ref.arena}:{self._ref.address:#x}{bound}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    def _info(self) -> C.QueueInfo:
+        with objects._critical():  # (in a fork child, first hold what the parent held)
+            return C.queue_info(self._att.handle(), self._ref.address, self._ref.id)
+
+    # -------------------------------------------------------------- put
+
+    def _prepare(self, obj: Any) -> _Item:
+        """The item for ``obj``: pickled into a new unpublished object (raises here if ``obj``
+        cannot be pickled), or, for an ObjectRef of this arena, that object itself."""
+        a = self._att
+        if isinstance(obj, ObjectRef) and obj.arena == a.name and obj._att is not None:
+            return _Item(obj.address, obj.id, C.QPUT_REF)
+        bufs: list[memoryview] = []
+        data = pickle.dumps(obj, protocol=5, buffer_callback=objects._out_of_band(bufs))
+        h = a.handle()
+        address, stream, addresses = C.object_create(
+            h, slot_for(a, None), len(data), [b.nbytes for b in bufs]
+        )
+        item = _Item(address, 0, C.QPUT_NEW, [*addresses, address])
+        try:
+            mv = a.mv
+            mv[stream : stream + len(data)] = data
+            for at, b in zip(addresses, bufs, strict=True):
+                mv[at : at + b.nbytes] = b
+        except BaseException:
+            item.abandon(a)
+            raise
+        return item
+
+    def _offer(self, item: _Item) -> int | None:
+        """One attempt to put ``item``: None when it went in, else the not_full word to wait on."""
+        a = self._att
+        with objects._critical():  # a fork child holds the queue from its first call on
+            seq = C.queue_put(
+                a.handle(), slot_for(a, None), self._ref.address, self._ref.id, *_args(item)
+            )
+        if seq is None:
+            item.unpublished = []  # published: the queue holds it now
+        return seq
+
+    def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
+        self._check_open()
+        deadline = _deadline(block, timeout)
+        item = self._prepare(obj)
+        try:
+            while (seq := self._offer(item)) is not None:
+                left = _time_left(deadline)
+                if not block or left <= 0:
+                    raise Full
+                C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_FULL, seq, left)
+        finally:
+            item.abandon(self._att)
+
+    # -------------------------------------------------------------- get
+
+    def _take(self) -> tuple[_Taken | None, int]:
+        """One attempt to take an item: (it, 0), or (None, the not_empty word to wait on)."""
+        a = self._att
+        with objects._critical():
+            view, is_ref, seq = C.queue_get(
+                a.handle(), slot_for(a, None), self._ref.address, self._ref.id
+            )
+            if view is None:
+                return None, seq
+            if is_ref:
+                ref = objects._held_ref(a, view.address, view.id, view.nbytes, None)
+                return _Taken(view, ref), 0
+            objects._count(a, (a.name, view.address, view.id), True)
+            return _Taken(view, None), 0
+
+    def _load(self, taken: _Taken) -> Any:
+        if taken.ref is not None:
+            return taken.ref
+        return objects._load(self._att, taken.view)
+
+    def _untake(self, taken: _Taken) -> None:
+        """Put a taken item back, at the end of the queue, whatever its bound (asyncio's
+        cancellation, which must not lose it)."""
+        mode = C.QPUT_REF if taken.ref is not None else C.QPUT_VALUE
+        a = self._att
+        C.queue_put(
+            a.handle(),
+            slot_for(a, None),
+            self._ref.address,
+            self._ref.id,
+            taken.view.address,
+            taken.view.id,
+            mode | C.QPUT_FORCE,
+        )
+        if taken.ref is None:
+            objects._finalize((a.name, taken.view.address, taken.view.id), True, os.getpid())
+
+    def _get(self, block: bool, timeout: float | None) -> Any:
+        self._check_open()
+        deadline = _deadline(block, timeout)
+        while True:
+            taken, seq = self._take()
+            if taken is not None:
+                return self._load(taken)
+            left = _time_left(deadline)
+            if not block or left <= 0:
+                raise Empty
+            C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_EMPTY, seq, left)
+
+    # -------------------------------------------------------------- common methods
+
+    def empty(self) -> bool:
+        """True if no item waits (at this instant; another process may put one next)."""
+        return self._info().size == 0
+
+    def close(self) -> None:
+        """This process will not put or get any more (they raise ValueError from now on). The
+        queue stays for the other processes; it goes when the last one drops it."""
+        self._closed = True
+
+
+def _args(item: _Item) -> tuple[int, int, int]:
+    return item.address, item.oid, item.mode
+
+
+class Queue(_Base):
+    """A process-shared FIFO queue of Python objects in the arena: multiprocessing.Queue's
+    interface (Full/Empty from the ``queue`` module), without a feeder thread or a pipe.
+
+    ``maxsize`` <= 0: no bound but the arena's memory. ``arena``: a MemoryManager, or None for
+    the per-user default arena of shmalloc.compat."""
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj``: pickled here, at once (an unpicklable object raises here), then in the
+        queue when this returns. A full queue: wait up to ``timeout`` seconds (None: forever)
+        if ``block``, else raise queue.Full at once."""
+        self._put(obj, block, timeout)
+
+    def put_nowait(self, obj: Any) -> None:
+        self._put(obj, False, None)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The oldest item: its buffers zero-copy, read-only views over the arena. An empty
+        queue: wait up to ``timeout`` seconds (None: forever) if ``block``, else raise
+        queue.Empty at once."""
+        return self._get(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self._get(False, None)
+
+    def qsize(self) -> int:
+        """Items waiting now."""
+        return self._info().size
+
+    def full(self) -> bool:
+        """True if a bounded queue holds maxsize items."""
+        return bool(self._maxsize) and self._info().size >= self._maxsize
+
+    def join_thread(self) -> None:
+        """As multiprocessing's: only after close(); there is no feeder thread to join."""
+        assert self._closed, f"Queue {self!r} not closed"
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to cancel: an item is in the queue once put() returns."""
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """get() for asyncio: the wait runs in the loop's default thread executor (the futex sleep
+        releases the GIL). queue.Empty after ``timeout`` seconds (None: never). Cancelled, it
+        takes nothing; an item it took as the cancellation came goes back to the end of the
+        queue, never lost."""
+        self._check_open()
+        deadline = _deadline(True, timeout)
+        lock = threading.Lock()
+        box: list[_Taken] = []
+        cancelled = False
+
+        def work() -> bool:
+            while True:
+                with lock:
+                    if cancelled:
+                        return False
+                    taken, seq = self._take()
+                    if taken is not None:
+                        box.append(taken)
+                        return True
+                left = _time_left(deadline)
+                if left <= 0:
+                    return False
+                C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_EMPTY, seq, left)
+
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(None, work)
+        except BaseException:
+            with lock:
+                cancelled = True
+                for taken in box:
+                    self._untake(taken)
+                box.clear()
+            raise
+        if not got:
+            raise Empty
+        return self._load(box.pop())
+
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """put() for asyncio: pickled here, the wait for room in the loop's default thread
+        executor. queue.Full after ``timeout`` seconds (None: never). Cancelled, it puts nothing
+        unless the item was in already."""
+        self._check_open()
+        deadline = _deadline(True, timeout)
+        item = self._prepare(obj)
+        lock = threading.Lock()
+        cancelled = False
+
+        def work() -> bool:
+            try:
+                while True:
+                    with lock:
+                        if cancelled:
+                            return False
+                        seq = self._offer(item)
+                        if seq is None:
+                            return True
+                    left = _time_left(deadline)
+                    if left <= 0:
+                        return False
+                    C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_FULL, seq, left)
+            finally:
+                item.abandon(self._att)
+
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(None, work)
+        except BaseException:
+            with lock:
+                cancelled = True
+            raise
+        if not done:
+            raise Full
+
+
+class JoinableQueue(Queue):
+    """multiprocessing.JoinableQueue: a Queue that counts the items put and not yet marked
+    done, in the segment, so that join() in any process waits for every consumer's task_done."""
+
+    _joinable = True
+
+    def task_done(self) -> None:
+        """One item taken by get() is processed; ValueError if called more times than items
+        were put."""
+        self._check_open()
+        C.queue_task_done(self._att.handle(), self._ref.address, self._ref.id)
+
+    def join(self) -> None:
+        """Wait until every item ever put has been marked task_done()."""
+        while True:
+            info = self._info()
+            if info.unfinished == 0:
+                return
+            C.queue_wait(
+                self._att.handle(), self._control, C.QWAIT_ALL_DONE, info.all_done_seq, RECHECK
+            )
+
+
+class SimpleQueue(_Base):
+    """multiprocessing.SimpleQueue: put, get (blocking), empty, close; unbounded."""
+
+    def __init__(self, *, arena: MemoryManager | None = None) -> None:
+        super().__init__(0, arena=arena)
+
+    def put(self, obj: Any) -> None:
+        self._put(obj, True, None)
+
+    def get(self) -> Any:
+        return self._get(True, None)

@@ -1,0 +1,205 @@
+"""Array hand-off through shmalloc.Queue beside multiprocessing.Queue: latency and throughput.
+
+    python -m stress.bench_queue [--quick] [--json PATH] [--trials N]
+
+The producer (this process) hands numpy float64 arrays of 64 KiB, 1 MiB and 64 MiB to a consumer
+(one spawned process per queue kind, started once), which gets each, reads its first and last
+element and lets it go. Two figures per size and queue kind, side by side in the same run
+(kinds interleaved trial by trial; the median of the trials, min and max also kept):
+
+  latency     one array at a time: put it, the consumer gets it and answers through a second
+              queue of the same kind; the producer waits for the answer (ns per hand-off)
+  throughput  a stream of arrays put back to back into a queue bounded at 4 items; the
+              consumer answers once at the end (hand-offs per second, and bytes per second)
+
+  shmalloc    shmalloc.Queue(4, arena=...): put copies the array into the arena once; the
+              consumer's get is a zero-copy, read-only view over it
+  mp          multiprocessing.Queue(4): pickle protocol 5 through a pipe, by a feeder thread
+
+The ratios (mp over shmalloc) are what to read: both kinds ran in the same run on the same
+machine. Output: a table on stdout (progress on stderr) and JSON (default
+stress/results/bench_queue.json). The arena is destroyed and the consumers stopped on the way
+out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+import shmalloc
+from shmalloc import MemoryManager
+from shmalloc.sizes import format_bytes
+
+from ._common import (
+    Arenas,
+    KiB,
+    MiB,
+    bench_args,
+    make_progress,
+    print_header,
+    print_table,
+    rotated,
+    run_bench,
+    summarize,
+)
+
+SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
+KINDS = ["shmalloc", "mp"]
+BOUND = 4
+TIMEOUT = 120.0
+# hand-offs per trial: (latency, throughput), by size
+REPS = {
+    "full": {64 * KiB: (400, 2000), 1 * MiB: (200, 500), 64 * MiB: (10, 24)},
+    "quick": {64 * KiB: (50, 200), 1 * MiB: (30, 60), 64 * MiB: (3, 8)},
+}
+progress = make_progress("bench_queue")
+
+
+def consumer(requests: Any, replies: Any) -> None:
+    """Answer ("one", None): get an array, touch it, reply; ("many", n): get n, reply once."""
+    while True:
+        op, n = requests.get()
+        if op == "stop":
+            return
+        for _ in range(1 if op == "one" else n):
+            a = requests.get()
+            float(a[0]) + float(a[-1])
+            del a
+        replies.put(True)
+
+
+class Kind:
+    """One queue kind: its request and reply queues and its consumer."""
+
+    def __init__(self, name: str, mgr: MemoryManager) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        if name == "shmalloc":
+            self.requests: Any = shmalloc.Queue(BOUND, arena=mgr)
+            self.replies: Any = shmalloc.Queue(arena=mgr)
+        else:
+            self.requests, self.replies = ctx.Queue(BOUND), ctx.Queue()
+        self.proc = ctx.Process(target=consumer, args=(self.requests, self.replies), daemon=True)
+        self.proc.start()
+
+    def latency(self, a: np.ndarray, n: int) -> float:
+        """ns per hand-off, one at a time."""
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            self.requests.put(("one", None))
+            self.requests.put(a)
+            self.replies.get(timeout=TIMEOUT)
+        return (time.perf_counter_ns() - t) / n
+
+    def throughput(self, a: np.ndarray, n: int) -> float:
+        """Hand-offs per second, streamed."""
+        t = time.perf_counter_ns()
+        self.requests.put(("many", n))
+        for _ in range(n):
+            self.requests.put(a)
+        self.replies.get(timeout=TIMEOUT)
+        return n / ((time.perf_counter_ns() - t) / 1e9)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.requests.put(("stop", None))
+            self.proc.join(TIMEOUT)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
+def bench_size(kinds: list[Kind], size: int, trials: int, reps: tuple[int, int]) -> dict[str, Any]:
+    a = np.random.default_rng(size).random(size // 8)
+    nlat, nthr = reps
+    for k in kinds:  # warm-up: the consumers' imports, the arena's pages
+        k.latency(a, 2)
+    lat: dict[str, list[float]] = {k.name: [] for k in kinds}
+    thr: dict[str, list[float]] = {k.name: [] for k in kinds}
+    for t in range(trials):
+        for k in rotated(kinds, t):
+            lat[k.name].append(k.latency(a, nlat))
+            thr[k.name].append(k.throughput(a, nthr))
+    row: dict[str, Any] = {"size": size, "reps": list(reps)}
+    for name in lat:
+        row[name] = {
+            "latency_ns": summarize(lat[name]),
+            "throughput_per_s": summarize(thr[name]),
+        }
+    s, m = row["shmalloc"], row["mp"]
+    row["latency_mp_over_shmalloc"] = m["latency_ns"]["median"] / s["latency_ns"]["median"]
+    row["throughput_shmalloc_over_mp"] = (
+        s["throughput_per_s"]["median"] / m["throughput_per_s"]["median"]
+    )
+    return row
+
+
+def report(res: dict[str, Any]) -> None:
+    print_header(res)
+    rows = []
+    for r in res["rows"]:
+        s, m = r["shmalloc"], r["mp"]
+        rows.append(
+            [
+                format_bytes(r["size"]),
+                f"{s['latency_ns']['median'] / 1e3:,.1f}",
+                f"{m['latency_ns']['median'] / 1e3:,.1f}",
+                f"{r['latency_mp_over_shmalloc']:.1f}x",
+                f"{s['throughput_per_s']['median'] * r['size'] / 1e9:,.2f}",
+                f"{m['throughput_per_s']['median'] * r['size'] / 1e9:,.2f}",
+                f"{r['throughput_shmalloc_over_mp']:.1f}x",
+            ]
+        )
+    print_table(
+        [
+            "size",
+            "shmalloc us",
+            "mp us",
+            "mp/shmalloc",
+            "shmalloc GB/s",
+            "mp GB/s",
+            "shmalloc/mp",
+        ],
+        rows,
+        "array hand-off: latency (one at a time, with the answer) and throughput (streamed)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_args(sys.modules[__name__], "fewer trials and hand-offs (< 30 s)")
+    p.add_argument("--trials", type=int, help="trials per kind and size (default 5; quick 2)")
+    a = p.parse_args(argv)
+    a.trials = a.trials or (2 if a.quick else 5)
+    reps = REPS["quick" if a.quick else "full"]
+
+    def body(res: dict[str, Any], arenas: Arenas) -> None:
+        mgr = arenas.new(max(SIZES) * (BOUND + 4))
+        kinds = [Kind(name, mgr) for name in KINDS]
+        try:
+            res["rows"] = []
+            for size in SIZES:
+                progress(f"{format_bytes(size)}: {a.trials} trials x {reps[size]} hand-offs")
+                res["rows"].append(bench_size(kinds, size, a.trials, reps[size]))
+        finally:
+            for k in kinds:
+                k.stop()
+
+    config = {
+        "trials": a.trials,
+        "reps": {str(k): v for k, v in reps.items()},
+        "sizes": SIZES,
+        "kinds": KINDS,
+        "bound": BOUND,
+        "dtype": "float64",
+        "consumer": "spawned process, reads first and last element",
+    }
+    return run_bench(sys.modules[__name__], a, config, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
