@@ -69,6 +69,14 @@ def span(size: int, address: int, n: int | None, offset: int) -> tuple[int, int]
     return start, start + n
 
 
+def mapped(a: Attachment, start: int, end: int) -> memoryview:
+    """A view of [start, end) of this process's mapping (ValueError once closed)."""
+    try:
+        return a.mv[start:end]
+    except ValueError:  # another thread closed the arena after the caller's checks
+        raise a.closed_error() from None
+
+
 def size_of(a: Attachment, address: int) -> int:
     """Usable size of the block at ``address`` (at least what was asked for)."""
     return block_size(a, address, 0)
@@ -79,7 +87,10 @@ def read(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> 
     if address.__class__ is not int:
         address = checked_address(address)
     start, end = span(block_size(a, address, 0), address, n, offset)
-    return a.mm[start:end]
+    try:
+        return a.mm[start:end]
+    except ValueError:  # another thread closed the arena after the bounds check
+        raise a.closed_error() from None
 
 
 def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
@@ -93,7 +104,10 @@ def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
     if address.__class__ is not int:
         address = checked_address(address)
     start, end = span(block_size(a, address, 1), address, src.nbytes, offset)
-    a.mv[start:end] = src
+    try:
+        a.mv[start:end] = src
+    except ValueError:  # another thread closed the arena after the bounds check
+        raise a.closed_error() from None
     return end - start
 
 
@@ -106,7 +120,7 @@ def view(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> 
     except ProtectionViolation:
         size, sealed = block_size(a, address, 0), True
     start, end = span(size, address, n, offset)
-    v = a.mv[start:end]
+    v = mapped(a, start, end)
     return v.toreadonly() if sealed else v
 
 

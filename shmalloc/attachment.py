@@ -273,8 +273,13 @@ class Attachment:
         """The C handle; ValueError once closed in this process."""
         h = self.h
         if h is None:
-            raise ValueError(f"arena {self.name!r} is closed in this process; attach again")
+            raise self.closed_error()
         return h
+
+    def closed_error(self) -> ValueError:
+        """The error of a call on an arena closed in this process (also by another thread while
+        the call ran: the mapping's views are then released under it)."""
+        return ValueError(f"arena {self.name!r} is closed in this process; attach again")
 
     def close(self) -> None:
         """Give the slot back (if this process owns nothing there), unmap, close the handle.

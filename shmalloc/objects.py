@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _binding as C
+from .access import mapped
 from .attachment import Attachment, check_int
 from .attachment import _open as _open_attachments
 from .errors import InvalidAddress, ObjectNotFound
@@ -339,7 +340,7 @@ def _pinned(a: Attachment, key: Key, spans: list[tuple[int, int]], writable: boo
     also keeps the mapping exported, so close() refuses to unmap under it."""
     lo = min(s for s, _ in spans)
     hi = max(s + n for s, n in spans)
-    pin = C.pin_buffer(a.mv[lo:hi], functools.partial(_finalize, key, True, os.getpid()))
+    pin = C.pin_buffer(mapped(a, lo, hi), functools.partial(_finalize, key, True, os.getpid()))
     whole = memoryview(pin)
     if not writable:
         whole = whole.toreadonly()
@@ -350,7 +351,7 @@ def _load(a: Attachment, view: C.ObjectView, writable: bool = False) -> Any:
     """The value of an open object (this process counted once more as its holder, for the
     value's pin; dropped here if the value shares no memory with the arena)."""
     key = (a.name, view.address, view.id)
-    stream = a.mv[view.pickle : view.pickle + view.pickle_len]
+    stream = mapped(a, view.pickle, view.pickle + view.pickle_len)
     try:
         if not view.buffers:
             return pickle.loads(stream)

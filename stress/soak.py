@@ -54,7 +54,7 @@ def _churn(
                 mine[a] = rng.randbytes(min(size, 64))
                 mgr.write(a, mine[a])
     except ValueError as e:
-        if "closed" not in str(e):  # the manager closed under a running call: expected, clean
+        if "closed" not in str(e):  # closed under a running call: expected, and said clearly
             errors.append(f"thread: {e!r}")
 
 
