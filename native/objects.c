@@ -37,15 +37,6 @@ _Static_assert(SHM_HOLDER_WORDS * 64 == SHM_MAX_PROCS, "one holder bit per slot"
 _Static_assert(offsetof(shm_objects_t, held) == 0x80, "shm_objects_t.held");
 _Static_assert(offsetof(shm_arena_t, objects) == 0x9e980, "shm_arena_t.objects");
 
-#define LOCKED(h, expr)                \
-    do {                               \
-        int rc_ = heap_lock(h);        \
-        if (rc_ != SHM_OK) return rc_; \
-        rc_ = (expr);                  \
-        heap_unlock(h);                \
-        return rc_;                    \
-    } while (0)
-
 #define DEFAULT_TRANSIT_NS (60ull * 1000000000ull)
 #define OBJ_FLAGS (SHM_BF_OBJECT | SHM_BF_OBJPART)
 

@@ -9,15 +9,6 @@
  * with the other frees, and refs_release here only says so. */
 #include "shm_internal.h"
 
-#define LOCKED(h, expr)                \
-    do {                               \
-        int rc_ = heap_lock(h);        \
-        if (rc_ != SHM_OK) return rc_; \
-        rc_ = (expr);                  \
-        heap_unlock(h);                \
-        return rc_;                    \
-    } while (0)
-
 static int live_slot(shm_handle_t *h, int32_t slot) {
     if (slot < 0 || slot >= SHM_MAX_PROCS || h->arena->procs[slot].state != SHM_PROC_LIVE)
         return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);

@@ -102,6 +102,17 @@ static inline void gate_leave(shm_handle_t **held) {
     if (*held && UNLIKELY(__atomic_sub_fetch(&(*held)->gate, 1, __ATOMIC_RELEASE) & GATE_CLOSING))
         gate_wake(*held);
 }
+/* Return what expr returns, evaluated under the heap lock (the lock's error if it cannot be
+ * taken). For the one-call public entry points of own.c and objects.c. */
+#define LOCKED(h, expr)                \
+    do {                               \
+        int rc_ = heap_lock(h);        \
+        if (rc_ != SHM_OK) return rc_; \
+        rc_ = (expr);                  \
+        heap_unlock(h);                \
+        return rc_;                    \
+    } while (0)
+
 #define SHM_GATE(h)                                                                \
     shm_handle_t *gate_held_ __attribute__((cleanup(gate_leave))) = gate_enter(h); \
     if (UNLIKELY(!gate_held_)) return SHM_ECLOSED
