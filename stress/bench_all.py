@@ -27,6 +27,7 @@ STATS = ("median", "min", "max")
 ORDER = (
     "bench_alloc",
     "bench_handoff",
+    "bench_queue",
     "bench_workloads",
     "bench_fragmentation",
     "bench_scaling",
