@@ -319,7 +319,7 @@ def fmt_count(n: int) -> str:
 
 def print_table(headers: list[str], rows: list[list[str]], title: str, left: bool = False) -> None:
     """Columns as wide as their widest cell, right-aligned (left-aligned with ``left``)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     print(f"\n{title}")
     for r in [headers, ["-" * w for w in widths], *rows]:
         cells = (c.ljust(w) if left else c.rjust(w) for c, w in zip(r, widths, strict=True))

@@ -24,21 +24,14 @@ from typing import Any
 from . import _common as bench
 
 STATS = ("median", "min", "max")
-ORDER = (
-    "bench_alloc",
-    "bench_handoff",
-    "bench_workloads",
-    "bench_fragmentation",
-    "bench_scaling",
-    "bench_c",
-    "bench_coordinator",
-)
+ORDER = "bench_alloc bench_handoff bench_queue bench_workloads bench_fragmentation bench_scaling"
+ORDER += " bench_c bench_coordinator"
 
 
 def discover() -> list[str]:
     """The benchmark modules in stress/: the known ones in their order, then any others."""
     found = {p.stem for p in (bench.REPO_ROOT / "stress").glob("bench_*.py")} - {"bench_all"}
-    return [m for m in ORDER if m in found] + sorted(found - set(ORDER))
+    return [m for m in ORDER.split() if m in found] + sorted(found - set(ORDER.split()))
 
 
 def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
@@ -227,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     where = f"JSON, logs and summaries (default: {bench.RESULTS_DIR.relative_to(bench.REPO_ROOT)})"
     p.add_argument("--out-dir", type=Path, default=bench.RESULTS_DIR, metavar="DIR", help=where)
     p.add_argument("--only", type=bench.csv(), help="comma-separated modules to run (default: all)")
-    p.add_argument(
-        "--skip", type=bench.csv(), default=[], help="comma-separated modules not to run"
-    )
+    skip = "comma-separated modules not to run"
+    p.add_argument("--skip", type=bench.csv(), default=[], help=skip)
     no_echo = "do not print each module's own tables (they are saved as .txt)"
     p.add_argument("--no-echo", dest="echo", action="store_false", help=no_echo)
     timeout = "seconds one module may take (default 3600)"

@@ -174,31 +174,21 @@ def report(res: dict[str, Any]) -> None:
         )
     print("\nDerived figures")
     for key, label in LABELS.items():
-        if key in d:
-            j = d[key]
-            print(
-                f"  {label}: {j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}), "
-                f"{j['geomean']:.2f}x geomean   {bench.verdict(j)}"
-            )
-    if "public_over_core" in d:
-        j = d["public_over_core"]
-        print(
-            f"  public pair / core pair: {j['value']:.2f}x median (the Python wrapper adds "
-            f"~{j['wrapper_ns_median']:.0f} ns/pair)"
-        )
-    if "collector_ratio" in d:
-        j = d["collector_ratio"]
-        print(
-            f"  with collector / without: {j['value']:.2f}x (+{j['added_ns']:.0f} ns/pair; "
-            "no target)"
-        )
+        if j := d.get(key):
+            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
+            print(f"  {label}: {worst}, {j['geomean']:.2f}x geomean   {bench.verdict(j)}")
+    if j := d.get("public_over_core"):
+        print(f"  public pair / core pair: {j['value']:.2f}x median ", end="")
+        print(f"(the Python wrapper adds ~{j['wrapper_ns_median']:.0f} ns/pair)")
+    if j := d.get("collector_ratio"):
+        print(f"  with collector / without: {j['value']:.2f}x ", end="")
+        print(f"(+{j['added_ns']:.0f} ns/pair; no target)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
-    p.add_argument(
-        "--parts", type=bench.csv(PARTS), default=list(PARTS), help="pair and/or collector"
-    )
+    parts = bench.csv(PARTS)
+    p.add_argument("--parts", type=parts, default=list(PARTS), help="pair and/or collector")
     p.scaled("--trials", 5, 9, "trials per measurement")
     p.scaled("--ops", 20_000, 50_000, "operations per trial")
     a = p.parse(argv)
@@ -208,13 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         for part in a.parts:
             res[part] = PARTS[part](a, arenas)
 
-    return bench.run_bench(
-        sys.modules[__name__],
-        a,
-        {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}
-        | {"unit": "ns per allocate+free pair"},
-        body,
-    )
+    config = {k: getattr(a, k) for k in ("trials", "ops", "stdlib_ops", "parts")}
+    config["unit"] = "ns per allocate+free pair"
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

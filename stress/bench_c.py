@@ -198,11 +198,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         ("core_over_boost", "boost", "Boost.Interprocess pair"),
     ):
         j, rows = res["derived"][key], res["pairs"]["rows"]
-        vs = [
-            f"{format_bytes(r['size'])} {r['core']['median']:.0f} vs {r[other]['median']:.0f}"
-            for r in rows
-            if r[other]
-        ]
+        vs = [(r["size"], r["core"]["median"], r[other]["median"]) for r in rows if r[other]]
+        vs = [f"{format_bytes(s)} {c:.0f} vs {o:.0f}" for s, c, o in vs]
         note = "skipped: " + j["skipped"] if j["value"] is None else " ns, ".join(vs) + " ns"
         out.append(bench.target_row(f"C core pair / {label}", j, "x", note))
     return out
@@ -231,15 +228,14 @@ def report(res: dict[str, Any]) -> None:
         print(f"\nBoost.Interprocess skipped: {p['build']['boost']['skipped']}")
     sc = p["scale"]
     if sc:
+        by = {"shmalloc core, one shared arena": sc["by_method"]["core"]}
+        by["glibc malloc, private heaps"] = sc["by_method"]["glibc"]
         bench.procs_table(
             f"{format_bytes(sc['size'])} allocate+free pairs per second summed over "
             f"forked processes ({sc['iters_per_process']:,} core / "
             f"{sc['malloc_iters_per_process']:,} malloc pairs each; no target)",
             sc["procs"],
-            {
-                "shmalloc core, one shared arena": sc["by_method"]["core"],
-                "glibc malloc, private heaps": sc["by_method"]["glibc"],
-            },
+            by,
         )
     for key, label in (("core_over_glibc", "glibc"), ("core_over_boost", "Boost")):
         j = res["derived"][key]
@@ -267,13 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         res["pairs"] = run_pairs_and_scale(a)
 
     try:
-        return bench.run_bench(
-            sys.modules[__name__],
-            a,
-            {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}
-            | {"unit": "ns per pair"},
-            body,
-        )
+        config = {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}
+        return bench.run_bench(sys.modules[__name__], a, {**config, "unit": "ns per pair"}, body)
     except (BuildError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"bench_c: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ coordinator is a real ``python -m shmalloc.coordinator`` child.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -142,11 +143,9 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
         res["idle_cpu"] = {
             "percent_of_core": 100.0 * (user + system) / wall,  # psutil: 10 ms clock ticks
             "percent_of_core_schedstat": 100.0 * (n1 - n0) / 1e9 / wall,  # the scheduler's ns
-            "user_s": user,
-            "system_s": system,
-            "wall_s": wall,
-            "attached_processes": sum(1 for p in m.processes() if p.alive),
         }
+        res["idle_cpu"].update(user_s=user, system_s=system, wall_s=wall)
+        res["idle_cpu"]["attached_processes"] = sum(1 for p in m.processes() if p.alive)
 
         log(f"reclamation latency over {a.kills} kill -9")
         rng = random.Random(5)
@@ -164,24 +163,15 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
                     raise RuntimeError(f"worker {pid} was not reclaimed within 30 s")
             samples.append((time.perf_counter() - t0) * 1e3)
             workers.reap(pid)
-            log(
-                f"  kill {i + 1}: {held} bytes in {len(VICTIM_BLOCKS)} blocks back in "
-                f"{samples[-1]:.2f} ms"
-            )
+            back = f"{held} bytes in {len(VICTIM_BLOCKS)} blocks back in {samples[-1]:.2f} ms"
+            log(f"  kill {i + 1}: {back}")
         assert all(p in workers.hold for p in idle_pids)
         alive = coord.poll() is None
         coord.send_signal(signal.SIGTERM)
-        res["coordinator"] = {
-            "alive_through_run": alive,
-            "exit_code_on_sigterm": coord.wait(timeout=30),
-        }
+        res["coordinator"] = dict(alive_through_run=alive, exit_code_on_sigterm=coord.wait(30))
         coord = None
-        res["reclaim"] = {
-            "samples_ms": samples,
-            "median_ms": statistics.median(samples),
-            "worst_ms": max(samples),
-            "best_ms": min(samples),
-        }
+        res["reclaim"] = dict(samples_ms=samples, median_ms=statistics.median(samples))
+        res["reclaim"].update(worst_ms=max(samples), best_ms=min(samples))
     finally:
         workers.close()
         if coord is not None:
@@ -190,12 +180,9 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "worst_reclaim_ms": bench.judge(*TARGETS["worst_reclaim_ms"], res["reclaim"]["worst_ms"]),
-        "idle_cpu_percent": bench.judge(
-            *TARGETS["idle_cpu_percent"], res["idle_cpu"]["percent_of_core"]
-        ),
-    }
+    got = {"worst_reclaim_ms": res["reclaim"]["worst_ms"]}
+    got["idle_cpu_percent"] = res["idle_cpu"]["percent_of_core"]
+    return {k: bench.judge(*TARGETS[k], v) for k, v in got.items()}
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -239,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
     config = {k: getattr(a, k) for k in ("procs", "kills", "seconds", "interval")}
     config.update(arena_bytes=ARENA, victim_blocks=VICTIM_BLOCKS)
-    return bench.run_bench(
-        sys.modules[__name__], a, config, lambda res, arenas: run(a, res, arenas)
-    )
+    return bench.run_bench(sys.modules[__name__], a, config, functools.partial(run, a))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Array hand-off through shmalloc.Queue beside multiprocessing.Queue: latency and throughput.
 
-    python -m stress.bench_queue [--quick] [--json PATH] [--trials N]
-
 The producer (this process) hands numpy float64 arrays of 64 KiB, 1 MiB and 64 MiB to a consumer
 (one spawned process per queue kind, started once), which gets each, reads its first and last
 element and lets it go. Two figures per size and queue kind, side by side in the same run
@@ -35,18 +33,8 @@ import shmalloc
 from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
-from ._common import (
-    Arenas,
-    KiB,
-    MiB,
-    bench_args,
-    make_progress,
-    print_header,
-    print_table,
-    rotated,
-    run_bench,
-    summarize,
-)
+from . import _common as bench
+from ._common import KiB, MiB
 
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 KINDS = ["shmalloc", "mp"]
@@ -57,7 +45,9 @@ REPS = {
     "full": {64 * KiB: (400, 2000), 1 * MiB: (200, 500), 64 * MiB: (10, 24)},
     "quick": {64 * KiB: (50, 200), 1 * MiB: (30, 60), 64 * MiB: (3, 8)},
 }
-progress = make_progress("bench_queue")
+# at 1 MiB, shmalloc.Queue is no slower than multiprocessing.Queue, one at a time or streamed
+TARGETS = {"latency_mp_over_shmalloc": (">=", 1.0), "throughput_shmalloc_over_mp": (">=", 1.0)}
+progress = bench.make_progress("bench_queue")
 
 
 def consumer(requests: Any, replies: Any) -> None:
@@ -116,71 +106,62 @@ class Kind:
 
 def bench_size(kinds: list[Kind], size: int, trials: int, reps: tuple[int, int]) -> dict[str, Any]:
     a = np.random.default_rng(size).random(size // 8)
-    nlat, nthr = reps
     for k in kinds:  # warm-up: the consumers' imports, the arena's pages
         k.latency(a, 2)
     lat: dict[str, list[float]] = {k.name: [] for k in kinds}
     thr: dict[str, list[float]] = {k.name: [] for k in kinds}
-    for t in range(trials):
-        for k in rotated(kinds, t):
-            lat[k.name].append(k.latency(a, nlat))
-            thr[k.name].append(k.throughput(a, nthr))
+    with bench.untraced():
+        for t in range(trials):
+            for k in bench.rotated(kinds, t):
+                bench.check_interrupt()
+                lat[k.name].append(k.latency(a, reps[0]))
+                thr[k.name].append(k.throughput(a, reps[1]))
     row: dict[str, Any] = {"size": size, "reps": list(reps)}
     for name in lat:
-        row[name] = {
-            "latency_ns": summarize(lat[name]),
-            "throughput_per_s": summarize(thr[name]),
-        }
-    s, m = row["shmalloc"], row["mp"]
-    row["latency_mp_over_shmalloc"] = m["latency_ns"]["median"] / s["latency_ns"]["median"]
-    row["throughput_shmalloc_over_mp"] = (
-        s["throughput_per_s"]["median"] / m["throughput_per_s"]["median"]
-    )
+        row[name] = {"latency_ns": bench.summarize(lat[name])}
+        row[name]["throughput_per_s"] = bench.summarize(thr[name])
+    s, m = ({k: v["median"] for k, v in row[name].items()} for name in KINDS)
+    row["latency_mp_over_shmalloc"] = m["latency_ns"] / s["latency_ns"]
+    row["throughput_shmalloc_over_mp"] = s["throughput_per_s"] / m["throughput_per_s"]
     return row
 
 
 def report(res: dict[str, Any]) -> None:
-    print_header(res)
+    bench.print_header(res)
     rows = []
     for r in res["rows"]:
-        s, m = r["shmalloc"], r["mp"]
-        rows.append(
-            [
-                format_bytes(r["size"]),
-                f"{s['latency_ns']['median'] / 1e3:,.1f}",
-                f"{m['latency_ns']['median'] / 1e3:,.1f}",
-                f"{r['latency_mp_over_shmalloc']:.1f}x",
-                f"{s['throughput_per_s']['median'] * r['size'] / 1e9:,.2f}",
-                f"{m['throughput_per_s']['median'] * r['size'] / 1e9:,.2f}",
-                f"{r['throughput_shmalloc_over_mp']:.1f}x",
-            ]
-        )
-    print_table(
-        [
-            "size",
-            "shmalloc us",
-            "mp us",
-            "mp/shmalloc",
-            "shmalloc GB/s",
-            "mp GB/s",
-            "shmalloc/mp",
-        ],
-        rows,
-        "array hand-off: latency (one at a time, with the answer) and throughput (streamed)",
-    )
+        lat = [f"{r[k]['latency_ns']['median'] / 1e3:,.1f}" for k in KINDS]
+        gbs = [f"{r[k]['throughput_per_s']['median'] * r['size'] / 1e9:,.2f}" for k in KINDS]
+        ratios = [r["latency_mp_over_shmalloc"], r["throughput_shmalloc_over_mp"]]
+        rows.append([format_bytes(r["size"]), *lat, f"{ratios[0]:.1f}x", *gbs, f"{ratios[1]:.1f}x"])
+    headers = ["size", "shmalloc us", "mp us", "mp/shmalloc"]
+    headers += ["shmalloc GB/s", "mp GB/s", "shmalloc/mp"]
+    title = "array hand-off: latency (one at a time, with the answer) and throughput (streamed)"
+    bench.print_table(headers, rows, title)
+
+
+def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
+    labels = {"latency_mp_over_shmalloc": "latency mp / shmalloc"}
+    labels["throughput_shmalloc_over_mp"] = "throughput shmalloc / mp"
+    return [
+        bench.target_row(f"1 MiB Queue hand-off: {label}", bench.judge(*TARGETS[key], row[key]))
+        for key, label in labels.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_args(sys.modules[__name__], "fewer trials and hand-offs (< 30 s)")
-    p.add_argument("--trials", type=int, help="trials per kind and size (default 5; quick 2)")
-    a = p.parse_args(argv)
-    a.trials = a.trials or (2 if a.quick else 5)
+    p = bench.Parser(sys.modules[__name__], "fewer trials and hand-offs (< 30 s)")
+    p.scaled("--trials", 2, 5, "trials per kind and size")
+    a = p.parse(argv)
     reps = REPS["quick" if a.quick else "full"]
 
-    def body(res: dict[str, Any], arenas: Arenas) -> None:
+    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         mgr = arenas.new(max(SIZES) * (BOUND + 4))
-        kinds = [Kind(name, mgr) for name in KINDS]
+        kinds: list[Kind] = []
         try:
+            for name in KINDS:
+                kinds.append(Kind(name, mgr))
             res["rows"] = []
             for size in SIZES:
                 progress(f"{format_bytes(size)}: {a.trials} trials x {reps[size]} hand-offs")
@@ -189,16 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             for k in kinds:
                 k.stop()
 
-    config = {
-        "trials": a.trials,
-        "reps": {str(k): v for k, v in reps.items()},
-        "sizes": SIZES,
-        "kinds": KINDS,
-        "bound": BOUND,
-        "dtype": "float64",
-        "consumer": "spawned process, reads first and last element",
-    }
-    return run_bench(sys.modules[__name__], a, config, body)
+    config = dict(trials=a.trials, reps={str(k): v for k, v in reps.items()}, sizes=SIZES)
+    config.update(kinds=KINDS, bound=BOUND, dtype="float64")
+    config["consumer"] = "spawned process, reads first and last element"
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

@@ -161,14 +161,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     )
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
-    return [
-        bench.target_row(
-            f"pair cost at {levels(j)} live",
-            j,
-            "x",
-            note,
-        )
-    ]
+    return [bench.target_row(f"pair cost at {levels(j)} live", j, "x", note)]
 
 
 def report(res: dict[str, Any]) -> None:
@@ -209,10 +202,8 @@ def report(res: dict[str, Any]) -> None:
         )
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
-        print(
-            f"  loop throughput, 2 processes / 1: {j['value']:.2f}x (private malloc: "
-            f"{j['baseline']:.2f}x; no target)"
-        )
+        print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x ", end="")
+        print(f"(private malloc: {j['baseline']:.2f}x; no target)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,15 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         for part in a.parts:
             res[part] = PARTS[part](a, arenas)
 
-    return bench.run_bench(
-        sys.modules[__name__],
-        a,
-        {
-            k: getattr(a, k)
-            for k in ("parts", "trials", "live_levels", "live_ops", "procs", "loop_ops", "seed")
-        },
-        body,
-    )
+    keys = ("parts", "trials", "live_levels", "live_ops", "procs", "loop_ops", "seed")
+    return bench.run_bench(sys.modules[__name__], a, {k: getattr(a, k) for k in keys}, body)
 
 
 if __name__ == "__main__":

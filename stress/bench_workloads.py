@@ -70,13 +70,8 @@ UNITS = {
 }
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
-SIZES = {
-    mode: dict(zip(SCALE_KEYS, values, strict=True))
-    for mode, values in (
-        ("quick", (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)),
-        ("full", (2000, 6, 10_000, 200, 256, 10_000, 8, 20, 50_000)),
-    )
-}
+SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
+SIZES["full"] = (2000, 6, 10_000, 200, 256, 10_000, 8, 20, 50_000)
 XM_SIZE = 64
 STAMP = b"mstress!"
 EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, format, meaning)
@@ -428,9 +423,7 @@ def run_workload(
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
     procs = [k for k in procs if name != "xmalloc-test" or k == 1 or k % 2 == 0]
-    runs: dict[tuple[str, int], list[tuple[float, float, dict[str, Any]]]] = {
-        (m, k): [] for m in methods for k in procs
-    }
+    runs: dict[tuple[str, int], list[Any]] = {(m, k): [] for m in methods for k in procs}
     used0 = mgr.stats().used
     for t in range(c["trials"]):
         progress(f"{name}: trial {t + 1}/{c['trials']}")
@@ -480,15 +473,12 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    print(
-        f"operations per second summed over processes: median of {res['config']['trials']} "
-        "trials [min-max]"
-    )
+    trials = res["config"]["trials"]
+    print(f"operations per second summed over processes: median of {trials} trials [min-max]")
     for name, w in res["workloads"].items():
         procs, sh = w["procs"], w["methods"]["shmalloc"]["by_procs"]
-        bench.procs_table(
-            f"{name} ({w['unit']})", procs, {m: v["by_procs"] for m, v in w["methods"].items()}
-        )
+        by = {m: v["by_procs"] for m, v in w["methods"].items()}
+        bench.procs_table(f"{name} ({w['unit']})", procs, by)
         if name in EXTRAS:
             key, fmt, label = EXTRAS[name]
             got = ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs)
@@ -497,10 +487,8 @@ def report(res: dict[str, Any]) -> None:
     j = res["derived"].get("larson_2p_over_1p")
     if j:
         base = ", ".join(f"{k} {v:.2f}x" for k, v in j["baselines"].items() if v)
-        print(
-            f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   "
-            f"{bench.verdict(j)}   (baselines: {base})"
-        )
+        print(f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   ", end="")
+        print(f"{bench.verdict(j)}   (baselines: {base})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,21 +501,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=4141, help="random seed (larson's default)")
     a = p.parse(argv)
     a.procs = sorted({1, *a.procs})
-    c = {**SIZES["quick" if a.quick else "full"], "seed": a.seed, "trials": a.trials}
+    c = dict(zip(SCALE_KEYS, SIZES["quick" if a.quick else "full"], strict=True))
+    c.update(seed=a.seed, trials=a.trials)
 
     def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
         progress(f"starting {max(a.procs)} worker processes")
         with bench.WorkerPool(max(a.procs)) as pool:
-            res["workloads"] = {
-                name: run_workload(name, c, a.procs, pool, arenas) for name in a.workloads
-            }
+            res["workloads"] = {w: run_workload(w, c, a.procs, pool, arenas) for w in a.workloads}
 
-    return bench.run_bench(
-        sys.modules[__name__],
-        a,
-        {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS},
-        body,
-    )
+    config = {**c, "procs": a.procs, "workloads": a.workloads, "units": UNITS, "labels": LABELS}
+    return bench.run_bench(sys.modules[__name__], a, config, body)
 
 
 if __name__ == "__main__":

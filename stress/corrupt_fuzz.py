@@ -50,9 +50,8 @@ KiB, MiB = 1 << 10, 1 << 20
 HDR = ffi.sizeof("shm_block_t")
 HEAP_OFF = int(lib.shm_header_size())
 SLOW = 0.5  # seconds: an operation slower than this ends the batch and is reported as slow
-PIPES: dict[str, Any] = dict(
-    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-)
+PIPES: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+PIPES["stderr"] = subprocess.PIPE
 EXPECTED = (ShmallocError, ValueError, KeyError, OSError, MemoryError)
 OUTCOMES = ("clean", "detected", "other_error", "error", "crash", "hang")
 LABELS = dict(clean="clean", detected="corruption detected", other_error="other error (refused)")
@@ -297,12 +296,8 @@ class Mutator:
         return self.mutate("lock", "heap lock", int(lib.shm_lock_offset(-1)) + o, s, n)
 
     def r_bitmap(self) -> dict[str, Any]:
-        words = int(lib.SHM_BITMAP_WORDS)
-        bit = (
-            self.rng.randrange(64 * words)
-            if self.rng.random() < 0.3
-            else self.rng.randrange(int(lib.SHM_NBINS))
-        )
+        r, words = self.rng, int(lib.SHM_BITMAP_WORDS)
+        bit = r.randrange(64 * words) if r.random() < 0.3 else r.randrange(int(lib.SHM_NBINS))
         at, word = off("bitmap") + 8 * (bit // 64), f"bitmap[{bit // 64}]"
         old, new = self.u(at, 8), self.u(at, 8) ^ (1 << bit % 64)
         self.put(at, 8, new)

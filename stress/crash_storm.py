@@ -42,16 +42,7 @@ from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocErr
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import (
-    REPO_ROOT,
-    Bar,
-    Parser,
-    child_env,
-    core_handle,
-    pattern,
-    signame,
-    write_json,
-)
+from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, signame, write_json
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")

@@ -24,7 +24,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from shmalloc import MemoryManager
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
@@ -35,34 +37,33 @@ from ._common import RESULTS_DIR, child_env, print_table, signame
 CAPACITY = 64 << 20
 
 
-def _churn(
-    mgr: MemoryManager, rng: random.Random, stop: threading.Event, errors: list[str]
-) -> None:
-    """Allocate, write, verify and free until stopped or the manager is closed under us."""
+def _churn(mgr: MemoryManager, rng: random.Random, errors: list[str], steps: Iterable[Any]) -> None:
+    """Allocate, write, verify and free for each of ``steps``, then free what is left. A manager
+    closed under a running call ends it cleanly with ValueError saying it is closed (how a call
+    that races close() is refused); any other exception is an error."""
     mine: dict[int, bytes] = {}
     try:
-        while not stop.is_set():
+        for _ in steps:
             if mine and (len(mine) > 64 or rng.random() < 0.5):
                 a = rng.choice(list(mine))
-                if mgr.read(a, len(mine[a])) != mine[a]:
+                if mgr.read(a, len(mine[a])) != mine.pop(a):
                     errors.append(f"block {a:#x} changed under its owner")
                 mgr.deallocate(a)
-                del mine[a]
             else:
                 size = rng.choice((24, 100, 700, 5000, 70_000))
-                a = mgr.allocate(size)
-                mine[a] = rng.randbytes(min(size, 64))
+                mine[a := mgr.allocate(size)] = rng.randbytes(min(size, 64))
                 mgr.write(a, mine[a])
+        for a in mine:
+            mgr.deallocate(a)
     except ValueError as e:
         if "closed" not in str(e):  # closed under a running call: expected, and said clearly
-            errors.append(f"thread: {e!r}")
+            errors.append(f"churn: {e!r}")
 
 
 def worker(name: str, seed: int, out: str) -> int:
     """One worker process: threads churning, a signal handler allocating, forks, a close under
     running threads. Writes its counts to ``out`` and exits 0 unless something went wrong."""
-    rng = random.Random(seed)
-    mgr = MemoryManager.attach(name)
+    rng, mgr = random.Random(seed), MemoryManager.attach(name)
     errors: list[str] = []
     counts = {"signals": 0, "forks": 0}
 
@@ -71,29 +72,23 @@ def worker(name: str, seed: int, out: str) -> int:
         counts["signals"] += 1
 
     signal.signal(signal.SIGUSR1, on_usr1)
-    stopping = threading.Event()
+    stopping, stop = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=_churn, args=(mgr, random.Random(seed + i), stop, errors))
-        for i in range(3)
-    ]
+    churn = [(mgr, random.Random(seed + i), errors, iter(stop.is_set, True)) for i in range(3)]
+    threads = [threading.Thread(target=_churn, args=args) for args in churn]
     for t in threads:
         t.start()
     print("ready", flush=True)  # the driver signals a worker only once its handlers are in place
     while not stopping.wait(rng.uniform(0.05, 0.3)):
-        pid = os.fork()  # while the threads are inside the library
-        if pid == 0:
+        if (pid := os.fork()) == 0:  # while the threads are inside the library
             code = 2
-            try:
-                child_errors: list[str] = []
-                _churn_for(mgr, random.Random(seed ^ os.getpid()), 200, child_errors)
+            try:  # the child uses the inherited manager for 200 steps, then frees everything
+                _churn(mgr, random.Random(seed ^ os.getpid()), child_errors := [], range(200))
                 code = 1 if child_errors else 0
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
         counts["forks"] += 1
-        if status != 0:
+        if (status := os.waitpid(pid, 0)[1]) != 0:
             errors.append(f"forked child exited with status {status:#x}")
     mgr.close()  # with its threads still running: they must see ValueError, never a crash
     stop.set()
@@ -103,106 +98,72 @@ def worker(name: str, seed: int, out: str) -> int:
     return 1 if errors else 0
 
 
-def _churn_for(mgr: MemoryManager, rng: random.Random, n: int, errors: list[str]) -> None:
-    """What a fork child does with the manager it inherited: n steps, then everything freed."""
-    mine: dict[int, bytes] = {}
-    for _ in range(n):
-        if mine and rng.random() < 0.5:
-            a, data = mine.popitem()
-            if mgr.read(a, len(data)) != data:
-                errors.append(f"block {a:#x} changed under the fork child")
-            mgr.deallocate(a)
-        else:
-            a = mgr.allocate(rng.choice((32, 900, 20_000)))
-            mine[a] = rng.randbytes(32)
-            mgr.write(a, mine[a])
-    for a in mine:
-        mgr.deallocate(a)
-
-
-def drive(args: argparse.Namespace) -> dict[str, object]:
-    rng = random.Random(args.seed)
-    name = f"shmalloc-{os.getpid()}-soak"
-    tmp = Path(args.out_dir)
+def drive(args: argparse.Namespace) -> dict[str, Any]:
+    rng, name, tmp = random.Random(args.seed), f"shmalloc-{os.getpid()}-soak", Path(args.out_dir)
     tmp.mkdir(parents=True, exist_ok=True)
     mgr = MemoryManager.create(name, CAPACITY)
-    res: dict[str, object] = {}
-    try:
-        coordinator = mgr.start_coordinator()
-        procs: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
-        n = 0
-        crashes: list[str] = []
+    procs: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+    res: dict[str, Any] = dict.fromkeys(("workers_started", "kills", "signals_sent", "checks"), 0)
+    res.update(seconds=args.seconds, signal_handlers_run=0, forks=0, crashes=[], hangs=0)
 
-        def start() -> None:
-            nonlocal n
-            n += 1
-            out = str(tmp / f"worker-{n}.json")
-            cmd = [sys.executable, "-m", "stress.soak", "--worker", name, str(n), out]
-            p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE)
-            assert p.stdout is not None
-            if p.stdout.readline() != b"ready\n":
-                crashes.append(f"worker {p.pid} did not start: {signame(p.wait())}")
-                return
+    def start() -> None:  # a new worker, counted once its handlers are in place
+        res["workers_started"] += 1
+        out = str(tmp / f"worker-{res['workers_started']}.json")
+        cmd = [sys.executable, "-m", "stress.soak", "--worker", name, str(res["workers_started"])]
+        p = subprocess.Popen([*cmd, out], env=child_env(), stdout=subprocess.PIPE)
+        if p.stdout is None or p.stdout.readline() != b"ready\n":
+            res["crashes"].append(f"worker {p.pid} did not start: {signame(p.wait())}")
+        else:
             procs[p.pid] = (p, out)
 
+    try:
+        coordinator = mgr.start_coordinator()
         for _ in range(args.workers):
             start()
-        kills = signals = checks = 0
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
             time.sleep(rng.uniform(0.05, 0.2))
             for pid, (p, _) in list(procs.items()):
                 if p.poll() is not None:  # ended by itself: never expected before SIGTERM
-                    crashes.append(f"worker {pid}: {signame(p.returncode)}")
+                    res["crashes"].append(f"worker {pid}: {signame(p.returncode)}")
                     del procs[pid]
                     start()
             pid = rng.choice(list(procs))
-            if rng.random() < 0.15:
+            if rng.random() < 0.15:  # kill -9, check the arena, replace the worker
                 os.kill(pid, signal.SIGKILL)
                 procs.pop(pid)[0].wait()
-                kills += 1
+                res["kills"] += 1
                 mgr.check()
-                checks += 1
+                res["checks"] += 1
                 start()
             else:
                 os.kill(pid, signal.SIGUSR1)
-                signals += 1
-        hangs = 0
-        worker_signals = forks = 0
+                res["signals_sent"] += 1
         for p, _ in procs.values():
             p.send_signal(signal.SIGTERM)
         for pid, (p, out) in procs.items():
             try:
                 rc = p.wait(timeout=args.grace)
             except subprocess.TimeoutExpired:
-                hangs += 1
+                res["hangs"] += 1
                 p.kill()
                 p.wait()
                 continue
             stats = json.loads(Path(out).read_text()) if Path(out).exists() else {}
-            worker_signals += int(stats.get("signals", 0))
-            forks += int(stats.get("forks", 0))
+            res["signal_handlers_run"] += int(stats.get("signals", 0))
+            res["forks"] += int(stats.get("forks", 0))
             if rc != 0:
-                crashes.append(f"worker {pid}: {signame(rc)} {stats.get('errors', [])[:3]}")
+                res["crashes"].append(f"worker {pid}: {signame(rc)} {stats.get('errors', [])[:3]}")
         GlobalGarbageCollector(mgr).collect(GcStrategy.GLOBAL)
         mgr.collect()
-        report = mgr.check()
-        leaked = mgr.stats().used
+        res.update(checks=res["checks"] + 1, check_blocks=mgr.check().blocks)
+        res["leaked_bytes"] = mgr.stats().used
         os.kill(coordinator, signal.SIGTERM)
-        res = {
-            "seconds": args.seconds,
-            "workers_started": n,
-            "kills": kills,
-            "signals_sent": signals,
-            "signal_handlers_run": worker_signals,
-            "forks": forks,
-            "checks": checks + 1,
-            "crashes": crashes,
-            "hangs": hangs,
-            "leaked_bytes": leaked,
-            "check_blocks": report.blocks,
-        }
     finally:
+        for p, _ in procs.values():  # whatever is still running when the driver fails
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         mgr.close()
         mgr.destroy()
     return res
@@ -221,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     res = drive(args)
     rows = [[k, str(len(v) if isinstance(v, list) else v)] for k, v in res.items()]
     print_table(["figure", "value"], rows, f"soak, {args.seconds:g} s, seed {args.seed}")
-    for c in res["crashes"]:  # type: ignore[attr-defined]
+    for c in res["crashes"]:
         print("crash:", c)
     if args.json:
         _common.write_json(args.json, res)
