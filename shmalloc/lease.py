@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from . import _binding as C
-from . import process
+from . import process, tracking
 from .attachment import Attachment
 from .errors import ShmallocError
 
@@ -64,23 +64,37 @@ def read_lease(h: C.Handle) -> tuple[int, int]:
     return C.lease_get(h)
 
 
+def holder_runs(h: C.Handle, pid: int, start: int) -> bool:
+    """Does the process holding the lease run? The life lock of its slot says, in whatever PID
+    namespace it runs (a coordinator claims a slot when it takes the lease); /proc only for a
+    holder without a slot."""
+    for row in tracking.scan_slots(h):
+        if row.pid == pid and row.start_time == start and row.state == C.PROC_LIVE:
+            return tracking.is_running(h, row)
+    return process.is_alive(pid, start)
+
+
 def holder(a: Attachment) -> int | None:
     """The pid of the arena's live coordinator, or None when no running process holds the lease."""
-    pid, start = read_lease(a.handle())
-    if pid and process.is_alive(pid, start):
+    h = a.handle()
+    pid, start = read_lease(h)
+    if pid and holder_runs(h, pid, start):
         return pid
     return None
 
 
 def acquire(a: Attachment) -> tuple[int, int]:
-    """Take the lease for this process; CoordinatorRunning if a live process holds it."""
+    """Take the lease for this process; CoordinatorRunning if a live process holds it. The taker
+    claims its slot first, so that its life lock tells every process, in any PID namespace,
+    whether it still runs."""
     h = a.handle()
+    tracking.own_slot(a)
     me = process.self_identity()
     for _ in range(100):  # each failed swap means another contender moved first: look again
         held = read_lease(h)
         if held == me:
             return me
-        if held[0] and process.is_alive(*held):
+        if held[0] and holder_runs(h, *held):
             raise CoordinatorRunning(a.name, *held)
         if held[0]:
             logger.warning(

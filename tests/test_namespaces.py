@@ -206,3 +206,31 @@ def test_a_lock_held_from_another_namespace_is_waited_for_not_called_corrupt(
     assert ei.value.offset == C.lock_offset(-1)
     C.debug_lock_forge(h, -1, 0)
     mgr.deallocate(b)
+
+
+def test_a_coordinator_in_another_namespace_is_not_taken_over(mgr: MemoryManager) -> None:
+    """The lease's holder runs in another PID namespace, where it is pid 1 (on the host, pid 1 is
+    init): its life lock, not its pid, says it runs; once it is killed, the lease can be taken."""
+    from shmalloc.coordinator import CoordinatorRunning, lease_holder
+
+    cmd = ["unshare", "-p", "-f", "--mount-proc"]
+    cmd += [sys.executable, "-m", "shmalloc.coordinator", mgr.name, "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        h = attachment_of(mgr).handle()
+        deadline = time.monotonic() + TIMEOUT
+        while C.lease_get(h)[0] == 0:  # waits for the coordinator to take the lease
+            assert proc.poll() is None and time.monotonic() < deadline, "it never took the lease"
+            time.sleep(0.01)
+        held_pid = C.lease_get(h)[0]
+        assert lease_holder(mgr) == held_pid  # alive, though this pid here is another process
+        with pytest.raises(CoordinatorRunning):
+            mgr.start_coordinator(timeout=TIMEOUT)
+        inner = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(inner[0]), signal.SIGKILL)  # pid 1 of its namespace: the namespace ends
+        proc.wait(TIMEOUT)
+        assert lease_holder(mgr) is None  # its life lock says it ended
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
