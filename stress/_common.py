@@ -58,8 +58,6 @@ def libc() -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- bookkeeping
-
-
 def make_progress(name: str) -> Callable[[str], None]:
     """A progress printer for one runner: ``[name HH:MM:SS] msg`` on stderr."""
 
@@ -160,8 +158,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- trials
-
-
 def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     """median/min/max of per-trial values (ns per operation, or operations per second)."""
     values = list(values)
@@ -230,8 +226,6 @@ def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- machine
-
-
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
@@ -288,8 +282,6 @@ def noise_note(machine: dict[str, Any]) -> str | None:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
 def fmt_ns(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
@@ -361,8 +353,6 @@ def print_header(res: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- targets
-
-
 def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     """{"value", "target", "op", "met"}: met is None when there is no value."""
     met = None if value is None else COMPARE[op](value, target)
@@ -382,8 +372,6 @@ def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") ->
 
 
 # --------------------------------------------------------------------------- results
-
-
 def write_json(path: Path, res: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -512,8 +500,6 @@ def child_env(fault: str | None = None) -> dict[str, str]:
 # user's process would). The parent sends a module-level function and its keyword arguments to
 # the first k workers; they run it together, synchronised by a barrier of k parties, and send
 # back its result. Workers ignore SIGINT: Ctrl-C reaches the parent, which tears them down.
-
-
 @dataclass
 class WorkerCtx:
     """What a function run by a pool worker receives besides its own arguments."""

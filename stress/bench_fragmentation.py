@@ -48,8 +48,6 @@ Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is
 
 
 # --------------------------------------------------------------------------- traces
-
-
 def trace_larson(rng: random.Random, scale: float) -> Iterator[Event]:
     chunks, steps = int(2000 * scale), int(100_000 * scale)
     slots = list(range(chunks))
@@ -133,8 +131,6 @@ GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
 
 
 # --------------------------------------------------------------------------- replays
-
-
 def replay_shmalloc(
     trace: list[Event], arenas: bench.Arenas, capacity: int, caches: bool = True
 ) -> dict[str, Any]:
@@ -202,8 +198,6 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-
-
 def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     out: dict[str, Any] = {}
     binary = None

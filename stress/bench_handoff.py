@@ -51,8 +51,6 @@ progress = bench.make_progress("bench_handoff")
 
 
 # ------------------------------------------------------------------------------ the consumer
-
-
 def _look(a: Any) -> float:
     return float(a.flat[0]) + float(a.flat[-1])
 
@@ -95,8 +93,6 @@ def consumer(arena: str, requests: Any, replies: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ the producer
-
-
 class Bench:
     def __init__(self, mgr: MemoryManager, requests: Any, replies: Any, proc: Any) -> None:
         self.mgr, self.requests, self.replies, self.proc = mgr, requests, replies, proc

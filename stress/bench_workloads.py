@@ -85,8 +85,6 @@ EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, for
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-
-
 def larson_script(
     seed: int, index: int, rounds: int, ops: int, chunks: int
 ) -> list[tuple[list[int], list[int]]]:
@@ -332,8 +330,6 @@ def scratch(
 
 
 # =========================================================================== parent side
-
-
 def shared_lines(res: list[dict[str, Any]], size: int = 8) -> int:
     """How many objects (one per worker and iteration) lay in a 64-byte cache line that another
     worker's object occupied while both were being written: 0 means the allocator never set up

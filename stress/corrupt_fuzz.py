@@ -63,8 +63,6 @@ NEW_BLOCKS = ((24, None), (700, None), (3000, 256), (9000, None), (70000, None),
 
 
 # ----------------------------------------------------------------------------- layout
-
-
 def fields(ctype: str) -> list[tuple[str, int, int]]:
     """(name, offset, size) of the leaves of a struct (arrays kept whole), from the compiled
     layout, padding left out."""
@@ -96,8 +94,6 @@ TABLES = {  # region: (offset of the array, entries, entry type)
 
 
 # ----------------------------------------------------------------------------- populate
-
-
 def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
     """Fill an arena with blocks of known content; return what the operations may rely on."""
     m.set_cache_limit(64 * KiB)  # a 1 MiB arena starts without caches: damage them too
@@ -164,8 +160,6 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- mutations
-
-
 DESC = ("region", "target", "field", "offset", "size", "kind", "old", "new")
 
 
@@ -392,8 +386,6 @@ class Mutator:
 
 
 # ----------------------------------------------------------------------------- the operations
-
-
 class Ops:
     """The batch of operations run on a damaged arena, with every outcome recorded."""
 
@@ -519,8 +511,6 @@ class Ops:
 
 
 # ----------------------------------------------------------------------------- one arena
-
-
 def child_main(a: argparse.Namespace) -> int:
     """One arena: populate, damage, print the mutations, run the batch, print the outcome."""
     faulthandler.enable()

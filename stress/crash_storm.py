@@ -101,8 +101,6 @@ class Held:
 
 
 # ----------------------------------------------------------------------------- the workers
-
-
 class Worker:
     """One churning process. Every surprise goes as a JSON line to the errors file."""
 
@@ -359,8 +357,6 @@ class Survivor(Worker):
 
 
 # ----------------------------------------------------------------------------- the driver
-
-
 class Storm:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
