@@ -45,6 +45,7 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
+Fn = Callable[..., Any]
 COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator.ge}
 
 
@@ -466,6 +467,26 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     return 0
+
+
+def run_check(args: argparse.Namespace, run: Fn, report: Fn, stopped: str, *cleanup: Fn) -> int:
+    """A storm's or a fuzz's run to its exit code: ``run()`` with SIGTERM unwinding like Ctrl-C
+    (130, saying what was ``stopped``), the ``cleanup`` calls however it ends, ``report(res)``,
+    the JSON with --json; 0 if ``res["ok"]``, else 1."""
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        res = run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {stopped}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        for clean in cleanup:
+            clean()
+    report(res)
+    if args.json:
+        write_json(args.json, res)
+    return 0 if res["ok"] else 1
 
 
 def pattern(address: int, gen: int, n: int) -> bytes:

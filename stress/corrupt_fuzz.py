@@ -42,7 +42,7 @@ from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, signame, write_json
+from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, run_check, signame
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -695,18 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.role == "child":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return child_main(a)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        res = Fuzz(a).run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: children killed, scratch arenas removed", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    print_report(res)
-    if a.json:
-        write_json(a.json, res)
-    return 0 if res["ok"] else 1
+    return run_check(a, Fuzz(a).run, print_report, "children killed, scratch arenas removed")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocError
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, signame, write_json
+from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, run_check, signame
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -74,8 +75,7 @@ class Status:
 
     def __init__(self, path: str, rows: int | None = None) -> None:
         if rows is not None:
-            with open(path, "wb") as f:
-                f.write(bytes(rows * ROW * 8))
+            Path(path).write_bytes(bytes(rows * ROW * 8))
         with open(path, "r+b") as f:
             self._mm = mmap.mmap(f.fileno(), 0)
         self.words = memoryview(self._mm).cast("Q")
@@ -411,9 +411,8 @@ class Storm:
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
         with open(os.path.join(self.tmp, f"w{w}.log"), "rb") as f:
             tail = f.read()[-3000:].decode("utf-8", "replace")
-        self.abnormal_exits.append(
-            {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills, "log": tail}
-        )
+        rec = {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills}
+        self.abnormal_exits.append({**rec, "log": tail})
 
     def reap_exited(self) -> None:
         """Workers that ended on their own (an error limit, a crash): record and respawn."""
@@ -426,9 +425,7 @@ class Storm:
     def lock_holder(self) -> int | None:
         """The worker holding the heap lock right now, if any (the lock is read, not taken)."""
         tid = ffi.new("uint32_t *")
-        pids = {
-            p.pid: w for w, p in enumerate(self.procs) if p is not None and self.st.get(w, F_READY)
-        }
+        pids = {p.pid: w for w, p in enumerate(self.procs) if p and self.st.get(w, F_READY)}
         h = core_handle(self.mgr)[0]
         deadline = time.monotonic() + 0.5
         while pids and time.monotonic() < deadline:
@@ -478,14 +475,9 @@ class Storm:
                 self.inconsistency("worker", rec)
 
     def inconsistency(self, source: str, detail: dict[str, Any]) -> None:
-        self.inconsistencies.append(
-            {
-                "source": source,
-                "after_kill": self.kills,
-                "kills_since_last_clean_check": self.kills_since_check[-5:],
-                **detail,
-            }
-        )
+        since = self.kills_since_check[-5:]
+        rec = {"source": source, "after_kill": self.kills, "kills_since_last_clean_check": since}
+        self.inconsistencies.append({**rec, **detail})
 
     def held_changed(self) -> int:
         return sum(self.mgr.read(a) != pattern(a, gen, n) for a, gen, n in self.held)
@@ -495,10 +487,8 @@ class Storm:
         try:
             return fn()
         except ShmallocError as e:
-            self.inconsistency(
-                what,
-                {"type": type(e).__name__, "detail": str(e), "offset": getattr(e, "offset", None)},
-            )
+            kind, offset = type(e).__name__, getattr(e, "offset", None)
+            self.inconsistency(what, {"type": kind, "detail": str(e), "offset": offset})
             return None
 
     def check(self) -> None:
@@ -641,11 +631,10 @@ def print_storm(res: dict[str, Any]) -> None:
         rows[key.replace("n_", "", 1).replace("_", " ")] = f"{res[key]:,}"
     rows["abnormal worker exits"] = f"{len(res['abnormal_exits']):,}"
     rows["slots left"] = f"{len(res['slots_left']):,}"
-    rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({left['named']} "
-    rows["persistent leftovers"] += "named), freed by the driver"
-    rows["survivor"] = (
-        f"{surv['verified']:,} reads, {surv['corrupt'] + surv['driver_corrupt']} changed"
-    )
+    named = f"{left['named']} named), freed by the driver"
+    rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({named}"
+    changed = surv["corrupt"] + surv["driver_corrupt"]
+    rows["survivor"] = f"{surv['verified']:,} reads, {changed} changed"
     rows["duration"] = f"{res['duration']} s"
     rows["result"] = "PASS" if res["ok"] else "FAIL"
     for k, v in rows.items():
@@ -692,21 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.role in ("worker", "survivor"):
         return (Worker if args.role == "worker" else Survivor)(args).main()
     storm = Storm(args)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        res = storm.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process killed, the arena destroyed", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        storm.cleanup()
-    print_storm(res)
+    stopped = "every process killed, the arena destroyed"
+    rc = run_check(args, storm.run, print_storm, stopped, storm.cleanup)
     if args.keep_logs:
         print(f"  logs kept in {storm.tmp}")
-    if args.json:
-        write_json(args.json, res)
-    return 0 if res["ok"] else 1
+    return rc
 
 
 if __name__ == "__main__":
