@@ -46,7 +46,6 @@ from ._common import GiB
 
 progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
-WORKLOADS = ("larson", "xmalloc-test", "mstress", "cache-scratch")
 TARGET_LARSON = (">=", 1.7)
 TARGETS = {"larson_2p_over_1p": TARGET_LARSON}
 LABELS = {
@@ -56,18 +55,13 @@ LABELS = {
     "bytearray_pickled": "Python bytearray, batches pickled through the Queue (copies)",
     "forced_sharing": "calibration: all processes write into one 64 B line of the arena",
 }
-METHODS = {
-    "larson": ("shmalloc", "malloc_private", "bytearray_private"),
-    "xmalloc-test": ("shmalloc", "bytearray_pickled"),
-    "mstress": ("shmalloc", "malloc_private", "bytearray_private"),
-    "cache-scratch": ("shmalloc", "bytearray_private", "forced_sharing"),
-}
-UNITS = {
-    "larson": "free+allocate pairs/s",
-    "xmalloc-test": "objects freed/s",
-    "mstress": "free+allocate pairs/s",
-    "cache-scratch": "one-byte writes/s",
-}
+PRIVATE = ("shmalloc", "malloc_private", "bytearray_private")
+METHODS = {"larson": PRIVATE, "xmalloc-test": ("shmalloc", "bytearray_pickled"), "mstress": PRIVATE}
+METHODS["cache-scratch"] = ("shmalloc", "bytearray_private", "forced_sharing")
+WORKLOADS = tuple(METHODS)
+UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s"}
+UNITS.update({"mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"})
+Ctx, Pool, Out = bench.WorkerCtx, bench.WorkerPool, dict[str, Any]
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
@@ -96,8 +90,8 @@ def larson_script(
 
 
 def larson(
-    ctx: bench.WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
-) -> dict[str, Any]:
+    ctx: Ctx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
+) -> Out:
     """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
     change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
     script = larson_script(seed, ctx.index, rounds, ops, chunks)
@@ -145,9 +139,7 @@ def larson(
     return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": remote * bool(views)}
 
 
-def xmalloc(
-    ctx: bench.WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
-) -> dict[str, Any]:
+def xmalloc(ctx: Ctx, *, method: str, batches: int, batch: int, arena: str = "") -> Out:
     """Producers make batches of objects, consumers free them (1 worker: both, in turn)."""
     pat = bytes(i & 255 for i in range(XM_SIZE))
     nbytes, r, queue = batch * 8, range(batch), ctx.queue
@@ -228,15 +220,8 @@ def mstress_script(
 
 
 def mstress(
-    ctx: bench.WorkerCtx,
-    *,
-    method: str,
-    live: int,
-    rounds: int,
-    seed: int,
-    arena: str = "",
-    transfer: int = 0,
-) -> dict[str, Any]:
+    ctx: Ctx, *, method: str, live: int, rounds: int, seed: int, arena: str = "", transfer: int = 0
+) -> Out:
     init, script = mstress_script(seed, ctx.index, live, rounds)
     nmig, nw, me = len(script[0][2]), ctx.nworkers, ctx.index
     shared, private = method == "shmalloc", method == "bytearray_private"
@@ -285,7 +270,7 @@ def mstress(
 
 
 def scratch(
-    ctx: bench.WorkerCtx,
+    ctx: Ctx,
     *,
     method: str,
     iterations: int,
@@ -293,7 +278,7 @@ def scratch(
     arena: str = "",
     table: int = 0,
     line: int = 0,
-) -> dict[str, Any]:
+) -> Out:
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
@@ -349,22 +334,15 @@ def shared_lines(res: list[dict[str, Any]], size: int = 8) -> int:
 
 
 def run_once(
-    name: str,
-    method: str,
-    k: int,
-    seed: int,
-    c: dict[str, int],
-    pool: bench.WorkerPool,
-    mgr: MemoryManager,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    name: str, method: str, k: int, seed: int, c: dict[str, int], pool: Pool, mgr: MemoryManager
+) -> tuple[list[Out], Out]:
     """One (workload, method, processes) run: the parent's setup, the workers, its teardown
     (only after a success: after a failure the workers may still use the blocks, and the
     whole arena is destroyed instead). Returns the workers' results and the run's extras."""
     shm = method == "shmalloc"
     if name == "larson":
-        kw = dict(
-            chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"], seed=seed
-        )
+        kw = dict(chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"])
+        kw["seed"] = seed
         if not shm:
             return pool.run(larson, k, method=method, **kw), {"remote_free_fraction": 0}
         rng = random.Random(seed)
@@ -414,8 +392,8 @@ def run_once(
 
 
 def run_workload(
-    name: str, c: dict[str, Any], procs: list[int], pool: bench.WorkerPool, arenas: bench.Arenas
-) -> dict[str, Any]:
+    name: str, c: dict[str, Any], procs: list[int], pool: Pool, arenas: bench.Arenas
+) -> Out:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
     procs = [k for k in procs if name != "xmalloc-test" or k == 1 or k % 2 == 0]
