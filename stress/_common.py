@@ -81,11 +81,8 @@ class Bar:
         frac = min(1.0, done / self.total)
         el = time.monotonic() - self.t0
         if self.tty:
-            fill = int(frac * 30)
-            sys.stderr.write(
-                f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (30 - fill)}] "
-                f"{done}/{self.total} {extra} {el:.1f}s"
-            )
+            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+            sys.stderr.write(f"\r\x1b[K{self.label} [{bar}] {done}/{self.total} {extra} {el:.1f}s")
         elif int(frac * 10) != self.last:
             self.last = int(frac * 10)
             sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
@@ -268,17 +265,11 @@ def noise_note(machine: dict[str, Any]) -> str | None:
     """A warning line when the machine is small or busy enough to make the figures noisy."""
     cpus = machine.get("cpus_usable") or machine.get("cpu_count") or 1
     load = machine.get("loadavg_at_start")
-    parts = []
-    if cpus <= 2:
-        parts.append(
-            f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
-            "measure time-sharing, not parallelism"
-        )
-    if load and load[0] > 0.25 * cpus:
-        parts.append(
-            f"1-minute load average was {load[0]:.2f} at the start: other work was "
-            "running, so figures are noisy"
-        )
+    small = f"only {cpus} usable cores: multi-process figures beyond {cpus} processes measure"
+    small += " time-sharing, not parallelism"
+    busy = f"1-minute load average was {load[0]:.2f} at the start: " if load else ""
+    busy += "other work was running, so figures are noisy"
+    parts = [small] * (cpus <= 2) + [busy] * bool(load and load[0] > 0.25 * cpus)
     return "; ".join(parts) or None
 
 
@@ -327,28 +318,19 @@ def print_columns(title: str, columns: list[tuple[str, Callable[[Any], str]]], r
 def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]]) -> None:
     """Rates by process count (median [min-max]) and the speed-up over 1 process, one row per
     method: ``series[method] = {str(k): summary}``."""
-    rows = [
-        [m]
-        + [fmt_rate_stat(by[str(k)]) for k in procs]
-        + [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in procs if k != 1]
-        for m, by in series.items()
-    ]
-    print_table(
-        ["method"]
-        + [f"{k} proc{'s' if k > 1 else ''}" for k in procs]
-        + [f"{k}p/1p" for k in procs if k != 1],
-        rows,
-        title,
-    )
+    more = [k for k in procs if k != 1]
+    head = ["method", *(f"{k} proc{'s' * (k > 1)}" for k in procs), *(f"{k}p/1p" for k in more)]
+    rows = []
+    for m, by in series.items():
+        ratios = [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in more]
+        rows.append([m, *(fmt_rate_stat(by[str(k)]) for k in procs), *ratios])
+    print_table(head, rows, title)
 
 
 def print_header(res: dict[str, Any]) -> None:
-    m = res["machine"]
-    print(
-        f"shmalloc {res['benchmark']}{' (--quick)' if res['config'].get('quick') else ''}: "
-        f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
-        f"{m['platform']}"
-    )
+    m, quick = res["machine"], " (--quick)" if res["config"].get("quick") else ""
+    cpu = f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}"
+    print(f"shmalloc {res['benchmark']}{quick}: {cpu}, {m['platform']}")
     if res.get("noise_note"):
         print(f"NOTE: {res['noise_note']}")
 
@@ -454,10 +436,8 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
             finally:
                 arenas.drop_all()
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: {name} stopped its workers and arenas; nothing written",
-            file=sys.stderr,
-        )
+        msg = f"\ninterrupted: {name} stopped its workers and arenas; nothing written"
+        print(msg, file=sys.stderr)
         return 130
     res["machine"]["loadavg_at_end"] = list(os.getloadavg())
     res["derived"] = mod.derive(res) if hasattr(mod, "derive") else {}
@@ -509,11 +489,8 @@ def signame(rc: int | None) -> str:
 
 def child_env(fault: str | None = None) -> dict[str, str]:
     """os.environ for a child interpreter, with SHMALLOC_FAULT set to fault (removed if None)."""
-    env = dict(os.environ)
-    env.pop("SHMALLOC_FAULT", None)
-    if fault is not None:
-        env["SHMALLOC_FAULT"] = fault
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "SHMALLOC_FAULT"}
+    return env if fault is None else {**env, "SHMALLOC_FAULT": fault}
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -586,12 +563,9 @@ class WorkerPool:
         try:
             for i in range(n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(
-                    target=_worker_main,
-                    args=(i, child, self.barriers, self.queue),
-                    name=f"bench-worker-{i}",
-                    daemon=True,
-                )
+                args = (i, child, self.barriers, self.queue)
+                name = f"bench-worker-{i}"
+                p = ctx.Process(target=_worker_main, args=args, name=name, daemon=True)
                 p.start()
                 child.close()
                 self._procs.append(p)
@@ -641,9 +615,8 @@ class WorkerPool:
                 self.barriers[k].abort()
             if pending and time.monotonic() > deadline:
                 self.barriers[k].abort()
-                raise RuntimeError(
-                    f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
-                )
+                late = f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
+                raise RuntimeError(late)
         self._busy = False
         if errors:
             self.barriers[k].reset()
