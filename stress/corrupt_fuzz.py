@@ -452,10 +452,8 @@ class Ops:
             for k in known[:10]:
                 self.verify(m, "known", k["a"], k["gen"], k["n"])
             for k in [k for k in known if not k["sealed"]][:5]:
-                if (
-                    call("write known", m.write, k["a"], pattern(k["a"], k["gen"] + 1000, k["n"]))
-                    is not self.FAIL
-                ):
+                data = pattern(k["a"], k["gen"] + 1000, k["n"])
+                if call("write known", m.write, k["a"], data) is not self.FAIL:
                     k["gen"] += 1000  # (a refused write changed nothing)
                     self.verify(m, "rewritten", k["a"], k["gen"], k["n"])
             new = []
@@ -606,9 +604,8 @@ class Fuzz:
         bar = Bar(len(indices), "arenas")
         pool = ThreadPoolExecutor(a.jobs)
         try:
-            for done, fut in enumerate(
-                as_completed([pool.submit(self.run_one, i) for i in indices]), 1
-            ):
+            futures = [pool.submit(self.run_one, i) for i in indices]
+            for done, fut in enumerate(as_completed(futures), 1):
                 self.record(fut.result())
                 bar.update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
         finally:
@@ -631,23 +628,15 @@ class Fuzz:
 
 
 def _mut_str(muts: list[dict[str, Any]] | None) -> str:
-    if not muts:
-        return "(before any mutation)"
-    return "; ".join(
-        f"{m['region']}/{m['target']}.{m['field']} {m['kind']} {m['old']}->{m['new']}" for m in muts
-    )
+    each = "{region}/{target}.{field} {kind} {old}->{new}"
+    return "; ".join(each.format(**m) for m in muts or ()) or "(before any mutation)"
 
 
 def print_report(res: dict[str, Any]) -> None:
     c, cfg = res["counts"], res["config"]
-    print(
-        f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
-        f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s"
-    )
-    rows = dict(clean=c["clean"], detected=c["detected"], other_error=c["other_error"])
-    rows.update(error=c["error"], crash=c["crash"], hang=c["hang"], wrong=res["wrong"])
-    rows.update(resized_silently=res["resized_silently"], slow=res["slow"])
-    for k, n in rows.items():
+    print(f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed ", end="")
+    print(f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s")
+    for k, n in {**c, **{k: res[k] for k in ("wrong", "resized_silently", "slow")}}.items():
         print(f"  {LABELS[k]:<24} {n:>7}")
     if res["by_region"]:
         print("  by region:  " + " ".join(f"{k:>11}" for k in OUTCOMES))

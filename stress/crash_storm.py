@@ -371,10 +371,8 @@ class Storm:
         self.mgr = MemoryManager.create(self.name, args.capacity)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.survivor: subprocess.Popen[str] | None = None
-        self.logs = [
-            open(os.path.join(self.tmp, f"w{i}.log"), "ab")  # noqa: SIM115
-            for i in range(args.workers + 1)
-        ]
+        self.log = os.path.join(self.tmp, "w{}.log")
+        self.logs = [open(self.log.format(i), "ab") for i in range(args.workers + 1)]  # noqa: SIM115
         self.incarnation = self.kills = self.aimed = self.checks = 0
         self.retired_ops = self.retired_ooms = 0
         self.killed_during: Counter[str] = Counter()
@@ -409,8 +407,7 @@ class Storm:
         return self.retired_ops + sum(self.st.get(w, F_OPS) for w in range(self.a.workers + 1))
 
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
-        with open(os.path.join(self.tmp, f"w{w}.log"), "rb") as f:
-            tail = f.read()[-3000:].decode("utf-8", "replace")
+        tail = Path(self.log.format(w)).read_bytes()[-3000:].decode("utf-8", "replace")
         rec = {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills}
         self.abnormal_exits.append({**rec, "log": tail})
 
