@@ -225,17 +225,11 @@ def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:
 
 # --------------------------------------------------------------------------- machine
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "libc": " ".join(platform.libc_ver()),
-        "cffi_version": cffi.__version__,
-        "shmalloc_version": shmalloc.__version__,
-        "loadavg_at_start": list(os.getloadavg()),
-    }
+    info: dict[str, Any] = dict(cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)))
+    info.update(python_version=platform.python_version(), platform=platform.platform())
+    info.update(machine=platform.machine(), libc=" ".join(platform.libc_ver()))
+    info.update(cffi_version=cffi.__version__, shmalloc_version=shmalloc.__version__)
+    info["loadavg_at_start"] = list(os.getloadavg())
     with open("/proc/cpuinfo") as f:
         info["cpu_model"] = next(
             (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
@@ -243,11 +237,9 @@ def machine_info() -> dict[str, Any]:
     # which build of the C core was measured (pip install -e rebuilds it in place)
     so = next(Path(shmalloc.__file__).parent.glob("_native.*"), None)
     if so is not None:
-        info["native_build"] = {
-            "path": str(so),
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime)),
-            "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16],
-        }
+        mtime = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime))
+        sha = hashlib.sha256(so.read_bytes()).hexdigest()[:16]
+        info["native_build"] = {"path": str(so), "mtime": mtime, "sha256": sha}
 
     def git(*args: str) -> str:
         cmd = ["git", "-C", str(REPO_ROOT), *args]

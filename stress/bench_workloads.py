@@ -62,6 +62,7 @@ WORKLOADS = tuple(METHODS)
 UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s"}
 UNITS.update({"mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"})
 Ctx, Pool, Out = bench.WorkerCtx, bench.WorkerPool, dict[str, Any]
+Script = list[tuple[list[int], ...]]  # per round: the random choices of a worker
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
@@ -79,9 +80,7 @@ EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, for
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-def larson_script(
-    seed: int, index: int, rounds: int, ops: int, chunks: int
-) -> list[tuple[list[int], list[int]]]:
+def larson_script(seed: int, index: int, rounds: int, ops: int, chunks: int) -> Script:
     rng = random.Random(seed * 1_000_003 + index)
     return [
         ([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
@@ -203,20 +202,15 @@ def mstress_size(rng: random.Random, max_shift: int = 7) -> int:
     return words * 8
 
 
-def mstress_script(
-    seed: int, index: int, live: int, rounds: int
-) -> tuple[list[int], list[tuple[list[int], list[int], list[int]]]]:
+def mstress_script(seed: int, index: int, live: int, rounds: int) -> tuple[list[int], Script]:
     rng = random.Random(seed * 1_000_003 + index)
     init = [mstress_size(rng) for _ in range(live)]
     nfree, nmig = live // 2, max(1, live // 20)
-    return init, [
-        (
-            rng.sample(range(live), nfree),
-            [mstress_size(rng) for _ in range(nfree)],
-            rng.sample(range(live), nmig),
-        )
-        for _ in range(rounds)
-    ]
+    script: Script = []  # per round: (victims, their new sizes, blocks handed on)
+    for _ in range(rounds):
+        victims, sizes = rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)]
+        script.append((victims, sizes, rng.sample(range(live), nmig)))
+    return init, script
 
 
 def mstress(
@@ -319,18 +313,12 @@ def shared_lines(res: list[dict[str, Any]], size: int = 8) -> int:
     """How many objects (one per worker and iteration) lay in a 64-byte cache line that another
     worker's object occupied while both were being written: 0 means the allocator never set up
     passive false sharing (offsets from the segment start, which is page-aligned)."""
-    objs = [
-        (w, p // 64, (p + size - 1) // 64, ta, tf)
-        for w, r in enumerate(res)
-        for p, ta, tf in r["addresses"]
-    ]
-    return sum(
-        any(
-            w2 != w and lo2 <= hi and lo <= hi2 and ta2 < tf and ta < tf2
-            for w2, lo2, hi2, ta2, tf2 in objs
-        )
-        for w, lo, hi, ta, tf in objs
-    )
+    addrs = [(w, p, ta, tf) for w, r in enumerate(res) for p, ta, tf in r["addresses"]]
+    objs = [(w, p // 64, (p + size - 1) // 64, ta, tf) for w, p, ta, tf in addrs]  # lines, times
+    n = 0
+    for w, lo, hi, ta, tf in objs:  # another worker's object, in a common line at the same time
+        n += any(v != w and a <= hi and lo <= b and s < tf and ta < e for v, a, b, s, e in objs)
+    return n
 
 
 def run_once(
