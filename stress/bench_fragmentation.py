@@ -247,17 +247,15 @@ def report(res: dict[str, Any]) -> None:
     title = "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
     title += "hdr+round x placement; caches off = the same trace with set_cache_limit(0)"
 
-    def num(key: str, fmt: str = "{:.3f}") -> Callable[[Any], str]:
-        return lambda r: fmt.format(r[key])
+    def col(key: str, fmt: Callable[[Any], str] = "{:.3f}".format) -> Callable[[Any], str]:
+        return lambda r: fmt(r[key])
 
-    cols = [("trace", num("trace", "{}")), ("seed", num("seed", "{}"))]
-    cols += [
-        ("events", num("events", "{:,}")),
-        ("peak live", lambda r: format_bytes(r["peak_live"])),
-    ]
-    cols += [("peak footprint", lambda r: format_bytes(r["peak_footprint"]))]
-    cols += [("ratio", num("ratio")), ("hdr+round", num("headers_and_rounding"))]
-    cols += [("placement", num("placement")), ("reserved", num("reserved_ratio", "{:.2f}"))]
+    fb = format_bytes
+    cols = [("trace", col("trace", str)), ("seed", col("seed", str))]
+    cols += [("events", col("events", "{:,}".format)), ("peak live", col("peak_live", fb))]
+    cols += [("peak footprint", col("peak_footprint", fb)), ("ratio", col("ratio"))]
+    cols += [("hdr+round", col("headers_and_rounding")), ("placement", col("placement"))]
+    cols += [("reserved", col("reserved_ratio", "{:.2f}".format))]
     cols += [("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}")]
     cols += [("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-")]
     rows = [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]]

@@ -379,10 +379,8 @@ class Mutator:
 
     def run(self, regions: list[str]) -> list[dict[str, Any]]:
         weights = [self.REGIONS[k] for k in regions]
-        return [
-            getattr(self, "r_" + self.rng.choices(regions, weights)[0])()
-            for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3)))
-        ]
+        n = self.rng.choice((1, 1, 1, 2, 2, 3))  # each damage draws its region, then its details
+        return [getattr(self, "r_" + self.rng.choices(regions, weights)[0])() for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- the operations

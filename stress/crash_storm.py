@@ -511,9 +511,8 @@ class Storm:
 
     def run(self) -> dict[str, Any]:
         a = self.a
-        self.survivor = self.child(
-            "survivor", a.workers, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        pipes: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.survivor = self.child("survivor", a.workers, **pipes)
         self.held = self.survivor_line(60)["held"]
         for w in range(a.workers):
             self.spawn(w)
@@ -561,9 +560,8 @@ class Storm:
         surv = self.survivor_line(120)
         surv_rc = self.survivor.wait(timeout=60)
         self.read_errors()
-        gs = self.attempt(
-            "final collect", lambda: GlobalGarbageCollector(m).collect(GcStrategy.GLOBAL)
-        )
+        gc = GlobalGarbageCollector(m)
+        gs = self.attempt("final collect", lambda: gc.collect(GcStrategy.GLOBAL))
         final: dict[str, Any] = {"gc": gs and gs.__dict__}
         final["check_after_gc"] = vars(self.attempt("final check", m.check) or {})
         # persistent and named blocks of dead workers are expected leftovers; the rest leaks
