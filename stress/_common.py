@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -648,12 +648,11 @@ class WorkerPool:
     def drain(self) -> int:
         """Empty the queue left non-empty by a failed run; returns the items dropped."""
         n = 0
-        while True:
-            try:
+        with suppress(queue_mod.Empty):  # get() raises it once the queue stays empty
+            while True:
                 self.queue.get(timeout=0.05)
-            except queue_mod.Empty:
-                return n
-            n += 1
+                n += 1
+        return n
 
 
 def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, float]:

@@ -566,15 +566,13 @@ class Storm:
         final["check_after_gc"] = vars(self.attempt("final check", m.check) or {})
         # persistent and named blocks of dead workers are expected leftovers; the rest leaks
         named = {m.lookup(n) for n in m.names()}
-        persistent = {"blocks": 0, "bytes": 0, "named": 0}
-        leaked = []
-        for b in m.all_blocks():
-            if b.persistent:
-                persistent["blocks"] += 1
-                persistent["bytes"] += b.size
-                persistent["named"] += b.address in named
-            else:
-                leaked.append({"address": b.address, "size": b.size, "pid": b.pid})
+        blocks = m.all_blocks()
+        kept = [b for b in blocks if b.persistent]
+        persistent = dict(blocks=len(kept), bytes=sum(b.size for b in kept))
+        persistent["named"] = sum(b.address in named for b in kept)
+        lost = [b for b in blocks if not b.persistent]
+        leaked = [dict(address=b.address, size=b.size, pid=b.pid) for b in lost]
+        for b in blocks:
             m.deallocate(b.address)
         m.collect()  # what those frees put in this process's cache goes back to the heap
         s = m.stats()
