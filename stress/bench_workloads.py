@@ -42,7 +42,7 @@ from typing import Any
 from shmalloc import MemoryManager
 
 from . import _common as bench
-from ._common import GiB
+from ._common import Arenas, GiB
 
 progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
@@ -264,15 +264,10 @@ def mstress(
 
 
 def scratch(
-    ctx: Ctx,
-    *,
-    method: str,
-    iterations: int,
-    writes: int,
-    arena: str = "",
-    table: int = 0,
-    line: int = 0,
+    ctx: Ctx, *, method: str, iterations: int, writes: int, arena: str = "", at: int = 0
 ) -> Out:
+    """Cache-scratch; ``at`` is the table of the parent's objects (shmalloc) or the one shared
+    line (forced_sharing)."""
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
@@ -282,7 +277,7 @@ def scratch(
         if method == "shmalloc":
             assert mgr is not None
             a, d, view = mgr.allocate, mgr.deallocate, mgr.view
-            d(array("Q", mgr.read(table, 8, 8 * me))[0])  # the parent's object for this worker
+            d(array("Q", mgr.read(at, 8, 8 * me))[0])  # the parent's object for this worker
             for _ in range(iterations):
                 p = a(8)
                 ta = clock()
@@ -300,7 +295,7 @@ def scratch(
                 v.release()
         else:  # forced sharing: byte `me` of the one shared line
             for _ in range(iterations):
-                v = mgr.view(line, 64)
+                v = mgr.view(at, 64)
                 for j in r:
                     v[me] = j & 255
                 v.release()
@@ -368,20 +363,18 @@ def run_once(
         return pool.run(scratch, k, method=method, **kw), {}
     if method == "forced_sharing":
         line = mgr.allocate(64, align=64)
-        res = pool.run(scratch, k, method=method, arena=mgr.name, line=line, **kw)
+        res = pool.run(scratch, k, method=method, arena=mgr.name, at=line, **kw)
         mgr.deallocate(line)
         return res, {}
     objs = array("Q", (mgr.allocate(8) for _ in range(k)))  # consecutive: the worst case
     table = mgr.allocate(max(16, 8 * k))
     mgr.write(table, objs)
-    res = pool.run(scratch, k, method=method, arena=mgr.name, table=table, **kw)
+    res = pool.run(scratch, k, method=method, arena=mgr.name, at=table, **kw)
     mgr.deallocate(table)
     return res, {"shared_line_objects": shared_lines(res), "object_size": 8}
 
 
-def run_workload(
-    name: str, c: dict[str, Any], procs: list[int], pool: Pool, arenas: bench.Arenas
-) -> Out:
+def run_workload(name: str, c: dict[str, Any], procs: list[int], pool: Pool, arenas: Arenas) -> Out:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
     procs = [k for k in procs if name != "xmalloc-test" or k == 1 or k % 2 == 0]
