@@ -231,9 +231,8 @@ def machine_info() -> dict[str, Any]:
     info.update(cffi_version=cffi.__version__, shmalloc_version=shmalloc.__version__)
     info["loadavg_at_start"] = list(os.getloadavg())
     with open("/proc/cpuinfo") as f:
-        info["cpu_model"] = next(
-            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
-        )
+        models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    info["cpu_model"] = (models or ["?"])[0]
     # which build of the C core was measured (pip install -e rebuilds it in place)
     so = next(Path(shmalloc.__file__).parent.glob("_native.*"), None)
     if so is not None:

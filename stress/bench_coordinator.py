@@ -183,11 +183,9 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    d = res["derived"]
-    return [
-        bench.target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
-        bench.target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
-    ]
+    d, row = res["derived"], bench.target_row
+    worst = row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms")
+    return [worst, row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core")]
 
 
 def report(res: dict[str, Any]) -> None:

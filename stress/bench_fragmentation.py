@@ -107,9 +107,8 @@ def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
             yield -1, b, 0
 
 
-def trace_random_lifetime(
-    rng: random.Random, scale: float, lifetime: float = 500.0
-) -> Iterator[Event]:
+def trace_random_lifetime(rng: random.Random, scale: float) -> Iterator[Event]:
+    lifetime = 500.0  # mean, in allocations
     n = int(50_000 * scale)
     lo, hi = math.log(16), math.log(1 * MiB)
     deaths: list[tuple[int, int]] = []

@@ -88,9 +88,7 @@ def larson_script(seed: int, index: int, rounds: int, ops: int, chunks: int) -> 
     ]
 
 
-def larson(
-    ctx: Ctx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
-) -> Out:
+def larson(ctx: Ctx, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any) -> Out:
     """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
     change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
     script = larson_script(seed, ctx.index, rounds, ops, chunks)

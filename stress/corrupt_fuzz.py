@@ -432,9 +432,8 @@ class Ops:
         exp = pattern(a, gen, n)
         if data[:k] != exp[:k]:
             i = next(j for j in range(k) if data[j] != exp[j])
-            found, expected = data[i : i + 16].hex(), exp[i : i + 16].hex()
-            self.wrong.append(dict(op=f"read {label}", address=a, offset=i, expected=expected))
-            self.wrong[-1]["found"] = found
+            seen = dict(expected=exp[i : i + 16].hex(), found=data[i : i + 16].hex())
+            self.wrong.append(dict(op=f"read {label}", address=a, offset=i, **seen))
         if size != n:
             self.resized.append({"address": a, "size": n, "size_now": size})
 
@@ -554,9 +553,8 @@ class Fuzz:
         a = self.a
         args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} --capacity "
         args += f"{a.capacity} --timeout {a.timeout} --regions {','.join(a.regions)}"
+        args += " --no-corrupt" * a.no_corrupt
         cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
-        if a.no_corrupt:
-            cmd.append("--no-corrupt")
         with self.lock:
             if self.stopping:
                 raise KeyboardInterrupt

@@ -227,12 +227,11 @@ class Worker:
             return
         _, g, s = name.split(".")
         b = Held(int(g, 16), self.m.size_of(a), sealed=s == "1")
-        if not self.verify(a, b, "claim"):
-            return
-        if self.rng.random() < 0.7 and len(self.blocks) < MAX_LIVE:
+        ok = self.verify(a, b, "claim")  # a damaged block is reported and left alone
+        if ok and self.rng.random() < 0.7 and len(self.blocks) < MAX_LIVE:
             self.m.adopt(a)
             self.blocks[a] = b
-        else:
+        elif ok:
             self.m.deallocate(a)
 
     def op_burst(self) -> None:
@@ -365,15 +364,15 @@ class Storm:
         self.status_path = os.path.join(self.tmp, "status.bin")
         self.errors_path = os.path.join(self.tmp, "errors.jsonl")
         open(self.errors_path, "wb").close()
-        self.err_pos = 0
         self.name = f"shmalloc-storm-{os.getpid()}-{secrets.token_hex(4)}"
         self.st = Status(self.status_path, args.workers + 1)
         self.mgr = MemoryManager.create(self.name, args.capacity)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.survivor: subprocess.Popen[str] | None = None
         self.log = os.path.join(self.tmp, "w{}.log")
-        self.logs = [open(self.log.format(i), "ab") for i in range(args.workers + 1)]  # noqa: SIM115
-        self.incarnation = self.kills = self.aimed = self.checks = 0
+        logs = range(args.workers + 1)  # the workers', then the survivor's
+        self.logs = [open(self.log.format(i), "ab") for i in logs]  # noqa: SIM115
+        self.incarnation = self.kills = self.aimed = self.checks = self.err_pos = 0
         self.retired_ops = self.retired_ooms = 0
         self.killed_during: Counter[str] = Counter()
         self.kills_since_check: list[dict[str, Any]] = []
