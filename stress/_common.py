@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +45,7 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
+Fn = Callable[..., Any]
 COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator.ge}
 
 
@@ -58,8 +59,6 @@ def libc() -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- bookkeeping
-
-
 def make_progress(name: str) -> Callable[[str], None]:
     """A progress printer for one runner: ``[name HH:MM:SS] msg`` on stderr."""
 
@@ -82,11 +81,8 @@ class Bar:
         frac = min(1.0, done / self.total)
         el = time.monotonic() - self.t0
         if self.tty:
-            fill = int(frac * 30)
-            sys.stderr.write(
-                f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (30 - fill)}] "
-                f"{done}/{self.total} {extra} {el:.1f}s"
-            )
+            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+            sys.stderr.write(f"\r\x1b[K{self.label} [{bar}] {done}/{self.total} {extra} {el:.1f}s")
         elif int(frac * 10) != self.last:
             self.last = int(frac * 10)
             sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
@@ -160,8 +156,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- trials
-
-
 def summarize(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     """median/min/max of per-trial values (ns per operation, or operations per second)."""
     values = list(values)
@@ -230,32 +224,21 @@ def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- machine
-
-
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "libc": " ".join(platform.libc_ver()),
-        "cffi_version": cffi.__version__,
-        "shmalloc_version": shmalloc.__version__,
-        "loadavg_at_start": list(os.getloadavg()),
-    }
+    info: dict[str, Any] = dict(cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)))
+    info.update(python_version=platform.python_version(), platform=platform.platform())
+    info.update(machine=platform.machine(), libc=" ".join(platform.libc_ver()))
+    info.update(cffi_version=cffi.__version__, shmalloc_version=shmalloc.__version__)
+    info["loadavg_at_start"] = list(os.getloadavg())
     with open("/proc/cpuinfo") as f:
-        info["cpu_model"] = next(
-            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
-        )
+        models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    info["cpu_model"] = (models or ["?"])[0]
     # which build of the C core was measured (pip install -e rebuilds it in place)
     so = next(Path(shmalloc.__file__).parent.glob("_native.*"), None)
     if so is not None:
-        info["native_build"] = {
-            "path": str(so),
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime)),
-            "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16],
-        }
+        mtime = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(so.stat().st_mtime))
+        sha = hashlib.sha256(so.read_bytes()).hexdigest()[:16]
+        info["native_build"] = {"path": str(so), "mtime": mtime, "sha256": sha}
 
     def git(*args: str) -> str:
         cmd = ["git", "-C", str(REPO_ROOT), *args]
@@ -273,23 +256,15 @@ def noise_note(machine: dict[str, Any]) -> str | None:
     """A warning line when the machine is small or busy enough to make the figures noisy."""
     cpus = machine.get("cpus_usable") or machine.get("cpu_count") or 1
     load = machine.get("loadavg_at_start")
-    parts = []
-    if cpus <= 2:
-        parts.append(
-            f"only {cpus} usable cores: multi-process figures beyond {cpus} processes "
-            "measure time-sharing, not parallelism"
-        )
-    if load and load[0] > 0.25 * cpus:
-        parts.append(
-            f"1-minute load average was {load[0]:.2f} at the start: other work was "
-            "running, so figures are noisy"
-        )
+    small = f"only {cpus} usable cores: multi-process figures beyond {cpus} processes measure"
+    small += " time-sharing, not parallelism"
+    busy = f"1-minute load average was {load[0]:.2f} at the start: " if load else ""
+    busy += "other work was running, so figures are noisy"
+    parts = [small] * (cpus <= 2) + [busy] * bool(load and load[0] > 0.25 * cpus)
     return "; ".join(parts) or None
 
 
 # --------------------------------------------------------------------------- formatting
-
-
 def fmt_ns(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
@@ -334,35 +309,24 @@ def print_columns(title: str, columns: list[tuple[str, Callable[[Any], str]]], r
 def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]]) -> None:
     """Rates by process count (median [min-max]) and the speed-up over 1 process, one row per
     method: ``series[method] = {str(k): summary}``."""
-    rows = [
-        [m]
-        + [fmt_rate_stat(by[str(k)]) for k in procs]
-        + [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in procs if k != 1]
-        for m, by in series.items()
-    ]
-    print_table(
-        ["method"]
-        + [f"{k} proc{'s' if k > 1 else ''}" for k in procs]
-        + [f"{k}p/1p" for k in procs if k != 1],
-        rows,
-        title,
-    )
+    more = [k for k in procs if k != 1]
+    head = ["method", *(f"{k} proc{'s' * (k > 1)}" for k in procs), *(f"{k}p/1p" for k in more)]
+    rows = []
+    for m, by in series.items():
+        ratios = [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in more]
+        rows.append([m, *(fmt_rate_stat(by[str(k)]) for k in procs), *ratios])
+    print_table(head, rows, title)
 
 
 def print_header(res: dict[str, Any]) -> None:
-    m = res["machine"]
-    print(
-        f"shmalloc {res['benchmark']}{' (--quick)' if res['config'].get('quick') else ''}: "
-        f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}, "
-        f"{m['platform']}"
-    )
+    m, quick = res["machine"], " (--quick)" if res["config"].get("quick") else ""
+    cpu = f"{m.get('cpu_model', '?')} x{m['cpu_count']}, Python {m['python_version']}"
+    print(f"shmalloc {res['benchmark']}{quick}: {cpu}, {m['platform']}")
     if res.get("noise_note"):
         print(f"NOTE: {res['noise_note']}")
 
 
 # --------------------------------------------------------------------------- targets
-
-
 def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     """{"value", "target", "op", "met"}: met is None when there is no value."""
     met = None if value is None else COMPARE[op](value, target)
@@ -382,8 +346,6 @@ def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") ->
 
 
 # --------------------------------------------------------------------------- results
-
-
 def write_json(path: Path, res: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -465,10 +427,8 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
             finally:
                 arenas.drop_all()
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: {name} stopped its workers and arenas; nothing written",
-            file=sys.stderr,
-        )
+        msg = f"\ninterrupted: {name} stopped its workers and arenas; nothing written"
+        print(msg, file=sys.stderr)
         return 130
     res["machine"]["loadavg_at_end"] = list(os.getloadavg())
     res["derived"] = mod.derive(res) if hasattr(mod, "derive") else {}
@@ -478,6 +438,26 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     write_json(args.json, res)
     print(f"\nJSON written to {args.json} ({res['elapsed_seconds']:.1f} s total)")
     return 0
+
+
+def run_check(args: argparse.Namespace, run: Fn, report: Fn, stopped: str, *cleanup: Fn) -> int:
+    """A storm's or a fuzz's run to its exit code: ``run()`` with SIGTERM unwinding like Ctrl-C
+    (130, saying what was ``stopped``), the ``cleanup`` calls however it ends, ``report(res)``,
+    the JSON with --json; 0 if ``res["ok"]``, else 1."""
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        res = run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {stopped}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        for clean in cleanup:
+            clean()
+    report(res)
+    if args.json:
+        write_json(args.json, res)
+    return 0 if res["ok"] else 1
 
 
 def pattern(address: int, gen: int, n: int) -> bytes:
@@ -500,11 +480,8 @@ def signame(rc: int | None) -> str:
 
 def child_env(fault: str | None = None) -> dict[str, str]:
     """os.environ for a child interpreter, with SHMALLOC_FAULT set to fault (removed if None)."""
-    env = dict(os.environ)
-    env.pop("SHMALLOC_FAULT", None)
-    if fault is not None:
-        env["SHMALLOC_FAULT"] = fault
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "SHMALLOC_FAULT"}
+    return env if fault is None else {**env, "SHMALLOC_FAULT": fault}
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -512,8 +489,6 @@ def child_env(fault: str | None = None) -> dict[str, str]:
 # user's process would). The parent sends a module-level function and its keyword arguments to
 # the first k workers; they run it together, synchronised by a barrier of k parties, and send
 # back its result. Workers ignore SIGINT: Ctrl-C reaches the parent, which tears them down.
-
-
 @dataclass
 class WorkerCtx:
     """What a function run by a pool worker receives besides its own arguments."""
@@ -579,12 +554,9 @@ class WorkerPool:
         try:
             for i in range(n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(
-                    target=_worker_main,
-                    args=(i, child, self.barriers, self.queue),
-                    name=f"bench-worker-{i}",
-                    daemon=True,
-                )
+                args = (i, child, self.barriers, self.queue)
+                name = f"bench-worker-{i}"
+                p = ctx.Process(target=_worker_main, args=args, name=name, daemon=True)
                 p.start()
                 child.close()
                 self._procs.append(p)
@@ -634,9 +606,8 @@ class WorkerPool:
                 self.barriers[k].abort()
             if pending and time.monotonic() > deadline:
                 self.barriers[k].abort()
-                raise RuntimeError(
-                    f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
-                )
+                late = f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
+                raise RuntimeError(late)
         self._busy = False
         if errors:
             self.barriers[k].reset()
@@ -676,12 +647,11 @@ class WorkerPool:
     def drain(self) -> int:
         """Empty the queue left non-empty by a failed run; returns the items dropped."""
         n = 0
-        while True:
-            try:
+        with suppress(queue_mod.Empty):  # get() raises it once the queue stays empty
+            while True:
                 self.queue.get(timeout=0.05)
-            except queue_mod.Empty:
-                return n
-            n += 1
+                n += 1
+        return n
 
 
 def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, float]:

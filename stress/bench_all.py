@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _common as bench
+from ._common import judge
 
 STATS = ("median", "min", "max")
 ORDER = "bench_alloc bench_handoff bench_queue bench_workloads bench_fragmentation bench_scaling"
@@ -113,12 +114,8 @@ def collect_targets(modules: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             rows += [{"source": mod, **r} for r in entry["result"]["targets_summary"]]
         else:
             note = f"status {entry['status']}, exit {entry.get('exit_code')}"
-            rows.append(
-                bench.target_row(
-                    f"{mod} did not run to the end", bench.judge("<", 0, None), "", note
-                )
-            )
-            rows[-1].update(source=mod, op=None, target=None)
+            row = bench.target_row(f"{mod} did not run to the end", judge("<", 0, None), "", note)
+            rows.append({**row, "source": mod, "op": None, "target": None})
     return rows
 
 
@@ -145,15 +142,10 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 def write_markdown(
     path: Path, rows: list[dict[str, Any]], machine: dict[str, Any], quick: bool, failed: list[str]
 ) -> None:
-    lines = [
-        f"Measured by `python -m stress.bench_all{' --quick' if quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d')}: {machine['cpu_model']} "
-        f"x{machine['cpus_usable']}, Python {machine['python_version']}, "
-        f"{machine['platform']}.",
-        "",
-        "| module | target | goal | measured | met |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    by = f"`python -m stress.bench_all{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d')}"
+    on = f"{machine['cpu_model']} x{machine['cpus_usable']}, Python {machine['python_version']}"
+    lines = [f"Measured by {by}: {on}, {machine['platform']}.", ""]
+    lines += ["| module | target | goal | measured | met |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         c = cells(r)
         c[0], c[4] = f"`{c[0]}`", f"**{c[4]}**" if r["met"] is False else c[4]
@@ -163,11 +155,8 @@ def write_markdown(
     if bench.noise_note(machine):
         lines += ["", f"Caveat: {bench.noise_note(machine)}."]
     if quick:
-        lines += [
-            "",
-            "These are `--quick` figures: short runs, few trials; rerun without "
-            "`--quick` for numbers to quote.",
-        ]
+        rerun = "rerun without `--quick` for numbers to quote."
+        lines += ["", f"These are `--quick` figures: short runs, few trials; {rerun}"]
     if failed:
         lines += ["", f"Did not complete: {', '.join(failed)}."]
     path.write_text("\n".join(lines) + "\n")
@@ -230,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     found = discover()
     want, skip = a.only or found, set(a.skip)
     if (set(want) | skip) - set(found):
-        p.error(
-            f"no such benchmark module(s) {sorted((set(want) | skip) - set(found))}; "
-            f"found: {', '.join(found)}"
-        )
+        unknown = sorted((set(want) | skip) - set(found))
+        p.error(f"no such benchmark module(s) {unknown}; found: {', '.join(found)}")
     a.modules = [m for m in want if m not in skip]
     if not a.modules:
         p.error("nothing to run")
@@ -249,36 +236,24 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\n{e}", file=sys.stderr)
                     modules[mod] = {"module": mod, "status": "timeout", "exit_code": None}
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the running module was stopped (it destroys its own arenas); "
-            "no summary written",
-            file=sys.stderr,
-        )
+        stopped = "the running module was stopped (it destroys its own arenas)"
+        print(f"\ninterrupted: {stopped}; no summary written", file=sys.stderr)
         return 130
     machine = bench.machine_info()
     rows = collect_targets(modules)
     failed = [m for m, e in modules.items() if e["status"] != "ok"]
-    res = {
-        "benchmark": "bench_all",
-        "schema": 1,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "noise_note": bench.noise_note(machine),
-        "config": {"quick": a.quick, "modules": a.modules},
-        "elapsed_seconds": time.monotonic() - t0,
-        "modules": modules,
-        "summary": rows,
-    }
+    res = dict(benchmark="bench_all", schema=1, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    res.update(machine=machine, noise_note=bench.noise_note(machine))
+    res.update(config={"quick": a.quick, "modules": a.modules})
+    res.update(elapsed_seconds=time.monotonic() - t0, modules=modules, summary=rows)
     bench.write_json(a.out_dir / "all.json", res)
     write_markdown(a.out_dir / "summary.md", rows, machine, a.quick, failed)
     plotted = write_plot(a.out_dir / "summary.png", modules)
     print_summary(rows)
     if bench.noise_note(machine):
         print(f"NOTE: {bench.noise_note(machine)}")
-    print(
-        f"\nwritten to {a.out_dir}: all.json, summary.md{', summary.png' if plotted else ''} "
-        f"({res['elapsed_seconds']:.0f} s total)"
-    )
+    files = "all.json, summary.md" + ", summary.png" * plotted
+    print(f"\nwritten to {a.out_dir}: {files} ({res['elapsed_seconds']:.0f} s total)")
     return 1 if failed else 0
 
 

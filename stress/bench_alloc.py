@@ -20,6 +20,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -125,10 +126,8 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
 
 
 PARTS = {"pair": bench_pairs, "collector": bench_collector}
-LABELS = {
-    "public_over_malloc": "public allocate+free pair / cffi malloc+free",
-    "stdlib_over_public": "stdlib SharedMemory create+unlink / public pair",
-}
+LABELS = {"public_over_malloc": "public allocate+free pair / cffi malloc+free"}
+LABELS["stdlib_over_public"] = "stdlib SharedMemory create+unlink / public pair"
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,38 +139,32 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def stat(key: str) -> Callable[[dict[str, Any]], str]:
+    """A report column: the median [min-max] of row[key]."""
+    return lambda r: bench.fmt_stat(r[key])
+
+
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     cfg, d = res["config"], res["derived"]
     if res.get("pair"):
-        bench.print_columns(
-            f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
-            f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
-            f"two calls of id(): {res['pair']['two_calls_of_id_ns']['median']:.1f} ns "
-            "(not subtracted)",
-            [
-                ("size", lambda r: format_bytes(r["size"])),
-                *((f"{k} ns", lambda r, k=k: bench.fmt_stat(r[k])) for k in ("public", "core")),
-                ("cffi malloc ns", lambda r: bench.fmt_stat(r["cffi_malloc"])),
-                ("stdlib SharedMemory ns", lambda r: bench.fmt_stat(r["stdlib_shm"])),
-                ("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"])),
-                ("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x"),
-                ("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x"),
-            ],
-            res["pair"]["rows"],
-        )
+        idle = res["pair"]["two_calls_of_id_ns"]["median"]
+        title = f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
+        title += f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
+        title += f"two calls of id(): {idle:.1f} ns (not subtracted)"
+        cols = [("size", lambda r: format_bytes(r["size"])), ("public ns", stat("public"))]
+        cols += [("core ns", stat("core")), ("cffi malloc ns", stat("cffi_malloc"))]
+        cols += [("stdlib SharedMemory ns", stat("stdlib_shm"))]
+        cols += [("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"]))]
+        cols += [("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x")]
+        cols += [("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x")]
+        bench.print_columns(title, cols, res["pair"]["rows"])
     if res.get("collector"):
-        bench.print_columns(
-            "Event collector: public pair with mgr.set_collector(lambda e: None) vs None",
-            [
-                ("size", lambda c: format_bytes(c["size"])),
-                ("without ns", lambda c: bench.fmt_stat(c["without"])),
-                ("with ns", lambda c: bench.fmt_stat(c["with"])),
-                ("with/without", lambda c: f"{c['ratio']:.2f}x"),
-                ("added ns", lambda c: bench.fmt_ns(c["added_ns"])),
-            ],
-            [res["collector"]],
-        )
+        title = "Event collector: public pair with mgr.set_collector(lambda e: None) vs None"
+        cols = [("size", lambda c: format_bytes(c["size"])), ("without ns", stat("without"))]
+        cols += [("with ns", stat("with")), ("with/without", lambda c: f"{c['ratio']:.2f}x")]
+        cols += [("added ns", lambda c: bench.fmt_ns(c["added_ns"]))]
+        bench.print_columns(title, cols, [res["collector"]])
     print("\nDerived figures")
     for key, label in LABELS.items():
         if j := d.get(key):

@@ -39,6 +39,9 @@ CORE_FLAGS = ["-O2", "-std=gnu11", "-DNDEBUG", "-DSHMALLOC_DEBUG=0"]
 BOOST_FLAGS = ["-O2", "-std=c++17", "-DNDEBUG"]
 TARGETS = {"core_over_glibc": ("<=", 1.5), "core_over_boost": ("<", 1.0)}
 CACHE_DIR = Path(tempfile.gettempdir()) / "shmalloc-bench-c"
+RUN: dict[str, Any] = dict(capture_output=True, text=True, check=False)  # subprocess.run's
+VERSUS = (("core_over_glibc", "glibc", "glibc malloc+free (C)"),)  # target, column, label
+VERSUS += (("core_over_boost", "boost", "Boost.Interprocess pair"),)
 
 
 class BuildError(RuntimeError):
@@ -47,9 +50,7 @@ class BuildError(RuntimeError):
 
 def _compiler_id(cc: str) -> str:
     try:
-        return subprocess.run(
-            [cc, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout.splitlines()[0]
+        return subprocess.run([cc, "--version"], timeout=30, **RUN).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return cc
 
@@ -81,7 +82,7 @@ def _build(
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    r = subprocess.run(command(tmp), capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run(command(tmp), timeout=600, **RUN)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"compiling {name} failed ({info['command']}):\n{r.stderr[-3000:]}")
@@ -108,7 +109,7 @@ def build_boost() -> tuple[Path | None, dict[str, Any]]:
 
 
 def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    r = subprocess.run(cmd, timeout=timeout, **RUN)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}: {r.stderr.strip()}")
     out: dict[str, Any] = json.loads(r.stdout)
@@ -162,20 +163,15 @@ def run_pairs_and_scale(a: Any) -> dict[str, Any]:
     trials = run_pairs(core, boost, a.sizes, a.iters, a.rounds, a.per_round)
     rows = []
     for s in a.sizes:
-        row = {
-            k: bench.summarize(v, ops_per_trial=a.iters) if v else None
-            for k, v in trials[str(s)].items()
-        }
+        got = trials[str(s)]
+        row = {k: bench.summarize(v, ops_per_trial=a.iters) if v else None for k, v in got.items()}
         ns, boost_ns = row["core"]["median"], row["boost"] and row["boost"]["median"]
         row.update(size=s, core_over_glibc=ns / row["glibc"]["median"])
         rows.append({**row, "core_over_boost": ns / boost_ns if boost_ns else None})
-    return {
-        "sizes": list(a.sizes),
-        "rows": rows,
-        "build": {"core": core_info, "boost": boost_info},
-        "boost_available": boost is not None,
-        "scale": run_scale(core, max(1, a.iters // 2), a.rounds * a.per_round) if a.scale else None,
-    }
+    build = {"core": core_info, "boost": boost_info}
+    out = dict(sizes=list(a.sizes), rows=rows, build=build, boost_available=boost is not None)
+    scale = run_scale(core, max(1, a.iters // 2), a.rounds * a.per_round) if a.scale else None
+    return {**out, "scale": scale}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -193,10 +189,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for key, other, label in (
-        ("core_over_glibc", "glibc", "glibc malloc+free (C)"),
-        ("core_over_boost", "boost", "Boost.Interprocess pair"),
-    ):
+    for key, other, label in VERSUS:
         j, rows = res["derived"][key], res["pairs"]["rows"]
         vs = [(r["size"], r["core"]["median"], r[other]["median"]) for r in rows if r[other]]
         vs = [f"{format_bytes(s)} {c:.0f} vs {o:.0f}" for s, c, o in vs]
@@ -208,35 +201,26 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     p = res["pairs"]
-    bench.print_columns(
-        f"ns per allocate+free pair, called from C ({res['config']['iters']:,} pairs per "
-        "trial; median [min-max])",
-        [
-            ("size", lambda r: format_bytes(r["size"])),
-            ("shmalloc core ns", lambda r: bench.fmt_stat(r["core"])),
-            ("glibc malloc ns", lambda r: bench.fmt_stat(r["glibc"])),
-            (
-                "Boost.Interprocess ns",
-                lambda r: bench.fmt_stat(r["boost"]) if r["boost"] else "skipped",
-            ),
-            ("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x"),
-            ("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-"),
-        ],
-        p["rows"],
-    )
+
+    def ns(k: str) -> Any:
+        return lambda r: bench.fmt_stat(r[k]) if r[k] else "skipped"
+
+    cols = [("size", lambda r: format_bytes(r["size"])), ("shmalloc core ns", ns("core"))]
+    cols += [("glibc malloc ns", ns("glibc")), ("Boost.Interprocess ns", ns("boost"))]
+    cols += [("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x")]
+    cols += [("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-")]
+    iters = f"{res['config']['iters']:,} pairs per trial"
+    title = f"ns per allocate+free pair, called from C ({iters}; median [min-max])"
+    bench.print_columns(title, cols, p["rows"])
     if not p["boost_available"]:
         print(f"\nBoost.Interprocess skipped: {p['build']['boost']['skipped']}")
     sc = p["scale"]
     if sc:
         by = {"shmalloc core, one shared arena": sc["by_method"]["core"]}
         by["glibc malloc, private heaps"] = sc["by_method"]["glibc"]
-        bench.procs_table(
-            f"{format_bytes(sc['size'])} allocate+free pairs per second summed over "
-            f"forked processes ({sc['iters_per_process']:,} core / "
-            f"{sc['malloc_iters_per_process']:,} malloc pairs each; no target)",
-            sc["procs"],
-            by,
-        )
+        each = f"{sc['iters_per_process']:,} core / {sc['malloc_iters_per_process']:,} malloc"
+        title = f"{format_bytes(sc['size'])} allocate+free pairs per second summed over forked "
+        bench.procs_table(f"{title}processes ({each} pairs each; no target)", sc["procs"], by)
     for key, label in (("core_over_glibc", "glibc"), ("core_over_boost", "Boost")):
         j = res["derived"][key]
         if j["value"] is None:

@@ -123,10 +123,8 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
             workers.fork([4096])
         idle_pids = list(workers.hold)
         log(f"starting the coordinator (interval {a.interval} s)")
-        coord = subprocess.Popen(
-            coordinator_command(m.name, interval=a.interval, log_level="WARNING"),
-            stdin=subprocess.DEVNULL,
-        )
+        cmd = coordinator_command(m.name, interval=a.interval, log_level="WARNING")
+        coord = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while lease_holder(m) != coord.pid:
             if coord.poll() is not None or time.monotonic() > deadline:
@@ -140,10 +138,9 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
         time.sleep(a.seconds)
         c1, n1, w1 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
         user, system, wall = c1.user - c0.user, c1.system - c0.system, w1 - w0
-        res["idle_cpu"] = {
-            "percent_of_core": 100.0 * (user + system) / wall,  # psutil: 10 ms clock ticks
-            "percent_of_core_schedstat": 100.0 * (n1 - n0) / 1e9 / wall,  # the scheduler's ns
-        }
+        ticks = 100.0 * (user + system) / wall  # psutil: 10 ms clock ticks
+        sched = 100.0 * (n1 - n0) / 1e9 / wall  # the scheduler's ns
+        res["idle_cpu"] = {"percent_of_core": ticks, "percent_of_core_schedstat": sched}
         res["idle_cpu"].update(user_s=user, system_s=system, wall_s=wall)
         res["idle_cpu"]["attached_processes"] = sum(1 for p in m.processes() if p.alive)
 
@@ -186,11 +183,9 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    d = res["derived"]
-    return [
-        bench.target_row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms"),
-        bench.target_row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core"),
-    ]
+    d, row = res["derived"], bench.target_row
+    worst = row("reclaim after kill -9, worst", d["worst_reclaim_ms"], "ms")
+    return [worst, row("idle coordinator CPU", d["idle_cpu_percent"], "% of a core")]
 
 
 def report(res: dict[str, Any]) -> None:

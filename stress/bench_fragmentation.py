@@ -48,8 +48,6 @@ Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is
 
 
 # --------------------------------------------------------------------------- traces
-
-
 def trace_larson(rng: random.Random, scale: float) -> Iterator[Event]:
     chunks, steps = int(2000 * scale), int(100_000 * scale)
     slots = list(range(chunks))
@@ -109,9 +107,8 @@ def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
             yield -1, b, 0
 
 
-def trace_random_lifetime(
-    rng: random.Random, scale: float, lifetime: float = 500.0
-) -> Iterator[Event]:
+def trace_random_lifetime(rng: random.Random, scale: float) -> Iterator[Event]:
+    lifetime = 500.0  # mean, in allocations
     n = int(50_000 * scale)
     lo, hi = math.log(16), math.log(1 * MiB)
     deaths: list[tuple[int, int]] = []
@@ -124,17 +121,12 @@ def trace_random_lifetime(
         yield -1, heapq.heappop(deaths)[1], 0
 
 
-GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {
-    "larson": trace_larson,
-    "mstress": trace_mstress,
-    "xmalloc": trace_xmalloc,
-    "random-lifetime": trace_random_lifetime,
-}
+GENERATORS: dict[str, Callable[[random.Random, float], Iterator[Event]]] = {}
+GENERATORS.update(larson=trace_larson, mstress=trace_mstress, xmalloc=trace_xmalloc)
+GENERATORS["random-lifetime"] = trace_random_lifetime
 
 
 # --------------------------------------------------------------------------- replays
-
-
 def replay_shmalloc(
     trace: list[Event], arenas: bench.Arenas, capacity: int, caches: bool = True
 ) -> dict[str, Any]:
@@ -202,8 +194,6 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-
-
 def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
     out: dict[str, Any] = {}
     binary = None
@@ -219,12 +209,9 @@ def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
             trace = list(GENERATORS[name](random.Random(f"{name}:{seed}"), a.scale))
             progress(f"{name}: seed {seed}, {sum(e[0] > 0 for e in trace):,} allocations")
             r = replay_shmalloc(trace, arenas, a.capacity)
-            r.update(
-                no_caches=replay_shmalloc(trace, arenas, a.capacity, caches=False),
-                seed=seed,
-                events=len(trace),
-                glibc=replay_glibc(trace, binary) if binary is not None else None,
-            )
+            r["no_caches"] = replay_shmalloc(trace, arenas, a.capacity, caches=False)
+            glibc = replay_glibc(trace, binary) if binary is not None else None
+            r.update(seed=seed, events=len(trace), glibc=glibc)
             per_seed.append(r)
         worst = max(per_seed, key=lambda r: r["ratio"])
         out[name] = {"seeds": per_seed, "worst_ratio": worst["ratio"], "worst_seed": worst["seed"]}
@@ -245,10 +232,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, t in res["traces"].items():
         w = next(s for s in t["seeds"] if s["seed"] == t["worst_seed"])
-        note = (
-            f"headers+rounding {w['headers_and_rounding']:.2f}x, placement "
-            f"{w['placement']:.2f}x; caches off {w['no_caches']['ratio']:.2f}x"
-        )
+        note = f"headers+rounding {w['headers_and_rounding']:.2f}x, placement "
+        note += f"{w['placement']:.2f}x; caches off {w['no_caches']['ratio']:.2f}x"
         if w["glibc"]:
             note += f"; glibc {w['glibc']['ratio']:.2f}x"
         j = res["derived"][f"fragmentation_{name}"]
@@ -258,24 +243,22 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    bench.print_columns(
-        "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
-        "hdr+round x placement; caches off = the same trace with set_cache_limit(0)",
-        [
-            ("trace", lambda r: r["trace"]),
-            ("seed", lambda r: str(r["seed"])),
-            ("events", lambda r: f"{r['events']:,}"),
-            ("peak live", lambda r: format_bytes(r["peak_live"])),
-            ("peak footprint", lambda r: format_bytes(r["peak_footprint"])),
-            ("ratio", lambda r: f"{r['ratio']:.3f}"),
-            ("hdr+round", lambda r: f"{r['headers_and_rounding']:.3f}"),
-            ("placement", lambda r: f"{r['placement']:.3f}"),
-            ("reserved", lambda r: f"{r['reserved_ratio']:.2f}"),
-            ("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}"),
-            ("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-"),
-        ],
-        [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]],
-    )
+    title = "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
+    title += "hdr+round x placement; caches off = the same trace with set_cache_limit(0)"
+
+    def col(key: str, fmt: Callable[[Any], str] = "{:.3f}".format) -> Callable[[Any], str]:
+        return lambda r: fmt(r[key])
+
+    fb = format_bytes
+    cols = [("trace", col("trace", str)), ("seed", col("seed", str))]
+    cols += [("events", col("events", "{:,}".format)), ("peak live", col("peak_live", fb))]
+    cols += [("peak footprint", col("peak_footprint", fb)), ("ratio", col("ratio"))]
+    cols += [("hdr+round", col("headers_and_rounding")), ("placement", col("placement"))]
+    cols += [("reserved", col("reserved_ratio", "{:.2f}".format))]
+    cols += [("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}")]
+    cols += [("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-")]
+    rows = [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]]
+    bench.print_columns(title, cols, rows)
     print()
     for key, j in res["derived"].items():
         if key != "fragmentation_worst":

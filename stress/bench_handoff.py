@@ -51,8 +51,6 @@ progress = bench.make_progress("bench_handoff")
 
 
 # ------------------------------------------------------------------------------ the consumer
-
-
 def _look(a: Any) -> float:
     return float(a.flat[0]) + float(a.flat[-1])
 
@@ -95,8 +93,6 @@ def consumer(arena: str, requests: Any, replies: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ the producer
-
-
 class Bench:
     def __init__(self, mgr: MemoryManager, requests: Any, replies: Any, proc: Any) -> None:
         self.mgr, self.requests, self.replies, self.proc = mgr, requests, replies, proc
@@ -177,38 +173,28 @@ def fmt_time(ns: float) -> str:
     return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} µs"
 
 
-RATIOS = {
-    "pickle/shmalloc": "pickle_over_shmalloc",
-    "stdlib/shmalloc": "stdlib_over_shmalloc",
-    "stdlib/compat": "stdlib_over_compat",
-}
+RATIOS = {"pickle/shmalloc": "pickle_over_shmalloc", "stdlib/shmalloc": "stdlib_over_shmalloc"}
+RATIOS["stdlib/compat"] = "stdlib_over_compat"
 
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    bench.print_table(
-        ["size", *METHODS, *RATIOS],
-        [
-            [format_bytes(r["size"])]
-            + [fmt_time(r[m]["median"]) for m in METHODS]
-            + [f"{r[k]:.1f}x" for k in RATIOS.values()]
-            for r in res["rows"]
-        ],
-        "per hand-off, median of trials; ping = transport floor, memcpy = one copy in "
-        "one process; a/b = how many times a takes b's time",
-    )
+    rows = []
+    for r in res["rows"]:
+        times = [fmt_time(r[m]["median"]) for m in METHODS]
+        rows.append([format_bytes(r["size"]), *times, *(f"{r[k]:.1f}x" for k in RATIOS.values())])
+    title = "per hand-off, median of trials; ping = transport floor, memcpy = one copy in "
+    title += "one process; a/b = how many times a takes b's time"
+    bench.print_table(["size", *METHODS, *RATIOS], rows, title)
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 7's two 1 MiB targets."""
     row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
-    return [
-        bench.target_row(f"1 MiB hand-off: {label}", bench.judge(*TARGETS[key], row[key]))
-        for key, label in (
-            ("pickle_over_shmalloc", "Queue (pickle) / shmalloc"),
-            ("shmalloc_over_memcpy", "shmalloc / one memcpy"),
-        )
-    ]
+    labels = {"pickle_over_shmalloc": "Queue (pickle) / shmalloc"}
+    labels["shmalloc_over_memcpy"] = "shmalloc / one memcpy"
+    rows = [(f"1 MiB hand-off: {v}", bench.judge(*TARGETS[k], row[k])) for k, v in labels.items()]
+    return [bench.target_row(*r) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,10 +41,8 @@ KINDS = ["shmalloc", "mp"]
 BOUND = 4
 TIMEOUT = 120.0
 # hand-offs per trial: (latency, throughput), by size
-REPS = {
-    "full": {64 * KiB: (400, 2000), 1 * MiB: (200, 500), 64 * MiB: (10, 24)},
-    "quick": {64 * KiB: (50, 200), 1 * MiB: (30, 60), 64 * MiB: (3, 8)},
-}
+REPS = {"full": {64 * KiB: (400, 2000), 1 * MiB: (200, 500), 64 * MiB: (10, 24)}}
+REPS["quick"] = {64 * KiB: (50, 200), 1 * MiB: (30, 60), 64 * MiB: (3, 8)}
 # at 1 MiB, shmalloc.Queue is no slower than multiprocessing.Queue, one at a time or streamed
 TARGETS = {"latency_mp_over_shmalloc": (">=", 1.0), "throughput_shmalloc_over_mp": (">=", 1.0)}
 progress = bench.make_progress("bench_queue")
@@ -144,10 +142,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     row = next(r for r in res["rows"] if r["size"] == 1 * MiB)
     labels = {"latency_mp_over_shmalloc": "latency mp / shmalloc"}
     labels["throughput_shmalloc_over_mp"] = "throughput shmalloc / mp"
-    return [
-        bench.target_row(f"1 MiB Queue hand-off: {label}", bench.judge(*TARGETS[key], row[key]))
-        for key, label in labels.items()
-    ]
+    rows = [(f"1 MiB Queue hand-off: {v}", TARGETS[k], row[k]) for k, v in labels.items()]
+    return [bench.target_row(name, bench.judge(*target, value)) for name, target, value in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

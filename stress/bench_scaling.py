@@ -28,10 +28,8 @@ progress = bench.make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
-METHODS = {
-    "shmalloc": "shmalloc public API, one shared arena",
-    "malloc_private": "cffi malloc/free + memmove, private heap per process",
-}
+METHODS = {"shmalloc": "shmalloc public API, one shared arena"}
+METHODS["malloc_private"] = "cffi malloc/free + memmove, private heap per process"
 KINDS = ("public", "core")  # the pair through the Python API, and through the C core
 TARGET = ("<=", 1.2)
 TARGETS = {"scaling_max_over_1e3": TARGET}
@@ -108,9 +106,8 @@ def part_procs(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
             for k in a.procs:
                 for m in bench.rotated(list(METHODS), t + k):
                     arena = mgr.name if m == "shmalloc" else ""
-                    rates[m][k].append(
-                        bench.throughput(pool.run(loop, k, n=a.loop_ops, arena=arena))[0]
-                    )
+                    res = pool.run(loop, k, n=a.loop_ops, arena=arena)
+                    rates[m][k].append(bench.throughput(res)[0])
         bench.assert_balanced(mgr, used0, "procs")
         pool.detach(mgr.name)
     out = dict(procs=list(a.procs), size=LOOP_SIZE, write=LOOP_WRITE, ops_per_process=a.loop_ops)
@@ -155,10 +152,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     j = res["derived"].get("scaling_max_over_1e3")
     if not j:
         return []
-    note = (
-        f"worst size {format_bytes(j['worst_size'])}; C core {j['core_worst']:.2f}x; "
-        f"fastest trials {j['min_ratio_worst']:.2f}x; levels timed interleaved"
-    )
+    note = f"worst size {format_bytes(j['worst_size'])}; C core {j['core_worst']:.2f}x; "
+    note += f"fastest trials {j['min_ratio_worst']:.2f}x; levels timed interleaved"
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
     return [bench.target_row(f"pair cost at {levels(j)} live", j, "x", note)]
@@ -169,37 +164,24 @@ def report(res: dict[str, Any]) -> None:
     sc, pr, d = res.get("live"), res.get("procs"), res["derived"]
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
-        rows = [
-            (lv, s, lv["public"][str(s)], lv["core"][str(s)]) for lv in sc["levels"] for s in SIZES
-        ]
-        bench.print_columns(
-            "ns per allocate+free pair with N other blocks live (median [min-max])",
-            [
-                ("live blocks", lambda r: f"{r[0]['live']:,}"),
-                ("size", lambda r: format_bytes(r[1])),
-                ("public ns", lambda r: bench.fmt_stat(r[2])),
-                ("core ns", lambda r: bench.fmt_stat(r[3])),
-                (f"vs {sc['base_live']:,} live", lambda r: f"{r[2]['median'] / base[r[1]]:.2f}x"),
-                ("frag", lambda r: f"{r[0]['fragmentation_ratio']:.2f}"),
-            ],
-            rows,
-        )
+        lvs, stat, fmt = sc["levels"], bench.fmt_stat, format_bytes
+        rows = [(lv, s, lv["public"][str(s)], lv["core"][str(s)]) for lv in lvs for s in SIZES]
+        cols = [("live blocks", lambda r: f"{r[0]['live']:,}"), ("size", lambda r: fmt(r[1]))]
+        cols += [("public ns", lambda r: stat(r[2])), ("core ns", lambda r: stat(r[3]))]
+        cols += [(f"vs {sc['base_live']:,} live", lambda r: f"{r[2]['median'] / base[r[1]]:.2f}x")]
+        cols += [("frag", lambda r: f"{r[0]['fragmentation_ratio']:.2f}")]
+        title = "ns per allocate+free pair with N other blocks live (median [min-max])"
+        bench.print_columns(title, cols, rows)
     if pr:
-        bench.procs_table(
-            f"Throughput of allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free, summed "
-            "over processes (loops/s)",
-            pr["procs"],
-            {m: v["by_procs"] for m, v in pr["methods"].items()},
-        )
+        loop = f"allocate {LOOP_SIZE} B + write {LOOP_WRITE} B + free"
+        by = {m: v["by_procs"] for m, v in pr["methods"].items()}
+        bench.procs_table(f"Throughput of {loop}, summed over processes (loops/s)", pr["procs"], by)
         print("  " + "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
     if "scaling_max_over_1e3" in d:
         j = d["scaling_max_over_1e3"]
-        print(
-            f"\n  cost at {levels(j)}: "
-            f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
-            f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)   "
-            f"{bench.verdict(j)} (at 1e6)"
-        )
+        worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
+        worst += f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)"
+        print(f"\n  cost at {levels(j)}: {worst}   {bench.verdict(j)} (at 1e6)")
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
         print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x ", end="")

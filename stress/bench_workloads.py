@@ -42,11 +42,10 @@ from typing import Any
 from shmalloc import MemoryManager
 
 from . import _common as bench
-from ._common import GiB
+from ._common import Arenas, GiB
 
 progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
-WORKLOADS = ("larson", "xmalloc-test", "mstress", "cache-scratch")
 TARGET_LARSON = (">=", 1.7)
 TARGETS = {"larson_2p_over_1p": TARGET_LARSON}
 LABELS = {
@@ -56,18 +55,14 @@ LABELS = {
     "bytearray_pickled": "Python bytearray, batches pickled through the Queue (copies)",
     "forced_sharing": "calibration: all processes write into one 64 B line of the arena",
 }
-METHODS = {
-    "larson": ("shmalloc", "malloc_private", "bytearray_private"),
-    "xmalloc-test": ("shmalloc", "bytearray_pickled"),
-    "mstress": ("shmalloc", "malloc_private", "bytearray_private"),
-    "cache-scratch": ("shmalloc", "bytearray_private", "forced_sharing"),
-}
-UNITS = {
-    "larson": "free+allocate pairs/s",
-    "xmalloc-test": "objects freed/s",
-    "mstress": "free+allocate pairs/s",
-    "cache-scratch": "one-byte writes/s",
-}
+PRIVATE = ("shmalloc", "malloc_private", "bytearray_private")
+METHODS = {"larson": PRIVATE, "xmalloc-test": ("shmalloc", "bytearray_pickled"), "mstress": PRIVATE}
+METHODS["cache-scratch"] = ("shmalloc", "bytearray_private", "forced_sharing")
+WORKLOADS = tuple(METHODS)
+UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s"}
+UNITS.update({"mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"})
+Ctx, Pool, Out = bench.WorkerCtx, bench.WorkerPool, dict[str, Any]
+Script = list[tuple[list[int], ...]]  # per round: the random choices of a worker
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
@@ -85,11 +80,7 @@ EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, for
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-
-
-def larson_script(
-    seed: int, index: int, rounds: int, ops: int, chunks: int
-) -> list[tuple[list[int], list[int]]]:
+def larson_script(seed: int, index: int, rounds: int, ops: int, chunks: int) -> Script:
     rng = random.Random(seed * 1_000_003 + index)
     return [
         ([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
@@ -97,9 +88,7 @@ def larson_script(
     ]
 
 
-def larson(
-    ctx: bench.WorkerCtx, *, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any
-) -> dict[str, Any]:
+def larson(ctx: Ctx, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any) -> Out:
     """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
     change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
     script = larson_script(seed, ctx.index, rounds, ops, chunks)
@@ -147,9 +136,7 @@ def larson(
     return {"ops": rounds * ops, "t0": t0, "t1": t1, "remote_frees": remote * bool(views)}
 
 
-def xmalloc(
-    ctx: bench.WorkerCtx, *, method: str, batches: int, batch: int, arena: str = ""
-) -> dict[str, Any]:
+def xmalloc(ctx: Ctx, *, method: str, batches: int, batch: int, arena: str = "") -> Out:
     """Producers make batches of objects, consumers free them (1 worker: both, in turn)."""
     pat = bytes(i & 255 for i in range(XM_SIZE))
     nbytes, r, queue = batch * 8, range(batch), ctx.queue
@@ -213,32 +200,20 @@ def mstress_size(rng: random.Random, max_shift: int = 7) -> int:
     return words * 8
 
 
-def mstress_script(
-    seed: int, index: int, live: int, rounds: int
-) -> tuple[list[int], list[tuple[list[int], list[int], list[int]]]]:
+def mstress_script(seed: int, index: int, live: int, rounds: int) -> tuple[list[int], Script]:
     rng = random.Random(seed * 1_000_003 + index)
     init = [mstress_size(rng) for _ in range(live)]
     nfree, nmig = live // 2, max(1, live // 20)
-    return init, [
-        (
-            rng.sample(range(live), nfree),
-            [mstress_size(rng) for _ in range(nfree)],
-            rng.sample(range(live), nmig),
-        )
-        for _ in range(rounds)
-    ]
+    script: Script = []  # per round: (victims, their new sizes, blocks handed on)
+    for _ in range(rounds):
+        victims, sizes = rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)]
+        script.append((victims, sizes, rng.sample(range(live), nmig)))
+    return init, script
 
 
 def mstress(
-    ctx: bench.WorkerCtx,
-    *,
-    method: str,
-    live: int,
-    rounds: int,
-    seed: int,
-    arena: str = "",
-    transfer: int = 0,
-) -> dict[str, Any]:
+    ctx: Ctx, *, method: str, live: int, rounds: int, seed: int, arena: str = "", transfer: int = 0
+) -> Out:
     init, script = mstress_script(seed, ctx.index, live, rounds)
     nmig, nw, me = len(script[0][2]), ctx.nworkers, ctx.index
     shared, private = method == "shmalloc", method == "bytearray_private"
@@ -287,15 +262,10 @@ def mstress(
 
 
 def scratch(
-    ctx: bench.WorkerCtx,
-    *,
-    method: str,
-    iterations: int,
-    writes: int,
-    arena: str = "",
-    table: int = 0,
-    line: int = 0,
-) -> dict[str, Any]:
+    ctx: Ctx, *, method: str, iterations: int, writes: int, arena: str = "", at: int = 0
+) -> Out:
+    """Cache-scratch; ``at`` is the table of the parent's objects (shmalloc) or the one shared
+    line (forced_sharing)."""
     r, me = range(writes), ctx.index
     mgr = ctx.attach(arena) if arena else None
     addrs = []
@@ -305,7 +275,7 @@ def scratch(
         if method == "shmalloc":
             assert mgr is not None
             a, d, view = mgr.allocate, mgr.deallocate, mgr.view
-            d(array("Q", mgr.read(table, 8, 8 * me))[0])  # the parent's object for this worker
+            d(array("Q", mgr.read(at, 8, 8 * me))[0])  # the parent's object for this worker
             for _ in range(iterations):
                 p = a(8)
                 ta = clock()
@@ -323,7 +293,7 @@ def scratch(
                 v.release()
         else:  # forced sharing: byte `me` of the one shared line
             for _ in range(iterations):
-                v = mgr.view(line, 64)
+                v = mgr.view(at, 64)
                 for j in r:
                     v[me] = j & 255
                 v.release()
@@ -332,43 +302,28 @@ def scratch(
 
 
 # =========================================================================== parent side
-
-
 def shared_lines(res: list[dict[str, Any]], size: int = 8) -> int:
     """How many objects (one per worker and iteration) lay in a 64-byte cache line that another
     worker's object occupied while both were being written: 0 means the allocator never set up
     passive false sharing (offsets from the segment start, which is page-aligned)."""
-    objs = [
-        (w, p // 64, (p + size - 1) // 64, ta, tf)
-        for w, r in enumerate(res)
-        for p, ta, tf in r["addresses"]
-    ]
-    return sum(
-        any(
-            w2 != w and lo2 <= hi and lo <= hi2 and ta2 < tf and ta < tf2
-            for w2, lo2, hi2, ta2, tf2 in objs
-        )
-        for w, lo, hi, ta, tf in objs
-    )
+    addrs = [(w, p, ta, tf) for w, r in enumerate(res) for p, ta, tf in r["addresses"]]
+    objs = [(w, p // 64, (p + size - 1) // 64, ta, tf) for w, p, ta, tf in addrs]  # lines, times
+    n = 0
+    for w, lo, hi, ta, tf in objs:  # another worker's object, in a common line at the same time
+        n += any(v != w and a <= hi and lo <= b and s < tf and ta < e for v, a, b, s, e in objs)
+    return n
 
 
 def run_once(
-    name: str,
-    method: str,
-    k: int,
-    seed: int,
-    c: dict[str, int],
-    pool: bench.WorkerPool,
-    mgr: MemoryManager,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    name: str, method: str, k: int, seed: int, c: dict[str, int], pool: Pool, mgr: MemoryManager
+) -> tuple[list[Out], Out]:
     """One (workload, method, processes) run: the parent's setup, the workers, its teardown
     (only after a success: after a failure the workers may still use the blocks, and the
     whole arena is destroyed instead). Returns the workers' results and the run's extras."""
     shm = method == "shmalloc"
     if name == "larson":
-        kw = dict(
-            chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"], seed=seed
-        )
+        kw = dict(chunks=c["larson_chunks"], rounds=c["larson_rounds"], ops=c["larson_ops"])
+        kw["seed"] = seed
         if not shm:
             return pool.run(larson, k, method=method, **kw), {"remote_free_fraction": 0}
         rng = random.Random(seed)
@@ -406,20 +361,18 @@ def run_once(
         return pool.run(scratch, k, method=method, **kw), {}
     if method == "forced_sharing":
         line = mgr.allocate(64, align=64)
-        res = pool.run(scratch, k, method=method, arena=mgr.name, line=line, **kw)
+        res = pool.run(scratch, k, method=method, arena=mgr.name, at=line, **kw)
         mgr.deallocate(line)
         return res, {}
     objs = array("Q", (mgr.allocate(8) for _ in range(k)))  # consecutive: the worst case
     table = mgr.allocate(max(16, 8 * k))
     mgr.write(table, objs)
-    res = pool.run(scratch, k, method=method, arena=mgr.name, table=table, **kw)
+    res = pool.run(scratch, k, method=method, arena=mgr.name, at=table, **kw)
     mgr.deallocate(table)
     return res, {"shared_line_objects": shared_lines(res), "object_size": 8}
 
 
-def run_workload(
-    name: str, c: dict[str, Any], procs: list[int], pool: bench.WorkerPool, arenas: bench.Arenas
-) -> dict[str, Any]:
+def run_workload(name: str, c: dict[str, Any], procs: list[int], pool: Pool, arenas: Arenas) -> Out:
     mgr = arenas.new(2 * GiB)  # reserved lazily: only what the workloads touch costs memory
     methods = METHODS[name]
     procs = [k for k in procs if name != "xmalloc-test" or k == 1 or k % 2 == 0]

@@ -42,7 +42,7 @@ from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, signame, write_json
+from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, run_check, signame
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -63,8 +63,6 @@ NEW_BLOCKS = ((24, None), (700, None), (3000, 256), (9000, None), (70000, None),
 
 
 # ----------------------------------------------------------------------------- layout
-
-
 def fields(ctype: str) -> list[tuple[str, int, int]]:
     """(name, offset, size) of the leaves of a struct (arrays kept whole), from the compiled
     layout, padding left out."""
@@ -96,8 +94,6 @@ TABLES = {  # region: (offset of the array, entries, entry type)
 
 
 # ----------------------------------------------------------------------------- populate
-
-
 def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
     """Fill an arena with blocks of known content; return what the operations may rely on."""
     m.set_cache_limit(64 * KiB)  # a 1 MiB arena starts without caches: damage them too
@@ -164,8 +160,6 @@ def populate(m: MemoryManager, rng: random.Random) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- mutations
-
-
 DESC = ("region", "target", "field", "offset", "size", "kind", "old", "new")
 
 
@@ -385,15 +379,11 @@ class Mutator:
 
     def run(self, regions: list[str]) -> list[dict[str, Any]]:
         weights = [self.REGIONS[k] for k in regions]
-        return [
-            getattr(self, "r_" + self.rng.choices(regions, weights)[0])()
-            for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3)))
-        ]
+        n = self.rng.choice((1, 1, 1, 2, 2, 3))  # each damage draws its region, then its details
+        return [getattr(self, "r_" + self.rng.choices(regions, weights)[0])() for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- the operations
-
-
 class Ops:
     """The batch of operations run on a damaged arena, with every outcome recorded."""
 
@@ -442,9 +432,8 @@ class Ops:
         exp = pattern(a, gen, n)
         if data[:k] != exp[:k]:
             i = next(j for j in range(k) if data[j] != exp[j])
-            found, expected = data[i : i + 16].hex(), exp[i : i + 16].hex()
-            self.wrong.append(dict(op=f"read {label}", address=a, offset=i, expected=expected))
-            self.wrong[-1]["found"] = found
+            seen = dict(expected=exp[i : i + 16].hex(), found=data[i : i + 16].hex())
+            self.wrong.append(dict(op=f"read {label}", address=a, offset=i, **seen))
         if size != n:
             self.resized.append({"address": a, "size": n, "size_now": size})
 
@@ -460,10 +449,8 @@ class Ops:
             for k in known[:10]:
                 self.verify(m, "known", k["a"], k["gen"], k["n"])
             for k in [k for k in known if not k["sealed"]][:5]:
-                if (
-                    call("write known", m.write, k["a"], pattern(k["a"], k["gen"] + 1000, k["n"]))
-                    is not self.FAIL
-                ):
+                data = pattern(k["a"], k["gen"] + 1000, k["n"])
+                if call("write known", m.write, k["a"], data) is not self.FAIL:
                     k["gen"] += 1000  # (a refused write changed nothing)
                     self.verify(m, "rewritten", k["a"], k["gen"], k["n"])
             new = []
@@ -519,8 +506,6 @@ class Ops:
 
 
 # ----------------------------------------------------------------------------- one arena
-
-
 def child_main(a: argparse.Namespace) -> int:
     """One arena: populate, damage, print the mutations, run the batch, print the outcome."""
     faulthandler.enable()
@@ -568,9 +553,8 @@ class Fuzz:
         a = self.a
         args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} --capacity "
         args += f"{a.capacity} --timeout {a.timeout} --regions {','.join(a.regions)}"
+        args += " --no-corrupt" * a.no_corrupt
         cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
-        if a.no_corrupt:
-            cmd.append("--no-corrupt")
         with self.lock:
             if self.stopping:
                 raise KeyboardInterrupt
@@ -616,9 +600,8 @@ class Fuzz:
         bar = Bar(len(indices), "arenas")
         pool = ThreadPoolExecutor(a.jobs)
         try:
-            for done, fut in enumerate(
-                as_completed([pool.submit(self.run_one, i) for i in indices]), 1
-            ):
+            futures = [pool.submit(self.run_one, i) for i in indices]
+            for done, fut in enumerate(as_completed(futures), 1):
                 self.record(fut.result())
                 bar.update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
         finally:
@@ -641,23 +624,15 @@ class Fuzz:
 
 
 def _mut_str(muts: list[dict[str, Any]] | None) -> str:
-    if not muts:
-        return "(before any mutation)"
-    return "; ".join(
-        f"{m['region']}/{m['target']}.{m['field']} {m['kind']} {m['old']}->{m['new']}" for m in muts
-    )
+    each = "{region}/{target}.{field} {kind} {old}->{new}"
+    return "; ".join(each.format(**m) for m in muts or ()) or "(before any mutation)"
 
 
 def print_report(res: dict[str, Any]) -> None:
     c, cfg = res["counts"], res["config"]
-    print(
-        f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed "
-        f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s"
-    )
-    rows = dict(clean=c["clean"], detected=c["detected"], other_error=c["other_error"])
-    rows.update(error=c["error"], crash=c["crash"], hang=c["hang"], wrong=res["wrong"])
-    rows.update(resized_silently=res["resized_silently"], slow=res["slow"])
-    for k, n in rows.items():
+    print(f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed ", end="")
+    print(f"{cfg['seed']}, {cfg['jobs']} at once, timeout {cfg['timeout']} s, {res['duration']} s")
+    for k, n in {**c, **{k: res[k] for k in ("wrong", "resized_silently", "slow")}}.items():
         print(f"  {LABELS[k]:<24} {n:>7}")
     if res["by_region"]:
         print("  by region:  " + " ".join(f"{k:>11}" for k in OUTCOMES))
@@ -705,18 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.role == "child":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return child_main(a)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        res = Fuzz(a).run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: children killed, scratch arenas removed", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    print_report(res)
-    if a.json:
-        write_json(a.json, res)
-    return 0 if res["ok"] else 1
+    return run_check(a, Fuzz(a).run, print_report, "children killed, scratch arenas removed")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocError
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, signame, write_json
+from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, run_check, signame
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -74,8 +75,7 @@ class Status:
 
     def __init__(self, path: str, rows: int | None = None) -> None:
         if rows is not None:
-            with open(path, "wb") as f:
-                f.write(bytes(rows * ROW * 8))
+            Path(path).write_bytes(bytes(rows * ROW * 8))
         with open(path, "r+b") as f:
             self._mm = mmap.mmap(f.fileno(), 0)
         self.words = memoryview(self._mm).cast("Q")
@@ -101,8 +101,6 @@ class Held:
 
 
 # ----------------------------------------------------------------------------- the workers
-
-
 class Worker:
     """One churning process. Every surprise goes as a JSON line to the errors file."""
 
@@ -229,12 +227,11 @@ class Worker:
             return
         _, g, s = name.split(".")
         b = Held(int(g, 16), self.m.size_of(a), sealed=s == "1")
-        if not self.verify(a, b, "claim"):
-            return
-        if self.rng.random() < 0.7 and len(self.blocks) < MAX_LIVE:
+        ok = self.verify(a, b, "claim")  # a damaged block is reported and left alone
+        if ok and self.rng.random() < 0.7 and len(self.blocks) < MAX_LIVE:
             self.m.adopt(a)
             self.blocks[a] = b
-        else:
+        elif ok:
             self.m.deallocate(a)
 
     def op_burst(self) -> None:
@@ -359,8 +356,6 @@ class Survivor(Worker):
 
 
 # ----------------------------------------------------------------------------- the driver
-
-
 class Storm:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -369,17 +364,15 @@ class Storm:
         self.status_path = os.path.join(self.tmp, "status.bin")
         self.errors_path = os.path.join(self.tmp, "errors.jsonl")
         open(self.errors_path, "wb").close()
-        self.err_pos = 0
         self.name = f"shmalloc-storm-{os.getpid()}-{secrets.token_hex(4)}"
         self.st = Status(self.status_path, args.workers + 1)
         self.mgr = MemoryManager.create(self.name, args.capacity)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.survivor: subprocess.Popen[str] | None = None
-        self.logs = [
-            open(os.path.join(self.tmp, f"w{i}.log"), "ab")  # noqa: SIM115
-            for i in range(args.workers + 1)
-        ]
-        self.incarnation = self.kills = self.aimed = self.checks = 0
+        self.log = os.path.join(self.tmp, "w{}.log")
+        logs = range(args.workers + 1)  # the workers', then the survivor's
+        self.logs = [open(self.log.format(i), "ab") for i in logs]  # noqa: SIM115
+        self.incarnation = self.kills = self.aimed = self.checks = self.err_pos = 0
         self.retired_ops = self.retired_ooms = 0
         self.killed_during: Counter[str] = Counter()
         self.kills_since_check: list[dict[str, Any]] = []
@@ -413,11 +406,9 @@ class Storm:
         return self.retired_ops + sum(self.st.get(w, F_OPS) for w in range(self.a.workers + 1))
 
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
-        with open(os.path.join(self.tmp, f"w{w}.log"), "rb") as f:
-            tail = f.read()[-3000:].decode("utf-8", "replace")
-        self.abnormal_exits.append(
-            {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills, "log": tail}
-        )
+        tail = Path(self.log.format(w)).read_bytes()[-3000:].decode("utf-8", "replace")
+        rec = {"worker": w, "pid": p.pid, "status": status, "after_kill": self.kills}
+        self.abnormal_exits.append({**rec, "log": tail})
 
     def reap_exited(self) -> None:
         """Workers that ended on their own (an error limit, a crash): record and respawn."""
@@ -430,9 +421,7 @@ class Storm:
     def lock_holder(self) -> int | None:
         """The worker holding the heap lock right now, if any (the lock is read, not taken)."""
         tid = ffi.new("uint32_t *")
-        pids = {
-            p.pid: w for w, p in enumerate(self.procs) if p is not None and self.st.get(w, F_READY)
-        }
+        pids = {p.pid: w for w, p in enumerate(self.procs) if p and self.st.get(w, F_READY)}
         h = core_handle(self.mgr)[0]
         deadline = time.monotonic() + 0.5
         while pids and time.monotonic() < deadline:
@@ -482,14 +471,9 @@ class Storm:
                 self.inconsistency("worker", rec)
 
     def inconsistency(self, source: str, detail: dict[str, Any]) -> None:
-        self.inconsistencies.append(
-            {
-                "source": source,
-                "after_kill": self.kills,
-                "kills_since_last_clean_check": self.kills_since_check[-5:],
-                **detail,
-            }
-        )
+        since = self.kills_since_check[-5:]
+        rec = {"source": source, "after_kill": self.kills, "kills_since_last_clean_check": since}
+        self.inconsistencies.append({**rec, **detail})
 
     def held_changed(self) -> int:
         return sum(self.mgr.read(a) != pattern(a, gen, n) for a, gen, n in self.held)
@@ -499,10 +483,8 @@ class Storm:
         try:
             return fn()
         except ShmallocError as e:
-            self.inconsistency(
-                what,
-                {"type": type(e).__name__, "detail": str(e), "offset": getattr(e, "offset", None)},
-            )
+            kind, offset = type(e).__name__, getattr(e, "offset", None)
+            self.inconsistency(what, {"type": kind, "detail": str(e), "offset": offset})
             return None
 
     def check(self) -> None:
@@ -528,9 +510,8 @@ class Storm:
 
     def run(self) -> dict[str, Any]:
         a = self.a
-        self.survivor = self.child(
-            "survivor", a.workers, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        pipes: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.survivor = self.child("survivor", a.workers, **pipes)
         self.held = self.survivor_line(60)["held"]
         for w in range(a.workers):
             self.spawn(w)
@@ -578,22 +559,19 @@ class Storm:
         surv = self.survivor_line(120)
         surv_rc = self.survivor.wait(timeout=60)
         self.read_errors()
-        gs = self.attempt(
-            "final collect", lambda: GlobalGarbageCollector(m).collect(GcStrategy.GLOBAL)
-        )
+        gc = GlobalGarbageCollector(m)
+        gs = self.attempt("final collect", lambda: gc.collect(GcStrategy.GLOBAL))
         final: dict[str, Any] = {"gc": gs and gs.__dict__}
         final["check_after_gc"] = vars(self.attempt("final check", m.check) or {})
         # persistent and named blocks of dead workers are expected leftovers; the rest leaks
         named = {m.lookup(n) for n in m.names()}
-        persistent = {"blocks": 0, "bytes": 0, "named": 0}
-        leaked = []
-        for b in m.all_blocks():
-            if b.persistent:
-                persistent["blocks"] += 1
-                persistent["bytes"] += b.size
-                persistent["named"] += b.address in named
-            else:
-                leaked.append({"address": b.address, "size": b.size, "pid": b.pid})
+        blocks = m.all_blocks()
+        kept = [b for b in blocks if b.persistent]
+        persistent = dict(blocks=len(kept), bytes=sum(b.size for b in kept))
+        persistent["named"] = sum(b.address in named for b in kept)
+        lost = [b for b in blocks if not b.persistent]
+        leaked = [dict(address=b.address, size=b.size, pid=b.pid) for b in lost]
+        for b in blocks:
             m.deallocate(b.address)
         m.collect()  # what those frees put in this process's cache goes back to the heap
         s = m.stats()
@@ -645,11 +623,10 @@ def print_storm(res: dict[str, Any]) -> None:
         rows[key.replace("n_", "", 1).replace("_", " ")] = f"{res[key]:,}"
     rows["abnormal worker exits"] = f"{len(res['abnormal_exits']):,}"
     rows["slots left"] = f"{len(res['slots_left']):,}"
-    rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({left['named']} "
-    rows["persistent leftovers"] += "named), freed by the driver"
-    rows["survivor"] = (
-        f"{surv['verified']:,} reads, {surv['corrupt'] + surv['driver_corrupt']} changed"
-    )
+    named = f"{left['named']} named), freed by the driver"
+    rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({named}"
+    changed = surv["corrupt"] + surv["driver_corrupt"]
+    rows["survivor"] = f"{surv['verified']:,} reads, {changed} changed"
     rows["duration"] = f"{res['duration']} s"
     rows["result"] = "PASS" if res["ok"] else "FAIL"
     for k, v in rows.items():
@@ -696,21 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.role in ("worker", "survivor"):
         return (Worker if args.role == "worker" else Survivor)(args).main()
     storm = Storm(args)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        res = storm.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process killed, the arena destroyed", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        storm.cleanup()
-    print_storm(res)
+    stopped = "every process killed, the arena destroyed"
+    rc = run_check(args, storm.run, print_storm, stopped, storm.cleanup)
     if args.keep_logs:
         print(f"  logs kept in {storm.tmp}")
-    if args.json:
-        write_json(args.json, res)
-    return 0 if res["ok"] else 1
+    return rc
 
 
 if __name__ == "__main__":
