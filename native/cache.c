@@ -129,6 +129,18 @@ static void list_push(shm_handle_t *h, int slot, unsigned k, uint64_t off) {
     c->count[k]++;
 }
 
+/* A block of slot's process, freed by it or by another one, goes into list k (its slot lock held):
+ * it leaves the slot's usage and joins its cached bytes. */
+static void keep_freed(shm_handle_t *h, int slot, unsigned k, uint64_t off, uint64_t got) {
+    shm_cache_t *c = cache_of(h, slot);
+    list_push(h, slot, k, off);
+    A_SUB(&c->usage, got);
+    A_SUB(&c->nblocks, 1);
+    A_ADD(&c->nfrees, 1);
+    A_ADD(&c->cached_bytes, got);
+    A_ADD(&c->cached_blocks, 1);
+}
+
 /* Give n blocks of list k back to the heap (slot lock and heap lock held). */
 static int list_release(shm_handle_t *h, int slot, unsigned k, unsigned n) {
     shm_cache_t *c = cache_of(h, slot);
@@ -212,12 +224,7 @@ static int drain_remote(shm_handle_t *h, int slot) {
                            (unsigned long long)off);
         uint64_t next = *block_cache_link(h, off), got = block_at(h, off)->size - SHM_HDR;
         __atomic_store_n(w, BLOCK_WORD(slot + 1, SHM_BF_CACHED), __ATOMIC_RELAXED);
-        list_push(h, slot, k, off);
-        A_SUB(&c->usage, got);
-        A_SUB(&c->nblocks, 1);
-        A_ADD(&c->nfrees, 1);
-        A_ADD(&c->cached_bytes, got);
-        A_ADD(&c->cached_blocks, 1);
+        keep_freed(h, slot, k, off, got);
         cache_remote_done(h, slot, got);
         off = next;
     }
@@ -366,7 +373,6 @@ void cache_help_drain_all(shm_handle_t *h) {
 /* Free a block this process owns into its cache; declines (the heap path frees it) when the block
  * is not plainly allocated (sealed, referenced, claimed) or the slot is no longer live. */
 static int64_t own_free(shm_handle_t *h, int slot, uint64_t off, unsigned k) {
-    shm_cache_t *c = cache_of(h, slot);
     uint64_t got = cache_class_size(k) - SHM_HDR;
     uint64_t *w = block_word(h, off);
     int rc = slot_lock(h, slot, 1);
@@ -382,12 +388,7 @@ static int64_t own_free(shm_handle_t *h, int slot, uint64_t off, unsigned k) {
         goto declined;
     }
     FAULT_POINT(FAULT_CACHE_PUSHED);
-    list_push(h, slot, k, off);
-    A_SUB(&c->usage, got);
-    A_SUB(&c->nblocks, 1);
-    A_ADD(&c->nfrees, 1);
-    A_ADD(&c->cached_bytes, got);
-    A_ADD(&c->cached_blocks, 1);
+    keep_freed(h, slot, k, off, got);
     rc = trim_to_bounds(h, slot, k);
     slot_unlock(h, slot);
     return rc == SHM_OK ? (int64_t)got : rc;

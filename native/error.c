@@ -65,23 +65,27 @@ int err_sys(int sys_errno, const char *what) {
     return SHM_ESYS;
 }
 
-int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total) {
+/* A fresh record of status whose detail is status's own message (the fields say the rest). */
+static void err_plain(int status) {
     err_reset(status);
+    snprintf(last_error.detail, sizeof last_error.detail, "%s", shm_strerror(status));
+}
+
+int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total) {
+    err_plain(status);
     last_error.requested = requested;
     last_error.available = available;
     last_error.used = used;
     last_error.total = total;
-    snprintf(last_error.detail, sizeof last_error.detail, "%s", shm_strerror(status));
     return status;
 }
 
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested) {
-    err_reset(SHM_ELIMIT);
+    err_plain(SHM_ELIMIT);
     last_error.pid = pid;
     last_error.limit = limit;
     last_error.used = used;
     last_error.requested = requested;
-    snprintf(last_error.detail, sizeof last_error.detail, "%s", shm_strerror(SHM_ELIMIT));
     return SHM_ELIMIT;
 }
 

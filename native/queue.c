@@ -106,6 +106,14 @@ static int queue_find(shm_handle_t *h, uint64_t queue, uint64_t id, shm_object_t
     return queue_valid(h, off, *out);
 }
 
+/* queue_find, for callers that need only the control block. */
+static int queue_find_control(shm_handle_t *h, uint64_t queue, uint64_t id, shm_queue_t **out) {
+    shm_object_t *qo;
+    int rc = queue_find(h, queue, id, &qo);
+    if (rc == SHM_OK) *out = queue_control(qo);
+    return rc;
+}
+
 static void wake_if_sleeping(shm_handle_t *h, uint32_t *word, uint32_t *sleepers, int32_t n) {
     if (__atomic_load_n(sleepers, __ATOMIC_SEQ_CST))
         shm_wake(h, (uint64_t)((uint8_t *)word - h->base), n);
@@ -322,10 +330,9 @@ int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_
 /* ------------------------------------------------------------------ join, counts, waits */
 
 static int task_done_locked(shm_handle_t *h, uint64_t queue, uint64_t queue_id, int *zero) {
-    shm_object_t *qo;
-    int rc = queue_find(h, queue, queue_id, &qo);
+    shm_queue_t *q;
+    int rc = queue_find_control(h, queue, queue_id, &q);
     if (rc != SHM_OK) return rc;
-    shm_queue_t *q = queue_control(qo);
     if (!q->joinable) return err_set(SHM_EINVAL, queue, "the queue is not joinable");
     if (!q->unfinished) return err_set(SHM_EINVAL, queue, "task_done() called too many times");
     J(h, &q->unfinished);
@@ -340,19 +347,17 @@ int shm_queue_task_done(shm_handle_t *h, uint64_t queue, uint64_t queue_id) {
     int zero = 0, rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     rc = task_done_locked(h, queue, queue_id, &zero);
-    shm_object_t *qo;
-    shm_queue_t *q = NULL;
-    if (zero && queue_find(h, queue, queue_id, &qo) == SHM_OK) q = queue_control(qo);
+    shm_queue_t *q = NULL; /* stays NULL unless found */
+    if (zero) (void)queue_find_control(h, queue, queue_id, &q);
     heap_unlock(h);
     if (q) wake_if_sleeping(h, &q->all_done, &q->joiners, -1);
     return rc;
 }
 
 static int info_locked(shm_handle_t *h, uint64_t queue, uint64_t queue_id, shm_queue_info_t *out) {
-    shm_object_t *qo;
-    int rc = queue_find(h, queue, queue_id, &qo);
+    shm_queue_t *q;
+    int rc = queue_find_control(h, queue, queue_id, &q);
     if (rc != SHM_OK) return rc;
-    shm_queue_t *q = queue_control(qo);
     out->size = q->head - q->tail;
     out->maxsize = q->maxsize;
     out->capacity = q->capacity;

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from dataclasses import dataclass, fields
+from functools import cache
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ._native import ffi, lib
 from .errors import (
@@ -31,8 +32,25 @@ from .errors import (
     ShmallocError,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 Handle = Any  # a cffi ``shm_handle_t *``: process-local, never shared
 CData = Any  # any other cffi object (an out-parameter struct, a buffer)
+_Row = TypeVar("_Row", bound="DataclassInstance")
+
+
+@cache
+def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _read(cls: type[_Row], c: CData, **given: Any) -> _Row:
+    """A ``cls`` whose fields are the C struct ``c``'s of the same names, as ints, but for the
+    ones ``given``."""
+    read = {f: int(getattr(c, f)) for f in _field_names(cls) if f not in given}
+    return cls(**read, **given)
+
 
 # ------------------------------------------------------------------ constants read from C
 
@@ -220,13 +238,10 @@ class RawStats:
     cache_limit: int
 
 
-_STATS_FIELDS = tuple(RawStats.__dataclass_fields__)
-
-
 def stats_read(h: Handle) -> RawStats:
     s = ffi.new("shm_stats_t *")
     _check(lib.shm_stats_read(h, s))
-    return RawStats(*(int(getattr(s, f)) for f in _STATS_FIELDS))
+    return _read(RawStats, s)
 
 
 def pressure_level(h: Handle) -> int:
@@ -267,16 +282,10 @@ class BlockInfo:
     slot: int
 
 
-def _block_info(b: CData) -> BlockInfo:
-    return BlockInfo(
-        int(b.address), int(b.size), int(b.pid), int(b.flags), int(b.refcount), int(b.slot)
-    )
-
-
 def block_info(h: Handle, address: int) -> BlockInfo:
     out = ffi.new("shm_block_info_t *")
     _check(lib.shm_block_info(h, address, out), address)
-    return _block_info(out)
+    return _read(BlockInfo, out)
 
 
 def block_adopt(h: Handle, address: int, slot: int) -> None:
@@ -309,7 +318,7 @@ def blocks_list(h: Handle, slot: int, hint: int) -> list[BlockInfo]:
         buf = ffi.new("shm_block_info_t[]", cap)
         _check(lib.shm_blocks_list(h, slot, buf, cap, count))
         if count[0] <= cap:
-            return [_block_info(buf[i]) for i in range(count[0])]
+            return [_read(BlockInfo, buf[i]) for i in range(count[0])]
         cap = count[0] + 16
 
 
@@ -347,18 +356,7 @@ class SlotRow:
 def proc_info(h: Handle, slot: int) -> SlotRow:
     i = ffi.new("shm_proc_info_t *")
     _check(lib.shm_proc_info(h, slot, i))
-    return SlotRow(
-        slot,
-        int(i.state),
-        int(i.pid),
-        int(i.start_time),
-        int(i.usage),
-        int(i.peak),
-        int(i.limit),
-        int(i.nblocks),
-        int(i.nallocs),
-        int(i.nfrees),
-    )
+    return _read(SlotRow, i, slot=slot)
 
 
 def proc_rows(h: Handle) -> Iterator[SlotRow]:
@@ -437,14 +435,7 @@ class CacheInfo:
 def cache_info(h: Handle, slot: int) -> CacheInfo:
     i = ffi.new("shm_cache_info_t *")
     _check(lib.shm_cache_info(h, slot, i))
-    return CacheInfo(
-        int(i.cached_bytes),
-        int(i.cached_blocks),
-        int(i.nallocs),
-        int(i.nfrees),
-        int(i.remote_bytes),
-        int(i.remote_pending),
-    )
+    return _read(CacheInfo, i)
 
 
 # ------------------------------------------------------------------ names
@@ -504,9 +495,7 @@ def gc(h: Handle, slot: int, all_blocks: bool, who: tuple[int, int] = (0, 0)) ->
     if rc == lib.SHM_ENOENT:
         return None
     _check(rc)
-    return GcResult(
-        int(res.freed_blocks), int(res.freed_bytes), int(res.procs_cleaned), int(res.refs_dropped)
-    )
+    return _read(GcResult, res)
 
 
 @dataclass(frozen=True)
@@ -534,7 +523,7 @@ def segment_check(h: Handle) -> None:
 def check(h: Handle) -> CheckCounts:
     r = ffi.new("shm_check_report_t *")
     _check(lib.shm_check(h, r))
-    return CheckCounts(*(int(getattr(r, f)) for f in CheckCounts.__dataclass_fields__))
+    return _read(CheckCounts, r)
 
 
 # ------------------------------------------------------------------ event ring
@@ -826,16 +815,7 @@ class QueueInfo:
 def queue_info(h: Handle, queue: int, queue_id: int) -> QueueInfo:
     i = ffi.new("shm_queue_info_t *")
     _check(lib.shm_queue_info(h, queue, queue_id, i), queue)
-    return QueueInfo(
-        int(i.size),
-        int(i.maxsize),
-        int(i.capacity),
-        int(i.unfinished),
-        int(i.put),
-        int(i.control),
-        int(i.all_done_seq),
-        bool(i.joinable),
-    )
+    return _read(QueueInfo, i, joinable=bool(i.joinable))
 
 
 def queue_wait(h: Handle, control: int, which: int, seq: int, timeout: float | None) -> bool:

@@ -427,42 +427,14 @@ class MemoryManager:
     def stats(self) -> MemoryStats:
         """The arena's counters, read without a lock."""
         h = self._state.handle()
-        s = C.stats_read(h)
-        return MemoryStats(
-            total=s.total,
-            used=s.used,
-            available=s.available,
-            peak=s.peak,
-            allocated_blocks=s.allocated_blocks,
-            free_blocks=s.free_blocks,
-            allocations=s.allocations,
-            deallocations=s.deallocations,
-            largest_free_block=C.largest_free(h),
-            overhead=s.overhead,
-            capacity=s.capacity,
-            reserved=s.reserved,
-            lock_recoveries=s.lock_recoveries,
-            oom_events=s.oom_events,
-            gc_runs=s.gc_runs,
-        )
+        return MemoryStats.of(C.stats_read(h), C.largest_free(h))
 
     def check(self) -> CheckReport:
         """Walk the whole heap and verify every invariant; CorruptionDetected names the first bad
         offset."""
         r = C.check(self._state.handle())
         live, dead = tracking.live_and_dead(self._state.handle())  # as processes() says
-        return CheckReport(
-            blocks=r.blocks,
-            allocated_blocks=r.allocated_blocks,
-            free_blocks=r.free_blocks,
-            used=r.used,
-            free_bytes=r.free_bytes,
-            largest_free=r.largest_free,
-            live_processes=live,
-            dead_processes=dead,
-            cached_blocks=r.cached_blocks,
-            cached_bytes=r.cached_bytes,
-        )
+        return CheckReport.of(r, live, dead)
 
     # ---------------------------------------------------------------- collection and pressure
 

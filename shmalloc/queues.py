@@ -35,6 +35,7 @@ import pickle
 import queue as _queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,35 +184,52 @@ class _Base:
             item.unpublished = []  # published: the queue holds it now
         return seq
 
+    def _retry(
+        self,
+        attempt: Callable[[], int | None],
+        word: int,
+        deadline: float | None,
+        block: bool = True,
+    ) -> bool:
+        """Run ``attempt`` until it returns None (True), sleeping between two on the queue's
+        ``word`` (C.QWAIT_*) while it holds the value the attempt returned; False once
+        ``deadline`` has passed (at the first refusal unless ``block``)."""
+        while (seq := attempt()) is not None:
+            left = _time_left(deadline)
+            if not block or left <= 0:
+                return False
+            C.queue_wait(self._att.handle(), self._control, word, seq, left)
+        return True
+
     def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
         self._check_open()
         deadline = _deadline(block, timeout)
         item = self._prepare(obj)
         try:
-            while (seq := self._offer(item)) is not None:
-                left = _time_left(deadline)
-                if not block or left <= 0:
-                    raise Full
-                C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_FULL, seq, left)
+            if not self._retry(lambda: self._offer(item), C.QWAIT_NOT_FULL, deadline, block):
+                raise Full
         finally:
             item.abandon(self._att)
 
     # -------------------------------------------------------------- get
 
-    def _take(self) -> tuple[_Taken | None, int]:
-        """One attempt to take an item: (it, 0), or (None, the not_empty word to wait on)."""
+    def _take(self, box: list[_Taken]) -> int | None:
+        """One attempt to take an item into ``box``: None when taken, else the not_empty word
+        to wait on."""
         a = self._att
         with objects._critical():
             view, is_ref, seq = C.queue_get(
                 a.handle(), slot_for(a, None), self._ref.address, self._ref.id
             )
             if view is None:
-                return None, seq
+                return seq
             if is_ref:
                 ref = objects._held_ref(a, view.address, view.id, view.nbytes, None)
-                return _Taken(view, ref), 0
+                box.append(_Taken(view, ref))
+                return None
             objects._count(a, (a.name, view.address, view.id), True)
-            return _Taken(view, None), 0
+            box.append(_Taken(view, None))
+            return None
 
     def _load(self, taken: _Taken) -> Any:
         if taken.ref is not None:
@@ -238,14 +256,10 @@ class _Base:
     def _get(self, block: bool, timeout: float | None) -> Any:
         self._check_open()
         deadline = _deadline(block, timeout)
-        while True:
-            taken, seq = self._take()
-            if taken is not None:
-                return self._load(taken)
-            left = _time_left(deadline)
-            if not block or left <= 0:
-                raise Empty
-            C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_EMPTY, seq, left)
+        box: list[_Taken] = []
+        if not self._retry(lambda: self._take(box), C.QWAIT_NOT_EMPTY, deadline, block):
+            raise Empty
+        return self._load(box.pop())
 
     # -------------------------------------------------------------- common methods
 
@@ -314,19 +328,12 @@ class Queue(_Base):
         box: list[_Taken] = []
         cancelled = False
 
+        def attempt() -> int | None:  # stops once cancelled: work()'s answer is unused then
+            with lock:
+                return None if cancelled else self._take(box)
+
         def work() -> bool:
-            while True:
-                with lock:
-                    if cancelled:
-                        return False
-                    taken, seq = self._take()
-                    if taken is not None:
-                        box.append(taken)
-                        return True
-                left = _time_left(deadline)
-                if left <= 0:
-                    return False
-                C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_EMPTY, seq, left)
+            return self._retry(attempt, C.QWAIT_NOT_EMPTY, deadline)
 
         try:
             got = await asyncio.get_running_loop().run_in_executor(None, work)
@@ -351,19 +358,13 @@ class Queue(_Base):
         lock = threading.Lock()
         cancelled = False
 
+        def attempt() -> int | None:  # stops once cancelled: work()'s answer is unused then
+            with lock:
+                return None if cancelled else self._offer(item)
+
         def work() -> bool:
             try:
-                while True:
-                    with lock:
-                        if cancelled:
-                            return False
-                        seq = self._offer(item)
-                        if seq is None:
-                            return True
-                    left = _time_left(deadline)
-                    if left <= 0:
-                        return False
-                    C.queue_wait(self._att.handle(), self._control, C.QWAIT_NOT_FULL, seq, left)
+                return self._retry(attempt, C.QWAIT_NOT_FULL, deadline)
             finally:
                 item.abandon(self._att)
 

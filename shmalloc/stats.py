@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _binding as C
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = TypeVar("_T", bound="DataclassInstance")
+
+
+def _carried(cls: type[_T], source: object, **given: Any) -> _T:
+    """A ``cls`` with ``source``'s fields of the same names, but for the ones ``given``."""
+    rest = {f.name: getattr(source, f.name) for f in fields(cls) if f.name not in given}
+    return cls(**rest, **given)
 
 
 class MemoryPressure(enum.IntEnum):
@@ -47,6 +59,11 @@ class MemoryStats:
     oom_events: int = 0
     gc_runs: int = 0
 
+    @classmethod
+    def of(cls, raw: C.RawStats, largest_free_block: int) -> MemoryStats:
+        """The public view of the C core's counters (``largest_free_block`` is read apart)."""
+        return _carried(cls, raw, largest_free_block=largest_free_block)
+
     def usage_percentage(self) -> float:
         """Share of the heap that is not available to a new allocation, in percent (the C core's
         formula: blocks held in per-process caches count as available)."""
@@ -76,3 +93,9 @@ class CheckReport:
     dead_processes: int
     cached_blocks: int = 0  # free blocks held in per-process caches (not in allocated_blocks)
     cached_bytes: int = 0
+
+    @classmethod
+    def of(cls, counts: C.CheckCounts, live_processes: int, dead_processes: int) -> CheckReport:
+        """The public view of the C heap walk's counts, with the process counts as processes()
+        gives them."""
+        return _carried(cls, counts, live_processes=live_processes, dead_processes=dead_processes)
