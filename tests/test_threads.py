@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import SHM_DIR, unique_name
@@ -185,19 +186,22 @@ def test_calls_after_close_raise_value_error(arena_name: str) -> None:
 
 # ---------------------------------------------------------------- 2, 3. the slot claim
 
-FORK_MID_CLAIM = (
-    PRELUDE
-    + """
-m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
-release = hold_heap_lock(m.name)  # a real process holds the heap lock, paused
-t = threading.Thread(target=lambda: m.deallocate(m.allocate(100)))
-t.start()  # this process's first allocation: its slot claim sleeps on the heap lock
+
+def _fork_mid(setup: str, child: str) -> str:
+    """A child script: ``setup`` starts a thread ``t`` that sleeps on the heap lock (held by a
+    real paused process, let go by ``release()``); the main thread then forks, and the fork
+    child runs ``child`` (which sets ``code``, 0 for success); both must finish cleanly."""
+    return (
+        PRELUDE
+        + setup
+        + """
 wait_for_heap_lock_sleeper(m)
-pid = os.fork()  # from the main thread, while the other is inside the claim
+pid = os.fork()  # from the main thread, while the other one is inside the library
 if pid == 0:
     try:
-        m.deallocate(m.allocate(100))  # the child's own first allocation: its own slot
-        code = 0 if attachment_of(m).slot_pid == os.getpid() else 3
+"""
+        + textwrap.indent(child, "        ")
+        + """
     except BaseException as e:
         print("child:", repr(e), flush=True)
         code = 2
@@ -210,6 +214,19 @@ m.check()
 m.close()
 print("ok")
 """
+    )
+
+
+FORK_MID_CLAIM = _fork_mid(
+    """
+m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
+release = hold_heap_lock(m.name)  # a real process holds the heap lock, paused
+t = threading.Thread(target=lambda: m.deallocate(m.allocate(100)))
+t.start()  # this process's first allocation: its slot claim sleeps on the heap lock
+""",
+    """m.deallocate(m.allocate(100))  # the child's own first allocation: its own slot
+code = 0 if attachment_of(m).slot_pid == os.getpid() else 3
+""",
 )
 
 
@@ -308,9 +325,8 @@ def test_timer_signals_across_the_first_allocation_of_fresh_processes(arena_name
         m.destroy()
 
 
-FORK_MID_COLLECT = (
-    PRELUDE
-    + """
+FORK_MID_COLLECT = _fork_mid(
+    """
 from shmalloc.gc import GlobalGarbageCollector
 
 m = MemoryManager.create(sys.argv[1], 64 << 20)  # the test's fixture unlinks it
@@ -322,24 +338,10 @@ collector = GlobalGarbageCollector(m)
 release = hold_heap_lock(m.name)
 t = threading.Thread(target=collector.collect)
 t.start()  # a collection that sleeps on the heap lock (marking the ended process dead)
-wait_for_heap_lock_sleeper(m)
-pid = os.fork()
-if pid == 0:
-    try:
-        collector.collect()  # the child's own collection, with the parent's collector object
-        code = 0
-    except BaseException as e:
-        print("child:", repr(e), flush=True)
-        code = 2
-    os._exit(code)
-release()
-t.join()
-_, status = os.waitpid(pid, 0)
-assert os.waitstatus_to_exitcode(status) == 0, status
-m.check()
-m.close()
-print("ok")
-"""
+""",
+    """collector.collect()  # the child's own collection, with the parent's collector object
+code = 0
+""",
 )
 
 
