@@ -89,7 +89,7 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
 /* Free the allocated (claimed) block at off for its user, heap lock held: drop its names and
  * references, take it off its owner's usage, give it back to the heap. *merged_end, if given,
  * receives the end of the free block it became part of. */
-int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
+int alloc_free_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end) {
     shm_counters_t *c = &h->arena->counters;
     shm_assert(heap_offset_ok(h, off));
     shm_block_t *b = block_at(h, off);
@@ -99,7 +99,7 @@ int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if (UNLIKELY(b->refcount) && (rc = refs_drop_block(h, off)) != SHM_OK) return rc;
     if (UNLIKELY(b->flags & SHM_BF_NAMED)) names_drop_address(h, off + SHM_HDR);
     if (h->claimed == off) h->claimed = 0; /* the block is rewritten free: nothing to let go */
-    if ((rc = heap_release_block(h, off, merged_end)) != SHM_OK) return rc;
+    if ((rc = heap_release_block(h, off, tomb, merged_end)) != SHM_OK) return rc;
     proc_credit(h, owner, got);
     A_ADD(&c->deallocations, 1);
     A_ADD(&c->frees_since_gc, 1);
@@ -116,7 +116,7 @@ static int64_t free_locked(shm_handle_t *h, uint64_t address) {
                        "the block at %#llx belongs to an object; delete the object instead",
                        (unsigned long long)address);
     int64_t got = (int64_t)(block_at(h, off)->size - SHM_HDR);
-    rc = alloc_free_block(h, off, NULL);
+    rc = alloc_free_block(h, off, SHM_TOMB(SHM_TOMB_DEALLOCATED, self_pid(h)), NULL);
     return rc == SHM_OK ? got : rc;
 }
 
@@ -146,7 +146,7 @@ int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     if ((rc = block_from_address(h, address, &off)) == SHM_OK &&
         (rc = block_claim(h, off)) == SHM_OK && (rc = refs_release(h, off, slot)) == 1 &&
-        (rc = alloc_free_block(h, off, NULL)) == SHM_OK)
+        (rc = alloc_free_block(h, off, SHM_TOMB(SHM_TOMB_RELEASED, self_pid(h)), NULL)) == SHM_OK)
         rc = 1;
     heap_unlock(h);
     return rc;

@@ -4,6 +4,9 @@
  * header is journaled first (journal.c) and the checksum [B1] is always current. Nothing read from
  * a header is trusted before block_validate() has checked its offset against the heap's bounds, its
  * size [B2] and its checksum [B1]. */
+#include <stdio.h>
+#include <unistd.h>
+
 #include "shm_internal.h"
 
 static inline uint64_t mix64(uint64_t x) {
@@ -46,11 +49,7 @@ int block_claim(shm_handle_t *h, uint64_t off) {
         uint32_t owner = (uint32_t)cur, flags = (uint32_t)(cur >> 32);
         if (!owner || (flags & SHM_BF_FREE)) return SHM_OK;
         if (flags & SHM_BF_BUSY) break;
-        if (flags & (SHM_BF_CACHED | SHM_BF_REMOTE))
-            return err_set(SHM_EADDR, off + SHM_HDR,
-                           "the block at address %#llx was freed (by deallocate(), or by a "
-                           "collection that reclaimed its owner)",
-                           (unsigned long long)(off + SHM_HDR));
+        if (flags & (SHM_BF_CACHED | SHM_BF_REMOTE)) return block_err_freed(h, off + SHM_HDR, off);
         uint64_t want = cur | ((uint64_t)SHM_BF_BUSY << 32);
         if (__atomic_compare_exchange_n(w, &cur, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             break;
@@ -90,13 +89,55 @@ void block_reseal(const shm_handle_t *h, uint64_t off) {
 }
 
 /* The header at off is now inside a merged block: wipe it, so that a stale address pointing at it
- * (a double free, a use after free) finds no header rather than an old but intact one. */
-void block_scrub(shm_handle_t *h, uint64_t off) {
+ * (a double free, a use after free) finds no header rather than an old but intact one; what is
+ * left is its tombstone, for the message that stale address will get. */
+void block_scrub(shm_handle_t *h, uint64_t off, uint32_t tomb) {
     shm_block_t *b = block_edit(h, off);
     b->size = 0;
     b->owner = 0;
     b->flags = 0;
+    b->tomb = tomb;
     b->check = ~block_checksum(h, off, b);
+}
+
+/* This process's pid as its slot records it (no system call), for tombstones. */
+uint32_t self_pid(const shm_handle_t *h) {
+    int slot = __atomic_load_n(&h->slot, __ATOMIC_RELAXED);
+    return slot >= 0 && slot < SHM_MAX_PROCS ? A_LOAD(&h->arena->procs[slot].pid)
+                                             : (uint32_t)getpid();
+}
+
+static uint32_t slot_pid(const shm_handle_t *h, uint32_t owner) {
+    return owner && owner <= SHM_MAX_PROCS ? A_LOAD(&h->arena->procs[owner - 1].pid) : 0;
+}
+
+/* SHM_EADDR for an address whose block was freed: the header at off is free, wiped by a merge
+ * (its tombstone says by whom), or sits in a cache or on a remote list (its owner says whose). */
+int block_err_freed(const shm_handle_t *h, uint64_t address, uint64_t off) {
+    static const char *const how[] = {
+        [SHM_TOMB_DEALLOCATED] = "freed by deallocate() in process %u",
+        [SHM_TOMB_CACHE] = "freed by deallocate(); the cache of process %u gave it back since",
+        [SHM_TOMB_RECLAIMED] = "reclaimed from its owner by a collection in process %u",
+        [SHM_TOMB_RELEASED] = "freed when its last reference was released, in process %u",
+        [SHM_TOMB_OBJECT] = "freed with the object it belonged to, in process %u",
+    };
+    char what[160];
+    shm_block_t b = *block_at(h, off);
+    uint32_t flags = b.flags & SHM_BF_TRANSIENT, why = SHM_TOMB_WHY(b.tomb);
+    if (flags == SHM_BF_CACHED)
+        snprintf(what, sizeof what, "freed by deallocate(); it waits in the cache of process %u",
+                 slot_pid(h, b.owner));
+    else if (flags == SHM_BF_REMOTE)
+        snprintf(what, sizeof what,
+                 "freed by deallocate() in another process; it waits to go back to process %u, "
+                 "its owner",
+                 slot_pid(h, b.owner));
+    else if (why && why < sizeof how / sizeof *how && how[why] && SHM_TOMB_PID(b.tomb))
+        snprintf(what, sizeof what, how[why], SHM_TOMB_PID(b.tomb));
+    else
+        snprintf(what, sizeof what, "freed");
+    return err_set(SHM_EADDR, address, "the block at address %#llx was %s",
+                   (unsigned long long)address, what);
 }
 
 /* Is there a sound block header at off? [B1] [B2] */
@@ -136,10 +177,10 @@ static int block_classify_bad(const shm_handle_t *h, uint64_t address, uint64_t 
     if (cur == off)
         return err_set(SHM_ECORRUPT, off, "the header of the block at address %#llx is damaged",
                        (unsigned long long)address);
-    if (block_is_scrubbed(h, off) || (block_at(h, around)->flags & SHM_BF_FREE))
+    if (block_is_scrubbed(h, off)) return block_err_freed(h, address, off);
+    if (block_at(h, around)->flags & SHM_BF_FREE)
         return err_set(SHM_EADDR, address,
-                       "the block at address %#llx was freed (by deallocate(), or by a collection "
-                       "that reclaimed its owner)",
+                       "the block at address %#llx was freed (it lies in free memory now)",
                        (unsigned long long)address);
     return err_set(SHM_EADDR, address, "address %#llx lies inside a block, not at its start",
                    (unsigned long long)address);
@@ -156,10 +197,7 @@ int block_from_address(const shm_handle_t *h, uint64_t address, uint64_t *off_ou
     uint64_t off = address - SHM_HDR;
     if (UNLIKELY(block_validate(h, off) != SHM_OK)) return block_classify_bad(h, address, off);
     if (UNLIKELY(block_at(h, off)->flags & (SHM_BF_FREE | SHM_BF_CACHED | SHM_BF_REMOTE)))
-        return err_set(SHM_EADDR, address,
-                       "the block at address %#llx was freed (by deallocate(), or by a collection "
-                       "that reclaimed its owner)",
-                       (unsigned long long)address);
+        return block_err_freed(h, address, off);
     *off_out = off;
     return SHM_OK;
 }

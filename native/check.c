@@ -33,9 +33,9 @@ static int check_heap(shm_handle_t *h, shm_check_report_t *r, proc_sums_t *sums)
                  ULL(off), ULL(b->prev_size), ULL(prev_size));
         int is_free = (b->flags & SHM_BF_FREE) != 0;
         if (is_free) {
-            if (b->owner || b->refcount || b->flags != SHM_BF_FREE)
-                FAIL(off, "[B4] free block %#llx has owner %u, refcount %u, flags %#x", ULL(off),
-                     b->owner, b->refcount, b->flags);
+            if (b->owner || b->flags != SHM_BF_FREE)
+                FAIL(off, "[B4] free block %#llx has owner %u, flags %#x", ULL(off), b->owner,
+                     b->flags);
             if (prev_free) FAIL(off, "[B5] free block %#llx follows a free block", ULL(off));
             r->free_blocks++;
             r->free_bytes += b->size;

@@ -29,7 +29,8 @@ static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *o
         shm_cache_t *c = &h->arena->caches[owner];
         A_SUB(&c->cached_bytes, size - SHM_HDR);
         A_SUB(&c->cached_blocks, 1);
-        rc = heap_release_block(h, *off, off);
+        rc = heap_release_block(h, *off,
+                                SHM_TOMB(SHM_TOMB_CACHE, A_LOAD(&h->arena->procs[owner].pid)), off);
     } else {
         if (b->flags & SHM_BF_REMOTE)
             cache_remote_done(h, owner, size - SHM_HDR);
@@ -37,7 +38,9 @@ static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *o
             *off += size; /* its live owner cached it, or another process freed it, meanwhile */
             return SHM_OK;
         }
-        if ((rc = alloc_free_block(h, *off, off)) != SHM_OK) return rc;
+        if ((rc = alloc_free_block(h, *off, SHM_TOMB(SHM_TOMB_RECLAIMED, self_pid(h)), off)) !=
+            SHM_OK)
+            return rc;
         out->freed_blocks++;
         out->freed_bytes += size - SHM_HDR;
     }

@@ -187,9 +187,10 @@ int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose) {
 }
 
 /* Give the block at off back to the heap: merge it with free neighbours, put the result on its
- * list, count it in the heap's counters. Its owner's usage is the caller's business (a cached
- * block was not in it). *merged_end, if given, receives the end of the merged free block. */
-int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
+ * list, count it in the heap's counters; tomb (SHM_TOMB) says who freed it and how. Its owner's
+ * usage is the caller's business (a cached block was not in it). *merged_end, if given, receives
+ * the end of the merged free block. */
+int heap_release_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end) {
     shm_counters_t *c = &h->arena->counters;
     shm_block_t *b = block_at(h, off);
     uint64_t size = b->size, prev_size = b->prev_size, got = size - SHM_HDR;
@@ -213,20 +214,21 @@ int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     if (next < h->heap_end && (block_at(h, next)->flags & SHM_BF_FREE)) {
         if ((rc = freelist_remove(h, next)) != SHM_OK) return rc;
         size += block_at(h, next)->size;
-        block_scrub(h, next);
+        block_scrub(h, next, block_at(h, next)->tomb);
         merged++;
     }
     if (prev_size && (block_at(h, off - prev_size)->flags & SHM_BF_FREE)) {
         uint64_t prev = off - prev_size;
         if ((rc = freelist_remove(h, prev)) != SHM_OK) return rc;
-        block_scrub(h, off);
+        block_scrub(h, off, tomb);
+        tomb = block_at(h, prev)->tomb; /* the merged block starts there: its tombstone stays */
         off = prev;
         size += prev_size;
         prev_size = block_at(h, prev)->prev_size;
         merged++;
     }
     FAULT_POINT(FAULT_FREE_UNLINKED);
-    block_write(h, off, size, prev_size, 0, SHM_BF_FREE, 0);
+    block_write(h, off, size, prev_size, 0, SHM_BF_FREE, tomb);
     if ((rc = fix_next_prev_size(h, off, size)) != SHM_OK) return rc;
     if ((rc = freelist_insert(h, off)) != SHM_OK) return rc;
     FAULT_POINT(FAULT_FREE_INSERTED);

@@ -132,7 +132,9 @@ static int obj_unheld(const shm_handle_t *h, uint64_t off, const shm_object_t *o
 /* Free a claimed OBJECT or OBJPART block (alloc.c's free, for blocks nobody else may free). */
 static int obj_block_free(shm_handle_t *h, uint64_t off, uint64_t *merged_end) {
     int rc = block_claim(h, off);
-    return rc != SHM_OK ? rc : alloc_free_block(h, off, merged_end);
+    return rc != SHM_OK
+               ? rc
+               : alloc_free_block(h, off, SHM_TOMB(SHM_TOMB_OBJECT, self_pid(h)), merged_end);
 }
 
 /* Free the object whose header block is at off, buffers first; see the essay for DYING. */

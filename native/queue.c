@@ -188,7 +188,7 @@ static int queue_grow(shm_handle_t *h, shm_object_t *o) {
     o->nbytes = o->pickle_len + e->nbytes;
     q->capacity = ncap;
     if ((rc = block_claim(h, old)) != SHM_OK) return rc;
-    return alloc_free_block(h, old, NULL);
+    return alloc_free_block(h, old, SHM_TOMB(SHM_TOMB_OBJECT, self_pid(h)), NULL);
 }
 
 /* The item to put: a new object of slot's, published here, or an existing one, held once more. */

@@ -230,12 +230,26 @@ static inline int heap_offset_ok(const shm_handle_t *h, uint64_t off) {
 static inline uint64_t *block_cache_link(const shm_handle_t *h, uint64_t off) {
     return (uint64_t *)(void *)(h->base + off + SHM_HDR);
 }
+/* Tombstone of a free block or of a header wiped by a merge : why it was freed, in its
+ * top 3 bits, and by which process (pid, as that process saw it) below; 0 = not known. Only error
+ * messages read it ("was reclaimed by a collection in process ..."). */
+#define SHM_TOMB(why, pid) ((uint32_t)(why) << 29 | ((uint32_t)(pid)&0x1fffffffu))
+#define SHM_TOMB_WHY(t) ((t) >> 29)
+#define SHM_TOMB_PID(t) ((t)&0x1fffffffu)
+#define SHM_TOMB_DEALLOCATED 1 /* deallocate() in that process */
+#define SHM_TOMB_CACHE 2       /* deallocate(), then given back by that process's cache */
+#define SHM_TOMB_RECLAIMED 3   /* a collection in that process took it from its owner */
+#define SHM_TOMB_RELEASED 4    /* its last reference released, in that process */
+#define SHM_TOMB_OBJECT 5      /* part of an object that process deleted or let go last */
+
 uint32_t block_checksum(const shm_handle_t *h, uint64_t off, const shm_block_t *b);
 shm_block_t *block_edit(shm_handle_t *h, uint64_t off);
 void block_write(shm_handle_t *h, uint64_t off, uint64_t size, uint64_t prev_size, uint32_t owner,
                  uint32_t flags, uint32_t refcount);
 void block_reseal(const shm_handle_t *h, uint64_t off);
-void block_scrub(shm_handle_t *h, uint64_t off);
+void block_scrub(shm_handle_t *h, uint64_t off, uint32_t tomb);
+int block_err_freed(const shm_handle_t *h, uint64_t address, uint64_t off);
+uint32_t self_pid(const shm_handle_t *h);
 int block_claim(shm_handle_t *h, uint64_t off);
 void block_unclaim(shm_handle_t *h, uint64_t off);
 int block_validate(const shm_handle_t *h, uint64_t off);
@@ -256,7 +270,7 @@ int freelist_largest(shm_handle_t *h, uint64_t *size_out);
 /* heap.c */
 int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, uint32_t flags,
                uint64_t room, uint64_t *off_out);
-int heap_release_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+int heap_release_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end);
 uint64_t heap_cache_sum(const shm_handle_t *h, size_t field);
 void heap_note_peak(shm_handle_t *h);
 int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
@@ -304,7 +318,7 @@ int names_unbind_locked(shm_handle_t *h, const char *name, uint64_t *off_out);
 int names_check(const char *name);
 
 /* alloc.c */
-int alloc_free_block(shm_handle_t *h, uint64_t off, uint64_t *merged_end);
+int alloc_free_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end);
 int alloc_oom_report(shm_handle_t *h, uint64_t requested);
 
 /* objects.c */

@@ -221,8 +221,9 @@
  *        any lock (cache.c)
  *   [B2] size % 16 == 0, size >= SHM_MIN_BLOCK, offset + size <= heap end
  *   [B3] prev_size == size of the physically previous block (0 for the first block)
- *   [B4] a free block has owner == 0, refcount == 0 and no flag but FREE; a CACHED or REMOTE
- *        block has an owner, refcount == 0 and no other flag
+ *   [B4] a free block has owner == 0 and no flag but FREE (its refcount word is its tombstone:
+ *        who freed it, and how; block.c); a CACHED or REMOTE block has an owner, refcount == 0
+ *        and no other flag
  *   [B5] no two physically adjacent blocks are both free (coalescing is eager)
  *   [B6] an allocated block's owner is 0 (persistent) or a slot that is not FREE */
 typedef struct shm_block {
@@ -230,8 +231,11 @@ typedef struct shm_block {
     uint64_t prev_size; /* +0x08 whole size of the physically previous block; 0 for the first */
     uint32_t owner;     /* +0x10 owning slot + 1; 0 = no owner (free or persistent) */
     uint32_t flags;     /* +0x14 SHM_BF_* */
-    uint32_t refcount;  /* +0x18 references held by live processes (retain/release) */
-    uint32_t check;     /* +0x1c checksum over the fields above, the block's offset and the salt */
+    union {
+        uint32_t refcount; /* +0x18 references held by live processes (retain/release) */
+        uint32_t tomb;     /* +0x18 of a free or wiped header: who freed it (SHM_TOMB) */
+    };
+    uint32_t check; /* +0x1c checksum over the fields above, the block's offset and the salt */
 } shm_block_t;
 
 /* A free block's payload starts with its bin links.

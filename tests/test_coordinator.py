@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from shm_workers import DEADLINE, CoordinatorProcess, Worker, free_port, wait_for
 
-from shmalloc import MemoryManager
+from shmalloc import InvalidAddress, MemoryManager
 from shmalloc.coordinator import (
     EXIT_LEASE_HELD,
     Coordinator,
@@ -43,12 +43,14 @@ def test_reclaims_a_worker_killed_with_sigkill(mgr: MemoryManager, tmp_path: Pat
     with CoordinatorProcess(mgr.name, tmp_path / "coord.log") as c:
         wait_for(lambda: _holds(mgr, c.pid), "the coordinator to take the lease")
         with Worker(mgr.name) as w, Worker(mgr.name) as live:
-            w.call("alloc", [1000, 50_000, 300_000])
+            lost = w.call("alloc", [1000, 50_000, 300_000])
             (kept,) = live.call("alloc", [4096])
             held = mgr.process_memory(w.pid)
             w.kill()
             wait_for(lambda: _gone(mgr, w.pid), "the killed worker's memory to be reclaimed")
             assert mgr.process_memory(w.pid) == 0
+            with pytest.raises(InvalidAddress, match=f"by a collection in process {c.pid};"):
+                mgr.size_of(lost[-1])  # names the coordinator as the one that reclaimed it
             assert mgr.stats().used == mgr.process_memory(live.pid)
             assert mgr.size_of(kept) >= 4096  # the living keep theirs
         wait_for(lambda: f"reclaimed {held} bytes of process {w.pid}" in c.log_text(), "the log")

@@ -1,7 +1,7 @@
-"""An address whose block was freed (by deallocate, or by a collection that reclaimed its ended
-owner) is reported as freed by every call that takes an address, whether its header is still a
-free block's or was wiped when it merged with a neighbour; a pointer into a live block still
-says that it lies inside one."""
+"""An address whose block was freed (by deallocate, or by a collection that reclaimed it from its
+owner) is reported as freed by every call that takes an address, with how and by which process,
+whether its header is still a free block's, was wiped when it merged with a neighbour, or waits
+in a process's cache; a pointer into a live block still says that it lies inside one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from children import run_child
 
 from shmalloc import GcStrategy, GlobalGarbageCollector, InvalidAddress, MemoryManager
 
-FREED = "was freed (by deallocate(), or by a collection that reclaimed its owner)"
+ME = os.getpid()
+DEALLOCATED = f"was freed by deallocate() in process {ME}"
 
 CALLS: dict[str, Callable[[MemoryManager, int], Any]] = {
     "deallocate": lambda m, a: m.deallocate(a),
@@ -28,11 +29,11 @@ CALLS: dict[str, Callable[[MemoryManager, int], Any]] = {
 }
 
 
-def _says_freed(m: MemoryManager, address: int) -> None:
+def _says_freed(m: MemoryManager, address: int, how: str = DEALLOCATED) -> None:
     for what, call in CALLS.items():
         with pytest.raises(InvalidAddress) as ei:
             call(m, address)
-        assert FREED in str(ei.value), (what, str(ei.value))
+        assert f"the block at address {address:#x} {how}" in str(ei.value), (what, str(ei.value))
         assert "lies inside" not in str(ei.value)
 
 
@@ -52,7 +53,9 @@ def test_freed_and_merged_into_its_neighbour(heap_mgr: MemoryManager) -> None:
 def test_freed_into_the_cache(mgr: MemoryManager) -> None:
     a = mgr.allocate(100)
     mgr.deallocate(a)  # kept in this process's cache: still freed for the user
-    _says_freed(mgr, a)
+    _says_freed(mgr, a, f"was freed by deallocate(); it waits in the cache of process {ME}")
+    mgr.collect()  # gives the cache back to the heap
+    _says_freed(mgr, a, f"was freed by deallocate(); the cache of process {ME} gave it back since")
 
 
 def test_a_pointer_into_a_live_block_lies_inside_it(heap_mgr: MemoryManager) -> None:
@@ -81,5 +84,14 @@ def test_reclaimed_by_a_collection(mgr: MemoryManager, how: str) -> None:
             )
         assert GlobalGarbageCollector(mgr).collect(strategy).freed_blocks == 3
     for a in addresses:
-        _says_freed(mgr, a)
+        _says_freed(mgr, a, f"was reclaimed from its owner by a collection in process {ME}")
     mgr.check()
+
+
+def test_freed_by_the_last_release_of_an_orphan(mgr: MemoryManager) -> None:
+    [addresses] = run_child("spawn", _allocate_and_end, mgr.name)
+    big = addresses[-1]
+    mgr.retain(big)  # outlives its owner: collection leaves it to the reference
+    assert mgr.collect() == 2
+    assert mgr.release(big)  # the last reference: the orphan goes
+    _says_freed(mgr, big, f"was freed when its last reference was released, in process {ME}")
