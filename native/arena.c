@@ -18,43 +18,14 @@
 
 #include "shm_internal.h"
 
-#define PIN(type, field, off) _Static_assert(offsetof(type, field) == (off), #type "." #field)
-PIN(shm_block_t, size, 0x00);
-PIN(shm_block_t, prev_size, 0x08);
-PIN(shm_block_t, owner, 0x10);
-PIN(shm_block_t, flags, 0x14);
-PIN(shm_block_t, refcount, 0x18);
-PIN(shm_block_t, check, 0x1c);
+/* Sizes the layout relies on; every field offset is checked against its "+0x" comment in
+ * shm_layout.h by tests/test_layout.py. */
 _Static_assert(sizeof(shm_block_t) == 32, "block header is 32 bytes");
 _Static_assert(sizeof(shm_block_t) + sizeof(shm_free_links_t) <= SHM_MIN_BLOCK, "min block");
 _Static_assert(sizeof(shm_proc_t) == 128, "process slot is two cache lines");
-PIN(shm_arena_t, version, 0x08);
-PIN(shm_arena_t, capacity, 0x10);
-PIN(shm_arena_t, heap_off, 0x18);
-PIN(shm_arena_t, salt, 0x28);
-PIN(shm_arena_t, counters, 0x40);
-PIN(shm_arena_t, heap_lock, 0x100);
-PIN(shm_arena_t, bitmap, 0x180);
-PIN(shm_arena_t, bins, 0x1a0);
-PIN(shm_arena_t, lease, 0x848);
-PIN(shm_arena_t, procs, 0x880);
-PIN(shm_arena_t, refs, 0x4880);
-PIN(shm_arena_t, names, 0x14880);
-PIN(shm_arena_t, caches, 0x24880);
-PIN(shm_arena_t, ring, 0x46880);
-PIN(shm_arena_t, slot_locks, 0x86940);
-PIN(shm_ring_t, slots, 0xc0);
-PIN(shm_arena_t, journal, 0x8a940);
-PIN(shm_arena_t, life_locks, 0x9a980);
-PIN(shm_lock_t, holder_ns, 0x40);
-PIN(shm_lock_t, holder_slot, 0x48);
 _Static_assert(sizeof(shm_lock_t) == 128, "a lock is two cache lines");
 _Static_assert(sizeof(shm_cache_t) == 0x440, "a cache is 17 cache lines");
-PIN(shm_cache_t, pending, 0x40);
-PIN(shm_cache_t, head, 0x80);
 _Static_assert(sizeof(shm_event_t) == 64, "an event is one cache line");
-PIN(shm_counters_t, reserved_top, 0x40);
-PIN(shm_counters_t, cache_limit, 0x68);
 
 uint64_t shm_header_size(void) { return SHM_HEADER_BYTES; }
 

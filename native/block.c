@@ -114,30 +114,38 @@ static uint32_t slot_pid(const shm_handle_t *h, uint32_t owner) {
 /* SHM_EADDR for an address whose block was freed: the header at off is free, wiped by a merge
  * (its tombstone says by whom), or sits in a cache or on a remote list (its owner says whose). */
 int block_err_freed(const shm_handle_t *h, uint64_t address, uint64_t off) {
-    static const char *const how[] = {
-        [SHM_TOMB_DEALLOCATED] = "freed by deallocate() in process %u",
-        [SHM_TOMB_CACHE] = "freed by deallocate(); the cache of process %u gave it back since",
-        [SHM_TOMB_RECLAIMED] = "reclaimed from its owner by a collection in process %u",
-        [SHM_TOMB_RELEASED] = "freed when its last reference was released, in process %u",
-        [SHM_TOMB_OBJECT] = "freed with the object it belonged to, in process %u",
-    };
-    char what[160];
     shm_block_t b = *block_at(h, off);
-    uint32_t flags = b.flags & SHM_BF_TRANSIENT, why = SHM_TOMB_WHY(b.tomb);
-    if (flags == SHM_BF_CACHED)
-        snprintf(what, sizeof what, "freed by deallocate(); it waits in the cache of process %u",
-                 slot_pid(h, b.owner));
-    else if (flags == SHM_BF_REMOTE)
-        snprintf(what, sizeof what,
-                 "freed by deallocate() in another process; it waits to go back to process %u, "
-                 "its owner",
-                 slot_pid(h, b.owner));
-    else if (why && why < sizeof how / sizeof *how && how[why] && SHM_TOMB_PID(b.tomb))
-        snprintf(what, sizeof what, how[why], SHM_TOMB_PID(b.tomb));
-    else
-        snprintf(what, sizeof what, "freed");
-    return err_set(SHM_EADDR, address, "the block at address %#llx was %s",
-                   (unsigned long long)address, what);
+    uint32_t flags = b.flags & SHM_BF_TRANSIENT, pid = SHM_TOMB_PID(b.tomb);
+    const char *how = NULL; /* ends with "process", for the pid */
+    if (flags == SHM_BF_CACHED || flags == SHM_BF_REMOTE) {
+        how = flags == SHM_BF_CACHED ? "freed by deallocate(); it waits in the cache of process"
+                                     : "freed by deallocate() in another process; it waits to go "
+                                       "back to its owner, process";
+        pid = slot_pid(h, b.owner);
+    } else {
+        switch (SHM_TOMB_WHY(b.tomb)) {
+        case SHM_TOMB_DEALLOCATED:
+            how = "freed by deallocate() in process";
+            break;
+        case SHM_TOMB_CACHE:
+            how = "freed by deallocate() and given back since by the cache of process";
+            break;
+        case SHM_TOMB_RECLAIMED:
+            how = "reclaimed from its owner by a collection in process";
+            break;
+        case SHM_TOMB_RELEASED:
+            how = "freed when its last reference was released in process";
+            break;
+        case SHM_TOMB_OBJECT:
+            how = "freed with the object it belonged to, in process";
+            break;
+        }
+    }
+    if (!how || !pid)
+        return err_set(SHM_EADDR, address, "the block at address %#llx was freed",
+                       (unsigned long long)address);
+    return err_set(SHM_EADDR, address, "the block at address %#llx was %s %u",
+                   (unsigned long long)address, how, pid);
 }
 
 /* Is there a sound block header at off? [B1] [B2] */

@@ -80,13 +80,20 @@ int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, u
     return status;
 }
 
+/* A process limit: the amounts of err_oom() (none available, no total) and whose limit. */
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested) {
-    err_plain(SHM_ELIMIT);
+    err_oom(SHM_ELIMIT, requested, 0, used, 0);
     last_error.pid = pid;
     last_error.limit = limit;
-    last_error.used = used;
-    last_error.requested = requested;
     return SHM_ELIMIT;
+}
+
+/* SHM_EFULL for a fixed table of the segment: which one, its size and the constant that sets it,
+ * what to do about it. */
+int err_table_full(uint64_t offset, const char *table, int entries, const char *size_macro,
+                   const char *advice) {
+    return err_set(SHM_EFULL, offset, "%s is full: all %d entries (%s) are in use; %s", table,
+                   entries, size_macro, advice);
 }
 
 /* Put back an error saved before cleanup calls that may have recorded their own. */

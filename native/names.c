@@ -40,10 +40,8 @@ static int bind_locked(shm_handle_t *h, const char *name, uint64_t address) {
     for (int i = 0; i < SHM_MAX_NAMES && !slot; i++)
         if (!t[i].address) slot = &t[i];
     if (!slot)
-        return err_set(SHM_EFULL, address,
-                       "the names directory is full: all %d entries (SHM_MAX_NAMES) are bound; "
-                       "unbind names you no longer need",
-                       SHM_MAX_NAMES);
+        return err_table_full(address, "the names directory", SHM_MAX_NAMES, "SHM_MAX_NAMES",
+                              "unbind names you no longer need");
     shm_block_t *b = block_edit(h, off);
     proc_move(h, b->owner, 0, b->size - SHM_HDR);
     b->owner = 0;

@@ -73,10 +73,8 @@ static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
         if (!refs[i].holder && !empty) empty = &refs[i];
     }
     if (!empty)
-        return err_set(SHM_EFULL, address,
-                       "the reference table is full: all %d entries (SHM_MAX_REFS) are in use; "
-                       "release references, or collect dead processes to drop theirs",
-                       SHM_MAX_REFS);
+        return err_table_full(address, "the reference table", SHM_MAX_REFS, "SHM_MAX_REFS",
+                              "release references, or collect dead processes to drop theirs");
     shm_block_t *b = block_at(h, off);
     if (b->refcount == UINT32_MAX)
         return err_set(SHM_EINVAL, address, "the block at %#llx has too many references",

@@ -123,6 +123,8 @@ int err_set(int status, uint64_t offset, const char *fmt, ...)
 int err_sys(int sys_errno, const char *what);
 int err_oom(int status, uint64_t requested, uint64_t available, uint64_t used, uint64_t total);
 int err_limit(uint32_t pid, uint64_t limit, uint64_t used, uint64_t requested);
+int err_table_full(uint64_t offset, const char *table, int entries, const char *size_macro,
+                   const char *advice);
 void err_restore(const shm_error_info_t *saved);
 __attribute__((noreturn)) void shm_assert_fail(const char *what, const char *file, int line);
 

@@ -55,7 +55,9 @@ def test_freed_into_the_cache(mgr: MemoryManager) -> None:
     mgr.deallocate(a)  # kept in this process's cache: still freed for the user
     _says_freed(mgr, a, f"was freed by deallocate(); it waits in the cache of process {ME}")
     mgr.collect()  # gives the cache back to the heap
-    _says_freed(mgr, a, f"was freed by deallocate(); the cache of process {ME} gave it back since")
+    _says_freed(
+        mgr, a, f"was freed by deallocate() and given back since by the cache of process {ME}"
+    )
 
 
 def test_a_pointer_into_a_live_block_lies_inside_it(heap_mgr: MemoryManager) -> None:
@@ -94,4 +96,4 @@ def test_freed_by_the_last_release_of_an_orphan(mgr: MemoryManager) -> None:
     mgr.retain(big)  # outlives its owner: collection leaves it to the reference
     assert mgr.collect() == 2
     assert mgr.release(big)  # the last reference: the orphan goes
-    _says_freed(mgr, big, f"was freed when its last reference was released, in process {ME}")
+    _says_freed(mgr, big, f"was freed when its last reference was released in process {ME}")

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _binding as C
 from ..errors import ShmallocError
 
 __all__ = ["MetricsExporter", "MetricsSnapshot"]
@@ -20,27 +21,53 @@ __all__ = ["MetricsExporter", "MetricsSnapshot"]
 class MetricsSnapshot:
     """What /metrics shows, refreshed by the coordinator's loop (the HTTP thread only reads it)."""
 
-    used: int = 0
-    peak: int = 0
-    capacity: int = 0
-    heap: int = 0
-    available: int = 0
-    allocated_blocks: int = 0
-    free_blocks: int = 0
-    allocations: int = 0
-    deallocations: int = 0
-    pressure: int = 0
-    system_memory_pressure: int = 0
-    shm_filesystem_pressure: int = 0
-    usage: dict[int, int] = field(default_factory=dict)
-    live_processes: int = 0
-    dead_processes: int = 0
-    gc_runs: int = 0
-    gc_freed_blocks: int = 0
-    reclaimed_bytes: int = 0
-    processes_reclaimed: int = 0
-    events: dict[str, int] = field(default_factory=dict)
-    dropped_events: int = 0
+    stats: C.RawStats | None = None  # the arena's counters, as last read
+    levels: dict[str, int] = field(default_factory=dict)  # pressure level by resource
+    usage: dict[int, int] = field(default_factory=dict)  # usable bytes by pid
+    processes: dict[str, int] = field(default_factory=dict)  # "live", "dead": how many
+    # what the events drained so far add up to ("gc_runs", "gc_freed_blocks", "reclaimed_bytes",
+    # "processes_reclaimed"), and "dropped_events", the ring's own count
+    totals: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # events drained, by name
+
+
+# The single-valued metrics: (name after "shmalloc_", help text, a counter (True) or a gauge,
+# where its value is: "stats.<field>" of the arena's counters, or "<dict>.<key>" of the snapshot).
+_SCALARS: tuple[tuple[str, str, bool, str], ...] = (
+    ("used_bytes", "Usable bytes of allocated blocks", False, "stats.used"),
+    ("peak_bytes", "Highest used_bytes seen", False, "stats.peak"),
+    ("capacity_bytes", "Size of the shared-memory segment", False, "stats.capacity"),
+    ("heap_bytes", "Bytes of the segment the heap may use", False, "stats.total"),
+    ("available_bytes", "Usable bytes of free blocks", False, "stats.available"),
+    ("allocated_blocks", "Blocks allocated now", False, "stats.allocated_blocks"),
+    ("free_blocks", "Free blocks now", False, "stats.free_blocks"),
+    ("live_processes", "Processes attached and running", False, "processes.live"),
+    (
+        "dead_processes",
+        "Ended processes whose memory is not reclaimed yet",
+        False,
+        "processes.dead",
+    ),
+    ("allocations", "Allocations in the arena", True, "stats.allocations"),
+    ("deallocations", "Deallocations in the arena", True, "stats.deallocations"),
+    ("gc_runs", "Collections run by any process (memory.gc_triggered)", True, "totals.gc_runs"),
+    ("gc_freed_blocks", "Blocks freed by collections", True, "totals.gc_freed_blocks"),
+    (
+        "gc_freed_bytes",
+        "Bytes reclaimed from processes (memory.process_reclaimed)",
+        True,
+        "totals.reclaimed_bytes",
+    ),
+    ("processes_reclaimed", "Process reclamations", True, "totals.processes_reclaimed"),
+    ("dropped_events", "Events lost to a full ring", True, "totals.dropped_events"),
+)
+
+
+def _value(snap: MetricsSnapshot, where: str) -> int:
+    table, _, key = where.partition(".")
+    if table == "stats":
+        return int(getattr(snap.stats, key)) if snap.stats is not None else 0
+    return int(getattr(snap, table).get(key, 0))
 
 
 class MetricsExporter:
@@ -72,34 +99,21 @@ class MetricsExporter:
                 info = InfoMetricFamily("shmalloc_arena", "The arena this coordinator serves")
                 info.add_metric([], {"name": arena})
                 yield info
-                for name, doc, value in (
-                    ("used_bytes", "Usable bytes of allocated blocks", s.used),
-                    ("peak_bytes", "Highest used_bytes seen", s.peak),
-                    ("capacity_bytes", "Size of the shared-memory segment", s.capacity),
-                    ("heap_bytes", "Bytes of the segment the heap may use", s.heap),
-                    ("available_bytes", "Usable bytes of free blocks", s.available),
-                    ("allocated_blocks", "Blocks allocated now", s.allocated_blocks),
-                    ("free_blocks", "Free blocks now", s.free_blocks),
-                    (
-                        "pressure_level",
-                        "Arena pressure: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
-                        s.pressure,
-                    ),
-                    ("live_processes", "Processes attached and running", s.live_processes),
-                    (
-                        "dead_processes",
-                        "Ended processes whose memory is not reclaimed yet",
-                        s.dead_processes,
-                    ),
-                ):
-                    yield GaugeMetricFamily(f"shmalloc_{name}", doc, value=value)
+                for name, doc, is_counter, where in _SCALARS:
+                    family = CounterMetricFamily if is_counter else GaugeMetricFamily
+                    yield family(f"shmalloc_{name}", doc, value=_value(s, where))
+                yield GaugeMetricFamily(
+                    "shmalloc_pressure_level",
+                    "Arena pressure: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
+                    value=s.levels.get("arena", 0),
+                )
                 sysp = GaugeMetricFamily(
                     "shmalloc_system_pressure_level",
                     "System pressure by resource: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
                     labels=["resource"],
                 )
-                sysp.add_metric(["memory"], s.system_memory_pressure)
-                sysp.add_metric(["shm_filesystem"], s.shm_filesystem_pressure)
+                sysp.add_metric(["memory"], s.levels.get("system memory", 0))
+                sysp.add_metric(["shm_filesystem"], s.levels.get("/dev/shm", 0))
                 yield sysp
                 per = GaugeMetricFamily(
                     "shmalloc_process_usage_bytes",
@@ -109,20 +123,6 @@ class MetricsExporter:
                 for pid, nbytes in sorted(usage.items()):
                     per.add_metric([str(pid)], nbytes)
                 yield per
-                for name, doc, value in (
-                    ("allocations", "Allocations in the arena", s.allocations),
-                    ("deallocations", "Deallocations in the arena", s.deallocations),
-                    ("gc_runs", "Collections run by any process (memory.gc_triggered)", s.gc_runs),
-                    ("gc_freed_blocks", "Blocks freed by collections", s.gc_freed_blocks),
-                    (
-                        "gc_freed_bytes",
-                        "Bytes reclaimed from processes (memory.process_reclaimed)",
-                        s.reclaimed_bytes,
-                    ),
-                    ("processes_reclaimed", "Process reclamations", s.processes_reclaimed),
-                    ("dropped_events", "Events lost to a full ring", s.dropped_events),
-                ):
-                    yield CounterMetricFamily(f"shmalloc_{name}", doc, value=value)
                 ev = CounterMetricFamily(
                     "shmalloc_events", "Events drained from the ring, by name", labels=["name"]
                 )

@@ -200,7 +200,7 @@ class Coordinator:
         self._gc.set_min_interval(self.min_interval)
         self._pressure = PressureLevels(self.name)
         self._me = me
-        self._counts = MetricsSnapshot(capacity=manager.capacity)
+        self._counts = MetricsSnapshot()
         # the segment this process mapped (not whatever the name points at by now: the arena may
         # have been destroyed between the attach and this line)
         self._inode: int | None = os.fstat(attachment_of(manager).fd).st_ino
@@ -312,13 +312,8 @@ class Coordinator:
         p.observe("arena", arena_pct)
         p.observe("system memory", mem_pct)
         p.observe("/dev/shm", shm_pct)
-        c = self._counts
-        c.used, c.peak, c.heap, c.available = s.used, s.peak, total, available
-        c.allocated_blocks, c.free_blocks = s.allocated_blocks, s.free_blocks
-        c.allocations, c.deallocations = s.allocations, s.deallocations
-        c.pressure = p.levels["arena"]
-        c.system_memory_pressure = p.levels["system memory"]
-        c.shm_filesystem_pressure = p.levels["/dev/shm"]
+        self._counts.stats = s
+        self._counts.levels = {resource: int(level) for resource, level in p.levels.items()}
         stats = self._gc.auto_collect(p.worst)
         if stats is not None:
             self._log_auto(stats, p.worst)
@@ -340,18 +335,21 @@ class Coordinator:
     def _drain_events(self) -> None:
         evs = self._manager.drain_events(_DRAIN_LIMIT)
         c = self._counts
-        c.dropped_events = C.event_dropped(self._h)
+        c.totals["dropped_events"] = C.event_dropped(self._h)
         if not evs:
             return
         mine = os.getpid()
+        t = c.totals
         for ev in evs:
             c.events[ev.name] = c.events.get(ev.name, 0) + 1
             if ev.name == events.GC_TRIGGERED:
-                c.gc_runs += 1
-                c.gc_freed_blocks += int(ev.fields.get("freed_blocks", 0))
+                t["gc_runs"] = t.get("gc_runs", 0) + 1
+                t["gc_freed_blocks"] = t.get("gc_freed_blocks", 0) + int(
+                    ev.fields.get("freed_blocks", 0)
+                )
             elif ev.name == events.PROCESS_RECLAIMED:
-                c.processes_reclaimed += 1
-                c.reclaimed_bytes += int(ev.fields.get("bytes", 0))
+                t["processes_reclaimed"] = t.get("processes_reclaimed", 0) + 1
+                t["reclaimed_bytes"] = t.get("reclaimed_bytes", 0) + int(ev.fields.get("bytes", 0))
             level = logging.DEBUG if ev.pid == mine else events.KINDS[ev.name].log_level
             if logger.isEnabledFor(level):
                 logger.log(
@@ -379,7 +377,11 @@ class Coordinator:
                 dead += 1
         self._metrics.update(
             dataclasses.replace(
-                c, usage=usage, events=dict(c.events), live_processes=live, dead_processes=dead
+                c,
+                usage=usage,
+                events=dict(c.events),
+                totals=dict(c.totals),
+                processes={"live": live, "dead": dead},
             )
         )
 
