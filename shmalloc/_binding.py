@@ -19,18 +19,8 @@ from dataclasses import dataclass, fields
 from functools import cache
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from . import errors as E
 from ._native import ffi, lib
-from .errors import (
-    AlignmentError,
-    CorruptionDetected,
-    InvalidAddress,
-    NotAnArena,
-    ObjectNotFound,
-    OutOfMemory,
-    ProcessLimitExceeded,
-    ProtectionViolation,
-    ShmallocError,
-)
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -50,6 +40,16 @@ def _read(cls: type[_Row], c: CData, **given: Any) -> _Row:
     ones ``given``."""
     read = {f: int(getattr(c, f)) for f in _field_names(cls) if f not in given}
     return cls(**read, **given)
+
+
+def _fetch(
+    cls: type[_Row], ctype: str, fn: Callable[..., int], *args: Any, address: int = 0, **given: Any
+) -> _Row:
+    """Call ``fn(*args, out)`` with a new C struct ``ctype`` to fill; return it read as a ``cls``
+    (see _read). ``address`` names the block an error is about."""
+    out = ffi.new(ctype)
+    _check(fn(*args, out), address)
+    return _read(cls, out, **given)
 
 
 # ------------------------------------------------------------------ constants read from C
@@ -88,11 +88,11 @@ U64_MAX = (1 << 64) - 1
 
 
 def _oom(e: CData, detail: str, address: int) -> Exception:
-    return OutOfMemory(int(e.requested), int(e.available), int(e.used), int(e.total), detail)
+    return E.OutOfMemory(int(e.requested), int(e.available), int(e.used), int(e.total), detail)
 
 
 def _limit(e: CData, detail: str, address: int) -> Exception:
-    return ProcessLimitExceeded(int(e.pid), int(e.limit), int(e.used), int(e.requested))
+    return E.ProcessLimitExceeded(int(e.pid), int(e.limit), int(e.used), int(e.requested))
 
 
 def _system(e: CData, detail: str, address: int) -> Exception:
@@ -103,20 +103,20 @@ def _system(e: CData, detail: str, address: int) -> Exception:
 _EXCEPTIONS: dict[int, Callable[[CData, str, int], Exception]] = {
     lib.SHM_ENOMEM: _oom,
     lib.SHM_ENOSPC: _oom,
-    lib.SHM_EADDR: lambda e, detail, address: InvalidAddress(address, detail),
-    lib.SHM_ECORRUPT: lambda e, detail, address: CorruptionDetected(int(e.offset), detail),
-    lib.SHM_ELAYOUT: lambda e, detail, address: CorruptionDetected(int(e.offset), detail),
-    lib.SHM_EALIGN: lambda e, detail, address: AlignmentError(int(e.offset)),
-    lib.SHM_EPROTECT: lambda e, detail, address: ProtectionViolation(address),
+    lib.SHM_EADDR: lambda e, detail, address: E.InvalidAddress(address, detail),
+    lib.SHM_ECORRUPT: lambda e, detail, address: E.CorruptionDetected(int(e.offset), detail),
+    lib.SHM_ELAYOUT: lambda e, detail, address: E.CorruptionDetected(int(e.offset), detail),
+    lib.SHM_EALIGN: lambda e, detail, address: E.AlignmentError(int(e.offset)),
+    lib.SHM_EPROTECT: lambda e, detail, address: E.ProtectionViolation(address),
     lib.SHM_ELIMIT: _limit,
     lib.SHM_EINVAL: lambda e, detail, address: ValueError(detail),
-    lib.SHM_EPROCS: lambda e, detail, address: ShmallocError(detail),
+    lib.SHM_EPROCS: lambda e, detail, address: E.ShmallocError(detail),
     lib.SHM_ESYS: _system,
     lib.SHM_EEXIST: lambda e, detail, address: FileExistsError(detail),
-    lib.SHM_ENOENT: lambda e, detail, address: ObjectNotFound(address, detail),
-    lib.SHM_EFULL: lambda e, detail, address: ShmallocError(detail),
-    lib.SHM_EBUSY: lambda e, detail, address: ShmallocError(detail),
-    lib.SHM_ENOTARENA: lambda e, detail, address: NotAnArena("", detail),
+    lib.SHM_ENOENT: lambda e, detail, address: E.ObjectNotFound(address, detail),
+    lib.SHM_EFULL: lambda e, detail, address: E.ShmallocError(detail),
+    lib.SHM_EBUSY: lambda e, detail, address: E.ShmallocError(detail),
+    lib.SHM_ENOTARENA: lambda e, detail, address: E.NotAnArena("", detail),
     lib.SHM_ECLOSED: lambda e, detail, address: ValueError(detail),
     lib.SHM_ETIMEDOUT: lambda e, detail, address: TimeoutError(detail),
     lib.SHM_EINTR: lambda e, detail, address: InterruptedError(detail),
@@ -137,7 +137,7 @@ def raise_status(status: int, address: int = 0) -> NoReturn:
     """Raise the exception for a negative status returned by the C core."""
     make = _EXCEPTIONS.get(status)
     if make is None:
-        raise ShmallocError(f"the C core returned an unknown status {status}")
+        raise E.ShmallocError(f"the C core returned an unknown status {status}")
     raise make(lib.shm_last_error(), last_detail() or strerror(status), address)
 
 
@@ -239,9 +239,7 @@ class RawStats:
 
 
 def stats_read(h: Handle) -> RawStats:
-    s = ffi.new("shm_stats_t *")
-    _check(lib.shm_stats_read(h, s))
-    return _read(RawStats, s)
+    return _fetch(RawStats, "shm_stats_t *", lib.shm_stats_read, h)
 
 
 def pressure_level(h: Handle) -> int:
@@ -283,9 +281,7 @@ class BlockInfo:
 
 
 def block_info(h: Handle, address: int) -> BlockInfo:
-    out = ffi.new("shm_block_info_t *")
-    _check(lib.shm_block_info(h, address, out), address)
-    return _read(BlockInfo, out)
+    return _fetch(BlockInfo, "shm_block_info_t *", lib.shm_block_info, h, address, address=address)
 
 
 def block_adopt(h: Handle, address: int, slot: int) -> None:
@@ -354,9 +350,7 @@ class SlotRow:
 
 
 def proc_info(h: Handle, slot: int) -> SlotRow:
-    i = ffi.new("shm_proc_info_t *")
-    _check(lib.shm_proc_info(h, slot, i))
-    return _read(SlotRow, i, slot=slot)
+    return _fetch(SlotRow, "shm_proc_info_t *", lib.shm_proc_info, h, slot, slot=slot)
 
 
 def proc_rows(h: Handle) -> Iterator[SlotRow]:
@@ -433,9 +427,7 @@ class CacheInfo:
 
 
 def cache_info(h: Handle, slot: int) -> CacheInfo:
-    i = ffi.new("shm_cache_info_t *")
-    _check(lib.shm_cache_info(h, slot, i))
-    return _read(CacheInfo, i)
+    return _fetch(CacheInfo, "shm_cache_info_t *", lib.shm_cache_info, h, slot)
 
 
 # ------------------------------------------------------------------ names
@@ -498,32 +490,15 @@ def gc(h: Handle, slot: int, all_blocks: bool, who: tuple[int, int] = (0, 0)) ->
     return _read(GcResult, res)
 
 
-@dataclass(frozen=True)
-class CheckCounts:
-    """What the C heap walk counted (shm_check_report_t)."""
-
-    blocks: int
-    allocated_blocks: int
-    free_blocks: int
-    used: int
-    free_bytes: int
-    largest_free: int
-    live_procs: int
-    dead_procs: int
-    cached_blocks: int
-    cached_bytes: int
-
-
 def segment_check(h: Handle) -> None:
     """CorruptionDetected if the segment was truncated under this mapping (one fstat; touches
     nothing in the segment)."""
     _check(lib.shm_segment_check(h))
 
 
-def check(h: Handle) -> CheckCounts:
-    r = ffi.new("shm_check_report_t *")
-    _check(lib.shm_check(h, r))
-    return _read(CheckCounts, r)
+def check(h: Handle, into: type[_Row], **given: Any) -> _Row:
+    """The full heap walk's counts (shm_check_report_t), read into ``into`` (see _read)."""
+    return _fetch(into, "shm_check_report_t *", lib.shm_check, h, **given)
 
 
 # ------------------------------------------------------------------ event ring

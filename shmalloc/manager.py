@@ -432,9 +432,9 @@ class MemoryManager:
     def check(self) -> CheckReport:
         """Walk the whole heap and verify every invariant; CorruptionDetected names the first bad
         offset."""
-        r = C.check(self._state.handle())
-        live, dead = tracking.live_and_dead(self._state.handle())  # as processes() says
-        return CheckReport.of(r, live, dead)
+        h = self._state.handle()
+        live, dead = tracking.live_and_dead(h)  # as processes() says
+        return C.check(h, CheckReport, live_processes=live, dead_processes=dead)
 
     # ---------------------------------------------------------------- collection and pressure
 

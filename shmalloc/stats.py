@@ -93,9 +93,3 @@ class CheckReport:
     dead_processes: int
     cached_blocks: int = 0  # free blocks held in per-process caches (not in allocated_blocks)
     cached_bytes: int = 0
-
-    @classmethod
-    def of(cls, counts: C.CheckCounts, live_processes: int, dead_processes: int) -> CheckReport:
-        """The public view of the C heap walk's counts, with the process counts as processes()
-        gives them."""
-        return _carried(cls, counts, live_processes=live_processes, dead_processes=dead_processes)
