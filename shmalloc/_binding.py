@@ -512,6 +512,10 @@ class CheckCounts:
     dead_procs: int
     cached_blocks: int
     cached_bytes: int
+    objects: int
+    tickets: int
+    queues: int
+    queued: int
 
 
 def segment_check(h: Handle) -> None:
