@@ -7,6 +7,7 @@
  * corrupt segment gives SHM_ECORRUPT with the first bad offset, never a hang or a read outside the
  * segment. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -228,6 +229,302 @@ static int check_refs_names(shm_handle_t *h) {
     return SHM_OK;
 }
 
+/* ------------------------------------------------------------------ objects, tickets, queues
+ *
+ * A second walk over the heap (its blocks were validated by the first) that reads every object
+ * header [O1]-[O4], every queue [Q1]-[Q4] and the ticket list [T1], and gathers three lists:
+ * the blocks that objects and tickets name (each OBJPART block of the heap exactly once: none
+ * leaked, none shared), the live objects, and the claims on them (queue cells and tickets), which
+ * are then matched against the objects' holds. The lists live in this process's memory (one
+ * record per object, part or claim), never in the segment. */
+
+enum { CLAIM_VALUE = 0, CLAIM_REF = SHM_QCELL_REF, CLAIM_TICKET = 2 };
+
+typedef struct {
+    uint64_t key;   /* an address (object, part or claimed object) */
+    uint64_t id;    /* the object's id (parts: 0) */
+    uint64_t kind;  /* claims: CLAIM_*; objects: 1 if it may be named but not held (see below) */
+    uint64_t where; /* who names it: the cell, the ticket, or the object owning a part */
+} rec_t;
+
+typedef struct {
+    rec_t *v;
+    size_t n, cap;
+} recs_t;
+
+typedef struct {
+    recs_t objects, parts, claims;
+    uint64_t nparts; /* OBJPART blocks in the heap */
+    uint64_t live, dying, next_id;
+    uint32_t held[SHM_MAX_PROCS];
+} walk_t;
+
+static int recs_push(recs_t *r, uint64_t key, uint64_t id, uint64_t kind, uint64_t where) {
+    if (r->n == r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 256;
+        rec_t *v = realloc(r->v, cap * sizeof *v);
+        if (!v) return err_sys(ENOMEM, "the object walk of check()");
+        r->v = v;
+        r->cap = cap;
+    }
+    r->v[r->n++] = (rec_t){key, id, kind, where};
+    return SHM_OK;
+}
+
+static int rec_cmp(const void *pa, const void *pb) {
+    const rec_t *a = pa, *b = pb;
+    if (a->key != b->key) return a->key < b->key ? -1 : 1;
+    if (a->id != b->id) return a->id < b->id ? -1 : 1;
+    return a->kind < b->kind ? -1 : a->kind > b->kind;
+}
+
+static int rec_cmp_object(const void *pa, const void *pb) { /* by address and id only */
+    const rec_t *a = pa, *b = pb;
+    if (a->key != b->key) return a->key < b->key ? -1 : 1;
+    return a->id < b->id ? -1 : a->id > b->id;
+}
+
+#define PUSH(list, ...)                                  \
+    do {                                                 \
+        int push_rc_ = recs_push(&w->list, __VA_ARGS__); \
+        if (push_rc_ != SHM_OK) return push_rc_;         \
+    } while (0)
+
+/* [Q1]-[Q3] of the queue object o (header block at off), and its cells as claims. */
+static int check_queue(shm_handle_t *h, walk_t *w, shm_check_report_t *r, uint64_t off,
+                       const shm_object_t *o) {
+    uint64_t addr = off + SHM_HDR;
+    const shm_objbuf_t *e = (const shm_objbuf_t *)(const void *)(o + 1);
+    const shm_queue_t *q = (const shm_queue_t *)(const void *)(e + o->nbuffers);
+    if (o->nbuffers != 1 || o->pickle_len < sizeof *q)
+        FAIL(addr, "[Q1] the queue at %#llx has %u buffers and a %llu-byte control block",
+             ULL(addr), o->nbuffers, ULL(o->pickle_len));
+    if (q->magic != SHM_QUEUE_MAGIC) FAIL(addr, "[Q1] the queue at %#llx has no magic", ULL(addr));
+    if (q->tail > q->head || q->head - q->tail > q->capacity)
+        FAIL(addr, "[Q1] the queue at %#llx: head %llu, tail %llu, capacity %llu", ULL(addr),
+             ULL(q->head), ULL(q->tail), ULL(q->capacity));
+    if (!q->capacity || (q->maxsize && q->capacity > q->maxsize) ||
+        e->nbytes % sizeof(shm_qcell_t) || e->nbytes / sizeof(shm_qcell_t) != q->capacity)
+        FAIL(addr, "[Q1] the queue at %#llx: capacity %llu, maxsize %llu, a ring of %llu bytes",
+             ULL(addr), ULL(q->capacity), ULL(q->maxsize), ULL(e->nbytes));
+    if (q->joinable > 1 || (!q->joinable && q->unfinished) || q->unfinished > q->head)
+        FAIL(addr, "[Q3] the queue at %#llx: joinable %u, %llu unfinished of %llu ever put",
+             ULL(addr), q->joinable, ULL(q->unfinished), ULL(q->head));
+    r->queues++;
+    uint64_t n = q->head - q->tail;
+    if (!e->address) { /* a dying queue whose ring is freed already ([O4]) */
+        if (n)
+            FAIL(addr, "[Q2] the queue at %#llx lost its ring with %llu items", ULL(addr), ULL(n));
+        return SHM_OK;
+    }
+    r->queued += n;
+    const shm_qcell_t *ring = (const shm_qcell_t *)(const void *)(h->base + e->address);
+    for (uint64_t i = 0, first = q->tail % q->capacity; i < q->capacity; i++) {
+        const shm_qcell_t *c = &ring[i];
+        uint64_t where = e->address + i * sizeof *c, item = c->object & ~(uint64_t)SHM_QCELL_REF;
+        if ((i + q->capacity - first) % q->capacity >= n) { /* outside [tail, head) */
+            if (c->object || c->id)
+                FAIL(where, "[Q2] cell %llu of the queue at %#llx is not in use but names %#llx",
+                     ULL(i), ULL(addr), ULL(c->object));
+            continue;
+        }
+        if (item % SHM_ALIGN || item < h->heap_off + SHM_HDR || item >= h->heap_end || !c->id ||
+            c->id > w->next_id)
+            FAIL(where, "[Q2] cell %llu of the queue at %#llx names %#llx (id %llu), not an item",
+                 ULL(i), ULL(addr), ULL(c->object), ULL(c->id));
+        PUSH(claims, item, c->id, c->object & SHM_QCELL_REF, where);
+    }
+    return SHM_OK;
+}
+
+/* [O1] [O2] [O4] of the object whose header block is at off; a queue's own invariants too. */
+static int check_object(shm_handle_t *h, walk_t *w, shm_check_report_t *r, uint64_t off) {
+    const shm_block_t *b = block_at(h, off);
+    const shm_object_t *o = (const shm_object_t *)(const void *)(h->base + off + SHM_HDR);
+    uint64_t addr = off + SHM_HDR, room = b->size - SHM_HDR;
+    if (room < sizeof *o || (o->magic != SHM_OBJECT_MAGIC && o->magic != SHM_OBJECT_DYING))
+        FAIL(addr, "[O1] the object block at %#llx holds no object", ULL(addr));
+    if (b->owner || (b->flags & (SHM_BF_PERSIST | SHM_BF_OBJPART)) != SHM_BF_PERSIST)
+        FAIL(addr, "[O1] the object at %#llx: its block has owner %u and flags %#x", ULL(addr),
+             b->owner, b->flags);
+    room -= sizeof *o;
+    if (o->nbuffers > SHM_OBJECT_MAX_BUFFERS || o->nbuffers * sizeof(shm_objbuf_t) > room ||
+        o->pickle_len > room - o->nbuffers * sizeof(shm_objbuf_t))
+        FAIL(addr, "[O1] the object at %#llx: %u buffers and %llu bytes do not fit its block",
+             ULL(addr), o->nbuffers, ULL(o->pickle_len));
+    if (!o->id || o->id > w->next_id ||
+        (o->flags & ~(uint32_t)(SHM_OBJ_DELETED | SHM_OBJ_WRITABLE | SHM_OBJ_QUEUE)))
+        FAIL(addr, "[O1] the object at %#llx has id %llu (last given %llu) and flags %#x",
+             ULL(addr), ULL(o->id), ULL(w->next_id), o->flags);
+    int dying = o->magic == SHM_OBJECT_DYING, deleted = (o->flags & SHM_OBJ_DELETED) != 0;
+    if (dying)
+        w->dying++;
+    else
+        w->live++;
+    if (deleted && o->holds)
+        FAIL(addr, "[O3] the deleted object at %#llx has %u holds", ULL(addr), o->holds);
+    for (int s = 0; s < SHM_MAX_PROCS; s++) {
+        if (!((o->holders[s / 64] >> (s % 64)) & 1)) continue;
+        if (!proc_slot_is_valid(h, (uint32_t)s + 1))
+            FAIL(addr, "[O2] the object at %#llx is held by slot %d, which is free", ULL(addr), s);
+        w->held[s]++;
+    }
+    if (o->owner) {
+        if (!proc_slot_is_valid(h, o->owner))
+            FAIL(addr, "[O2] the object at %#llx is owned by slot %u, which is free", ULL(addr),
+                 o->owner - 1);
+        w->held[o->owner - 1]++;
+    }
+    const shm_objbuf_t *t = (const shm_objbuf_t *)(const void *)(o + 1);
+    uint64_t nbytes = o->pickle_len, boff;
+    for (uint32_t i = 0; i < o->nbuffers; i++) {
+        nbytes += t[i].nbytes;
+        if (!t[i].address && dying) continue; /* freed by the interrupted freeing */
+        if (block_from_address(h, t[i].address, &boff) != SHM_OK ||
+            (block_at(h, boff)->flags & (SHM_BF_OBJPART | SHM_BF_OBJECT)) != SHM_BF_OBJPART ||
+            block_at(h, boff)->size - SHM_HDR < t[i].nbytes)
+            FAIL(addr, "[O4] buffer %u of the object at %#llx: %#llx is not a part of %llu bytes",
+                 i, ULL(addr), ULL(t[i].address), ULL(t[i].nbytes));
+        PUSH(parts, t[i].address, 0, 0, addr);
+    }
+    if (nbytes != o->nbytes)
+        FAIL(addr, "[O4] the object at %#llx says %llu bytes, its pickle and buffers have %llu",
+             ULL(addr), ULL(o->nbytes), ULL(nbytes));
+    r->objects++;
+    PUSH(objects, addr, o->id, dying || deleted, addr);
+    return (o->flags & SHM_OBJ_QUEUE) ? check_queue(h, w, r, off, o) : SHM_OK;
+}
+
+/* [T1]: the ticket list, bounded by the number of OBJPART blocks. */
+static int check_tickets(shm_handle_t *h, walk_t *w, shm_check_report_t *r) {
+    const shm_objects_t *s = &h->arena->objects;
+    uint64_t soff = offsetof(shm_arena_t, objects), prev = 0, boff;
+    for (uint64_t a = s->ticket_head; a; r->tickets++) {
+        if (r->tickets >= w->nparts)
+            FAIL(soff, "[T1] the ticket list is longer than there are parts (a cycle?)");
+        const shm_ticket_t *t = (const shm_ticket_t *)(const void *)(h->base + a);
+        if (block_from_address(h, a, &boff) != SHM_OK ||
+            (block_at(h, boff)->flags & (SHM_BF_OBJPART | SHM_BF_OBJECT)) != SHM_BF_OBJPART ||
+            block_at(h, boff)->size - SHM_HDR < sizeof *t || t->magic != SHM_TICKET_MAGIC)
+            FAIL(a, "[T1] the ticket list names %#llx, not a ticket", ULL(a));
+        if (t->prev != prev || !t->id || t->id > w->next_id)
+            FAIL(a, "[T1] the ticket at %#llx: prev %#llx (expected %#llx), id %llu", ULL(a),
+                 ULL(t->prev), ULL(prev), ULL(t->id));
+        PUSH(parts, a, 0, 0, a);
+        PUSH(claims, t->object, t->object_id, CLAIM_TICKET, a);
+        prev = a;
+        a = t->next;
+    }
+    if (r->tickets != s->tickets)
+        FAIL(soff, "[T1] %llu tickets on the list, the count says %llu", ULL(r->tickets),
+             ULL(s->tickets));
+    return SHM_OK;
+}
+
+/* [O4] [T1]: every OBJPART block is named once, by an object or as a ticket. */
+static int check_parts(shm_handle_t *h, walk_t *w) {
+    recs_t *p = &w->parts;
+    qsort(p->v, p->n, sizeof *p->v, rec_cmp);
+    for (size_t i = 1; i < p->n; i++)
+        if (p->v[i].key == p->v[i - 1].key)
+            FAIL(p->v[i].key, "[O4] the block at %#llx is a part of both %#llx and %#llx",
+                 ULL(p->v[i].key), ULL(p->v[i - 1].where), ULL(p->v[i].where));
+    if (p->n == w->nparts) return SHM_OK; /* n distinct parts, each an OBJPART block: all */
+    for (uint64_t off = h->heap_off; off < h->heap_end; off += block_at(h, off)->size) {
+        rec_t key = {off + SHM_HDR, 0, 0, 0};
+        if ((block_at(h, off)->flags & (SHM_BF_OBJPART | SHM_BF_FREE)) == SHM_BF_OBJPART &&
+            !bsearch(&key, p->v, p->n, sizeof *p->v, rec_cmp))
+            FAIL(off + SHM_HDR, "[O4] the part block at %#llx belongs to no object or ticket",
+                 ULL(off + SHM_HDR));
+    }
+    FAIL(0, "[O4] the heap has %llu part blocks, objects and tickets name %llu", ULL(w->nparts),
+         ULL(p->n));
+}
+
+/* [O3] [Q4]: the claims on each object (queue cells, tickets) against its holds. */
+static int check_claims(shm_handle_t *h, walk_t *w) {
+    recs_t *c = &w->claims;
+    qsort(c->v, c->n, sizeof *c->v, rec_cmp);
+    for (size_t i = 0, j; i < c->n; i = j) {
+        uint64_t cells = 0, values = 0, tickets = 0;
+        for (j = i; j < c->n && c->v[j].key == c->v[i].key && c->v[j].id == c->v[i].id; j++) {
+            tickets += c->v[j].kind == CLAIM_TICKET;
+            values += c->v[j].kind == CLAIM_VALUE;
+        }
+        cells = j - i - tickets;
+        const rec_t *first = &c->v[i];
+        rec_t key = {first->key, first->id, 0, 0};
+        if (values > 1)
+            FAIL(first->where, "[Q4] %llu queue cells hold the object at %#llx as a value",
+                 ULL(values), ULL(first->key));
+        /* objects are listed in address order, at most one per address: the key finds it */
+        const rec_t *obj = w->objects.n ? bsearch(&key, w->objects.v, w->objects.n, sizeof key,
+                                                  rec_cmp_object)
+                                        : NULL;
+        if (!obj) { /* deleted (its holds dropped) and freed: a cell may still name it */
+            if (tickets)
+                FAIL(first->where, "[T1] a ticket names the object at %#llx (id %llu): gone",
+                     ULL(first->key), ULL(first->id));
+            continue;
+        }
+        const shm_object_t *o = (const shm_object_t *)(const void *)(h->base + obj->key);
+        if (cells && (o->flags & SHM_OBJ_QUEUE))
+            FAIL(first->where, "[Q2] a queue cell names the queue at %#llx", ULL(first->key));
+        if (obj->kind && tickets) /* deleted or dying: delete() drops the tickets */
+            FAIL(first->where, "[O3] a ticket names the deleted object at %#llx", ULL(obj->key));
+        if (!obj->kind && o->holds < cells + tickets)
+            FAIL(obj->key, "[O3] the object at %#llx has %u holds; %llu cells, %llu tickets",
+                 ULL(obj->key), o->holds, ULL(cells), ULL(tickets));
+    }
+    return SHM_OK;
+}
+
+static int check_objects_walk(shm_handle_t *h, walk_t *w, shm_check_report_t *r) {
+    const shm_objects_t *s = &h->arena->objects;
+    w->next_id = s->next_id;
+    int rc;
+    for (uint64_t off = h->heap_off; off < h->heap_end; off += block_at(h, off)->size) {
+        uint32_t flags = block_at(h, off)->flags;
+        if (flags & SHM_BF_FREE) continue;
+        w->nparts += (flags & SHM_BF_OBJPART) != 0;
+        if ((flags & SHM_BF_OBJECT) && (rc = check_object(h, w, r, off)) != SHM_OK) return rc;
+    }
+    if ((rc = check_tickets(h, w, r)) != SHM_OK || (rc = check_parts(h, w)) != SHM_OK ||
+        (rc = check_claims(h, w)) != SHM_OK)
+        return rc;
+    uint64_t soff = offsetof(shm_arena_t, objects);
+    if (s->live != w->live || s->dying != w->dying)
+        FAIL(soff, "[O1] %llu live and %llu dying objects by count, %llu and %llu in the heap",
+             ULL(s->live), ULL(s->dying), ULL(w->live), ULL(w->dying));
+    for (int i = 0; i < SHM_MAX_PROCS; i++)
+        if (s->held[i] != w->held[i])
+            FAIL(soff + offsetof(shm_objects_t, held) + 4 * (uint64_t)i,
+                 "[O2] slot %d holds %u objects by count, %u by the objects' bits and owners", i,
+                 s->held[i], w->held[i]);
+    return SHM_OK;
+}
+
+static int check_objects(shm_handle_t *h, shm_check_report_t *r) {
+    walk_t w;
+    memset(&w, 0, sizeof w);
+    int rc = check_objects_walk(h, &w, r);
+    free(w.objects.v);
+    free(w.parts.v);
+    free(w.claims.v);
+    return rc;
+}
+
+/* [J2]: the journal's counted records are well formed and, under the lock we hold, end at used. */
+static int check_journal(shm_handle_t *h) {
+    uint64_t end, used = h->arena->journal.used;
+    int n = journal_validate(h, NULL, &end);
+    if (n < 0) return n;
+    if (end != used || used > sizeof h->arena->journal.log)
+        FAIL(offsetof(shm_arena_t, journal), "[J2] the journal's %d records end at %llu, used %llu",
+             n, ULL(end), ULL(used));
+    return SHM_OK;
+}
+
 /* The whole walk, the heap lock already held; full: every live slot's lock too. */
 int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     shm_check_report_t r = {0};
@@ -237,6 +534,8 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full) {
     if (rc == SHM_OK) rc = check_bins(h, &r);
     if (rc == SHM_OK) rc = check_counters(h, &r, sums, full);
     if (rc == SHM_OK) rc = check_refs_names(h);
+    if (rc == SHM_OK) rc = check_journal(h);
+    if (rc == SHM_OK) rc = check_objects(h, &r);
     for (int i = 0; i < SHM_MAX_PROCS; i++) { /* the user's view from here on, like stats */
         r.cached_blocks += sums[i].cached_blocks;
         r.cached_bytes += sums[i].cached_bytes;

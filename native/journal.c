@@ -21,7 +21,9 @@
  * (the same old bytes), so a recoverer that dies mid-rollback is recovered in turn. Records are
  * validated before use; a damaged journal is reported, not followed.
  *
- * Invariants: [J1] count == 0 whenever the lock is free; [J2] used <= sizeof log. */
+ * Invariants: [J1] count == 0 whenever the lock is free; [J2] used <= sizeof log, and the counted
+ * records are well formed and end at `used` (or before it, if their writer died between its two
+ * stores). */
 #include <string.h>
 
 #include "shm_internal.h"
@@ -65,17 +67,18 @@ static int journal_may_restore(const shm_handle_t *h, uint64_t off, uint64_t len
     return off >= t0 && off + len <= t1;
 }
 
-/* Undo what a dead lock holder left half done. Returns the records rolled back, or a status. */
-int journal_rollback(shm_handle_t *h) {
-    shm_journal_t *j = &h->arena->journal;
+/* [J2]: the counted records of the journal are well formed and lie in ranges the journal may
+ * restore. Their starts go to starts[] (room for SHM_JOURNAL_MAX_RECORDS) if it is not NULL, the
+ * end of the last one to *end. Returns the number of records, or SHM_ECORRUPT. */
+int journal_validate(const shm_handle_t *h, uint64_t *starts, uint64_t *end) {
+    const shm_journal_t *j = &h->arena->journal;
     uint64_t count = __atomic_load_n(&j->count, __ATOMIC_ACQUIRE);
-    uint64_t joff = (uint64_t)((uint8_t *)j - h->base);
-    uint64_t starts[SHM_JOURNAL_MAX_RECORDS];
+    uint64_t joff = (uint64_t)((const uint8_t *)j - h->base);
     if (count > SHM_JOURNAL_MAX_RECORDS)
         return err_set(SHM_ECORRUPT, joff, "[J2] the journal claims %llu records",
                        (unsigned long long)count);
     uint64_t pos = 0;
-    for (uint64_t i = 0; i < count; i++) { /* validate every record before writing any */
+    for (uint64_t i = 0; i < count; i++) {
         uint64_t off, len;
         if (pos + REC_HDR > sizeof j->log)
             return err_set(SHM_ECORRUPT, joff, "[J2] journal overrun");
@@ -85,9 +88,20 @@ int journal_rollback(shm_handle_t *h) {
             !journal_may_restore(h, off, len))
             return err_set(SHM_ECORRUPT, joff, "[J2] journal record %llu: %llu bytes at %#llx",
                            (unsigned long long)i, (unsigned long long)len, (unsigned long long)off);
-        starts[i] = pos;
+        if (starts) starts[i] = pos;
         pos += rec_size(len);
     }
+    *end = pos;
+    return (int)count;
+}
+
+/* Undo what a dead lock holder left half done. Returns the records rolled back, or a status. */
+int journal_rollback(shm_handle_t *h) {
+    shm_journal_t *j = &h->arena->journal;
+    uint64_t starts[SHM_JOURNAL_MAX_RECORDS], end;
+    int n = journal_validate(h, starts, &end); /* every record before writing any */
+    if (n < 0) return n;
+    uint64_t count = (uint64_t)n;
     for (uint64_t i = count; i-- > 0;) {
         uint64_t off, len;
         memcpy(&off, j->log + starts[i], 8);

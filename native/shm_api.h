@@ -90,6 +90,10 @@ typedef struct shm_check_report {
     uint64_t dead_procs;
     uint64_t cached_blocks; /* in per-process caches: allocated for the heap, free for users */
     uint64_t cached_bytes;  /* (allocated_blocks and used above leave them out) */
+    uint64_t objects;       /* objects in the heap (dying ones included) */
+    uint64_t tickets;       /* references in transit */
+    uint64_t queues;        /* queues among the objects */
+    uint64_t queued;        /* items waiting in them */
 } shm_check_report_t;
 
 typedef struct shm_block_info {

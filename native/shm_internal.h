@@ -160,6 +160,7 @@ void journal_begin(shm_handle_t *h);
 void journal_checkpoint(shm_handle_t *h);
 void journal_end(shm_handle_t *h);
 int journal_rollback(shm_handle_t *h);
+int journal_validate(const shm_handle_t *h, uint64_t *starts, uint64_t *end);
 #define J(h, p) journal_save((h), (p), sizeof *(p))
 
 /* fault.c */

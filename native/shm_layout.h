@@ -349,8 +349,13 @@ typedef struct shm_name {
  *   [O2] bit s of holders is set exactly when slot s holds a process reference; held[s] of
  *        shm_objects_t counts the objects with bit s set plus those whose owner is s + 1 (an
  *        owner, shmalloc.arrays' producer, holds until it ends or anyone deletes the object)
- *   [O3] holds == the transit tickets naming the object + anonymous holds (queue slots, ...)
+ *   [O3] holds == the transit tickets naming the object + the queue cells naming it + anonymous
+ *        holds (hold(): shmalloc.arrays), so holds >= tickets + cells; a deleted object has
+ *        holds == 0 and no ticket names it
  *   [O4] every buffer entry with address != 0 is a live OBJPART block of at least nbytes bytes
+ *        (all of them unless DYING); nbytes == pickle_len + the entries' nbytes; every OBJPART
+ *        block of the heap is one object's buffer or one ticket, exactly once
+ *   [O1]..[O4] also: live and dying count the objects of each magic; next_id >= every id
  * A DYING object is being freed: entries already freed have address 0; collection finishes it. */
 typedef struct shm_object {
     uint64_t magic; /* +0x00 SHM_OBJECT_MAGIC, or SHM_OBJECT_DYING */
@@ -378,7 +383,8 @@ typedef struct shm_objbuf {
 /* A pickled reference in transit (objects.c): a block of its own (flag OBJPART), on the arena's
  * doubly linked list of tickets, holding one of its object's `holds` until a process unpickles
  * the reference (claim) or the deadline passes (collection, the coordinator's tick).
- *   [T1] magic == SHM_TICKET_MAGIC; next/prev link payload addresses of tickets, 0 ends */
+ *   [T1] magic == SHM_TICKET_MAGIC; next/prev link payload addresses of tickets, 0 ends;
+ *        `tickets` counts them; each names a live object that is not deleted */
 typedef struct shm_ticket {
     uint64_t magic;       /* +0x00 SHM_TICKET_MAGIC */
     uint64_t id;          /* +0x08 unique: a pickled reference names (address, id) */
@@ -401,8 +407,14 @@ typedef struct shm_ticket {
  * which is only a spurious wake-up), the sleeper counts by any process without it.
  *   [Q1] magic == SHM_QUEUE_MAGIC; tail <= head; head - tail <= capacity;
  *        maxsize == 0 || head - tail <= maxsize; capacity == ring's nbytes / sizeof(shm_qcell_t)
- *   [Q2] the cells of positions [tail, head) (index pos % capacity) hold items, the others 0
- *   [Q3] unfinished >= head - tail for a joinable queue, 0 for any other */
+ *   [Q2] the cells of positions [tail, head) (index pos % capacity) hold items, the others 0; an
+ *        item is an object address (16-aligned, in the heap) and an id <= next_id, never a queue;
+ *        it may name an object deleted since (delete() drops the holds: get() skips it)
+ *   [Q3] joinable in {0, 1}; unfinished <= head for a joinable queue (task_done() may run ahead
+ *        of get(), as multiprocessing's allows), 0 for any other
+ *   [Q4] no object is in two cells as a value (SHM_QPUT_VALUE only puts back what a get took):
+ *        a value is delivered once; a reference (SHM_QCELL_REF) may be put any number of times
+ * check.c walks every queue and matches its cells, with the tickets, against the items' holds. */
 typedef struct shm_queue {
     uint64_t magic;      /* +0x00 SHM_QUEUE_MAGIC */
     uint64_t maxsize;    /* +0x08 most items waiting; 0 = no bound but the arena's memory */

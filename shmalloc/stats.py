@@ -93,3 +93,7 @@ class CheckReport:
     dead_processes: int
     cached_blocks: int = 0  # free blocks held in per-process caches (not in allocated_blocks)
     cached_bytes: int = 0
+    objects: int = 0  # objects in the arena (queues and their items included)
+    tickets: int = 0  # pickled references in transit
+    queues: int = 0  # shared-memory queues
+    queued: int = 0  # items waiting in them

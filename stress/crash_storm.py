@@ -10,20 +10,27 @@ reads the survivor's blocks. At the end half the workers stop gracefully, the ot
 the survivor verifies and frees its blocks, and the driver frees what dead workers left
 persistent or named (reported apart) and expects nothing used, one free block and no slot left.
 
-An inconsistency is a ``check()`` failure, a ``CorruptionDetected`` seen by a worker, or a block
-whose content or size changed under its owner; the first one stops the storm (unless
-``--keep-going``). Exit code 0 only without inconsistency, worker error, leak or damage to the
-survivor's data. The fault-step matrix (a child killed at each named step of the C core) is
-``tests/test_fault_steps.py``.
+Queue workers put and get arrays, small and large, through one shared JoinableQueue and log each
+item's id once put or get returned; at the end the driver drains the queue, sees a new put/get
+pair work, no item come out twice, and every item put come out (but one per consumer killed in get).
+
+An inconsistency is a ``check()`` failure, a ``CorruptionDetected`` seen by a worker, a block whose
+content or size changed under its owner, or a queue item lost, duplicated or damaged; the first one
+stops the storm (unless ``--keep-going``). Exit code 0 only without inconsistency, worker error,
+leak or damage to the survivor's data. The fault-step matrix (a child killed at each named step of
+the C core) is ``tests/test_fault_steps.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import mmap
 import os
+import pickle
+import queue
 import random
 import secrets
 import select
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shmalloc import CorruptionDetected, MemoryManager, OutOfMemory, ShmallocError
+from shmalloc import CorruptionDetected, JoinableQueue, MemoryManager, OutOfMemory, ShmallocError
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
@@ -59,6 +66,12 @@ SURVIVOR_WEIGHTS = dict(alloc=30, verify=20, rewrite=8, free=30, burst=8, stats=
 SHOWN = ("operations", "checks", "out_of_memory_answers", "lock_recoveries", "n_inconsistencies")
 SHOWN += ("n_worker_errors", "leaked_bytes", "n_leaked_blocks")  # counts in the report
 CORE_SIZES = (16, 24, 64, 100, 200, 500, 1000, 2000, 4000, 6000, 10000, 40000, 70000, 300000)
+OPS += ("put", "get")  # the queue workers'
+Q_SIZES = (1, 5, 100, 2000, 30_000)  # elements of a queue item's array (in band up to 1 KiB)
+
+
+def q_item_ok(gen: int, x: Any) -> bool:
+    return x.dtype == "uint64" and x.size in Q_SIZES and bool((x == gen).all())
 
 
 def random_size(rng: random.Random) -> int:
@@ -105,13 +118,14 @@ class Worker:
     """One churning process. Every surprise goes as a JSON line to the errors file."""
 
     def __init__(self, a: argparse.Namespace) -> None:
-        self.row, self.inc, self.role = a.wid, a.inc, a.role
+        self.a, self.row, self.inc, self.role = a, a.wid, a.inc, a.role
         self.rng = random.Random(a.worker_seed)
         self.st = Status(a.status)
         self.errfd = os.open(a.errors, os.O_WRONLY | os.O_APPEND)
         self.nerr = self.counter = 0
         self.stop = False
         self.blocks: dict[int, Held] = {}
+        self.q: Any = None
         self.m = MemoryManager.attach(a.arena)
 
     def next_gen(self) -> int:
@@ -297,20 +311,53 @@ class Worker:
             self.m.deallocate(a)
         self.blocks.clear()
 
-    def main(self) -> int:
+    def main(self, weights: dict[str, float] = WEIGHTS) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.st.set(self.row, F_READY, 1)
-        ops, weights = list(WEIGHTS), list(WEIGHTS.values())
+        ops, ws = list(weights), list(weights.values())
         ppid = os.getppid()
         while not self.stop:
             for _ in range(64):
-                self.run_op(self.rng.choices(ops, weights)[0])
+                self.run_op(self.rng.choices(ops, ws)[0])
             if os.getppid() != ppid:  # the driver is gone: so are we
                 os._exit(4)
         self.free_all()
+        self.q = None
         self.m.close()
         return 0
+
+
+class QueueWorker(Worker):
+    """Puts (even rows) or gets (odd rows) items (id, array of id) through the storm's queue and
+    logs "p id" / "g id" once the call returned: F_CUR says "put" / "get" until then."""
+
+    def main(self, weights: dict[str, float] = WEIGHTS) -> int:
+        self.q = pickle.loads(Path(self.a.queue).read_bytes())
+        self.qlog = os.open(self.a.queue + ".log", os.O_WRONLY | os.O_APPEND)
+        return super().main({"put" if self.row % 2 == 0 else "get": 1})
+
+    def op_put(self) -> None:
+        import numpy as np
+
+        gen = self.next_gen()
+        item = (gen, np.full(self.rng.choice(Q_SIZES), gen, np.uint64))
+        for _ in range(60):  # a killed consumer is respawned within seconds
+            if self.stop:
+                return
+            with contextlib.suppress(queue.Full):
+                self.q.put(item, timeout=1)
+                os.write(self.qlog, b"p %d\n" % gen)
+                return
+        self.report("wedged", op="put", message="no room in the queue for 60 s")
+
+    def op_get(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            gen, x = self.q.get(timeout=1)
+            os.write(self.qlog, b"g %d\n" % gen)
+            if not q_item_ok(gen, x):
+                self.report("data", op="get", gen=gen, size=x.size)
+            self.q.task_done()
 
 
 class Survivor(Worker):
@@ -365,14 +412,23 @@ class Storm:
         self.errors_path = os.path.join(self.tmp, "errors.jsonl")
         open(self.errors_path, "wb").close()
         self.name = f"shmalloc-storm-{os.getpid()}-{secrets.token_hex(4)}"
-        self.st = Status(self.status_path, args.workers + 1)
+        self.n = args.workers + args.queue_workers  # rows: workers, queue workers, survivor
+        self.st = Status(self.status_path, self.n + 1)
         self.mgr = MemoryManager.create(self.name, args.capacity)
-        self.procs: list[subprocess.Popen[bytes] | None] = [None] * args.workers
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.n
         self.survivor: subprocess.Popen[str] | None = None
         self.log = os.path.join(self.tmp, "w{}.log")
-        logs = range(args.workers + 1)  # the workers', then the survivor's
-        self.logs = [open(self.log.format(i), "ab") for i in logs]  # noqa: SIM115
-        self.incarnation = self.kills = self.aimed = self.checks = self.err_pos = 0
+        self.logs = [open(self.log.format(i), "ab") for i in range(self.n + 1)]  # noqa: SIM115
+        self.q: JoinableQueue | None = JoinableQueue(8, arena=self.mgr)
+        self.queue_path = os.path.join(self.tmp, "queue")
+        Path(self.queue_path).write_bytes(pickle.dumps(self.q))
+        pickle.loads(Path(self.queue_path).read_bytes())  # its ticket: children need none
+        open(self.queue_path + ".log", "wb").close()
+        self.q_put: set[int] = set()
+        self.q_got: set[int] = set()
+        self.read_upto: Counter[str] = Counter()
+        self.end_kills: Counter[str] = Counter()  # killed by finish(), by what they were doing
+        self.incarnation = self.kills = self.aimed = self.checks = 0
         self.retired_ops = self.retired_ooms = 0
         self.killed_during: Counter[str] = Counter()
         self.kills_since_check: list[dict[str, Any]] = []
@@ -386,7 +442,7 @@ class Storm:
         self.incarnation += 1
         args = f"--role {role} --arena {self.name} --wid {w} --inc {self.incarnation} --status "
         args += f"{self.status_path} --errors {self.errors_path} "
-        args += f"--worker-seed {self.rng.getrandbits(63)}"
+        args += f"--worker-seed {self.rng.getrandbits(63)} --queue {self.queue_path}"
         cmd = [sys.executable, "-m", "stress.crash_storm", *args.split()]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
 
@@ -394,7 +450,8 @@ class Storm:
         for f in (F_READY, F_CUR, F_ERRS):
             self.st.set(w, f, 0)
         self.st.set(w, F_CUR, OPS.index("start"))
-        self.procs[w] = self.child("worker", w, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        role = "worker" if w < self.a.workers else "qworker"
+        self.procs[w] = self.child(role, w, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def retire(self, w: int) -> None:
         self.retired_ops += self.st.get(w, F_OPS)
@@ -403,7 +460,7 @@ class Storm:
         self.st.set(w, F_OOMS, 0)
 
     def operations(self) -> int:
-        return self.retired_ops + sum(self.st.get(w, F_OPS) for w in range(self.a.workers + 1))
+        return self.retired_ops + sum(self.st.get(w, F_OPS) for w in range(self.n + 1))
 
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
         tail = Path(self.log.format(w)).read_bytes()[-3000:].decode("utf-8", "replace")
@@ -438,19 +495,18 @@ class Storm:
             churning = self.rng.random() < 0.9
             deadline = time.monotonic() + 60
             while True:
-                ready = [w for w in range(self.a.workers) if self.st.get(w, F_OPS) > 0]
+                ready = [w for w in range(self.n) if self.st.get(w, F_OPS) > 0]
                 if ready or not churning or time.monotonic() > deadline:
                     break
                 time.sleep(0.005)
                 self.reap_exited()
-            w = self.rng.choice(ready) if ready else self.rng.randrange(self.a.workers)
+            w = self.rng.choice(ready) if ready else self.rng.randrange(self.n)
         p = self.procs[w]
         assert p is not None
-        cur = self.st.get(w, F_CUR)
-        op = OPS[cur] if cur < len(OPS) else "?"
         os.kill(p.pid, signal.SIGKILL)
         if p.wait() != -signal.SIGKILL:  # it had already ended by itself
             self.abnormal(w, p, signame(p.returncode))
+        op = self.doing(w)  # read once it is dead: what it was doing when it died
         self.kills += 1
         self.aimed += aimed
         self.killed_during[op + (" (lock holder)" if aimed else "")] += 1
@@ -458,13 +514,29 @@ class Storm:
         self.retire(w)
         self.spawn(w)
 
-    def read_errors(self) -> None:
-        with open(self.errors_path, "rb") as f:
-            f.seek(self.err_pos)
+    def doing(self, w: int) -> str:
+        return OPS[cur] if (cur := self.st.get(w, F_CUR)) < len(OPS) else "?"
+
+    def new_lines(self, path: str) -> list[bytes]:
+        """The whole lines appended to ``path`` since the last call."""
+        with open(path, "rb") as f:
+            f.seek(self.read_upto[path])
             data = f.read()
         data = data[: data.rfind(b"\n") + 1]
-        self.err_pos += len(data)
-        for line in data.splitlines():
+        self.read_upto[path] += len(data)
+        return data.splitlines()
+
+    def read_queue_log(self) -> None:
+        for line in self.new_lines(self.queue_path + ".log"):
+            self.q_note(line[:1], int(line[2:]))
+
+    def q_note(self, kind: bytes, gen: int) -> None:
+        if kind == b"g" and gen in self.q_got:
+            self.inconsistency("queue", {"detail": f"item {gen:#x} came out of the queue twice"})
+        (self.q_got if kind == b"g" else self.q_put).add(gen)
+
+    def read_errors(self) -> None:
+        for line in self.new_lines(self.errors_path):
             rec = {**json.loads(line), "after_kill": self.kills}
             self.worker_errors.append(rec)
             if rec["kind"] in ("corruption", "data"):
@@ -492,6 +564,7 @@ class Storm:
         n = len(self.inconsistencies)
         self.attempt("collect", self.mgr.collect)
         self.attempt("check", self.mgr.check)
+        self.read_queue_log()
         bad = self.held_changed()
         if bad:
             self.inconsistency("survivor", {"detail": f"{bad} of the survivor's blocks changed"})
@@ -511,9 +584,9 @@ class Storm:
     def run(self) -> dict[str, Any]:
         a = self.a
         pipes: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.survivor = self.child("survivor", a.workers, **pipes)
+        self.survivor = self.child("survivor", self.n, **pipes)
         self.held = self.survivor_line(60)["held"]
-        for w in range(a.workers):
+        for w in range(self.n):
             self.spawn(w)
         bar = Bar(a.kills, "kills")
         deadline = self.t0 + a.seconds if a.seconds else math.inf
@@ -551,6 +624,7 @@ class Storm:
                 self.abnormal(w, p, "did not stop")
             if rc not in (0, -signal.SIGKILL):
                 self.abnormal(w, p, signame(rc))
+            self.end_kills[self.doing(w)] += rc == -signal.SIGKILL
             self.retire(w)
             self.procs[w] = None
         driver_corrupt = self.held_changed()
@@ -559,6 +633,7 @@ class Storm:
         surv = self.survivor_line(120)
         surv_rc = self.survivor.wait(timeout=60)
         self.read_errors()
+        queue_res = self.queue_end()
         gc = GlobalGarbageCollector(m)
         gs = self.attempt("final collect", lambda: gc.collect(GcStrategy.GLOBAL))
         final: dict[str, Any] = {"gc": gs and gs.__dict__}
@@ -580,18 +655,20 @@ class Storm:
         leaked_bytes = sum(b["size"] for b in leaked) + s.used
         survivor_ok = surv["corrupt"] == 0 and surv_rc == 0 and driver_corrupt == 0
         one_free = after.get("free_blocks") == 1 and after.get("allocated_blocks") == 0
+        one_free &= after.get("objects") == 0  # the queue went, with every item left in it
         bad = self.inconsistencies or self.worker_errors or self.abnormal_exits or slots
         ok = not bad and leaked_bytes == 0 and survivor_ok and one_free
-        config = ("workers", "kills", "seconds", "seed", "interval", "lock_kills", "check_every")
+        config = "workers queue_workers kills seconds seed interval lock_kills check_every"
         res = dict(mode="storm", ok=ok, stop_reason=stop_reason, arena=self.name)
-        res["config"] = {k: getattr(self.a, k) for k in (*config, "capacity", "quick")}
+        res["config"] = {k: getattr(self.a, k) for k in (*config.split(), "capacity", "quick")}
         res.update(duration=round(time.monotonic() - self.t0, 2), kills=self.kills)
         res.update(lock_holder_kills=self.aimed, operations=self.operations(), checks=self.checks)
-        res.update(respawns=self.incarnation - self.a.workers - 1, final=final, final_used=s.used)
+        res.update(respawns=self.incarnation - self.n - 1, final=final, final_used=s.used)
         res.update(out_of_memory_answers=self.retired_ooms, lock_recoveries=s.lock_recoveries)
-        res["killed_during"] = dict(self.killed_during.most_common())
-        res.update(inconsistencies=self.inconsistencies)
-        res.update(n_inconsistencies=len(self.inconsistencies))
+        res.update(killed_during=dict(self.killed_during.most_common()), queue=queue_res)
+        res.update(
+            inconsistencies=self.inconsistencies, n_inconsistencies=len(self.inconsistencies)
+        )
         res.update(worker_errors=self.worker_errors[:200], n_worker_errors=len(self.worker_errors))
         res.update(abnormal_exits=self.abnormal_exits, persistent_leftovers=persistent)
         res.update(leaked_blocks=leaked[:50], n_leaked_blocks=len(leaked), slots_left=slots)
@@ -599,6 +676,32 @@ class Storm:
         res["survivor"] = {**surv, "exit": signame(surv_rc), "driver_corrupt": driver_corrupt}
         res["survivor"].update(held_blocks=len(self.held), ok=survivor_ok)
         return res
+
+    def queue_end(self) -> dict[str, Any]:
+        """Once no worker runs: drain the queue, put and get once more (a new producer and
+        consumer still work), match the logs, and drop the queue (the leak check follows)."""
+        assert self.q is not None
+        self.read_queue_log()
+        drained = self.q.qsize()
+        for gen, x in (self.q.get_nowait() for _ in range(drained)):
+            self.q_note(b"g", gen)
+            if not q_item_ok(gen, x):
+                self.inconsistency("queue", {"detail": f"item {gen:#x} came out damaged"})
+        got = x = None
+        with contextlib.suppress(queue.Full, queue.Empty):
+            self.q.put((-1, b"probe"), timeout=10)
+            got = self.q.get(timeout=10)
+        if got != (-1, b"probe"):
+            self.inconsistency("queue", {"detail": "a new producer and consumer pair failed"})
+        self.q = None  # the driver's hold was the last: the queue goes
+        during = (self.killed_during + self.end_kills).items()
+        kills = {op: sum(v for k, v in during if k.split()[0] == op) for op in ("put", "get")}
+        lost, unlogged = self.q_put - self.q_got, self.q_got - self.q_put
+        if len(lost) > kills["get"] or len(unlogged) > kills["put"]:  # killed before logging
+            detail = f"{len(lost)} items put were never got, {len(unlogged)} got were never put"
+            self.inconsistency("queue", {"detail": f"{detail}; kills during put, get: {kills}"})
+        res = dict(put=len(self.q_put), got=len(self.q_got), drained=drained)
+        return {**res, "lost_with_killed_consumers": len(lost), "unlogged_puts": len(unlogged)}
 
     def cleanup(self) -> None:
         for p in [*self.procs, self.survivor]:
@@ -627,6 +730,8 @@ def print_storm(res: dict[str, Any]) -> None:
     rows["persistent leftovers"] = f"{left['blocks']} blocks, {left['bytes']:,} B ({named}"
     changed = surv["corrupt"] + surv["driver_corrupt"]
     rows["survivor"] = f"{surv['verified']:,} reads, {changed} changed"
+    q = res["queue"]
+    rows["queue items"] = f"{q['put']:,} put, {q['got']:,} got ({q['drained']} at the end)"
     rows["duration"] = f"{res['duration']} s"
     rows["result"] = "PASS" if res["ok"] else "FAIL"
     for k, v in rows.items():
@@ -649,6 +754,7 @@ def print_storm(res: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(sys.modules[__name__], "3 workers, 10 kills (a CI smoke test)", results=False)
     p.scaled("--workers", 3, 4, "worker processes")
+    p.scaled("--queue-workers", 2, 4, "queue producers and consumers (every other one)", least=0)
     p.scaled("--kills", 10, 200, "stop after this many kills", least=0)
     p.add_argument("--seconds", type=float, help="also stop after this many seconds")
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
@@ -658,7 +764,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
-    for internal in ("--role", "--arena", "--status", "--errors"):  # the children's roles
+    for internal in (
+        "--role",
+        "--arena",
+        "--status",
+        "--errors",
+        "--queue",
+    ):  # the children's roles
         p.add_argument(internal, help=argparse.SUPPRESS)
     for internal in ("--wid", "--inc", "--worker-seed"):
         p.add_argument(internal, type=int, help=argparse.SUPPRESS)
@@ -670,8 +782,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.role in ("worker", "survivor"):
-        return (Worker if args.role == "worker" else Survivor)(args).main()
+    if args.role is not None:
+        return dict(worker=Worker, qworker=QueueWorker, survivor=Survivor)[args.role](args).main()
     storm = Storm(args)
     stopped = "every process killed, the arena destroyed"
     rc = run_check(args, storm.run, print_storm, stopped, storm.cleanup)

@@ -754,6 +754,11 @@ def test_demo_end_to_end() -> None:
     assert "memory.pressure_high" in row("monitor")
     assert row("check()").startswith("clean")
     assert row("persistent note") == "survived its owner"
+    # the queue of arrays between processes: everything delivered, checked, nothing left
+    m = re.search(r"consumers got (\d+) \+ (\d+) of them \(zero-copy", out)
+    assert m and int(m.group(1)) + int(m.group(2)) == 32, out
+    assert "check() after the queue: clean, no object left" in out
+    assert row("queue").startswith("32 arrays of 1.0 MiB, pid ")
     assert f"arena {name} destroyed" in out
 
 

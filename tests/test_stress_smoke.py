@@ -52,6 +52,13 @@ def test_crash_storm_quick(tmp_path: Path) -> None:
     assert sum(res["killed_during"].values()) == 10
     assert res["final"]["check_after_cleanup"]["free_blocks"] == 1
     assert res["final"]["check_after_cleanup"]["allocated_blocks"] == 0
+    # the queue part: 2 queue workers, every item put got once (the storm fails otherwise), and
+    # the queue gone with its items once the driver dropped it
+    q = res["queue"]
+    assert res["config"]["queue_workers"] == 2 and q["put"] > 0, q
+    assert q["got"] >= q["put"] - q["lost_with_killed_consumers"], q
+    assert res["final"]["check_after_cleanup"]["objects"] == 0
+    assert res["final"]["check_after_cleanup"]["queues"] == 0
     assert res["lock_recoveries"] >= 0
     assert res["ok"] is True, output
 

@@ -1,7 +1,8 @@
 """``shmalloc demo``: the main job, on an embedded default, with nothing but the installed package.
 
 Workers share an arena, hand blocks to each other and read a shared named block; one process is
-killed with SIGKILL and the coordinator reclaims its memory; the arena is then filled until the
+killed with SIGKILL and the coordinator reclaims its memory; a producer process hands numpy arrays
+to consumer processes through a shmalloc.Queue (zero-copy); the arena is then filled until the
 pressure monitor reacts. Everything the demo creates is removed on the way out (Ctrl-C, SIGTERM
 and errors included). Workers are started with the ``spawn`` method and attach by the arena's name.
 """
@@ -15,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import re
 import signal
@@ -39,15 +41,27 @@ from rich.text import Text
 from .. import events
 from ..errors import CorruptionDetected, ShmallocError
 from ..manager import MemoryManager
+from ..queues import Queue
 from ..sizes import count, format_bytes
 from ..stats import MemoryPressure
 from .arena_access import EXIT_FAILED, EXIT_OK, CliError, segment_path
-from .demo_processes import CONFIG, demo_victim, demo_worker
+from .demo_processes import (
+    CONFIG,
+    demo_consumer,
+    demo_producer,
+    demo_victim,
+    demo_worker,
+    has_numpy,
+)
 from .snapshot import make_console, pressure_text
 
 __all__ = ["Demo", "cmd_demo"]
 
 _SILENCE = 60.0  # seconds without a message from any demo process before the demo gives up
+_QUEUE_ITEMS = 32  # arrays the producer puts into the queue
+_QUEUE_ITEM_BYTES = 1 << 20
+_QUEUE_MAXSIZE = 8
+_CONSUMERS = 2
 
 
 class _Records(logging.Handler):
@@ -80,6 +94,7 @@ class _DemoResult:
     reclaim_seconds: float | None = None
     reclaimed_by: str = ""
     note_survived: bool = False
+    queue: str = ""  # what moved through the queue, for the summary
     pressure_pct: float = 0.0
     pressure: MemoryPressure = MemoryPressure.LOW
     warning_logged: bool = False
@@ -110,6 +125,8 @@ class Demo:
         self.procs: list[Any] = []
         self.ctl: list[Connection] = []
         self.res = _DemoResult()
+        self.queue: Queue | None = None
+        self.queue_first = 0
         self.started = time.monotonic()
 
     # -------------------------------------------------------------- output
@@ -136,6 +153,7 @@ class Demo:
             self.setup()
             self.start_coordinator()
             self.run_workers()
+            self.run_queue()
             self.fill_to_high(records)
             self.finish()
             self.summary()
@@ -239,6 +257,7 @@ class Demo:
                 r.close()
                 w.close()
             self._spawn(ctx, demo_victim, "demo-victim", ballast)
+            self.start_queue(ctx)  # they start meanwhile and wait for run_queue's word
             for i, p in enumerate(self.procs[:n]):
                 tasks[i] = progress.add_task(
                     f"worker {p.pid}",
@@ -259,7 +278,7 @@ class Demo:
             while pending or res.reclaim_seconds is None:  # it is set once the victim is killed
                 if time.monotonic() - last_news > _SILENCE:
                     raise ShmallocError(f"the demo's processes sent no news for {_SILENCE:g} s")
-                alive_conns = [c for c in self.ctl if not c.closed]
+                alive_conns = [c for c in self.ctl[: n + 1] if not c.closed]
                 for conn in wait_connections(alive_conns, timeout=0.05):
                     assert isinstance(conn, Connection)
                     idx = self.ctl.index(conn)
@@ -357,7 +376,7 @@ class Demo:
         for i in range(n):
             with contextlib.suppress(OSError):
                 self.ctl[i].send("exit")
-        for p in self.procs:
+        for p in self.procs[:n]:
             p.join(10)
         for i in range(n):
             a = mgr.lookup(f"demo.result.{i}")
@@ -380,6 +399,88 @@ class Demo:
             f"{res.handed:,} parcels adopted; read their results from the named blocks "
             "demo.result.*; the victim's persistent note "
             + ("survived it" if res.note_survived else "[red]was lost[/]")
+        )
+
+    # -------------------------------------------------------------- queue
+
+    def start_queue(self, ctx: Any) -> None:
+        """Create the queue and start its producer and consumers; they wait for run_queue."""
+        assert self.mgr is not None
+        self.queue = Queue(_QUEUE_MAXSIZE, arena=self.mgr)
+        self.queue_first = len(self.procs)
+        # pickled here, not by Process (whose args would keep the queue alive in this process)
+        args = (_QUEUE_ITEMS, _QUEUE_ITEM_BYTES, _CONSUMERS)
+        self._spawn(ctx, demo_producer, "demo-producer", pickle.dumps(self.queue), *args)
+        for i in range(_CONSUMERS):
+            self._spawn(ctx, demo_consumer, f"demo-consumer-{i}", pickle.dumps(self.queue))
+
+    def run_queue(self) -> None:
+        """The producer puts numbered arrays into the shmalloc.Queue, the consumers get them
+        (read-only views of the arena: zero-copy) and check every element; then the queue goes
+        and check() finds no object left."""
+        assert self.mgr is not None
+        mgr, res, first = self.mgr, self.res, self.queue_first
+        kind = "arrays" if has_numpy() else "bytes objects (numpy is not installed)"
+        conns = self.ctl[first:]
+        pids = [p.pid for p in self.procs[first:]]
+        self.say(
+            f"a producer (pid {pids[0]}) and {_CONSUMERS} consumers (pids "
+            f"{', '.join(map(str, pids[1:]))}) share a shmalloc.Queue(maxsize={_QUEUE_MAXSIZE}) "
+            "in the arena: go"
+        )
+        for c in conns:
+            with contextlib.suppress(OSError):  # one that died is reported below
+                c.send("go")
+        replies: dict[int, tuple[Any, ...]] = {}
+        deadline = time.monotonic() + _SILENCE
+        while len(replies) < len(conns):
+            if time.monotonic() > deadline:
+                raise ShmallocError(f"the queue's processes sent no news for {_SILENCE:g} s")
+            for conn in wait_connections([c for c in conns if not c.closed], timeout=0.1):
+                assert isinstance(conn, Connection)
+                idx = conns.index(conn)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    conn.close()
+                    p = self.procs[first + idx]
+                    p.join(5)
+                    raise ShmallocError(
+                        f"queue process {p.pid} died unexpectedly ({_exit_text(p.exitcode)})"
+                    ) from None
+                if msg[0] == "error":
+                    raise ShmallocError(msg[1])
+                replies[idx] = msg
+        for p in self.procs[first:]:
+            p.join(10)
+        self.queue = None  # this process held the queue last: it goes
+        _, items, nbytes = replies[0]
+        got = [replies[i][1] for i in range(1, len(conns))]
+        zero_copy = all(replies[i][3] for i in range(1, len(conns)))
+        moved = sum(replies[i][2] for i in range(1, len(conns)))
+        if sum(got) != items or moved != nbytes:
+            res.problems.append(f"the queue delivered {sum(got)} of {items} items")
+        how = "zero-copy, read-only views of the arena" if zero_copy else "copied"
+        split = " + ".join(map(str, got))
+        self.say(
+            f"the producer put {items} {kind} of {format_bytes(_QUEUE_ITEM_BYTES)}; the consumers "
+            f"got {split} of them ({how}) and checked every element: {format_bytes(moved)} moved"
+        )
+        try:
+            r = mgr.check()
+        except CorruptionDetected as e:
+            res.problems.append(f"check() after the queue: {e}")
+            self.say(f"[red]check() found corruption at {e.offset:#x}: {_escape(e.detail)}[/]")
+            return
+        left = (
+            "no object left" if r.objects + r.tickets == 0 else f"{count(r.objects, 'object')} left"
+        )
+        if r.objects + r.tickets:
+            res.problems.append(f"the queue left {left} and {count(r.tickets, 'ticket')}")
+        self.say(f"check() after the queue: [green]clean[/], {left}")
+        res.queue = (
+            f"{items} {kind} of {format_bytes(_QUEUE_ITEM_BYTES)}, pid {pids[0]} -> pids "
+            f"{', '.join(map(str, pids[1:]))} ({split}), {how}; {left}"
         )
 
     def _new_lines(self, path: Path | None) -> list[str]:
@@ -547,6 +648,7 @@ class Demo:
         else:
             t.add_row("reclaimed", Text("not within the deadline", style="red"))
         t.add_row("persistent note", "survived its owner" if res.note_survived else "lost")
+        t.add_row("queue", res.queue or Text("did not run", style="red"))
         t.add_row(
             "pressure reached",
             Text.assemble(pressure_text(res.pressure), f" ({res.pressure_pct:.1f} %)"),

@@ -9,9 +9,14 @@ The demo's processes:
            i+1 through a pipe every round (i+1 adopts it, verifies it and frees it), retains
            and reads the shared config, and at the end binds "demo.result.i" for main to read
   victim   holds ballast blocks and one named note, then waits to be killed with SIGKILL
+  producer puts numbered arrays (bytes if numpy is not installed) into a shmalloc.Queue that
+           main created and sent to it pickled, then one None per consumer
+  consumer gets items from that queue until None: each array is a read-only view of the
+           arena's memory (zero-copy); it checks every element and reports what it got
 Workers talk to main over one duplex pipe each: ("progress", rounds, ops, bytes), ("done",
 ...), ("error", text); main answers "exit" once every worker is done, so that no parcel is
-left orphaned by a worker that exited before its neighbour adopted it.
+left orphaned by a worker that exited before its neighbour adopted it. The producer and the
+consumers answer ("produced", items, bytes) and ("consumed", items, bytes, zero_copy).
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import signal
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from typing import Any
 
 from ..manager import MemoryManager
+from ..queues import Queue
 
-__all__ = ["CONFIG", "demo_victim", "demo_worker"]
+__all__ = ["CONFIG", "demo_consumer", "demo_producer", "demo_victim", "demo_worker", "has_numpy"]
 
 _CHURN = 6  # private allocate/write/read/free cycles per round
 _PARCEL_TIMEOUT = 30.0  # seconds a worker waits for its neighbour's parcel
@@ -132,3 +140,59 @@ def demo_victim(mgr: MemoryManager, ballast: int, ctl: Connection) -> None:
         mgr.bind("demo.victim.note", note)
         ctl.send(("holding", mgr.process_memory(os.getpid()), len(held)))
         ctl.recv()  # never answered: the main process kills this one
+
+
+def has_numpy() -> bool:
+    """numpy is an optional extra: without it the queue carries bytes."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _item(i: int, nbytes: int) -> Any:
+    """The queue's item number i: an array of nbytes whose every element is i (or bytes)."""
+    if not has_numpy():
+        return bytes([i % 256]) * nbytes
+    import numpy as np
+
+    return np.full(nbytes // 8, float(i))
+
+
+def demo_producer(
+    mgr: MemoryManager, queue: bytes, items: int, nbytes: int, consumers: int, ctl: Connection
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with _reporting_to(ctl, mgr, f"producer (pid {os.getpid()})"):
+        q: Queue = pickle.loads(queue)  # a pickled Queue is a reference to the same queue
+        ctl.recv()  # "go": the workers are done
+        for i in range(items):
+            q.put((i, _item(i, nbytes)))  # waits while the queue holds its maxsize
+        for _ in range(consumers):
+            q.put(None)
+        ctl.send(("produced", items, items * nbytes))
+        del q  # before the arena is closed
+
+
+def demo_consumer(mgr: MemoryManager, queue: bytes, ctl: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    got = nbytes = 0
+    zero_copy = True
+    with _reporting_to(ctl, mgr, f"consumer (pid {os.getpid()})"):
+        q: Queue = pickle.loads(queue)
+        ctl.recv()  # "go"
+        while (item := q.get(timeout=_PARCEL_TIMEOUT)) is not None:
+            i, data = item
+            if has_numpy():
+                zero_copy &= not data.flags.writeable  # a view of the arena, not a copy
+                ok, size = bool((data == i).all()), data.nbytes
+            else:
+                zero_copy, ok, size = False, data == _item(i, len(data)), len(data)
+            if not ok:
+                raise AssertionError(f"queue item {i} arrived damaged")
+            got += 1
+            nbytes += size
+            del item, data  # the arena frees an item once no process holds it
+        ctl.send(("consumed", got, nbytes, zero_copy))
+        del q
