@@ -1,12 +1,11 @@
 """Objects between processes beside their peers: array hand-off, records, small round trips.
 
-Every figure side by side in one run: methods interleaved trial by trial, medians (min, max, each
-trial in the JSON); x/s = x's time over shmalloc's. shmalloc.Queue against np.copyto (the floor),
-multiprocessing.Queue, LMDB (writemap, no sync, in /dev/shm; keys over a Pipe, zero-copy gets),
-Ray's object store (an actor gets), a stdlib or shmalloc.compat SharedMemory per array; an array
-made in place by mgr.empty(); records one call each, a Queue against LMDB; a small round trip,
-Queues against a Pipe. What each method does and why: docs/interop.md, "Figures". Peers of the
-`bench` extra that are not installed are reported so; --quick leaves Ray out (slow to start).
+Every figure side by side in one run (methods interleaved trial by trial; medians, and min, max,
+every trial in the JSON). shmalloc.Queue against np.copyto (the floor), multiprocessing.Queue,
+LMDB (writemap, no sync, /dev/shm), Ray's object store, a stdlib or compat SharedMemory per array;
+an array made in place by mgr.empty(); records, one call each, against LMDB; a small round trip
+against a Pipe. Each method in detail: docs/interop.md, "Figures". Peers of the `bench` extra
+that are not installed are reported so; --quick leaves Ray out (slow to start).
 """
 
 from __future__ import annotations
@@ -283,8 +282,7 @@ def _ratio(by: dict[str, Any], m: str, base: str = "shmalloc") -> float:
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     print("\n".join(f"{peer}: {status}" for peer, status in res["peers"].items()))
-    rows = res["handoff"]
-    ms = list(rows[0]["latency"])
+    rows, ms = res["handoff"], list(res["handoff"][0]["latency"])
     peers = [m for m in ms if m != "shmalloc"]
     for f in FIGS:
         cells = []
@@ -305,6 +303,8 @@ def report(res: dict[str, Any]) -> None:
             lines.append([fig * (m == first), m, _us(by[m]["median"]), ratio])
     title = "objects and records (median; records: per record); x/1st = x's time over the first's"
     bench.print_table(["figure", "method", "µs", "x/1st"], lines, title)
+    cells = [[t["name"], bench.verdict(t), t["note"]] for t in res["targets_summary"]]
+    bench.print_table(["target", "verdict", "latency, stream"], cells, "targets", left=True)
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -329,14 +329,14 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for (name, values), (op, target) in zip(found, TARGETS.values(), strict=True):
         value = (max if op == "<=" else min)(values) if values else None
-        note = "worst of " + ", ".join(f"{v:.2f}" for v in values) if len(values) > 1 else ""
+        note = ", ".join(f"{v:.2f}x" for v in values) or "not measured"
         out.append(bench.target_row(name, bench.judge(op, target, value), note=note))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "few trials and repetitions, no Ray (seconds)")
-    p.scaled("--trials", 2, 5, "trials per figure")
+    p.scaled("--trials", 2, 7, "trials per figure")
     choose = "optional peers to measure if installed (default lmdb,ray; quick: lmdb)"
     p.add_argument("--peers", type=bench.csv(OPTIONAL), help=choose)
     a = p.parse(argv)
