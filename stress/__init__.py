@@ -9,8 +9,7 @@ from a checkout of the repository.
     bench_scaling        pair cost against live blocks; a loop's throughput against processes
     bench_workloads      larson, xmalloc-test, mstress, cache-scratch with 1, 2, 4 processes
     bench_fragmentation  peak footprint over peak live bytes on allocation traces
-    bench_handoff        numpy array hand-off between processes
-    bench_queue          array hand-off through shmalloc.Queue beside multiprocessing.Queue
+    bench_objects        objects between processes beside mp.Queue, LMDB, Ray, SharedMemory
     bench_coordinator    reclaim latency after kill -9, idle CPU of the coordinator
     bench_c              the C core called from C, beside glibc malloc and Boost.Interprocess
 

@@ -25,8 +25,8 @@ from . import _common as bench
 from ._common import judge
 
 STATS = ("median", "min", "max")
-ORDER = "bench_alloc bench_handoff bench_queue bench_workloads bench_fragmentation bench_scaling"
-ORDER += " bench_c bench_coordinator"
+ORDER = "bench_alloc bench_objects bench_workloads bench_fragmentation bench_scaling bench_c"
+ORDER += " bench_coordinator"
 
 
 def discover() -> list[str]:
