@@ -666,9 +666,8 @@ class Storm:
         res.update(respawns=self.incarnation - self.n - 1, final=final, final_used=s.used)
         res.update(out_of_memory_answers=self.retired_ooms, lock_recoveries=s.lock_recoveries)
         res.update(killed_during=dict(self.killed_during.most_common()), queue=queue_res)
-        res.update(
-            inconsistencies=self.inconsistencies, n_inconsistencies=len(self.inconsistencies)
-        )
+        incs = self.inconsistencies
+        res.update(inconsistencies=incs, n_inconsistencies=len(incs))
         res.update(worker_errors=self.worker_errors[:200], n_worker_errors=len(self.worker_errors))
         res.update(abnormal_exits=self.abnormal_exits, persistent_leftovers=persistent)
         res.update(leaked_blocks=leaked[:50], n_leaked_blocks=len(leaked), slots_left=slots)
@@ -764,13 +763,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
-    for internal in (
-        "--role",
-        "--arena",
-        "--status",
-        "--errors",
-        "--queue",
-    ):  # the children's roles
+    for internal in ("--role", "--arena", "--status", "--errors", "--queue"):  # the children's
         p.add_argument(internal, help=argparse.SUPPRESS)
     for internal in ("--wid", "--inc", "--worker-seed"):
         p.add_argument(internal, type=int, help=argparse.SUPPRESS)
