@@ -68,30 +68,16 @@ def make_progress(name: str) -> Callable[[str], None]:
     return progress
 
 
-class Bar:
-    """One progress line on stderr: rewritten in place on a terminal, a line per 10 % otherwise."""
+@contextmanager
+def bar(total: int, label: str) -> Iterator[Callable[[int, str], None]]:
+    """A progress bar on stderr (rich's: redrawn in place on a terminal, drawn once at the end
+    otherwise); yields ``update(done, status)``."""
+    from rich.console import Console
+    from rich.progress import Progress
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = max(1, total), label
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
-        self.last = -1
-
-    def update(self, done: int, extra: str = "") -> None:
-        frac = min(1.0, done / self.total)
-        el = time.monotonic() - self.t0
-        if self.tty:
-            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
-            sys.stderr.write(f"\r\x1b[K{self.label} [{bar}] {done}/{self.total} {extra} {el:.1f}s")
-        elif int(frac * 10) != self.last:
-            self.last = int(frac * 10)
-            sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    with Progress(console=Console(stderr=True)) as p:
+        task = p.add_task(label, total=total)
+        yield lambda done, status: p.update(task, completed=done, description=f"{label} {status}")
 
 
 class Arenas:
@@ -286,12 +272,6 @@ def fmt_rate_stat(s: dict[str, Any]) -> str:
     return f"{fmt_rate(s['median'])} [{fmt_rate(s['min'])}-{fmt_rate(s['max'])}]"
 
 
-def fmt_count(n: int) -> str:
-    """1000 -> '1e3', 1000000 -> '1e6', anything else with separators."""
-    e = round(math.log10(n)) if n > 0 else 0
-    return f"1e{e}" if n == 10**e else f"{n:,}"
-
-
 def print_table(headers: list[str], rows: list[list[str]], title: str, left: bool = False) -> None:
     """Columns as wide as their widest cell, right-aligned (left-aligned with ``left``)."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -337,6 +317,15 @@ def verdict(j: dict[str, Any], unit: str = "x") -> str:
     """The target and whether it was met: ``target <= 2x  MET``."""
     met = "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
     return f"target {j['op']} {j['target']:g}{unit}  {met}"
+
+
+def print_targets(res: dict[str, Any]) -> None:
+    """Each row of the run's ``targets_summary``: what was measured, the target, the verdict."""
+    print()
+    for r in res["targets_summary"]:
+        value = "-" if r["value"] is None else f"{r['value']:.2f}{r['unit']}"
+        note = f"  ({r['note']})" if r["note"] else ""
+        print(f"  {r['name']}: {value}   {verdict(r, r['unit'])}{note}")
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:

@@ -221,13 +221,7 @@ def report(res: dict[str, Any]) -> None:
         each = f"{sc['iters_per_process']:,} core / {sc['malloc_iters_per_process']:,} malloc"
         title = f"{format_bytes(sc['size'])} allocate+free pairs per second summed over forked "
         bench.procs_table(f"{title}processes ({each} pairs each; no target)", sc["procs"], by)
-    for key, label in (("core_over_glibc", "glibc"), ("core_over_boost", "Boost")):
-        j = res["derived"][key]
-        if j["value"] is None:
-            print(f"  core pair / {label} pair: skipped (not judged)")
-        else:
-            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
-            print(f"  core pair / {label} pair: {worst}   {bench.verdict(j)}")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,10 +259,7 @@ def report(res: dict[str, Any]) -> None:
     cols += [("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-")]
     rows = [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]]
     bench.print_columns(title, cols, rows)
-    print()
-    for key, j in res["derived"].items():
-        if key != "fragmentation_worst":
-            print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   {bench.verdict(j, '')}")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

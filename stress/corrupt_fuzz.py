@@ -42,7 +42,7 @@ from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, run_check, signame
+from ._common import REPO_ROOT, Parser, bar, child_env, csv, pattern, run_check, signame
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -597,20 +597,19 @@ class Fuzz:
     def run(self) -> dict[str, Any]:
         a, t0 = self.a, time.monotonic()
         indices = [a.index] if a.index is not None else list(range(a.arenas))
-        bar = Bar(len(indices), "arenas")
         pool = ThreadPoolExecutor(a.jobs)
         try:
             futures = [pool.submit(self.run_one, i) for i in indices]
-            for done, fut in enumerate(as_completed(futures), 1):
-                self.record(fut.result())
-                bar.update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
+            with bar(len(indices), "arenas") as update:
+                for done, fut in enumerate(as_completed(futures), 1):
+                    self.record(fut.result())
+                    update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
         finally:
             with self.lock:
                 self.stopping = True
                 for p in self.children:
                     p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
-            bar.finish()
         counts = {k: self.counts[k] for k in OUTCOMES}
         config = {k: getattr(a, k) for k in ("seed", "capacity", "timeout", "jobs", "quick")}
         config.update(arenas=len(indices), corrupt=not a.no_corrupt, regions=a.regions)

@@ -50,7 +50,7 @@ from shmalloc import CorruptionDetected, JoinableQueue, MemoryManager, OutOfMemo
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, run_check, signame
+from ._common import REPO_ROOT, Parser, bar, child_env, core_handle, pattern, run_check, signame
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -588,24 +588,23 @@ class Storm:
         self.held = self.survivor_line(60)["held"]
         for w in range(self.n):
             self.spawn(w)
-        bar = Bar(a.kills, "kills")
         deadline = self.t0 + a.seconds if a.seconds else math.inf
         stop_reason = "kills"
-        while self.kills < a.kills:
-            if time.monotonic() >= deadline:
-                stop_reason = "seconds"
-                break
-            time.sleep(min(self.rng.expovariate(1.0 / a.interval), 5 * a.interval))
-            self.reap_exited()
-            self.kill_one()
-            self.read_errors()
-            if self.kills % a.check_every == 0:
-                self.check()
-            bar.update(self.kills, f"ops {self.operations():,} incons {len(self.inconsistencies)}")
-            if self.inconsistencies and not a.keep_going:
-                stop_reason = "inconsistency"
-                break
-        bar.finish()
+        with bar(a.kills, "kills") as update:
+            while self.kills < a.kills:
+                if time.monotonic() >= deadline:
+                    stop_reason = "seconds"
+                    break
+                time.sleep(min(self.rng.expovariate(1.0 / a.interval), 5 * a.interval))
+                self.reap_exited()
+                self.kill_one()
+                self.read_errors()
+                if self.kills % a.check_every == 0:
+                    self.check()
+                update(self.kills, f"ops {self.operations():,} incons {len(self.inconsistencies)}")
+                if self.inconsistencies and not a.keep_going:
+                    stop_reason = "inconsistency"
+                    break
         self.check()
         return self.finish(stop_reason)
 
