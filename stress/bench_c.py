@@ -48,13 +48,6 @@ class BuildError(RuntimeError):
     pass
 
 
-def _compiler_id(cc: str) -> str:
-    try:
-        return subprocess.run([cc, "--version"], timeout=30, **RUN).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return cc
-
-
 def _build(
     name: str, compiler: str, args: list[str], sources: list[Path], libs: list[str]
 ) -> tuple[Path, dict[str, Any]]:
@@ -64,7 +57,8 @@ def _build(
         install = "install a C/C++ compiler (Debian: apt-get install build-essential)"
         raise BuildError(f"no `{compiler}` on PATH: {install}")
     h = hashlib.sha256()
-    h.update(" ".join([_compiler_id(cc), *args, *libs]).encode())
+    compiler_id = f"{os.path.realpath(cc)} {os.stat(os.path.realpath(cc)).st_mtime_ns}"
+    h.update(" ".join([compiler_id, *args, *libs]).encode())
     for s in sources:
         h.update(s.name.encode())
         h.update(s.read_bytes())

@@ -150,12 +150,8 @@ def replay_shmalloc(
                 addr[i], req[i], whole[i] = p, size, u + hdr
                 live += size
                 blocks += u + hdr
-                if p + u > top:
-                    top = p + u
-                if live > peak_live:
-                    peak_live = live
-                if blocks > peak_blocks:
-                    peak_blocks = blocks
+                top, peak_live = max(top, p + u), max(peak_live, live)
+                peak_blocks = max(peak_blocks, blocks)
             else:
                 d(addr.pop(i))
                 live -= req.pop(i)

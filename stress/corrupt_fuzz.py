@@ -542,7 +542,7 @@ class Fuzz:
         self.counts: Counter[str] = Counter()
         self.by_region: dict[str, Counter[str]] = defaultdict(Counter)
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.wrong = self.resized = self.slow = 0
+        self.found: Counter[str] = Counter()  # arenas with wrong, resized or slow answers
         self.detail: list[dict[str, Any]] = []
         self.children: set[subprocess.Popen[str]] = set()
         self.lock = threading.Lock()
@@ -588,9 +588,7 @@ class Fuzz:
         for kind in EXAMPLES:  # the outcome, or a list of what went wrong in the child
             if (outcome == kind or r.get(kind)) and len(self.examples[kind]) < 50:
                 self.examples[kind].append(r)
-        self.wrong += bool(r.get("wrong"))
-        self.resized += bool(r.get("resized"))
-        self.slow += bool(r.get("slow"))
+        self.found.update(k for k in ("wrong", "resized", "slow") if r.get(k))
         if self.a.index is not None:
             self.detail.append(r)
 
@@ -614,8 +612,8 @@ class Fuzz:
         config = {k: getattr(a, k) for k in ("seed", "capacity", "timeout", "jobs", "quick")}
         config.update(arenas=len(indices), corrupt=not a.no_corrupt, regions=a.regions)
         res = dict(ok=counts["crash"] == counts["hang"] == 0, config=config, counts=counts)
-        res.update(arenas=sum(counts.values()), wrong=self.wrong, slow=self.slow)
-        res.update(resized_silently=self.resized, detail=self.detail, index=a.index)
+        res.update(arenas=sum(counts.values()), wrong=self.found["wrong"], slow=self.found["slow"])
+        res.update(resized_silently=self.found["resized"], detail=self.detail, index=a.index)
         res["by_region"] = {k: dict(v) for k, v in sorted(self.by_region.items())}
         res.update({f"{k}_examples": self.examples[k] for k in EXAMPLES})
         res["duration"] = round(time.monotonic() - t0, 2)

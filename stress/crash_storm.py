@@ -302,14 +302,17 @@ class Worker:
         self.st.set(self.row, F_CUR, 0)
         self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
 
-    def free_all(self) -> None:
+    def free_all(self, blocks: dict[int, Held], why: str = "final") -> int:
+        """Verify and free ``blocks``; returns how many had changed."""
         self.st.set(self.row, F_CUR, OPS.index("stop"))
-        for a, b in self.blocks.items():
-            self.verify(a, b, "final")
+        changed = 0
+        for a, b in blocks.items():
+            changed += not self.verify(a, b, why)
             for _ in range(b.refs):
                 self.m.release(a)
             self.m.deallocate(a)
-        self.blocks.clear()
+        blocks.clear()
+        return changed
 
     def main(self, weights: dict[str, float] = WEIGHTS) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
@@ -322,7 +325,7 @@ class Worker:
                 self.run_op(self.rng.choices(ops, ws)[0])
             if os.getppid() != ppid:  # the driver is gone: so are we
                 os._exit(4)
-        self.free_all()
+        self.free_all(self.blocks)
         self.q = None
         self.m.close()
         return 0
@@ -388,13 +391,9 @@ class Survivor(Worker):
                 self.run_op(self.rng.choices(ops, weights)[0] if len(self.blocks) < 24 else "free")
             verified += len(held)
             corrupt += sum(not self.verify(a, b, "held") for a, b in held.items())
-        self.free_all()
-        for a, b in held.items():
-            verified += 1
-            corrupt += not self.verify(a, b, "held, final")
-            for _ in range(b.refs):
-                self.m.release(a)
-            self.m.deallocate(a)
+        self.free_all(self.blocks)
+        verified += len(held)
+        corrupt += self.free_all(held, "held, final")
         self.m.close()
         ops = self.st.get(self.row, F_OPS)
         out = dict(corrupt=corrupt, verified=verified, errors=self.nerr, ops=ops)
