@@ -8,13 +8,13 @@ Nothing here measures anything by itself; each runner says what it measures.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import functools
 import gc
 import hashlib
 import json
 import math
 import multiprocessing as mp
-import multiprocessing.connection as mpc
 import operator
 import os
 import platform
@@ -68,30 +68,16 @@ def make_progress(name: str) -> Callable[[str], None]:
     return progress
 
 
-class Bar:
-    """One progress line on stderr: rewritten in place on a terminal, a line per 10 % otherwise."""
+@contextmanager
+def bar(total: int, label: str) -> Iterator[Callable[[int, str], None]]:
+    """A progress bar on stderr (rich's: redrawn in place on a terminal, drawn once at the end
+    otherwise); yields ``update(done, status)``."""
+    from rich.console import Console
+    from rich.progress import Progress
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = max(1, total), label
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
-        self.last = -1
-
-    def update(self, done: int, extra: str = "") -> None:
-        frac = min(1.0, done / self.total)
-        el = time.monotonic() - self.t0
-        if self.tty:
-            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
-            sys.stderr.write(f"\r\x1b[K{self.label} [{bar}] {done}/{self.total} {extra} {el:.1f}s")
-        elif int(frac * 10) != self.last:
-            self.last = int(frac * 10)
-            sys.stderr.write(f"{self.label} {done}/{self.total} {extra} {el:.1f}s\n")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    with Progress(console=Console(stderr=True)) as p:
+        task = p.add_task(label, total=total)
+        yield lambda done, status: p.update(task, completed=done, description=f"{label} {status}")
 
 
 class Arenas:
@@ -286,12 +272,6 @@ def fmt_rate_stat(s: dict[str, Any]) -> str:
     return f"{fmt_rate(s['median'])} [{fmt_rate(s['min'])}-{fmt_rate(s['max'])}]"
 
 
-def fmt_count(n: int) -> str:
-    """1000 -> '1e3', 1000000 -> '1e6', anything else with separators."""
-    e = round(math.log10(n)) if n > 0 else 0
-    return f"1e{e}" if n == 10**e else f"{n:,}"
-
-
 def print_table(headers: list[str], rows: list[list[str]], title: str, left: bool = False) -> None:
     """Columns as wide as their widest cell, right-aligned (left-aligned with ``left``)."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -337,6 +317,15 @@ def verdict(j: dict[str, Any], unit: str = "x") -> str:
     """The target and whether it was met: ``target <= 2x  MET``."""
     met = "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
     return f"target {j['op']} {j['target']:g}{unit}  {met}"
+
+
+def print_targets(res: dict[str, Any]) -> None:
+    """Each row of the run's ``targets_summary``: what was measured, the target, the verdict."""
+    print()
+    for r in res["targets_summary"]:
+        value = "-" if r["value"] is None else f"{r['value']:.2f}{r['unit']}"
+        note = f"  ({r['note']})" if r["note"] else ""
+        print(f"  {r['name']}: {value}   {verdict(r, r['unit'])}{note}")
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:
@@ -485,10 +474,11 @@ def child_env(fault: str | None = None) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- worker pool
-# Long-lived worker processes (spawn start method, so each attaches to arenas by name the way a
-# user's process would). The parent sends a module-level function and its keyword arguments to
-# the first k workers; they run it together, synchronised by a barrier of k parties, and send
-# back its result. Workers ignore SIGINT: Ctrl-C reaches the parent, which tears them down.
+# Long-lived worker processes: a ProcessPoolExecutor with the spawn start method, so that each
+# attaches to arenas by name the way a user's process would. run(func, k) submits k calls of a
+# module-level function; they start together at a barrier of k parties, so each call holds a
+# worker of its own (a worker waiting at the barrier takes no other call). Workers ignore SIGINT:
+# Ctrl-C reaches the parent, which tears them down.
 @dataclass
 class WorkerCtx:
     """What a function run by a pool worker receives besides its own arguments."""
@@ -511,56 +501,46 @@ class WorkerCtx:
         self.barrier.wait(timeout)
 
 
-def _worker_main(index: int, conn: Any, barriers: dict[int, Any], queue: Any) -> None:
+_worker: dict[str, Any] = {"managers": {}}  # in a worker: its barriers, queue and arenas
+
+
+def _worker_init(barriers: dict[int, Any], queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    managers: dict[str, MemoryManager] = {}
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except EOFError:
-                return
-            if msg is None:
-                return
-            func, nworkers, kwargs = msg
-            ctx = WorkerCtx(index, nworkers, barriers[nworkers], queue, managers)
-            try:
-                gc.collect()
-                conn.send(("ok", func(ctx, **kwargs)))
-            except BaseException:
-                conn.send(("err", traceback.format_exc()))
-    finally:
-        for m in managers.values():
-            m.close()
+    _worker.update(barriers=barriers, queue=queue)
+
+
+def _worker_call(func: Fn, index: int, k: int, kwargs: dict[str, Any]) -> Any:
+    w = _worker
+    gc.collect()
+    return func(WorkerCtx(index, k, w["barriers"][k], w["queue"], w["managers"]), **kwargs)
+
+
+def _started(ctx: WorkerCtx) -> int:
+    ctx.wait()  # n calls at a barrier of n: every worker runs one
+    return os.getpid()
 
 
 def _detach(ctx: WorkerCtx, name: str) -> None:
     m = ctx.managers.pop(name, None)
     if m is not None and not m.closed:
         m.close()
+    ctx.wait()
 
 
 class WorkerPool:
-    """n worker processes; ``run(func, k, ...)`` runs ``func(ctx, **kwargs)`` on workers 0..k-1."""
+    """n worker processes; ``run(func, k, ...)`` runs ``func(ctx, **kwargs)`` on k of them."""
 
     def __init__(self, n: int, *, queue_size: int = 16, timeout: float = 600.0) -> None:
         ctx = mp.get_context("spawn")
         self.n, self.timeout = n, timeout
         self.barriers = {k: ctx.Barrier(k) for k in range(1, n + 1)}
         self.queue = ctx.Queue(maxsize=queue_size)
-        self._procs: list[Any] = []
-        self._conns: list[Any] = []
-        self._busy = False  # a run was sent and not all of its replies came back
+        init = (self.barriers, self.queue)
+        self.executor = cf.ProcessPoolExecutor(n, ctx, initializer=_worker_init, initargs=init)
+        self.pids: list[int] = []
+        self._busy = False  # a run was submitted and did not finish
         try:
-            for i in range(n):
-                parent, child = ctx.Pipe()
-                args = (i, child, self.barriers, self.queue)
-                name = f"bench-worker-{i}"
-                p = ctx.Process(target=_worker_main, args=args, name=name, daemon=True)
-                p.start()
-                child.close()
-                self._procs.append(p)
-                self._conns.append(parent)
+            self.pids = self.run(_started, n)  # all n started now, and known to close()
         except BaseException:
             self.close()
             raise
@@ -572,7 +552,7 @@ class WorkerPool:
         self.close()
 
     def run(self, func: Callable[..., Any], k: int, **kwargs: Any) -> list[Any]:
-        """Run func(ctx, **kwargs) on workers 0..k-1 and return their results in worker order. A
+        """Run func(ctx, **kwargs) on k workers and return their results in index order. A
         failure in any worker raises RuntimeError here, after the others left the barrier."""
         if not 1 <= k <= self.n:
             raise ValueError(f"k={k} workers asked of a pool of {self.n}")
@@ -580,67 +560,41 @@ class WorkerPool:
             raise RuntimeError("the pool's previous run did not finish; close the pool")
         check_interrupt()
         self._busy = True
-        for i in range(k):
-            self._conns[i].send((func, k, kwargs))
-        results: list[Any] = [None] * k
-        pending = set(range(k))
-        errors: list[str] = []
+        futures = [self.executor.submit(_worker_call, func, i, k, kwargs) for i in range(k)]
+        pending, errors = set(futures), []
         deadline = time.monotonic() + self.timeout
         while pending:
             check_interrupt()
-            for c in mpc.wait([self._conns[i] for i in pending], timeout=0.5):
-                i = self._conns.index(c)
-                try:
-                    status, value = c.recv()
-                except EOFError:
-                    status, value = "err", f"died (exit code {self._procs[i].exitcode})"
-                pending.discard(i)
-                if status == "ok":
-                    results[i] = value
-                else:
-                    errors.append(f"worker {i}:\n{value}")
+            if time.monotonic() > deadline:
+                self.barriers[k].abort()
+                raise RuntimeError(f"{len(pending)} workers did not finish in {self.timeout:.0f} s")
+            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_EXCEPTION)
+            for f in done:
+                if (e := f.exception()) is not None:
+                    why = "".join(traceback.format_exception(e))
+                    errors.append(f"worker {futures.index(f)}:\n{why}")
                     self.barriers[k].abort()  # release the others from the barrier
-            for i in [i for i in pending if not self._procs[i].is_alive()]:
-                pending.discard(i)
-                errors.append(f"worker {i} died (exit code {self._procs[i].exitcode})")
-                self.barriers[k].abort()
-            if pending and time.monotonic() > deadline:
-                self.barriers[k].abort()
-                late = f"workers {sorted(pending)} did not finish within {self.timeout:.0f} s"
-                raise RuntimeError(late)
         self._busy = False
         if errors:
             self.barriers[k].reset()
             raise RuntimeError(f"{func.__name__} failed in a worker:\n" + "\n".join(errors))
-        return results
+        return [f.result() for f in futures]
 
     def detach(self, name: str) -> None:
         """Every worker closes its mapping of arena ``name`` (before the parent destroys it).
         Skipped when a run was interrupted: close() then stops the workers, mappings and all."""
-        if not self._busy and self._procs and all(p.is_alive() for p in self._procs):
+        if not self._busy:
             self.run(_detach, self.n, name=name)
 
     def close(self) -> None:
-        """Stop every worker: ask, then terminate whoever did not leave within 5 s; join all."""
-        if self._busy:  # an interrupted run: release whoever waits at a barrier
+        """Stop every worker; those of an interrupted run are released and terminated."""
+        if self._busy:
             for b in self.barriers.values():
                 b.abort()
-        for c, p in zip(self._conns, self._procs, strict=False):
-            if p.is_alive():
-                try:
-                    c.send(None)
-                except (OSError, ValueError):
-                    p.terminate()  # its pipe is gone: it cannot be asked
-        deadline = time.monotonic() + 5.0
-        for p in self._procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for c in self._conns:
-            c.close()
-        self._procs.clear()
-        self._conns.clear()
+            for pid in self.pids:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        self.executor.shutdown(wait=True, cancel_futures=True)
         self.queue.close()
         self.queue.join_thread()
 

@@ -16,8 +16,8 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,68 +35,53 @@ def discover() -> list[str]:
     return [m for m in ORDER.split() if m in found] + sorted(found - set(ORDER.split()))
 
 
+def latest_message(log: Path) -> str:
+    """The last progress message a module wrote to its log, without its ``[name time]`` head."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip().split("] ", 1)[-1] if lines else "starting"
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """A module still running (interrupted or timed out) gets 10 s to clean up (a Ctrl-C from the
+    terminal reached it too), then SIGTERM (the modules unwind on it too) and 60 s, then SIGKILL."""
+    for sig, grace in ((None, 10), (signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        if proc.poll() is None and sig is not None:
+            proc.send_signal(sig)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
 def run_module(mod: str, a: argparse.Namespace, index: int) -> dict[str, Any]:
-    jpath = a.out_dir / f"{mod}.json"
+    jpath, txt, log = (a.out_dir / f"{mod}.{ext}" for ext in ("json", "txt", "log"))
     cmd = [sys.executable, "-m", f"stress.{mod}", "--json", str(jpath), *["--quick"][: a.quick]]
     jpath.unlink(missing_ok=True)  # a stale file must not pass for this run's results
-    t0 = time.monotonic()
-    latest = ["starting"]
-    pipes: dict[str, Any] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
-    proc = subprocess.Popen(cmd, cwd=bench.REPO_ROOT, text=True, **pipes)
-    out: list[str] = []
-    with open(a.out_dir / f"{mod}.log", "w") as log:
-
-        def pump_err() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                log.write(line)
-                if line.strip():
-                    latest[0] = line.strip().split("] ", 1)[-1]
-
-        def pump_out() -> None:
-            assert proc.stdout is not None
-            out.extend(proc.stdout)
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (pump_err, pump_out)]
-        for t in threads:
-            t.start()
-        shown = ""
+    t0, shown = time.monotonic(), ""
+    with open(txt, "w") as out, open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=bench.REPO_ROOT, stdout=out, stderr=err)
         try:
             while proc.poll() is None:
                 bench.check_interrupt()
-                took = time.monotonic() - t0
-                line = f"[{index + 1}/{len(a.modules)}] {mod} {took:.0f}s {latest[0]}"
+                latest, took = latest_message(log), time.monotonic() - t0
+                line = f"[{index + 1}/{len(a.modules)}] {mod} {took:.0f}s {latest}"
                 if sys.stderr.isatty():
                     sys.stderr.write("\r\x1b[K" + line[:150])
-                elif latest[0] != shown:
+                elif latest != shown:
                     print(line, file=sys.stderr, flush=True)
-                shown = latest[0]
-                if time.monotonic() - t0 > a.timeout:
+                shown = latest
+                if took > a.timeout:
                     raise TimeoutError(f"{mod} ran longer than {a.timeout:.0f} s")
                 time.sleep(0.25)
         finally:
-            if proc.poll() is None:  # interrupted or timed out: let the module clean up first
-                try:  # a Ctrl-C from the terminal reached the module too: it may be unwinding
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.send_signal(signal.SIGTERM)  # the modules unwind on SIGTERM too
-                    try:
-                        proc.wait(60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-            for t in threads:
-                t.join(5)
+            stop(proc)
             if sys.stderr.isatty():
                 sys.stderr.write("\r\x1b[K")
-    stdout = "".join(out)
-    (a.out_dir / f"{mod}.txt").write_text(stdout)
+    stdout = txt.read_text()
     entry: dict[str, Any] = dict(module=mod, command=" ".join(cmd), pid=proc.pid)
     entry.update(exit_code=proc.returncode, seconds=time.monotonic() - t0)
     if proc.returncode == 0 and jpath.exists():
         entry.update(status="ok", result=json.loads(jpath.read_text()))
     else:
-        entry.update(status="failed", stderr_tail=(a.out_dir / f"{mod}.log").read_text()[-2000:])
+        entry.update(status="failed", stderr_tail=log.read_text()[-2000:])
     if a.echo:
         print(f"\n{'=' * 20} {mod} ({entry['status']}, {entry['seconds']:.0f} s) {'=' * 20}")
         print(stdout.rstrip() or "(no output)")

@@ -48,13 +48,6 @@ class BuildError(RuntimeError):
     pass
 
 
-def _compiler_id(cc: str) -> str:
-    try:
-        return subprocess.run([cc, "--version"], timeout=30, **RUN).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return cc
-
-
 def _build(
     name: str, compiler: str, args: list[str], sources: list[Path], libs: list[str]
 ) -> tuple[Path, dict[str, Any]]:
@@ -64,7 +57,8 @@ def _build(
         install = "install a C/C++ compiler (Debian: apt-get install build-essential)"
         raise BuildError(f"no `{compiler}` on PATH: {install}")
     h = hashlib.sha256()
-    h.update(" ".join([_compiler_id(cc), *args, *libs]).encode())
+    compiler_id = f"{os.path.realpath(cc)} {os.stat(os.path.realpath(cc)).st_mtime_ns}"
+    h.update(" ".join([compiler_id, *args, *libs]).encode())
     for s in sources:
         h.update(s.name.encode())
         h.update(s.read_bytes())
@@ -221,13 +215,7 @@ def report(res: dict[str, Any]) -> None:
         each = f"{sc['iters_per_process']:,} core / {sc['malloc_iters_per_process']:,} malloc"
         title = f"{format_bytes(sc['size'])} allocate+free pairs per second summed over forked "
         bench.procs_table(f"{title}processes ({each} pairs each; no target)", sc["procs"], by)
-    for key, label in (("core_over_glibc", "glibc"), ("core_over_boost", "Boost")):
-        j = res["derived"][key]
-        if j["value"] is None:
-            print(f"  core pair / {label} pair: skipped (not judged)")
-        else:
-            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
-            print(f"  core pair / {label} pair: {worst}   {bench.verdict(j)}")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,12 @@ import functools
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from typing import Any
 
 import psutil
@@ -43,47 +45,37 @@ class Workers:
 
     def __init__(self, m: MemoryManager) -> None:
         self.m = m
-        self.hold: dict[int, int] = {}  # pid -> write end of its hold pipe
+        self.hold: dict[int, socket.socket] = {}  # pid -> the parent's end of its socket pair
 
     def fork(self, sizes: list[int]) -> int:
-        ready_r, ready_w = os.pipe()
-        hold_r, hold_w = os.pipe()
+        ours, theirs = socket.socketpair()
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:  # the worker: allocate, say so, then block until killed or the parent goes
             code = 1
             try:
-                os.close(ready_r)
-                os.close(hold_w)
-                for fd in self.hold.values():
-                    os.close(fd)
-                for s in sizes:
-                    self.m.allocate(s)
-                os.write(ready_w, b"x")
-                os.read(hold_r, 1)  # returns at EOF, when the parent closes its end
+                for s in [ours, *self.hold.values()]:
+                    s.close()
+                for size in sizes:
+                    self.m.allocate(size)
+                theirs.sendall(b"x")
+                theirs.recv(1)  # returns at EOF, when the parent's end closes
                 code = 0
             finally:
                 os._exit(code)
-        os.close(ready_w)
-        os.close(hold_r)
-        self.hold[pid] = hold_w
-        if os.read(ready_r, 1) != b"x":
+        theirs.close()
+        self.hold[pid] = ours
+        if ours.recv(1) != b"x":
             raise RuntimeError(f"worker {pid} failed to attach")
-        os.close(ready_r)
         return pid
 
-    def kill(self, pid: int) -> None:
-        os.kill(pid, signal.SIGKILL)
-
     def reap(self, pid: int) -> None:
-        os.close(self.hold.pop(pid))
+        self.hold.pop(pid).close()
         os.waitpid(pid, 0)
 
     def close(self) -> None:
         for pid in list(self.hold):
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.reap(pid)
 
 
@@ -105,11 +97,8 @@ def cpu_ns(pid: int) -> int:
     """Nanoseconds on CPU of every thread of pid (/proc/<pid>/task/*/schedstat, field 1)."""
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass  # a thread that ended meanwhile
+        with suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])  # (a thread that ended meanwhile is skipped)
     return total
 
 
@@ -153,7 +142,7 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
             watch = SlotWatch(m, pid)
             time.sleep(a.interval * (2 + rng.random()))  # not in phase with the coordinator
             t0 = time.perf_counter()
-            workers.kill(pid)
+            os.kill(pid, signal.SIGKILL)
             while watch.taken():
                 time.sleep(0.0002)
                 if time.perf_counter() - t0 > 30:

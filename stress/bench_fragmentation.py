@@ -150,12 +150,8 @@ def replay_shmalloc(
                 addr[i], req[i], whole[i] = p, size, u + hdr
                 live += size
                 blocks += u + hdr
-                if p + u > top:
-                    top = p + u
-                if live > peak_live:
-                    peak_live = live
-                if blocks > peak_blocks:
-                    peak_blocks = blocks
+                top, peak_live = max(top, p + u), max(peak_live, live)
+                peak_blocks = max(peak_blocks, blocks)
             else:
                 d(addr.pop(i))
                 live -= req.pop(i)
@@ -259,10 +255,7 @@ def report(res: dict[str, Any]) -> None:
     cols += [("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-")]
     rows = [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]]
     bench.print_columns(title, cols, rows)
-    print()
-    for key, j in res["derived"].items():
-        if key != "fragmentation_worst":
-            print(f"  {j['trace']:<16} worst ratio {j['value']:.3f}   {bench.verdict(j, '')}")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,10 +144,6 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def levels(j: dict[str, Any]) -> str:
-    return f"{bench.fmt_count(j['max_live'])} live / at {bench.fmt_count(j['base_live'])}"
-
-
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     j = res["derived"].get("scaling_max_over_1e3")
     if not j:
@@ -156,7 +152,8 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     note += f"fastest trials {j['min_ratio_worst']:.2f}x; levels timed interleaved"
     if j["met"] is None:
         note += " (not judged: the target is at 1e6 live)"
-    return [bench.target_row(f"pair cost at {levels(j)} live", j, "x", note)]
+    levels = f"{j['max_live']:,} live / at {j['base_live']:,}"
+    return [bench.target_row(f"pair cost at {levels} live", j, "x", note)]
 
 
 def report(res: dict[str, Any]) -> None:
@@ -177,11 +174,7 @@ def report(res: dict[str, Any]) -> None:
         by = {m: v["by_procs"] for m, v in pr["methods"].items()}
         bench.procs_table(f"Throughput of {loop}, summed over processes (loops/s)", pr["procs"], by)
         print("  " + "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
-    if "scaling_max_over_1e3" in d:
-        j = d["scaling_max_over_1e3"]
-        worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])}; core "
-        worst += f"{j['core_worst']:.2f}x; fastest trials {j['min_ratio_worst']:.2f}x)"
-        print(f"\n  cost at {levels(j)}: {worst}   {bench.verdict(j)} (at 1e6)")
+    bench.print_targets(res)
     if "loop_2p_over_1p" in d:
         j = d["loop_2p_over_1p"]
         print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x ", end="")

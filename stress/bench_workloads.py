@@ -437,11 +437,7 @@ def report(res: dict[str, Any]) -> None:
             got = ", ".join(f"{k}p {fmt.format(sh[str(k)][key])}" for k in procs)
             print(f"  {label} (shmalloc): {got}")
     print("\nbaselines: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items()))
-    j = res["derived"].get("larson_2p_over_1p")
-    if j:
-        base = ", ".join(f"{k} {v:.2f}x" for k, v in j["baselines"].items() if v)
-        print(f"\nlarson, 2 processes / 1 process (shmalloc): {j['value']:.2f}x   ", end="")
-        print(f"{bench.verdict(j)}   (baselines: {base})")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

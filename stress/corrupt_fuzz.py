@@ -42,7 +42,7 @@ from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, csv, pattern, run_check, signame
+from ._common import REPO_ROOT, Parser, bar, child_env, csv, pattern, run_check, signame
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -542,7 +542,7 @@ class Fuzz:
         self.counts: Counter[str] = Counter()
         self.by_region: dict[str, Counter[str]] = defaultdict(Counter)
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.wrong = self.resized = self.slow = 0
+        self.found: Counter[str] = Counter()  # arenas with wrong, resized or slow answers
         self.detail: list[dict[str, Any]] = []
         self.children: set[subprocess.Popen[str]] = set()
         self.lock = threading.Lock()
@@ -588,35 +588,32 @@ class Fuzz:
         for kind in EXAMPLES:  # the outcome, or a list of what went wrong in the child
             if (outcome == kind or r.get(kind)) and len(self.examples[kind]) < 50:
                 self.examples[kind].append(r)
-        self.wrong += bool(r.get("wrong"))
-        self.resized += bool(r.get("resized"))
-        self.slow += bool(r.get("slow"))
+        self.found.update(k for k in ("wrong", "resized", "slow") if r.get(k))
         if self.a.index is not None:
             self.detail.append(r)
 
     def run(self) -> dict[str, Any]:
         a, t0 = self.a, time.monotonic()
         indices = [a.index] if a.index is not None else list(range(a.arenas))
-        bar = Bar(len(indices), "arenas")
         pool = ThreadPoolExecutor(a.jobs)
         try:
             futures = [pool.submit(self.run_one, i) for i in indices]
-            for done, fut in enumerate(as_completed(futures), 1):
-                self.record(fut.result())
-                bar.update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
+            with bar(len(indices), "arenas") as update:
+                for done, fut in enumerate(as_completed(futures), 1):
+                    self.record(fut.result())
+                    update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
         finally:
             with self.lock:
                 self.stopping = True
                 for p in self.children:
                     p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
-            bar.finish()
         counts = {k: self.counts[k] for k in OUTCOMES}
         config = {k: getattr(a, k) for k in ("seed", "capacity", "timeout", "jobs", "quick")}
         config.update(arenas=len(indices), corrupt=not a.no_corrupt, regions=a.regions)
         res = dict(ok=counts["crash"] == counts["hang"] == 0, config=config, counts=counts)
-        res.update(arenas=sum(counts.values()), wrong=self.wrong, slow=self.slow)
-        res.update(resized_silently=self.resized, detail=self.detail, index=a.index)
+        res.update(arenas=sum(counts.values()), wrong=self.found["wrong"], slow=self.found["slow"])
+        res.update(resized_silently=self.found["resized"], detail=self.detail, index=a.index)
         res["by_region"] = {k: dict(v) for k, v in sorted(self.by_region.items())}
         res.update({f"{k}_examples": self.examples[k] for k in EXAMPLES})
         res["duration"] = round(time.monotonic() - t0, 2)

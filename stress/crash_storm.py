@@ -50,7 +50,7 @@ from shmalloc import CorruptionDetected, JoinableQueue, MemoryManager, OutOfMemo
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Bar, Parser, child_env, core_handle, pattern, run_check, signame
+from ._common import REPO_ROOT, Parser, bar, child_env, core_handle, pattern, run_check, signame
 
 MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
@@ -302,14 +302,17 @@ class Worker:
         self.st.set(self.row, F_CUR, 0)
         self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
 
-    def free_all(self) -> None:
+    def free_all(self, blocks: dict[int, Held], why: str = "final") -> int:
+        """Verify and free ``blocks``; returns how many had changed."""
         self.st.set(self.row, F_CUR, OPS.index("stop"))
-        for a, b in self.blocks.items():
-            self.verify(a, b, "final")
+        changed = 0
+        for a, b in blocks.items():
+            changed += not self.verify(a, b, why)
             for _ in range(b.refs):
                 self.m.release(a)
             self.m.deallocate(a)
-        self.blocks.clear()
+        blocks.clear()
+        return changed
 
     def main(self, weights: dict[str, float] = WEIGHTS) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
@@ -322,7 +325,7 @@ class Worker:
                 self.run_op(self.rng.choices(ops, ws)[0])
             if os.getppid() != ppid:  # the driver is gone: so are we
                 os._exit(4)
-        self.free_all()
+        self.free_all(self.blocks)
         self.q = None
         self.m.close()
         return 0
@@ -388,13 +391,9 @@ class Survivor(Worker):
                 self.run_op(self.rng.choices(ops, weights)[0] if len(self.blocks) < 24 else "free")
             verified += len(held)
             corrupt += sum(not self.verify(a, b, "held") for a, b in held.items())
-        self.free_all()
-        for a, b in held.items():
-            verified += 1
-            corrupt += not self.verify(a, b, "held, final")
-            for _ in range(b.refs):
-                self.m.release(a)
-            self.m.deallocate(a)
+        self.free_all(self.blocks)
+        verified += len(held)
+        corrupt += self.free_all(held, "held, final")
         self.m.close()
         ops = self.st.get(self.row, F_OPS)
         out = dict(corrupt=corrupt, verified=verified, errors=self.nerr, ops=ops)
@@ -588,24 +587,23 @@ class Storm:
         self.held = self.survivor_line(60)["held"]
         for w in range(self.n):
             self.spawn(w)
-        bar = Bar(a.kills, "kills")
         deadline = self.t0 + a.seconds if a.seconds else math.inf
         stop_reason = "kills"
-        while self.kills < a.kills:
-            if time.monotonic() >= deadline:
-                stop_reason = "seconds"
-                break
-            time.sleep(min(self.rng.expovariate(1.0 / a.interval), 5 * a.interval))
-            self.reap_exited()
-            self.kill_one()
-            self.read_errors()
-            if self.kills % a.check_every == 0:
-                self.check()
-            bar.update(self.kills, f"ops {self.operations():,} incons {len(self.inconsistencies)}")
-            if self.inconsistencies and not a.keep_going:
-                stop_reason = "inconsistency"
-                break
-        bar.finish()
+        with bar(a.kills, "kills") as update:
+            while self.kills < a.kills:
+                if time.monotonic() >= deadline:
+                    stop_reason = "seconds"
+                    break
+                time.sleep(min(self.rng.expovariate(1.0 / a.interval), 5 * a.interval))
+                self.reap_exited()
+                self.kill_one()
+                self.read_errors()
+                if self.kills % a.check_every == 0:
+                    self.check()
+                update(self.kills, f"ops {self.operations():,} incons {len(self.inconsistencies)}")
+                if self.inconsistencies and not a.keep_going:
+                    stop_reason = "inconsistency"
+                    break
         self.check()
         return self.finish(stop_reason)
 
@@ -666,9 +664,8 @@ class Storm:
         res.update(respawns=self.incarnation - self.n - 1, final=final, final_used=s.used)
         res.update(out_of_memory_answers=self.retired_ooms, lock_recoveries=s.lock_recoveries)
         res.update(killed_during=dict(self.killed_during.most_common()), queue=queue_res)
-        res.update(
-            inconsistencies=self.inconsistencies, n_inconsistencies=len(self.inconsistencies)
-        )
+        incs = self.inconsistencies
+        res.update(inconsistencies=incs, n_inconsistencies=len(incs))
         res.update(worker_errors=self.worker_errors[:200], n_worker_errors=len(self.worker_errors))
         res.update(abnormal_exits=self.abnormal_exits, persistent_leftovers=persistent)
         res.update(leaked_blocks=leaked[:50], n_leaked_blocks=len(leaked), slots_left=slots)
@@ -764,13 +761,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
-    for internal in (
-        "--role",
-        "--arena",
-        "--status",
-        "--errors",
-        "--queue",
-    ):  # the children's roles
+    for internal in ("--role", "--arena", "--status", "--errors", "--queue"):  # the children's
         p.add_argument(internal, help=argparse.SUPPRESS)
     for internal in ("--wid", "--inc", "--worker-seed"):
         p.add_argument(internal, type=int, help=argparse.SUPPRESS)
