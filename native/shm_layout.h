@@ -168,6 +168,8 @@
  * coordinator runs it before each tick. An access that races the truncation is not caught.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
+ *   handoff.c              the combined calls of a hand-off (put, Queue.put, Queue.get in one
+ *                          call each): sequences of objects.c's and queue.c's steps, no state
  *   queue.c                queues of objects, on top of objects.c; the one cycle among the
  *                          files: objects.c's obj_free calls queue_release_items (a hook) to
  *                          drop a freed queue's items, which settles each through objects.c
