@@ -666,7 +666,7 @@ def object_put(
     (``sizes``; ``bufs`` copied in unless None), published and held by slot. Returns its
     address, its id and the buffers' addresses."""
     out = _scratch.out
-    ptrs, sz = _put_args(bufs, sizes)
+    ptrs, sz = _put_args(bufs, sizes) if sizes else (ffi.NULL, ffi.NULL)
     rc = lib.shm_object_put(h, slot, data, len(data), len(sizes), ptrs, sz, writable, out)
     if rc < 0:
         raise_status(rc)

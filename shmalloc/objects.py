@@ -328,6 +328,11 @@ def _slot(a: Attachment) -> int:
     return slot if slot >= 0 else slot_for(a, None)
 
 
+def _handle(a: Attachment) -> C.Handle:
+    h = a.h
+    return h if h is not None else a.handle()  # (handle() raises: closed)
+
+
 def _store(
     a: Attachment,
     data: bytes,
@@ -340,9 +345,13 @@ def _store(
     None) into a new object, published and held by a new ObjectRef, in one C call; with
     ``name``, bind it. Returns the reference and the buffers' addresses."""
     raw_name = encode_block_name(name) if name is not None else None
-    h = a.handle()
-    after_fork_adopted()
-    address, oid, addresses = C.object_put(h, _slot(a), data, sizes, bufs, writable)
+    h = _handle(a)
+    if _pid != _me:
+        after_fork_adopted()  # (the copy runs outside the module's lock)
+    slot = a.slot
+    if slot < 0:
+        slot = slot_for(a, None)
+    address, oid, addresses = C.object_put(h, slot, data, sizes, bufs, writable)
     with _critical:
         ref = _held_ref(a, address, oid, len(data) + sum(sizes), name)
     if raw_name is not None:
@@ -360,7 +369,7 @@ def put(a: Attachment, obj: Any, name: str | None = None) -> ObjectRef:
     and return a reference to it; with ``name``, also bind it."""
     bufs: list[memoryview] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=_out_of_band(bufs))
-    return _store(a, data, [b.nbytes for b in bufs], bufs, name, False)[0]
+    return _store(a, data, [b.nbytes for b in bufs] if bufs else [], bufs, name, False)[0]
 
 
 # ------------------------------------------------------------------ get
@@ -400,22 +409,13 @@ def _open(a: Attachment, address: int, oid: int, name: bytes | None) -> tuple[An
     stream, False), this process's hold left as it was. For a name not bound: (its bind
     sequence word, False)."""
     with _critical:
-        view, stream, seq = C.object_get(a.handle(), _slot(a), address, oid, name, True)
+        view, stream, seq = C.object_get(_handle(a), _slot(a), address, oid, name, True)
         if view is None:
             return seq, False
         if stream is not None:
             return stream, False
         _count(a, (a.name, view.address, view.id), True)  # C set this process's bit: the pin
         return view, True
-
-
-def _open_ref(a: Attachment, ref: ObjectRef) -> tuple[Any, bool]:
-    if ref.arena != a.name:
-        raise ValueError(
-            f"this reference names an object of arena {ref.arena!r}, not {a.name!r}; "
-            "use that arena's manager"
-        )
-    return _open(a, ref.address, ref.id, None)
 
 
 def _open_name(a: Attachment, name: str, timeout: float | None) -> tuple[Any, bool]:
@@ -433,21 +433,24 @@ def _open_name(a: Attachment, name: str, timeout: float | None) -> tuple[Any, bo
         C.wait(a.handle(), word, got, min(left, RECHECK))
 
 
-def _value(a: Attachment, got: Any, pinned: bool) -> Any:
-    return _load(a, got) if pinned else pickle.loads(got)
-
-
 def get(a: Attachment, key: ObjectRef | str, timeout: float | None = None) -> Any:
     """The object back: out-of-band buffers as read-only views over the arena (numpy arrays stay
     numpy arrays), alive while the value or any view of it lives. A name waits up to
     ``timeout`` seconds (None: forever, 0: not at all) for a bind."""
     if isinstance(key, ObjectRef):
-        return _value(a, *_open_ref(a, key))
-    if isinstance(key, str):
+        if key.arena != a.name:
+            raise ValueError(
+                f"this reference names an object of arena {key.arena!r}, not {a.name!r}; "
+                "use that arena's manager"
+            )
+        got, pinned = _open(a, key.address, key.id, None)
+    elif isinstance(key, str):
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-        return _value(a, *_open_name(a, key, timeout))
-    raise TypeError(f"get() takes an ObjectRef or a name, not {type(key).__name__}")
+        got, pinned = _open_name(a, key, timeout)
+    else:
+        raise TypeError(f"get() takes an ObjectRef or a name, not {type(key).__name__}")
+    return _load(a, got) if pinned else pickle.loads(got)
 
 
 async def get_async(a: Attachment, name: ObjectRef | str, timeout: float | None = None) -> Any:

@@ -176,7 +176,7 @@ class _Base:
         the queue is full, the object stays made, unpublished, in ``item`` for _offer."""
         a, q = self._att, self._ref
         objects.after_fork_adopted()  # (the copy runs outside the module's lock)
-        seq, blocks = C.queue_put_new(a.handle(), _slot(a), q.address, q.id, data, bufs)
+        seq, blocks = C.queue_put_new(objects._handle(a), _slot(a), q.address, q.id, data, bufs)
         if seq is not None:
             item.address, item.unpublished = blocks[0], [*blocks[1:], blocks[0]]
         return seq
@@ -232,7 +232,7 @@ class _Base:
         a = self._att
         with objects._critical:
             q = self._ref
-            view, stream, is_ref, seq = C.queue_take(a.handle(), _slot(a), q.address, q.id)
+            view, stream, is_ref, seq = C.queue_take(objects._handle(a), _slot(a), q.address, q.id)
             if view is None:
                 return seq
             if stream is not None:  # copied out and dropped already (native/handoff.c)
