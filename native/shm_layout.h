@@ -135,6 +135,8 @@
  *     leaves an object that only its bit held: collection frees it. A binder killed between its
  *     bump of bind_seq and its wake: waiters find the name at their next look (objects.py caps
  *     each sleep), see wait.c.
+ *   - a process inside one of handoff.c's combined calls: what the steps it combines leave (its
+ *     blocks are plain blocks of its slot until the publish; see the other items here).
  *   - a queue's producer or consumer (queue.c draws the cell's two states): put and get are
  *     one journaled step each, rolled back if the process dies inside; before put's step the
  *     item is an unpublished object of the dying slot (collection frees it), after get's step
