@@ -352,44 +352,6 @@ static int open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t 
     return SHM_OK;
 }
 
-static int open_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
-    uint64_t off;
-    shm_object_t *o;
-    int rc = live_slot(h, slot);
-    if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
-    return open_found(h, slot, off, o, out, bufs, cap);
-}
-
-int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
-    SHM_GATE(h);
-    memset(out, 0, sizeof *out);
-    LOCKED(h, open_locked(h, slot, object, id, out, bufs, cap));
-}
-
-static int open_name_locked(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                            uint64_t *bufs, uint32_t cap) {
-    out->bind_seq = __atomic_load_n(&section(h)->bind_seq, __ATOMIC_ACQUIRE);
-    int rc = live_slot(h, slot);
-    if (rc != SHM_OK) return rc;
-    int64_t address = names_find_address(h, name);
-    if (address < 0) return (int)address;
-    uint64_t off;
-    shm_object_t *o;
-    if ((rc = obj_find(h, (uint64_t)address, 0, &off, &o)) != SHM_OK)
-        return err_set(SHM_EINVAL, (uint64_t)address,
-                       "the name '%s' is bound to a block that is not an object", name);
-    return open_found(h, slot, off, o, out, bufs, cap);
-}
-
-int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                         uint64_t *bufs, uint32_t cap) {
-    SHM_GATE(h);
-    memset(out, 0, sizeof *out);
-    LOCKED(h, open_name_locked(h, slot, name, out, bufs, cap));
-}
-
 /* The words of shm_object_get's out for the object at off (header block), and its buffer pairs. */
 static void view_words(uint64_t off, shm_object_t *o, uint64_t *out) {
     out[SHM_GET_ADDRESS] = off + SHM_HDR;

@@ -101,7 +101,7 @@ typedef struct shm_block_info {
     int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
 
-/* What shm_object_open found: where the pickle stream is, and the object's size. The buffers'
+/* What shm_queue_get found: where the pickle stream is, and the object's size. The buffers'
  * (address, nbytes) pairs go to the caller's array. */
 typedef struct shm_object_view {
     uint64_t address;    /* the object's header address */
@@ -111,7 +111,7 @@ typedef struct shm_object_view {
     uint64_t nbytes;     /* pickle_len + the buffers' bytes */
     uint32_t nbuffers;
     uint32_t flags;    /* SHM_OBJ_* */
-    uint32_t bind_seq; /* shm_object_open_name: bind_seq as read with the lookup, for shm_wait */
+    uint32_t bind_seq; /* unused (shm_object_get reports it in its out words) */
     uint32_t pad;
 } shm_object_view_t;
 
@@ -266,13 +266,6 @@ int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32
  * writable), and slot holds it. Its id goes to *id_out. */
 int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
                        uint64_t *id_out);
-/* slot takes a process reference (idempotent: one bit per slot) and learns the object's layout;
- * bufs receives nbuffers (address, nbytes) pairs, cap is its room in pairs. */
-int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
-/* The same for the object bound to name; SHM_ENOENT (with out->bind_seq set) if none. */
-int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                         uint64_t *bufs, uint32_t cap);
 /* get() in one call: slot holds the object (address, id), or the one bound to name if name is not
  * NULL, and learns its layout in out: SHM_GET_WORDS words (SHM_GET_*), then nbuffers (address,
  * nbytes) pairs; cap is the room for pairs. An object without out-of-band buffers whose pickle
@@ -329,7 +322,7 @@ int shm_name_unbind(shm_handle_t *h, const char *name);
 #define SHM_QPUT_KIND 3
 #define SHM_QPUT_FORCE 4 /* with a mode: ignore maxsize (putting back what a get took) */
 #define SHM_QPUT_FULL 1  /* shm_queue_put: the queue is full, *seq_out is not_full's value */
-#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, bufs as shm_object_open) */
+#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, and bufs as pairs) */
 #define SHM_QGET_REF 1   /* shm_queue_get: an item that is a reference to the object in out */
 #define SHM_QGET_EMPTY 2 /* shm_queue_get: nothing waits, *seq_out is not_empty's value */
 #define SHM_QWAIT_NOT_EMPTY 0

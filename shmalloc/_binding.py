@@ -641,7 +641,6 @@ class _Scratch(threading.local):
         self.pairs = self.out + GET_WORDS
         self.dst = ffi.new("char[]", STREAM_COPY_MAX)
         self.seq = ffi.new("uint32_t *")
-        self.oid = ffi.new("uint64_t *")
 
 
 _scratch = _Scratch()
@@ -677,16 +676,16 @@ def object_create(
     h: Handle, slot: int, pickle_len: int, sizes: Sequence[int]
 ) -> tuple[int, int, list[int]]:
     """Allocate an unpublished object: (header address, pickle stream address, buffer
-    addresses). Write them, then :func:`object_publish`."""
+    addresses). Write them, then :func:`object_publish` (:func:`object_put` does all three)."""
     n = len(sizes)
     out = ffi.new("uint64_t[]", n + 2)
-    _check(lib.shm_object_create(h, slot, pickle_len, n, ffi.new("uint64_t[]", list(sizes)), out))
+    _check(lib.shm_object_create(h, slot, pickle_len, n, list(sizes), out))
     return int(out[0]), int(out[1]), [int(out[2 + i]) for i in range(n)]
 
 
 def object_publish(h: Handle, slot: int, address: int, writable: bool) -> int:
     """Make the written object live, held by slot; returns its id."""
-    oid = _scratch.oid
+    oid = ffi.new("uint64_t *")
     _check(lib.shm_object_publish(h, slot, address, int(writable), oid), address)
     return int(oid[0])
 
@@ -735,13 +734,6 @@ def object_open(h: Handle, slot: int, address: int, oid: int) -> ObjectView:
     view = object_get(h, slot, address, oid)[0]
     assert view is not None
     return view
-
-
-def object_open_name(h: Handle, slot: int, name: bytes) -> tuple[ObjectView | None, int]:
-    """The object bound to ``name``, held by slot, or None; with the bind sequence word's value
-    read with the lookup (sleep on it with :func:`wait` to learn of the next bind)."""
-    view, _, seq = object_get(h, slot, 0, 0, name)
-    return view, seq
 
 
 def object_release(h: Handle, slot: int, address: int, oid: int) -> bool | None:
