@@ -5,9 +5,8 @@ Nanoseconds per allocate+free pair, median [min-max] of interleaved trials (``me
   public     ``mgr.deallocate(mgr.allocate(size))``: the Python API users call
   core       ``lib.shm_free(h, lib.shm_alloc(h, size, 0, slot))``: the C core through cffi,
              without the Python wrapper
-  malloc     ``free(malloc(size))`` through a cffi API-mode module (``ffi.set_source``, compiled
-             once per run into a temporary directory): the compiled floor for "one C call each
-             way" (ABI mode, ``ffi.dlopen``, costs about twice as much per call)
+  malloc     ``free(malloc(size))`` through a cffi API-mode module (``ffi.set_source``, built once
+             per run): the compiled floor for "one C call each way" (ABI mode is ~2x slower)
   stdlib     ``SharedMemory(create=True, size=size)`` then ``close()`` and ``unlink()``: one
              segment per object, what shmalloc replaces
   collector  the public pair with ``mgr.set_collector(lambda e: None)`` against none
@@ -53,9 +52,8 @@ def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
     sa, sf = lib.shm_alloc, lib.shm_free
 
     def run(n: int) -> int:
-        r = range(n)
         t0 = time.perf_counter_ns()
-        for _ in r:
+        for _ in range(n):
             sf(h, sa(h, size, 0, slot))
         return time.perf_counter_ns() - t0
 
@@ -63,8 +61,7 @@ def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
 
 
 def api_malloc() -> Any:
-    """glibc's malloc and free through a cffi API-mode module, built into a temporary directory
-    and imported from there (the directory goes once the module is loaded)."""
+    """glibc's malloc and free through a cffi API-mode module built in a temporary directory."""
     ffi = cffi.FFI()
     ffi.cdef("void *malloc(size_t); void free(void *);")
     ffi.set_source("_bench_alloc_floor", "#include <stdlib.h>")
