@@ -706,7 +706,7 @@ def object_get(
     """get() in one call: the object (address, oid), or the one bound to ``name``, opened for
     slot: (its view, None, bind_seq), slot holding it from now on (idempotent). With ``copy``,
     an object without out-of-band buffers whose stream is at most STREAM_COPY_MAX bytes comes
-    back as (its view, the stream's bytes, bind_seq) instead, slot's hold left as it was.
+    back as (None, the stream's bytes, bind_seq) instead, slot's hold left as it was.
     ObjectNotFound if gone; for a name that is not bound, (None, None, the bind sequence word
     read with the lookup: sleep on it with :func:`wait` to learn of the next bind)."""
     s = _scratch
@@ -726,7 +726,9 @@ def object_get(
         if rc == lib.SHM_ENOENT and name is not None:
             return None, None, out[7]
         raise_status(rc, address)
-    return _view(out), ffi.unpack(s.dst, out[3]) if rc == 1 else None, out[7]
+    if rc == 1:
+        return None, ffi.unpack(s.dst, out[3]), out[7]
+    return _view(out), None, out[7]
 
 
 def object_open(h: Handle, slot: int, address: int, oid: int) -> ObjectView:
@@ -861,7 +863,7 @@ def queue_take(
 ) -> tuple[ObjectView | None, bytes | None, bool, int]:
     """Queue.get() in one call: take the oldest item, held by slot from now on: (its view, None,
     True if the item is a reference rather than a value, 0). A value without out-of-band buffers
-    whose stream is at most STREAM_COPY_MAX bytes comes back as (its view, the stream's bytes,
+    whose stream is at most STREAM_COPY_MAX bytes comes back as (None, the stream's bytes,
     False, 0), already dropped. An empty queue: (None, None, False, the not_empty word's
     value)."""
     s = _scratch
@@ -872,7 +874,7 @@ def queue_take(
     if rc == lib.SHM_QGET_EMPTY:
         return None, None, False, int(seq[0])
     if rc == lib.SHM_QGET_COPIED:
-        return _view(out), ffi.unpack(s.dst, out[3]), False, 0
+        return None, ffi.unpack(s.dst, out[3]), False, 0
     _check(rc, queue)
     return _view(out), None, rc == lib.SHM_QGET_REF, 0
 

@@ -410,10 +410,10 @@ def _open(a: Attachment, address: int, oid: int, name: bytes | None) -> tuple[An
     sequence word, False)."""
     with _critical:
         view, stream, seq = C.object_get(_handle(a), _slot(a), address, oid, name, True)
-        if view is None:
-            return seq, False
         if stream is not None:
             return stream, False
+        if view is None:
+            return seq, False
         _count(a, (a.name, view.address, view.id), True)  # C set this process's bit: the pin
         return view, True
 

@@ -99,9 +99,9 @@ class _Taken:
     """An item taken out of a queue, held by this process: a reference, or a value to load
     (counted once as this process's pin, which _load consumes)."""
 
-    view: C.ObjectView
+    view: C.ObjectView | None  # None: ``stream`` is the value's pickle stream, copied out
     ref: ObjectRef | None
-    stream: bytes | None = None  # a small value's pickle stream, copied out (nothing held)
+    stream: bytes | None = None
 
 
 class _Base:
@@ -233,10 +233,10 @@ class _Base:
         with objects._critical:
             q = self._ref
             view, stream, is_ref, seq = C.queue_take(objects._handle(a), _slot(a), q.address, q.id)
-            if view is None:
-                return seq
             if stream is not None:  # copied out and dropped already (native/handoff.c)
-                box.append(_Taken(view, None, stream))
+                box.append(_Taken(None, None, stream))
+            elif view is None:
+                return seq
             elif is_ref:
                 ref = objects._held_ref(a, view.address, view.id, view.nbytes, None)
                 box.append(_Taken(view, ref))
@@ -250,6 +250,7 @@ class _Base:
             return taken.ref
         if taken.stream is not None:
             return pickle.loads(taken.stream)
+        assert taken.view is not None
         return objects._load(self._att, taken.view)
 
     def _untake(self, taken: _Taken) -> None:
@@ -264,6 +265,7 @@ class _Base:
             C.queue_put(h, slot, q.address, q.id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
             C.object_release(h, slot, address, oid)
             return
+        assert taken.view is not None
         C.queue_put(
             a.handle(),
             slot_for(a, None),
