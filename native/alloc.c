@@ -7,6 +7,8 @@
  * allocated; the heap path then answers, and reports any error. A free for the user
  * (alloc_free_block) also drops the block's references (own.c) and names (names.c) and takes it
  * off its owner's usage (process.c); collection (gc.c) frees through it too. */
+#include <string.h>
+
 #include "shm_internal.h"
 
 /* Out of memory, reported as stats() counts: cached bytes are available, not used. */
@@ -62,16 +64,21 @@ static int64_t alloc_heap(shm_handle_t *h, uint64_t size, uint64_t align, uint32
 
 int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
     SHM_GATE(h);
-    if (UNLIKELY(size == 0 || size > h->heap_end - h->heap_off))
-        return size ? alloc_oom(h, SHM_ENOMEM, size)
-                    : err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
+    if (UNLIKELY(size == 0)) return err_set(SHM_EINVAL, 0, "cannot allocate 0 bytes");
     if (align > SHM_PAGE || (align & (align - 1))) {
         return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two up to %d",
                        (unsigned long long)align, SHM_PAGE);
     }
-    if (align <= SHM_ALIGN) align = 0; /* every block is 16-byte aligned already */
     if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
         return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    return alloc_checked(h, size, align <= SHM_ALIGN ? 0 : align, slot);
+}
+
+/* shm_alloc once its arguments are known good (size > 0, align 0 or a power of two from 32 to
+ * SHM_PAGE, slot in range), inside the gate: for the combined calls (objects.c, handoff.c). */
+int64_t alloc_checked(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) {
+    shm_assert(size > 0 && slot >= 0 && slot < SHM_MAX_PROCS);
+    if (UNLIKELY(size > h->heap_end - h->heap_off)) return alloc_oom(h, SHM_ENOMEM, size);
     int64_t r = CACHE_DECLINED;
     if (LIKELY(!align && slot == h->slot && size <= CACHE_MAX_USABLE &&
                A_LOAD(&h->arena->counters.cache_limit)))
@@ -155,8 +162,7 @@ int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot) {
 /* Usable size of the live block at address; with for_write, sealed blocks are refused.
  * Runs without the lock: a header torn by a concurrent writer fails its checksum, and then the
  * answer is taken again under the lock. */
-int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
-    SHM_GATE(h);
+static int64_t block_size_checked(shm_handle_t *h, uint64_t address, int for_write) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
     if (UNLIKELY(rc == SHM_ECORRUPT)) {
@@ -170,6 +176,46 @@ int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
         return err_set(SHM_EPROTECT, address, "the block at %#llx is sealed",
                        (unsigned long long)address);
     return (int64_t)(b->size - SHM_HDR);
+}
+
+int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write) {
+    SHM_GATE(h);
+    return block_size_checked(h, address, for_write);
+}
+
+static int64_t block_span(shm_handle_t *h, uint64_t address, uint64_t offset, uint64_t n,
+                          int for_write) {
+    int64_t r = block_size_checked(h, address, for_write);
+    if (r < 0) return r;
+    uint64_t size = (uint64_t)r;
+    if (offset > size)
+        return err_set(
+            SHM_EINVAL, address, "offset %llu is outside the block at %#llx (%llu usable bytes)",
+            (unsigned long long)offset, (unsigned long long)address, (unsigned long long)size);
+    if (n == UINT64_MAX) return (int64_t)(size - offset);
+    if (n > size - offset)
+        return err_set(SHM_EINVAL, address,
+                       "%llu bytes at offset %llu cross the end of the block at %#llx (%llu usable "
+                       "bytes); stay within size_of(address)",
+                       (unsigned long long)n, (unsigned long long)offset,
+                       (unsigned long long)address, (unsigned long long)size);
+    return (int64_t)n;
+}
+
+int64_t shm_block_span(shm_handle_t *h, uint64_t address, uint64_t offset, uint64_t n,
+                       int for_write) {
+    SHM_GATE(h);
+    return block_span(h, address, offset, n, for_write);
+}
+
+/* The bytes go in inside the gate: close cannot unmap the segment under the copy. */
+int64_t shm_block_write(shm_handle_t *h, uint64_t address, uint64_t offset, const void *data,
+                        uint64_t n) {
+    SHM_GATE(h);
+    if (UNLIKELY(n == UINT64_MAX)) return err_set(SHM_EINVAL, address, "no data is that long");
+    int64_t r = block_span(h, address, offset, n, 1);
+    if (r > 0) memcpy(h->base + address + offset, data, (size_t)r);
+    return r;
 }
 
 int shm_block_seal(shm_handle_t *h, uint64_t address) {

@@ -22,6 +22,7 @@ SOURCES = [
     "fault.c",
     "freelist.c",
     "gc.c",
+    "handoff.c",
     "heap.c",
     "journal.c",
     "lease.c",

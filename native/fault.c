@@ -21,6 +21,7 @@
  *   queue.get.done the get is done and the heap lock let go, the item not yet back in Python
  *   queue.grow     a bigger ring is carved and filled, not yet in the queue
  *   queue.drain    a queue being freed has dropped an item, more are left
+ *   object.filled  a put's blocks are allocated and written (handoff.c), not yet published
  *
  * With SHMALLOC_FAULT_PAUSE=<w>:<r> (two inherited descriptors) the step pauses instead: the first
  * thread to reach it writes one byte to descriptor w and blocks until it reads one from r, still
@@ -57,6 +58,7 @@ static const char *const steps[] = {
     [FAULT_QUEUE_GET_DONE] = "queue.get.done",
     [FAULT_QUEUE_GROW] = "queue.grow",
     [FAULT_QUEUE_DRAIN] = "queue.drain",
+    [FAULT_OBJECT_FILLED] = "object.filled",
 };
 
 void fault_init(void) {

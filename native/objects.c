@@ -215,26 +215,24 @@ static int create_check(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint
     return SHM_OK;
 }
 
-int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
-                      const uint64_t *sizes, uint64_t *out) {
-    SHM_GATE(h);
+/* shm_object_create for callers inside the gate (handoff.c): the arguments are checked here once,
+ * and each block comes from alloc_checked (the calling slot's cache for small ones). */
+int objects_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
+                   const uint64_t *sizes, uint64_t *out) {
     int rc = create_check(h, slot, pickle_len, nbuffers);
     if (rc != SHM_OK) return rc;
     uint64_t head = sizeof(shm_object_t) + nbuffers * sizeof(shm_objbuf_t) + pickle_len;
-    int64_t r = shm_alloc(h, head, 0, slot);
+    int64_t r = alloc_checked(h, head, 0, slot);
     if (r < 0) return (int)r;
     uint64_t object = (uint64_t)r & SHM_ALLOC_ADDRESS_MASK;
     uint32_t made = 0;
     for (; made < nbuffers; made++) {
-        r = shm_alloc(h, sizes[made] ? sizes[made] : 1, 0, slot);
+        r = alloc_checked(h, sizes[made] ? sizes[made] : 1, 0, slot);
         if (r < 0) break;
         out[2 + made] = (uint64_t)r & SHM_ALLOC_ADDRESS_MASK;
     }
     if (made < nbuffers) { /* out of memory: give back what was taken, report the failure */
-        shm_error_info_t saved = *shm_last_error();
-        for (uint32_t i = 0; i < made; i++) shm_free(h, out[2 + i]);
-        shm_free(h, object);
-        err_restore(&saved);
+        objects_discard(h, object, made, out + 2);
         return (int)r;
     }
     shm_object_t *o = (shm_object_t *)(void *)(h->base + object);
@@ -251,6 +249,21 @@ int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32
     out[0] = object;
     out[1] = object + sizeof *o + nbuffers * sizeof(shm_objbuf_t);
     return SHM_OK;
+}
+
+int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
+                      const uint64_t *sizes, uint64_t *out) {
+    SHM_GATE(h);
+    return objects_create(h, slot, pickle_len, nbuffers, sizes, out);
+}
+
+/* Give back the plain blocks of an object that was never published (its header at object and
+ * nbuffers buffers), keeping the failure the caller is about to report. */
+void objects_discard(shm_handle_t *h, uint64_t object, uint32_t nbuffers, const uint64_t *bufs) {
+    shm_error_info_t saved = *shm_last_error();
+    for (uint32_t i = 0; i < nbuffers; i++) shm_free(h, bufs[i]);
+    shm_free(h, object);
+    err_restore(&saved);
 }
 
 /* Turn the claimed plain block at off, owned by owner, into a persistent object block. */
@@ -341,42 +354,74 @@ static int open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t 
     return SHM_OK;
 }
 
-static int open_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
+/* The words of shm_object_get's out for the object at off (header block), and its buffer pairs. */
+static void view_words(uint64_t off, shm_object_t *o, uint64_t *out) {
+    out[SHM_GET_ADDRESS] = off + SHM_HDR;
+    out[SHM_GET_ID] = o->id;
+    out[SHM_GET_PICKLE] = off + SHM_HDR + sizeof *o + o->nbuffers * sizeof(shm_objbuf_t);
+    out[SHM_GET_PICKLE_LEN] = o->pickle_len;
+    out[SHM_GET_NBYTES] = o->nbytes;
+    out[SHM_GET_FLAGS] = o->flags;
+    out[SHM_GET_NBUFFERS] = o->nbuffers;
+    const shm_objbuf_t *t = obj_table(o);
+    uint64_t *pairs = out + SHM_GET_WORDS;
+    for (uint32_t i = 0; i < o->nbuffers; i++) {
+        pairs[2 * i] = t[i].address;
+        pairs[2 * i + 1] = t[i].nbytes;
+    }
+}
+
+static int get_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, const char *name,
+                      uint64_t *out, uint32_t cap, void *dst, uint64_t dst_cap) {
     uint64_t off;
     shm_object_t *o;
-    int rc = live_slot(h, slot);
-    if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
-    return open_found(h, slot, off, o, out, bufs, cap);
-}
-
-int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
-    SHM_GATE(h);
-    memset(out, 0, sizeof *out);
-    LOCKED(h, open_locked(h, slot, object, id, out, bufs, cap));
-}
-
-static int open_name_locked(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                            uint64_t *bufs, uint32_t cap) {
-    out->bind_seq = __atomic_load_n(&section(h)->bind_seq, __ATOMIC_ACQUIRE);
     int rc = live_slot(h, slot);
     if (rc != SHM_OK) return rc;
-    int64_t address = names_find_address(h, name);
-    if (address < 0) return (int)address;
-    uint64_t off;
-    shm_object_t *o;
-    if ((rc = obj_find(h, (uint64_t)address, 0, &off, &o)) != SHM_OK)
-        return err_set(SHM_EINVAL, (uint64_t)address,
-                       "the name '%s' is bound to a block that is not an object", name);
-    return open_found(h, slot, off, o, out, bufs, cap);
+    if (name) {
+        out[SHM_GET_BIND_SEQ] = __atomic_load_n(&section(h)->bind_seq, __ATOMIC_ACQUIRE);
+        int64_t address = names_find_address(h, name);
+        if (address < 0) return (int)address;
+        if (obj_find(h, (uint64_t)address, 0, &off, &o) != SHM_OK)
+            return err_set(SHM_EINVAL, (uint64_t)address,
+                           "the name '%s' is bound to a block that is not an object", name);
+    } else if ((rc = obj_find(h, object, id, &off, &o)) != SHM_OK) {
+        return rc;
+    }
+    if (o->flags & SHM_OBJ_DELETED) return gone(off + SHM_HDR, "it was deleted");
+    if (o->nbuffers > cap)
+        return err_set(SHM_EINVAL, cap, "room for %u buffers, the object has %u", cap, o->nbuffers);
+    view_words(off, o, out);
+    if (!o->nbuffers && o->pickle_len <= dst_cap) { /* obj_fits: the stream lies in the block */
+        memcpy(dst, h->base + out[SHM_GET_PICKLE], o->pickle_len);
+        return 1;
+    }
+    if (!holder_bit(o, slot)) holder_set(h, o, slot, 1);
+    return 0;
 }
 
-int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                         uint64_t *bufs, uint32_t cap) {
+int shm_object_get(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, const char *name,
+                   uint64_t *out, uint32_t cap, void *dst, uint64_t dst_cap) {
     SHM_GATE(h);
-    memset(out, 0, sizeof *out);
-    LOCKED(h, open_name_locked(h, slot, name, out, bufs, cap));
+    memset(out, 0, SHM_GET_WORDS * sizeof *out);
+    LOCKED(h, get_locked(h, slot, object, id, name, out, cap, dst, dst_cap));
+}
+
+/* handoff.c's read and release in one step (under the heap lock): copy the pickle stream of an
+ * object slot holds and that has no out-of-band buffers to dst, then drop slot's hold, which
+ * frees the object if nothing else holds it. */
+int objects_take_stream(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, void *dst,
+                        uint64_t dst_cap) {
+    uint64_t off;
+    shm_object_t *o;
+    int rc = obj_find(h, object, id, &off, &o);
+    if (rc != SHM_OK) return rc;
+    if (o->nbuffers || o->pickle_len > dst_cap || !holder_bit(o, slot))
+        return err_set(SHM_EINVAL, object, "the object at %#llx cannot be taken as a stream",
+                       (unsigned long long)object);
+    memcpy(dst, h->base + off + SHM_HDR + sizeof *o, o->pickle_len);
+    holder_set(h, o, slot, 0);
+    rc = objects_settle(h, off, o);
+    return rc < 0 ? rc : SHM_OK;
 }
 
 static int release_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {

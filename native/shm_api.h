@@ -105,7 +105,7 @@ typedef struct shm_block_info {
     int32_t slot; /* owner's slot, -1 when none */
 } shm_block_info_t;
 
-/* What shm_object_open found: where the pickle stream is, and the object's size. The buffers'
+/* What shm_queue_get found: where the pickle stream is, and the object's size. The buffers'
  * (address, nbytes) pairs go to the caller's array. */
 typedef struct shm_object_view {
     uint64_t address;    /* the object's header address */
@@ -115,7 +115,7 @@ typedef struct shm_object_view {
     uint64_t nbytes;     /* pickle_len + the buffers' bytes */
     uint32_t nbuffers;
     uint32_t flags;    /* SHM_OBJ_* */
-    uint32_t bind_seq; /* shm_object_open_name: bind_seq as read with the lookup, for shm_wait */
+    uint32_t bind_seq; /* unused (shm_object_get reports it in its out words) */
     uint32_t pad;
 } shm_object_view_t;
 
@@ -175,6 +175,14 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
 int64_t shm_free(shm_handle_t *h, uint64_t address);
 int shm_block_release(shm_handle_t *h, uint64_t address, int32_t slot);
 int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
+/* Bytes [offset, offset + n) of the live block at address (n = UINT64_MAX: to its end), checked
+ * as shm_block_size checks the block, and within it: n (resolved), or a status. */
+int64_t shm_block_span(shm_handle_t *h, uint64_t address, uint64_t offset, uint64_t n,
+                       int for_write);
+/* Copy n bytes of data into the block at address, from offset (checked as shm_block_span with
+ * for_write): n, or a status. */
+int64_t shm_block_write(shm_handle_t *h, uint64_t address, uint64_t offset, const void *data,
+                        uint64_t n);
 int shm_block_seal(shm_handle_t *h, uint64_t address);
 int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out);
 
@@ -262,13 +270,23 @@ int shm_object_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32
  * writable), and slot holds it. Its id goes to *id_out. */
 int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
                        uint64_t *id_out);
-/* slot takes a process reference (idempotent: one bit per slot) and learns the object's layout;
- * bufs receives nbuffers (address, nbytes) pairs, cap is its room in pairs. */
-int shm_object_open(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id,
-                    shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
-/* The same for the object bound to name; SHM_ENOENT (with out->bind_seq set) if none. */
-int shm_object_open_name(shm_handle_t *h, int32_t slot, const char *name, shm_object_view_t *out,
-                         uint64_t *bufs, uint32_t cap);
+/* get() in one call: slot holds the object (address, id), or the one bound to name if name is not
+ * NULL, and learns its layout in out: SHM_GET_WORDS words (SHM_GET_*), then nbuffers (address,
+ * nbytes) pairs; cap is the room for pairs. An object without out-of-band buffers whose pickle
+ * stream fits in dst_cap bytes is copied to dst instead, under the lock, and slot's hold is left
+ * as it was: returns 1 then, 0 when slot holds the object now. SHM_ENOENT as the open calls
+ * (out[SHM_GET_BIND_SEQ] is set for a name). */
+#define SHM_GET_ADDRESS 0
+#define SHM_GET_ID 1
+#define SHM_GET_PICKLE 2
+#define SHM_GET_PICKLE_LEN 3
+#define SHM_GET_NBYTES 4
+#define SHM_GET_FLAGS 5
+#define SHM_GET_NBUFFERS 6
+#define SHM_GET_BIND_SEQ 7
+#define SHM_GET_WORDS 8
+int shm_object_get(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, const char *name,
+                   uint64_t *out, uint32_t cap, void *dst, uint64_t dst_cap);
 /* Drop slot's process reference: 1 if that freed the object, 0 if not, SHM_ENOENT if slot held
  * none. */
 int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
@@ -308,7 +326,7 @@ int shm_name_unbind(shm_handle_t *h, const char *name);
 #define SHM_QPUT_KIND 3
 #define SHM_QPUT_FORCE 4 /* with a mode: ignore maxsize (putting back what a get took) */
 #define SHM_QPUT_FULL 1  /* shm_queue_put: the queue is full, *seq_out is not_full's value */
-#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, bufs as shm_object_open) */
+#define SHM_QGET_VALUE 0 /* shm_queue_get: an item to unpickle (out, and bufs as pairs) */
 #define SHM_QGET_REF 1   /* shm_queue_get: an item that is a reference to the object in out */
 #define SHM_QGET_EMPTY 2 /* shm_queue_get: nothing waits, *seq_out is not_empty's value */
 #define SHM_QWAIT_NOT_EMPTY 0
@@ -330,6 +348,30 @@ int shm_queue_info(shm_handle_t *h, uint64_t queue, uint64_t queue_id, shm_queue
  * segment offset `control` holds seq, counted as a sleeper; returns as shm_wait. */
 int shm_queue_wait(shm_handle_t *h, uint64_t control, int32_t which, uint32_t seq,
                    int64_t timeout_ns);
+
+/* handoff.c: the combined calls of a hand-off (one C call where Python made several).
+ * put() in one call: shm_object_create for the pickle stream and nbuffers buffers (bufs[i],
+ * sizes[i] bytes each; bufs NULL or bufs[i] NULL: left unwritten), the stream and buffers copied
+ * in, shm_object_publish. out[0] = the object's address, out[1] = its id, out[2 + i] = buffer i's
+ * address. A process killed before the publish leaves plain blocks of its own (collection frees
+ * them). */
+int shm_object_put(shm_handle_t *h, int32_t slot, const void *pickle, uint64_t pickle_len,
+                   uint32_t nbuffers, const void *const *bufs, const uint64_t *sizes, int writable,
+                   uint64_t *out);
+/* Queue.put() of a new item in one call: the object made as shm_object_put makes it, then put in
+ * the queue as shm_queue_put(SHM_QPUT_NEW). SHM_QPUT_FULL leaves it unpublished, its blocks in
+ * out as shm_object_create's (out[0] header, out[2 + i] buffers; out[1] unused): put it with
+ * shm_queue_put once there is room, or free them. Any failure frees them. */
+int shm_queue_put_new(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+                      const void *pickle, uint64_t pickle_len, uint32_t nbuffers,
+                      const void *const *bufs, const uint64_t *sizes, uint64_t *out,
+                      uint32_t *seq_out);
+/* Queue.get() in one call: shm_queue_get, the view laid out in out as shm_object_get lays it out;
+ * a value without out-of-band buffers whose stream fits in dst_cap bytes is copied to dst and
+ * slot's hold dropped at once (SHM_QGET_COPIED). */
+#define SHM_QGET_COPIED 3
+int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t *out,
+                   uint32_t cap, void *dst, uint64_t dst_cap, uint32_t *seq_out);
 
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);

@@ -183,6 +183,7 @@ enum {
     FAULT_QUEUE_GET_DONE,
     FAULT_QUEUE_GROW,
     FAULT_QUEUE_DRAIN,
+    FAULT_OBJECT_FILLED,
 };
 extern int fault_step;
 void fault_init(void);
@@ -321,10 +322,14 @@ int names_unbind_locked(shm_handle_t *h, const char *name, uint64_t *off_out);
 int names_check(const char *name);
 
 /* alloc.c */
+int64_t alloc_checked(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot);
 int alloc_free_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end);
 int alloc_oom_report(shm_handle_t *h, uint64_t requested);
 
 /* objects.c */
+int objects_create(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers,
+                   const uint64_t *sizes, uint64_t *out);
+void objects_discard(shm_handle_t *h, uint64_t object, uint32_t nbuffers, const uint64_t *bufs);
 int objects_held(const shm_handle_t *h, int32_t slot);
 int objects_collect(shm_handle_t *h, int32_t slot);
 /* objects.c, for queue.c: the file-private steps of objects, under the heap lock */
@@ -335,6 +340,9 @@ int objects_open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t
                        shm_object_view_t *out, uint64_t *bufs, uint32_t cap);
 void objects_holder_set(shm_handle_t *h, shm_object_t *o, int32_t slot, int on);
 int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o);
+/* objects.c, for handoff.c */
+int objects_take_stream(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, void *dst,
+                        uint64_t dst_cap);
 
 /* queue.c */
 int queue_release_items(shm_handle_t *h, uint64_t off, shm_object_t *qo);

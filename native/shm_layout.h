@@ -135,6 +135,8 @@
  *     leaves an object that only its bit held: collection frees it. A binder killed between its
  *     bump of bind_seq and its wake: waiters find the name at their next look (objects.py caps
  *     each sleep), see wait.c.
+ *   - a process inside one of handoff.c's combined calls: what the steps it combines leave (its
+ *     blocks are plain blocks of its slot until the publish; see the other items here).
  *   - a queue's producer or consumer (queue.c draws the cell's two states): put and get are
  *     one journaled step each, rolled back if the process dies inside; before put's step the
  *     item is an unpublished object of the dying slot (collection frees it), after get's step
@@ -168,6 +170,8 @@
  * coordinator runs it before each tick. An access that races the truncation is not caught.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
+ *   handoff.c              the combined calls of a hand-off (put, Queue.put, Queue.get in one
+ *                          call each): sequences of objects.c's and queue.c's steps, no state
  *   queue.c                queues of objects, on top of objects.c; the one cycle among the
  *                          files: objects.c's obj_free calls queue_release_items (a hook) to
  *                          drop a freed queue's items, which settles each through objects.c

@@ -5,19 +5,21 @@ through one table, ``_EXCEPTIONS``, from status code to exception class; no stat
 Where a status is an expected answer rather than a failure (a name that is not bound, a slot
 that went to another process), the function says so in its return value and docstring.
 
-The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``) are the compiled functions
-themselves, re-exported: they return a result when >= 0 and a status when < 0, and the caller
-passes a negative one to :func:`raise_status`. Everything else about the C core's types stays in
-this module; other modules see ints, bytes and the small dataclasses below.
+The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``, ``block_span_raw``,
+``block_write_raw``) are the compiled functions themselves, re-exported: they return a result
+when >= 0 and a status when < 0, and the caller passes a negative one to :func:`raise_status`.
+Everything else about the C core's types stays in this module; other modules see ints, bytes
+and the small dataclasses below.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from . import errors as E
 from ._native import ffi, lib
@@ -152,6 +154,8 @@ def _check(status: int, address: int = 0) -> int:
 alloc_raw: Callable[[Handle, int, int, int], int] = lib.shm_alloc
 free_raw: Callable[[Handle, int], int] = lib.shm_free
 block_size_raw: Callable[[Handle, int, int], int] = lib.shm_block_size
+block_span_raw: Callable[[Handle, int, int, int, int], int] = lib.shm_block_span
+block_write_raw: Callable[[Handle, int, int, bytes, int], int] = lib.shm_block_write
 
 # ------------------------------------------------------------------ arena and handle
 
@@ -587,9 +591,8 @@ def pin_buffer(view: memoryview, on_release: Callable[[], None]) -> Any:
     return ffi.buffer(pinned, view.nbytes)
 
 
-@dataclass(frozen=True)
-class ObjectView:
-    """Where an open object's bytes are (shm_object_view_t and its buffer table)."""
+class ObjectView(NamedTuple):
+    """Where an open object's bytes are (shm_object_get's words and its buffer table)."""
 
     address: int
     id: int
@@ -600,14 +603,58 @@ class ObjectView:
     buffers: tuple[tuple[int, int], ...]  # (address, nbytes) of each out-of-band buffer
 
 
+GET_WORDS: int = lib.SHM_GET_WORDS
+STREAM_COPY_MAX = 64 << 10  # a buffer-less object's stream up to this size is copied out by get
+
+
+class _Scratch(threading.local):
+    """This thread's out-parameters of the combined calls, made once per thread instead of per
+    call (a thread's own: a call releases the GIL while C fills them)."""
+
+    def __init__(self) -> None:
+        self.out = ffi.new("uint64_t[]", GET_WORDS + 2 * OBJECT_MAX_BUFFERS)
+        self.pairs = self.out + GET_WORDS
+        self.dst = ffi.new("char[]", STREAM_COPY_MAX)
+        self.seq = ffi.new("uint32_t *")
+
+
+_scratch = _Scratch()
+
+
+def _put_args(bufs: Sequence[Any] | None, sizes: Sequence[int]) -> tuple[Any, Any]:
+    """The (buffer pointers, sizes) arguments of a put: C arrays made by cffi for the call."""
+    if not sizes:
+        return ffi.NULL, ffi.NULL
+    return (ffi.NULL if bufs is None else [ffi.from_buffer(b) for b in bufs]), sizes
+
+
+def object_put(
+    h: Handle,
+    slot: int,
+    data: bytes,
+    sizes: Sequence[int],
+    bufs: Sequence[Any] | None,
+    writable: bool,
+) -> tuple[int, int, list[int]]:
+    """put() in one call: a new object with the pickle stream ``data`` and one block per buffer
+    (``sizes``; ``bufs`` copied in unless None), published and held by slot. Returns its
+    address, its id and the buffers' addresses."""
+    out = _scratch.out
+    ptrs, sz = _put_args(bufs, sizes) if sizes else (ffi.NULL, ffi.NULL)
+    rc = lib.shm_object_put(h, slot, data, len(data), len(sizes), ptrs, sz, writable, out)
+    if rc < 0:
+        raise_status(rc)
+    return out[0], out[1], ffi.unpack(out + 2, len(sizes)) if sizes else []
+
+
 def object_create(
     h: Handle, slot: int, pickle_len: int, sizes: Sequence[int]
 ) -> tuple[int, int, list[int]]:
     """Allocate an unpublished object: (header address, pickle stream address, buffer
-    addresses). Write them, then :func:`object_publish`."""
+    addresses). Write them, then :func:`object_publish` (:func:`object_put` does all three)."""
     n = len(sizes)
     out = ffi.new("uint64_t[]", n + 2)
-    _check(lib.shm_object_create(h, slot, pickle_len, n, ffi.new("uint64_t[]", list(sizes)), out))
+    _check(lib.shm_object_create(h, slot, pickle_len, n, list(sizes), out))
     return int(out[0]), int(out[1]), [int(out[2 + i]) for i in range(n)]
 
 
@@ -618,37 +665,52 @@ def object_publish(h: Handle, slot: int, address: int, writable: bool) -> int:
     return int(oid[0])
 
 
-def _view(v: CData, bufs: CData) -> ObjectView:
-    n = int(v.nbuffers)
-    return ObjectView(
-        int(v.address),
-        int(v.id),
-        int(v.pickle),
-        int(v.pickle_len),
-        int(v.nbytes),
-        int(v.flags),
-        tuple((int(bufs[2 * i]), int(bufs[2 * i + 1])) for i in range(n)),
+def _view(out: CData) -> ObjectView:
+    """The ObjectView of a combined call's out words."""
+    w = ffi.unpack(out, GET_WORDS)
+    n = w[6]
+    if not n:
+        return ObjectView(w[0], w[1], w[2], w[3], w[4], w[5], ())
+    it = iter(ffi.unpack(out + GET_WORDS, 2 * n))
+    return ObjectView(w[0], w[1], w[2], w[3], w[4], w[5], tuple(zip(it, it, strict=True)))
+
+
+def object_get(
+    h: Handle, slot: int, address: int, oid: int, name: bytes | None = None, copy: bool = False
+) -> tuple[ObjectView | None, bytes | None, int]:
+    """get() in one call: the object (address, oid), or the one bound to ``name``, opened for
+    slot: (its view, None, bind_seq), slot holding it from now on (idempotent). With ``copy``,
+    an object without out-of-band buffers whose stream is at most STREAM_COPY_MAX bytes comes
+    back as (None, the stream's bytes, bind_seq) instead, slot's hold left as it was.
+    ObjectNotFound if gone; for a name that is not bound, (None, None, the bind sequence word
+    read with the lookup: sleep on it with :func:`wait` to learn of the next bind)."""
+    s = _scratch
+    out = s.out
+    rc = lib.shm_object_get(
+        h,
+        slot,
+        address,
+        oid,
+        ffi.NULL if name is None else name,
+        out,
+        OBJECT_MAX_BUFFERS,
+        s.dst,
+        STREAM_COPY_MAX if copy else 0,
     )
+    if rc < 0:
+        if rc == lib.SHM_ENOENT and name is not None:
+            return None, None, out[7]
+        raise_status(rc, address)
+    if rc == 1:
+        return None, ffi.unpack(s.dst, out[3]), out[7]
+    return _view(out), None, out[7]
 
 
 def object_open(h: Handle, slot: int, address: int, oid: int) -> ObjectView:
     """slot holds the object (idempotent) and learns its layout; ObjectNotFound if gone."""
-    v = ffi.new("shm_object_view_t *")
-    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
-    _check(lib.shm_object_open(h, slot, address, oid, v, bufs, OBJECT_MAX_BUFFERS), address)
-    return _view(v, bufs)
-
-
-def object_open_name(h: Handle, slot: int, name: bytes) -> tuple[ObjectView | None, int]:
-    """The object bound to ``name``, held by slot, or None; with the bind sequence word's value
-    read with the lookup (sleep on it with :func:`wait` to learn of the next bind)."""
-    v = ffi.new("shm_object_view_t *")
-    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
-    rc = lib.shm_object_open_name(h, slot, name, v, bufs, OBJECT_MAX_BUFFERS)
-    if rc == lib.SHM_ENOENT:
-        return None, int(v.bind_seq)
-    _check(rc)
-    return _view(v, bufs), int(v.bind_seq)
+    view = object_get(h, slot, address, oid)[0]
+    assert view is not None
+    return view
 
 
 def object_release(h: Handle, slot: int, address: int, oid: int) -> bool | None:
@@ -744,7 +806,7 @@ def queue_put(
 ) -> int | None:
     """Put the object at ``address`` (QPUT_* mode): None when done, else the queue is full and
     the value of its not_full wait word is returned (sleep on it with :func:`queue_wait`)."""
-    seq = ffi.new("uint32_t *")
+    seq = _scratch.seq
     rc = lib.shm_queue_put(h, slot, queue, queue_id, address, oid, mode, seq)
     if rc == lib.SHM_OK:
         return None
@@ -753,20 +815,43 @@ def queue_put(
     raise_status(rc, address)
 
 
-def queue_get(
+def queue_put_new(
+    h: Handle, slot: int, queue: int, queue_id: int, data: bytes, bufs: Sequence[Any]
+) -> tuple[int | None, list[int]]:
+    """Queue.put() of a new item in one call: the pickle stream ``data`` and the buffers ``bufs``
+    made into an object and put in the queue: (None, []) when done. A full queue: (the not_full
+    word's value, [header, buffers...]): the unpublished blocks, for :func:`queue_put` with
+    QPUT_NEW once there is room, or to free."""
+    s = _scratch
+    out, seq, n = s.out, s.seq, len(bufs)
+    ptrs, sizes = _put_args(bufs, [b.nbytes for b in bufs])
+    rc = lib.shm_queue_put_new(h, slot, queue, queue_id, data, len(data), n, ptrs, sizes, out, seq)
+    if rc == lib.SHM_OK:
+        return None, []
+    if rc == lib.SHM_QPUT_FULL:
+        return int(seq[0]), [out[0], *(ffi.unpack(out + 2, n) if n else [])]
+    raise_status(rc, queue)
+
+
+def queue_take(
     h: Handle, slot: int, queue: int, queue_id: int
-) -> tuple[ObjectView | None, bool, int]:
-    """Take the oldest item, held by slot from now on: (its view, True if the item is a
-    reference rather than a value, 0), or (None, False, the not_empty word's value) if the
-    queue is empty."""
-    v = ffi.new("shm_object_view_t *")
-    bufs = ffi.new("uint64_t[]", 2 * OBJECT_MAX_BUFFERS)
-    seq = ffi.new("uint32_t *")
-    rc = lib.shm_queue_get(h, slot, queue, queue_id, v, bufs, OBJECT_MAX_BUFFERS, seq)
+) -> tuple[ObjectView | None, bytes | None, bool, int]:
+    """Queue.get() in one call: take the oldest item, held by slot from now on: (its view, None,
+    True if the item is a reference rather than a value, 0). A value without out-of-band buffers
+    whose stream is at most STREAM_COPY_MAX bytes comes back as (None, the stream's bytes,
+    False, 0), already dropped. An empty queue: (None, None, False, the not_empty word's
+    value)."""
+    s = _scratch
+    out, seq = s.out, s.seq
+    rc = lib.shm_queue_take(
+        h, slot, queue, queue_id, out, OBJECT_MAX_BUFFERS, s.dst, STREAM_COPY_MAX, seq
+    )
     if rc == lib.SHM_QGET_EMPTY:
-        return None, False, int(seq[0])
+        return None, None, False, int(seq[0])
+    if rc == lib.SHM_QGET_COPIED:
+        return None, ffi.unpack(s.dst, out[3]), False, 0
     _check(rc, queue)
-    return _view(v, bufs), rc == lib.SHM_QGET_REF, 0
+    return _view(out), None, rc == lib.SHM_QGET_REF, 0
 
 
 def queue_task_done(h: Handle, queue: int, queue_id: int) -> None:

@@ -2,7 +2,9 @@
 
 Every access first asks C for the block's usable size (``shm_block_size``: a live block of this
 arena, its header's checksum intact, not sealed when writing), then slices this process's
-mapping. Nothing here takes a lock.
+mapping. The hot cases are one C call each: ``shm_block_span`` checks the block and the span of
+a read, ``shm_block_write`` also copies a bytes object in; any failure there takes the checked
+path below, which reports it. Nothing here takes a lock.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ __all__ = [
     "view",
     "write",
 ]
+
+
+_span = C.block_span_raw
+_write = C.block_write_raw
+_TO_END = C.U64_MAX  # shm_block_span's n for "to the block's end"
 
 
 def checked_address(address: object) -> int:
@@ -84,6 +91,17 @@ def size_of(a: Attachment, address: int) -> int:
 
 def read(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> bytes:
     """Copy ``n`` bytes (default: to the block's end) out of the block, from ``offset``."""
+    if address.__class__ is int and offset.__class__ is int and (n is None or n.__class__ is int):
+        try:  # the hot path: one C call checks the block and the span
+            got = _span(a.h, address, offset, _TO_END if n is None else n, 0)
+        except (OverflowError, TypeError):  # negative or huge values, or a closed arena
+            got = -1
+        if got >= 0:
+            start = address + offset
+            try:
+                return a.mm[start : start + got]
+            except ValueError:  # another thread closed the arena after the check
+                raise a.closed_error() from None
     if address.__class__ is not int:
         address = checked_address(address)
     start, end = span(block_size(a, address, 0), address, n, offset)
@@ -95,6 +113,13 @@ def read(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> 
 
 def write(a: Attachment, address: int, data: Any, offset: int = 0) -> int:
     """Copy a bytes-like ``data`` into the block at ``offset``; return the bytes written."""
+    if data.__class__ is bytes and address.__class__ is int and offset.__class__ is int:
+        try:  # the hot path: one C call checks the block and the span, and copies
+            got = _write(a.h, address, offset, data, len(data))
+        except (OverflowError, TypeError):  # negative or huge values, or a closed arena
+            got = -1
+        if got >= 0:
+            return got
     try:
         src = memoryview(data).cast("B")
     except TypeError:

@@ -32,9 +32,7 @@ import os
 import pickle
 import threading
 import time
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,14 +83,16 @@ class _Hold:
 
 _lock = threading.RLock()
 _holds: dict[Key, _Hold] = {}
-_pid = os.getpid()
+_pid = os.getpid()  # the process _holds belongs to (a fork child adopts them: _adopt_after_fork)
+_me = _pid  # os.getpid(), kept by the fork hook below: a system call less on every hand-off
 _depth = 0  # > 0 while this module's code runs under _lock (finalizers then defer their drop)
 _deferred: list[tuple[Key, bool]] = []
 _attached: dict[str, Attachment] = {}  # arenas this module attached to (unpickled references)
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _depth
+    global _lock, _depth, _me
+    _me = os.getpid()
     _lock = threading.RLock()
     _depth = 0
     _deferred.clear()
@@ -101,28 +101,44 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-@contextmanager
-def _critical() -> Iterator[None]:
-    """Hold the module's lock; drops that finalizers ask for meanwhile run when it ends."""
-    global _depth
-    with _lock:
-        _adopt_after_fork()
-        _depth += 1
+class _Critical:
+    """``with _critical():`` holds the module's lock; drops that finalizers ask for meanwhile run
+    when it ends. A class, not a generator: it is on every hand-off's path."""
+
+    def __call__(self) -> _Critical:
+        return self
+
+    def __enter__(self) -> None:
+        global _depth
+        _lock.acquire()
         try:
-            yield
-        finally:
+            if _pid != _me:
+                _adopt_after_fork()
+        except BaseException:
+            _lock.release()
+            raise
+        _depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _depth
+        try:
             _depth -= 1
             while not _depth and _deferred:
                 _drop(*_deferred.pop())
+        finally:
+            _lock.release()
+
+
+_critical = _Critical()
 
 
 def _adopt_after_fork() -> None:
     """In a fork child, hold (for this process's slot) what the parent held when it forked: the
     values and references it inherited still point into those objects."""
     global _pid
-    if _pid == os.getpid():
+    if _pid == _me:
         return
-    _pid = os.getpid()
+    _pid = _me
     for key, hold in list(_holds.items()):
         try:
             if hold.att.closed:
@@ -130,6 +146,14 @@ def _adopt_after_fork() -> None:
             C.object_open(hold.att.handle(), slot_for(hold.att, None), key[1], key[2])
         except (ObjectNotFound, ValueError):
             del _holds[key]  # gone already: the inherited values are not ours to keep
+
+
+def after_fork_adopted() -> None:
+    """Before a call made outside the module's lock: in a fork child, first hold what the
+    parent held (see _adopt_after_fork)."""
+    if _pid != _me:
+        with _critical:
+            pass
 
 
 def _count(att: Attachment, key: Key, pin: bool) -> None:
@@ -159,7 +183,7 @@ def _drop(key: Key, pin: bool) -> None:
 def _finalize(key: Key, pin: bool, pid: int) -> None:
     """A holder died (an ObjectRef, or the buffer under a value): drop it, or defer the drop to
     the end of the critical section this thread is in."""
-    if pid != os.getpid():
+    if pid != _me:
         return  # inherited through fork: the child counted it afresh
     with _lock:
         if _depth:
@@ -168,9 +192,13 @@ def _finalize(key: Key, pin: bool, pid: int) -> None:
             _drop(key, pin)
 
 
+_exit_state = {"exiting": False}  # set by _release_all: ObjectRef.__del__ has nothing to do then
+
+
 @atexit.register
 def _release_all() -> None:
     """At a normal exit, drop every hold at once (collection would, later)."""
+    _exit_state["exiting"] = True
     if _pid != os.getpid():
         return
     with _lock:
@@ -193,7 +221,7 @@ class ObjectRef:
     transit ticket that keeps the object alive until another process unpickles it, even if this
     one exits, for up to the arena's transit timeout."""
 
-    __slots__ = ("__weakref__", "_att", "address", "arena", "id", "name", "nbytes")
+    __slots__ = ("__weakref__", "_att", "_pid", "address", "arena", "id", "name", "nbytes")
 
     arena: str
     address: int
@@ -205,8 +233,17 @@ class ObjectRef:
         self, att: Attachment | None, address: int, oid: int, nbytes: int, name: str | None
     ) -> None:
         self._att = att
+        self._pid = 0  # the pid that counted it as a holder (_held_ref); 0: not counted
         self.arena = att.name if att is not None else ""
         self.address, self.id, self.nbytes, self.name = address, oid, nbytes, name
+
+    def __del__(
+        self, _exit: dict[str, bool] = _exit_state, _fin: Callable[..., None] = _finalize
+    ) -> None:
+        # cheaper than weakref.finalize (no registry); after _release_all (at exit) there is
+        # nothing left to drop, and the module's globals may be going
+        if self._pid and not _exit["exiting"]:
+            _fin((self.arena, self.address, self.id), False, self._pid)
 
     @property
     def key(self) -> Key:
@@ -236,8 +273,8 @@ class ObjectRef:
 def _held_ref(att: Attachment, address: int, oid: int, nbytes: int, name: str | None) -> ObjectRef:
     """A new ObjectRef counted as a holder (under _critical, with the C bit set)."""
     ref = ObjectRef(att, address, oid, nbytes, name)
-    _count(att, ref.key, False)
-    weakref.finalize(ref, _finalize, ref.key, False, os.getpid())
+    _count(att, (att.name, address, oid), False)
+    ref._pid = _pid
     return ref
 
 
@@ -286,33 +323,37 @@ def _out_of_band(bufs: list[memoryview]) -> Any:
     return callback
 
 
+def _slot(a: Attachment) -> int:
+    slot = a.slot
+    return slot if slot >= 0 else slot_for(a, None)
+
+
+def _handle(a: Attachment) -> C.Handle:
+    h = a.h
+    return h if h is not None else a.handle()  # (handle() raises: closed)
+
+
 def _store(
     a: Attachment,
     data: bytes,
     sizes: list[int],
-    bufs: list[memoryview],
+    bufs: list[memoryview] | None,
     name: str | None,
     writable: bool,
 ) -> tuple[ObjectRef, list[int]]:
     """Write a pickle stream and its buffers (``sizes`` bytes each; none written if ``bufs`` is
-    empty) into a new object; publish it, held by a new ObjectRef. Returns the reference and the
-    buffers' addresses."""
+    None) into a new object, published and held by a new ObjectRef, in one C call; with
+    ``name``, bind it. Returns the reference and the buffers' addresses."""
     raw_name = encode_block_name(name) if name is not None else None
-    h = a.handle()
-    slot = slot_for(a, None)
-    address, stream, addresses = C.object_create(h, slot, len(data), sizes)
-    try:
-        mv = a.mv
-        mv[stream : stream + len(data)] = data
-        for at, b in zip(addresses, bufs, strict=False):  # bufs may be empty
-            mv[at : at + b.nbytes] = b
-        with _critical():
-            oid = C.object_publish(h, slot, address, writable)
-            ref = _held_ref(a, address, oid, len(data) + sum(sizes), name)
-    except BaseException:
-        for at in [*addresses, address]:
-            C.free_raw(h, at)  # unpublished: plain blocks of this process
-        raise
+    h = _handle(a)
+    if _pid != _me:
+        after_fork_adopted()  # (the copy runs outside the module's lock)
+    slot = a.slot
+    if slot < 0:
+        slot = slot_for(a, None)
+    address, oid, addresses = C.object_put(h, slot, data, sizes, bufs, writable)
+    with _critical:
+        ref = _held_ref(a, address, oid, len(data) + sum(sizes), name)
     if raw_name is not None:
         try:
             C.name_bind(h, raw_name, address)
@@ -328,7 +369,7 @@ def put(a: Attachment, obj: Any, name: str | None = None) -> ObjectRef:
     and return a reference to it; with ``name``, also bind it."""
     bufs: list[memoryview] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=_out_of_band(bufs))
-    return _store(a, data, [b.nbytes for b in bufs], bufs, name, False)[0]
+    return _store(a, data, [b.nbytes for b in bufs] if bufs else [], bufs, name, False)[0]
 
 
 # ------------------------------------------------------------------ get
@@ -340,7 +381,7 @@ def _pinned(a: Attachment, key: Key, spans: list[tuple[int, int]], writable: boo
     also keeps the mapping exported, so close() refuses to unmap under it."""
     lo = min(s for s, _ in spans)
     hi = max(s + n for s, n in spans)
-    pin = C.pin_buffer(mapped(a, lo, hi), functools.partial(_finalize, key, True, os.getpid()))
+    pin = C.pin_buffer(mapped(a, lo, hi), functools.partial(_finalize, key, True, _me))
     whole = memoryview(pin)
     if not writable:
         whole = whole.toreadonly()
@@ -359,39 +400,37 @@ def _load(a: Attachment, view: C.ObjectView, writable: bool = False) -> Any:
     finally:
         stream.release()
         if not view.buffers:
-            _finalize(key, True, os.getpid())
+            _finalize(key, True, _me)
 
 
-def _open_ref(a: Attachment, ref: ObjectRef) -> C.ObjectView:
-    if ref.arena != a.name:
-        raise ValueError(
-            f"this reference names an object of arena {ref.arena!r}, not {a.name!r}; "
-            "use that arena's manager"
-        )
-    with _critical():
-        _count(a, ref.key, True)
-        try:
-            return C.object_open(a.handle(), slot_for(a, None), ref.address, ref.id)
-        except BaseException:
-            _drop(ref.key, True)
-            raise
+def _open(a: Attachment, address: int, oid: int, name: bytes | None) -> tuple[Any, bool]:
+    """get()'s step under the module's lock: (the view, pinned for _load) or, for an object
+    whose stream C copied out (no buffers: the value will share no memory with the arena), (its
+    stream, False), this process's hold left as it was. For a name not bound: (its bind
+    sequence word, False)."""
+    with _critical:
+        view, stream, seq = C.object_get(_handle(a), _slot(a), address, oid, name, True)
+        if stream is not None:
+            return stream, False
+        if view is None:
+            return seq, False
+        _count(a, (a.name, view.address, view.id), True)  # C set this process's bit: the pin
+        return view, True
 
 
-def _open_name(a: Attachment, name: str, timeout: float | None) -> C.ObjectView:
+def _open_name(a: Attachment, name: str, timeout: float | None) -> tuple[Any, bool]:
     raw = encode_block_name(name)
     deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
     word = C.bind_seq_offset()
     while True:
-        with _critical():
-            view, seq = C.object_open_name(a.handle(), slot_for(a, None), raw)
-            if view is not None:
-                _count(a, (a.name, view.address, view.id), True)
-                return view
+        got, pinned = _open(a, 0, 0, raw)
+        if got.__class__ is not int:
+            return got, pinned
         left = RECHECK if deadline is None else deadline - time.monotonic()
         if left <= 0:
             waited = "" if not timeout else f" within {timeout} s"
             raise ObjectNotFound(name, f"no object was bound to this name{waited}")
-        C.wait(a.handle(), word, seq, min(left, RECHECK))
+        C.wait(a.handle(), word, got, min(left, RECHECK))
 
 
 def get(a: Attachment, key: ObjectRef | str, timeout: float | None = None) -> Any:
@@ -399,12 +438,19 @@ def get(a: Attachment, key: ObjectRef | str, timeout: float | None = None) -> An
     numpy arrays), alive while the value or any view of it lives. A name waits up to
     ``timeout`` seconds (None: forever, 0: not at all) for a bind."""
     if isinstance(key, ObjectRef):
-        return _load(a, _open_ref(a, key))
-    if isinstance(key, str):
+        if key.arena != a.name:
+            raise ValueError(
+                f"this reference names an object of arena {key.arena!r}, not {a.name!r}; "
+                "use that arena's manager"
+            )
+        got, pinned = _open(a, key.address, key.id, None)
+    elif isinstance(key, str):
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-        return _load(a, _open_name(a, key, timeout))
-    raise TypeError(f"get() takes an ObjectRef or a name, not {type(key).__name__}")
+        got, pinned = _open_name(a, key, timeout)
+    else:
+        raise TypeError(f"get() takes an ObjectRef or a name, not {type(key).__name__}")
+    return _load(a, got) if pinned else pickle.loads(got)
 
 
 async def get_async(a: Attachment, name: ObjectRef | str, timeout: float | None = None) -> Any:
@@ -511,7 +557,7 @@ def empty(a: Attachment, shape: Any, dtype: Any = float, order: str = "C") -> tu
     for d in shp:
         nbytes *= d
     data = pickle.dumps(_ArrayStream(np, shp, dt, order), protocol=5, buffer_callback=_no)
-    ref, [address] = _store(a, data, [nbytes], [], None, True)
+    ref, [address] = _store(a, data, [nbytes], None, None, True)
     with _critical():
         _count(a, ref.key, True)
         [mem] = _pinned(a, ref.key, [(address, nbytes)], True)

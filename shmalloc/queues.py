@@ -30,7 +30,6 @@ object.
 from __future__ import annotations
 
 import asyncio
-import os
 import pickle
 import queue as _queue
 import threading
@@ -100,8 +99,9 @@ class _Taken:
     """An item taken out of a queue, held by this process: a reference, or a value to load
     (counted once as this process's pin, which _load consumes)."""
 
-    view: C.ObjectView
+    view: C.ObjectView | None  # None: ``stream`` is the value's pickle stream, copied out
     ref: ObjectRef | None
+    stream: bytes | None = None
 
 
 class _Base:
@@ -112,7 +112,7 @@ class _Base:
     def __init__(self, maxsize: int = 0, *, arena: MemoryManager | None = None) -> None:
         maxsize = check_int(maxsize, "maxsize")
         att = _arena(arena)
-        with objects._critical():
+        with objects._critical:
             address, oid = C.queue_create(
                 att.handle(), slot_for(att, None), max(maxsize, 0), self._joinable
             )
@@ -145,44 +145,57 @@ class _Base:
             raise ValueError(f"Queue {self!r} is closed")
 
     def _info(self) -> C.QueueInfo:
-        with objects._critical():  # (in a fork child, first hold what the parent held)
+        with objects._critical:  # (in a fork child, first hold what the parent held)
             return C.queue_info(self._att.handle(), self._ref.address, self._ref.id)
 
     # -------------------------------------------------------------- put
 
-    def _prepare(self, obj: Any) -> _Item:
-        """The item for ``obj``: pickled into a new unpublished object (raises here if ``obj``
-        cannot be pickled), or, for an ObjectRef of this arena, that object itself."""
+    def _prepare(self, obj: Any) -> tuple[_Item, list[memoryview], bytes]:
+        """The item for ``obj``: an ObjectRef of this arena is that object itself; anything else
+        is pickled here (raises here if ``obj`` cannot be pickled), the object to be made."""
         a = self._att
         if isinstance(obj, ObjectRef) and obj.arena == a.name and obj._att is not None:
-            return _Item(obj.address, obj.id, C.QPUT_REF)
+            return _Item(obj.address, obj.id, C.QPUT_REF), [], b""
         bufs: list[memoryview] = []
         data = pickle.dumps(obj, protocol=5, buffer_callback=objects._out_of_band(bufs))
-        h = a.handle()
-        address, stream, addresses = C.object_create(
-            h, slot_for(a, None), len(data), [b.nbytes for b in bufs]
-        )
-        item = _Item(address, 0, C.QPUT_NEW, [*addresses, address])
-        try:
-            mv = a.mv
-            mv[stream : stream + len(data)] = data
-            for at, b in zip(addresses, bufs, strict=True):
-                mv[at : at + b.nbytes] = b
-        except BaseException:
-            item.abandon(a)
-            raise
-        return item
+        return _Item(0, 0, C.QPUT_NEW), bufs, data
 
     def _offer(self, item: _Item) -> int | None:
         """One attempt to put ``item``: None when it went in, else the not_full word to wait on."""
         a = self._att
-        with objects._critical():  # a fork child holds the queue from its first call on
+        with objects._critical:  # a fork child holds the queue from its first call on
             seq = C.queue_put(
                 a.handle(), slot_for(a, None), self._ref.address, self._ref.id, *_args(item)
             )
         if seq is None:
             item.unpublished = []  # published: the queue holds it now
         return seq
+
+    def _offer_new(self, item: _Item, bufs: list[memoryview], data: bytes) -> int | None:
+        """The first attempt of a new item: made and put in one C call (native/handoff.c). If
+        the queue is full, the object stays made, unpublished, in ``item`` for _offer."""
+        a, q = self._att, self._ref
+        objects.after_fork_adopted()  # (the copy runs outside the module's lock)
+        seq, blocks = C.queue_put_new(objects._handle(a), _slot(a), q.address, q.id, data, bufs)
+        if seq is not None:
+            item.address, item.unpublished = blocks[0], [*blocks[1:], blocks[0]]
+        return seq
+
+    def _attempts(self, obj: Any) -> tuple[Callable[[], int | None], _Item]:
+        """Prepare ``obj`` (pickled here): the function that makes one attempt to put it (see
+        _retry) and the item, to abandon once done."""
+        item, bufs, data = self._prepare(obj)
+        if item.mode != C.QPUT_NEW:
+            return (lambda: self._offer(item)), item
+        first = [True]
+
+        def attempt() -> int | None:
+            if first:
+                first.clear()
+                return self._offer_new(item, bufs, data)
+            return self._offer(item)
+
+        return attempt, item
 
     def _retry(
         self,
@@ -204,9 +217,9 @@ class _Base:
     def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
         self._check_open()
         deadline = _deadline(block, timeout)
-        item = self._prepare(obj)
+        attempt, item = self._attempts(obj)
         try:
-            if not self._retry(lambda: self._offer(item), C.QWAIT_NOT_FULL, deadline, block):
+            if not self._retry(attempt, C.QWAIT_NOT_FULL, deadline, block):
                 raise Full
         finally:
             item.abandon(self._att)
@@ -217,23 +230,27 @@ class _Base:
         """One attempt to take an item into ``box``: None when taken, else the not_empty word
         to wait on."""
         a = self._att
-        with objects._critical():
-            view, is_ref, seq = C.queue_get(
-                a.handle(), slot_for(a, None), self._ref.address, self._ref.id
-            )
-            if view is None:
+        with objects._critical:
+            q = self._ref
+            view, stream, is_ref, seq = C.queue_take(objects._handle(a), _slot(a), q.address, q.id)
+            if stream is not None:  # copied out and dropped already (native/handoff.c)
+                box.append(_Taken(None, None, stream))
+            elif view is None:
                 return seq
-            if is_ref:
+            elif is_ref:
                 ref = objects._held_ref(a, view.address, view.id, view.nbytes, None)
                 box.append(_Taken(view, ref))
-                return None
-            objects._count(a, (a.name, view.address, view.id), True)
-            box.append(_Taken(view, None))
+            else:
+                objects._count(a, (a.name, view.address, view.id), True)
+                box.append(_Taken(view, None))
             return None
 
     def _load(self, taken: _Taken) -> Any:
         if taken.ref is not None:
             return taken.ref
+        if taken.stream is not None:
+            return pickle.loads(taken.stream)
+        assert taken.view is not None
         return objects._load(self._att, taken.view)
 
     def _untake(self, taken: _Taken) -> None:
@@ -241,6 +258,14 @@ class _Base:
         cancellation, which must not lose it)."""
         mode = C.QPUT_REF if taken.ref is not None else C.QPUT_VALUE
         a = self._att
+        if taken.stream is not None:  # dropped when taken: the same value, as a new object
+            h, slot = a.handle(), _slot(a)
+            address, oid, _ = C.object_put(h, slot, taken.stream, [], None, False)
+            q = self._ref
+            C.queue_put(h, slot, q.address, q.id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
+            C.object_release(h, slot, address, oid)
+            return
+        assert taken.view is not None
         C.queue_put(
             a.handle(),
             slot_for(a, None),
@@ -251,7 +276,7 @@ class _Base:
             mode | C.QPUT_FORCE,
         )
         if taken.ref is None:
-            objects._finalize((a.name, taken.view.address, taken.view.id), True, os.getpid())
+            objects._finalize((a.name, taken.view.address, taken.view.id), True, objects._me)
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         self._check_open()
@@ -271,6 +296,11 @@ class _Base:
         """This process will not put or get any more (they raise ValueError from now on). The
         queue stays for the other processes; it goes when the last one drops it."""
         self._closed = True
+
+
+def _slot(a: Attachment) -> int:
+    slot = a.slot
+    return slot if slot >= 0 else slot_for(a, None)
 
 
 def _args(item: _Item) -> tuple[int, int, int]:
@@ -354,13 +384,13 @@ class Queue(_Base):
         unless the item was in already."""
         self._check_open()
         deadline = _deadline(True, timeout)
-        item = self._prepare(obj)
+        offer, item = self._attempts(obj)
         lock = threading.Lock()
         cancelled = False
 
         def attempt() -> int | None:  # stops once cancelled: work()'s answer is unused then
             with lock:
-                return None if cancelled else self._offer(item)
+                return None if cancelled else offer()
 
         def work() -> bool:
             try:

@@ -5,7 +5,8 @@ Nanoseconds per allocate+free pair, median [min-max] of interleaved trials (``me
   public     ``mgr.deallocate(mgr.allocate(size))``: the Python API users call
   core       ``lib.shm_free(h, lib.shm_alloc(h, size, 0, slot))``: the C core through cffi,
              without the Python wrapper
-  malloc     a cffi ABI-mode ``free(malloc(size))``: the floor for "one C call each way"
+  malloc     ``free(malloc(size))`` through a cffi API-mode module (``ffi.set_source``, built once
+             per run): the compiled floor for "one C call each way" (ABI mode is ~2x slower)
   stdlib     ``SharedMemory(create=True, size=size)`` then ``close()`` and ``unlink()``: one
              segment per object, what shmalloc replaces
   collector  the public pair with ``mgr.set_collector(lambda e: None)`` against none
@@ -16,13 +17,17 @@ The pair's cost against the number of live blocks is ``python -m stress.bench_sc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
+
+import cffi
 
 from shmalloc import MemoryManager
 from shmalloc._binding import lib
@@ -47,13 +52,25 @@ def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
     sa, sf = lib.shm_alloc, lib.shm_free
 
     def run(n: int) -> int:
-        r = range(n)
         t0 = time.perf_counter_ns()
-        for _ in r:
+        for _ in range(n):
             sf(h, sa(h, size, 0, slot))
         return time.perf_counter_ns() - t0
 
     return run
+
+
+def api_malloc() -> Any:
+    """glibc's malloc and free through a cffi API-mode module built in a temporary directory."""
+    ffi = cffi.FFI()
+    ffi.cdef("void *malloc(size_t); void free(void *);")
+    ffi.set_source("_bench_alloc_floor", "#include <stdlib.h>")
+    with tempfile.TemporaryDirectory(prefix="shmalloc-bench-") as tmp:
+        spec = importlib.util.spec_from_file_location("_bench_alloc_floor", ffi.compile(tmp))
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod.lib
 
 
 def stdlib_pair(size: int) -> bench.Runner:
@@ -68,7 +85,7 @@ def stdlib_pair(size: int) -> bench.Runner:
 def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(256 * MiB)
     used0 = mgr.stats().used
-    _, c = bench.libc()
+    c = api_malloc()
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
@@ -80,7 +97,6 @@ def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]
         pub, core = fast["public"]["median"], fast["core"]["median"]
         row = {"size": size, **fast, **slow, "public_over_core": pub / core}
         row.update(wrapper_ns=pub - core, public_over_malloc=pub / fast["cffi_malloc"]["median"])
-        row["public_over_malloc"] = pub / fast["cffi_malloc"]["median"]
         rows.append({**row, "stdlib_over_public": slow["stdlib_shm"]["median"] / pub})
     empty = bench.measure({"loop": bench.pair_loop(id, id, 0)}, cfg.ops, cfg.trials)["loop"]
     return {"sizes": SIZES, "rows": rows, "two_calls_of_id_ns": empty}
@@ -153,7 +169,7 @@ def report(res: dict[str, Any]) -> None:
         title += f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
         title += f"two calls of id(): {idle:.1f} ns (not subtracted)"
         cols = [("size", lambda r: format_bytes(r["size"])), ("public ns", stat("public"))]
-        cols += [("core ns", stat("core")), ("cffi malloc ns", stat("cffi_malloc"))]
+        cols += [("core ns", stat("core")), ("cffi API malloc ns", stat("cffi_malloc"))]
         cols += [("stdlib SharedMemory ns", stat("stdlib_shm"))]
         cols += [("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"]))]
         cols += [("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x")]

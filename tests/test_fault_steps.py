@@ -225,6 +225,11 @@ def queue_drain(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
     return QCHILD + "del q", [arg]
 
 
+def object_put(m: MemoryManager, cwd: Path) -> tuple[str, list[int]]:
+    """A put of an array (a header block and a buffer block), made in one C call."""
+    return "import numpy as np\nref = m.put(np.arange(1000))\n", []
+
+
 def _drained(q: Queue) -> list[Any]:
     out = []
     while True:
@@ -261,6 +266,8 @@ AFTER: dict[tuple[str, Setup], Callable[[MemoryManager], None]] = {
     ("queue.get.done", queue_get): _queue_check(["second"]),  # delivered to the dead child
     ("queue.grow", queue_grow): _queue_check(list(range(64))),  # rolled back
     ("queue.drain", queue_drain): _queue_check([]),  # collection finishes the freeing
+    ("object.filled", queue_put): _queue_check(["first"]),  # made, never put in
+    ("object.filled", object_put): _queue_check([]),  # made, never published: no object
 }
 
 ALLOCS = [alloc_split, alloc_exact, alloc_aligned, alloc_large, alloc_after_dead_holder]
@@ -283,6 +290,7 @@ PLAN: dict[str, list[Setup]] = {
     "queue.get.done": [queue_get],
     "queue.grow": [queue_grow],
     "queue.drain": [queue_drain],
+    "object.filled": [object_put, queue_put],
 }
 
 

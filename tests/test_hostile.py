@@ -5,12 +5,14 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from shmalloc import CorruptionDetected, MemoryManager
+from shmalloc import CorruptionDetected, MemoryManager, Queue
 from shmalloc import _binding as C
-from shmalloc._binding import ffi
+from shmalloc._binding import ffi, lib
 from shmalloc.events import GC_TRIGGERED
 from shmalloc.manager import attachment_of
 
@@ -92,3 +94,27 @@ def test_damaged_ring_numbers_do_not_hang(mgr: MemoryManager) -> None:
         attachment_of(mgr).emit(GC_TRIGGERED, freed_blocks=1)
     assert ei.value.offset == ffi.offsetof("shm_arena_t", "ring")
     assert mgr.dropped_events() >= 1
+
+
+@pytest.mark.parametrize("value", ["small", "array"])
+def test_a_damaged_object_header_is_corruption_for_get_and_queue_get(
+    mgr: MemoryManager, value: str
+) -> None:
+    """The combined calls (shm_object_get, native/handoff.c) copy bytes whose lengths they read
+    from the segment: a header that claims more than its block holds is reported, not copied."""
+    obj: Any = b"x" * 100 if value == "small" else np.arange(1000)
+    h = attachment_of(mgr).handle()
+    ref = mgr.put(obj)
+    q = Queue(arena=mgr)
+    q.put(obj)  # a value of its own in the queue
+    objects = [b.address for b in C.blocks_list(h, -2, 0) if b.flags & lib.SHM_BF_OBJECT]
+    [item] = set(objects) - {ref.address, q._ref.address}
+    field = ffi.offsetof("shm_object_t", "pickle_len")
+    for at, read in ((ref.address, lambda: mgr.get(ref)), (item, q.get_nowait)):
+        saved = bytes(attachment_of(mgr).mm[at + field : at + field + 8])
+        _poke(mgr, at + field, (1 << 40).to_bytes(8, "little"))
+        with pytest.raises(CorruptionDetected):
+            read()
+        _poke(mgr, at + field, saved)
+    # (queue.c leaves the damaged item out of the queue: only the reference reads again)
+    assert np.array_equal(np.asarray(mgr.get(ref)), np.asarray(obj))

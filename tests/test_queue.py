@@ -197,6 +197,25 @@ def test_joinable_counts_and_refuses_extra_task_done(mgr: MemoryManager) -> None
     assert_no_leak(mgr)
 
 
+def test_an_item_taken_as_a_get_is_cancelled_goes_back_whole(mgr: MemoryManager) -> None:
+    """get_async's cancellation puts a taken item back (Queue._untake), whichever way get took
+    it: a small value copied out and dropped at once (native/handoff.c), a value held over the
+    arena, or a reference."""
+    q = Queue(arena=mgr)
+    ref = mgr.put("by reference")
+    items: list[Any] = ["small", np.arange(1000), ref]
+    for x in items:
+        q.put(x)
+    for _ in range(len(items)):
+        box: list[Any] = []
+        assert q._take(box) is None
+        q._untake(box.pop())
+    back = [q.get_nowait() for _ in range(len(items))]
+    assert back[0] == "small" and np.array_equal(back[1], items[1]) and back[2] == ref
+    del q, ref, back, items, x
+    assert_no_leak(mgr)
+
+
 def test_asyncio_get_put_and_cancel(mgr: MemoryManager) -> None:
     q = Queue(1, arena=mgr)
 
