@@ -272,6 +272,10 @@ def block_seal(h: Handle, address: int) -> None:
     _check(lib.shm_block_seal(h, address), address)
 
 
+def block_info(h: Handle, address: int) -> BlockInfo:
+    return _fetch(BlockInfo, "shm_block_info_t *", lib.shm_block_info, h, address, address=address)
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     """One allocated block as the C core reports it (shm_block_info_t)."""
@@ -282,10 +286,6 @@ class BlockInfo:
     flags: int
     refcount: int
     slot: int
-
-
-def block_info(h: Handle, address: int) -> BlockInfo:
-    return _fetch(BlockInfo, "shm_block_info_t *", lib.shm_block_info, h, address, address=address)
 
 
 def block_adopt(h: Handle, address: int, slot: int) -> None:
@@ -542,22 +542,28 @@ def event_dropped(h: Handle) -> int:
 # ------------------------------------------------------------------ waiting on words (wait.c)
 
 
+def _sleep(call: Callable[[int], int], timeout: float | None, address: int) -> bool:
+    """Run ``call(ns)``, a C wait of at most ns nanoseconds (-1: no limit), until it reports a wake
+    or the timeout passes; a signal's interruption (EINTR) waits again for the time left."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    while True:
+        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
+        rc = call(ns)
+        if rc == lib.SHM_OK:
+            return True
+        if rc == lib.SHM_ETIMEDOUT:
+            return False
+        if rc != lib.SHM_EINTR:
+            _check(rc, address)
+
+
 def wait(h: Handle, word_offset: int, expected: int, timeout: float | None) -> bool:
     """Sleep while the 32-bit word at ``word_offset`` holds ``expected``, at most ``timeout``
     seconds (None: no limit). True when woken or the word changed (re-check the condition),
     False at the timeout. A signal interrupts the sleep: its Python handler runs (and may raise)
     as this function returns to the interpreter between two waits, then the wait goes on with the
     time left."""
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-    while True:
-        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
-        rc = lib.shm_wait(h, word_offset, expected, ns)
-        if rc == lib.SHM_OK:
-            return True
-        if rc == lib.SHM_ETIMEDOUT:
-            return False
-        if rc != lib.SHM_EINTR:
-            _check(rc, word_offset)
+    return _sleep(lambda ns: lib.shm_wait(h, word_offset, expected, ns), timeout, word_offset)
 
 
 def wake(h: Handle, word_offset: int, n: int = -1) -> int:
@@ -881,16 +887,7 @@ def queue_info(h: Handle, queue: int, queue_id: int) -> QueueInfo:
 def queue_wait(h: Handle, control: int, which: int, seq: int, timeout: float | None) -> bool:
     """Sleep, counted as a sleeper, while the queue's wait word ``which`` (QWAIT_*) holds
     ``seq``: as :func:`wait` (True: woken or changed, False: timed out)."""
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-    while True:
-        ns = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1e9), 0)
-        rc = lib.shm_queue_wait(h, control, which, seq, ns)
-        if rc == lib.SHM_OK:
-            return True
-        if rc == lib.SHM_ETIMEDOUT:
-            return False
-        if rc != lib.SHM_EINTR:
-            _check(rc, control)
+    return _sleep(lambda ns: lib.shm_queue_wait(h, control, which, seq, ns), timeout, control)
 
 
 # ------------------------------------------------------------------ debugging and tests

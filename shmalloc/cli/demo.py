@@ -82,17 +82,24 @@ class _Interrupted(Exception):
 
 
 @dataclass
+class _Victim:
+    """The worker the demo kills with SIGKILL, and how its memory came back."""
+
+    pid: int = 0
+    held: int = 0  # bytes it held when killed
+    blocks: int = 0
+    reclaimed: int = 0  # bytes the coordinator reclaimed
+    seconds: float | None = None  # from the kill to the reclamation; NaN if it never came
+    reclaimed_by: str = ""
+
+
+@dataclass
 class _DemoResult:
     ops: int = 0
     bytes: int = 0
     handed: int = 0
     results_read: int = 0
-    victim_pid: int = 0
-    victim_held: int = 0
-    victim_blocks: int = 0
-    reclaimed: int = 0
-    reclaim_seconds: float | None = None
-    reclaimed_by: str = ""
+    victim: _Victim = field(default_factory=_Victim)
     note_survived: bool = False
     queue: str = ""  # what moved through the queue, for the summary
     pressure_pct: float = 0.0
@@ -275,7 +282,7 @@ class Demo:
             killed_at: float | None = None
             reclaim_deadline = 0.0
             last_news = time.monotonic()
-            while pending or res.reclaim_seconds is None:  # it is set once the victim is killed
+            while pending or res.victim.seconds is None:  # it is set once the victim is killed
                 if time.monotonic() - last_news > _SILENCE:
                     raise ShmallocError(f"the demo's processes sent no news for {_SILENCE:g} s")
                 alive_conns = [c for c in self.ctl[: n + 1] if not c.closed]
@@ -320,7 +327,7 @@ class Demo:
                         )
                     elif kind == "holding":
                         _, held, blocks = msg
-                        res.victim_pid, res.victim_held, res.victim_blocks = (
+                        res.victim.pid, res.victim.held, res.victim.blocks = (
                             victim.pid,
                             held,
                             blocks,
@@ -331,38 +338,39 @@ class Demo:
                 self.monitor()
                 # kill the victim once the workers are well under way
                 under_way = min(done_rounds.values()) >= min(500, self.rounds * 0.3)
-                if killed_at is None and res.victim_pid and (under_way or not pending):
+                if killed_at is None and res.victim.pid and (under_way or not pending):
                     before = mgr.process_memory(victim.pid)
                     os.kill(victim.pid, signal.SIGKILL)
                     killed_at = time.monotonic()
                     reclaim_deadline = killed_at + 15
                     victim.join(5)  # reap it: a zombie is dead to the process table too
-                    res.victim_held = before
+                    res.victim.held = before
                     progress.update(victim_task, status="[red]killed with SIGKILL[/]")
                     self.say(
                         f"[red]killed[/] the victim (pid {victim.pid}) with SIGKILL while it held "
-                        f"{format_bytes(before)} in {res.victim_blocks} blocks"
+                        f"{format_bytes(before)} in {res.victim.blocks} blocks"
                     )
-                if killed_at is not None and res.reclaim_seconds is None:
+                if killed_at is not None and res.victim.seconds is None:
                     if self.coordinator_pid is None:
                         mgr.collect()  # no coordinator: this process collects
                     left = mgr.process_memory(victim.pid)
                     if left == 0:
-                        res.reclaim_seconds = time.monotonic() - killed_at
-                        res.reclaimed = res.victim_held
-                        res.reclaimed_by = (
+                        res.victim.seconds = time.monotonic() - killed_at
+                        res.victim.reclaimed = res.victim.held
+                        res.victim.reclaimed_by = (
                             f"coordinator pid {self.coordinator_pid}"
                             if self.coordinator_pid
                             else "the demo process (no coordinator)"
                         )
                         progress.update(
                             victim_task,
-                            status=f"[green]reclaimed {format_bytes(res.reclaimed)} in "
-                            f"{res.reclaim_seconds:.2f} s[/]",
+                            status=f"[green]reclaimed {format_bytes(res.victim.reclaimed)} in "
+                            f"{res.victim.seconds:.2f} s[/]",
                         )
                         self.say(
-                            f"[green]reclaimed[/] {format_bytes(res.reclaimed)} of the killed "
-                            f"victim in {res.reclaim_seconds:.2f} s, by {res.reclaimed_by}"
+                            f"[green]reclaimed[/] {format_bytes(res.victim.reclaimed)} of the "
+                            f"killed victim in {res.victim.seconds:.2f} s, by "
+                            f"{res.victim.reclaimed_by}"
                         )
                         self.monitor()
                         self.check_while_running(len(pending))
@@ -371,7 +379,7 @@ class Demo:
                             f"the killed victim's {format_bytes(left)} were not reclaimed "
                             "within 15 s"
                         )
-                        res.reclaim_seconds = float("nan")
+                        res.victim.seconds = float("nan")
         # every worker is done: let them go, then read what they left under their names
         for i in range(n):
             with contextlib.suppress(OSError):
@@ -637,13 +645,13 @@ class Demo:
             f"demo.config retained by every worker; {res.results_read} demo.result.* read back",
         )
         t.add_row(
-            "killed", f"pid {res.victim_pid} with SIGKILL, holding {format_bytes(res.victim_held)}"
+            "killed", f"pid {res.victim.pid} with SIGKILL, holding {format_bytes(res.victim.held)}"
         )
-        if res.reclaim_seconds is not None and not math.isnan(res.reclaim_seconds):
+        if res.victim.seconds is not None and not math.isnan(res.victim.seconds):
             t.add_row(
                 "reclaimed",
-                f"{format_bytes(res.reclaimed)} in {res.reclaim_seconds:.2f} s "
-                f"by {res.reclaimed_by}",
+                f"{format_bytes(res.victim.reclaimed)} in {res.victim.seconds:.2f} s "
+                f"by {res.victim.reclaimed_by}",
             )
         else:
             t.add_row("reclaimed", Text("not within the deadline", style="red"))

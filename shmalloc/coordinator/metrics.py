@@ -8,6 +8,7 @@ an exporter is made (the ``metrics`` extra).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,43 +32,44 @@ class MetricsSnapshot:
     events: dict[str, int] = field(default_factory=dict)  # events drained, by name
 
 
-# The single-valued metrics: (name after "shmalloc_", help text, a counter (True) or a gauge,
-# where its value is: "stats.<field>" of the arena's counters, or "<dict>.<key>" of the snapshot).
-_SCALARS: tuple[tuple[str, str, bool, str], ...] = (
-    ("used_bytes", "Usable bytes of allocated blocks", False, "stats.used"),
-    ("peak_bytes", "Highest used_bytes seen", False, "stats.peak"),
-    ("capacity_bytes", "Size of the shared-memory segment", False, "stats.capacity"),
-    ("heap_bytes", "Bytes of the segment the heap may use", False, "stats.total"),
-    ("available_bytes", "Usable bytes of free blocks", False, "stats.available"),
-    ("allocated_blocks", "Blocks allocated now", False, "stats.allocated_blocks"),
-    ("free_blocks", "Free blocks now", False, "stats.free_blocks"),
-    ("live_processes", "Processes attached and running", False, "processes.live"),
-    (
-        "dead_processes",
-        "Ended processes whose memory is not reclaimed yet",
-        False,
-        "processes.dead",
-    ),
-    ("allocations", "Allocations in the arena", True, "stats.allocations"),
-    ("deallocations", "Deallocations in the arena", True, "stats.deallocations"),
-    ("gc_runs", "Collections run by any process (memory.gc_triggered)", True, "totals.gc_runs"),
-    ("gc_freed_blocks", "Blocks freed by collections", True, "totals.gc_freed_blocks"),
-    (
+# The single-valued metrics, by where their value is: a field of the arena's counters, a key of
+# the snapshot's process counts or of its totals. Each: (name after "shmalloc_", help text, True
+# for a counter (it only grows), False for a gauge).
+_FROM_STATS: dict[str, tuple[str, str, bool]] = {
+    "used": ("used_bytes", "Usable bytes of allocated blocks", False),
+    "peak": ("peak_bytes", "Highest used_bytes seen", False),
+    "capacity": ("capacity_bytes", "Size of the shared-memory segment", False),
+    "total": ("heap_bytes", "Bytes of the segment the heap may use", False),
+    "available": ("available_bytes", "Usable bytes of free blocks", False),
+    "allocated_blocks": ("allocated_blocks", "Blocks allocated now", False),
+    "free_blocks": ("free_blocks", "Free blocks now", False),
+    "allocations": ("allocations", "Allocations in the arena", True),
+    "deallocations": ("deallocations", "Deallocations in the arena", True),
+}
+_FROM_PROCESSES = {
+    "live": ("live_processes", "Processes attached and running", False),
+    "dead": ("dead_processes", "Ended processes whose memory is not reclaimed yet", False),
+}
+_FROM_TOTALS = {
+    "gc_runs": ("gc_runs", "Collections run by any process (memory.gc_triggered)", True),
+    "gc_freed_blocks": ("gc_freed_blocks", "Blocks freed by collections", True),
+    "reclaimed_bytes": (
         "gc_freed_bytes",
         "Bytes reclaimed from processes (memory.process_reclaimed)",
         True,
-        "totals.reclaimed_bytes",
     ),
-    ("processes_reclaimed", "Process reclamations", True, "totals.processes_reclaimed"),
-    ("dropped_events", "Events lost to a full ring", True, "totals.dropped_events"),
-)
+    "processes_reclaimed": ("processes_reclaimed", "Process reclamations", True),
+    "dropped_events": ("dropped_events", "Events lost to a full ring", True),
+}
 
 
-def _value(snap: MetricsSnapshot, where: str) -> int:
-    table, _, key = where.partition(".")
-    if table == "stats":
-        return int(getattr(snap.stats, key)) if snap.stats is not None else 0
-    return int(getattr(snap, table).get(key, 0))
+def _scalars(snap: MetricsSnapshot) -> Iterator[tuple[str, str, bool, int]]:
+    """(name, help, is a counter, value) of every single-valued metric."""
+    for key, (name, doc, counter) in _FROM_STATS.items():
+        yield name, doc, counter, int(getattr(snap.stats, key)) if snap.stats is not None else 0
+    for table, values in ((_FROM_PROCESSES, snap.processes), (_FROM_TOTALS, snap.totals)):
+        for key, (name, doc, counter) in table.items():
+            yield name, doc, counter, values.get(key, 0)
 
 
 class MetricsExporter:
@@ -99,9 +101,9 @@ class MetricsExporter:
                 info = InfoMetricFamily("shmalloc_arena", "The arena this coordinator serves")
                 info.add_metric([], {"name": arena})
                 yield info
-                for name, doc, is_counter, where in _SCALARS:
+                for name, doc, is_counter, value in _scalars(s):
                     family = CounterMetricFamily if is_counter else GaugeMetricFamily
-                    yield family(f"shmalloc_{name}", doc, value=_value(s, where))
+                    yield family(f"shmalloc_{name}", doc, value=value)
                 yield GaugeMetricFamily(
                     "shmalloc_pressure_level",
                     "Arena pressure: 0 LOW, 1 MEDIUM, 2 HIGH, 3 CRITICAL",
