@@ -6,7 +6,8 @@ On each worker (and on every worker that joins or restarts later: the scheduler 
 plugin), ``setup``:
 1. joins the host arena (host.py), creating it and its coordinator if this is the first worker
    of the cluster on this host, and records the worker's address in it (serialize.register);
-2. makes an ArenaStore (store.py) the worker's in-memory data: the fast part of its
+2. makes an ArenaStore (store.py) the worker's in-memory data (values move into the arena
+   when a worker of the host first asks for one): the fast part of its
    SpillBuffer (values spilled to disk leave the arena), or the whole of it when it does not
    spill;
 3. wraps the ``get_data`` handler so that a peer of the same host gets references
@@ -56,6 +57,8 @@ class ShmallocPlugin(WorkerPlugin):
     ``capacity``: the arena's size (reserved lazily; default 1 TiB, so /dev/shm is the limit).
     ``min_size``: values smaller than this stay in the worker's own memory.
     ``account_memory``: make Dask's memory monitor count the arena once per host (see above).
+    ``eager``: put every value worth sharing in the arena when it is stored, not when a worker of
+    the same host first asks for it (more copies, but all of the host's data in one place).
     """
 
     name = "shmalloc"
@@ -67,7 +70,9 @@ class ShmallocPlugin(WorkerPlugin):
         *,
         min_size: int = 64 * 1024,
         account_memory: bool = True,
+        eager: bool = False,
     ) -> None:
+        self.eager = eager
         self.capacity = capacity
         self.min_size = min_size
         self.account_memory = account_memory
@@ -82,6 +87,7 @@ class ShmallocPlugin(WorkerPlugin):
             "capacity": self.capacity,
             "min_size": self.min_size,
             "account_memory": self.account_memory,
+            "eager": self.eager,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -94,7 +100,7 @@ class ShmallocPlugin(WorkerPlugin):
         name = arena_name(worker.scheduler.address, self.host)
         self.member = member = HostArena.join(name, self.capacity)
         register(member.mgr, worker.address)
-        self.store = store = ArenaStore(member.mgr, min_size=self.min_size)
+        self.store = store = ArenaStore(member.mgr, min_size=self.min_size, eager=self.eager)
         self._install_store(worker, store)
         original = worker.handlers["get_data"]
         worker.handlers["get_data"] = wrap_get_data(

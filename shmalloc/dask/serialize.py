@@ -3,12 +3,13 @@
 The hook is the worker's ``get_data`` handler (the one Dask peers call to fetch data). The plugin
 wraps it: the wrapper decides whether the requesting worker (``who``) shares this worker's host
 arena (it is registered in it, see ``register``), and hands the original handler a comm whose
-``write`` replaces, in the reply, every value that is the arena view of its key by a
-:class:`Shared` marker. The marker pickles as its ObjectRef (about 150 bytes, with a transit
-ticket that keeps the object alive until the receiver unpickles it, even if the sender dies);
-unpickled, it becomes the value itself, a zero-copy view over the arena, which the receiver's
-store adopts without a copy. Everything else about the transfer (throttling, counters, the
-acknowledgement) is Dask's own code. A peer on another host gets the reply untouched: bytes.
+``write`` replaces, in the reply, every value worth sharing by a :class:`Shared` marker (the
+store moves the value into the arena then, if it is not there yet: ``ArenaStore.share``). The
+marker pickles as its ObjectRef (about 150 bytes, with a transit ticket that keeps the object
+alive until the receiver unpickles it, even if the sender dies); unpickled, it becomes the value
+itself, a zero-copy view over the arena, which the receiver's store adopts without a copy.
+Everything else about the transfer (throttling, counters, the acknowledgement) is Dask's own
+code. A peer on another host gets the reply untouched: bytes.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class _ReplyComm:
             for key, wrapped in list(data.items()):
                 ref = None
                 if self._store is not None:
-                    ref = self._store.shared_value(key, getattr(wrapped, "data", wrapped))
+                    ref = self._store.share(key, getattr(wrapped, "data", wrapped))
                 if ref is not None:
                     data[key] = Serialize(Shared(ref))  # type: ignore[no-untyped-call]
                     self._stats.refs_sent += 1

@@ -1,13 +1,14 @@
 """The worker's data in the host arena: a MutableMapping that Dask's SpillBuffer uses as its fast
 (in-memory) part, or that replaces a worker's plain dict when it does not spill.
 
-``store[key] = value`` puts a value worth sharing (numpy arrays, pandas objects, bytes, anything
-whose pickle 5 stream splits into buffers, of at least ``min_size`` bytes) into the arena with
-``mgr.put`` and keeps the ObjectRef and a zero-copy view (``mgr.get``): that view is what tasks
-read. Smaller values, and values that do not pickle, stay in the process as they are. A value
-that arrived by reference from another worker of the host (serialize.py) is kept as it came,
-without a copy. Deleting a key (a release, or the SpillBuffer moving it to disk) drops the
-reference and the view: the arena frees the object once no other worker holds it.
+A value worth sharing (numpy arrays, pandas objects, bytes, of at least ``min_size`` bytes)
+moves into the arena (``mgr.put``) the first time a worker of the same host asks for it
+(``share``, called by serialize.py), or at once with ``eager=True``: from then on the store
+keeps the ObjectRef and a zero-copy view (``mgr.get``) in place of the value, and that view is
+what tasks read. Values nobody else on the host asks for stay where the task made them, so they
+cost no copy. A value that arrived by reference from another worker of the host is kept as it
+came, without a copy. Deleting a key (a release, or the SpillBuffer moving it to disk) drops
+the reference and the view: the arena frees the object once no other worker holds it.
 
 Accounting: ``weight(key, value)`` is what SpillBuffer's LRU counts as this worker's managed
 memory: the size of what this worker put in the arena, and nearly nothing for what it got by
@@ -79,9 +80,12 @@ def _worth_sharing(value: Any, min_size: int) -> bool:
 class ArenaStore(MutableMapping[Hashable, Any]):
     """{task key: value} of one worker, values worth sharing living in the host arena."""
 
-    def __init__(self, mgr: MemoryManager, *, min_size: int = 64 * 1024) -> None:
+    def __init__(
+        self, mgr: MemoryManager, *, min_size: int = 64 * 1024, eager: bool = False
+    ) -> None:
         self.mgr = mgr
         self.min_size = min_size
+        self.eager = eager
         self._values: dict[Hashable, Any] = {}
         self._refs: dict[Hashable, ObjectRef] = {}
         self._owned: dict[Hashable, int] = {}  # bytes this worker put, by key
@@ -103,35 +107,40 @@ class ArenaStore(MutableMapping[Hashable, Any]):
         """The arena reference of the value stored under ``key``, if it lives in the arena."""
         return self._refs.get(key)
 
-    def shared_value(self, key: Hashable, value: Any) -> ObjectRef | None:
-        """The reference of ``key`` if ``value`` is the very view stored under it."""
+    def share(self, key: Hashable, value: Any) -> ObjectRef | None:
+        """The arena reference of ``key`` if ``value`` is what is stored under it, moving it
+        into the arena now if it is worth sharing and not there yet; None otherwise."""
         with self._lock:
-            ref = self._refs.get(key)
-            if ref is None or self._values.get(key) is not value:
+            if key not in self._values or self._values[key] is not value:
                 return None
-            return ref
+            ref = self._refs.get(key)
+            if ref is not None or not _worth_sharing(value, self.min_size):
+                return ref
+            self._put(key, value)
+            return self._refs.get(key)
+
+    def _put(self, key: Hashable, value: Any) -> None:
+        """Move ``value`` (stored under ``key``) into the arena (under the lock)."""
+        try:
+            ref = self.mgr.put(value)
+        except MemoryError:
+            return  # the arena is full: keep it in the process, as plain Dask would
+        self._values[key] = self.mgr.get(ref)
+        self._refs[key] = ref
+        self._owned[key] = ref.nbytes
+        self.owned_bytes += ref.nbytes
 
     # ------------------------------------------------------------ the mapping
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         ref = adopt_arrived(value, pop=True)
-        owned = 0
-        if ref is None and _worth_sharing(value, self.min_size):
-            try:
-                ref = self.mgr.put(value)
-            except MemoryError:
-                ref = None  # the arena is full: keep it in the process, as plain Dask would
-            else:
-                value = self.mgr.get(ref)
-                owned = ref.nbytes
         with self._lock:
             self._pop(key)
             self._values[key] = value
             if ref is not None:
                 self._refs[key] = ref
-            if owned:
-                self._owned[key] = owned
-                self.owned_bytes += owned
+            elif self.eager and _worth_sharing(value, self.min_size):
+                self._put(key, value)
 
     def _pop(self, key: Hashable) -> Any:
         value = self._values.pop(key, None)
