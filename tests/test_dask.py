@@ -69,7 +69,7 @@ def wait_gone(arenas: set[str], pids: list[int], timeout: float = 30.0) -> None:
 def cluster() -> Iterator[tuple[distributed.Client, list[int], set[str]]]:
     with (
         LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as lc,
         distributed.Client(lc) as client,
     ):
@@ -212,8 +212,8 @@ def test_two_hosts_move_references_within_and_bytes_across(tmp_path: Any) -> Non
             )
         with distributed.Client(scheduler_file=sched_file, timeout=60) as client:
             client.wait_for_workers(4, timeout=120)
-            # eager: what a worker receives goes into its host's arena at once
-            client.register_plugin(ShmallocPlugin(capacity=1 << 30, eager=True))
+            # 32 MiB >= eager_size: what a worker makes or receives goes into its arena at once
+            client.register_plugin(ShmallocPlugin(capacity=1 << 30))
             rep = reports(client)
             by_host: dict[str, list[str]] = {}
             for addr, r in rep.items():

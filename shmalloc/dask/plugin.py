@@ -6,8 +6,8 @@ On each worker (and on every worker that joins or restarts later: the scheduler 
 plugin), ``setup``:
 1. joins the host arena (host.py), creating it and its coordinator if this is the first worker
    of the cluster on this host, and records the worker's address in it (serialize.register);
-2. makes an ArenaStore (store.py) the worker's in-memory data (values move into the arena
-   when a worker of the host first asks for one): the fast part of its
+2. makes an ArenaStore (store.py) the worker's in-memory data (large values move into the arena
+   when stored, smaller ones when a worker of the host first asks for one): the fast part of its
    SpillBuffer (values spilled to disk leave the arena), or the whole of it when it does not
    spill;
 3. wraps the ``get_data`` handler so that a peer of the same host gets references
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Hashable
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -51,14 +52,27 @@ def private_memory(pid: int | None = None) -> int:
     return anon + file
 
 
+def _fetched(state: Any, key: Hashable) -> bool:
+    """Is the value the worker is storing under ``key`` one it fetched from a peer? (Dask stores
+    a fetched value while the task is in flight, or resumed from flight; a computed one while it
+    is executing, or resumed from executing.)"""
+    ts = state.tasks.get(key)
+    if ts is None:
+        return False
+    return bool(ts.state == "flight" or (ts.state == "resumed" and ts.previous == "flight"))
+
+
 class ShmallocPlugin(WorkerPlugin):
     """Keep the data of every worker of a host in one shmalloc arena shared by them.
 
     ``capacity``: the arena's size (reserved lazily; default 1 TiB, so /dev/shm is the limit).
     ``min_size``: values smaller than this stay in the worker's own memory.
     ``account_memory``: make Dask's memory monitor count the arena once per host (see above).
-    ``eager``: put every value worth sharing in the arena when it is stored, not when a worker of
-    the same host first asks for it (more copies, but all of the host's data in one place).
+    ``eager_size``: values of at least this many bytes that the worker computes go into the arena
+    when they are stored, so that every transfer of them is a reference; smaller ones (from
+    ``min_size``), and those fetched from a worker of another host, when a worker of the same
+    host first asks for them, so that those nobody asks for cost no copy.
+    ``0``: every value at store time; ``math.inf``: every value on demand.
     """
 
     name = "shmalloc"
@@ -70,9 +84,9 @@ class ShmallocPlugin(WorkerPlugin):
         *,
         min_size: int = 64 * 1024,
         account_memory: bool = True,
-        eager: bool = False,
+        eager_size: float = 1 << 20,
     ) -> None:
-        self.eager = eager
+        self.eager_size = eager_size
         self.capacity = capacity
         self.min_size = min_size
         self.account_memory = account_memory
@@ -87,7 +101,7 @@ class ShmallocPlugin(WorkerPlugin):
             "capacity": self.capacity,
             "min_size": self.min_size,
             "account_memory": self.account_memory,
-            "eager": self.eager,
+            "eager_size": self.eager_size,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -100,7 +114,12 @@ class ShmallocPlugin(WorkerPlugin):
         name = arena_name(worker.scheduler.address, self.host)
         self.member = member = HostArena.join(name, self.capacity)
         register(member.mgr, worker.address)
-        self.store = store = ArenaStore(member.mgr, min_size=self.min_size, eager=self.eager)
+        self.store = store = ArenaStore(
+            member.mgr,
+            min_size=self.min_size,
+            eager_size=self.eager_size,
+            fetched=lambda key: _fetched(worker.state, key),
+        )
         self._install_store(worker, store)
         original = worker.handlers["get_data"]
         worker.handlers["get_data"] = wrap_get_data(

@@ -2,13 +2,17 @@
 (in-memory) part, or that replaces a worker's plain dict when it does not spill.
 
 A value worth sharing (numpy arrays, pandas objects, bytes, of at least ``min_size`` bytes)
-moves into the arena (``mgr.put``) the first time a worker of the same host asks for it
-(``share``, called by serialize.py), or at once with ``eager=True``: from then on the store
+moves into the arena (``mgr.put``, one copy) at once when it is stored if it has at least
+``eager_size`` bytes and this worker made it, so that every transfer of it is a reference and
+the copy is paid by its maker, off the transfers' path. Else (a smaller value, or one fetched
+from a worker of another host, whose copy would lengthen that transfer for a value no peer may
+ask for) it moves the first time a worker of the same host asks for it (``share``, called by
+serialize.py): a value nobody else on the host asks for costs no copy. From then on the store
 keeps the ObjectRef and a zero-copy view (``mgr.get``) in place of the value, and that view is
-what tasks read. Values nobody else on the host asks for stay where the task made them, so they
-cost no copy. A value that arrived by reference from another worker of the host is kept as it
-came, without a copy. Deleting a key (a release, or the SpillBuffer moving it to disk) drops
-the reference and the view: the arena frees the object once no other worker holds it.
+what tasks read; the worker's private copy goes with the store's reference to it. A value that
+arrived by reference from another worker of the host is kept as it came, without a copy.
+Deleting a key (a release, or the SpillBuffer moving it to disk) drops the reference and the
+view: the arena frees the object once no other worker holds it.
 
 Accounting: ``weight(key, value)`` is what SpillBuffer's LRU counts as this worker's managed
 memory: the size of what this worker put in the arena, and nearly nothing for what it got by
@@ -21,7 +25,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Hashable, Iterator, MutableMapping
+from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from typing import Any
 
 from dask.sizeof import sizeof
@@ -66,26 +70,34 @@ def adopt_arrived(value: Any, pop: bool) -> ObjectRef | None:
         return entry[1]
 
 
-def _worth_sharing(value: Any, min_size: int) -> bool:
+def _shareable_size(value: Any) -> int:
+    """The size of ``value`` if the store may put it in the arena, else 0."""
     if isinstance(value, (bytes, bytearray)):
-        return len(value) >= min_size
+        return len(value)
     mod = type(value).__module__.partition(".")[0]
     if mod == "numpy":
-        return bool(getattr(value, "nbytes", 0) >= min_size) and not value.dtype.hasobject
+        dtype = getattr(value, "dtype", None)
+        return 0 if dtype is None or dtype.hasobject else int(getattr(value, "nbytes", 0))
     if mod == "pandas":
-        return bool(sizeof(value) >= min_size)
-    return False
+        return int(sizeof(value))
+    return 0
 
 
 class ArenaStore(MutableMapping[Hashable, Any]):
     """{task key: value} of one worker, values worth sharing living in the host arena."""
 
     def __init__(
-        self, mgr: MemoryManager, *, min_size: int = 64 * 1024, eager: bool = False
+        self,
+        mgr: MemoryManager,
+        *,
+        min_size: int = 64 * 1024,
+        eager_size: float = 1 << 20,
+        fetched: Callable[[Hashable], bool] = lambda key: False,
     ) -> None:
         self.mgr = mgr
+        self.fetched = fetched  # is the value being stored under key one fetched from a peer?
         self.min_size = min_size
-        self.eager = eager
+        self.eager_size = max(eager_size, min_size)
         self._values: dict[Hashable, Any] = {}
         self._refs: dict[Hashable, ObjectRef] = {}
         self._owned: dict[Hashable, int] = {}  # bytes this worker put, by key
@@ -114,7 +126,7 @@ class ArenaStore(MutableMapping[Hashable, Any]):
             if key not in self._values or self._values[key] is not value:
                 return None
             ref = self._refs.get(key)
-            if ref is not None or not _worth_sharing(value, self.min_size):
+            if ref is not None or _shareable_size(value) < self.min_size:
                 return ref
             self._put(key, value)
             return self._refs.get(key)
@@ -139,7 +151,7 @@ class ArenaStore(MutableMapping[Hashable, Any]):
             self._values[key] = value
             if ref is not None:
                 self._refs[key] = ref
-            elif self.eager and _worth_sharing(value, self.min_size):
+            elif _shareable_size(value) >= self.eager_size and not self.fetched(key):
                 self._put(key, value)
 
     def _pop(self, key: Hashable) -> Any:
