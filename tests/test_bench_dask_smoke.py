@@ -28,7 +28,7 @@ def test_bench_dask_quick(tmp_path: Path) -> None:
     assert res["rows"][1]["shmalloc"]["result"] == pytest.approx(res["rows"][1]["plain"]["result"])
     assert len(res["targets_summary"]) == 4
     arenas = [n for r in res["rows"] for n in r["arenas"]]
-    assert len(arenas) == 4  # one host arena per shmalloc cluster, two in the two-host one
+    assert len(arenas) == 8  # one per cluster with the plugin (2 kinds), two in two-host ones
     deadline = time.monotonic() + 30  # each host coordinator unlinks its arena once alone
     while left := [n for n in arenas if os.path.exists(os.path.join("/dev/shm", n))]:
         assert time.monotonic() < deadline, f"the benchmark left host arenas behind: {left}"
