@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import objects
+from . import encoding, objects
 from .errors import InvalidAddress, ObjectNotFound
 from .manager import MemoryManager, attachment_of
 from .objects import ObjectRef
@@ -36,16 +36,6 @@ from .objects import ObjectRef
 __all__ = ["SharedArray", "share_array"]
 
 _attached: dict[str, MemoryManager] = {}  # arenas opened by handles in this process, by name
-
-
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        raise ImportError(
-            "shmalloc.arrays needs numpy, an optional extra: pip install 'shmalloc[numpy]'"
-        ) from None
-    return numpy
 
 
 def _attach(name: str) -> MemoryManager:
@@ -83,7 +73,7 @@ class SharedArray:
         """The array, zero-copy: a writable ndarray over the arena. ``mgr`` defaults to the
         arena attached by name (once per process); ``adopt=True`` makes this process hold the
         array until it ends or frees it (so it outlives the producer)."""
-        _numpy()
+        encoding.numpy()
         a = attachment_of(self._manager(mgr))
         arr = objects.open_array(a, self.object, self.object_id, writable=True)
         if adopt:
@@ -134,7 +124,7 @@ def share_array(mgr: MemoryManager, array: Any, *, persist: bool = False) -> Sha
 
     A C- or Fortran-contiguous array keeps its memory order; any other is stored C-contiguous.
     Arrays of Python objects cannot be shared (their items are pointers into this process)."""
-    np = _numpy()
+    np = encoding.numpy()
     a = np.asarray(array)
     if a.dtype.hasobject:
         raise TypeError(

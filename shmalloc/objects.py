@@ -29,7 +29,6 @@ import asyncio
 import atexit
 import functools
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -37,9 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _binding as C
+from . import encoding
 from .access import mapped
 from .attachment import Attachment, check_int
 from .attachment import _open as _open_attachments
+from .encoding import INLINE_BELOW
 from .errors import InvalidAddress, ObjectNotFound
 from .ownership import encode_block_name
 from .tracking import slot_for
@@ -63,7 +64,6 @@ __all__ = [
     "zeros",
 ]
 
-INLINE_BELOW = 1024  # out-of-band buffers smaller than this go in the pickle stream (one block)
 RECHECK = 1.0  # longest sleep of a get(name) between two looks (see the module's docstring)
 
 # ------------------------------------------------------------------ this process's holds
@@ -308,21 +308,6 @@ def _rebuild(
 # ------------------------------------------------------------------ put
 
 
-def _out_of_band(bufs: list[memoryview]) -> Any:
-    def callback(pb: pickle.PickleBuffer) -> bool:
-        """False: this buffer goes out of band, in a block of its own."""
-        try:
-            raw = pb.raw()
-        except BufferError:  # not contiguous: pickle copies it in band
-            return True
-        if raw.nbytes < INLINE_BELOW or len(bufs) >= C.OBJECT_MAX_BUFFERS:
-            return True
-        bufs.append(raw)
-        return False
-
-    return callback
-
-
 def _slot(a: Attachment) -> int:
     slot = a.slot
     return slot if slot >= 0 else slot_for(a, None)
@@ -365,10 +350,10 @@ def _store(
 
 
 def put(a: Attachment, obj: Any, name: str | None = None) -> ObjectRef:
-    """Store ``obj`` (pickle protocol 5; buffers of 1 KiB or more in sealed blocks of their own)
+    """Store ``obj`` (see encoding: pickle protocol 5, or a plain array's header; buffers of 1 KiB
+    or more in sealed blocks of their own)
     and return a reference to it; with ``name``, also bind it."""
-    bufs: list[memoryview] = []
-    data = pickle.dumps(obj, protocol=5, buffer_callback=_out_of_band(bufs))
+    data, bufs = encoding.encode(obj)
     return _store(a, data, [b.nbytes for b in bufs] if bufs else [], bufs, name, False)[0]
 
 
@@ -395,8 +380,8 @@ def _load(a: Attachment, view: C.ObjectView, writable: bool = False) -> Any:
     stream = mapped(a, view.pickle, view.pickle + view.pickle_len)
     try:
         if not view.buffers:
-            return pickle.loads(stream)
-        return pickle.loads(stream, buffers=_pinned(a, key, list(view.buffers), writable))
+            return encoding.decode(stream)
+        return encoding.decode(stream, _pinned(a, key, list(view.buffers), writable))
     finally:
         stream.release()
         if not view.buffers:
@@ -450,7 +435,7 @@ def get(a: Attachment, key: ObjectRef | str, timeout: float | None = None) -> An
         got, pinned = _open_name(a, key, timeout)
     else:
         raise TypeError(f"get() takes an ObjectRef or a name, not {type(key).__name__}")
-    return _load(a, got) if pinned else pickle.loads(got)
+    return _load(a, got) if pinned else encoding.decode(got)
 
 
 async def get_async(a: Attachment, name: ObjectRef | str, timeout: float | None = None) -> Any:
@@ -503,28 +488,6 @@ def delete(a: Attachment, key: ObjectRef | str) -> None:
 # ------------------------------------------------------------------ arrays made in place
 
 
-class _ArrayStream:
-    """Pickles as numpy pickles a contiguous array (protocol 5), with an empty placeholder for
-    its buffer: the stream of an array whose data will be written in place."""
-
-    def __init__(self, np: Any, shape: tuple[int, ...], dtype: Any, order: str) -> None:
-        self.rebuild = np.empty(1).__reduce_ex__(5)[0]  # numpy's _frombuffer
-        self.args = (dtype, shape, order)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (self.rebuild, (pickle.PickleBuffer(bytearray()), *self.args))  # writable
-
-
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        raise ImportError(
-            "arrays in the arena need numpy, an optional extra: pip install 'shmalloc[numpy]'"
-        ) from None
-    return numpy
-
-
 def _shape(shape: Any) -> tuple[int, ...]:
     shp = (shape,) if isinstance(shape, int) else tuple(shape)
     for d in shp:
@@ -533,18 +496,10 @@ def _shape(shape: Any) -> tuple[int, ...]:
     return shp
 
 
-def _array_over(np: Any, mem: Any, shape: tuple[int, ...], dtype: Any, order: str) -> Any:
-    count = 1
-    for d in shape:
-        count *= d
-    flat = np.frombuffer(mem, dtype=dtype, count=count)
-    return flat.reshape(shape, order=order)
-
-
 def empty(a: Attachment, shape: Any, dtype: Any = float, order: str = "C") -> tuple[Any, ObjectRef]:
     """A new array object, created in place and writable here: fill it, then hand out the
     reference (get() elsewhere sees it read-only). No copy at any point."""
-    np = _numpy()
+    np = encoding.numpy()
     shp, dt = _shape(shape), np.dtype(dtype)
     if dt.hasobject:
         raise TypeError(
@@ -556,16 +511,12 @@ def empty(a: Attachment, shape: Any, dtype: Any = float, order: str = "C") -> tu
     nbytes = dt.itemsize
     for d in shp:
         nbytes *= d
-    data = pickle.dumps(_ArrayStream(np, shp, dt, order), protocol=5, buffer_callback=_no)
+    data = encoding.array_header(dt, shp, order)
     ref, [address] = _store(a, data, [nbytes], None, None, True)
     with _critical():
         _count(a, ref.key, True)
         [mem] = _pinned(a, ref.key, [(address, nbytes)], True)
-    return _array_over(np, mem, shp, dt, order), ref
-
-
-def _no(pb: pickle.PickleBuffer) -> bool:
-    return False  # every buffer out of band
+    return encoding.decode(data, [mem]), ref
 
 
 def zeros(a: Attachment, shape: Any, dtype: Any = float, order: str = "C") -> tuple[Any, ObjectRef]:

@@ -30,7 +30,6 @@ object.
 from __future__ import annotations
 
 import asyncio
-import pickle
 import queue as _queue
 import threading
 import time
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _binding as C
-from . import objects
+from . import encoding, objects
 from .attachment import Attachment, check_int
 from .manager import MemoryManager, attachment_of
 from .objects import ObjectRef
@@ -156,8 +155,7 @@ class _Base:
         a = self._att
         if isinstance(obj, ObjectRef) and obj.arena == a.name and obj._att is not None:
             return _Item(obj.address, obj.id, C.QPUT_REF), [], b""
-        bufs: list[memoryview] = []
-        data = pickle.dumps(obj, protocol=5, buffer_callback=objects._out_of_band(bufs))
+        data, bufs = encoding.encode(obj)
         return _Item(0, 0, C.QPUT_NEW), bufs, data
 
     def _offer(self, item: _Item) -> int | None:
@@ -249,7 +247,7 @@ class _Base:
         if taken.ref is not None:
             return taken.ref
         if taken.stream is not None:
-            return pickle.loads(taken.stream)
+            return encoding.decode(taken.stream)
         assert taken.view is not None
         return objects._load(self._att, taken.view)
 

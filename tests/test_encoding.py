@@ -1,0 +1,104 @@
+"""How values become streams: a plain numpy array takes the array header (no pickle), anything
+else pickle 5; both come back equal, arrays as read-only views over the arena, through put/get
+and through a Queue."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+import shmalloc
+from shmalloc import MemoryManager, encoding
+
+ARRAYS = {
+    "float64": np.arange(1000.0),
+    "small int32": np.arange(10, dtype=np.int32),
+    "big-endian int16": np.arange(3000, dtype=">i2"),
+    "bool": np.arange(2000) % 3 == 0,
+    "complex": np.arange(500) * (1 + 2j),
+    "datetime64": np.arange(300).astype("datetime64[ns]"),
+    "unicode": np.array(["a", "bcd", "é"] * 200),
+    "bytes": np.array([b"xy", b"z"] * 600),
+    "fortran 2-D": np.asfortranarray(np.arange(2400.0).reshape(40, 60)),
+    "0-d": np.array(7.5),
+    "empty": np.zeros((0, 5)),
+    "structured": np.zeros(100, dtype=[("id", "<i4"), ("xy", ">f8", (2,))]),
+    "void": np.zeros(200, dtype="V8"),
+}
+
+PICKLED = {
+    "object dtype": np.array([1, "a", None], dtype=object),
+    "not contiguous": np.arange(4000.0)[::2],
+    "a subclass": np.ma.masked_array(np.arange(2000.0), mask=np.arange(2000) % 2 == 0),
+    "dict of arrays": {"a": np.arange(2000.0), "b": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+def test_plain_arrays_skip_pickle_and_come_back_equal(mgr: MemoryManager, name: str) -> None:
+    a = ARRAYS[name]
+    stream, bufs = encoding.encode(a)
+    assert stream[0] == 0, "not the array header"
+    assert len(bufs) == (a.nbytes >= encoding.INLINE_BELOW)
+    back = mgr.get(mgr.put(a))
+    _same(back, a)
+    assert not back.flags.writeable
+    assert back.flags.f_contiguous == a.flags.f_contiguous
+    del back
+
+
+@pytest.mark.parametrize("name", PICKLED)
+def test_other_values_are_pickled(mgr: MemoryManager, name: str) -> None:
+    value = PICKLED[name]
+    stream, _ = encoding.encode(value)
+    assert stream[:1] == b"\x80", "not a pickle stream"
+    back = mgr.get(mgr.put(value))
+    assert type(back) is type(value)
+    if isinstance(value, dict):
+        _same(back["a"], value["a"])
+        assert back["b"] == value["b"]
+    else:
+        _same(np.asarray(back), np.asarray(value))
+    del back
+
+
+def test_arrays_through_a_queue(mgr: MemoryManager) -> None:
+    q = shmalloc.Queue(arena=mgr)
+    for a in ARRAYS.values():
+        q.put(a)
+    for a in ARRAYS.values():
+        back = q.get()
+        _same(back, a)
+        del back
+    del q
+
+
+def test_empty_is_an_array_object_too(mgr: MemoryManager) -> None:
+    arr, ref = mgr.empty((30, 40), np.dtype([("a", "<u2"), ("b", "f4")]), order="F")
+    arr["a"] = np.arange(1200).reshape(30, 40)
+    del arr
+    back = mgr.get(ref)
+    assert back.dtype.names == ("a", "b") and back.flags.f_contiguous
+    assert back["a"][29, 39] == 1199
+    del back
+
+
+def test_a_damaged_header_raises_and_never_reads_past_its_buffer() -> None:
+    stream, bufs = encoding.encode(np.arange(1000.0))
+    cut = bytearray(stream)
+    cut[-8:] = (10**6).to_bytes(8, "little")  # a shape far larger than the buffer
+    with pytest.raises(ValueError):
+        encoding.decode(bytes(cut), bufs)
+    with pytest.raises((ValueError, TypeError, pickle.UnpicklingError, UnicodeDecodeError)):
+        encoding.decode(bytes(stream[:3]) + b"\xff" * 4, bufs)
+
+
+def _same(got: Any, want: Any) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype.hasobject:
+        assert got.tolist() == want.tolist()
+    else:
+        assert got.tobytes(order="A") == want.tobytes(order="A")
