@@ -1,6 +1,6 @@
 """What the runners in ``stress/`` share: arenas destroyed however a run ends, interleaved trials
-and their median/min/max, machine facts, tables, targets, the JSON every benchmark writes, one
-progress bar, and a pool of long-lived worker processes for the multi-process workloads.
+and their median/min/max, malloc baselines, a PSS sampler, machine facts, tables, targets, the
+JSON every benchmark writes, one progress bar, and a pool of long-lived worker processes.
 
 Nothing here measures anything by itself; each runner says what it measures.
 """

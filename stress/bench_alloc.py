@@ -172,9 +172,8 @@ def report(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "few iterations (a CI smoke run, ~10 s)")
-    p.add_argument(
-        "--parts", type=bench.csv(PARTS), default=list(PARTS), help="pair and/or collector"
-    )
+    parts = bench.csv(PARTS)
+    p.add_argument("--parts", type=parts, default=list(PARTS), help="pair and/or collector")
     p.scaled("--trials", 5, 9, "trials per measurement")
     p.scaled("--ops", 20_000, 50_000, "operations per trial")
     a = p.parse(argv)
