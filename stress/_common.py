@@ -1,6 +1,6 @@
 """What the runners in ``stress/`` share: arenas destroyed however a run ends, interleaved trials
-and their median/min/max, machine facts, tables, targets, the JSON every benchmark writes, one
-progress bar, and a pool of long-lived worker processes for the multi-process workloads.
+and their median/min/max, malloc baselines, a PSS sampler, machine facts, tables, targets, the
+JSON every benchmark writes, one progress bar, and a pool of long-lived worker processes.
 
 Nothing here measures anything by itself; each runner says what it measures.
 """
@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import functools
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -24,6 +25,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -35,6 +37,7 @@ from types import ModuleType
 from typing import Any
 
 import cffi
+import psutil
 
 import shmalloc
 from shmalloc import MemoryManager
@@ -50,12 +53,22 @@ COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator
 
 
 @functools.cache
-def libc() -> tuple[Any, Any]:
+def libc(api: bool = False) -> tuple[Any, Any]:
     """(ffi, lib) for glibc's malloc/free through cffi's ABI mode: the private-heap baseline of
-    several benchmarks (made on first use: parsing declarations imports pycparser)."""
+    several benchmarks; with ``api`` through an API-mode module (``ffi.set_source``) compiled
+    once per run: bench_alloc's floor for one C call each way (ABI mode is ~2x slower). Made on
+    first use: parsing declarations imports pycparser."""
     ffi = cffi.FFI()
     ffi.cdef("void *malloc(size_t); void free(void *);")
-    return ffi, ffi.dlopen(None)
+    if not api:
+        return ffi, ffi.dlopen(None)
+    ffi.set_source("_bench_malloc_floor", "#include <stdlib.h>")
+    with tempfile.TemporaryDirectory(prefix="shmalloc-bench-") as tmp:
+        spec = importlib.util.spec_from_file_location("_bench_malloc_floor", ffi.compile(tmp))
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod.ffi, mod.lib
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -207,6 +220,31 @@ def assert_balanced(mgr: MemoryManager, used_before: int, what: str) -> None:
     used = mgr.stats().used
     if used != used_before:
         raise RuntimeError(f"{what}: arena used bytes went {used_before} -> {used}")
+
+
+@contextmanager
+def pss_peak() -> Iterator[list[int]]:
+    """Samples the summed PSS of this process's descendants every 0.05 s in a thread; yields a
+    list whose one item is the peak so far."""
+    peak, stop, me = [0], threading.Event(), psutil.Process()
+
+    def sample() -> None:
+        while True:
+            total = 0
+            for p in me.children(recursive=True):
+                with suppress(psutil.Error):  # it ended meanwhile: it holds nothing now
+                    total += p.memory_full_info().pss
+            peak[0] = max(peak[0], total)
+            if stop.wait(0.05):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 # --------------------------------------------------------------------------- machine

@@ -4,9 +4,8 @@ Each module runs as ``python -m stress.<module> --json ...`` (``--quick`` passed
 do not disturb each other; a status line on stderr shows its latest progress, and its own tables
 are printed as it finishes. Then one table of every target (the ``targets_summary`` of each
 module's JSON). Written to the output directory: each module's JSON, stdout (.txt) and stderr
-(.log), ``all.json``, ``summary.md`` (a markdown table for the README) and ``summary.png``
-(throughput against processes, with matplotlib). Exit code 0 when every module ran, whether or
-not its targets were met; 1 when one failed; 130 when interrupted.
+(.log), ``all.json`` and ``summary.md`` (a markdown table for the README). Exit code 0 when
+every module ran, whether or not its targets were met; 1 when one failed; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any
 from . import _common as bench
 from ._common import judge
 
-STATS = ("median", "min", "max")
 ORDER = "bench_alloc bench_objects bench_workloads bench_fragmentation bench_scaling bench_c"
 ORDER += " bench_coordinator"
 
@@ -147,48 +145,6 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path: Path, modules: dict[str, dict[str, Any]]) -> bool:
-    """Throughput against processes, as speed-up over 1 process, of every multi-process run, with
-    min-max error bars. False (and a note on stderr) without matplotlib."""
-    series: dict[str, dict[str, Any]] = {}
-    procs: list[int] = []
-    wl = modules.get("bench_workloads", {}).get("result", {}).get("workloads", {})
-    for name, w in wl.items():
-        series[f"{name} (shmalloc)"], procs = w["methods"]["shmalloc"]["by_procs"], w["procs"]
-    pr = modules.get("bench_scaling", {}).get("result", {}).get("procs")
-    if pr:
-        series["alloc/write/free loop"] = pr["methods"]["shmalloc"]["by_procs"]
-    if not series:
-        return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        install = "matplotlib is not installed (pip install 'shmalloc[bench]')"
-        print(f"no {path}: {install}", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, by in series.items():
-        ks = [k for k in procs or pr["procs"] if str(k) in by]
-        med, lo, hi = ([by[str(k)][m] / by["1"]["median"] for k in ks] for m in STATS)
-        err = [[a - b for a, b in zip(med, lo, strict=True)]]
-        err.append([b - a for a, b in zip(med, hi, strict=True)])
-        ax.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=label)
-    ax.axhline(1.7, color="red", linestyle="--", linewidth=1, label="larson target at 2 (1.7x)")
-    ax.set_xticks(procs or pr["procs"])
-    ax.set_ylim(bottom=0)
-    ax.set(xlabel="processes", ylabel="throughput / throughput with 1 process")
-    ax.set_title("Throughput vs processes")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "pass --quick to every module", results=None)
     where = f"JSON, logs and summaries (default: {bench.RESULTS_DIR.relative_to(bench.REPO_ROOT)})"
@@ -233,12 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     res.update(elapsed_seconds=time.monotonic() - t0, modules=modules, summary=rows)
     bench.write_json(a.out_dir / "all.json", res)
     write_markdown(a.out_dir / "summary.md", rows, machine, a.quick, failed)
-    plotted = write_plot(a.out_dir / "summary.png", modules)
     print_summary(rows)
     if bench.noise_note(machine):
         print(f"NOTE: {bench.noise_note(machine)}")
-    files = "all.json, summary.md" + ", summary.png" * plotted
-    print(f"\nwritten to {a.out_dir}: {files} ({res['elapsed_seconds']:.0f} s total)")
+    print(f"\nwritten to {a.out_dir}: all.json, summary.md ({res['elapsed_seconds']:.0f} s total)")
     return 1 if failed else 0
 
 

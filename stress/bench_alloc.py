@@ -17,17 +17,13 @@ The pair's cost against the number of live blocks is ``python -m stress.bench_sc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
-
-import cffi
 
 from shmalloc import MemoryManager
 from shmalloc._binding import lib
@@ -60,19 +56,6 @@ def core_pair(mgr: MemoryManager, size: int) -> bench.Runner:
     return run
 
 
-def api_malloc() -> Any:
-    """glibc's malloc and free through a cffi API-mode module built in a temporary directory."""
-    ffi = cffi.FFI()
-    ffi.cdef("void *malloc(size_t); void free(void *);")
-    ffi.set_source("_bench_alloc_floor", "#include <stdlib.h>")
-    with tempfile.TemporaryDirectory(prefix="shmalloc-bench-") as tmp:
-        spec = importlib.util.spec_from_file_location("_bench_alloc_floor", ffi.compile(tmp))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return mod.lib
-
-
 def stdlib_pair(size: int) -> bench.Runner:
     def create_unlink(s: int) -> Any:
         shm = shared_memory.SharedMemory(create=True, size=s)
@@ -85,7 +68,7 @@ def stdlib_pair(size: int) -> bench.Runner:
 def bench_pairs(cfg: argparse.Namespace, arenas: bench.Arenas) -> dict[str, Any]:
     mgr = arenas.new(256 * MiB)
     used0 = mgr.stats().used
-    c = api_malloc()
+    c = bench.libc(api=True)[1]
     rows = []
     for size in SIZES:
         progress(f"pairs: size {size}")
@@ -162,7 +145,7 @@ def stat(key: str) -> Callable[[dict[str, Any]], str]:
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    cfg, d = res["config"], res["derived"]
+    cfg, j = res["config"], res["derived"].get("public_over_core")
     if res.get("pair"):
         idle = res["pair"]["two_calls_of_id_ns"]["median"]
         title = f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
@@ -181,17 +164,10 @@ def report(res: dict[str, Any]) -> None:
         cols += [("with ns", stat("with")), ("with/without", lambda c: f"{c['ratio']:.2f}x")]
         cols += [("added ns", lambda c: bench.fmt_ns(c["added_ns"]))]
         bench.print_columns(title, cols, [res["collector"]])
-    print("\nDerived figures")
-    for key, label in LABELS.items():
-        if j := d.get(key):
-            worst = f"{j['value']:.2f}x worst (at {format_bytes(j['worst_size'])})"
-            print(f"  {label}: {worst}, {j['geomean']:.2f}x geomean   {bench.verdict(j)}")
-    if j := d.get("public_over_core"):
+    bench.print_targets(res)
+    if j:
         print(f"  public pair / core pair: {j['value']:.2f}x median ", end="")
         print(f"(the Python wrapper adds ~{j['wrapper_ns_median']:.0f} ns/pair)")
-    if j := d.get("collector_ratio"):
-        print(f"  with collector / without: {j['value']:.2f}x ", end="")
-        print(f"(+{j['added_ns']:.0f} ns/pair; no target)")
 
 
 def main(argv: list[str] | None = None) -> int:

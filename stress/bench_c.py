@@ -110,14 +110,12 @@ def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     return out
 
 
-def run_pairs(
-    core: Path, boost: Path | None, sizes: list[int], iters: int, rounds: int, per_round: int
-) -> dict[str, dict[str, list[float]]]:
+def run_pairs(core: Path, boost: Path | None, a: Any) -> dict[str, dict[str, list[float]]]:
     """Alternate the two programs `rounds` times, `per_round` trials each; merge the trials."""
-    trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in sizes}
-    args = [str(iters), str(per_round), *map(str, sizes)]
-    for r in range(rounds):
-        progress(f"round {r + 1}/{rounds}")
+    trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in SIZES}
+    args = [str(a.iters), str(a.per_round), *map(str, SIZES)]
+    for r in range(a.rounds):
+        progress(f"round {r + 1}/{a.rounds}")
         runs = [("core", [str(core), "pairs", *args])]
         if boost is not None:
             runs.append(("boost", [str(boost), *args]))
@@ -154,16 +152,16 @@ def run_pairs_and_scale(a: Any) -> dict[str, Any]:
     boost, boost_info = build_boost()
     if boost is None:
         progress(f"Boost skipped: {boost_info['skipped']}")
-    trials = run_pairs(core, boost, a.sizes, a.iters, a.rounds, a.per_round)
+    trials = run_pairs(core, boost, a)
     rows = []
-    for s in a.sizes:
+    for s in SIZES:
         got = trials[str(s)]
         row = {k: bench.summarize(v, ops_per_trial=a.iters) if v else None for k, v in got.items()}
         ns, boost_ns = row["core"]["median"], row["boost"] and row["boost"]["median"]
         row.update(size=s, core_over_glibc=ns / row["glibc"]["median"])
         rows.append({**row, "core_over_boost": ns / boost_ns if boost_ns else None})
     build = {"core": core_info, "boost": boost_info}
-    out = dict(sizes=list(a.sizes), rows=rows, build=build, boost_available=boost is not None)
+    out = dict(sizes=SIZES, rows=rows, build=build, boost_available=boost is not None)
     scale = run_scale(core, max(1, a.iters // 2), a.rounds * a.per_round) if a.scale else None
     return {**out, "scale": scale}
 
@@ -220,23 +218,20 @@ def report(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "fewer pairs and trials (a CI smoke run)")
-    sizes = "comma-separated block sizes in bytes, at most 16 (default 64,1024,16384)"
-    p.add_argument("--sizes", type=bench.csv(of=int), default=list(SIZES), help=sizes)
     p.scaled("--iters", 200_000, 1_000_000, "pairs per trial")
     p.scaled("--rounds", 2, 3, "turns of each program, alternating")
     p.scaled("--per-round", 2, 3, "trials per turn")
     no_scale = "skip the 1/2/4-process part (forked C processes on one arena)"
     p.add_argument("--no-scale", dest="scale", action="store_false", help=no_scale)
     a = p.parse(argv)
-    if min(a.sizes) < 1 or len(a.sizes) > 16:
-        p.error("--sizes takes 1 to 16 positive sizes")
 
     def body(res: dict[str, Any], arenas: Any) -> None:
         res["pairs"] = run_pairs_and_scale(a)
 
     try:
-        config = {k: getattr(a, k) for k in ("sizes", "iters", "rounds", "per_round", "scale")}
-        return bench.run_bench(sys.modules[__name__], a, {**config, "unit": "ns per pair"}, body)
+        config = {k: getattr(a, k) for k in ("iters", "rounds", "per_round", "scale")}
+        config.update(sizes=SIZES, unit="ns per pair")
+        return bench.run_bench(sys.modules[__name__], a, config, body)
     except (BuildError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"bench_c: {e}", file=sys.stderr)
         return 1

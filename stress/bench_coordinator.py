@@ -4,8 +4,8 @@ coordinator costs (issue 5).
   reclaim   latency from ``kill -9`` of an attached worker that owns blocks until its slot is free
             in the arena's process table (its blocks freed), over 20 kills; each victim lives a
             random 2-3 coordinator intervals, so kills are not in phase with its ticks.
-  idle CPU  the coordinator's CPU time (psutil, user + system; and the scheduler's schedstat) over
-            10 s on an idle arena with 64 attached processes, as a percentage of one core.
+  idle CPU  the coordinator's CPU time (psutil, user + system) over 10 s on an idle arena with
+            64 attached processes, as a percentage of one core.
 
 Workers are forked from this process (copy-on-write: 64 of them cost little); each allocates,
 says it is ready through a pipe, then blocks until killed or until the pipe closes. The
@@ -93,15 +93,6 @@ class SlotWatch:
         return bool(self.info.state != lib.SHM_PROC_FREE and self.info.pid == self.pid)
 
 
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds on CPU of every thread of pid (/proc/<pid>/task/*/schedstat, field 1)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])  # (a thread that ended meanwhile is skipped)
-    return total
-
-
 def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
     m = arenas.new(ARENA)
     workers = Workers(m)
@@ -123,14 +114,12 @@ def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
         time.sleep(max(1.0, 4 * a.interval))  # let it settle: open its pidfds, import lazily
 
         log(f"idle CPU over {a.seconds} s with {a.procs} attached processes")
-        c0, n0, w0 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
+        c0, w0 = cp.cpu_times(), time.monotonic()
         time.sleep(a.seconds)
-        c1, n1, w1 = cp.cpu_times(), cpu_ns(coord.pid), time.monotonic()
+        c1, w1 = cp.cpu_times(), time.monotonic()
         user, system, wall = c1.user - c0.user, c1.system - c0.system, w1 - w0
         ticks = 100.0 * (user + system) / wall  # psutil: 10 ms clock ticks
-        sched = 100.0 * (n1 - n0) / 1e9 / wall  # the scheduler's ns
-        res["idle_cpu"] = {"percent_of_core": ticks, "percent_of_core_schedstat": sched}
-        res["idle_cpu"].update(user_s=user, system_s=system, wall_s=wall)
+        res["idle_cpu"] = dict(percent_of_core=ticks, user_s=user, system_s=system, wall_s=wall)
         res["idle_cpu"]["attached_processes"] = sum(1 for p in m.processes() if p.alive)
 
         log(f"reclamation latency over {a.kills} kill -9")
@@ -186,7 +175,6 @@ def report(res: dict[str, Any]) -> None:
     cpu = f"{u['attached_processes']} attached, {u['wall_s']:.1f} s; target < 1 %: "
     cpu += met[d["idle_cpu_percent"]["met"]]
     core = f"{u['percent_of_core']:.3f} % of a core"
-    sched = f"{u['percent_of_core_schedstat']:.3f} % of a core"
     us = f"{u['user_s']:.3f} / {u['system_s']:.3f} s"
     rows = [
         [f"{kill9} median", f"{r['median_ms']:.2f} ms", attached],
@@ -194,7 +182,6 @@ def report(res: dict[str, Any]) -> None:
         [f"{kill9} best", f"{r['best_ms']:.2f} ms", ""],
         ["coordinator CPU, idle", core, cpu],
         ["  of which user / system", us, "psutil cpu_times (10 ms ticks)"],
-        ["coordinator CPU, idle (schedstat)", sched, "the scheduler's ns count, all threads"],
         ["exit status on SIGTERM", str(res["coordinator"]["exit_code_on_sigterm"]), ""],
     ]
     bench.print_table(["measure", "value", "notes"], rows, f"interval {c['interval']} s", left=True)

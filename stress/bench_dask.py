@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from typing import Any
 
 import dask.array as da
 import distributed
 import numpy as np
-import psutil
 from distributed import Nanny, Scheduler, SpecCluster
 
 from shmalloc.dask import HOST_ENV, ShmallocPlugin
@@ -60,36 +58,6 @@ def cluster(kind: str, hosts: list[str]) -> tuple[SpecCluster, distributed.Clien
     return spec, client
 
 
-class PssPeak:
-    """Samples the summed PSS of this process's descendants in a thread; ``peak`` is its max."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while True:
-            total = 0
-            for p in me.children(recursive=True):
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    continue  # ended meanwhile
-            self.peak = max(self.peak, total)
-            if self._stop.wait(0.05):
-                return
-
-    def __enter__(self) -> PssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def handoff(client: distributed.Client, nbytes: int) -> float:
     w0, w1 = sorted(client.scheduler_info()["workers"])[:2]
     made = client.submit(np.ones, nbytes // 8, workers=[w0], pure=False)
@@ -103,14 +71,14 @@ def handoff(client: distributed.Client, nbytes: int) -> float:
 
 
 def xxt(client: distributed.Client, n: int, chunk: int) -> dict[str, Any]:
-    with PssPeak() as pss:
+    with bench.pss_peak() as pss:
         t0 = time.perf_counter()
         x = da.random.RandomState(0).random((n, n), chunks=(chunk, chunk)).persist()
         distributed.wait(x)
         t1 = time.perf_counter()
         total = float(client.compute((x + x.T).sum()).result())
         t2 = time.perf_counter()
-    return {"time": t2 - t1, "make_x": t1 - t0, "pss_peak": pss.peak, "result": total}
+    return {"time": t2 - t1, "make_x": t1 - t0, "pss_peak": pss[0], "result": total}
 
 
 def run_kind(kind: str, hosts: list[str], a: Any, what: str) -> dict[str, Any]:
@@ -179,9 +147,7 @@ def report(res: dict[str, Any]) -> None:
         rows.append(cells)
     head = ["workload", "hosts", *KINDS, *(f"PSS {k}" for k in KINDS), "make x (s)"]
     bench.print_table(head, rows, "median wall time (speedup: plain/shmalloc), peak summed PSS")
-    for t in res["targets_summary"]:
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"  {t['name']:16} {value:>6}  {bench.verdict(t)}")
+    bench.print_targets(res)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -303,8 +303,7 @@ def report(res: dict[str, Any]) -> None:
             lines.append([fig * (m == first), m, _us(by[m]["median"]), ratio])
     title = "objects and records (median; records: per record); x/1st = x's time over the first's"
     bench.print_table(["figure", "method", "µs", "x/1st"], lines, title)
-    cells = [[t["name"], bench.verdict(t), t["note"]] for t in res["targets_summary"]]
-    bench.print_table(["target", "verdict", "latency, stream"], cells, "targets", left=True)
+    bench.print_targets(res)
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:

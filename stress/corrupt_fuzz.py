@@ -42,13 +42,14 @@ from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Parser, bar, child_env, csv, pattern, run_check, signame
+from ._common import REPO_ROOT, Parser, bar, child_env, pattern, run_check, signame
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
 KiB, MiB = 1 << 10, 1 << 20
 HDR = ffi.sizeof("shm_block_t")
 HEAP_OFF = int(lib.shm_header_size())
+CAPACITY = MiB  # every scratch arena's
 SLOW = 0.5  # seconds: an operation slower than this ends the batch and is reported as slow
 PIPES: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
 PIPES["stderr"] = subprocess.PIPE
@@ -377,8 +378,8 @@ class Mutator:
         at, name = b + HDR + 8 * which, ("next", "prev")[which]
         return self.mutate("links", f"free block at {b:#x}", at, 8, name)
 
-    def run(self, regions: list[str]) -> list[dict[str, Any]]:
-        weights = [self.REGIONS[k] for k in regions]
+    def run(self) -> list[dict[str, Any]]:
+        regions, weights = list(self.REGIONS), list(self.REGIONS.values())
         n = self.rng.choice((1, 1, 1, 2, 2, 3))  # each damage draws its region, then its details
         return [getattr(self, "r_" + self.rng.choices(regions, weights)[0])() for _ in range(n)]
 
@@ -513,12 +514,12 @@ def child_main(a: argparse.Namespace) -> int:
     rng = random.Random(f"{a.seed}:{a.index}")
     name = f"{a.prefix}-{a.index}"
     try:
-        m = MemoryManager.create(name, a.capacity)
+        m = MemoryManager.create(name, CAPACITY)
         state = populate(m, rng)
         m.close()
         mut = Mutator(name, rng, state["dead"])
         try:
-            muts = [] if a.no_corrupt else mut.run(a.regions)
+            muts = [] if a.no_corrupt else mut.run()
         finally:
             mut.close()
         print(json.dumps({"mutations": muts}), flush=True)
@@ -551,8 +552,8 @@ class Fuzz:
     def run_one(self, i: int) -> dict[str, Any]:
         """Arena i in a child process; its outcome from how the child ended and what it said."""
         a = self.a
-        args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} --capacity "
-        args += f"{a.capacity} --timeout {a.timeout} --regions {','.join(a.regions)}"
+        args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} "
+        args += f"--timeout {a.timeout}"
         args += " --no-corrupt" * a.no_corrupt
         cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
         with self.lock:
@@ -609,8 +610,8 @@ class Fuzz:
                     p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
         counts = {k: self.counts[k] for k in OUTCOMES}
-        config = {k: getattr(a, k) for k in ("seed", "capacity", "timeout", "jobs", "quick")}
-        config.update(arenas=len(indices), corrupt=not a.no_corrupt, regions=a.regions)
+        config = {k: getattr(a, k) for k in ("seed", "timeout", "jobs", "quick")}
+        config.update(capacity=CAPACITY, arenas=len(indices), corrupt=not a.no_corrupt)
         res = dict(ok=counts["crash"] == counts["hang"] == 0, config=config, counts=counts)
         res.update(arenas=sum(counts.values()), wrong=self.found["wrong"], slow=self.found["slow"])
         res.update(resized_silently=self.found["resized"], detail=self.detail, index=a.index)
@@ -656,19 +657,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     jobs = "children at once (default: the CPUs)"
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help=jobs)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang (default 10)")
-    capacity = "arena bytes, rounded up to MiB, at least the header + 512 KiB (default 1 MiB)"
-    p.add_argument("--capacity", type=int, default=MiB, help=capacity)
     p.add_argument("--index", type=int, help="replay only arena I of this seed, verbosely")
-    regions = list(Mutator.REGIONS)
-    what = f"comma-separated regions to damage (default: all of {','.join(regions)})"
-    p.add_argument("--regions", type=csv(regions), default=regions, help=what)
     p.add_argument("--no-corrupt", action="store_true", help="no damage: every arena must be clean")
     p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
     a = p.parse(argv)
     if a.jobs < 1 or a.timeout <= 0:
         p.error("--jobs >= 1 and --timeout > 0")
-    a.capacity = -(-max(a.capacity, HEAP_OFF + 512 * KiB) // MiB) * MiB
     return a
 
 

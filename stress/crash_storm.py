@@ -598,8 +598,7 @@ class Storm:
                 self.reap_exited()
                 self.kill_one()
                 self.read_errors()
-                if self.kills % a.check_every == 0:
-                    self.check()
+                self.check()
                 update(self.kills, f"ops {self.operations():,} incons {len(self.inconsistencies)}")
                 if self.inconsistencies and not a.keep_going:
                     stop_reason = "inconsistency"
@@ -656,7 +655,7 @@ class Storm:
         one_free &= after.get("objects") == 0  # the queue went, with every item left in it
         bad = self.inconsistencies or self.worker_errors or self.abnormal_exits or slots
         ok = not bad and leaked_bytes == 0 and survivor_ok and one_free
-        config = "workers queue_workers kills seconds seed interval lock_kills check_every"
+        config = "workers queue_workers kills seconds seed interval lock_kills"
         res = dict(mode="storm", ok=ok, stop_reason=stop_reason, arena=self.name)
         res["config"] = {k: getattr(self.a, k) for k in (*config.split(), "capacity", "quick")}
         res.update(duration=round(time.monotonic() - self.t0, 2), kills=self.kills)
@@ -710,8 +709,7 @@ class Storm:
         for f in self.logs:
             f.close()
         self.st.close()
-        if not self.a.keep_logs:
-            shutil.rmtree(self.tmp)
+        shutil.rmtree(self.tmp)
 
 
 def print_storm(res: dict[str, Any]) -> None:
@@ -757,18 +755,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     p.scaled("--interval", 0.05, 0.1, "mean seconds between kills", least=0.001)
     p.add_argument("--lock-kills", type=float, default=0.3, help="share aimed at the lock holder")
-    p.add_argument("--check-every", type=int, default=1, help="collect + check every N kills")
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
-    p.add_argument("--keep-logs", action="store_true", help="keep the workers' stderr logs")
     for internal in ("--role", "--arena", "--status", "--errors", "--queue"):  # the children's
         p.add_argument(internal, help=argparse.SUPPRESS)
     for internal in ("--wid", "--inc", "--worker-seed"):
         p.add_argument(internal, type=int, help=argparse.SUPPRESS)
-    a = p.parse(argv)
-    if a.check_every < 1:
-        p.error("--check-every must be >= 1")
-    return a
+    return p.parse(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -777,10 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         return dict(worker=Worker, qworker=QueueWorker, survivor=Survivor)[args.role](args).main()
     storm = Storm(args)
     stopped = "every process killed, the arena destroyed"
-    rc = run_check(args, storm.run, print_storm, stopped, storm.cleanup)
-    if args.keep_logs:
-        print(f"  logs kept in {storm.tmp}")
-    return rc
+    return run_check(args, storm.run, print_storm, stopped, storm.cleanup)
 
 
 if __name__ == "__main__":
