@@ -23,14 +23,13 @@ import posix_ipc
 
 from . import _binding as C
 from . import process
-from .errors import CorruptionDetected, NotAnArena
+from .errors import NotAnArena
 from .events import RARE, Event, encode
 
 __all__ = ["Attachment", "check_int", "own_arena_mode", "validate_name"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
-_ATTACH_WAIT = 1.0  # seconds an attach waits for a concurrent create to finish formatting
 
 # Attachments open in this process: a fork child forgets their slots (it is a new process).
 _open: weakref.WeakSet[Attachment] = weakref.WeakSet()
@@ -126,16 +125,6 @@ def own_arena_mode(name: str) -> int:
     return stat.S_IMODE(st.st_mode) | 0o600
 
 
-def _sized(fd: int, size: int) -> int:
-    """The segment's size; a 0-byte one is given a moment, since a creator sizes its segment
-    right after creating it (shm_open, then ftruncate)."""
-    deadline = time.monotonic() + _ATTACH_WAIT
-    while size == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-        size = os.fstat(fd).st_size
-    return size
-
-
 class Attachment:
     """One process's view of an arena. Made by :meth:`create` or :meth:`open`."""
 
@@ -160,7 +149,9 @@ class Attachment:
 
     @classmethod
     def create(cls, name: str, capacity: int, mode: int) -> Attachment:
-        """Create, size, map and format the segment ``name``."""
+        """Create, size, map and format the segment ``name``. It is formatted under a private
+        name (a dot name, which no arena has) and then linked to ``name``, which fails if the
+        name exists: no process ever sees a half-formatted arena under its name."""
         a = cls(name)
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
@@ -170,23 +161,29 @@ class Attachment:
             raise ValueError(
                 f"capacity {capacity} is out of range: give between {minimum} bytes and 1 TiB"
             )
+        exists = FileExistsError(
+            f"an arena named {name!r} already exists; attach to it or pick another name"
+        )
+        if os.path.lexists(os.path.join(SHM_DIR, name)):
+            raise exists
+        private = f".shmalloc-creating-{secrets.token_hex(8)}"
         try:
-            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=rounded)
-        except posix_ipc.ExistentialError:
-            raise FileExistsError(
-                f"an arena named {name!r} already exists; attach to it or pick another name"
-            ) from None
+            shm = posix_ipc.SharedMemory("/" + private, posix_ipc.O_CREX, mode=mode, size=rounded)
         except posix_ipc.PermissionsError as e:
             raise PermissionError(f"cannot create arena {name!r}: {e}") from None
         try:
             a._map(shm.fd, rounded)
             C.arena_format(a.base, rounded, shm.fd, secrets.randbits(64), time.time_ns())
             a.h = C.handle_open(a.base, rounded, shm.fd)
-        except BaseException:
+            os.link(os.path.join(SHM_DIR, private), os.path.join(SHM_DIR, name))
+        except BaseException as e:
             a._unmap()
             shm.close_fd()
-            posix_ipc.unlink_shared_memory("/" + name)
+            if isinstance(e, FileExistsError):
+                raise exists from None
             raise
+        finally:
+            posix_ipc.unlink_shared_memory("/" + private)
         a.fd = shm.fd
         _open.add(a)
         return a
@@ -217,7 +214,7 @@ class Attachment:
             st = os.fstat(shm.fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotAnArena(name, "it is not a shared-memory segment (not a regular file)")
-            capacity = _sized(shm.fd, st.st_size)
+            capacity = st.st_size  # create() links it sized and formatted
             if capacity < C.header_size() + mmap.PAGESIZE:
                 raise NotAnArena(name, f"the segment is {capacity} bytes, too small for an arena")
             _check_owner(name, st, mode)  # before the C core reads or writes a byte of it
@@ -226,20 +223,10 @@ class Attachment:
             raise
         try:
             a._map(shm.fd, capacity)
-            deadline = time.monotonic() + _ATTACH_WAIT
-            while True:
-                try:
-                    a.h = C.handle_open(a.base, capacity, shm.fd)
-                    break
-                except (CorruptionDetected, NotAnArena) as e:
-                    # a creator may still be formatting: the magic is written last
-                    head = a.mm[: C.segment_probe_size()]
-                    if C.segment_probe(head) == C.SEG_FORMATTING and time.monotonic() < deadline:
-                        time.sleep(0.005)
-                        continue
-                    if isinstance(e, NotAnArena):
-                        raise NotAnArena(name, e.detail) from None
-                    raise
+            try:
+                a.h = C.handle_open(a.base, capacity, shm.fd)  # create() links it formatted
+            except NotAnArena as e:
+                raise NotAnArena(name, e.detail) from None
         except BaseException:
             a._unmap()
             shm.close_fd()

@@ -41,8 +41,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read {SHM_DIR}: {e.strerror}") from None
     for entry in entries:
         path = segment_path(entry)
-        if entry.startswith("sem.") or not os.path.isfile(path):
-            continue
+        if entry.startswith(("sem.", ".")) or not os.path.isfile(path):
+            continue  # semaphores; dot names: no arena's (one being created is one)
         try:
             head = read_header(entry)
         except PermissionError:
