@@ -343,7 +343,6 @@ def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
 
 
 def print_targets(res: dict[str, Any]) -> None:
-    """Each row of the run's ``targets_summary``: what was measured, the target, the verdict."""
     print()
     for r in res["targets_summary"]:
         value = "-" if r["value"] is None else f"{r['value']:.2f}{r['unit']}"

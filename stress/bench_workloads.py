@@ -62,7 +62,6 @@ WORKLOADS = tuple(METHODS)
 UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s"}
 UNITS.update({"mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"})
 Ctx, Pool, Out = bench.WorkerCtx, bench.WorkerPool, dict[str, Any]
-Script = list[tuple[list[int], ...]]  # per round: the random choices of a worker
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
@@ -157,12 +156,10 @@ def xmalloc(ctx: Ctx, *, method: str, batches: int, batch: int, arena: str = "")
             d(b)
             return batch
     else:
+        consume = len  # a batch arrives as a copy: its objects go when it does
 
         def make() -> Any:
             return [bytearray(pat) for _ in r]
-
-        def consume(b: Any) -> int:
-            return len(b)
 
     with bench.untraced():
         ctx.wait()
@@ -201,7 +198,7 @@ def mstress(
     nfree, nmig, nw, me = live // 2, max(1, live // 20), ctx.nworkers, ctx.index
     rng = random.Random(seed * 1_000_003 + me)
     init = [mstress_size(rng) for _ in range(live)]
-    script: Script = []  # per round: (victims, their new sizes, blocks handed on)
+    script: list[tuple[list[int], ...]] = []  # per round: victims, their new sizes, migrants
     for _ in range(rounds):
         victims, sizes = rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)]
         script.append((victims, sizes, rng.sample(range(live), nmig)))
