@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -73,8 +73,6 @@ def libc(api: bool = False) -> tuple[Any, Any]:
 
 # --------------------------------------------------------------------------- bookkeeping
 def make_progress(name: str) -> Callable[[str], None]:
-    """A progress printer for one runner: ``[name HH:MM:SS] msg`` on stderr."""
-
     def progress(msg: str) -> None:
         print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -171,7 +169,6 @@ def rotated(items: Sequence[Any], t: int) -> list[Any]:
 
 @contextmanager
 def untraced() -> Iterator[None]:
-    """The cyclic GC off (after one collection) while timed loops run."""
     was = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -277,7 +274,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def noise_note(machine: dict[str, Any]) -> str | None:
-    """A warning line when the machine is small or busy enough to make the figures noisy."""
     cpus = machine.get("cpus_usable") or machine.get("cpu_count") or 1
     load = machine.get("loadavg_at_start")
     small = f"only {cpus} usable cores: multi-process figures beyond {cpus} processes measure"
@@ -293,8 +289,8 @@ def fmt_ns(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def fmt_stat(s: dict[str, Any]) -> str:
-    return f"{fmt_ns(s['median'])} [{fmt_ns(s['min'])}-{fmt_ns(s['max'])}]"
+def fmt_stat(s: dict[str, Any], fmt: Callable[[float], str] = fmt_ns) -> str:
+    return f"{fmt(s['median'])} [{fmt(s['min'])}-{fmt(s['max'])}]"
 
 
 def fmt_rate(x: float) -> str:
@@ -306,12 +302,7 @@ def fmt_rate(x: float) -> str:
     return f"{x:.0f}"
 
 
-def fmt_rate_stat(s: dict[str, Any]) -> str:
-    return f"{fmt_rate(s['median'])} [{fmt_rate(s['min'])}-{fmt_rate(s['max'])}]"
-
-
 def print_table(headers: list[str], rows: list[list[str]], title: str, left: bool = False) -> None:
-    """Columns as wide as their widest cell, right-aligned (left-aligned with ``left``)."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     print(f"\n{title}")
     for r in [headers, ["-" * w for w in widths], *rows]:
@@ -332,7 +323,7 @@ def procs_table(title: str, procs: list[int], series: dict[str, dict[str, Any]])
     rows = []
     for m, by in series.items():
         ratios = [f"{by[str(k)]['median'] / by['1']['median']:.2f}x" for k in more]
-        rows.append([m, *(fmt_rate_stat(by[str(k)]) for k in procs), *ratios])
+        rows.append([m, *(fmt_stat(by[str(k)], fmt_rate) for k in procs), *ratios])
     print_table(head, rows, title)
 
 
@@ -351,19 +342,13 @@ def judge(op: str, target: float, value: float | None) -> dict[str, Any]:
     return {"value": value, "target": target, "op": op, "met": met}
 
 
-def verdict(j: dict[str, Any], unit: str = "x") -> str:
-    """The target and whether it was met: ``target <= 2x  MET``."""
-    met = "(not judged)" if j.get("met") is None else "MET" if j["met"] else "MISSED"
-    return f"target {j['op']} {j['target']:g}{unit}  {met}"
-
-
 def print_targets(res: dict[str, Any]) -> None:
-    """Each row of the run's ``targets_summary``: what was measured, the target, the verdict."""
     print()
     for r in res["targets_summary"]:
         value = "-" if r["value"] is None else f"{r['value']:.2f}{r['unit']}"
+        met = "(not judged)" if r["met"] is None else "MET" if r["met"] else "MISSED"
         note = f"  ({r['note']})" if r["note"] else ""
-        print(f"  {r['name']}: {value}   {verdict(r, r['unit'])}{note}")
+        print(f"  {r['name']}: {value}   target {r['op']} {r['target']:g}{r['unit']}  {met}{note}")
 
 
 def target_row(name: str, j: dict[str, Any], unit: str = "x", note: str = "") -> dict[str, Any]:
@@ -471,14 +456,13 @@ def run_check(args: argparse.Namespace, run: Fn, report: Fn, stopped: str, *clea
     """A storm's or a fuzz's run to its exit code: ``run()`` with SIGTERM unwinding like Ctrl-C
     (130, saying what was ``stopped``), the ``cleanup`` calls however it ends, ``report(res)``,
     the JSON with --json; 0 if ``res["ok"]``, else 1."""
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        res = run()
+        with sigterm_as_interrupt():
+            res = run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: {stopped}", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, old)
         for clean in cleanup:
             clean()
     report(res)
@@ -494,7 +478,6 @@ def pattern(address: int, gen: int, n: int) -> bytes:
 
 
 def signame(rc: int | None) -> str:
-    """A child's return code in words: running, exit N, or the name of the signal that ended it."""
     if rc is None:
         return "running"
     if rc < 0:
@@ -506,7 +489,6 @@ def signame(rc: int | None) -> str:
 
 
 def child_env(fault: str | None = None) -> dict[str, str]:
-    """os.environ for a child interpreter, with SHMALLOC_FAULT set to fault (removed if None)."""
     env = {k: v for k, v in os.environ.items() if k != "SHMALLOC_FAULT"}
     return env if fault is None else {**env, "SHMALLOC_FAULT": fault}
 
@@ -516,7 +498,10 @@ def child_env(fault: str | None = None) -> dict[str, str]:
 # attaches to arenas by name the way a user's process would. run(func, k) submits k calls of a
 # module-level function; they start together at a barrier of k parties, so each call holds a
 # worker of its own (a worker waiting at the barrier takes no other call). Workers ignore SIGINT:
-# Ctrl-C reaches the parent, which tears them down.
+# Ctrl-C reaches the parent, which tears them down. A run fails after RUN_TIMEOUT seconds.
+RUN_TIMEOUT = 600.0
+
+
 @dataclass
 class WorkerCtx:
     """What a function run by a pool worker receives besides its own arguments."""
@@ -525,7 +510,7 @@ class WorkerCtx:
     nworkers: int  # how many workers run this function together
     barrier: Any  # multiprocessing.Barrier of nworkers parties
     queue: Any  # one multiprocessing.Queue shared by the whole pool (hand-off workloads)
-    managers: dict[str, MemoryManager] = field(default_factory=dict)
+    managers: dict[str, MemoryManager]  # the arenas this worker process has attached
 
     def attach(self, name: str) -> MemoryManager:
         """The arena ``name``, attached once per worker process and kept until detached."""
@@ -534,9 +519,8 @@ class WorkerCtx:
             m = self.managers[name] = MemoryManager.attach(name)
         return m
 
-    def wait(self, timeout: float = 60.0) -> None:
-        """Wait at the barrier of this run's workers."""
-        self.barrier.wait(timeout)
+    def wait(self) -> None:
+        self.barrier.wait(60.0)
 
 
 _worker: dict[str, Any] = {"managers": {}}  # in a worker: its barriers, queue and arenas
@@ -568,11 +552,10 @@ def _detach(ctx: WorkerCtx, name: str) -> None:
 class WorkerPool:
     """n worker processes; ``run(func, k, ...)`` runs ``func(ctx, **kwargs)`` on k of them."""
 
-    def __init__(self, n: int, *, queue_size: int = 16, timeout: float = 600.0) -> None:
+    def __init__(self, n: int) -> None:
         ctx = mp.get_context("spawn")
-        self.n, self.timeout = n, timeout
-        self.barriers = {k: ctx.Barrier(k) for k in range(1, n + 1)}
-        self.queue = ctx.Queue(maxsize=queue_size)
+        self.n, self.barriers = n, {k: ctx.Barrier(k) for k in range(1, n + 1)}
+        self.queue = ctx.Queue(maxsize=16)
         init = (self.barriers, self.queue)
         self.executor = cf.ProcessPoolExecutor(n, ctx, initializer=_worker_init, initargs=init)
         self.pids: list[int] = []
@@ -591,7 +574,8 @@ class WorkerPool:
 
     def run(self, func: Callable[..., Any], k: int, **kwargs: Any) -> list[Any]:
         """Run func(ctx, **kwargs) on k workers and return their results in index order. A
-        failure in any worker raises RuntimeError here, after the others left the barrier."""
+        failure in any worker raises RuntimeError here, after the others left the barrier and
+        what the failed run left in the queue was dropped."""
         if not 1 <= k <= self.n:
             raise ValueError(f"k={k} workers asked of a pool of {self.n}")
         if self._busy:
@@ -600,12 +584,12 @@ class WorkerPool:
         self._busy = True
         futures = [self.executor.submit(_worker_call, func, i, k, kwargs) for i in range(k)]
         pending, errors = set(futures), []
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + RUN_TIMEOUT
         while pending:
             check_interrupt()
             if time.monotonic() > deadline:
                 self.barriers[k].abort()
-                raise RuntimeError(f"{len(pending)} workers did not finish in {self.timeout:.0f} s")
+                raise RuntimeError(f"{len(pending)} workers did not finish in {RUN_TIMEOUT:.0f} s")
             done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_EXCEPTION)
             for f in done:
                 if (e := f.exception()) is not None:
@@ -615,6 +599,9 @@ class WorkerPool:
         self._busy = False
         if errors:
             self.barriers[k].reset()
+            with suppress(queue_mod.Empty):  # get() raises it once the queue stays empty
+                while True:
+                    self.queue.get(timeout=0.05)
             raise RuntimeError(f"{func.__name__} failed in a worker:\n" + "\n".join(errors))
         return [f.result() for f in futures]
 
@@ -635,15 +622,6 @@ class WorkerPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.queue.close()
         self.queue.join_thread()
-
-    def drain(self) -> int:
-        """Empty the queue left non-empty by a failed run; returns the items dropped."""
-        n = 0
-        with suppress(queue_mod.Empty):  # get() raises it once the queue stays empty
-            while True:
-                self.queue.get(timeout=0.05)
-                n += 1
-        return n
 
 
 def throughput(results: Sequence[dict[str, Any]]) -> tuple[float, float]:

@@ -62,7 +62,6 @@ WORKLOADS = tuple(METHODS)
 UNITS = {"larson": "free+allocate pairs/s", "xmalloc-test": "objects freed/s"}
 UNITS.update({"mstress": "free+allocate pairs/s", "cache-scratch": "one-byte writes/s"})
 Ctx, Pool, Out = bench.WorkerCtx, bench.WorkerPool, dict[str, Any]
-Script = list[tuple[list[int], ...]]  # per round: the random choices of a worker
 SCALE_KEYS = ("larson_chunks", "larson_rounds", "larson_ops", "xm_batches", "xm_batch", "ms_live")
 SCALE_KEYS += ("ms_rounds", "cs_iterations", "cs_writes")
 SIZES = {"quick": (500, 4, 2500, 40, 128, 2000, 4, 10, 10_000)}  # by SCALE_KEYS
@@ -80,19 +79,15 @@ EXTRAS = {  # workload: what its shmalloc runs report beside the rates (key, for
 # Module-level, so that the pool can send them to its spawn workers. Each returns at least ops,
 # t0, t1 (perf_counter seconds). Scripts (sizes, victims) are drawn before the start barrier, so
 # that the random generator is not timed; every method of a trial gets the same script.
-def larson_script(seed: int, index: int, rounds: int, ops: int, chunks: int) -> Script:
-    rng = random.Random(seed * 1_000_003 + index)
-    return [
-        ([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
-        for _ in range(rounds)
-    ]
-
-
 def larson(ctx: Ctx, method: str, chunks: int, rounds: int, ops: int, seed: int, **shm: Any) -> Out:
     """Larson's rounds; with shmalloc the arrays sit in the arena's block ``shm["table"]`` and
     change hands every round, otherwise each worker keeps its own (made from ``seed`` alike)."""
-    script = larson_script(seed, ctx.index, rounds, ops, chunks)
     nw, me, ab, views = ctx.nworkers, ctx.index, b"ab", []
+    rng = random.Random(seed * 1_000_003 + me)
+    script = [
+        ([rng.randrange(chunks) for _ in range(ops)], [rng.randint(8, 1000) for _ in range(ops)])
+        for _ in range(rounds)
+    ]
     if method == "shmalloc":
         mgr = ctx.attach(shm["arena"])
         views.append(mgr.view(shm["table"], nw * chunks * 8))
@@ -161,22 +156,19 @@ def xmalloc(ctx: Ctx, *, method: str, batches: int, batch: int, arena: str = "")
             d(b)
             return batch
     else:
+        consume = len  # a batch arrives as a copy: its objects go when it does
 
         def make() -> Any:
             return [bytearray(pat) for _ in r]
 
-        def consume(b: Any) -> int:
-            return len(b)
-
-    role = "both" if ctx.nworkers == 1 else "producer" if ctx.index % 2 == 0 else "consumer"
     with bench.untraced():
         ctx.wait()
         t0 = clock()
-        if role == "both":
+        if ctx.nworkers == 1:  # both roles, in turn
             for _ in range(batches):
                 freed += consume(make())
             made = freed
-        elif role == "producer":
+        elif ctx.index % 2 == 0:  # a producer
             try:
                 for _ in range(batches):
                     queue.put(make(), timeout=60)
@@ -200,22 +192,16 @@ def mstress_size(rng: random.Random, max_shift: int = 7) -> int:
     return words * 8
 
 
-def mstress_script(seed: int, index: int, live: int, rounds: int) -> tuple[list[int], Script]:
-    rng = random.Random(seed * 1_000_003 + index)
-    init = [mstress_size(rng) for _ in range(live)]
-    nfree, nmig = live // 2, max(1, live // 20)
-    script: Script = []  # per round: (victims, their new sizes, blocks handed on)
-    for _ in range(rounds):
-        victims, sizes = rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)]
-        script.append((victims, sizes, rng.sample(range(live), nmig)))
-    return init, script
-
-
 def mstress(
     ctx: Ctx, *, method: str, live: int, rounds: int, seed: int, arena: str = "", transfer: int = 0
 ) -> Out:
-    init, script = mstress_script(seed, ctx.index, live, rounds)
-    nmig, nw, me = len(script[0][2]), ctx.nworkers, ctx.index
+    nfree, nmig, nw, me = live // 2, max(1, live // 20), ctx.nworkers, ctx.index
+    rng = random.Random(seed * 1_000_003 + me)
+    init = [mstress_size(rng) for _ in range(live)]
+    script: list[tuple[list[int], ...]] = []  # per round: victims, their new sizes, migrants
+    for _ in range(rounds):
+        victims, sizes = rng.sample(range(live), nfree), [mstress_size(rng) for _ in range(nfree)]
+        script.append((victims, sizes, rng.sample(range(live), nmig)))
     shared, private = method == "shmalloc", method == "bytearray_private"
     if shared:
         mgr = ctx.attach(arena)
@@ -339,11 +325,7 @@ def run_once(
         return res, {"remote_free_fraction": sum(r["remote_frees"] for r in res) / frees}
     if name == "xmalloc-test":
         kw = dict(batches=c["xm_batches"], batch=c["xm_batch"], arena=mgr.name)
-        try:
-            res = pool.run(xmalloc, k, method=method, **kw)
-        except BaseException:
-            pool.drain()
-            raise
+        res = pool.run(xmalloc, k, method=method, **kw)
         made, freed = sum(r["allocated"] for r in res), sum(r["ops"] for r in res)
         if made != freed:
             raise RuntimeError(f"xmalloc-test/{method}/{k}: {made} objects made, {freed} freed")
@@ -406,8 +388,8 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if not lar or "2_over_1" not in lar["methods"]["shmalloc"]["scaling"]:
         return {}
     j = bench.judge(*TARGET_LARSON, lar["methods"]["shmalloc"]["scaling"]["2_over_1"])
-    j["baselines"] = {m: v["scaling"].get("2_over_1") for m, v in lar["methods"].items()}
-    del j["baselines"]["shmalloc"]
+    others = {m: v for m, v in lar["methods"].items() if m != "shmalloc"}
+    j["baselines"] = {m: v["scaling"].get("2_over_1") for m, v in others.items()}
     base = j["baselines"].get("malloc_private")
     # what the machine gave: the same loop on private heaps is the ceiling shmalloc can reach
     j["share_of_private_malloc_scaling"] = j["value"] / base if base else None
