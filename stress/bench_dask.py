@@ -150,12 +150,18 @@ def report(res: dict[str, Any]) -> None:
     bench.print_targets(res)
 
 
+SCALED = (  # option, its --quick value, its full value, what it is
+    ("--trials", 1, 3, "trials per configuration"),
+    ("--n", 2048, 23170, "side of the square array of (x + x.T).sum()"),
+    ("--chunk", 512, 2896, "side of its square chunks"),
+    ("--handoff-mib", 16, 256, "size of the hand-off array in MiB"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = bench.Parser(sys.modules[__name__], "small sizes, one trial (< 1 min)")
-    p.scaled("--trials", 1, 3, "trials per configuration")
-    p.scaled("--n", 2048, 23170, "side of the square array of (x + x.T).sum()")
-    p.scaled("--chunk", 512, 2896, "side of its square chunks")
-    p.scaled("--handoff-mib", 16, 256, "size of the hand-off array in MiB")
+    for flag, quick, full, what in SCALED:
+        p.scaled(flag, quick, full, what)
     a = p.parse(argv)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # the nannies' INFO lines
     one, two = ["local"] * 4, ["hostA", "hostA", "hostB", "hostB"]
