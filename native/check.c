@@ -284,6 +284,16 @@ static int rec_cmp_object(const void *pa, const void *pb) { /* by address and id
     return a->id < b->id ? -1 : a->id > b->id;
 }
 
+/* qsort and bsearch of a list that may be empty (its array is then NULL, which they may not get) */
+static void recs_sort(recs_t *l) {
+    if (l->n > 1) qsort(l->v, l->n, sizeof *l->v, rec_cmp);
+}
+
+static const rec_t *recs_find(const recs_t *l, const rec_t *key,
+                              int (*cmp)(const void *, const void *)) {
+    return l->n ? bsearch(key, l->v, l->n, sizeof *l->v, cmp) : NULL;
+}
+
 #define PUSH(list, ...)                                  \
     do {                                                 \
         int push_rc_ = recs_push(&w->list, __VA_ARGS__); \
@@ -424,7 +434,7 @@ static int check_tickets(shm_handle_t *h, walk_t *w, shm_check_report_t *r) {
 /* [O4] [T1]: every OBJPART block is named once, by an object or as a ticket. */
 static int check_parts(shm_handle_t *h, walk_t *w) {
     recs_t *p = &w->parts;
-    qsort(p->v, p->n, sizeof *p->v, rec_cmp);
+    recs_sort(p);
     for (size_t i = 1; i < p->n; i++)
         if (p->v[i].key == p->v[i - 1].key)
             FAIL(p->v[i].key, "[O4] the block at %#llx is a part of both %#llx and %#llx",
@@ -433,7 +443,7 @@ static int check_parts(shm_handle_t *h, walk_t *w) {
     for (uint64_t off = h->heap_off; off < h->heap_end; off += block_at(h, off)->size) {
         rec_t key = {off + SHM_HDR, 0, 0, 0};
         if ((block_at(h, off)->flags & (SHM_BF_OBJPART | SHM_BF_FREE)) == SHM_BF_OBJPART &&
-            !bsearch(&key, p->v, p->n, sizeof *p->v, rec_cmp))
+            !recs_find(p, &key, rec_cmp))
             FAIL(off + SHM_HDR, "[O4] the part block at %#llx belongs to no object or ticket",
                  ULL(off + SHM_HDR));
     }
@@ -444,7 +454,7 @@ static int check_parts(shm_handle_t *h, walk_t *w) {
 /* [O3] [Q4]: the claims on each object (queue cells, tickets) against its holds. */
 static int check_claims(shm_handle_t *h, walk_t *w) {
     recs_t *c = &w->claims;
-    qsort(c->v, c->n, sizeof *c->v, rec_cmp);
+    recs_sort(c);
     for (size_t i = 0, j; i < c->n; i = j) {
         uint64_t cells = 0, values = 0, tickets = 0;
         for (j = i; j < c->n && c->v[j].key == c->v[i].key && c->v[j].id == c->v[i].id; j++) {
@@ -458,9 +468,7 @@ static int check_claims(shm_handle_t *h, walk_t *w) {
             FAIL(first->where, "[Q4] %llu queue cells hold the object at %#llx as a value",
                  ULL(values), ULL(first->key));
         /* objects are listed in address order, at most one per address: the key finds it */
-        const rec_t *obj = w->objects.n ? bsearch(&key, w->objects.v, w->objects.n, sizeof key,
-                                                  rec_cmp_object)
-                                        : NULL;
+        const rec_t *obj = recs_find(&w->objects, &key, rec_cmp_object);
         if (!obj) { /* deleted (its holds dropped) and freed: a cell may still name it */
             if (tickets)
                 FAIL(first->where, "[T1] a ticket names the object at %#llx (id %llu): gone",
