@@ -159,7 +159,19 @@ def start(
     held = holder(a)
     if held is not None:
         raise CoordinatorRunning(a.name, held)
-    cmd = coordinator_command(a.name, **kwargs)
+    return launch(a, coordinator_command(a.name, **kwargs), log_path=log_path, timeout=timeout)
+
+
+def launch(
+    a: Attachment,
+    cmd: list[str],
+    *,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = _START_TIMEOUT,
+) -> int:
+    """Run ``cmd``, a coordinator of the arena, detached (its own session); return its pid once
+    it holds the lease. CoordinatorRunning if it exits because another one holds it, ShmallocError
+    if it exits otherwise or does not take the lease within ``timeout`` seconds (it is killed)."""
     with contextlib.ExitStack() as stack:
         out: Any = subprocess.DEVNULL
         if log_path is not None:

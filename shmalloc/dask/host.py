@@ -24,14 +24,12 @@ import hashlib
 import logging
 import os
 import socket
-import subprocess
 import sys
-import threading
-import time
 
+from .. import lease
 from ..coordinator.pressure import SHM_DIR
 from ..errors import ShmallocError
-from ..lease import CoordinatorRunning, holder, read_lease
+from ..lease import CoordinatorRunning, holder
 from ..manager import MemoryManager, attachment_of
 
 __all__ = ["HOST_ENV", "HostArena", "arena_name", "host_identity", "start_coordinator"]
@@ -155,39 +153,8 @@ def start_coordinator(name: str, *, interval: float = 0.25) -> int:
     """Start the host coordinator of the arena ``name`` (a detached process in its own session);
     return its pid once it holds the lease. CoordinatorRunning if another one got there first."""
     cmd = [sys.executable, "-m", "shmalloc.dask.janitor", name, "--interval", str(interval)]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
     with MemoryManager.attach(name) as mgr:
-        h = attachment_of(mgr).handle()
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            pid, _ = read_lease(h)
-            if pid == proc.pid:
-                break
-            code = proc.poll()
-            if code is not None:
-                if pid:
-                    raise CoordinatorRunning(name, pid)
-                raise ShmallocError(
-                    f"the host coordinator of arena {name!r} exited with status {code}; "
-                    f"run `{' '.join(cmd)}` to see why"
-                )
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise ShmallocError(
-                    f"the host coordinator of arena {name!r} did not start within "
-                    f"{_START_TIMEOUT:g} s; it was killed"
-                )
-            time.sleep(0.01)
-    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-    return proc.pid
+        return lease.launch(attachment_of(mgr), cmd, timeout=_START_TIMEOUT)
 
 
 def janitor(name: str) -> bool:
