@@ -245,7 +245,7 @@ int shm_block_info(shm_handle_t *h, uint64_t address, shm_block_info_t *out) {
         out->flags = b->flags;
         out->refcount = b->refcount;
         out->slot = (int32_t)b->owner - 1;
-        out->pid = proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
+        out->pid = proc_owner_pid(h, b->owner);
     }
     heap_unlock(h);
     return rc;

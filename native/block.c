@@ -102,13 +102,8 @@ void block_scrub(shm_handle_t *h, uint64_t off, uint32_t tomb) {
 
 /* This process's pid as its slot records it (no system call), for tombstones. */
 uint32_t self_pid(const shm_handle_t *h) {
-    int slot = __atomic_load_n(&h->slot, __ATOMIC_RELAXED);
-    return slot >= 0 && slot < SHM_MAX_PROCS ? A_LOAD(&h->arena->procs[slot].pid)
-                                             : (uint32_t)getpid();
-}
-
-static uint32_t slot_pid(const shm_handle_t *h, uint32_t owner) {
-    return owner && owner <= SHM_MAX_PROCS ? A_LOAD(&h->arena->procs[owner - 1].pid) : 0;
+    uint32_t pid = proc_owner_pid(h, (uint32_t)(__atomic_load_n(&h->slot, __ATOMIC_RELAXED) + 1));
+    return pid ? pid : (uint32_t)getpid(); /* no slot yet */
 }
 
 /* SHM_EADDR for an address whose block was freed: the header at off is free, wiped by a merge
@@ -121,7 +116,7 @@ int block_err_freed(const shm_handle_t *h, uint64_t address, uint64_t off) {
         how = flags == SHM_BF_CACHED ? "freed by deallocate(); it waits in the cache of process"
                                      : "freed by deallocate() in another process; it waits to go "
                                        "back to its owner, process";
-        pid = slot_pid(h, b.owner);
+        pid = proc_owner_pid(h, b.owner);
     } else {
         switch (SHM_TOMB_WHY(b.tomb)) {
         case SHM_TOMB_DEALLOCATED:

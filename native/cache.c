@@ -151,7 +151,7 @@ static int list_release(shm_handle_t *h, int slot, unsigned k, unsigned n) {
         if (rc != SHM_OK) return rc;
         A_SUB(&c->cached_bytes, got);
         A_SUB(&c->cached_blocks, 1);
-        uint32_t tomb = SHM_TOMB(SHM_TOMB_CACHE, A_LOAD(&h->arena->procs[slot].pid));
+        uint32_t tomb = SHM_TOMB(SHM_TOMB_CACHE, proc_owner_pid(h, (uint32_t)slot + 1));
         if ((rc = heap_release_block(h, off, tomb, NULL)) != SHM_OK) return rc;
         journal_checkpoint(h); /* each block given back is a step of its own */
     }
@@ -174,7 +174,7 @@ static int cache_repair(shm_handle_t *h, int slot) {
         uint64_t size = b->size;
         if (b->owner == (uint32_t)slot + 1 && !(b->flags & SHM_BF_FREE)) {
             if (b->flags & SHM_BF_CACHED) {
-                uint32_t tomb = SHM_TOMB(SHM_TOMB_CACHE, A_LOAD(&h->arena->procs[slot].pid));
+                uint32_t tomb = SHM_TOMB(SHM_TOMB_CACHE, proc_owner_pid(h, (uint32_t)slot + 1));
                 if ((rc = heap_release_block(h, off, tomb, &off)) != SHM_OK) break;
                 journal_checkpoint(h);
                 continue;

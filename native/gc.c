@@ -29,8 +29,8 @@ static int gc_take(shm_handle_t *h, uint64_t *off, int owner, shm_gc_result_t *o
         shm_cache_t *c = &h->arena->caches[owner];
         A_SUB(&c->cached_bytes, size - SHM_HDR);
         A_SUB(&c->cached_blocks, 1);
-        rc = heap_release_block(h, *off,
-                                SHM_TOMB(SHM_TOMB_CACHE, A_LOAD(&h->arena->procs[owner].pid)), off);
+        rc = heap_release_block(
+            h, *off, SHM_TOMB(SHM_TOMB_CACHE, proc_owner_pid(h, (uint32_t)owner + 1)), off);
     } else {
         if (b->flags & SHM_BF_REMOTE)
             cache_remote_done(h, owner, size - SHM_HDR);

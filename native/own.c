@@ -173,7 +173,7 @@ static int list_locked(shm_handle_t *h, int32_t slot, shm_block_info_t *out, uin
             o->flags = b->flags;
             o->refcount = b->refcount;
             o->slot = (int32_t)b->owner - 1;
-            o->pid = proc_slot_is_valid(h, b->owner) ? h->arena->procs[b->owner - 1].pid : 0;
+            o->pid = proc_owner_pid(h, b->owner);
         }
         n++;
     }

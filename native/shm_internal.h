@@ -285,6 +285,10 @@ static inline int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
     return owner >= 1 && owner <= SHM_MAX_PROCS &&
            A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;
 }
+/* The pid of the process in a block owner's slot (slot + 1), 0 for none. */
+static inline uint32_t proc_owner_pid(const shm_handle_t *h, uint32_t owner) {
+    return proc_slot_is_valid(h, owner) ? A_LOAD(&h->arena->procs[owner - 1].pid) : 0;
+}
 uint64_t proc_usage(const shm_handle_t *h, int slot);
 int proc_charge(shm_handle_t *h, uint32_t owner, uint64_t bytes);
 void proc_credit(shm_handle_t *h, uint32_t owner, uint64_t bytes);

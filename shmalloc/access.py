@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _binding as C
+from . import encoding
 from .attachment import Attachment, check_int
 from .errors import InvalidAddress, ProtectionViolation
 from .sizes import count
@@ -151,8 +152,7 @@ def view(a: Attachment, address: int, n: int | None = None, offset: int = 0) -> 
 
 def ndarray(a: Attachment, address: int, shape: int | tuple[int, ...], dtype: Any) -> Any:
     """A zero-copy numpy array over the block (needs the optional numpy extra)."""
-    import numpy as np
-
+    np = encoding.numpy()
     dt = np.dtype(dtype)
     one = hasattr(type(shape), "__index__")
     shp = tuple(check_int(d, "shape entry") for d in ((shape,) if one else shape))  # type: ignore[union-attr]

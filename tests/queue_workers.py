@@ -4,6 +4,7 @@ spawned child imports only this, shmalloc and the standard library (not pytest).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from shmalloc import JoinableQueue, Queue, SimpleQueue
@@ -30,6 +31,33 @@ def consumer(q: Queue, path: str, progress: Any, after: int) -> None:
         n += 1
         if n == after:
             progress.set()
+
+
+def start_workers(
+    ctx: Any,
+    q: Queue,
+    where: Path,
+    ranges: list[tuple[int, int]],
+    consumers: int,
+    progress: list[Any],
+    after: int,
+) -> tuple[list[Any], list[Any]]:
+    """Start a producer per (first, n) of ``ranges`` (writing down to ``where``/pK) and
+    ``consumers`` consumers (``where``/cK); worker i sets progress[i] after ``after`` items.
+    Returns (producers, consumers)."""
+    prods = [
+        ctx.Process(target=producer, args=(q, first, n, str(where / f"p{k}"), progress[k], after))
+        for k, (first, n) in enumerate(ranges)
+    ]
+    cons = [
+        ctx.Process(
+            target=consumer, args=(q, str(where / f"c{k}"), progress[len(ranges) + k], after)
+        )
+        for k in range(consumers)
+    ]
+    for p in prods + cons:
+        p.start()
+    return prods, cons
 
 
 def put_array(q: Queue, n: int) -> None:

@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import pytest
 from queue_workers import (
-    consumer,
     join_worker,
     pool_init,
     pool_task,
-    producer,
     put_array,
     put_three,
     simple_echo,
+    start_workers,
 )
 
 import shmalloc
@@ -271,16 +270,8 @@ def test_mpmc_delivers_each_item_exactly_once(
     q = Queue(16, arena=mgr)
     n, producers, consumers = 150, 3, 3
     never = ctx.Event()
-    prods = [
-        ctx.Process(target=producer, args=(q, k * 1000, n, str(tmp_path / f"p{k}"), never, 0))
-        for k in range(producers)
-    ]
-    cons = [
-        ctx.Process(target=consumer, args=(q, str(tmp_path / f"c{k}"), never, 0))
-        for k in range(consumers)
-    ]
-    for p in prods + cons:
-        p.start()
+    ranges = [(k * 1000, n) for k in range(producers)]
+    prods, cons = start_workers(ctx, q, tmp_path, ranges, consumers, [never] * 6, 0)
     for p in prods:
         p.join(TIMEOUT)
         assert p.exitcode == 0
@@ -382,26 +373,8 @@ def test_producers_and_consumers_killed_mid_stream(
         1_000_000  # the victim producer cannot finish before it is killed, however slow we are
     )
     progress = [ctx.Event() for _ in range(4)]
-    prods = [
-        ctx.Process(
-            target=producer,
-            args=(
-                q,
-                k * endless,
-                endless if k == 0 else n,
-                str(tmp_path / f"p{k}"),
-                progress[k],
-                50,
-            ),
-        )
-        for k in range(2)
-    ]
-    cons = [
-        ctx.Process(target=consumer, args=(q, str(tmp_path / f"c{k}"), progress[2 + k], 50))
-        for k in range(2)
-    ]
-    for p in prods + cons:
-        p.start()
+    ranges = [(0, endless), (endless, n)]
+    prods, cons = start_workers(ctx, q, tmp_path, ranges, 2, progress, 50)
     assert progress[0].wait(TIMEOUT) and progress[2].wait(TIMEOUT)
     for victim in (prods[0], cons[0]):  # mid-stream: both are busy with the queue
         os.kill(victim.pid, signal.SIGKILL)

@@ -15,9 +15,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
-from conftest import SHM_DIR, unique_name
+from conftest import SHM_DIR, destroyed_after, unique_name
+
+from shmalloc import MemoryManager
 
 TIMEOUT = 120
 
@@ -65,15 +70,16 @@ def wait_for_heap_lock_sleeper(m):
 '''
 
 
+def _python(code: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """``python -c code args...``, its output piped to this process."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, **popen
+    )
+
+
 def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a new session; on a hang, kill its whole process group and fail."""
-    p = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    p = _python(code, *args, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -386,6 +392,29 @@ print("ok", flush=True)
 """
 
 
+@contextmanager
+def _arena_and_children(
+    name: str,
+) -> Iterator[tuple[MemoryManager, Callable[..., subprocess.Popen[str]]]]:
+    """A new 64 MiB arena and a function that starts ``python -c CODE ARGS...`` with pipes;
+    afterwards every child still running is killed and the arena destroyed."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(code: str, *args: str) -> subprocess.Popen[str]:
+        p = _python(code, *args, stdin=subprocess.PIPE)
+        children.append(p)
+        return p
+
+    with destroyed_after(MemoryManager.create(name, 64 << 20)) as m:
+        try:
+            yield m, start
+        finally:
+            for p in children:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(TIMEOUT)
+
+
 def test_two_threads_freeing_another_process_blocks_share_no_pending_push(
     arena_name: str,
 ) -> None:
@@ -394,25 +423,11 @@ def test_two_threads_freeing_another_process_blocks_share_no_pending_push(
     dies and a third process collects. The block in flight must survive the collection (it
     used to be freed: thread 2 overwrote, then cleared, the process's one pending word) and be
     freed exactly once after the push."""
-    from shmalloc import MemoryManager
-
-    m = MemoryManager.create(arena_name, 64 << 20)
-    owner = freer = None
-    try:
-        owner = subprocess.Popen(
-            [sys.executable, "-c", OWNER, arena_name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    with _arena_and_children(arena_name) as (m, start):
+        owner = start(OWNER, arena_name)
         assert owner.stdout is not None and owner.stdin is not None
         a, b = owner.stdout.readline().split()
-        freer = subprocess.Popen(
-            [sys.executable, "-c", FREER, arena_name, a, b],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        freer = start(FREER, arena_name, a, b)
         assert freer.stdout is not None and freer.stdin is not None
         assert freer.stdout.readline().strip() == "freed"
         owner.kill()
@@ -433,13 +448,6 @@ def test_two_threads_freeing_another_process_blocks_share_no_pending_push(
         rep = m.check()
         assert (st.used, rep.allocated_blocks, rep.free_blocks) == (0, 0, 1)
         assert m.processes() == []
-    finally:
-        for p in (owner, freer):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(TIMEOUT)
-        m.close()
-        m.destroy()
 
 
 MANY_OWNER = """
@@ -488,24 +496,10 @@ def test_threads_free_another_process_blocks_while_it_dies_and_others_collect(
     """Four threads of one process free thousands of another process's blocks, which is killed
     meanwhile, while this process collects in a loop: afterwards every block is free exactly
     once (nothing used, one free block, the heap walk clean)."""
-    from shmalloc import MemoryManager
-
-    m = MemoryManager.create(arena_name, 64 << 20)
-    owner = freer = None
-    try:
+    with _arena_and_children(arena_name) as (m, start):
         for _ in range(3):
-            owner = subprocess.Popen(
-                [sys.executable, "-c", MANY_OWNER, arena_name, "4000"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            freer = subprocess.Popen(
-                [sys.executable, "-c", MANY_FREER, arena_name],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            owner = start(MANY_OWNER, arena_name, "4000")
+            freer = start(MANY_FREER, arena_name)
             assert owner.stdout is not None and freer.stdin is not None
             freer.stdin.write(owner.stdout.readline())
             freer.stdin.flush()
@@ -520,10 +514,3 @@ def test_threads_free_another_process_blocks_while_it_dies_and_others_collect(
             st, rep = m.stats(), m.check()
             assert (st.used, rep.allocated_blocks, rep.free_blocks) == (0, 0, 1), (st, rep)
             assert m.processes() == []
-    finally:
-        for p in (owner, freer):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(TIMEOUT)
-        m.close()
-        m.destroy()

@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_INTERVAL", "LOG_LEVELS", "Coordinator"]
 logger = logging.getLogger("shmalloc.coordinator")  # one logger for every part of the coordinator
 
 DEFAULT_INTERVAL = 0.25
-_DRAIN_LIMIT = 2 * 4096  # events per tick at most (two laps of the ring)
+_DRAIN_LIMIT = 2 * C.RING_SLOTS  # events per tick at most (two laps of the ring)
 LOG_LEVELS = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
