@@ -83,9 +83,14 @@ void pressure_update(shm_handle_t *h, int *rose) {
     shm_counters_t *c = &h->arena->counters;
     uint64_t total = h->heap_end - h->heap_off;
     uint64_t fb = A_LOAD(&c->free_bytes), fh = A_LOAD(&c->free_blocks) * SHM_HDR;
-    uint64_t available = (fb > fh ? fb - fh : 0) +
-                         heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+    uint64_t available = fb > fh ? fb - fh : 0;
+    /* Cached bytes only lower the level: when the free blocks alone keep it LOW (the common
+     * case), it is LOW without summing every slot's cache. */
     uint64_t level = (uint64_t)shm_pressure_of_percent(shm_usage_percent(total, available));
+    if (level != SHM_PRESSURE_LOW) {
+        available += heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes));
+        level = (uint64_t)shm_pressure_of_percent(shm_usage_percent(total, available));
+    }
     uint64_t old = A_LOAD(&c->pressure_level);
     if (LIKELY(level == old)) return;
     A_STORE(&c->pressure_level, level);
@@ -171,8 +176,9 @@ uint64_t heap_cache_sum(const shm_handle_t *h, size_t field) {
  * cache path does not keep this peak; the heap path and refills do (heap lock held). */
 void heap_note_peak(shm_handle_t *h) {
     shm_counters_t *c = &h->arena->counters;
-    a_raise_max(&c->peak,
-                A_LOAD(&c->used) - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
+    uint64_t used = A_LOAD(&c->used);
+    if (used <= A_LOAD(&c->peak)) return; /* used less cached is lower still: no sum to make */
+    a_raise_max(&c->peak, used - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
 }
 
 /* Flag bits for an allocation's result: pressure crossed upwards, or a trim was asked for. */

@@ -48,7 +48,9 @@
  *
  * Sleeping. A put that finds the queue full and a get that finds it empty return the wait word's
  * value read under the lock (not_full, not_empty); the caller sleeps on it with shm_queue_wait,
- * which counts itself among the sleepers (putters, getters) for the time of the futex wait. The
+ * which first spins a few tens of microseconds, uncounted, for the word to change (wait.c's
+ * wait_spin: a hand-off between two busy processes then costs no system call on either side),
+ * then counts itself among the sleepers (putters, getters) for the time of the futex wait. The
  * other side bumps the word under the lock and, after unlocking, wakes one sleeper if the count is
  * not 0 (no system call when nobody sleeps). The count is raised before the sleep's comparison
  * and the bump precedes the count's read (both sequentially consistent), so a wake-up is never
@@ -403,6 +405,8 @@ int shm_queue_wait(shm_handle_t *h, uint64_t control, int32_t which, uint32_t se
     default:
         return err_set(SHM_EINVAL, (uint64_t)which, "no queue wait word %d", which);
     }
+    /* Spin first, uncounted: a waker that finds no sleeper makes no system call. */
+    if (timeout_ns != 0 && wait_spin(word, seq)) return SHM_OK;
     __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
     int rc = shm_wait(h, (uint64_t)((uint8_t *)word - h->base), seq, timeout_ns);
     __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);

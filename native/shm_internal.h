@@ -348,6 +348,9 @@ int objects_settle(shm_handle_t *h, uint64_t off, shm_object_t *o);
 int objects_take_stream(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id, void *dst,
                         uint64_t dst_cap);
 
+/* wait.c */
+int wait_spin(const uint32_t *w, uint32_t expected);
+
 /* queue.c */
 int queue_release_items(shm_handle_t *h, uint64_t off, shm_object_t *qo);
 

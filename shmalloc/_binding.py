@@ -799,6 +799,9 @@ QPUT_FORCE: int = lib.SHM_QPUT_FORCE
 QWAIT_NOT_EMPTY: int = lib.SHM_QWAIT_NOT_EMPTY
 QWAIT_NOT_FULL: int = lib.SHM_QWAIT_NOT_FULL
 QWAIT_ALL_DONE: int = lib.SHM_QWAIT_ALL_DONE
+_OK: int = lib.SHM_OK
+_QGET_COPIED: int = lib.SHM_QGET_COPIED
+_QGET_EMPTY: int = lib.SHM_QGET_EMPTY
 
 
 def queue_create(h: Handle, slot: int, maxsize: int, joinable: bool) -> tuple[int, int]:
@@ -831,9 +834,9 @@ def queue_put_new(
     QPUT_NEW once there is room, or to free."""
     s = _scratch
     out, seq, n = s.out, s.seq, len(bufs)
-    ptrs, sizes = _put_args(bufs, [b.nbytes for b in bufs])
+    ptrs, sizes = _put_args(bufs, [b.nbytes for b in bufs]) if n else (ffi.NULL, ffi.NULL)
     rc = lib.shm_queue_put_new(h, slot, queue, queue_id, data, len(data), n, ptrs, sizes, out, seq)
-    if rc == lib.SHM_OK:
+    if rc == _OK:
         return None, []
     if rc == lib.SHM_QPUT_FULL:
         return int(seq[0]), [out[0], *(ffi.unpack(out + 2, n) if n else [])]
@@ -853,10 +856,10 @@ def queue_take(
     rc = lib.shm_queue_take(
         h, slot, queue, queue_id, out, OBJECT_MAX_BUFFERS, s.dst, STREAM_COPY_MAX, seq
     )
-    if rc == lib.SHM_QGET_EMPTY:
+    if rc == _QGET_COPIED:
+        return None, ffi.buffer(s.dst, out[3])[:], False, 0
+    if rc == _QGET_EMPTY:
         return None, None, False, int(seq[0])
-    if rc == lib.SHM_QGET_COPIED:
-        return None, ffi.unpack(s.dst, out[3]), False, 0
     _check(rc, queue)
     return _view(out), None, rc == lib.SHM_QGET_REF, 0
 

@@ -74,7 +74,7 @@ def _time_left(deadline: float | None) -> float:
     return RECHECK if deadline is None else min(deadline - time.monotonic(), RECHECK)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """An item on its way into a queue: the object to put and how (C.QPUT_*); ``unpublished``
     lists the blocks to free if it never goes in."""
@@ -93,7 +93,7 @@ class _Item:
                 C.free_raw(h, at)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Taken:
     """An item taken out of a queue, held by this process: a reference, or a value to load
     (counted once as this process's pin, which _load consumes)."""
@@ -169,55 +169,68 @@ class _Base:
             item.unpublished = []  # published: the queue holds it now
         return seq
 
-    def _offer_new(self, item: _Item, bufs: list[memoryview], data: bytes) -> int | None:
-        """The first attempt of a new item: made and put in one C call (native/handoff.c). If
-        the queue is full, the object stays made, unpublished, in ``item`` for _offer."""
+    def _offer_new(self, data: bytes, bufs: list[memoryview]) -> tuple[_Item | None, int]:
+        """The first attempt of a new item: made and put in one C call (native/handoff.c): (None,
+        0) when it went in. If the queue is full, the object stays made, unpublished: (its item,
+        for _offer, the not_full word's value)."""
         a, q = self._att, self._ref
-        objects.after_fork_adopted()  # (the copy runs outside the module's lock)
-        seq, blocks = C.queue_put_new(objects._handle(a), _slot(a), q.address, q.id, data, bufs)
-        if seq is not None:
-            item.address, item.unpublished = blocks[0], [*blocks[1:], blocks[0]]
-        return seq
+        if objects._pid != objects._me:
+            objects.after_fork_adopted()  # (the copy runs outside the module's lock)
+        h = a.h
+        slot = a.slot
+        seq, blocks = C.queue_put_new(
+            h if h is not None else a.handle(),
+            slot if slot >= 0 else slot_for(a, None),
+            q.address,
+            q.id,
+            data,
+            bufs,
+        )
+        if seq is None:
+            return None, 0
+        return _Item(blocks[0], 0, C.QPUT_NEW, [*blocks[1:], blocks[0]]), seq
 
-    def _attempts(self, obj: Any) -> tuple[Callable[[], int | None], _Item]:
-        """Prepare ``obj`` (pickled here): the function that makes one attempt to put it (see
-        _retry) and the item, to abandon once done."""
+    def _first_offer(self, obj: Any) -> tuple[_Item | None, int]:
+        """Prepare ``obj`` (pickled here) and make the first attempt to put it: (None, 0) if it
+        went in; else the item (to abandon once done) and the not_full word's value (for
+        _retry)."""
+        if type(obj) is not ObjectRef:
+            return self._offer_new(*encoding.encode(obj))
         item, bufs, data = self._prepare(obj)
-        if item.mode != C.QPUT_NEW:
-            return (lambda: self._offer(item)), item
-        first = [True]
-
-        def attempt() -> int | None:
-            if first:
-                first.clear()
-                return self._offer_new(item, bufs, data)
-            return self._offer(item)
-
-        return attempt, item
+        if item.mode == C.QPUT_NEW:
+            return self._offer_new(data, bufs)
+        seq = self._offer(item)
+        return (None, 0) if seq is None else (item, seq)
 
     def _retry(
         self,
         attempt: Callable[[], int | None],
         word: int,
+        seq: int | None,
         deadline: float | None,
         block: bool = True,
     ) -> bool:
-        """Run ``attempt`` until it returns None (True), sleeping between two on the queue's
-        ``word`` (C.QWAIT_*) while it holds the value the attempt returned; False once
-        ``deadline`` has passed (at the first refusal unless ``block``)."""
-        while (seq := attempt()) is not None:
+        """After a first attempt that returned ``seq``, run ``attempt`` until it returns None
+        (True), sleeping between two on the queue's ``word`` (C.QWAIT_*) while it holds the value
+        the last attempt returned; False once ``deadline`` has passed (at the first refusal unless
+        ``block``)."""
+        while seq is not None:
             left = _time_left(deadline)
             if not block or left <= 0:
                 return False
             C.queue_wait(self._att.handle(), self._control, word, seq, left)
+            seq = attempt()
         return True
 
     def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
-        self._check_open()
-        deadline = _deadline(block, timeout)
-        attempt, item = self._attempts(obj)
+        if self._closed:
+            self._check_open()
+        deadline = None if timeout is None else _deadline(block, timeout)
+        item, seq = self._first_offer(obj)
+        if item is None:  # the common case: in at the first attempt, nothing left to abandon
+            return
         try:
-            if not self._retry(attempt, C.QWAIT_NOT_FULL, deadline, block):
+            if not self._retry(lambda: self._offer(item), C.QWAIT_NOT_FULL, seq, deadline, block):
                 raise Full
         finally:
             item.abandon(self._att)
@@ -227,21 +240,31 @@ class _Base:
     def _take(self, box: list[_Taken]) -> int | None:
         """One attempt to take an item into ``box``: None when taken, else the not_empty word
         to wait on."""
-        a = self._att
+        taken = self._take_one()
+        if type(taken) is int:
+            return taken
+        box.append(taken)  # type: ignore[arg-type]
+        return None
+
+    def _take_one(self) -> _Taken | int:
+        """One attempt to take an item: the item, or the not_empty word's value to wait on."""
+        a, q = self._att, self._ref
         with objects._critical:
-            q = self._ref
-            view, stream, is_ref, seq = C.queue_take(objects._handle(a), _slot(a), q.address, q.id)
+            h, slot = a.h, a.slot
+            view, stream, is_ref, seq = C.queue_take(
+                h if h is not None else a.handle(),
+                slot if slot >= 0 else slot_for(a, None),
+                q.address,
+                q.id,
+            )
             if stream is not None:  # copied out and dropped already (native/handoff.c)
-                box.append(_Taken(None, None, stream))
-            elif view is None:
+                return _Taken(None, None, stream)
+            if view is None:
                 return seq
-            elif is_ref:
-                ref = objects._held_ref(a, view.address, view.id, view.nbytes, None)
-                box.append(_Taken(view, ref))
-            else:
-                objects._count(a, (a.name, view.address, view.id), True)
-                box.append(_Taken(view, None))
-            return None
+            if is_ref:
+                return _Taken(view, objects._held_ref(a, view.address, view.id, view.nbytes, None))
+            objects._count(a, (a.name, view.address, view.id), True)
+            return _Taken(view, None)
 
     def _load(self, taken: _Taken) -> Any:
         if taken.ref is not None:
@@ -277,12 +300,19 @@ class _Base:
             objects._finalize((a.name, taken.view.address, taken.view.id), True, objects._me)
 
     def _get(self, block: bool, timeout: float | None) -> Any:
-        self._check_open()
-        deadline = _deadline(block, timeout)
-        box: list[_Taken] = []
-        if not self._retry(lambda: self._take(box), C.QWAIT_NOT_EMPTY, deadline, block):
-            raise Empty
-        return self._load(box.pop())
+        if self._closed:
+            self._check_open()
+        deadline = None if timeout is None else _deadline(block, timeout)
+        taken = self._take_one()
+        if type(taken) is int:  # empty: wait, as _retry does
+            box: list[_Taken] = []
+            take = self._take
+            if not self._retry(lambda: take(box), C.QWAIT_NOT_EMPTY, taken, deadline, block):
+                raise Empty
+            taken = box.pop()
+        if taken.stream is not None:  # type: ignore[union-attr]
+            return encoding.decode(taken.stream)  # type: ignore[union-attr]
+        return self._load(taken)  # type: ignore[arg-type]
 
     # -------------------------------------------------------------- common methods
 
@@ -361,7 +391,7 @@ class Queue(_Base):
                 return None if cancelled else self._take(box)
 
         def work() -> bool:
-            return self._retry(attempt, C.QWAIT_NOT_EMPTY, deadline)
+            return self._retry(attempt, C.QWAIT_NOT_EMPTY, attempt(), deadline)
 
         try:
             got = await asyncio.get_running_loop().run_in_executor(None, work)
@@ -382,17 +412,27 @@ class Queue(_Base):
         unless the item was in already."""
         self._check_open()
         deadline = _deadline(True, timeout)
-        offer, item = self._attempts(obj)
+        item, bufs, data = self._prepare(obj)
         lock = threading.Lock()
-        cancelled = False
+        cancelled, fresh = False, item.mode == C.QPUT_NEW
 
         def attempt() -> int | None:  # stops once cancelled: work()'s answer is unused then
+            nonlocal fresh, item
             with lock:
-                return None if cancelled else offer()
+                if cancelled:
+                    return None
+                if fresh:  # the object is made (the copy) here, in the executor's thread
+                    fresh = False
+                    made, seq = self._offer_new(data, bufs)
+                    if made is None:
+                        return None
+                    item = made
+                    return seq
+                return self._offer(item)
 
         def work() -> bool:
             try:
-                return self._retry(attempt, C.QWAIT_NOT_FULL, deadline)
+                return self._retry(attempt, C.QWAIT_NOT_FULL, attempt(), deadline)
             finally:
                 item.abandon(self._att)
 

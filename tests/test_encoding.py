@@ -1,6 +1,6 @@
-"""How values become streams: a plain numpy array takes the array header (no pickle), anything
-else pickle 5; both come back equal, arrays as read-only views over the arena, through put/get
-and through a Queue."""
+"""How values become streams: a plain numpy array takes the array header (no pickle), bytes a
+marker byte, anything else pickle 5; all come back equal, arrays as read-only views over the
+arena, through put/get and through a Queue."""
 
 from __future__ import annotations
 
@@ -63,6 +63,29 @@ def test_other_values_are_pickled(mgr: MemoryManager, name: str) -> None:
     else:
         _same(np.asarray(back), np.asarray(value))
     del back
+
+
+class Tagged(bytes):
+    """A bytes subclass: pickled, so that it comes back as itself."""
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 10 * 1024, 1 << 20])
+def test_bytes_skip_pickle_and_come_back_equal(mgr: MemoryManager, size: int) -> None:
+    """bytes (a record) take byte 1 and their bytes, whatever their size; a bytearray or a
+    bytes subclass is pickled (it must come back as itself)."""
+    value = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    stream, bufs = encoding.encode(value)
+    assert stream[:1] == b"\x01" and stream[1:] == value and not bufs
+    q = shmalloc.Queue(arena=mgr)
+    q.put(value)
+    for back in (mgr.get(mgr.put(value)), q.get()):
+        assert type(back) is bytes and back == value
+    del q
+    for other in (bytearray(value), Tagged(value)):
+        stream, _ = encoding.encode(other)
+        assert stream[:1] == b"\x80", "not a pickle stream"
+        back = mgr.get(mgr.put(other))
+        assert type(back) is type(other) and back == other
 
 
 def test_arrays_through_a_queue(mgr: MemoryManager) -> None:
