@@ -477,9 +477,7 @@ def pattern(address: int, gen: int, n: int) -> bytes:
     return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
-def signame(rc: int | None) -> str:
-    if rc is None:
-        return "running"
+def signame(rc: int) -> str:
     if rc < 0:
         try:
             return signal.Signals(-rc).name
@@ -488,9 +486,12 @@ def signame(rc: int | None) -> str:
     return f"exit {rc}"
 
 
-def child_env(fault: str | None = None) -> dict[str, str]:
+def spawn(mod: str, *args: Any, **popen: Any) -> subprocess.Popen[Any]:
+    """``python -m stress.<mod> args`` from the checkout, stdin /dev/null unless given, without
+    SHMALLOC_FAULT: the child of a run under a fault hook runs clean."""
     env = {k: v for k, v in os.environ.items() if k != "SHMALLOC_FAULT"}
-    return env if fault is None else {**env, "SHMALLOC_FAULT": fault}
+    cmd = [sys.executable, "-m", f"stress.{mod}", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, **{"stdin": subprocess.DEVNULL, **popen})
 
 
 # --------------------------------------------------------------------------- worker pool

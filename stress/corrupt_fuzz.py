@@ -30,19 +30,22 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Parser, bar, child_env, pattern, run_check, signame
+from ._common import Parser, bar, pattern, run_check, signame, spawn
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -51,8 +54,6 @@ HDR = ffi.sizeof("shm_block_t")
 HEAP_OFF = int(lib.shm_header_size())
 CAPACITY = MiB  # every scratch arena's
 SLOW = 0.5  # seconds: an operation slower than this ends the batch and is reported as slow
-PIPES: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-PIPES["stderr"] = subprocess.PIPE
 EXPECTED = (ShmallocError, ValueError, KeyError, OSError, MemoryError)
 OUTCOMES = ("clean", "detected", "other_error", "error", "crash", "hang")
 LABELS = dict(clean="clean", detected="corruption detected", other_error="other error (refused)")
@@ -531,8 +532,7 @@ def child_main(a: argparse.Namespace) -> int:
         print(json.dumps(res, default=str), flush=True)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        if os.path.exists(os.path.join(SHM_DIR, name)):
-            os.unlink(os.path.join(SHM_DIR, name))
+        Path(SHM_DIR, name).unlink(missing_ok=True)
     return 0
 
 
@@ -545,22 +545,13 @@ class Fuzz:
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.found: Counter[str] = Counter()  # arenas with wrong, resized or slow answers
         self.detail: list[dict[str, Any]] = []
-        self.children: set[subprocess.Popen[str]] = set()
-        self.lock = threading.Lock()
-        self.stopping = False
 
     def run_one(self, i: int) -> dict[str, Any]:
         """Arena i in a child process; its outcome from how the child ended and what it said."""
         a = self.a
-        args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} "
-        args += f"--timeout {a.timeout}"
-        args += " --no-corrupt" * a.no_corrupt
-        cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
-        with self.lock:
-            if self.stopping:
-                raise KeyboardInterrupt
-            p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), text=True, **PIPES)
-            self.children.add(p)
+        args = ["--role", "child", "--index", i, "--seed", a.seed, "--prefix", self.prefix]
+        args += ["--timeout", a.timeout, *["--no-corrupt"][: a.no_corrupt]]
+        p = spawn("corrupt_fuzz", *args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = p.communicate(timeout=a.timeout)
             status = "crash" if p.returncode < 0 else "error" if p.returncode else None
@@ -569,11 +560,7 @@ class Fuzz:
             out, err = p.communicate()
             status = "hang"
         finally:
-            with self.lock:
-                self.children.discard(p)
-            path = os.path.join(SHM_DIR, f"{self.prefix}-{i}")
-            if os.path.exists(path):
-                os.unlink(path)
+            Path(SHM_DIR, f"{self.prefix}-{i}").unlink(missing_ok=True)
         lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
         muts = lines[0]["mutations"] if lines else None
         res = lines[1] if len(lines) > 1 and status is None else {}
@@ -603,11 +590,10 @@ class Fuzz:
                 for done, fut in enumerate(as_completed(futures), 1):
                     self.record(fut.result())
                     update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
-        finally:
-            with self.lock:
-                self.stopping = True
-                for p in self.children:
-                    p.kill()
+        finally:  # after an interrupt, the children at work stop (the pool starts no more)
+            for child in psutil.Process().children():
+                with suppress(psutil.NoSuchProcess):  # it ended meanwhile
+                    child.kill()
             pool.shutdown(wait=True, cancel_futures=True)
         counts = {k: self.counts[k] for k in OUTCOMES}
         config = {k: getattr(a, k) for k in ("seed", "timeout", "jobs", "quick")}
