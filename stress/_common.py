@@ -49,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
 Fn = Callable[..., Any]
+Column = tuple[str, Callable[[Any], str]]  # a table's header, and the cell of a row
 COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator.ge}
 
 
@@ -310,7 +311,12 @@ def print_table(headers: list[str], rows: list[list[str]], title: str, left: boo
         print("  ".join(cells).rstrip())
 
 
-def print_columns(title: str, columns: list[tuple[str, Callable[[Any], str]]], rows: Any) -> None:
+def col(header: str, key: str, fmt: Callable[[Any], str] = fmt_stat) -> Column:
+    """A column of print_columns: ``fmt(row[key])`` (median [min-max]), "-" where that is None."""
+    return header, lambda r: "-" if r[key] is None else fmt(r[key])
+
+
+def print_columns(title: str, columns: list[Column], rows: Any) -> None:
     """print_table of one row per item of ``rows``, a column per (header, cell of an item)."""
     print_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows], title)
 

@@ -246,19 +246,16 @@ class Mutator:
             self.put(reseal + o, s, lib.shm_debug_block_checksum(self.base, self.cap, reseal))
         return desc(region, target, name, at, size, kind, f"{old:#x}", f"{self.u(at, size):#x}")
 
-    def dead_tid(self) -> int:
-        if not self.dead:
+    def forge(self, region: str, which: int) -> dict[str, Any]:
+        """The lock ``which`` (-1: the heap lock) left to a holder that died without the kernel's
+        cleanup: the next taker must recover it (and roll the journal back)."""
+        if not self.dead:  # no process died with blocks in populate(): one dies now
             pid = os.fork()
             if pid == 0:
                 os._exit(0)
             os.waitpid(pid, 0)
             self.dead.append(pid)
-        return self.dead[0]
-
-    def forge(self, region: str, which: int) -> dict[str, Any]:
-        """The lock ``which`` (-1: the heap lock) left to a holder that died without the kernel's
-        cleanup: the next taker must recover it (and roll the journal back)."""
-        tid = self.dead_tid()
+        tid = self.dead[0]
         C.debug_lock_forge(self.h, which, tid)
         at = int(lib.shm_lock_offset(which))
         return desc(region, f"lock {which}", "holder", at, 0, "dead holder", "", str(tid))
@@ -607,11 +604,6 @@ class Fuzz:
         return res
 
 
-def _mut_str(muts: list[dict[str, Any]] | None) -> str:
-    each = "{region}/{target}.{field} {kind} {old}->{new}"
-    return "; ".join(each.format(**m) for m in muts or ()) or "(before any mutation)"
-
-
 def print_report(res: dict[str, Any]) -> None:
     c, cfg = res["counts"], res["config"]
     print(f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed ", end="")
@@ -622,9 +614,12 @@ def print_report(res: dict[str, Any]) -> None:
         print("  by region:  " + " ".join(f"{k:>11}" for k in OUTCOMES))
         for r, cnt in res["by_region"].items():
             print(f"    {r:<10}" + " ".join(f"{cnt.get(k, 0):>11}" for k in OUTCOMES))
+    each = "{region}/{target}.{field} {kind} {old}->{new}"
     for kind in EXAMPLES:
         for e in res[f"{kind}_examples"][:10]:
-            print(f"  {kind} in arena {e['index']} [{e['status']}]: {_mut_str(e['mutations'])}")
+            muts = [each.format(**m) for m in e["mutations"] or ()]
+            print(f"  {kind} in arena {e['index']} [{e['status']}]: ", end="")
+            print("; ".join(muts) or "(before any mutation)")
             print(f"      reproduce: {e['reproduce']}")
             for u in (e.get("unexpected") or e.get("slow") or e.get("wrong") or [])[:1]:
                 print(f"      {u}")
