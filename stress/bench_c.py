@@ -65,24 +65,20 @@ def _build(
         h.update(s.read_bytes())
     for hdr in sorted((bench.REPO_ROOT / "native").glob("*.h")):
         h.update(hdr.read_bytes())
-    digest = h.hexdigest()[:16]
-    out = CACHE_DIR / f"{name}-{digest}"
-
-    def command(target: Path) -> list[str]:
-        return [cc, *args, *map(str, sources), "-o", str(target), *libs]
-
-    info = {"command": " ".join(command(out)), "binary": str(out), "cached": out.exists()}
+    out = CACHE_DIR / f"{name}-{h.hexdigest()[:16]}"
+    cmd = [cc, *args, *map(str, sources), "-o"]
+    info = {"command": " ".join([*cmd, str(out), *libs]), "binary": str(out), "cached": True}
     if out.exists():
         return out, info
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    r = subprocess.run(command(tmp), timeout=600, **RUN)
+    r = subprocess.run([*cmd, str(tmp), *libs], timeout=600, **RUN)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"compiling {name} failed ({info['command']}):\n{r.stderr[-3000:]}")
     os.replace(tmp, out)
-    info["compile_seconds"] = time.perf_counter() - t0
+    info.update(cached=False, compile_seconds=time.perf_counter() - t0)
     return out, info
 
 

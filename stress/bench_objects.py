@@ -381,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             figs[IN_PLACE] = bench.measure(runners, REPS[mode][max(SIZES)], a.trials)
             figs[IN_PLACE]["fill (apart)"] = bench.summarize(made.fills)
             for n, size in RECORDS[mode]:
-                progress(f"{n:,} records of {format_bytes(size)}")
-                name = f"{n:,} records of {format_bytes(size)}"
+                progress(name := f"{n:,} records of {format_bytes(size)}")
                 figs[name] = records(cs, mgr, env, n, size, a.trials)
             progress(ROUND_TRIP)
             duo = {"shmalloc": Via("shmalloc", cs["shmalloc"]), "Pipe": Via("pipe", cs["pipe"])}

@@ -510,7 +510,7 @@ def child_main(a: argparse.Namespace) -> int:
     faulthandler.enable()
     faulthandler.dump_traceback_later(max(0.5, a.timeout - 1), exit=False)  # before a hang kill
     rng = random.Random(f"{a.seed}:{a.index}")
-    name = f"{a.prefix}-{a.index}"
+    name = f"{a.child}-{a.index}"
     try:
         m = MemoryManager.create(name, CAPACITY)
         state = populate(m, rng)
@@ -546,8 +546,8 @@ class Fuzz:
     def run_one(self, i: int) -> dict[str, Any]:
         """Arena i in a child process; its outcome from how the child ended and what it said."""
         a = self.a
-        args = ["--role", "child", "--index", i, "--seed", a.seed, "--prefix", self.prefix]
-        args += ["--timeout", a.timeout, *["--no-corrupt"][: a.no_corrupt]]
+        args = ["--child", self.prefix, "--index", i, "--seed", a.seed, "--timeout", a.timeout]
+        args += ["--no-corrupt"][: a.no_corrupt]
         p = spawn("corrupt_fuzz", *args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = p.communicate(timeout=a.timeout)
@@ -631,7 +631,7 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  result: {'PASS' if res['ok'] else 'FAIL'} (crashes {c['crash']}, hangs {c['hang']})")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = Parser(sys.modules[__name__], "100 arenas (a CI smoke test)", results=False)
     p.scaled("--arenas", 100, 2000, "scratch arenas to damage", least=0)
     p.add_argument("--seed", type=int, default=1, help="arena i's randomness is (seed, i)")
@@ -640,17 +640,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang (default 10)")
     p.add_argument("--index", type=int, help="replay only arena I of this seed, verbosely")
     p.add_argument("--no-corrupt", action="store_true", help="no damage: every arena must be clean")
-    p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
-    p.add_argument("--prefix", help=argparse.SUPPRESS)
+    p.add_argument("--child", metavar="PREFIX", help=argparse.SUPPRESS)  # Fuzz.run_one()'s
     a = p.parse(argv)
     if a.jobs < 1 or a.timeout <= 0:
         p.error("--jobs >= 1 and --timeout > 0")
-    return a
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if a.role == "child":
+    if a.child is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return child_main(a)
     return run_check(a, Fuzz(a).run, print_report, "children killed, scratch arenas removed")

@@ -431,8 +431,7 @@ class Storm:
         return spawn("crash_storm", "--child", json.dumps(c), stderr=self.logs[w], **kw)
 
     def spawn(self, w: int) -> None:
-        for f in (F_READY, F_CUR, F_ERRS):
-            self.st[w, f] = 0
+        self.st[w, F_READY] = self.st[w, F_ERRS] = 0
         self.st[w, F_CUR] = OPS.index("start")
         role = "worker" if w < self.a.workers else "qworker"
         self.procs[w] = self.child(role, w, stdout=subprocess.DEVNULL)
@@ -440,8 +439,7 @@ class Storm:
     def retire(self, w: int) -> None:
         self.retired_ops += self.st[w, F_OPS]
         self.retired_ooms += self.st[w, F_OOMS]
-        self.st[w, F_OPS] = 0
-        self.st[w, F_OOMS] = 0
+        self.st[w, F_OPS] = self.st[w, F_OOMS] = 0
 
     def operations(self) -> int:
         return self.retired_ops + sum(self.st[w, F_OPS] for w in range(self.n + 1))
@@ -730,7 +728,7 @@ def print_storm(res: dict[str, Any]) -> None:
             print(f"      {t}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = Parser(sys.modules[__name__], "3 workers, 10 kills (a CI smoke test)", results=False)
     p.scaled("--workers", 3, 4, "worker processes")
     p.scaled("--queue-workers", 2, 4, "queue producers and consumers (every other one)", least=0)
@@ -742,11 +740,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
     p.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)  # Storm.child()'s
-    return p.parse(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = p.parse(argv)
     if args.child is not None:  # a process of the storm: its settings replace the driver's
         a = argparse.Namespace(**{**vars(args), **args.child})
         return dict(worker=Worker, qworker=QueueWorker, survivor=Survivor)[a.role](a).main()
