@@ -73,11 +73,10 @@ def libc(api: bool = False) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- bookkeeping
-def make_progress(name: str) -> Callable[[str], None]:
-    def progress(msg: str) -> None:
-        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    return progress
+def progress(msg: str) -> None:
+    """``[bench_x HH:MM:SS] msg`` on stderr, named after the runner (bench_all shows the last)."""
+    name = bench_name(sys.modules["__main__"])
+    print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -437,7 +436,7 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     res["config"] = {"quick": args.quick, **config}
     targets = getattr(mod, "TARGETS", {}).items()
     res["targets"] = {k: {"op": op, "value": v} for k, (op, v) in targets}
-    arenas = Arenas(make_progress(name))
+    arenas = Arenas(progress)
     try:
         with sigterm_as_interrupt():
             try:

@@ -29,12 +29,11 @@ from shmalloc._binding import lib
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import KiB, MiB, col
+from ._common import KiB, MiB, col, progress
 
 SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB]
 COLLECTOR_SIZE = 1 * KiB
 TARGETS = {"public_over_malloc": ("<=", 2.0), "stdlib_over_public": (">=", 100.0)}
-progress = bench.make_progress("bench_alloc")
 
 
 def public_pair(mgr: MemoryManager, size: int) -> bench.Runner:

@@ -29,7 +29,6 @@ from shmalloc.sizes import format_bytes
 
 from . import _common as bench
 
-progress = bench.make_progress("bench_c")
 SIZES = [64, 1024, 16384]
 PROCS = (1, 2, 4)
 SCALE_SIZE = 64
@@ -111,7 +110,7 @@ def run_pairs(core: Path, boost: Path | None, a: Any) -> dict[str, dict[str, lis
     trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in SIZES}
     args = [str(a.iters), str(a.per_round), *map(str, SIZES)]
     for r in range(a.rounds):
-        progress(f"round {r + 1}/{a.rounds}")
+        bench.progress(f"round {r + 1}/{a.rounds}")
         runs = [("core", [str(core), "pairs", *args])]
         if boost is not None:
             runs.append(("boost", [str(boost), *args]))
@@ -128,7 +127,7 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
     malloc heaps, for each N; trials interleaved over N."""
     got: dict[int, dict[str, list[float]]] = {k: {"core": [], "glibc": []} for k in PROCS}
     for t in range(trials):
-        progress(f"processes: trial {t + 1}/{trials}")
+        bench.progress(f"processes: trial {t + 1}/{trials}")
         for k in PROCS:
             out = _run_json([str(core), "scale", str(k), str(iters), str(SCALE_SIZE)], 600)
             got[k]["core"].append(out["core_pairs_per_s"])
@@ -142,12 +141,12 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
 
 
 def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
-    progress("building the C program (core + glibc)")
+    bench.progress("building the C program (core + glibc)")
     core, core_info = build_core()
-    progress("building the Boost.Interprocess program")
+    bench.progress("building the Boost.Interprocess program")
     boost, boost_info = build_boost()
     if boost is None:
-        progress(f"Boost skipped: {boost_info['skipped']}")
+        bench.progress(f"Boost skipped: {boost_info['skipped']}")
     trials = run_pairs(core, boost, a)
     rows = []
     for s in SIZES:

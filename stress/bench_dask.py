@@ -31,11 +31,10 @@ from shmalloc.dask import HOST_ENV, ShmallocPlugin
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import GiB, MiB
+from ._common import GiB, MiB, progress
 
 TARGETS = {"handoff_speedup": (">=", 5.0), "xxt_speedup": (">=", 1.5)}
 TARGETS.update(xxt_pss_ratio=("<=", 0.6), xxt_2h_speedup=(">=", 1.0))
-progress = bench.make_progress("bench_dask")
 KINDS = ["plain", "shmalloc", "on-demand"]
 EAGER_SIZE = {"shmalloc": 1 << 20, "on-demand": float("inf")}
 

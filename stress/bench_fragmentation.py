@@ -36,14 +36,12 @@ from shmalloc._binding import ffi, lib
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import Arenas, GiB, MiB
+from ._common import Arenas, GiB, MiB, progress
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
 
-progress = bench.make_progress("bench_fragmentation")
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
-TARGET = ("<=", 1.25)
-TARGETS = {"footprint_over_live": TARGET}
+TARGETS = {"footprint_over_live": ("<=", 1.25)}
 CAPACITY = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
 XMALLOC_SIZES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is 0 for frees
@@ -214,7 +212,7 @@ def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
 def derive(res: dict[str, Any]) -> dict[str, Any]:
     d = {}
     for name, t in res["traces"].items():
-        j = bench.judge(*TARGET, t["worst_ratio"])
+        j = bench.judge(*TARGETS["footprint_over_live"], t["worst_ratio"])
         d[f"fragmentation_{name}"] = {**j, "trace": name, "aggregate": "worst seed (max)"}
     worst = max(d.values(), key=lambda j: j["value"])
     d["fragmentation_worst"] = {**worst, "aggregate": "worst trace"}

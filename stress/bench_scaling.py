@@ -21,18 +21,16 @@ from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import GiB, KiB, MiB
+from ._common import GiB, KiB, MiB, progress
 from .bench_alloc import core_pair, public_pair
 
-progress = bench.make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
 METHODS = {"shmalloc": "shmalloc public API, one shared arena"}
 METHODS["malloc_private"] = "cffi malloc/free + memmove, private heap per process"
 KINDS = ("public", "core")  # the pair through the Python API, and through the C core
-TARGET = ("<=", 1.2)
-TARGETS = {"scaling_max_over_1e3": TARGET}
+TARGETS = {"scaling_max_over_1e3": ("<=", 1.2)}
 
 
 def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any]:
@@ -127,7 +125,7 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
     if sc:
         ratios = sc["ratio_max_over_base"]["public"]
         worst = max(ratios, key=lambda k: ratios[k])
-        j = bench.judge(*TARGET, ratios[worst])
+        j = bench.judge(*TARGETS["scaling_max_over_1e3"], ratios[worst])
         if sc["max_live"] < 1_000_000:
             j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
         lv, core = sc["levels"], sc["ratio_max_over_base"]["core"]

@@ -42,9 +42,8 @@ from typing import Any
 from shmalloc import MemoryManager
 
 from . import _common as bench
-from ._common import Arenas, GiB
+from ._common import Arenas, GiB, progress
 
-progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
 TARGET_LARSON = (">=", 1.7)
 TARGETS = {"larson_2p_over_1p": TARGET_LARSON}
