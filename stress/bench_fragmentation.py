@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import json
 import math
 import random
@@ -53,13 +54,11 @@ def trace_larson(rng: random.Random, scale: float) -> Iterator[Event]:
     slots = list(range(chunks))
     for i in slots:
         yield 1, i, rng.randint(8, 1000)
-    nxt = chunks
-    for _ in range(steps):
+    for nxt in range(chunks, chunks + steps):
         v = rng.randrange(chunks)
         yield -1, slots[v], 0
         slots[v] = nxt
         yield 1, nxt, rng.randint(8, 1000)
-        nxt += 1
     for b in slots:
         yield -1, b, 0
 
@@ -69,42 +68,33 @@ def trace_mstress(rng: random.Random, scale: float) -> Iterator[Event]:
     data = list(range(live))
     for i in data:
         yield 1, i, mstress_size(rng, 5)
-    nxt = live
-    retained = []
+    new, retained = itertools.count(live), []
     for _ in range(rounds):
         for v in rng.sample(range(live), live // 2):
             yield -1, data[v], 0
-            data[v] = nxt
-            yield 1, nxt, mstress_size(rng, 5)
-            nxt += 1
+            data[v] = next(new)
+            yield 1, data[v], mstress_size(rng, 5)
         for _ in range(live // 16):  # long-lived blocks, up to 512 B as in mstress
-            retained.append(nxt)
-            yield 1, nxt, mstress_size(rng, 7)
-            nxt += 1
+            retained.append(next(new))
+            yield 1, retained[-1], mstress_size(rng, 7)
     for b in data + retained:
         yield -1, b, 0
 
 
 def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
     batches, batch, in_flight = int(200 * scale), 256, 4
-    queue: list[list[int]] = []
-    nxt = 0
-    for _ in range(batches):
-        ids = []
-        for _ in range(batch):
-            ids.append(nxt)
-            yield 1, nxt, rng.choice(XMALLOC_SIZES)
-            nxt += 1
-        ids.append(nxt)
-        yield 1, nxt, batch * 8  # the batch's address array
-        nxt += 1
+    queue: list[range] = []
+    for n in range(batches):
+        ids = range(n * (batch + 1), (n + 1) * (batch + 1))  # its objects, then the batch
+        for i in ids[:-1]:
+            yield 1, i, rng.choice(XMALLOC_SIZES)
+        yield 1, ids[-1], batch * 8  # the batch's address array
         queue.append(ids)
         if len(queue) > in_flight:
             for b in queue.pop(0):
                 yield -1, b, 0
-    for ids in queue:
-        for b in ids:
-            yield -1, b, 0
+    for b in itertools.chain(*queue):
+        yield -1, b, 0
 
 
 def trace_random_lifetime(rng: random.Random, scale: float) -> Iterator[Event]:
