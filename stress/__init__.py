@@ -1,17 +1,7 @@
 """Long runs, storms, fuzzers and benchmarks, each run as ``python -m stress.<name> [--help]``
-from a checkout of the repository.
-
-    crash_storm          workers churn one arena while others SIGKILL them; check after each kill
-    corrupt_fuzz         damage scratch arenas on purpose, then use them from a child process
-    soak                 threads, forks, signals and kill -9 mixed on one arena for minutes
-    bench_all            every benchmark below, one after the other, and a summary of targets
-    bench_alloc          allocate+free pair: public API, C core, cffi malloc, stdlib segments
-    bench_scaling        pair cost against live blocks; a loop's throughput against processes
-    bench_workloads      larson, xmalloc-test, mstress, cache-scratch with 1, 2, 4 processes
-    bench_fragmentation  peak footprint over peak live bytes on allocation traces
-    bench_objects        objects between processes beside mp.Queue, LMDB, Ray, SharedMemory
-    bench_coordinator    reclaim latency after kill -9, idle CPU of the coordinator
-    bench_c              the C core called from C, beside glibc malloc and Boost.Interprocess
+from a checkout of the repository: crash_storm, corrupt_fuzz and soak check that an arena holds
+up under kills, damage and signals; bench_all runs every bench_* module one after the other and
+sums up their targets. The first line of each one's ``--help`` says what it does.
 
 stress/ is not installed, so these run from the checkout, which ``python -m`` puts first on
 ``sys.path``. With a normal (non-editable) install the checkout's ``shmalloc/`` is source only,

@@ -49,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
 Runner = Callable[[int], int]  # runs n operations, returns elapsed nanoseconds
 Fn = Callable[..., Any]
+Column = tuple[str, Callable[[Any], str]]  # a table's header, and the cell of a row
 COMPARE = {"<=": operator.le, "<": operator.lt, ">": operator.gt, ">=": operator.ge}
 
 
@@ -72,11 +73,10 @@ def libc(api: bool = False) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- bookkeeping
-def make_progress(name: str) -> Callable[[str], None]:
-    def progress(msg: str) -> None:
-        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    return progress
+def progress(msg: str) -> None:
+    """``[bench_x HH:MM:SS] msg`` on stderr, named after the runner (bench_all shows the last)."""
+    name = bench_name(sys.modules["__main__"])
+    print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -310,7 +310,12 @@ def print_table(headers: list[str], rows: list[list[str]], title: str, left: boo
         print("  ".join(cells).rstrip())
 
 
-def print_columns(title: str, columns: list[tuple[str, Callable[[Any], str]]], rows: Any) -> None:
+def col(header: str, key: str, fmt: Callable[[Any], str] = fmt_stat) -> Column:
+    """A column of print_columns: ``fmt(row[key])`` (median [min-max]), "-" where that is None."""
+    return header, lambda r: "-" if r[key] is None else fmt(r[key])
+
+
+def print_columns(title: str, columns: list[Column], rows: Any) -> None:
     """print_table of one row per item of ``rows``, a column per (header, cell of an item)."""
     print_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows], title)
 
@@ -431,7 +436,7 @@ def run_bench(mod: ModuleType, args: argparse.Namespace, config: dict[str, Any],
     res["config"] = {"quick": args.quick, **config}
     targets = getattr(mod, "TARGETS", {}).items()
     res["targets"] = {k: {"op": op, "value": v} for k, (op, v) in targets}
-    arenas = Arenas(make_progress(name))
+    arenas = Arenas(progress)
     try:
         with sigterm_as_interrupt():
             try:
@@ -477,9 +482,7 @@ def pattern(address: int, gen: int, n: int) -> bytes:
     return (struct.pack("<QQ", address, gen) * (n // 16 + 1))[:n]
 
 
-def signame(rc: int | None) -> str:
-    if rc is None:
-        return "running"
+def signame(rc: int) -> str:
     if rc < 0:
         try:
             return signal.Signals(-rc).name
@@ -488,9 +491,12 @@ def signame(rc: int | None) -> str:
     return f"exit {rc}"
 
 
-def child_env(fault: str | None = None) -> dict[str, str]:
+def spawn(mod: str, *args: Any, **popen: Any) -> subprocess.Popen[Any]:
+    """``python -m stress.<mod> args`` from the checkout, stdin /dev/null unless given, without
+    SHMALLOC_FAULT: the child of a run under a fault hook runs clean."""
     env = {k: v for k, v in os.environ.items() if k != "SHMALLOC_FAULT"}
-    return env if fault is None else {**env, "SHMALLOC_FAULT": fault}
+    cmd = [sys.executable, "-m", f"stress.{mod}", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, **{"stdin": subprocess.DEVNULL, **popen})
 
 
 # --------------------------------------------------------------------------- worker pool

@@ -21,7 +21,6 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -30,12 +29,11 @@ from shmalloc._binding import lib
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import KiB, MiB
+from ._common import KiB, MiB, col, progress
 
 SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB]
 COLLECTOR_SIZE = 1 * KiB
 TARGETS = {"public_over_malloc": ("<=", 2.0), "stdlib_over_public": (">=", 100.0)}
-progress = bench.make_progress("bench_alloc")
 
 
 def public_pair(mgr: MemoryManager, size: int) -> bench.Runner:
@@ -138,31 +136,25 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def stat(key: str) -> Callable[[dict[str, Any]], str]:
-    """A report column: the median [min-max] of row[key]."""
-    return lambda r: bench.fmt_stat(r[key])
-
-
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     cfg, j = res["config"], res["derived"].get("public_over_core")
+    size, x2, ns = col("size", "size", format_bytes), "{:.2f}x".format, bench.fmt_ns
     if res.get("pair"):
         idle = res["pair"]["two_calls_of_id_ns"]["median"]
         title = f"ns per allocate+free pair, median of {cfg['trials']} trials [min-max] "
         title += f"({cfg['ops']:,} ops/trial; stdlib {cfg['stdlib_ops']:,}); the loop with "
         title += f"two calls of id(): {idle:.1f} ns (not subtracted)"
-        cols = [("size", lambda r: format_bytes(r["size"])), ("public ns", stat("public"))]
-        cols += [("core ns", stat("core")), ("cffi API malloc ns", stat("cffi_malloc"))]
-        cols += [("stdlib SharedMemory ns", stat("stdlib_shm"))]
-        cols += [("wrapper ns", lambda r: bench.fmt_ns(r["wrapper_ns"]))]
-        cols += [("public/malloc", lambda r: f"{r['public_over_malloc']:.2f}x")]
-        cols += [("stdlib/public", lambda r: f"{r['stdlib_over_public']:.0f}x")]
+        cols = [size, col("public ns", "public"), col("core ns", "core")]
+        cols += [col("cffi API malloc ns", "cffi_malloc")]
+        cols += [col("stdlib SharedMemory ns", "stdlib_shm"), col("wrapper ns", "wrapper_ns", ns)]
+        cols += [col("public/malloc", "public_over_malloc", x2)]
+        cols += [col("stdlib/public", "stdlib_over_public", "{:.0f}x".format)]
         bench.print_columns(title, cols, res["pair"]["rows"])
     if res.get("collector"):
         title = "Event collector: public pair with mgr.set_collector(lambda e: None) vs None"
-        cols = [("size", lambda c: format_bytes(c["size"])), ("without ns", stat("without"))]
-        cols += [("with ns", stat("with")), ("with/without", lambda c: f"{c['ratio']:.2f}x")]
-        cols += [("added ns", lambda c: bench.fmt_ns(c["added_ns"]))]
+        cols = [size, col("without ns", "without"), col("with ns", "with")]
+        cols += [col("with/without", "ratio", x2), col("added ns", "added_ns", ns)]
         bench.print_columns(title, cols, [res["collector"]])
     bench.print_targets(res)
     if j:

@@ -13,6 +13,7 @@ exit code is 1 only if the core program cannot be built or fails.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ from shmalloc.sizes import format_bytes
 
 from . import _common as bench
 
-progress = bench.make_progress("bench_c")
 SIZES = [64, 1024, 16384]
 PROCS = (1, 2, 4)
 SCALE_SIZE = 64
@@ -64,24 +64,20 @@ def _build(
         h.update(s.read_bytes())
     for hdr in sorted((bench.REPO_ROOT / "native").glob("*.h")):
         h.update(hdr.read_bytes())
-    digest = h.hexdigest()[:16]
-    out = CACHE_DIR / f"{name}-{digest}"
-
-    def command(target: Path) -> list[str]:
-        return [cc, *args, *map(str, sources), "-o", str(target), *libs]
-
-    info = {"command": " ".join(command(out)), "binary": str(out), "cached": out.exists()}
+    out = CACHE_DIR / f"{name}-{h.hexdigest()[:16]}"
+    cmd = [cc, *args, *map(str, sources), "-o"]
+    info = {"command": " ".join([*cmd, str(out), *libs]), "binary": str(out), "cached": True}
     if out.exists():
         return out, info
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    r = subprocess.run(command(tmp), timeout=600, **RUN)
+    r = subprocess.run([*cmd, str(tmp), *libs], timeout=600, **RUN)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"compiling {name} failed ({info['command']}):\n{r.stderr[-3000:]}")
     os.replace(tmp, out)
-    info["compile_seconds"] = time.perf_counter() - t0
+    info.update(cached=False, compile_seconds=time.perf_counter() - t0)
     return out, info
 
 
@@ -106,8 +102,7 @@ def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     r = subprocess.run(cmd, timeout=timeout, **RUN)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}: {r.stderr.strip()}")
-    out: dict[str, Any] = json.loads(r.stdout)
-    return out
+    return dict(json.loads(r.stdout))
 
 
 def run_pairs(core: Path, boost: Path | None, a: Any) -> dict[str, dict[str, list[float]]]:
@@ -115,7 +110,7 @@ def run_pairs(core: Path, boost: Path | None, a: Any) -> dict[str, dict[str, lis
     trials = {str(s): {"core": [], "glibc": [], "boost": []} for s in SIZES}
     args = [str(a.iters), str(a.per_round), *map(str, SIZES)]
     for r in range(a.rounds):
-        progress(f"round {r + 1}/{a.rounds}")
+        bench.progress(f"round {r + 1}/{a.rounds}")
         runs = [("core", [str(core), "pairs", *args])]
         if boost is not None:
             runs.append(("boost", [str(boost), *args]))
@@ -132,7 +127,7 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
     malloc heaps, for each N; trials interleaved over N."""
     got: dict[int, dict[str, list[float]]] = {k: {"core": [], "glibc": []} for k in PROCS}
     for t in range(trials):
-        progress(f"processes: trial {t + 1}/{trials}")
+        bench.progress(f"processes: trial {t + 1}/{trials}")
         for k in PROCS:
             out = _run_json([str(core), "scale", str(k), str(iters), str(SCALE_SIZE)], 600)
             got[k]["core"].append(out["core_pairs_per_s"])
@@ -145,13 +140,13 @@ def run_scale(core: Path, iters: int, trials: int) -> dict[str, Any]:
     return {**out, "speedup": speedup}
 
 
-def run_pairs_and_scale(a: Any) -> dict[str, Any]:
-    progress("building the C program (core + glibc)")
+def run(a: Any, res: dict[str, Any], arenas: bench.Arenas) -> None:
+    bench.progress("building the C program (core + glibc)")
     core, core_info = build_core()
-    progress("building the Boost.Interprocess program")
+    bench.progress("building the Boost.Interprocess program")
     boost, boost_info = build_boost()
     if boost is None:
-        progress(f"Boost skipped: {boost_info['skipped']}")
+        bench.progress(f"Boost skipped: {boost_info['skipped']}")
     trials = run_pairs(core, boost, a)
     rows = []
     for s in SIZES:
@@ -163,7 +158,7 @@ def run_pairs_and_scale(a: Any) -> dict[str, Any]:
     build = {"core": core_info, "boost": boost_info}
     out = dict(sizes=SIZES, rows=rows, build=build, boost_available=boost is not None)
     scale = run_scale(core, max(1, a.iters // 2), a.rounds * a.per_round) if a.scale else None
-    return {**out, "scale": scale}
+    res["pairs"] = {**out, "scale": scale}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
@@ -192,15 +187,10 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    p = res["pairs"]
-
-    def ns(k: str) -> Any:
-        return lambda r: bench.fmt_stat(r[k]) if r[k] else "skipped"
-
-    cols = [("size", lambda r: format_bytes(r["size"])), ("shmalloc core ns", ns("core"))]
-    cols += [("glibc malloc ns", ns("glibc")), ("Boost.Interprocess ns", ns("boost"))]
-    cols += [("core/glibc", lambda r: f"{r['core_over_glibc']:.2f}x")]
-    cols += [("core/boost", lambda r: f"{r['core_over_boost']:.2f}x" if r["boost"] else "-")]
+    p, x2, col = res["pairs"], "{:.2f}x".format, bench.col
+    cols = [col("size", "size", format_bytes), col("shmalloc core ns", "core")]
+    cols += [col("glibc malloc ns", "glibc"), col("Boost.Interprocess ns", "boost")]
+    cols += [col("core/glibc", "core_over_glibc", x2), col("core/boost", "core_over_boost", x2)]
     iters = f"{res['config']['iters']:,} pairs per trial"
     title = f"ns per allocate+free pair, called from C ({iters}; median [min-max])"
     bench.print_columns(title, cols, p["rows"])
@@ -224,14 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     no_scale = "skip the 1/2/4-process part (forked C processes on one arena)"
     p.add_argument("--no-scale", dest="scale", action="store_false", help=no_scale)
     a = p.parse(argv)
-
-    def body(res: dict[str, Any], arenas: Any) -> None:
-        res["pairs"] = run_pairs_and_scale(a)
-
     try:
         config = {k: getattr(a, k) for k in ("iters", "rounds", "per_round", "scale")}
         config.update(sizes=SIZES, unit="ns per pair")
-        return bench.run_bench(sys.modules[__name__], a, config, body)
+        return bench.run_bench(sys.modules[__name__], a, config, functools.partial(run, a))
     except (BuildError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"bench_c: {e}", file=sys.stderr)
         return 1

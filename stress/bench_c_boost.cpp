@@ -39,18 +39,14 @@ static double time_pairs(bip::managed_shared_memory &seg, std::size_t size, long
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) {
-        std::fprintf(stderr, "usage: bench_c_boost ITERS TRIALS SIZE...\n");
+    long iters = argc < 4 ? 0 : std::atol(argv[1]);
+    int trials = argc < 4 ? 0 : std::atoi(argv[2]);
+    if (iters < 1 || trials < 1) {
+        std::fprintf(stderr, "usage: bench_c_boost ITERS TRIALS SIZE... (ITERS, TRIALS >= 1)\n");
         return 2;
     }
-    long iters = std::atol(argv[1]);
-    int trials = std::atoi(argv[2]);
     std::vector<std::size_t> sizes;
     for (int i = 3; i < argc; i++) sizes.push_back(std::strtoull(argv[i], nullptr, 10));
-    if (iters < 1 || trials < 1) {
-        std::fprintf(stderr, "bench_c_boost: bad arguments\n");
-        return 2;
-    }
     std::string name = "shmalloc-benchc-boost-" + std::to_string(getpid());
     try {
         bip::shared_memory_object::remove(name.c_str());

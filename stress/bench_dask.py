@@ -31,24 +31,17 @@ from shmalloc.dask import HOST_ENV, ShmallocPlugin
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import GiB, MiB
+from ._common import GiB, MiB, progress
 
-TARGETS = {
-    "handoff_speedup": (">=", 5.0),
-    "xxt_speedup": (">=", 1.5),
-    "xxt_pss_ratio": ("<=", 0.6),
-    "xxt_2h_speedup": (">=", 1.0),
-}
-progress = bench.make_progress("bench_dask")
+TARGETS = {"handoff_speedup": (">=", 5.0), "xxt_speedup": (">=", 1.5)}
+TARGETS.update(xxt_pss_ratio=("<=", 0.6), xxt_2h_speedup=(">=", 1.0))
 KINDS = ["plain", "shmalloc", "on-demand"]
 EAGER_SIZE = {"shmalloc": 1 << 20, "on-demand": float("inf")}
 
 
 def cluster(kind: str, hosts: list[str]) -> tuple[SpecCluster, distributed.Client]:
-    workers = {
-        i: {"cls": Nanny, "options": {"nthreads": 1, "env": {HOST_ENV: h}}}
-        for i, h in enumerate(hosts)
-    }
+    opts = [{"nthreads": 1, "env": {HOST_ENV: h}} for h in hosts]
+    workers = {i: {"cls": Nanny, "options": o} for i, o in enumerate(opts)}
     sched = {"cls": Scheduler, "options": {"dashboard_address": None}}
     spec = SpecCluster(workers=workers, scheduler=sched, silence_logs=40)
     client = distributed.Client(spec)

@@ -18,7 +18,9 @@ mmapped bytes, M_TOP_PAD 0) as a reference for what the trace allows; skipped wi
 
 from __future__ import annotations
 
+import functools
 import heapq
+import itertools
 import json
 import math
 import random
@@ -35,14 +37,13 @@ from shmalloc._binding import ffi, lib
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import GiB, MiB
+from ._common import Arenas, GiB, MiB, progress
 from .bench_c import BuildError, build_core
 from .bench_workloads import mstress_size
 
-progress = bench.make_progress("bench_fragmentation")
 TRACES = ("larson", "mstress", "xmalloc", "random-lifetime")
-TARGET = ("<=", 1.25)
-TARGETS = {"footprint_over_live": TARGET}
+TARGETS = {"footprint_over_live": ("<=", 1.25)}
+CAPACITY = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
 XMALLOC_SIZES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 Event = tuple[int, int, int]  # (+1 allocate | -1 free, block id, size); size is 0 for frees
 
@@ -53,13 +54,11 @@ def trace_larson(rng: random.Random, scale: float) -> Iterator[Event]:
     slots = list(range(chunks))
     for i in slots:
         yield 1, i, rng.randint(8, 1000)
-    nxt = chunks
-    for _ in range(steps):
+    for nxt in range(chunks, chunks + steps):
         v = rng.randrange(chunks)
         yield -1, slots[v], 0
         slots[v] = nxt
         yield 1, nxt, rng.randint(8, 1000)
-        nxt += 1
     for b in slots:
         yield -1, b, 0
 
@@ -69,42 +68,33 @@ def trace_mstress(rng: random.Random, scale: float) -> Iterator[Event]:
     data = list(range(live))
     for i in data:
         yield 1, i, mstress_size(rng, 5)
-    nxt = live
-    retained = []
+    new, retained = itertools.count(live), []
     for _ in range(rounds):
         for v in rng.sample(range(live), live // 2):
             yield -1, data[v], 0
-            data[v] = nxt
-            yield 1, nxt, mstress_size(rng, 5)
-            nxt += 1
+            data[v] = next(new)
+            yield 1, data[v], mstress_size(rng, 5)
         for _ in range(live // 16):  # long-lived blocks, up to 512 B as in mstress
-            retained.append(nxt)
-            yield 1, nxt, mstress_size(rng, 7)
-            nxt += 1
+            retained.append(next(new))
+            yield 1, retained[-1], mstress_size(rng, 7)
     for b in data + retained:
         yield -1, b, 0
 
 
 def trace_xmalloc(rng: random.Random, scale: float) -> Iterator[Event]:
     batches, batch, in_flight = int(200 * scale), 256, 4
-    queue: list[list[int]] = []
-    nxt = 0
-    for _ in range(batches):
-        ids = []
-        for _ in range(batch):
-            ids.append(nxt)
-            yield 1, nxt, rng.choice(XMALLOC_SIZES)
-            nxt += 1
-        ids.append(nxt)
-        yield 1, nxt, batch * 8  # the batch's address array
-        nxt += 1
+    queue: list[range] = []
+    for n in range(batches):
+        ids = range(n * (batch + 1), (n + 1) * (batch + 1))  # its objects, then the batch
+        for i in ids[:-1]:
+            yield 1, i, rng.choice(XMALLOC_SIZES)
+        yield 1, ids[-1], batch * 8  # the batch's address array
         queue.append(ids)
         if len(queue) > in_flight:
             for b in queue.pop(0):
                 yield -1, b, 0
-    for ids in queue:
-        for b in ids:
-            yield -1, b, 0
+    for b in itertools.chain(*queue):
+        yield -1, b, 0
 
 
 def trace_random_lifetime(rng: random.Random, scale: float) -> Iterator[Event]:
@@ -127,38 +117,34 @@ GENERATORS["random-lifetime"] = trace_random_lifetime
 
 
 # --------------------------------------------------------------------------- replays
-def replay_shmalloc(
-    trace: list[Event], arenas: bench.Arenas, capacity: int, caches: bool = True
-) -> dict[str, Any]:
+def replay_shmalloc(trace: list[Event], arenas: Arenas, caches: bool = True) -> dict[str, Any]:
     """Replay into a fresh arena; caches=False turns the per-process caches off (heap only)."""
-    mgr = arenas.new(capacity)
+    mgr = arenas.new(CAPACITY)
     try:
         if not caches:
             mgr.set_cache_limit(0)
         heap_start = int(lib.shm_header_size())
         hdr = ffi.sizeof("shm_block_t")
         a, d, size_of = mgr.allocate, mgr.deallocate, mgr.size_of
-        addr: dict[int, int] = {}
-        req: dict[int, int] = {}
-        whole: dict[int, int] = {}
+        held: dict[int, tuple[int, int, int]] = {}  # id: address, requested and whole size
         live = peak_live = blocks = peak_blocks = top = 0
         t0 = time.perf_counter()
         for op, i, size in trace:
             if op > 0:
                 p = a(size)
                 u = size_of(p)
-                addr[i], req[i], whole[i] = p, size, u + hdr
+                held[i] = (p, size, u + hdr)
                 live += size
                 blocks += u + hdr
                 top, peak_live = max(top, p + u), max(peak_live, live)
                 peak_blocks = max(peak_blocks, blocks)
             else:
-                d(addr.pop(i))
-                live -= req.pop(i)
-                blocks -= whole.pop(i)
+                p, size, whole = held.pop(i)
+                d(p)
+                live, blocks = live - size, blocks - whole
         elapsed = time.perf_counter() - t0
         st = mgr.stats()
-        if st.allocated_blocks != 0 or addr:
+        if st.allocated_blocks != 0 or held:
             raise RuntimeError(f"replay left {st.allocated_blocks} blocks allocated")
         mgr.check()
         footprint, reserved = top - heap_start, st.reserved - heap_start
@@ -184,13 +170,12 @@ def replay_glibc(trace: list[Event], binary: Path) -> dict[str, Any]:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"glibc replay failed ({r.returncode}): {r.stderr.strip()}")
-    out: dict[str, Any] = json.loads(r.stdout)
-    out["ratio"] = out["peak_footprint"] / out["peak_live"]
-    return out
+    out = json.loads(r.stdout)
+    return {**out, "ratio": out["peak_footprint"] / out["peak_live"]}
 
 
 # --------------------------------------------------------------------------- driver
-def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
+def run(a: Any, res: dict[str, Any], arenas: Arenas) -> None:
     out: dict[str, Any] = {}
     binary = None
     if not a.no_glibc:
@@ -204,20 +189,20 @@ def run(a: Any, arenas: bench.Arenas) -> dict[str, Any]:
             bench.check_interrupt()
             trace = list(GENERATORS[name](random.Random(f"{name}:{seed}"), a.scale))
             progress(f"{name}: seed {seed}, {sum(e[0] > 0 for e in trace):,} allocations")
-            r = replay_shmalloc(trace, arenas, a.capacity)
-            r["no_caches"] = replay_shmalloc(trace, arenas, a.capacity, caches=False)
+            r = replay_shmalloc(trace, arenas)
+            r["no_caches"] = replay_shmalloc(trace, arenas, caches=False)
             glibc = replay_glibc(trace, binary) if binary is not None else None
             r.update(seed=seed, events=len(trace), glibc=glibc)
             per_seed.append(r)
         worst = max(per_seed, key=lambda r: r["ratio"])
         out[name] = {"seeds": per_seed, "worst_ratio": worst["ratio"], "worst_seed": worst["seed"]}
-    return out
+    res["traces"] = out
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
     d = {}
     for name, t in res["traces"].items():
-        j = bench.judge(*TARGET, t["worst_ratio"])
+        j = bench.judge(*TARGETS["footprint_over_live"], t["worst_ratio"])
         d[f"fragmentation_{name}"] = {**j, "trace": name, "aggregate": "worst seed (max)"}
     worst = max(d.values(), key=lambda j: j["value"])
     d["fragmentation_worst"] = {**worst, "aggregate": "worst trace"}
@@ -241,18 +226,14 @@ def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
     title = "Peak footprint / peak live bytes (target <= 1.25 on every trace); ratio ~= "
     title += "hdr+round x placement; caches off = the same trace with set_cache_limit(0)"
-
-    def col(key: str, fmt: Callable[[Any], str] = "{:.3f}".format) -> Callable[[Any], str]:
-        return lambda r: fmt(r[key])
-
-    fb = format_bytes
-    cols = [("trace", col("trace", str)), ("seed", col("seed", str))]
-    cols += [("events", col("events", "{:,}".format)), ("peak live", col("peak_live", fb))]
-    cols += [("peak footprint", col("peak_footprint", fb)), ("ratio", col("ratio"))]
-    cols += [("hdr+round", col("headers_and_rounding")), ("placement", col("placement"))]
-    cols += [("reserved", col("reserved_ratio", "{:.2f}".format))]
-    cols += [("caches off", lambda r: f"{r['no_caches']['ratio']:.3f}")]
-    cols += [("glibc ratio", lambda r: f"{r['glibc']['ratio']:.3f}" if r["glibc"] else "-")]
+    fb, f3, col = format_bytes, "{:.3f}".format, bench.col
+    cols = [col("trace", "trace", str), col("seed", "seed", str)]
+    cols += [col("events", "events", "{:,}".format), col("peak live", "peak_live", fb)]
+    cols += [col("peak footprint", "peak_footprint", fb), col("ratio", "ratio", f3)]
+    cols += [col("hdr+round", "headers_and_rounding", f3), col("placement", "placement", f3)]
+    cols += [col("reserved", "reserved_ratio", "{:.2f}".format)]
+    cols += [col("caches off", "no_caches", lambda r: f3(r["ratio"]))]
+    cols += [col("glibc ratio", "glibc", lambda r: f3(r["ratio"]))]
     rows = [{"trace": name, **r} for name, t in res["traces"].items() for r in t["seeds"]]
     bench.print_columns(title, cols, rows)
     bench.print_targets(res)
@@ -266,15 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.scaled("--scale", 0.2, 1.0, "trace length multiplier", least=0.001)
     p.add_argument("--no-glibc", action="store_true", help="skip the glibc malloc reference")
     a = p.parse(argv)
-    a.capacity = 4 * GiB  # reserved lazily; the traces touch well under 1 GiB
-
-    def body(res: dict[str, Any], arenas: bench.Arenas) -> None:
-        res["traces"] = run(a, arenas)
-
     config = dict(traces=a.traces, seeds=a.seeds, first_seed=a.seed, scale=a.scale)
     config.update(glibc=not a.no_glibc, block_header_bytes=ffi.sizeof("shm_block_t"))
     config.update(heap_start=int(lib.shm_header_size()), random_lifetime_sizes=[16, 1 * MiB])
-    return bench.run_bench(sys.modules[__name__], a, config, body)
+    return bench.run_bench(sys.modules[__name__], a, config, functools.partial(run, a))
 
 
 if __name__ == "__main__":

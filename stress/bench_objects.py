@@ -31,7 +31,7 @@ from shmalloc import MemoryManager, ObjectRef, compat
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import KiB, MiB
+from ._common import KiB, MiB, progress
 
 SIZES = [64 * KiB, 1 * MiB, 64 * MiB]
 FIGS = ["latency", "stream"]
@@ -56,7 +56,6 @@ TARGETS = {  # in targets_summary's order
     "pipe_over_shmalloc_round_trip": (">=", 5.0),
     "shmalloc_over_memcpy_1MiB": ("<=", 2.0),  # issue 7's, one at a time
 }
-progress = bench.make_progress("bench_objects")
 ns = time.perf_counter_ns
 
 
@@ -381,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             figs[IN_PLACE] = bench.measure(runners, REPS[mode][max(SIZES)], a.trials)
             figs[IN_PLACE]["fill (apart)"] = bench.summarize(made.fills)
             for n, size in RECORDS[mode]:
-                progress(f"{n:,} records of {format_bytes(size)}")
-                name = f"{n:,} records of {format_bytes(size)}"
+                progress(name := f"{n:,} records of {format_bytes(size)}")
                 figs[name] = records(cs, mgr, env, n, size, a.trials)
             progress(ROUND_TRIP)
             duo = {"shmalloc": Via("shmalloc", cs["shmalloc"]), "Pipe": Via("pipe", cs["pipe"])}

@@ -21,18 +21,16 @@ from shmalloc import MemoryManager
 from shmalloc.sizes import format_bytes
 
 from . import _common as bench
-from ._common import GiB, KiB, MiB
+from ._common import GiB, KiB, MiB, progress
 from .bench_alloc import core_pair, public_pair
 
-progress = bench.make_progress("bench_scaling")
 SIZES = [64, 1 * KiB, 16 * KiB, 256 * KiB]
 FREE_FRACTION = 0.25
 LOOP_SIZE, LOOP_WRITE = 256, 64
 METHODS = {"shmalloc": "shmalloc public API, one shared arena"}
 METHODS["malloc_private"] = "cffi malloc/free + memmove, private heap per process"
 KINDS = ("public", "core")  # the pair through the Python API, and through the C core
-TARGET = ("<=", 1.2)
-TARGETS = {"scaling_max_over_1e3": TARGET}
+TARGETS = {"scaling_max_over_1e3": ("<=", 1.2)}
 
 
 def populate(mgr: MemoryManager, live: int, rng: random.Random) -> dict[str, Any]:
@@ -122,26 +120,21 @@ PARTS = {"live": part_live, "procs": part_procs}
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
+    """The live-blocks target; procs has none (its speed-ups are in res["procs"])."""
     sc = res.get("live")
-    if sc:
-        ratios = sc["ratio_max_over_base"]["public"]
-        worst = max(ratios, key=lambda k: ratios[k])
-        j = bench.judge(*TARGET, ratios[worst])
-        if sc["max_live"] < 1_000_000:
-            j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
-        lv, core = sc["levels"], sc["ratio_max_over_base"]["core"]
-        j.update(aggregate="worst size (max), public pair", worst_size=int(worst))
-        j.update(base_live=sc["base_live"], max_live=sc["max_live"], core_worst=max(core.values()))
-        # the same ratio over each level's fastest trial: less sensitive to a busy machine
-        fastest = (lv[-1]["public"][s]["min"] / lv[0]["public"][s]["min"] for s in lv[0]["public"])
-        d["scaling_max_over_1e3"] = {**j, "min_ratio_worst": max(fastest)}
-    pr = res.get("procs")
-    if pr and "2" in pr["methods"]["shmalloc"]["speedup"]:
-        speedup = {m: v["speedup"]["2"] for m, v in pr["methods"].items()}
-        d["loop_2p_over_1p"] = {"value": speedup["shmalloc"], "target": None, "met": None}
-        d["loop_2p_over_1p"]["baseline"] = speedup["malloc_private"]
-    return d
+    if not sc:
+        return {}
+    ratios = sc["ratio_max_over_base"]["public"]
+    worst = max(ratios, key=lambda k: ratios[k])
+    j = bench.judge(*TARGETS["scaling_max_over_1e3"], ratios[worst])
+    if sc["max_live"] < 1_000_000:
+        j["met"] = None  # the target is about 1e6 live blocks; --quick stops short of it
+    lv, core = sc["levels"], sc["ratio_max_over_base"]["core"]
+    j.update(aggregate="worst size (max), public pair", worst_size=int(worst))
+    j.update(base_live=sc["base_live"], max_live=sc["max_live"], core_worst=max(core.values()))
+    # the same ratio over each level's fastest trial: less sensitive to a busy machine
+    fastest = (lv[-1]["public"][s]["min"] / lv[0]["public"][s]["min"] for s in lv[0]["public"])
+    return {"scaling_max_over_1e3": {**j, "min_ratio_worst": max(fastest)}}
 
 
 def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,7 +151,7 @@ def targets_summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(res: dict[str, Any]) -> None:
     bench.print_header(res)
-    sc, pr, d = res.get("live"), res.get("procs"), res["derived"]
+    sc, pr = res.get("live"), res.get("procs")
     if sc:
         base = {s: sc["levels"][0]["public"][str(s)]["median"] for s in SIZES}
         lvs, stat, fmt = sc["levels"], bench.fmt_stat, format_bytes
@@ -175,10 +168,6 @@ def report(res: dict[str, Any]) -> None:
         bench.procs_table(f"Throughput of {loop}, summed over processes (loops/s)", pr["procs"], by)
         print("  " + "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
     bench.print_targets(res)
-    if "loop_2p_over_1p" in d:
-        j = d["loop_2p_over_1p"]
-        print(f"  loop throughput, 2 processes / 1: {j['value']:.2f}x ", end="")
-        print(f"(private malloc: {j['baseline']:.2f}x; no target)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,9 +42,8 @@ from typing import Any
 from shmalloc import MemoryManager
 
 from . import _common as bench
-from ._common import Arenas, GiB
+from ._common import Arenas, GiB, progress
 
-progress = bench.make_progress("bench_workloads")
 clock = time.perf_counter
 TARGET_LARSON = (">=", 1.7)
 TARGETS = {"larson_2p_over_1p": TARGET_LARSON}
@@ -192,9 +191,8 @@ def mstress_size(rng: random.Random, max_shift: int = 7) -> int:
     return words * 8
 
 
-def mstress(
-    ctx: Ctx, *, method: str, live: int, rounds: int, seed: int, arena: str = "", transfer: int = 0
-) -> Out:
+def mstress(ctx: Ctx, method: str, live: int, rounds: int, seed: int, **shm: Any) -> Out:
+    """mstress's rounds; with shmalloc, blocks migrate through the table ``shm["transfer"]``."""
     nfree, nmig, nw, me = live // 2, max(1, live // 20), ctx.nworkers, ctx.index
     rng = random.Random(seed * 1_000_003 + me)
     init = [mstress_size(rng) for _ in range(live)]
@@ -204,9 +202,9 @@ def mstress(
         script.append((victims, sizes, rng.sample(range(live), nmig)))
     shared, private = method == "shmalloc", method == "bytearray_private"
     if shared:
-        mgr = ctx.attach(arena)
+        mgr = ctx.attach(shm["arena"])
         a, d, w, k = mgr.allocate, mgr.deallocate, mgr.write, 0  # k: write's offset
-        view = mgr.view(transfer, nw * nmig * 8)
+        view = mgr.view(shm["transfer"], nw * nmig * 8)
         q = view.cast("Q")
     else:
         ffi, c = bench.libc()
@@ -247,13 +245,11 @@ def mstress(
     return {"ops": ops, "t0": t0, "t1": t1, "migrated": migrated if nw > 1 else 0}
 
 
-def scratch(
-    ctx: Ctx, *, method: str, iterations: int, writes: int, arena: str = "", at: int = 0
-) -> Out:
-    """Cache-scratch; ``at`` is the table of the parent's objects (shmalloc) or the one shared
-    line (forced_sharing)."""
-    r, me = range(writes), ctx.index
-    mgr = ctx.attach(arena) if arena else None
+def scratch(ctx: Ctx, method: str, iterations: int, writes: int, **shm: Any) -> Out:
+    """Cache-scratch; ``shm["at"]`` is the table of the parent's objects (shmalloc) or the one
+    shared line (forced_sharing)."""
+    r, me, at = range(writes), ctx.index, shm.get("at", 0)
+    mgr = ctx.attach(shm["arena"]) if shm else None
     addrs = []
     with bench.untraced():
         ctx.wait()

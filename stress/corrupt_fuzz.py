@@ -30,19 +30,22 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from shmalloc import CorruptionDetected, MemoryManager, ShmallocError
 from shmalloc import _binding as C
 from shmalloc._binding import ffi, lib
 
-from ._common import REPO_ROOT, Parser, bar, child_env, pattern, run_check, signame
+from ._common import Parser, bar, pattern, run_check, signame, spawn
 
 SHM_DIR = "/dev/shm"
 M64, M32 = (1 << 64) - 1, (1 << 32) - 1
@@ -51,8 +54,6 @@ HDR = ffi.sizeof("shm_block_t")
 HEAP_OFF = int(lib.shm_header_size())
 CAPACITY = MiB  # every scratch arena's
 SLOW = 0.5  # seconds: an operation slower than this ends the batch and is reported as slow
-PIPES: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-PIPES["stderr"] = subprocess.PIPE
 EXPECTED = (ShmallocError, ValueError, KeyError, OSError, MemoryError)
 OUTCOMES = ("clean", "detected", "other_error", "error", "crash", "hang")
 LABELS = dict(clean="clean", detected="corruption detected", other_error="other error (refused)")
@@ -245,19 +246,16 @@ class Mutator:
             self.put(reseal + o, s, lib.shm_debug_block_checksum(self.base, self.cap, reseal))
         return desc(region, target, name, at, size, kind, f"{old:#x}", f"{self.u(at, size):#x}")
 
-    def dead_tid(self) -> int:
-        if not self.dead:
+    def forge(self, region: str, which: int) -> dict[str, Any]:
+        """The lock ``which`` (-1: the heap lock) left to a holder that died without the kernel's
+        cleanup: the next taker must recover it (and roll the journal back)."""
+        if not self.dead:  # no process died with blocks in populate(): one dies now
             pid = os.fork()
             if pid == 0:
                 os._exit(0)
             os.waitpid(pid, 0)
             self.dead.append(pid)
-        return self.dead[0]
-
-    def forge(self, region: str, which: int) -> dict[str, Any]:
-        """The lock ``which`` (-1: the heap lock) left to a holder that died without the kernel's
-        cleanup: the next taker must recover it (and roll the journal back)."""
-        tid = self.dead_tid()
+        tid = self.dead[0]
         C.debug_lock_forge(self.h, which, tid)
         at = int(lib.shm_lock_offset(which))
         return desc(region, f"lock {which}", "holder", at, 0, "dead holder", "", str(tid))
@@ -512,7 +510,7 @@ def child_main(a: argparse.Namespace) -> int:
     faulthandler.enable()
     faulthandler.dump_traceback_later(max(0.5, a.timeout - 1), exit=False)  # before a hang kill
     rng = random.Random(f"{a.seed}:{a.index}")
-    name = f"{a.prefix}-{a.index}"
+    name = f"{a.child}-{a.index}"
     try:
         m = MemoryManager.create(name, CAPACITY)
         state = populate(m, rng)
@@ -531,8 +529,7 @@ def child_main(a: argparse.Namespace) -> int:
         print(json.dumps(res, default=str), flush=True)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        if os.path.exists(os.path.join(SHM_DIR, name)):
-            os.unlink(os.path.join(SHM_DIR, name))
+        Path(SHM_DIR, name).unlink(missing_ok=True)
     return 0
 
 
@@ -545,22 +542,13 @@ class Fuzz:
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.found: Counter[str] = Counter()  # arenas with wrong, resized or slow answers
         self.detail: list[dict[str, Any]] = []
-        self.children: set[subprocess.Popen[str]] = set()
-        self.lock = threading.Lock()
-        self.stopping = False
 
     def run_one(self, i: int) -> dict[str, Any]:
         """Arena i in a child process; its outcome from how the child ended and what it said."""
         a = self.a
-        args = f"--role child --index {i} --seed {a.seed} --prefix {self.prefix} "
-        args += f"--timeout {a.timeout}"
-        args += " --no-corrupt" * a.no_corrupt
-        cmd = [sys.executable, "-m", "stress.corrupt_fuzz", *args.split()]
-        with self.lock:
-            if self.stopping:
-                raise KeyboardInterrupt
-            p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), text=True, **PIPES)
-            self.children.add(p)
+        args = ["--child", self.prefix, "--index", i, "--seed", a.seed, "--timeout", a.timeout]
+        args += ["--no-corrupt"][: a.no_corrupt]
+        p = spawn("corrupt_fuzz", *args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = p.communicate(timeout=a.timeout)
             status = "crash" if p.returncode < 0 else "error" if p.returncode else None
@@ -569,11 +557,7 @@ class Fuzz:
             out, err = p.communicate()
             status = "hang"
         finally:
-            with self.lock:
-                self.children.discard(p)
-            path = os.path.join(SHM_DIR, f"{self.prefix}-{i}")
-            if os.path.exists(path):
-                os.unlink(path)
+            Path(SHM_DIR, f"{self.prefix}-{i}").unlink(missing_ok=True)
         lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
         muts = lines[0]["mutations"] if lines else None
         res = lines[1] if len(lines) > 1 and status is None else {}
@@ -603,11 +587,10 @@ class Fuzz:
                 for done, fut in enumerate(as_completed(futures), 1):
                     self.record(fut.result())
                     update(done, " ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
-        finally:
-            with self.lock:
-                self.stopping = True
-                for p in self.children:
-                    p.kill()
+        finally:  # after an interrupt, the children at work stop (the pool starts no more)
+            for child in psutil.Process().children():
+                with suppress(psutil.NoSuchProcess):  # it ended meanwhile
+                    child.kill()
             pool.shutdown(wait=True, cancel_futures=True)
         counts = {k: self.counts[k] for k in OUTCOMES}
         config = {k: getattr(a, k) for k in ("seed", "timeout", "jobs", "quick")}
@@ -621,11 +604,6 @@ class Fuzz:
         return res
 
 
-def _mut_str(muts: list[dict[str, Any]] | None) -> str:
-    each = "{region}/{target}.{field} {kind} {old}->{new}"
-    return "; ".join(each.format(**m) for m in muts or ()) or "(before any mutation)"
-
-
 def print_report(res: dict[str, Any]) -> None:
     c, cfg = res["counts"], res["config"]
     print(f"corrupt fuzz: {res['arenas']} arenas of {cfg['capacity'] // KiB} KiB, seed ", end="")
@@ -636,9 +614,12 @@ def print_report(res: dict[str, Any]) -> None:
         print("  by region:  " + " ".join(f"{k:>11}" for k in OUTCOMES))
         for r, cnt in res["by_region"].items():
             print(f"    {r:<10}" + " ".join(f"{cnt.get(k, 0):>11}" for k in OUTCOMES))
+    each = "{region}/{target}.{field} {kind} {old}->{new}"
     for kind in EXAMPLES:
         for e in res[f"{kind}_examples"][:10]:
-            print(f"  {kind} in arena {e['index']} [{e['status']}]: {_mut_str(e['mutations'])}")
+            muts = [each.format(**m) for m in e["mutations"] or ()]
+            print(f"  {kind} in arena {e['index']} [{e['status']}]: ", end="")
+            print("; ".join(muts) or "(before any mutation)")
             print(f"      reproduce: {e['reproduce']}")
             for u in (e.get("unexpected") or e.get("slow") or e.get("wrong") or [])[:1]:
                 print(f"      {u}")
@@ -650,7 +631,7 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  result: {'PASS' if res['ok'] else 'FAIL'} (crashes {c['crash']}, hangs {c['hang']})")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = Parser(sys.modules[__name__], "100 arenas (a CI smoke test)", results=False)
     p.scaled("--arenas", 100, 2000, "scratch arenas to damage", least=0)
     p.add_argument("--seed", type=int, default=1, help="arena i's randomness is (seed, i)")
@@ -659,17 +640,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang (default 10)")
     p.add_argument("--index", type=int, help="replay only arena I of this seed, verbosely")
     p.add_argument("--no-corrupt", action="store_true", help="no damage: every arena must be clean")
-    p.add_argument("--role", choices=("child",), help=argparse.SUPPRESS)
-    p.add_argument("--prefix", help=argparse.SUPPRESS)
+    p.add_argument("--child", metavar="PREFIX", help=argparse.SUPPRESS)  # Fuzz.run_one()'s
     a = p.parse(argv)
     if a.jobs < 1 or a.timeout <= 0:
         p.error("--jobs >= 1 and --timeout > 0")
-    return a
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if a.role == "child":
+    if a.child is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return child_main(a)
     return run_check(a, Fuzz(a).run, print_report, "children killed, scratch arenas removed")

@@ -50,9 +50,8 @@ from shmalloc import CorruptionDetected, JoinableQueue, MemoryManager, OutOfMemo
 from shmalloc._binding import ffi, lib, raise_status
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from ._common import REPO_ROOT, Parser, bar, child_env, core_handle, pattern, run_check, signame
+from ._common import MiB, Parser, bar, core_handle, pattern, run_check, signame, spawn
 
-MiB = 1 << 20
 OPS = ("idle", "start", "alloc", "verify", "rewrite", "free", "retain", "release", "persist")
 OPS += ("seal", "handoff", "claim", "burst", "core_burst", "collect", "check", "stats", "stop")
 # operation: weight in a worker's random choice
@@ -83,25 +82,13 @@ def random_size(rng: random.Random) -> int:
     return max(1, int(math.exp(rng.uniform(0, math.log(4096)))))  # small, log-uniform
 
 
-class Status:
-    """Per-process counters in a shared file: ``words[row * ROW + field]``."""
-
-    def __init__(self, path: str, rows: int | None = None) -> None:
-        if rows is not None:
-            Path(path).write_bytes(bytes(rows * ROW * 8))
-        with open(path, "r+b") as f:
-            self._mm = mmap.mmap(f.fileno(), 0)
-        self.words = memoryview(self._mm).cast("Q")
-
-    def get(self, row: int, f: int) -> int:
-        return int(self.words[row * ROW + f])
-
-    def set(self, row: int, f: int, v: int) -> None:
-        self.words[row * ROW + f] = v
-
-    def close(self) -> None:
-        self.words.release()
-        self._mm.close()
+def status_words(path: str, rows: int = 0) -> memoryview:
+    """Per-process counters in a shared file, ``words[row, field]``; made with ``rows``."""
+    if rows:
+        Path(path).write_bytes(bytes(rows * ROW * 8))
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    return memoryview(mm).cast("Q", (len(mm) // (8 * ROW), ROW))
 
 
 @dataclass
@@ -119,8 +106,8 @@ class Worker:
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a, self.row, self.inc, self.role = a, a.wid, a.inc, a.role
-        self.rng = random.Random(a.worker_seed)
-        self.st = Status(a.status)
+        self.rng = random.Random(a.seed)
+        self.st = status_words(a.status)
         self.errfd = os.open(a.errors, os.O_WRONLY | os.O_APPEND)
         self.nerr = self.counter = 0
         self.stop = False
@@ -134,7 +121,7 @@ class Worker:
 
     def report(self, kind: str, **fields: Any) -> None:
         self.nerr += 1
-        self.st.set(self.row, F_ERRS, self.nerr)
+        self.st[self.row, F_ERRS] = self.nerr
         rec = {"kind": kind, "role": self.role, "worker": self.row, "pid": os.getpid(), **fields}
         os.write(self.errfd, (json.dumps(rec, default=str) + "\n").encode())
         if self.nerr >= MAX_WORKER_ERRORS and self.role == "worker":
@@ -286,11 +273,11 @@ class Worker:
             self.report("unexpected", op="stats", message=f"used {s.used} > total {s.total}")
 
     def run_op(self, op: str) -> None:
-        self.st.set(self.row, F_CUR, OPS.index(op))
+        self.st[self.row, F_CUR] = OPS.index(op)
         try:
             (getattr(self, "op_" + op, None) or getattr(self.m, op))()  # collect, check: as is
         except OutOfMemory:  # an answer, not a failure: make room
-            self.st.set(self.row, F_OOMS, self.st.get(self.row, F_OOMS) + 1)
+            self.st[self.row, F_OOMS] += 1
             for a in list(self.blocks)[: len(self.blocks) // 2]:
                 del self.blocks[a]
                 self.m.deallocate(a)
@@ -299,12 +286,12 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any surprise is reported, then the churn goes on
             tb = traceback.format_exc(limit=6)
             self.report("unexpected", op=op, type=type(e).__name__, message=str(e), traceback=tb)
-        self.st.set(self.row, F_CUR, 0)
-        self.st.set(self.row, F_OPS, self.st.get(self.row, F_OPS) + 1)
+        self.st[self.row, F_CUR] = 0
+        self.st[self.row, F_OPS] += 1
 
     def free_all(self, blocks: dict[int, Held], why: str = "final") -> int:
         """Verify and free ``blocks``; returns how many had changed."""
-        self.st.set(self.row, F_CUR, OPS.index("stop"))
+        self.st[self.row, F_CUR] = OPS.index("stop")
         changed = 0
         for a, b in blocks.items():
             changed += not self.verify(a, b, why)
@@ -317,7 +304,7 @@ class Worker:
     def main(self, weights: dict[str, float] = WEIGHTS) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.st.set(self.row, F_READY, 1)
+        self.st[self.row, F_READY] = 1
         ops, ws = list(weights), list(weights.values())
         ppid = os.getppid()
         while not self.stop:
@@ -395,7 +382,7 @@ class Survivor(Worker):
         verified += len(held)
         corrupt += self.free_all(held, "held, final")
         self.m.close()
-        ops = self.st.get(self.row, F_OPS)
+        ops = self.st[self.row, F_OPS]
         out = dict(corrupt=corrupt, verified=verified, errors=self.nerr, ops=ops)
         print(json.dumps(out), flush=True)
         return 0
@@ -412,7 +399,7 @@ class Storm:
         open(self.errors_path, "wb").close()
         self.name = f"shmalloc-storm-{os.getpid()}-{secrets.token_hex(4)}"
         self.n = args.workers + args.queue_workers  # rows: workers, queue workers, survivor
-        self.st = Status(self.status_path, self.n + 1)
+        self.st = status_words(self.status_path, self.n + 1)
         self.mgr = MemoryManager.create(self.name, args.capacity)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.n
         self.survivor: subprocess.Popen[str] | None = None
@@ -439,27 +426,23 @@ class Storm:
 
     def child(self, role: str, w: int, **kw: Any) -> subprocess.Popen[Any]:
         self.incarnation += 1
-        args = f"--role {role} --arena {self.name} --wid {w} --inc {self.incarnation} --status "
-        args += f"{self.status_path} --errors {self.errors_path} "
-        args += f"--worker-seed {self.rng.getrandbits(63)} --queue {self.queue_path}"
-        cmd = [sys.executable, "-m", "stress.crash_storm", *args.split()]
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=self.logs[w], **kw)
+        c = dict(role=role, arena=self.name, wid=w, inc=self.incarnation, queue=self.queue_path)
+        c.update(status=self.status_path, errors=self.errors_path, seed=self.rng.getrandbits(63))
+        return spawn("crash_storm", "--child", json.dumps(c), stderr=self.logs[w], **kw)
 
     def spawn(self, w: int) -> None:
-        for f in (F_READY, F_CUR, F_ERRS):
-            self.st.set(w, f, 0)
-        self.st.set(w, F_CUR, OPS.index("start"))
+        self.st[w, F_READY] = self.st[w, F_ERRS] = 0
+        self.st[w, F_CUR] = OPS.index("start")
         role = "worker" if w < self.a.workers else "qworker"
-        self.procs[w] = self.child(role, w, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.procs[w] = self.child(role, w, stdout=subprocess.DEVNULL)
 
     def retire(self, w: int) -> None:
-        self.retired_ops += self.st.get(w, F_OPS)
-        self.retired_ooms += self.st.get(w, F_OOMS)
-        self.st.set(w, F_OPS, 0)
-        self.st.set(w, F_OOMS, 0)
+        self.retired_ops += self.st[w, F_OPS]
+        self.retired_ooms += self.st[w, F_OOMS]
+        self.st[w, F_OPS] = self.st[w, F_OOMS] = 0
 
     def operations(self) -> int:
-        return self.retired_ops + sum(self.st.get(w, F_OPS) for w in range(self.n + 1))
+        return self.retired_ops + sum(self.st[w, F_OPS] for w in range(self.n + 1))
 
     def abnormal(self, w: int, p: subprocess.Popen[Any], status: str) -> None:
         tail = Path(self.log.format(w)).read_bytes()[-3000:].decode("utf-8", "replace")
@@ -477,7 +460,7 @@ class Storm:
     def lock_holder(self) -> int | None:
         """The worker holding the heap lock right now, if any (the lock is read, not taken)."""
         tid = ffi.new("uint32_t *")
-        pids = {p.pid: w for w, p in enumerate(self.procs) if p and self.st.get(w, F_READY)}
+        pids = {p.pid: w for w, p in enumerate(self.procs) if p and self.st[w, F_READY]}
         h = core_handle(self.mgr)[0]
         deadline = time.monotonic() + 0.5
         while pids and time.monotonic() < deadline:
@@ -494,7 +477,7 @@ class Storm:
             churning = self.rng.random() < 0.9
             deadline = time.monotonic() + 60
             while True:
-                ready = [w for w in range(self.n) if self.st.get(w, F_OPS) > 0]
+                ready = [w for w in range(self.n) if self.st[w, F_OPS] > 0]
                 if ready or not churning or time.monotonic() > deadline:
                     break
                 time.sleep(0.005)
@@ -514,7 +497,7 @@ class Storm:
         self.spawn(w)
 
     def doing(self, w: int) -> str:
-        return OPS[cur] if (cur := self.st.get(w, F_CUR)) < len(OPS) else "?"
+        return OPS[cur] if (cur := self.st[w, F_CUR]) < len(OPS) else "?"
 
     def new_lines(self, path: str) -> list[bytes]:
         """The whole lines appended to ``path`` since the last call."""
@@ -577,8 +560,7 @@ class Storm:
         line = self.survivor.stdout.readline()
         if not line:
             raise RuntimeError(f"the survivor ended ({signame(self.survivor.wait())})")
-        out: dict[str, Any] = json.loads(line)
-        return out
+        return dict(json.loads(line))
 
     def run(self) -> dict[str, Any]:
         a = self.a
@@ -611,7 +593,7 @@ class Storm:
         m = self.mgr
         for w, p in enumerate(self.procs):  # half stop gracefully, half are killed
             assert p is not None
-            graceful = self.st.get(w, F_READY) and self.rng.random() < 0.5
+            graceful = self.st[w, F_READY] and self.rng.random() < 0.5
             p.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             try:
                 rc = p.wait(timeout=60)
@@ -708,7 +690,7 @@ class Storm:
         self.mgr.close()
         for f in self.logs:
             f.close()
-        self.st.close()
+        self.st.release()
         shutil.rmtree(self.tmp)
 
 
@@ -746,7 +728,7 @@ def print_storm(res: dict[str, Any]) -> None:
             print(f"      {t}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = Parser(sys.modules[__name__], "3 workers, 10 kills (a CI smoke test)", results=False)
     p.scaled("--workers", 3, 4, "worker processes")
     p.scaled("--queue-workers", 2, 4, "queue producers and consumers (every other one)", least=0)
@@ -757,17 +739,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lock-kills", type=float, default=0.3, help="share aimed at the lock holder")
     p.add_argument("--capacity", type=int, default=128 * MiB, help="arena bytes (default 128 MiB)")
     p.add_argument("--keep-going", action="store_true", help="go on after an inconsistency")
-    for internal in ("--role", "--arena", "--status", "--errors", "--queue"):  # the children's
-        p.add_argument(internal, help=argparse.SUPPRESS)
-    for internal in ("--wid", "--inc", "--worker-seed"):
-        p.add_argument(internal, type=int, help=argparse.SUPPRESS)
-    return p.parse(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.role is not None:
-        return dict(worker=Worker, qworker=QueueWorker, survivor=Survivor)[args.role](args).main()
+    p.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)  # Storm.child()'s
+    args = p.parse(argv)
+    if args.child is not None:  # a process of the storm: its settings replace the driver's
+        a = argparse.Namespace(**{**vars(args), **args.child})
+        return dict(worker=Worker, qworker=QueueWorker, survivor=Survivor)[a.role](a).main()
     storm = Storm(args)
     stopped = "every process killed, the arena destroyed"
     return run_check(args, storm.run, print_storm, stopped, storm.cleanup)

@@ -31,8 +31,7 @@ from typing import Any
 from shmalloc import MemoryManager
 from shmalloc.gc import GcStrategy, GlobalGarbageCollector
 
-from . import _common
-from ._common import RESULTS_DIR, child_env, print_table, signame
+from ._common import RESULTS_DIR, Parser, print_table, run_check, signame, spawn
 
 CAPACITY = 64 << 20
 
@@ -104,13 +103,13 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     mgr = MemoryManager.create(name, CAPACITY)
     procs: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
     res: dict[str, Any] = dict.fromkeys(("workers_started", "kills", "signals_sent", "checks"), 0)
-    res.update(seconds=args.seconds, signal_handlers_run=0, forks=0, crashes=[], hangs=0)
+    res.update(seconds=args.seconds, seed=args.seed, signal_handlers_run=0, forks=0, crashes=[])
+    res["hangs"] = 0
 
     def start() -> None:  # a new worker, counted once its handlers are in place
         res["workers_started"] += 1
         out = str(tmp / f"worker-{res['workers_started']}.json")
-        cmd = [sys.executable, "-m", "stress.soak", "--worker", name, str(res["workers_started"])]
-        p = subprocess.Popen([*cmd, out], env=child_env(), stdout=subprocess.PIPE)
+        p = spawn("soak", "--worker", name, res["workers_started"], out, stdout=subprocess.PIPE)
         if p.stdout is None or p.stdout.readline() != b"ready\n":
             res["crashes"].append(f"worker {p.pid} did not start: {signame(p.wait())}")
         else:
@@ -158,6 +157,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         mgr.collect()
         res.update(checks=res["checks"] + 1, check_blocks=mgr.check().blocks)
         res["leaked_bytes"] = mgr.stats().used
+        res["ok"] = not res["crashes"] and not res["hangs"] and not res["leaked_bytes"]
         os.kill(coordinator, signal.SIGTERM)
     finally:
         for p, _ in procs.values():  # whatever is still running when the driver fails
@@ -172,23 +172,22 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--worker"]:  # a worker process of the driver below
         return worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    p = _common.Parser(sys.modules[__name__], "20 s with 3 workers (a CI smoke test)")
+    p = Parser(sys.modules[__name__], "20 s with 3 workers (a CI smoke test)")
     p.scaled("--seconds", 20.0, 300.0, "how long to soak")
     p.scaled("--workers", 3, 4, "worker processes at once")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a worker has to finish")
     args = p.parse(argv)
     args.out_dir = str(RESULTS_DIR / "soak")
-    res = drive(args)
+    return run_check(args, lambda: drive(args), report, "workers killed, the arena destroyed")
+
+
+def report(res: dict[str, Any]) -> None:
     rows = [[k, str(len(v) if isinstance(v, list) else v)] for k, v in res.items()]
-    print_table(["figure", "value"], rows, f"soak, {args.seconds:g} s, seed {args.seed}")
+    print_table(["figure", "value"], rows, f"soak, {res['seconds']:g} s, seed {res['seed']}")
     for c in res["crashes"]:
         print("crash:", c)
-    if args.json:
-        _common.write_json(args.json, res)
-    ok = not res["crashes"] and not res["hangs"] and not res["leaked_bytes"]
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    print("PASS" if res["ok"] else "FAIL")
 
 
 if __name__ == "__main__":
