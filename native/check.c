@@ -313,8 +313,8 @@ static int check_queue(shm_handle_t *h, walk_t *w, shm_check_report_t *r, uint64
     if (q->tail > q->head || q->head - q->tail > q->capacity)
         FAIL(addr, "[Q1] the queue at %#llx: head %llu, tail %llu, capacity %llu", ULL(addr),
              ULL(q->head), ULL(q->tail), ULL(q->capacity));
-    if (!q->capacity || (q->maxsize && q->capacity > q->maxsize) ||
-        e->nbytes % sizeof(shm_qcell_t) || e->nbytes / sizeof(shm_qcell_t) != q->capacity)
+    if (!q->capacity || e->nbytes % sizeof(shm_qcell_t) ||
+        e->nbytes / sizeof(shm_qcell_t) != q->capacity)
         FAIL(addr, "[Q1] the queue at %#llx: capacity %llu, maxsize %llu, a ring of %llu bytes",
              ULL(addr), ULL(q->capacity), ULL(q->maxsize), ULL(e->nbytes));
     if (q->joinable > 1 || (!q->joinable && q->unfinished) || q->unfinished > q->head)

@@ -43,7 +43,8 @@
  * nothing leaks.
  *
  * The ring grows by doubling, from QUEUE_FIRST_CELLS, up to maxsize (0: no bound but the arena's
- * memory), inside put's step: a new ring block is carved, the cells copied in position order, the
+ * memory; a forced put, which asyncio's cancelled get makes to give an item back, may go past
+ * it), inside put's step: a new ring block is carved, the cells copied in position order, the
  * old one freed. It does not shrink (an emptied queue keeps its ring until it is freed).
  *
  * Sleeping. A put that finds the queue full and a get that finds it empty return the wait word's
@@ -87,8 +88,7 @@ static int queue_valid(shm_handle_t *h, uint64_t off, shm_object_t *o) {
     uint64_t boff;
     if (!(o->flags & SHM_OBJ_QUEUE) || o->nbuffers != 1 || o->pickle_len < sizeof *q ||
         q->magic != SHM_QUEUE_MAGIC || !q->capacity || q->tail > q->head ||
-        q->head - q->tail > q->capacity || (q->maxsize && q->capacity > q->maxsize) ||
-        queue_ring_entry(o)->nbytes != RING_BYTES(q->capacity) ||
+        q->head - q->tail > q->capacity || queue_ring_entry(o)->nbytes != RING_BYTES(q->capacity) ||
         block_from_address(h, queue_ring_entry(o)->address, &boff) != SHM_OK ||
         !(block_at(h, boff)->flags & SHM_BF_OBJPART) ||
         block_at(h, boff)->size - SHM_HDR < RING_BYTES(q->capacity))
@@ -161,11 +161,12 @@ fail:; /* not published: the blocks are still plain blocks of this process */
 
 /* ------------------------------------------------------------------ put */
 
-/* Double the ring (up to maxsize), in the caller's journaled step. */
-static int queue_grow(shm_handle_t *h, shm_object_t *o) {
+/* Double the ring (up to maxsize unless forced), in the caller's journaled step. */
+static int queue_grow(shm_handle_t *h, shm_object_t *o, int forced) {
     shm_queue_t *q = queue_control(o);
     uint64_t cap = q->capacity, ncap = cap * 2;
-    if (q->maxsize && ncap > q->maxsize) ncap = q->maxsize;
+    if (q->maxsize && ncap > q->maxsize && cap < q->maxsize) ncap = q->maxsize;
+    if (q->maxsize && cap >= q->maxsize && !forced) ncap = cap; /* full: refused below */
     if (ncap <= cap || ncap > (h->heap_end - h->heap_off) / sizeof(shm_qcell_t))
         return alloc_oom_report(h, RING_BYTES(cap) * 2);
     uint64_t need = (SHM_HDR + RING_BYTES(ncap) + SHM_ALIGN - 1) & ~(uint64_t)(SHM_ALIGN - 1), noff;
@@ -225,7 +226,8 @@ static int put_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, uint64_t 
         return SHM_QPUT_FULL;
     }
     int rc;
-    if (size == q->capacity && (rc = queue_grow(h, qo)) != SHM_OK) return rc;
+    if (size == q->capacity && (rc = queue_grow(h, qo, (mode & SHM_QPUT_FORCE) != 0)) != SHM_OK)
+        return rc;
     uint64_t id = object_id;
     if ((rc = item_take(h, slot, object, &id, mode)) != SHM_OK) return rc;
     shm_qcell_t *c = queue_cell(h, qo, q->head);
@@ -279,24 +281,27 @@ static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_objec
         shm_qcell_t *c = queue_cell(h, qo, q->tail);
         uint64_t object = c->object & ~(uint64_t)SHM_QCELL_REF, id = c->id;
         int ref = (c->object & SHM_QCELL_REF) != 0;
+        uint64_t off;
+        shm_object_t *o;
+        int rc = objects_find(h, object, id, &off, &o);
+        int gone = rc == SHM_ENOENT || (rc == SHM_OK && (o->flags & SHM_OBJ_DELETED));
+        /* Any other failure (a damaged item) is reported with the item left in place: the step
+         * changes nothing it cannot finish. */
+        if (!gone &&
+            (rc != SHM_OK || (rc = objects_open_found(h, slot, off, o, out, bufs, cap)) != SHM_OK))
+            return rc;
         J(h, c);
         c->object = c->id = 0;
         J(h, &q->tail);
         A_STORE(&q->tail, q->tail + 1);
         bump(&q->not_full);
-        uint64_t off;
-        shm_object_t *o;
-        int rc = objects_find(h, object, id, &off, &o);
-        if (rc == SHM_ENOENT || (rc == SHM_OK && (o->flags & SHM_OBJ_DELETED))) {
-            /* deleted while it waited (delete() drops every hold): skip it */
+        if (gone) { /* deleted while it waited (delete() drops every hold): skip it */
             if (q->joinable && q->unfinished) {
                 J(h, &q->unfinished);
                 A_STORE(&q->unfinished, q->unfinished - 1);
             }
             continue;
         }
-        if (rc != SHM_OK) return rc;
-        if ((rc = objects_open_found(h, slot, off, o, out, bufs, cap)) != SHM_OK) return rc;
         FAULT_POINT(FAULT_QUEUE_GET_HALF);
         if (o->holds) {
             J(h, &o->holds);

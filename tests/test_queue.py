@@ -215,6 +215,31 @@ def test_an_item_taken_as_a_get_is_cancelled_goes_back_whole(mgr: MemoryManager)
     assert_no_leak(mgr)
 
 
+def test_an_item_given_back_to_a_queue_filled_meanwhile_goes_past_maxsize(
+    mgr: MemoryManager,
+) -> None:
+    """A get_async cancelled after it took an item gives it back even if producers filled the
+    queue to maxsize meanwhile (its ring at maxsize cells): the ring grows past maxsize for it,
+    and ordinary puts still see the queue full until it drains below maxsize."""
+    q = Queue(2, arena=mgr)
+    q.put("taken")
+    box: list[Any] = []
+    assert q._take(box) is None
+    q.put("a")
+    q.put("b")
+    assert q.full()
+    q._untake(box.pop())
+    assert q.qsize() == 3
+    with pytest.raises(queue.Full):
+        q.put_nowait("c")
+    assert [q.get_nowait() for _ in range(3)] == ["a", "b", "taken"]
+    q.put_nowait("c")
+    assert q.get_nowait() == "c"
+    assert mgr.check().queued == 0
+    del q
+    assert_no_leak(mgr)
+
+
 def test_asyncio_get_put_and_cancel(mgr: MemoryManager) -> None:
     q = Queue(1, arena=mgr)
 

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -241,3 +242,29 @@ def test_check_survives_random_damage_to_a_queue(mgr: MemoryManager) -> None:
                 m[at : at + len(data)] = data
     assert reported > 100
     assert mgr.check().queued == 4
+
+
+def test_a_damaged_item_is_reported_and_left_in_the_queue(mgr: MemoryManager) -> None:
+    """get() on a damaged item (here its header's stream length, which no deletion explains,
+    unlike a missing object: that one was deleted while it waited, and is skipped) raises
+    CorruptionDetected and takes nothing: once the bytes are mended, every item is still there,
+    in order."""
+    q = Queue(arena=mgr)
+    items: list[Any] = [b"a", np.arange(100), {"c": 3}]
+    for item in items:
+        q.put(item)
+    lay = layout(mgr, q)
+    with segment(mgr) as m:
+        saved = _snapshot(m, lay, mgr)
+        _set64(m, lay.item(m, 0) + ffi.offsetof("shm_object_t", "pickle_len"), 1 << 40)
+        try:
+            with pytest.raises(CorruptionDetected):
+                q.get_nowait()
+            assert q.qsize() == 3
+        finally:
+            for at, data in saved:
+                m[at : at + len(data)] = data
+    back = [q.get_nowait() for _ in items]
+    assert back[0] == b"a" and np.array_equal(back[1], items[1]) and back[2] == {"c": 3}
+    del q, back
+    assert mgr.check().objects == 0
