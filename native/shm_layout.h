@@ -409,8 +409,9 @@ typedef struct shm_ticket {
  * but the four wait words and the three sleeper counts changes under the heap lock, journaled;
  * the wait words are bumped under it by atomic add (never journaled: a rollback leaves a bump,
  * which is only a spurious wake-up), the sleeper counts by any process without it.
- *   [Q1] magic == SHM_QUEUE_MAGIC; tail <= head; head - tail <= capacity;
- *        maxsize == 0 || head - tail <= maxsize; capacity == ring's nbytes / sizeof(shm_qcell_t)
+ *   [Q1] magic == SHM_QUEUE_MAGIC; tail <= head; head - tail <= capacity; capacity == ring's
+ *        nbytes / sizeof(shm_qcell_t) (head - tail and capacity may pass maxsize: a forced put,
+ *        asyncio's cancelled get giving its item back, is never refused)
  *   [Q2] the cells of positions [tail, head) (index pos % capacity) hold items, the others 0; an
  *        item is an object address (16-aligned, in the heap) and an id <= next_id, never a queue;
  *        it may name an object deleted since (delete() drops the holds: get() skips it)
