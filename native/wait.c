@@ -24,6 +24,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,7 +74,10 @@ int shm_wait(shm_handle_t *h, uint64_t word_offset, uint32_t expected, int64_t t
 /* Spin up to SPIN_NS for the word to leave `expected`, before a sleep: a hand-off between two
  * processes on two CPUs then costs no futex round trip (tens of microseconds on a busy host, most
  * of a small item's latency), the way adaptive mutexes spin before they park. Returns 1 when the
- * word changed. No spin with a single usable CPU: the process to change the word cannot run. */
+ * word changed. No spin with a single usable CPU: the process to change the word cannot run.
+ * Between two rounds of pauses the spinner yields its CPU, which the process it waits for may be
+ * queued for on a busy host (pauses alone made a round trip 4x slower there). SHMALLOC_SPIN_NS
+ * sets the budget (0: never spin), read once per process. */
 #define SPIN_NS 50000
 static int spin_budget = -1; /* ns; -1: not known yet (a benign race: every thread finds one) */
 
@@ -82,7 +86,9 @@ int wait_spin(const uint32_t *w, uint32_t expected) {
     if (budget < 0) {
         cpu_set_t set;
         int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
-        budget = cpus > 1 ? SPIN_NS : 0;
+        const char *env = getenv("SHMALLOC_SPIN_NS"); /* 0: never spin */
+        long asked = env && *env ? strtol(env, NULL, 10) : SPIN_NS;
+        budget = cpus > 1 && asked > 0 ? (int)(asked < 1000000 ? asked : 1000000) : 0;
         __atomic_store_n(&spin_budget, budget, __ATOMIC_RELAXED);
     }
     if (!budget) return 0;
@@ -99,6 +105,7 @@ int wait_spin(const uint32_t *w, uint32_t expected) {
         }
         clock_gettime(CLOCK_MONOTONIC, &t);
         if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) >= budget) return 0;
+        sched_yield(); /* the process to change the word may be waiting for this CPU */
     }
 }
 
