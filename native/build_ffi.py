@@ -29,6 +29,7 @@ SOURCES = [
     "life.c",
     "lock.c",
     "names.c",
+    "npalloc.c",
     "objects.c",
     "own.c",
     "process.c",
