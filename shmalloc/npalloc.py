@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,19 +69,20 @@ class _NumpyApi:
     """numpy's PyDataMem_SetHandler and PyDataMem_GetHandler, and its handler_name()."""
 
     def __init__(self) -> None:
-        np = encoding.numpy()
+        encoding.numpy()  # ImportError saying how to install it
         try:
-            from numpy._core import _multiarray_umath as umath  # numpy 2
+            core = "numpy._core"  # numpy 2
+            umath = importlib.import_module(f"{core}._multiarray_umath")
         except ImportError:
-            from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+            core = "numpy.core"  # numpy 1.22 to 1.26
+            umath = importlib.import_module(f"{core}._multiarray_umath")
         table_capsule = umath._ARRAY_API
         table = _api.PyCapsule_GetPointer(table_capsule, _api.PyCapsule_GetName(table_capsule))
         entries = ctypes.cast(table, ctypes.POINTER(ctypes.c_void_p))
         proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)
         self.set = proto(entries[_SET_HANDLER])
         self.get = ctypes.PYFUNCTYPE(ctypes.py_object)(entries[_GET_HANDLER])
-        multiarray = getattr(np, "_core", None) or np.core
-        self.handler_name = multiarray.multiarray.get_handler_name
+        self.handler_name = importlib.import_module(f"{core}.multiarray").get_handler_name
         self.default = contextvars.Context().run(self.get)  # the variable's default: numpy's
 
 
@@ -167,7 +169,9 @@ class ArenaAllocator:
         stream = encoding.array_header(arr.dtype, arr.shape, order)
         a = self.attachment
         try:
-            address, oid = C.np_lend(self._np, arr.__array_interface__["data"][0], stream, arr.nbytes)
+            address, oid = C.np_lend(
+                self._np, arr.__array_interface__["data"][0], stream, arr.nbytes
+            )
         except (ValueError, InvalidAddress):  # a view inside a block, or one lent already
             return None
         arr.flags.writeable = False
