@@ -133,7 +133,14 @@ class ArenaAllocator:
 
     def install(self) -> Any:
         """Make this handler numpy's in the current context; returns the one it replaces."""
+        if self.capsule is None:
+            raise ValueError("this arena allocator is closed")
         return _numpy().set(self.capsule)
+
+    def close(self) -> None:
+        """Drop this object's reference to the handler: the arena may close in this process once
+        the arrays made through it are gone too (each keeps it)."""
+        self.capsule = None
 
     @staticmethod
     def restore(previous: Any) -> None:

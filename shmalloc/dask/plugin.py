@@ -209,7 +209,9 @@ class ShmallocPlugin(WorkerPlugin):
         if self.store is not None:
             self.store.clear()
             self.store = None
-        self.allocator = None  # its capsule goes with the last array it made
+        if self.allocator is not None:
+            self.allocator.close()  # its handler goes with the last array it made
+            self.allocator = None
         member, self.member = self.member, None
         if member is None:
             return
