@@ -21,14 +21,13 @@
  * segment, so a process killed with lent arrays alive leaves owners that collection clears.
  *
  * Threads: numpy may call the handler from any thread, with or without the GIL. Nothing here
- * touches Python but the capsule's destructor (called with the GIL). The core's calls are
+ * touches Python (the capsule's destructor, which does, is in the cffi module: build_ffi.py,
+ * so that the core stays a plain C library). The core's calls are
  * thread-safe (the gate, the locks); `lock` guards the table and is never held across a call into
  * the core; the counters are atomic. A realloc of a block moves it (allocate, copy, free): a lent
  * block's memory is shared and never changes size. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -183,14 +182,7 @@ void *shm_np_handler(shm_np_t *np) { return &np->handler; }
 
 const char *shm_np_capsule_name(void) { return CAPSULE_NAME; }
 
-void shm_np_capsule_free(void *capsule) {
-    PyObject *cap = capsule;
-    shm_np_t *np = PyCapsule_GetPointer(cap, CAPSULE_NAME);
-    PyObject *keep = PyCapsule_GetContext(cap);
-    if (!np) {
-        PyErr_Clear();
-        return;
-    }
+void shm_np_free(shm_np_t *np) {
     for (int i = 0; i < LENT_BUCKETS; i++) /* empty: every array of this handler is gone */
         while (np->lent[i]) {
             lent_t *e = np->lent[i];
@@ -199,7 +191,6 @@ void shm_np_capsule_free(void *capsule) {
         }
     pthread_mutex_destroy(&np->lock);
     free(np);
-    Py_XDECREF(keep);
 }
 
 int64_t shm_np_address(shm_np_t *np, uint64_t data) {

@@ -387,8 +387,9 @@ int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue
  * others (and those the arena cannot serve) go to the handler whose PyDataMem_Handler is at
  * fallback (numpy's default, from PyDataMem_GetHandler). shm_np_handler is the
  * PyDataMem_Handler to wrap in a capsule named "mem_handler" whose destructor is
- * shm_np_capsule_free and whose context is a Python object that keeps the handle and the mapping
- * alive (the destructor drops it and frees the handler). NULL: out of memory. */
+ * shm_np_capsule_free (build_ffi.py: the Python side of it) and whose context is a Python object
+ * that keeps the handle and the mapping alive (the destructor drops it and calls shm_np_free).
+ * NULL: out of memory. */
 typedef struct shm_np shm_np_t;
 typedef struct shm_np_stats {
     uint64_t arena_allocs;  /* blocks handed to numpy from the arena, ever */
@@ -400,7 +401,7 @@ typedef struct shm_np_stats {
 } shm_np_stats_t;
 shm_np_t *shm_np_new(shm_handle_t *h, int32_t slot, uint64_t threshold, const void *fallback);
 void *shm_np_handler(shm_np_t *np);
-void shm_np_capsule_free(void *capsule);
+void shm_np_free(shm_np_t *np);
 const char *shm_np_capsule_name(void); /* "mem_handler", static */
 /* The arena address of data, a pointer numpy got from np's arena, or SHM_EINVAL. */
 int64_t shm_np_address(shm_np_t *np, uint64_t data);
