@@ -92,9 +92,11 @@ static lent_t *lent_take(shm_np_t *np, uint64_t address) {
     return e;
 }
 
-/* A block of at least size bytes for numpy, or NULL (the caller falls back). */
+/* A block of at least size bytes for numpy, or NULL (the caller falls back). None once the
+ * handle's slot is not the handler's any more (this process detached it: it may be another's). */
 static void *arena_take(shm_np_t *np, size_t size) {
     if (getpid() != np->pid) return NULL; /* a fork child: the slot is its parent's */
+    if (__atomic_load_n(&np->h->slot, __ATOMIC_RELAXED) != np->slot) return NULL;
     int64_t r = shm_alloc(np->h, size ? size : 1, 0, np->slot);
     if (r < 0) {
         COUNT(np, fallbacks, 1);
@@ -121,8 +123,8 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize) {
     return p;
 }
 
-/* Give back a block numpy is done with: drop its LENT hold if it was
- * lent, else free it. Nothing in a fork child: the block is its parent's. */
+/* Give back a block numpy is done with: drop its LENT hold if it was lent, else free it.
+ * Nothing in a fork child: the block is its parent's. */
 static void block_give_back(shm_np_t *np, void *ptr) {
     if (getpid() != np->pid) return;
     uint64_t address = (uint64_t)((uint8_t *)ptr - np->h->base);
