@@ -29,6 +29,7 @@ SOURCES = [
     "life.c",
     "lock.c",
     "names.c",
+    "npalloc.c",
     "objects.c",
     "own.c",
     "process.c",
@@ -38,8 +39,28 @@ SOURCES = [
     "wait.c",
 ]
 
+# The one function that needs Python's C API, so it lives in the module, not in the core (which
+# stress/bench_c.py links into a plain C program): the destructor of a numpy handler's capsule
+# (native/npalloc.c, shmalloc/npalloc.py). It runs with the GIL held, when the last array the
+# handler made is gone.
+CAPSULE_FREE = """
+void shm_np_capsule_free(void *capsule) {
+    PyObject *keep = PyCapsule_GetContext((PyObject *)capsule);
+    void *np = PyCapsule_GetPointer((PyObject *)capsule, shm_np_capsule_name());
+    if (np)
+        shm_np_free(np);
+    else
+        PyErr_Clear();
+    Py_XDECREF(keep);
+}
+"""
+
 ffibuilder = FFI()
-ffibuilder.cdef((HERE / "shm_layout.h").read_text() + (HERE / "shm_api.h").read_text())
+ffibuilder.cdef(
+    (HERE / "shm_layout.h").read_text()
+    + (HERE / "shm_api.h").read_text()
+    + "void shm_np_capsule_free(void *capsule);"
+)
 
 _debug = int(os.environ.get("SHMALLOC_DEBUG", "0"))
 _args = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", f"-DSHMALLOC_DEBUG={_debug}"]
@@ -54,7 +75,7 @@ if os.environ.get("SHMALLOC_SANITIZE") == "1":
 
 ffibuilder.set_source(
     "shmalloc._native",
-    '#include "shm_internal.h"',
+    '#include "shm_internal.h"\n' + CAPSULE_FREE,
     sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=_args,

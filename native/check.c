@@ -362,8 +362,9 @@ static int check_object(shm_handle_t *h, walk_t *w, shm_check_report_t *r, uint6
         o->pickle_len > room - o->nbuffers * sizeof(shm_objbuf_t))
         FAIL(addr, "[O1] the object at %#llx: %u buffers and %llu bytes do not fit its block",
              ULL(addr), o->nbuffers, ULL(o->pickle_len));
-    if (!o->id || o->id > w->next_id ||
-        (o->flags & ~(uint32_t)(SHM_OBJ_DELETED | SHM_OBJ_WRITABLE | SHM_OBJ_QUEUE)))
+    uint32_t known = SHM_OBJ_DELETED | SHM_OBJ_WRITABLE | SHM_OBJ_QUEUE | SHM_OBJ_LENT;
+    if (!o->id || o->id > w->next_id || (o->flags & ~known) ||
+        ((o->flags & SHM_OBJ_LENT) && !o->owner)) /* [O2]: a lent object's owner is its lender */
         FAIL(addr, "[O1] the object at %#llx has id %llu (last given %llu) and flags %#x",
              ULL(addr), ULL(o->id), ULL(w->next_id), o->flags);
     int dying = o->magic == SHM_OBJECT_DYING, deleted = (o->flags & SHM_OBJ_DELETED) != 0;

@@ -20,6 +20,13 @@
  * buffer's entry zeroed, with a journal checkpoint after each, so a process killed in the middle
  * leaves a DYING object that collection finishes, never a leak and never a double free.
  *
+ * Lent buffers (npalloc.c): an object may be published around a block that a numpy array of its
+ * creator allocated and still uses (shm_object_lend): the block becomes its one buffer without a
+ * copy, and the object is LENT: its `owner` is the lender's slot, a hold that stands for the
+ * array's memory and that only the lender's release of the block (shm_object_unlend, from numpy's
+ * free) or the collection of the lender's dead slot drops. delete() leaves it (the array still
+ * reads the memory) and own() refuses it.
+ *
  * Transit tickets: pickling a reference (ObjectRef) takes a ticket, a small OBJPART block on the
  * arena's list, holding one of the object's holds until a process unpickles the reference
  * (shm_ticket_claim turns it into that process's bit) or its deadline passes (objects_expire, from
@@ -448,6 +455,9 @@ static int own_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t i
     int rc = live_slot(h, slot);
     if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
     if (o->flags & SHM_OBJ_DELETED) return gone(object, "it was deleted");
+    if (o->flags & SHM_OBJ_LENT)
+        return err_set(SHM_EINVAL, object, "the object at %#llx is lent memory: it cannot be owned",
+                       (unsigned long long)object);
     if (o->owner != (uint32_t)slot + 1) owner_set(h, o, (uint32_t)slot + 1);
     return SHM_OK;
 }
@@ -484,6 +494,72 @@ int shm_object_hold(shm_handle_t *h, uint64_t object) {
 int shm_object_drop(shm_handle_t *h, uint64_t object) {
     SHM_GATE(h);
     LOCKED(h, hold_locked(h, object, -1));
+}
+
+/* ------------------------------------------------------------------ lent buffers */
+
+/* Publish the header block at object (an unpublished object of slot's with one buffer, the block
+ * the lender's array uses) and make it LENT: slot holds it by its bit and, for the array, as its
+ * owner. */
+static int lend_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t *id_out) {
+    int rc = publish_locked(h, slot, object, 0, id_out);
+    if (rc != SHM_OK) return rc;
+    shm_object_t *o = obj_of(h, object - SHM_HDR);
+    J(h, &o->flags);
+    o->flags |= SHM_OBJ_LENT;
+    owner_set(h, o, (uint32_t)slot + 1);
+    return SHM_OK;
+}
+
+int shm_object_lend(shm_handle_t *h, int32_t slot, const void *pickle, uint64_t pickle_len,
+                    uint64_t address, uint64_t nbytes, uint64_t *out) {
+    SHM_GATE(h);
+    int rc = create_check(h, slot, pickle_len, 1);
+    if (rc != SHM_OK) return rc;
+    int64_t r = alloc_checked(h, sizeof(shm_object_t) + sizeof(shm_objbuf_t) + pickle_len, 0, slot);
+    if (r < 0) return (int)r;
+    uint64_t object = (uint64_t)r & SHM_ALLOC_ADDRESS_MASK;
+    shm_object_t *o = (shm_object_t *)(void *)(h->base + object);
+    memset(o, 0, sizeof *o);
+    o->nbuffers = 1;
+    o->pickle_len = pickle_len;
+    o->nbytes = pickle_len + nbytes;
+    obj_table(o)[0].address = address;
+    obj_table(o)[0].nbytes = nbytes;
+    if (pickle_len) memcpy(obj_table(o) + 1, pickle, pickle_len);
+    uint64_t id = 0;
+    if ((rc = heap_lock(h)) == SHM_OK) { /* publish checks that address is a block of slot's */
+        rc = lend_locked(h, slot, object, &id);
+        heap_unlock(h);
+    }
+    if (rc != SHM_OK) {
+        objects_discard(h, object, 0, NULL);
+        return rc;
+    }
+    out[0] = object;
+    out[1] = id;
+    return SHM_OK;
+}
+
+static int unlend_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
+    uint64_t off;
+    shm_object_t *o;
+    int rc = obj_find(h, object, id, &off, &o);
+    if (rc != SHM_OK) return rc;
+    if (!(o->flags & SHM_OBJ_LENT) || o->owner != (uint32_t)slot + 1)
+        return err_set(SHM_ENOENT, object, "the object at %#llx is not lent by slot %d",
+                       (unsigned long long)object, slot);
+    J(h, &o->flags);
+    o->flags &= ~(uint32_t)SHM_OBJ_LENT;
+    owner_set(h, o, 0);
+    return objects_settle(h, off, o);
+}
+
+int shm_object_unlend(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
+    SHM_GATE(h);
+    if (slot < 0 || slot >= SHM_MAX_PROCS)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    LOCKED(h, unlend_locked(h, slot, object, id));
 }
 
 /* ------------------------------------------------------------------ tickets */
@@ -654,7 +730,7 @@ static int delete_locked(shm_handle_t *h, uint64_t object, uint64_t id) {
     if (n < 0) return (int)n;
     J(h, &o->holds); /* queue slots and handles too: their later drop finds SHM_ENOENT */
     o->holds = 0;
-    if (o->owner) owner_set(h, o, 0);
+    if (o->owner && !(o->flags & SHM_OBJ_LENT)) owner_set(h, o, 0); /* a lender's array reads it */
     if (block_at(h, off)->flags & SHM_BF_NAMED) {
         names_drop_address(h, object);
         if ((rc = block_claim(h, off)) != SHM_OK) return rc;
@@ -698,8 +774,11 @@ int objects_collect(shm_handle_t *h, int32_t slot) {
             for (int i = 0; i < SHM_MAX_PROCS; i++)
                 if (((dead[i / 64] >> (i % 64)) & 1) && holder_bit(o, i)) holder_set(h, o, i, 0);
             if (o->owner >= 1 && o->owner <= SHM_MAX_PROCS &&
-                ((dead[(o->owner - 1) / 64] >> ((o->owner - 1) % 64)) & 1))
+                ((dead[(o->owner - 1) / 64] >> ((o->owner - 1) % 64)) & 1)) {
+                J(h, &o->flags); /* a lender's array died with it */
+                o->flags &= ~(uint32_t)SHM_OBJ_LENT;
                 owner_set(h, o, 0);
+            }
             if (o->magic == SHM_OBJECT_DYING || obj_unheld(h, off, o)) rc = obj_free(h, off, &end);
             journal_checkpoint(h);
         }

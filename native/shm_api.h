@@ -314,6 +314,15 @@ int shm_objects_set_transit_timeout(shm_handle_t *h, uint64_t ns);
 /* Counts for stats and tests; held is for slot (-1: 0). */
 int shm_objects_info(shm_handle_t *h, int32_t slot, shm_objects_info_t *out);
 uint64_t shm_bind_seq_offset(void); /* segment offset of the bind_seq wait word */
+/* Publish, held by slot, an object whose one buffer is the plain block of slot's at address (the
+ * memory of a numpy array of slot's process: npalloc.c), without a copy: pickle_len bytes of
+ * stream, nbytes of the block. The object is LENT: slot also holds it as its owner until
+ * shm_object_unlend (the array frees the block) or slot's collection. out[0] = the object's
+ * address, out[1] = its id. */
+int shm_object_lend(shm_handle_t *h, int32_t slot, const void *pickle, uint64_t pickle_len,
+                    uint64_t address, uint64_t nbytes, uint64_t *out);
+/* The lender's array is gone: drop its hold. 1 if that freed the object. */
+int shm_object_unlend(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id);
 /* names: unbind lives in objects.c (a name is one of an object's holds; unbinding the last may
  * free it) */
 int shm_name_unbind(shm_handle_t *h, const char *name);
@@ -372,6 +381,35 @@ int shm_queue_put_new(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t qu
 #define SHM_QGET_COPIED 3
 int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t *out,
                    uint32_t cap, void *dst, uint64_t dst_cap, uint32_t *seq_out);
+
+/* npalloc.c: numpy's memory handler over an arena (NEP 49), for one process and one handle.
+ * shm_np_new makes one: requests of at least threshold bytes get arena blocks owned by slot,
+ * others (and those the arena cannot serve) go to the handler whose PyDataMem_Handler is at
+ * fallback (numpy's default, from PyDataMem_GetHandler). shm_np_handler is the
+ * PyDataMem_Handler to wrap in a capsule named "mem_handler" whose destructor is
+ * shm_np_capsule_free (build_ffi.py: the Python side of it) and whose context is a Python object
+ * that keeps the handle and the mapping alive (the destructor drops it and calls shm_np_free).
+ * NULL: out of memory. */
+typedef struct shm_np shm_np_t;
+typedef struct shm_np_stats {
+    uint64_t arena_allocs;  /* blocks handed to numpy from the arena, ever */
+    uint64_t arena_blocks;  /* of them, not freed by numpy yet */
+    uint64_t fallbacks;     /* requests of threshold bytes or more the arena could not serve */
+    uint64_t lent;          /* blocks lent to objects, ever */
+    uint64_t lent_live;     /* of them, still used by numpy */
+    uint64_t free_failures; /* frees the core refused (the block stays its slot's) */
+} shm_np_stats_t;
+shm_np_t *shm_np_new(shm_handle_t *h, int32_t slot, uint64_t threshold, const void *fallback);
+void *shm_np_handler(shm_np_t *np);
+void shm_np_free(shm_np_t *np);
+const char *shm_np_capsule_name(void); /* "mem_handler", static */
+/* The arena address of data, a pointer numpy got from np's arena, or SHM_EINVAL. */
+int64_t shm_np_address(shm_np_t *np, uint64_t data);
+/* shm_object_lend of the block under data (nbytes of it), remembered so that numpy's free of
+ * the block drops the object's hold instead of freeing it. out as shm_object_lend's. */
+int shm_np_lend(shm_np_t *np, uint64_t data, const void *pickle, uint64_t pickle_len,
+                uint64_t nbytes, uint64_t *out);
+void shm_np_stats(shm_np_t *np, shm_np_stats_t *out);
 
 /* own.c */
 int shm_block_adopt(shm_handle_t *h, uint64_t address, int32_t slot);

@@ -137,6 +137,10 @@
  *     each sleep), see wait.c.
  *   - a process inside one of handoff.c's combined calls: what the steps it combines leave (its
  *     blocks are plain blocks of its slot until the publish; see the other items here).
+ *   - a process whose numpy arrays live in the arena (npalloc.c): they are plain blocks of its
+ *     slot (collection frees them) or buffers of LENT objects it owns (collection clears the
+ *     owner, and frees the object if nothing else holds it). Which block is lent to which object
+ *     is also kept in the process (a table in its handler), never needed after its death.
  *   - a queue's producer or consumer (queue.c draws the cell's two states): put and get are
  *     one journaled step each, rolled back if the process dies inside; before put's step the
  *     item is an unpublished object of the dying slot (collection frees it), after get's step
@@ -170,6 +174,8 @@
  * coordinator runs it before each tick. An access that races the truncation is not caught.
  *
  * Files. The C files call each other in layers, without cycles (nm over the objects shows it):
+ *   npalloc.c              numpy's memory handler over an arena (NEP 49): blocks for large
+ *                          arrays, lent to objects without a copy; above alloc.c and objects.c
  *   handoff.c              the combined calls of a hand-off (put, Queue.put, Queue.get in one
  *                          call each): sequences of objects.c's and queue.c's steps, no state
  *   queue.c                queues of objects, on top of objects.c; the one cycle among the
@@ -194,7 +200,7 @@
  *                                        subdivisions of each power of two
  * The bitmap has one bit per bin, set exactly when the bin is non-empty ([F3] in check.c). */
 #define SHM_MAGIC 0x434f4c4c414d4853
-#define SHM_LAYOUT_VERSION 8
+#define SHM_LAYOUT_VERSION 9
 #define SHM_ALIGN 16
 #define SHM_MIN_BLOCK 64
 #define SHM_NBINS 213
@@ -352,7 +358,9 @@ typedef struct shm_name {
  *   [O1] magic in {SHM_OBJECT_MAGIC, SHM_OBJECT_DYING}; the header block is persistent, OBJECT
  *   [O2] bit s of holders is set exactly when slot s holds a process reference; held[s] of
  *        shm_objects_t counts the objects with bit s set plus those whose owner is s + 1 (an
- *        owner, shmalloc.arrays' producer, holds until it ends or anyone deletes the object)
+ *        owner, shmalloc.arrays' producer, holds until it ends or anyone deletes the object; a
+ *        LENT object's owner is the process whose numpy array uses its buffer, and holds until
+ *        that array frees it or the process ends, deleted or not): LENT implies owner != 0
  *   [O3] holds == the transit tickets naming the object + the queue cells naming it + anonymous
  *        holds (hold(): shmalloc.arrays), so holds >= tickets + cells; a deleted object has
  *        holds == 0 and no ticket names it
@@ -377,6 +385,7 @@ typedef struct shm_object {
 #define SHM_OBJECT_DYING 0x474e495944424f53
 #define SHM_OBJ_DELETED 1  /* delete() was called: no new references, get() finds nothing */
 #define SHM_OBJ_WRITABLE 2 /* made by empty(): its buffer is not sealed */
+#define SHM_OBJ_LENT 8     /* its buffer is a numpy array's memory (npalloc.c); owner: lender */
 
 /* One out-of-band buffer of an object: its block's address and the bytes it uses. */
 typedef struct shm_objbuf {

@@ -790,6 +790,65 @@ def objects_info(h: Handle, slot: int = -1) -> ObjectsInfo:
     )
 
 
+# ------------------------------------------------------------------ numpy's handler (npalloc.c)
+
+
+@dataclass(frozen=True)
+class NpStats:
+    """What one arena handler gave numpy (shm_np_stats_t)."""
+
+    arena_allocs: int
+    arena_blocks: int
+    fallbacks: int
+    lent: int
+    lent_live: int
+    free_failures: int
+
+
+def np_new(h: Handle, slot: int, threshold: int, fallback: int) -> CData:
+    """A numpy memory handler over the arena of ``h`` for ``slot``, falling back to the
+    PyDataMem_Handler at address ``fallback``; freed by its capsule's destructor only."""
+    np = lib.shm_np_new(h, slot, threshold, ffi.cast("void *", fallback))
+    if np == ffi.NULL:
+        raise MemoryError("no memory for a numpy handler")
+    return np
+
+
+def np_handler(np: CData) -> int:
+    """The address of the handler's PyDataMem_Handler (the capsule's pointer)."""
+    return int(ffi.cast("uintptr_t", lib.shm_np_handler(np)))
+
+
+def np_capsule_name() -> int:
+    """The address of the C core's static "mem_handler", the name numpy wants on the capsule."""
+    return int(ffi.cast("uintptr_t", lib.shm_np_capsule_name()))
+
+
+def np_capsule_destructor() -> int:
+    """The address of the C function that frees a handler when its capsule goes."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "shm_np_capsule_free")))
+
+
+def np_address(np: CData, data: int) -> int | None:
+    """The arena address of ``data`` if numpy got that pointer from this handler's arena."""
+    r = lib.shm_np_address(np, data)
+    return None if r < 0 else int(r)
+
+
+def np_lend(np: CData, data: int, pickle: bytes, nbytes: int) -> tuple[int, int]:
+    """Publish, without a copy, an object whose buffer is the block under ``data`` (``nbytes``
+    of it) and whose stream is ``pickle``: (its address, its id), held by the handler's slot."""
+    out = ffi.new("uint64_t[2]")
+    _check(lib.shm_np_lend(np, data, pickle, len(pickle), nbytes, out))
+    return int(out[0]), int(out[1])
+
+
+def np_stats(np: CData) -> NpStats:
+    out = ffi.new("shm_np_stats_t *")
+    lib.shm_np_stats(np, out)
+    return _read(NpStats, out)
+
+
 # ------------------------------------------------------------------ queues (queue.c)
 
 QPUT_NEW: int = lib.SHM_QPUT_NEW

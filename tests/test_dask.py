@@ -102,6 +102,27 @@ def test_local_cluster_arrays_and_frames_match_plain_dask(cluster: Any) -> None:
     assert sum(r["bytes_other_host"] for r in sent) < 64 * 1024  # just the small results
 
 
+def test_task_results_go_in_without_a_copy(cluster: Any) -> None:
+    client, _, _ = cluster
+    x = da.random.RandomState(4).random((2048, 2048), chunks=(512, 512))  # 2 MiB chunks
+    got = (x + x.T).sum().compute()
+    with dask.config.set(scheduler="sync"):
+        want = (x + x.T).sum().compute()
+    assert got == pytest.approx(want)
+    sent = reports(client).values()
+    assert sum(r["lent"] for r in sent) >= 8  # chunks made in the arena, published as they are
+    assert sum(r["bytes_copied"] for r in sent) == 0
+    assert sum(r["refs_sent"] for r in sent) > 0
+    a = list(reports(client))[0]
+    made = client.submit(np.ones, MiB // 8, workers=[a])  # 1 MiB: not made in the arena
+
+    def stored_in_arena(key: str) -> tuple[bool, bool]:  # nested: by value
+        store = distributed.get_worker().plugins["shmalloc"].store
+        return store.ref(key) is not None, store.allocator.owns(store[key])
+
+    assert client.submit(stored_in_arena, made.key, workers=[a]).result() == (True, True)
+
+
 def _evict_all(dask_worker: Any) -> int:
     n = 0
     while len(dask_worker.data.fast) and dask_worker.data.evict() >= 0:
@@ -157,6 +178,7 @@ def test_kill_9_of_a_worker_is_recomputed_and_reclaimed(cluster: Any) -> None:
         while pid in {p.pid for p in mgr.processes()}:  # the host coordinator reclaims its slot
             assert time.monotonic() < deadline, "the killed worker was not reclaimed"
             time.sleep(0.05)
+        mgr.check()  # the dead worker's lent arrays: their objects' owners were dropped
     with dask.config.set(scheduler="sync"):
         want = (plain + plain.T).sum().compute()
     assert got == pytest.approx(want)

@@ -12,7 +12,11 @@ plugin), ``setup``:
    spill;
 3. wraps the ``get_data`` handler so that a peer of the same host gets references
    (serialize.py);
-4. makes the worker's measure of its process memory count the arena once per host: its resident
+4. makes numpy allocate the arrays of ``numpy_size`` bytes or more that tasks make in the arena
+   (shmalloc.npalloc's handler, made numpy's in the asyncio task of each ``Worker.execute``, whose
+   context Dask copies into the executor thread that runs the task), so that the store lends them
+   to the arena without a copy;
+5. makes the worker's measure of its process memory count the arena once per host: its resident
    memory less the shared pages it has mapped (every worker that touched an arena page has it in
    its RSS), plus the bytes of the objects it put in the arena.
 ``teardown`` (the worker closing) drops the worker's values and leaves the arena, destroying it
@@ -23,11 +27,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Hashable
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..manager import attachment_of
+from ..npalloc import ArenaAllocator
 from .host import HostArena, arena_name, host_identity
 from .serialize import TransferStats, is_registered, register, unregister, wrap_get_data
 from .store import ArenaStore
@@ -73,6 +80,9 @@ class ShmallocPlugin(WorkerPlugin):
     ``min_size``), and those fetched from a worker of another host, when a worker of the same
     host first asks for them, so that those nobody asks for cost no copy.
     ``0``: every value at store time; ``math.inf``: every value on demand.
+    ``numpy_size``: numpy arrays of at least this many bytes that tasks make are allocated in the
+    arena and go in when stored, without a copy, whatever ``eager_size`` says (``math.inf``: none;
+    without numpy: none).
     """
 
     name = "shmalloc"
@@ -85,8 +95,11 @@ class ShmallocPlugin(WorkerPlugin):
         min_size: int = 64 * 1024,
         account_memory: bool = True,
         eager_size: float = 1 << 20,
+        numpy_size: float = 1 << 20,
     ) -> None:
         self.eager_size = eager_size
+        self.numpy_size = numpy_size
+        self.allocator: ArenaAllocator | None = None
         self.capacity = capacity
         self.min_size = min_size
         self.account_memory = account_memory
@@ -102,6 +115,7 @@ class ShmallocPlugin(WorkerPlugin):
             "min_size": self.min_size,
             "account_memory": self.account_memory,
             "eager_size": self.eager_size,
+            "numpy_size": self.numpy_size,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -114,11 +128,13 @@ class ShmallocPlugin(WorkerPlugin):
         name = arena_name(worker.scheduler.address, self.host)
         self.member = member = HostArena.join(name, self.capacity)
         register(member.mgr, worker.address)
+        self.allocator = self._install_allocator(worker, member)
         self.store = store = ArenaStore(
             member.mgr,
             min_size=self.min_size,
             eager_size=self.eager_size,
             fetched=lambda key: _fetched(worker.state, key),
+            allocator=self.allocator,
         )
         self._install_store(worker, store)
         original = worker.handlers["get_data"]
@@ -134,6 +150,28 @@ class ShmallocPlugin(WorkerPlugin):
         logger.info(
             "worker %s keeps its data in arena %s (host %s)", worker.address, name, self.host
         )
+
+    def _install_allocator(self, worker: Any, member: HostArena) -> ArenaAllocator | None:
+        """numpy's handler over the arena while the worker's tasks run (see the module's
+        docstring, step 4), or None when ``numpy_size`` is inf or numpy is missing."""
+        if math.isinf(self.numpy_size):
+            return None
+        try:
+            allocator = ArenaAllocator(attachment_of(member.mgr), max(int(self.numpy_size), 1))
+        except ImportError:
+            return None
+        original = worker.execute
+
+        async def execute(key: Any, *, stimulus_id: str) -> Any:
+            previous = allocator.install()  # in this asyncio task's context, which Dask copies
+            try:
+                return await original(key, stimulus_id=stimulus_id)
+            finally:
+                allocator.restore(previous)
+
+        worker.execute = execute
+        self._restore.append(lambda: vars(worker).pop("execute", None))
+        return allocator
 
     def _install_store(self, worker: Any, store: ArenaStore) -> None:
         data = worker.memory_manager.data
@@ -171,6 +209,9 @@ class ShmallocPlugin(WorkerPlugin):
         if self.store is not None:
             self.store.clear()
             self.store = None
+        if self.allocator is not None:
+            self.allocator.close()  # its handler goes with the last array it made
+            self.allocator = None
         member, self.member = self.member, None
         if member is None:
             return
@@ -189,6 +230,11 @@ class ShmallocPlugin(WorkerPlugin):
             "values": 0 if store is None else len(store),
             "in_arena": 0 if store is None else store.in_arena(),
             "owned_bytes": 0 if store is None else store.owned_bytes,
+            "lent": 0 if store is None else store.lent,
+            "bytes_copied": 0 if store is None else store.bytes_copied,
+            "numpy_arena_allocs": 0
+            if self.allocator is None
+            else self.allocator.stats().arena_allocs,
             "refs_sent": self.stats.refs_sent,
             "values_sent": self.stats.values_sent,
             "bytes_same_host": self.stats.bytes_same_host,

@@ -1,7 +1,10 @@
 """The worker's data in the host arena: a MutableMapping that Dask's SpillBuffer uses as its fast
 (in-memory) part, or that replaces a worker's plain dict when it does not spill.
 
-A value worth sharing (numpy arrays, pandas objects, bytes, of at least ``min_size`` bytes)
+A numpy array that a task made in the arena (the plugin's ``numpy_size``: shmalloc.npalloc's
+handler is numpy's while tasks run) goes in when it is stored, whatever its size from
+``min_size``, without a copy: the object's buffer is the array's own memory (``lend``). Any
+other value worth sharing (numpy arrays, pandas objects, bytes, of at least ``min_size`` bytes)
 moves into the arena (``mgr.put``, one copy) at once when it is stored if it has at least
 ``eager_size`` bytes and this worker made it, so that every transfer of it is a reference and
 the copy is paid by its maker, off the transfers' path. Else (a smaller value, or one fetched
@@ -31,6 +34,7 @@ from typing import Any
 from dask.sizeof import sizeof
 
 from ..manager import MemoryManager
+from ..npalloc import ArenaAllocator
 from ..objects import ObjectRef
 
 __all__ = ["REF_WEIGHT", "ArenaStore", "adopt_arrived", "note_arrived"]
@@ -93,8 +97,10 @@ class ArenaStore(MutableMapping[Hashable, Any]):
         min_size: int = 64 * 1024,
         eager_size: float = 1 << 20,
         fetched: Callable[[Hashable], bool] = lambda key: False,
+        allocator: ArenaAllocator | None = None,
     ) -> None:
         self.mgr = mgr
+        self.allocator = allocator  # the handler tasks allocate through, if any: its arrays lend
         self.fetched = fetched  # is the value being stored under key one fetched from a peer?
         self.min_size = min_size
         self.eager_size = max(eager_size, min_size)
@@ -102,6 +108,8 @@ class ArenaStore(MutableMapping[Hashable, Any]):
         self._refs: dict[Hashable, ObjectRef] = {}
         self._owned: dict[Hashable, int] = {}  # bytes this worker put, by key
         self.owned_bytes = 0
+        self.lent = 0  # values that went into the arena without a copy
+        self.bytes_copied = 0  # bytes that went in by a copy (mgr.put)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ accounting
@@ -132,12 +140,18 @@ class ArenaStore(MutableMapping[Hashable, Any]):
             return self._refs.get(key)
 
     def _put(self, key: Hashable, value: Any) -> None:
-        """Move ``value`` (stored under ``key``) into the arena (under the lock)."""
-        try:
-            ref = self.mgr.put(value)
-        except MemoryError:
-            return  # the arena is full: keep it in the process, as plain Dask would
-        self._values[key] = self.mgr.get(ref)
+        """Move ``value`` (stored under ``key``) into the arena (under the lock): lent if it is
+        an array made there (it stays the stored value, read-only now), else copied."""
+        ref = None if self.allocator is None else self.allocator.lend(value)
+        if ref is not None:
+            self.lent += 1
+        else:
+            try:
+                ref = self.mgr.put(value)
+            except MemoryError:
+                return  # the arena is full: keep it in the process, as plain Dask would
+            self.bytes_copied += ref.nbytes
+            self._values[key] = self.mgr.get(ref)
         self._refs[key] = ref
         self._owned[key] = ref.nbytes
         self.owned_bytes += ref.nbytes
@@ -151,8 +165,12 @@ class ArenaStore(MutableMapping[Hashable, Any]):
             self._values[key] = value
             if ref is not None:
                 self._refs[key] = ref
-            elif _shareable_size(value) >= self.eager_size and not self.fetched(key):
+                return
+            size = _shareable_size(value)
+            if size >= self.eager_size and not self.fetched(key):
                 self._put(key, value)
+            elif size >= self.min_size and self.allocator and self.allocator.owns(value):
+                self._put(key, value)  # made in the arena: lent, no copy
 
     def _pop(self, key: Hashable) -> Any:
         value = self._values.pop(key, None)
