@@ -31,6 +31,29 @@ __all__ = ["Attachment", "check_int", "own_arena_mode", "validate_name"]
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,199}")
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
 
+# A segment being formatted, before it is linked to its name: this prefix, the creator's pid, a
+# random part. One left by a creator killed mid-way is swept by a later create once it is older
+# than ABANDONED_AFTER seconds (formatting takes milliseconds; the age, not the pid, decides,
+# since the creator may run in another pid namespace sharing /dev/shm).
+_CREATING = ".shmalloc-creating-"
+ABANDONED_AFTER = 600.0
+
+
+def _sweep_abandoned() -> None:
+    """Unlink this user's half-formatted segments that their creators abandoned long ago."""
+    now = time.time()
+    with os.scandir(SHM_DIR) as it:
+        for e in it:
+            if not e.name.startswith(_CREATING):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+                if st.st_uid == os.geteuid() and now - st.st_mtime > ABANDONED_AFTER:
+                    os.unlink(e.path)
+            except FileNotFoundError:
+                continue  # its creator finished, or another sweep took it
+
+
 # Attachments open in this process: a fork child forgets their slots (it is a new process).
 _open: weakref.WeakSet[Attachment] = weakref.WeakSet()
 
@@ -166,7 +189,8 @@ class Attachment:
         )
         if os.path.lexists(os.path.join(SHM_DIR, name)):
             raise exists
-        private = f".shmalloc-creating-{secrets.token_hex(8)}"
+        _sweep_abandoned()
+        private = f"{_CREATING}{os.getpid()}-{secrets.token_hex(8)}"
         try:
             shm = posix_ipc.SharedMemory("/" + private, posix_ipc.O_CREX, mode=mode, size=rounded)
         except posix_ipc.PermissionsError as e:
@@ -177,6 +201,7 @@ class Attachment:
             a.h = C.handle_open(a.base, rounded, shm.fd)
             os.link(os.path.join(SHM_DIR, private), os.path.join(SHM_DIR, name))
         except BaseException as e:
+            a.h = None  # (freed with its last reference) so that __del__ leaves the fd alone
             a._unmap()
             shm.close_fd()
             if isinstance(e, FileExistsError):

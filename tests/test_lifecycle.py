@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import pickle
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import posix_ipc
 import pytest
 from conftest import SHM_DIR
 
-from shmalloc import CorruptionDetected, MemoryManager, NotAnArena
+from shmalloc import CorruptionDetected, MemoryManager, NotAnArena, attachment
 from shmalloc import _binding as C
 from shmalloc.manager import attachment_of
 
@@ -115,6 +116,29 @@ def test_create_named(arena_name: str) -> None:
         m.close()
         m.destroy()
     assert not os.path.exists(_path(arena_name))
+
+
+def test_create_sweeps_segments_abandoned_mid_create(arena_name: str) -> None:
+    """A creator killed while formatting leaves its private dot name behind; a later create
+    unlinks those older than ABANDONED_AFTER, and leaves a recent one (a creator at work)."""
+    old = posix_ipc.SharedMemory(
+        f"/.shmalloc-creating-1-old{arena_name}", posix_ipc.O_CREX, size=4096
+    )
+    new = posix_ipc.SharedMemory(
+        f"/.shmalloc-creating-1-new{arena_name}", posix_ipc.O_CREX, size=4096
+    )
+    old.close_fd()
+    new.close_fd()
+    then = time.time() - attachment.ABANDONED_AFTER - 60
+    os.utime(_path(old.name[1:]), (then, then))
+    try:
+        MemoryManager.create(arena_name, MiB).destroy()
+        assert not os.path.exists(_path(old.name[1:]))
+        assert os.path.exists(_path(new.name[1:]))
+    finally:
+        for seg in (old, new):
+            if os.path.exists(_path(seg.name[1:])):
+                seg.unlink()
 
 
 def test_create_duplicate_is_file_exists(mgr: MemoryManager) -> None:
