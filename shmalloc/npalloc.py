@@ -41,8 +41,9 @@ from typing import Any
 from . import _binding as C
 from . import encoding
 from .access import mapped
-from .attachment import Attachment
+from .attachment import check_int
 from .errors import InvalidAddress
+from .manager import MemoryManager, attachment_of
 from .objects import ObjectRef, _critical, _held_ref
 from .tracking import slot_for
 
@@ -117,9 +118,13 @@ def _capsule(handler: int, keep: object) -> Any:
 class ArenaAllocator:
     """numpy's memory handler over one arena, for this process (see the module's docstring)."""
 
-    def __init__(self, a: Attachment, threshold: int = DEFAULT_THRESHOLD) -> None:
+    def __init__(self, mgr: MemoryManager, threshold: int = DEFAULT_THRESHOLD) -> None:
+        if not isinstance(mgr, MemoryManager):
+            raise TypeError(f"mgr must be a MemoryManager, not {type(mgr).__name__}")
+        threshold = check_int(threshold, "threshold")
         if threshold < 1:
             raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
+        a = attachment_of(mgr)
         api = _numpy()
         h = a.handle()
         fallback = _api.PyCapsule_GetPointer(api.default, _CAPSULE_NAME)

@@ -30,7 +30,7 @@ def live(m: MemoryManager) -> int:
 
 @pytest.fixture
 def alloc(mgr: MemoryManager) -> Iterator[ArenaAllocator]:
-    a = ArenaAllocator(attachment_of(mgr), threshold=MiB)
+    a = ArenaAllocator(mgr, threshold=MiB)
     yield a
     a.close()
     gc.collect()  # its capsule goes with the last array it made: then the arena may close
@@ -115,7 +115,7 @@ def test_a_deleted_lent_object_keeps_the_array_valid(
 def test_a_full_arena_falls_back_to_numpy(arena_name: str) -> None:
     with MemoryManager.create(arena_name, 8 * MiB) as small:
         try:
-            a = ArenaAllocator(attachment_of(small), threshold=MiB)
+            a = ArenaAllocator(small, threshold=MiB)
             with a.active():
                 big = np.ones(2 * MiB)  # 16 MiB: more than the arena
                 fits = np.ones(MiB // 8)
@@ -158,10 +158,9 @@ def test_threads_allocate_lend_and_free_at_once(mgr: MemoryManager, alloc: Arena
 LENDER = """
 import sys, numpy as np
 from shmalloc import MemoryManager
-from shmalloc.manager import attachment_of
 from shmalloc.npalloc import ArenaAllocator
 mgr = MemoryManager.attach(sys.argv[1])
-alloc = ArenaAllocator(attachment_of(mgr))
+alloc = ArenaAllocator(mgr)
 with alloc.active():
     lent, plain = np.ones(1 << 18), np.ones(1 << 18)
 ref = alloc.lend(lent)

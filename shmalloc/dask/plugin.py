@@ -33,7 +33,6 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..manager import attachment_of
 from ..npalloc import ArenaAllocator
 from .host import HostArena, arena_name, host_identity
 from .serialize import TransferStats, is_registered, register, unregister, wrap_get_data
@@ -157,7 +156,7 @@ class ShmallocPlugin(WorkerPlugin):
         if math.isinf(self.numpy_size):
             return None
         try:
-            allocator = ArenaAllocator(attachment_of(member.mgr), max(int(self.numpy_size), 1))
+            allocator = ArenaAllocator(member.mgr, max(int(self.numpy_size), 1))
         except ImportError:
             return None
         original = worker.execute
