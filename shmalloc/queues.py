@@ -241,9 +241,9 @@ class _Base:
         """One attempt to take an item into ``box``: None when taken, else the not_empty word
         to wait on."""
         taken = self._take_one()
-        if type(taken) is int:
+        if isinstance(taken, int):
             return taken
-        box.append(taken)  # type: ignore[arg-type]
+        box.append(taken)
         return None
 
     def _take_one(self) -> _Taken | int:
@@ -304,15 +304,15 @@ class _Base:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
         taken = self._take_one()
-        if type(taken) is int:  # empty: wait, as _retry does
+        if isinstance(taken, int):  # empty: wait, as _retry does
             box: list[_Taken] = []
             take = self._take
             if not self._retry(lambda: take(box), C.QWAIT_NOT_EMPTY, taken, deadline, block):
                 raise Empty
             taken = box.pop()
-        if taken.stream is not None:  # type: ignore[union-attr]
-            return encoding.decode(taken.stream)  # type: ignore[union-attr]
-        return self._load(taken)  # type: ignore[arg-type]
+        if taken.stream is not None:
+            return encoding.decode(taken.stream)
+        return self._load(taken)
 
     # -------------------------------------------------------------- common methods
 
