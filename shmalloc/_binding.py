@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from functools import cache
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from . import errors as E
@@ -672,14 +672,20 @@ def object_publish(h: Handle, slot: int, address: int, writable: bool) -> int:
     return int(oid[0])
 
 
+# ObjectView(...) runs NamedTuple's Python-level __new__; tuple.__new__ builds the same in C
+_new_view: Callable[[tuple[Any, ...]], ObjectView] = partial(tuple.__new__, ObjectView)
+
+
 def _view(out: CData) -> ObjectView:
-    """The ObjectView of a combined call's out words."""
-    w = ffi.unpack(out, GET_WORDS)
+    """The ObjectView of a combined call's out words (with its first buffer pair: one unpack
+    for the common object of at most one buffer)."""
+    w = ffi.unpack(out, GET_WORDS + 2)
     n = w[6]
-    if not n:
-        return ObjectView(w[0], w[1], w[2], w[3], w[4], w[5], ())
+    if n <= 1:
+        bufs = ((w[GET_WORDS], w[GET_WORDS + 1]),) if n else ()
+        return _new_view((w[0], w[1], w[2], w[3], w[4], w[5], bufs))
     it = iter(ffi.unpack(out + GET_WORDS, 2 * n))
-    return ObjectView(w[0], w[1], w[2], w[3], w[4], w[5], tuple(zip(it, it, strict=True)))
+    return _new_view((w[0], w[1], w[2], w[3], w[4], w[5], tuple(zip(it, it, strict=True))))
 
 
 def object_get(

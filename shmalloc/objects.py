@@ -364,12 +364,18 @@ def _pinned(a: Attachment, key: Key, spans: list[tuple[int, int]], writable: boo
     """Views of the given (address, nbytes) spans of the mapping, all made from one cffi buffer
     whose destructor drops this process's hold on ``key`` when the last view dies. The buffer
     also keeps the mapping exported, so close() refuses to unmap under it."""
-    lo = min(s for s, _ in spans)
-    hi = max(s + n for s, n in spans)
+    if len(spans) == 1:  # the common case (an array): the view is the whole buffer
+        lo, n = spans[0]
+        hi = lo + n
+    else:
+        lo = min(s for s, _ in spans)
+        hi = max(s + n for s, n in spans)
     pin = C.pin_buffer(mapped(a, lo, hi), functools.partial(_finalize, key, True, _me))
     whole = memoryview(pin)
     if not writable:
         whole = whole.toreadonly()
+    if len(spans) == 1:
+        return [whole]
     return [whole[s - lo : s - lo + n] for s, n in spans]
 
 
