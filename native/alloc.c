@@ -69,8 +69,8 @@ int64_t shm_alloc(shm_handle_t *h, uint64_t size, uint64_t align, int32_t slot) 
         return err_set(SHM_EALIGN, align, "alignment %llu is not a power of two up to %d",
                        (unsigned long long)align, SHM_PAGE);
     }
-    if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     return alloc_checked(h, size, align <= SHM_ALIGN ? 0 : align, slot);
 }
 

@@ -524,8 +524,8 @@ void cache_finish_pushes(shm_handle_t *h) {
 
 int shm_cache_flush(shm_handle_t *h, int32_t slot) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     return cache_flush(h, slot);
 }
 
@@ -546,8 +546,8 @@ int shm_cache_set_limit(shm_handle_t *h, uint64_t limit) {
 
 int shm_cache_info(shm_handle_t *h, int32_t slot, shm_cache_info_t *out) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     const shm_cache_t *c = cache_of(h, slot);
     out->cached_bytes = A_LOAD(&c->cached_bytes);
     out->cached_blocks = A_LOAD(&c->cached_blocks);

@@ -133,9 +133,9 @@ int shm_gc(shm_handle_t *h, int32_t slot, int all_blocks, uint32_t pid, uint64_t
  * collection cleans it. Returns 1 if freed. */
 int shm_proc_detach(shm_handle_t *h, int32_t slot) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = cache_flush(h, slot); /* not shm_cache_flush: this call has passed the gate */
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
+    rc = cache_flush(h, slot); /* not shm_cache_flush: this call has passed the gate */
     if (rc != SHM_OK) return rc;
     if ((rc = heap_lock(h)) != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];

@@ -246,7 +246,7 @@ int life_probe(shm_handle_t *h, int slot) {
 
 int shm_proc_life(shm_handle_t *h, int32_t slot) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     return life_peek(h, slot);
 }

@@ -213,8 +213,8 @@ int objects_held(const shm_handle_t *h, int32_t slot) {
 /* ------------------------------------------------------------------ create and publish */
 
 static int create_check(shm_handle_t *h, int32_t slot, uint64_t pickle_len, uint32_t nbuffers) {
-    if (slot < 0 || slot >= SHM_MAX_PROCS || h->arena->procs[slot].state != SHM_PROC_LIVE)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
+    int rc = proc_live_check(h, slot);
+    if (rc != SHM_OK) return rc;
     if (nbuffers > SHM_OBJECT_MAX_BUFFERS)
         return err_set(SHM_EINVAL, nbuffers, "an object has at most %d out-of-band buffers",
                        SHM_OBJECT_MAX_BUFFERS);
@@ -327,18 +327,12 @@ static int publish_locked(shm_handle_t *h, int32_t slot, uint64_t object, int wr
 int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writable,
                        uint64_t *id_out) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     LOCKED(h, publish_locked(h, slot, object, writable, id_out));
 }
 
 /* ------------------------------------------------------------------ references */
-
-static int live_slot(shm_handle_t *h, int32_t slot) {
-    if (slot < 0 || slot >= SHM_MAX_PROCS || h->arena->procs[slot].state != SHM_PROC_LIVE)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
-    return SHM_OK;
-}
 
 static int open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t *o,
                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
@@ -382,7 +376,7 @@ static int get_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t i
                       uint64_t *out, uint32_t cap, void *dst, uint64_t dst_cap) {
     uint64_t off;
     shm_object_t *o;
-    int rc = live_slot(h, slot);
+    int rc = proc_live_check(h, slot);
     if (rc != SHM_OK) return rc;
     if (name) {
         out[SHM_GET_BIND_SEQ] = __atomic_load_n(&section(h)->bind_seq, __ATOMIC_ACQUIRE);
@@ -444,15 +438,15 @@ static int release_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64
 
 int shm_object_release(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     LOCKED(h, release_locked(h, slot, object, id));
 }
 
 static int own_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
     uint64_t off;
     shm_object_t *o;
-    int rc = live_slot(h, slot);
+    int rc = proc_live_check(h, slot);
     if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
     if (o->flags & SHM_OBJ_DELETED) return gone(object, "it was deleted");
     if (o->flags & SHM_OBJ_LENT)
@@ -557,8 +551,8 @@ static int unlend_locked(shm_handle_t *h, int32_t slot, uint64_t object, uint64_
 
 int shm_object_unlend(shm_handle_t *h, int32_t slot, uint64_t object, uint64_t id) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     LOCKED(h, unlend_locked(h, slot, object, id));
 }
 
@@ -661,7 +655,7 @@ static int claim_locked(shm_handle_t *h, int32_t slot, uint64_t ticket, uint64_t
                         uint64_t object, uint64_t id) {
     uint64_t off;
     shm_object_t *o;
-    int rc = live_slot(h, slot);
+    int rc = proc_live_check(h, slot);
     if (rc != SHM_OK || (rc = obj_find(h, object, id, &off, &o)) != SHM_OK) return rc;
     shm_ticket_t *t = ticket_find(h, ticket, ticket_id);
     int claimed = t && t->object == object && t->object_id == o->id;

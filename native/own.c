@@ -9,16 +9,11 @@
  * with the other frees, and refs_release here only says so. */
 #include "shm_internal.h"
 
-static int live_slot(shm_handle_t *h, int32_t slot) {
-    if (slot < 0 || slot >= SHM_MAX_PROCS || h->arena->procs[slot].state != SHM_PROC_LIVE)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
-    return SHM_OK;
-}
-
 static int adopt_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
+    if (rc != SHM_OK || (rc = proc_live_check(h, slot)) != SHM_OK ||
+        (rc = block_claim(h, off)) != SHM_OK)
         return rc;
     if (block_at(h, off)->flags & SHM_BF_NAMED)
         return err_set(SHM_EINVAL, address,
@@ -61,7 +56,8 @@ int shm_block_persist(shm_handle_t *h, uint64_t address) {
 static int retain_locked(shm_handle_t *h, uint64_t address, int32_t slot) {
     uint64_t off;
     int rc = block_from_address(h, address, &off);
-    if (rc != SHM_OK || (rc = live_slot(h, slot)) != SHM_OK || (rc = block_claim(h, off)) != SHM_OK)
+    if (rc != SHM_OK || (rc = proc_live_check(h, slot)) != SHM_OK ||
+        (rc = block_claim(h, off)) != SHM_OK)
         return rc;
     shm_ref_t *refs = h->arena->refs, *empty = NULL;
     uint32_t holder = (uint32_t)slot + 1;

@@ -136,8 +136,8 @@ int shm_proc_find(shm_handle_t *h, uint32_t pid) {
 
 int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     const shm_proc_t *p = &h->arena->procs[slot];
     out->slot = slot;
     out->state = A_LOAD(&p->state);
@@ -159,8 +159,8 @@ int shm_proc_info(shm_handle_t *h, int32_t slot, shm_proc_info_t *out) {
 
 int shm_proc_set_limit(shm_handle_t *h, int32_t slot, uint64_t limit) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS || A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
+    int rc = proc_live_check(h, slot);
+    if (rc != SHM_OK) return rc;
     A_STORE(&h->arena->procs[slot].limit, limit);
     return SHM_OK;
 }
@@ -198,16 +198,16 @@ void proc_move(shm_handle_t *h, uint32_t from, uint32_t to, uint64_t bytes) {
  * library (it compares trim_seq with the last value it saw). */
 int shm_proc_trim_request(shm_handle_t *h, int32_t slot) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     __atomic_add_fetch(&h->arena->procs[slot].trim_seq, 1, __ATOMIC_RELAXED); /* no lock here */
     return SHM_OK;
 }
 
 int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];
     A_STORE(&p->trim_ack, A_LOAD(&p->trim_seq));
     return SHM_OK;
@@ -219,9 +219,9 @@ int shm_proc_trim_ack(shm_handle_t *h, int32_t slot) {
  * namespace). Returns 1 if marked. */
 int shm_proc_mark_dead(shm_handle_t *h, int32_t slot, uint32_t pid, uint64_t start_time) {
     SHM_GATE(h);
-    if (slot < 0 || slot >= SHM_MAX_PROCS)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
-    int rc = heap_lock(h);
+    int rc = proc_slot_check(slot);
+    if (rc != SHM_OK) return rc;
+    rc = heap_lock(h);
     if (rc != SHM_OK) return rc;
     shm_proc_t *p = &h->arena->procs[slot];
     int marked = 0;

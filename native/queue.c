@@ -245,16 +245,10 @@ static int put_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, uint64_t 
     return SHM_OK;
 }
 
-static int live_slot_check(shm_handle_t *h, int32_t slot) {
-    if (slot < 0 || slot >= SHM_MAX_PROCS || A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE)
-        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
-    return SHM_OK;
-}
-
 int shm_queue_put(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t object,
                   uint64_t object_id, uint32_t mode, uint32_t *seq_out) {
     SHM_GATE(h);
-    int rc = live_slot_check(h, slot);
+    int rc = proc_live_check(h, slot);
     if (rc != SHM_OK) return rc;
     if ((mode & SHM_QPUT_KIND) > SHM_QPUT_REF ||
         (mode & ~(uint32_t)(SHM_QPUT_KIND | SHM_QPUT_FORCE)))
@@ -317,7 +311,7 @@ int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_
                   shm_object_view_t *out, uint64_t *bufs, uint32_t cap, uint32_t *seq_out) {
     SHM_GATE(h);
     memset(out, 0, sizeof *out);
-    int rc = live_slot_check(h, slot);
+    int rc = proc_live_check(h, slot);
     if (rc != SHM_OK || (rc = heap_lock(h)) != SHM_OK) return rc;
     shm_object_t *qo;
     shm_queue_t *q = NULL;

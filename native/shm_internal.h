@@ -281,6 +281,18 @@ int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
 void pressure_update(shm_handle_t *h, int *rose);
 
 /* process.c */
+/* SHM_OK if slot indexes the process table, else SHM_EINVAL reported (an entry point's check). */
+static inline int proc_slot_check(int32_t slot) {
+    if (UNLIKELY(slot < 0 || slot >= SHM_MAX_PROCS))
+        return err_set(SHM_EINVAL, (uint64_t)slot, "no process slot %d", slot);
+    return SHM_OK;
+}
+/* SHM_OK if slot is a live (attached) process's, else SHM_EINVAL reported. */
+static inline int proc_live_check(const shm_handle_t *h, int32_t slot) {
+    if (slot < 0 || slot >= SHM_MAX_PROCS || A_LOAD(&h->arena->procs[slot].state) != SHM_PROC_LIVE)
+        return err_set(SHM_EINVAL, (uint64_t)slot, "process slot %d is not attached", slot);
+    return SHM_OK;
+}
 static inline int proc_slot_is_valid(const shm_handle_t *h, uint32_t owner) {
     return owner >= 1 && owner <= SHM_MAX_PROCS &&
            A_LOAD(&h->arena->procs[owner - 1].state) != SHM_PROC_FREE;

@@ -864,7 +864,6 @@ QPUT_FORCE: int = lib.SHM_QPUT_FORCE
 QWAIT_NOT_EMPTY: int = lib.SHM_QWAIT_NOT_EMPTY
 QWAIT_NOT_FULL: int = lib.SHM_QWAIT_NOT_FULL
 QWAIT_ALL_DONE: int = lib.SHM_QWAIT_ALL_DONE
-_OK: int = lib.SHM_OK
 _QGET_COPIED: int = lib.SHM_QGET_COPIED
 _QGET_EMPTY: int = lib.SHM_QGET_EMPTY
 
@@ -901,7 +900,7 @@ def queue_put_new(
     out, seq, n = s.out, s.seq, len(bufs)
     ptrs, sizes = _put_args(bufs, [b.nbytes for b in bufs]) if n else (ffi.NULL, ffi.NULL)
     rc = lib.shm_queue_put_new(h, slot, queue, queue_id, data, len(data), n, ptrs, sizes, out, seq)
-    if rc == _OK:
+    if rc == OK:
         return None, []
     if rc == lib.SHM_QPUT_FULL:
         return int(seq[0]), [out[0], *(ffi.unpack(out + 2, n) if n else [])]

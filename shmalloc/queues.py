@@ -176,15 +176,8 @@ class _Base:
         a, q = self._att, self._ref
         if objects._pid != objects._me:
             objects.after_fork_adopted()  # (the copy runs outside the module's lock)
-        h = a.h
-        slot = a.slot
         seq, blocks = C.queue_put_new(
-            h if h is not None else a.handle(),
-            slot if slot >= 0 else slot_for(a, None),
-            q.address,
-            q.id,
-            data,
-            bufs,
+            objects._handle(a), objects._slot(a), q.address, q.id, data, bufs
         )
         if seq is None:
             return None, 0
@@ -250,12 +243,8 @@ class _Base:
         """One attempt to take an item: the item, or the not_empty word's value to wait on."""
         a, q = self._att, self._ref
         with objects._critical:
-            h, slot = a.h, a.slot
             view, stream, is_ref, seq = C.queue_take(
-                h if h is not None else a.handle(),
-                slot if slot >= 0 else slot_for(a, None),
-                q.address,
-                q.id,
+                objects._handle(a), objects._slot(a), q.address, q.id
             )
             if stream is not None:  # copied out and dropped already (native/handoff.c)
                 return _Taken(None, None, stream)
@@ -280,7 +269,7 @@ class _Base:
         mode = C.QPUT_REF if taken.ref is not None else C.QPUT_VALUE
         a = self._att
         if taken.stream is not None:  # dropped when taken: the same value, as a new object
-            h, slot = a.handle(), _slot(a)
+            h, slot = a.handle(), objects._slot(a)
             address, oid, _ = C.object_put(h, slot, taken.stream, [], None, False)
             q = self._ref
             C.queue_put(h, slot, q.address, q.id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
@@ -324,11 +313,6 @@ class _Base:
         """This process will not put or get any more (they raise ValueError from now on). The
         queue stays for the other processes; it goes when the last one drops it."""
         self._closed = True
-
-
-def _slot(a: Attachment) -> int:
-    slot = a.slot
-    return slot if slot >= 0 else slot_for(a, None)
 
 
 def _args(item: _Item) -> tuple[int, int, int]:
