@@ -165,7 +165,10 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out) {
  *             the slot); then waits (a futex on the gate word, woken by each leaving call once
  *             GATE_CLOSING is set) until no other thread is inside. Only then does Python unmap
  *             the segment.
- *   reopen    clears GATE_CLOSING again when the unmap is refused (views still alive).
+ *   reopen    clears GATE_CLOSING again when the unmap is refused (views still alive);
+ *   closed    once the segment is unmapped: the closing thread is refused from then on too (a
+ *             handle kept past the close, by a Port or a cffi object, never reaches the unmapped
+ *             addresses, whichever thread calls).
  *   free      gives the handle's memory back; Python calls it when the last reference to the
  *             handle's cffi object goes (ffi.gc), so a thread that read the pointer before the
  *             close still points at a live handle, whose gate refuses it.
@@ -190,6 +193,8 @@ int shm_handle_shutdown(shm_handle_t *h) {
         syscall(SYS_futex, &h->gate, FUTEX_WAIT_PRIVATE, n, NULL, NULL, 0);
     return 1;
 }
+
+void shm_handle_closed(shm_handle_t *h) { __atomic_store_n(&h->closer, 0, __ATOMIC_RELAXED); }
 
 void shm_handle_reopen(shm_handle_t *h) {
     __atomic_store_n(&h->closer, 0, __ATOMIC_RELAXED);

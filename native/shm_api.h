@@ -192,11 +192,13 @@ int shm_handle_open(void *base, uint64_t capacity, int fd, shm_handle_t **out);
 /* Closing a handle, in three steps (arena.c, the gate): shutdown refuses new calls (SHM_ECLOSED)
  * but the calling thread's and waits until no other thread is inside one; it returns 1 to the one
  * caller that may now detach and unmap, 0 to any other (the handle was closing already). reopen
- * undoes a shutdown whose unmap could not be done. free gives the memory back once no thread can
+ * undoes a shutdown whose unmap could not be done; closed, after the unmap, refuses the closing
+ * thread too. free gives the memory back once no thread can
  * hold the pointer (Python: when its last reference goes). shm_handle_close is shutdown and free,
  * for C callers. */
 int shm_handle_shutdown(shm_handle_t *h);
 void shm_handle_reopen(shm_handle_t *h);
+void shm_handle_closed(shm_handle_t *h);
 void shm_handle_free(shm_handle_t *h);
 void shm_handle_close(shm_handle_t *h);
 int shm_stats_read(shm_handle_t *h, shm_stats_t *out);

@@ -22,6 +22,14 @@ from functools import cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from . import errors as E
+from ._fastcall import STREAM_COPY_MAX as STREAM_COPY_MAX  # (re-exported: what other modules see)
+from ._fastcall import TAKE_BYTES as TAKE_BYTES  # port.take's answers
+from ._fastcall import TAKE_EMPTY as TAKE_EMPTY
+from ._fastcall import TAKE_REF as TAKE_REF
+from ._fastcall import TAKE_STREAM as TAKE_STREAM
+from ._fastcall import TAKE_VIEW as TAKE_VIEW
+from ._fastcall import Port as Port
+from ._fastcall import bind as _bind_fastcall
 from ._native import ffi, lib
 
 if TYPE_CHECKING:
@@ -66,6 +74,7 @@ ENOENT: int = lib.SHM_ENOENT
 EEXIST: int = lib.SHM_EEXIST
 ETIMEDOUT: int = lib.SHM_ETIMEDOUT
 EINTR: int = lib.SHM_EINTR
+ECLOSED: int = lib.SHM_ECLOSED
 ADDRESS_MASK: int = lib.SHM_ALLOC_ADDRESS_MASK
 TRIM_FLAG: int = lib.SHM_ALLOC_TRIM_FLAG
 PRESSURE_FLAG: int = lib.SHM_ALLOC_PRESSURE_FLAG
@@ -208,6 +217,21 @@ def handle_open(base: CData, capacity: int, fd: int) -> Handle:
     return ffi.gc(out[0], lib.shm_handle_free)
 
 
+# The hot calls' second door (native/fastcall.c): METH_FASTCALL methods of a Port over the same
+# core functions, which it finds through these addresses.
+_bind_fastcall(
+    *(
+        int(ffi.cast("uintptr_t", ffi.addressof(lib, f)))
+        for f in ("shm_alloc", "shm_free", "shm_queue_put_new", "shm_queue_take", "shm_queue_wait")
+    )
+)
+
+
+def port(h: Handle) -> Port:
+    """The Port of handle ``h``: it keeps ``h`` (and so its memory) alive."""
+    return Port(h, int(ffi.cast("uintptr_t", h)))
+
+
 def handle_shutdown(h: Handle) -> bool:
     """Refuse new calls on ``h`` (ValueError) from every thread but this one, and wait until no
     other thread is inside one. True for the one caller that may now detach and unmap; False if
@@ -218,6 +242,11 @@ def handle_shutdown(h: Handle) -> bool:
 def handle_reopen(h: Handle) -> None:
     """Undo :func:`handle_shutdown` (the segment could not be unmapped after all)."""
     lib.shm_handle_reopen(h)
+
+
+def handle_closed(h: Handle) -> None:
+    """After :func:`handle_shutdown` and the unmap: refuse the closing thread's calls too."""
+    lib.shm_handle_closed(h)
 
 
 @dataclass(frozen=True)
@@ -611,7 +640,7 @@ class ObjectView(NamedTuple):
 
 
 GET_WORDS: int = lib.SHM_GET_WORDS
-STREAM_COPY_MAX = 64 << 10  # a buffer-less object's stream up to this size is copied out by get
+# STREAM_COPY_MAX (from _fastcall): a buffer-less stream up to this size is copied out
 
 
 class _Scratch(threading.local):
@@ -673,7 +702,7 @@ def object_publish(h: Handle, slot: int, address: int, writable: bool) -> int:
 
 
 # ObjectView(...) runs NamedTuple's Python-level __new__; tuple.__new__ builds the same in C
-_new_view: Callable[[tuple[Any, ...]], ObjectView] = partial(tuple.__new__, ObjectView)
+new_view: Callable[[tuple[Any, ...]], ObjectView] = partial(tuple.__new__, ObjectView)
 
 
 def _view(out: CData) -> ObjectView:
@@ -683,9 +712,9 @@ def _view(out: CData) -> ObjectView:
     n = w[6]
     if n <= 1:
         bufs = ((w[GET_WORDS], w[GET_WORDS + 1]),) if n else ()
-        return _new_view((w[0], w[1], w[2], w[3], w[4], w[5], bufs))
+        return new_view((w[0], w[1], w[2], w[3], w[4], w[5], bufs))
     it = iter(ffi.unpack(out + GET_WORDS, 2 * n))
-    return _new_view((w[0], w[1], w[2], w[3], w[4], w[5], tuple(zip(it, it, strict=True))))
+    return new_view((w[0], w[1], w[2], w[3], w[4], w[5], tuple(zip(it, it, strict=True))))
 
 
 def object_get(
@@ -950,12 +979,6 @@ def queue_info(h: Handle, queue: int, queue_id: int) -> QueueInfo:
     i = ffi.new("shm_queue_info_t *")
     _check(lib.shm_queue_info(h, queue, queue_id, i), queue)
     return _read(QueueInfo, i, joinable=bool(i.joinable))
-
-
-def queue_wait(h: Handle, control: int, which: int, seq: int, timeout: float | None) -> bool:
-    """Sleep, counted as a sleeper, while the queue's wait word ``which`` (QWAIT_*) holds
-    ``seq``: as :func:`wait` (True: woken or changed, False: timed out)."""
-    return _sleep(lambda ns: lib.shm_queue_wait(h, control, which, seq, ns), timeout, control)
 
 
 # ------------------------------------------------------------------ debugging and tests

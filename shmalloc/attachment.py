@@ -154,6 +154,7 @@ class Attachment:
     name: str
     capacity: int
     h: C.Handle  # None once closed
+    port: C.Port | None  # the hot calls' door to ``h`` (native/fastcall.c); None once closed
     fd: int  # the segment's descriptor, open while attached
     slot: int  # this process's slot in the process table, -1 until the first allocation
     slot_pid: int  # the pid that claimed ``slot`` (a fork child has another)
@@ -163,6 +164,7 @@ class Attachment:
     def __init__(self, name: str) -> None:
         self.name = validate_name(name)
         self.h = None
+        self.port = None
         self.slot = -1
         self.slot_pid = 0
         self.collector = None
@@ -198,10 +200,10 @@ class Attachment:
         try:
             a._map(shm.fd, rounded)
             C.arena_format(a.base, rounded, shm.fd, secrets.randbits(64), time.time_ns())
-            a.h = C.handle_open(a.base, rounded, shm.fd)
+            a._set_handle(C.handle_open(a.base, rounded, shm.fd))
             os.link(os.path.join(SHM_DIR, private), os.path.join(SHM_DIR, name))
         except BaseException as e:
-            a.h = None  # (freed with its last reference) so that __del__ leaves the fd alone
+            a._set_handle(None)  # (freed with its last reference) so that __del__ leaves the fd
             a._unmap()
             shm.close_fd()
             if isinstance(e, FileExistsError):
@@ -249,7 +251,7 @@ class Attachment:
         try:
             a._map(shm.fd, capacity)
             try:
-                a.h = C.handle_open(a.base, capacity, shm.fd)  # create() links it formatted
+                a._set_handle(C.handle_open(a.base, capacity, shm.fd))  # create() formatted it
             except NotAnArena as e:
                 raise NotAnArena(name, e.detail) from None
         except BaseException:
@@ -276,6 +278,10 @@ class Attachment:
         mm = getattr(self, "mm", None)
         if mm is not None:
             mm.close()
+
+    def _set_handle(self, h: C.Handle) -> None:
+        self.h = h
+        self.port = None if h is None else C.port(h)
 
     @property
     def closed(self) -> bool:
@@ -330,7 +336,8 @@ class Attachment:
                 f"cannot close arena {self.name!r}: views or arrays into it are still alive; "
                 "release them (view.release(), del array) first"
             ) from None
-        self.h = None  # the handle's memory goes with its last reference (C.handle_open)
+        C.handle_closed(h)
+        self._set_handle(None)  # its memory goes with its last reference (C.handle_open)
         self.slot = -1
         os.close(self.fd)
         _open.discard(self)
@@ -348,7 +355,7 @@ class Attachment:
         # os.close bound as a default: at interpreter exit this may run after the module's globals
         # were cleared (an arena object still held by multiprocessing's Process in a spawn child)
         if getattr(self, "h", None) is not None:
-            self.h = None  # the handle is freed with its last reference (ffi.gc)
+            self._set_handle(None)  # the handle is freed with its last reference (ffi.gc)
             _close(self.fd)
 
     def destroy(self) -> None:

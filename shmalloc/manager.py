@@ -183,12 +183,13 @@ class MemoryManager:
     def allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int:
         """Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or
         ``align``-aligned). The block is accounted to ``pid`` (default: this process)."""
-        if size.__class__ is int and pid is None and align is None:
-            st = self._state
+        st = self._state
+        port = st.port  # (native/fastcall.c) None once closed
+        if size.__class__ is int and pid is None and align is None and port is not None:
             slot = st.slot  # read once: another thread may claim it meanwhile
             try:
-                r = _alloc(st.h, size, 0, slot)
-            except (OverflowError, TypeError):  # negative or huge size, or a closed manager
+                r = port.alloc(size, slot)
+            except OverflowError:  # a negative or huge size
                 return self._allocate_slow(size, pid, align)
             if 0 < r < _FLAGS:
                 collector = st.collector
@@ -234,10 +235,11 @@ class MemoryManager:
     def deallocate(self, address: int) -> int:
         """Free the block at ``address`` (from any process); return its usable size."""
         st = self._state
-        if address.__class__ is int:
+        port = st.port  # (native/fastcall.c) None once closed
+        if address.__class__ is int and port is not None:
             try:
-                r = _free(st.h, address)
-            except (OverflowError, TypeError):  # negative or huge address, or a closed manager
+                r = port.free(address)
+            except OverflowError:  # a negative or huge address
                 r = self._deallocate_slow(address)
         else:
             r = self._deallocate_slow(address)

@@ -98,9 +98,10 @@ class _Taken:
     """An item taken out of a queue, held by this process: a reference, or a value to load
     (counted once as this process's pin, which _load consumes)."""
 
-    view: C.ObjectView | None  # None: ``stream`` is the value's pickle stream, copied out
+    view: C.ObjectView | None  # None: ``stream`` or ``value`` is set, copied out
     ref: ObjectRef | None
-    stream: bytes | None = None
+    stream: bytes | None = None  # the value's pickle stream
+    value: bytes | None = None  # a bytes value itself
 
 
 class _Base:
@@ -169,25 +170,39 @@ class _Base:
             item.unpublished = []  # published: the queue holds it now
         return seq
 
-    def _offer_new(self, data: bytes, bufs: list[memoryview]) -> tuple[_Item | None, int]:
-        """The first attempt of a new item: made and put in one C call (native/handoff.c): (None,
-        0) when it went in. If the queue is full, the object stays made, unpublished: (its item,
-        for _offer, the not_full word's value)."""
+    def _offer_new(self, data: Any, bufs: list[memoryview] | None) -> tuple[_Item | None, int]:
+        """The first attempt of a new item: made and put in one C call (native/handoff.c),
+        from its stream ``data`` and buffers ``bufs``, or from a bytes value ``data`` when
+        ``bufs`` is None. (None, 0) when it went in. If the queue is full, the object stays
+        made, unpublished: (its item, for _offer, the not_full word's value)."""
         a, q = self._att, self._ref
         if objects._pid != objects._me:
             objects.after_fork_adopted()  # (the copy runs outside the module's lock)
-        seq, blocks = C.queue_put_new(
-            objects._handle(a), objects._slot(a), q.address, q.id, data, bufs
-        )
-        if seq is None:
+        port = a.port
+        if port is None:
+            raise a.closed_error()
+        slot = a.slot
+        if slot < 0:
+            slot = slot_for(a, None)
+        if bufs is None:
+            r = port.put_bytes(slot, q.address, q.id, data)
+        else:
+            r = port.put_new(slot, q.address, q.id, data, bufs)
+        if r is None:
             return None, 0
+        if isinstance(r, int):
+            C.raise_status(r, q.address)
+        seq, blocks = r
         return _Item(blocks[0], 0, C.QPUT_NEW, [*blocks[1:], blocks[0]]), seq
 
     def _first_offer(self, obj: Any) -> tuple[_Item | None, int]:
         """Prepare ``obj`` (pickled here) and make the first attempt to put it: (None, 0) if it
         went in; else the item (to abandon once done) and the not_full word's value (for
         _retry)."""
-        if type(obj) is not ObjectRef:
+        cls = obj.__class__
+        if cls is bytes:
+            return self._offer_new(obj, None)
+        if cls is not ObjectRef:
             return self._offer_new(*encoding.encode(obj))
         item, bufs, data = self._prepare(obj)
         if item.mode == C.QPUT_NEW:
@@ -211,9 +226,18 @@ class _Base:
             left = _time_left(deadline)
             if not block or left <= 0:
                 return False
-            C.queue_wait(self._att.handle(), self._control, word, seq, left)
+            self._sleep(word, seq, left)
             seq = attempt()
         return True
+
+    def _sleep(self, word: int, seq: int, left: float) -> None:
+        """Sleep up to ``left`` seconds while the queue's ``word`` (C.QWAIT_*) holds ``seq``."""
+        port = self._att.port
+        if port is None:
+            raise self._att.closed_error()
+        rc = port.wait(self._control, word, seq, int(left * 1e9))
+        if rc < 0 and rc != C.ETIMEDOUT:
+            C.raise_status(rc, self._control)
 
     def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
         if self._closed:
@@ -242,20 +266,31 @@ class _Base:
     def _take_one(self) -> _Taken | int:
         """One attempt to take an item: the item, or the not_empty word's value to wait on."""
         a, q = self._att, self._ref
+        port = a.port
+        if port is None:
+            raise a.closed_error()
         with objects._critical:
-            view, stream, is_ref, seq = C.queue_take(
-                objects._handle(a), objects._slot(a), q.address, q.id
-            )
-            if stream is not None:  # copied out and dropped already (native/handoff.c)
-                return _Taken(None, None, stream)
-            if view is None:
-                return seq
-            if is_ref:
-                return _Taken(view, objects._held_ref(a, view.address, view.id, view.nbytes, None))
-            objects._count(a, (a.name, view.address, view.id), True)
-            return _Taken(view, None)
+            got, x = port.take(objects._slot(a), q.address, q.id)
+            if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
+                return self._held(got, x)
+        return _Taken(None, None, x) if got == C.TAKE_STREAM else _Taken(None, None, None, x)
+
+    def _held(self, got: int, x: Any) -> _Taken | int:
+        """The rest of a take that did not copy the item out (port.take's answer ``got``, ``x``):
+        under _critical, the view's hold counted here; or the not_empty word's value."""
+        if got == C.TAKE_EMPTY:
+            return int(x)
+        if got < 0:
+            C.raise_status(got, self._ref.address)
+        a, view = self._att, C.new_view(x)
+        if got == C.TAKE_REF:
+            return _Taken(view, objects._held_ref(a, view.address, view.id, view.nbytes, None))
+        objects._count(a, (a.name, view.address, view.id), True)
+        return _Taken(view, None)
 
     def _load(self, taken: _Taken) -> Any:
+        if taken.value is not None:
+            return taken.value
         if taken.ref is not None:
             return taken.ref
         if taken.stream is not None:
@@ -268,9 +303,12 @@ class _Base:
         cancellation, which must not lose it)."""
         mode = C.QPUT_REF if taken.ref is not None else C.QPUT_VALUE
         a = self._att
-        if taken.stream is not None:  # dropped when taken: the same value, as a new object
+        stream = taken.stream
+        if taken.value is not None:
+            stream = encoding.encode(taken.value)[0]
+        if stream is not None:  # dropped when taken: the same value, as a new object
             h, slot = a.handle(), objects._slot(a)
-            address, oid, _ = C.object_put(h, slot, taken.stream, [], None, False)
+            address, oid, _ = C.object_put(h, slot, stream, [], None, False)
             q = self._ref
             C.queue_put(h, slot, q.address, q.id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
             C.object_release(h, slot, address, oid)
@@ -292,16 +330,25 @@ class _Base:
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
-        taken = self._take_one()
-        if isinstance(taken, int):  # empty: wait, as _retry does
-            box: list[_Taken] = []
-            take = self._take
-            if not self._retry(lambda: take(box), C.QWAIT_NOT_EMPTY, taken, deadline, block):
+        a, q = self._att, self._ref
+        while True:  # _take_one and _retry, with fewer steps
+            port = a.port
+            if port is None:
+                raise a.closed_error()
+            with objects._critical:
+                got, x = port.take(objects._slot(a), q.address, q.id)
+                if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
+                    taken = self._held(got, x)
+            if got == C.TAKE_BYTES:  # copied out and dropped already (native/handoff.c)
+                return x
+            if got == C.TAKE_STREAM:
+                return encoding.decode(x)
+            if not isinstance(taken, int):
+                return self._load(taken)
+            left = _time_left(deadline)  # empty: wait
+            if not block or left <= 0:
                 raise Empty
-            taken = box.pop()
-        if taken.stream is not None:
-            return encoding.decode(taken.stream)
-        return self._load(taken)
+            self._sleep(C.QWAIT_NOT_EMPTY, taken, left)
 
     # -------------------------------------------------------------- common methods
 
@@ -448,9 +495,7 @@ class JoinableQueue(Queue):
             info = self._info()
             if info.unfinished == 0:
                 return
-            C.queue_wait(
-                self._att.handle(), self._control, C.QWAIT_ALL_DONE, info.all_done_seq, RECHECK
-            )
+            self._sleep(C.QWAIT_ALL_DONE, info.all_done_seq, RECHECK)
 
 
 class SimpleQueue(_Base):

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def _build(
 def build_core() -> tuple[Path, dict[str, Any]]:
     """bench_c.c with the C core, built as native/build_ffi.py builds the core (release)."""
     native = bench.REPO_ROOT / "native"
-    sources = [*sorted(native.glob("*.c")), C_SOURCE]
+    core = runpy.run_path(str(native / "build_ffi.py"))["SOURCES"]  # (not fastcall.c: CPython's)
+    sources = [*(native / s for s in core), C_SOURCE]
     return _build("bench_c", "cc", [*CORE_FLAGS, f"-I{native}"], sources, ["-lpthread"])
 
 

@@ -46,18 +46,19 @@ def _imports(path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
 
 def _graph() -> dict[str, set[str]]:
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    modules = frozenset(files) | {"shmalloc._native"}
+    modules = frozenset(files) | {"shmalloc._native", "shmalloc._fastcall"}
     return {
         name: {m for m in _imports(path, modules) if m in files and m != name}
         for name, path in files.items()
     }
 
 
-def test_only_the_binding_imports_the_compiled_module() -> None:
+@pytest.mark.parametrize("compiled", ["shmalloc._native", "shmalloc._fastcall"])
+def test_only_the_binding_imports_the_compiled_modules(compiled: str) -> None:
     importers = sorted(
         _module_name(p)
         for p in PACKAGE.rglob("*.py")
-        if "shmalloc._native" in _imports(p, frozenset({"shmalloc._native"}))
+        if compiled in _imports(p, frozenset({compiled}))
     )
     assert importers == ["shmalloc._binding"]
 

@@ -1,0 +1,391 @@
+/* fastcall.c -- the module shmalloc._fastcall: the hand-off's hottest calls as CPython methods.
+ *
+ * The C core is compiled once, into shmalloc._native (cffi, build_ffi.py). A cffi call converts
+ * each argument through cffi's generic machinery (a pointer argument alone costs about as much
+ * as the allocation it asks for), releases and retakes the GIL, and leaves Python to turn the
+ * out-parameters into objects. This module calls the same core functions, found through the
+ * addresses that bind() is given once (cffi's ffi.addressof, shmalloc/_binding.py), with
+ * METH_FASTCALL methods of a Port: one process's handle to one arena. It holds no state of the
+ * core's and adds no mechanism: each method is one core call and the Python objects of its
+ * answer.
+ *
+ * A Port keeps the cffi handle object alive, so the handle's memory outlives any call made
+ * through it; a call after close() meets the core's gate (SHM_ECLOSED), as through cffi.
+ *
+ * Every core call runs without the GIL, as cffi's do: a call may wait for a lock that a stopped
+ * or paused process holds, and the process's other threads (and its signal handlers) must go on
+ * meanwhile. A take copies into a buffer of its thread's own. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "shm_layout.h"
+#include "shm_api.h"
+
+#define STREAM_COPY_MAX (64 << 10) /* a take copies a buffer-less stream up to this size */
+#define STACK_BUFFERS 8  /* a put of at most this many buffers keeps its arrays on the stack */
+#define BYTES_MARK 1     /* first byte of a bytes value's stream (shmalloc/encoding.py) */
+#define STACK_STREAM 512 /* a bytes value up to this size is marked on the stack */
+
+/* take()'s answers: (TAKE_*, payload) */
+enum { TAKE_BYTES, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF };
+
+static struct {
+    __typeof__(&shm_alloc) alloc;
+    __typeof__(&shm_free) free;
+    __typeof__(&shm_queue_put_new) put_new;
+    __typeof__(&shm_queue_take) take;
+    __typeof__(&shm_queue_wait) wait;
+} core;
+
+/* The core call `call`, without the GIL. */
+#define UNLOCKED(call)          \
+    do {                        \
+        Py_BEGIN_ALLOW_THREADS; \
+        call;                   \
+        Py_END_ALLOW_THREADS;   \
+    } while (0)
+
+/* Each thread's buffer for the streams take() copies out (freed when the thread ends). */
+static pthread_key_t take_key;
+
+static char *take_buffer(void) {
+    char *dst = pthread_getspecific(take_key);
+    if (dst) return dst;
+    if (!(dst = malloc(STREAM_COPY_MAX)) || pthread_setspecific(take_key, dst)) {
+        free(dst);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return dst;
+}
+
+typedef struct {
+    PyObject_HEAD PyObject *keep; /* the cffi handle object, whose memory h is */
+    shm_handle_t *h;
+} Port;
+
+static int port_init(Port *self, PyObject *args, PyObject *kw) {
+    PyObject *keep;
+    unsigned long long address;
+    if (kw && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "Port() takes no keyword arguments");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OK", &keep, &address)) return -1;
+    if (!core.alloc) {
+        PyErr_SetString(PyExc_RuntimeError, "shmalloc._fastcall.bind() was not called");
+        return -1;
+    }
+    Py_INCREF(keep);
+    Py_XSETREF(self->keep, keep);
+    self->h = (shm_handle_t *)(uintptr_t)address;
+    return 0;
+}
+
+static void port_dealloc(Port *self) {
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Arguments are exact ints in range (cffi's rules: OverflowError, TypeError otherwise). */
+static int arg_u64(PyObject *o, uint64_t *out) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "an integer is required, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+static int arg_slot(PyObject *o, int32_t *out) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "an integer is required, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < INT32_MIN || v > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "slot out of range");
+        return -1;
+    }
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int nargs_are(const char *name, Py_ssize_t n, Py_ssize_t want) {
+    if (n == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, n);
+    return -1;
+}
+
+/* alloc(size, slot): shm_alloc's raw answer (an address with flag bits, or a status). */
+static PyObject *port_alloc(Port *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t size;
+    int32_t slot;
+    if (nargs_are("alloc", n, 2) || arg_u64(args[0], &size) || arg_slot(args[1], &slot))
+        return NULL;
+    int64_t r;
+    UNLOCKED(r = core.alloc(self->h, size, 0, slot));
+    return PyLong_FromLongLong(r);
+}
+
+/* free(address): shm_free's raw answer (the usable size, or a status). */
+static PyObject *port_free(Port *self, PyObject *arg) {
+    uint64_t address;
+    if (arg_u64(arg, &address)) return NULL;
+    int64_t r;
+    UNLOCKED(r = core.free(self->h, address));
+    return PyLong_FromLongLong(r);
+}
+
+/* What a put answers: None when the item is in; (the not_full word's value, [header, buffers...])
+ * when the queue is full (the blocks made and left unpublished); a status (a negative int). */
+static PyObject *put_answer(int rc, const uint64_t *out, uint32_t nbuffers, uint32_t seq) {
+    if (rc == SHM_OK) Py_RETURN_NONE;
+    if (rc != SHM_QPUT_FULL) return PyLong_FromLong(rc);
+    PyObject *blocks = PyList_New(1 + (Py_ssize_t)nbuffers);
+    if (!blocks) return NULL;
+    for (uint32_t i = 0; i <= nbuffers; i++) {
+        PyObject *at = PyLong_FromUnsignedLongLong(out[i ? 1 + i : 0]);
+        if (!at) {
+            Py_DECREF(blocks);
+            return NULL;
+        }
+        PyList_SET_ITEM(blocks, i, at);
+    }
+    return Py_BuildValue("(kN)", (unsigned long)seq, blocks);
+}
+
+static int queue_args(PyObject *const *args, int32_t *slot, uint64_t *queue, uint64_t *qid) {
+    return arg_slot(args[0], slot) || arg_u64(args[1], queue) || arg_u64(args[2], qid) ? -1 : 0;
+}
+
+/* put_bytes(slot, queue, queue_id, value): Queue.put() of a bytes value, its stream (BYTES_MARK
+ * and the bytes) made here. Answers as put_new. */
+static PyObject *port_put_bytes(Port *self, PyObject *const *args, Py_ssize_t n) {
+    int32_t slot;
+    uint64_t queue, qid, out[2];
+    uint32_t seq = 0;
+    if (nargs_are("put_bytes", n, 4) || queue_args(args, &slot, &queue, &qid)) return NULL;
+    if (!PyBytes_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "put_bytes() takes a bytes value");
+        return NULL;
+    }
+    Py_ssize_t len = PyBytes_GET_SIZE(args[3]);
+    char small[STACK_STREAM + 1];
+    char *stream = len <= STACK_STREAM ? small : PyMem_RawMalloc((size_t)len + 1);
+    if (!stream) return PyErr_NoMemory();
+    stream[0] = BYTES_MARK;
+    memcpy(stream + 1, PyBytes_AS_STRING(args[3]), (size_t)len);
+    int rc;
+    UNLOCKED(rc = core.put_new(self->h, slot, queue, qid, stream, (uint64_t)len + 1, 0, NULL, NULL,
+                               out, &seq));
+    if (stream != small) PyMem_RawFree(stream);
+    return put_answer(rc, out, 0, seq);
+}
+
+/* put_new(slot, queue, queue_id, stream, buffers): Queue.put() of a new item in one core call,
+ * the pickle stream (bytes) and its out-of-band buffers (a list of contiguous buffers) made into
+ * an object and put in the queue. None when it is in; (seq, blocks) when the queue is full; a
+ * negative status. */
+static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
+    int32_t slot;
+    uint64_t queue, qid;
+    uint32_t seq = 0;
+    if (nargs_are("put_new", n, 5) || queue_args(args, &slot, &queue, &qid)) return NULL;
+    PyObject *stream = args[3], *list = args[4];
+    if (!PyBytes_CheckExact(stream) || !PyList_CheckExact(list)) {
+        PyErr_SetString(PyExc_TypeError, "put_new() takes a bytes stream and a list of buffers");
+        return NULL;
+    }
+    Py_ssize_t nb = PyList_GET_SIZE(list);
+    if (nb > SHM_OBJECT_MAX_BUFFERS) {
+        PyErr_SetString(PyExc_ValueError, "too many out-of-band buffers");
+        return NULL;
+    }
+    Py_buffer stack_views[STACK_BUFFERS];
+    const void *stack_ptrs[STACK_BUFFERS];
+    uint64_t stack_sizes[STACK_BUFFERS], stack_out[2 + STACK_BUFFERS];
+    Py_buffer *views = stack_views;
+    const void **ptrs = stack_ptrs;
+    uint64_t *sizes = stack_sizes, *out = stack_out;
+    void *heap = NULL;
+    if (nb > STACK_BUFFERS) {
+        size_t each = sizeof(Py_buffer) + sizeof(void *) + 2 * sizeof(uint64_t);
+        heap = PyMem_Malloc((size_t)nb * each + 2 * sizeof(uint64_t));
+        if (!heap) return PyErr_NoMemory();
+        views = heap;
+        ptrs = (const void **)(views + nb);
+        sizes = (uint64_t *)(ptrs + nb);
+        out = sizes + nb;
+    }
+    PyObject *answer = NULL;
+    Py_ssize_t got = 0;
+    for (; got < nb; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(list, got), &views[got], PyBUF_SIMPLE)) goto done;
+        ptrs[got] = views[got].buf;
+        sizes[got] = (uint64_t)views[got].len;
+    }
+    int rc;
+    UNLOCKED(rc = core.put_new(self->h, slot, queue, qid, PyBytes_AS_STRING(stream),
+                               (uint64_t)PyBytes_GET_SIZE(stream), (uint32_t)nb, ptrs, sizes, out,
+                               &seq));
+    answer = put_answer(rc, out, (uint32_t)nb, seq);
+done:
+    while (got > 0) PyBuffer_Release(&views[--got]);
+    PyMem_Free(heap);
+    return answer;
+}
+
+/* The view of a taken object: (address, id, pickle, pickle_len, nbytes, flags, ((address,
+ * nbytes), ...)), the fields of shmalloc._binding.ObjectView in its order. */
+static PyObject *view_tuple(const uint64_t *out) {
+    uint64_t nb = out[SHM_GET_NBUFFERS];
+    PyObject *bufs = PyTuple_New((Py_ssize_t)nb);
+    if (!bufs) return NULL;
+    for (uint64_t i = 0; i < nb; i++) {
+        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)out[SHM_GET_WORDS + 2 * i],
+                                       (unsigned long long)out[SHM_GET_WORDS + 2 * i + 1]);
+        if (!pair) {
+            Py_DECREF(bufs);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(bufs, (Py_ssize_t)i, pair);
+    }
+    return Py_BuildValue(
+        "(KKKKKKN)", (unsigned long long)out[SHM_GET_ADDRESS], (unsigned long long)out[SHM_GET_ID],
+        (unsigned long long)out[SHM_GET_PICKLE], (unsigned long long)out[SHM_GET_PICKLE_LEN],
+        (unsigned long long)out[SHM_GET_NBYTES], (unsigned long long)out[SHM_GET_FLAGS], bufs);
+}
+
+/* take(slot, queue, queue_id): Queue.get()'s core call. (TAKE_BYTES, the bytes value) or
+ * (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
+ * (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now; (TAKE_EMPTY, the not_empty word's
+ * value); (a negative status, None). */
+static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
+    int32_t slot;
+    uint64_t queue, qid, out[SHM_GET_WORDS + 2 * SHM_OBJECT_MAX_BUFFERS];
+    uint32_t seq = 0;
+    if (nargs_are("take", n, 3) || queue_args(args, &slot, &queue, &qid)) return NULL;
+    char *dst = take_buffer();
+    if (!dst) return NULL;
+    int rc;
+    UNLOCKED(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
+                            STREAM_COPY_MAX, &seq));
+    switch (rc) {
+    case SHM_QGET_COPIED: {
+        Py_ssize_t len = (Py_ssize_t)out[SHM_GET_PICKLE_LEN];
+        if (len >= 1 && dst[0] == BYTES_MARK)
+            return Py_BuildValue("(iy#)", TAKE_BYTES, dst + 1, len - 1);
+        return Py_BuildValue("(iy#)", TAKE_STREAM, dst, len);
+    }
+    case SHM_QGET_EMPTY:
+        return Py_BuildValue("(ik)", TAKE_EMPTY, (unsigned long)seq);
+    case SHM_QGET_VALUE:
+    case SHM_QGET_REF:
+        return Py_BuildValue("(iN)", rc == SHM_QGET_REF ? TAKE_REF : TAKE_VIEW, view_tuple(out));
+    default:
+        return Py_BuildValue("(iO)", rc, Py_None);
+    }
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* wait(control, which, seq, ns): shm_queue_wait, sleeping at most ns nanoseconds (-1: no limit)
+ * while the queue's word `which` holds seq. A signal's interruption runs the Python handlers
+ * (which may raise) and waits again for the time left. SHM_OK (woken, or the word changed),
+ * SHM_ETIMEDOUT, or another status. */
+static PyObject *port_wait(Port *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t control, seq;
+    int32_t which;
+    long long ns;
+    if (nargs_are("wait", n, 4) || arg_u64(args[0], &control) || arg_slot(args[1], &which) ||
+        arg_u64(args[2], &seq))
+        return NULL;
+    if ((ns = PyLong_AsLongLong(args[3])) == -1 && PyErr_Occurred()) return NULL;
+    int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
+    for (;;) {
+        int rc;
+        UNLOCKED(rc = core.wait(self->h, control, which, (uint32_t)seq, ns));
+        if (rc != SHM_EINTR) return PyLong_FromLong(rc);
+        if (PyErr_CheckSignals() < 0) return NULL;
+        if (deadline >= 0 && (ns = deadline - now_ns()) < 0) ns = 0;
+    }
+}
+
+static PyMethodDef port_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))port_alloc, METH_FASTCALL, NULL},
+    {"free", (PyCFunction)port_free, METH_O, NULL},
+    {"put_bytes", (PyCFunction)(void (*)(void))port_put_bytes, METH_FASTCALL, NULL},
+    {"put_new", (PyCFunction)(void (*)(void))port_put_new, METH_FASTCALL, NULL},
+    {"take", (PyCFunction)(void (*)(void))port_take, METH_FASTCALL, NULL},
+    {"wait", (PyCFunction)(void (*)(void))port_wait, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PortType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.Port",
+    .tp_basicsize = sizeof(Port),
+    .tp_dealloc = (destructor)port_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Port(handle, address): calls into the arena of a cffi handle (shmalloc._binding).",
+    .tp_methods = port_methods,
+    .tp_init = (initproc)port_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* bind(alloc, free, put_new, take, wait): the core functions' addresses, from cffi's
+ * ffi.addressof. */
+static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t n) {
+    uint64_t at[5];
+    (void)module;
+    if (nargs_are("bind", n, 5)) return NULL;
+    for (int i = 0; i < 5; i++)
+        if (arg_u64(args[i], &at[i])) return NULL;
+    core.alloc = (__typeof__(core.alloc))(uintptr_t)at[0];
+    core.free = (__typeof__(core.free))(uintptr_t)at[1];
+    core.put_new = (__typeof__(core.put_new))(uintptr_t)at[2];
+    core.take = (__typeof__(core.take))(uintptr_t)at[3];
+    core.wait = (__typeof__(core.wait))(uintptr_t)at[4];
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmalloc._fastcall",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__fastcall(void) {
+    if (pthread_key_create(&take_key, free)) return PyErr_NoMemory();
+    if (PyType_Ready(&PortType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) ||
+        PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
+        PyModule_AddIntConstant(m, "TAKE_BYTES", TAKE_BYTES) ||
+        PyModule_AddIntConstant(m, "TAKE_STREAM", TAKE_STREAM) ||
+        PyModule_AddIntConstant(m, "TAKE_EMPTY", TAKE_EMPTY) ||
+        PyModule_AddIntConstant(m, "TAKE_VIEW", TAKE_VIEW) ||
+        PyModule_AddIntConstant(m, "TAKE_REF", TAKE_REF)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,145 @@
+"""The hot calls' second door (native/fastcall.c, shmalloc._fastcall): a Port's methods check
+their arguments as cffi does and change nothing when refusing; a Port used after its arena is
+closed meets the gate instead of unmapped memory; a queue's wait runs signal handlers; and each
+thread copies what it takes into a buffer of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+import shmalloc
+from shmalloc import MemoryManager
+from shmalloc import _binding as C
+from shmalloc.manager import attachment_of
+
+
+def _port(m: MemoryManager) -> tuple[C.Port, int]:
+    m.deallocate(m.allocate(64))  # this process has its slot now
+    att = attachment_of(m)
+    assert att.port is not None
+    return att.port, att.slot
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda p, s: p.alloc(-1, s), OverflowError),
+        (lambda p, s: p.alloc(1 << 64, s), OverflowError),
+        (lambda p, s: p.alloc("64", s), TypeError),
+        (lambda p, s: p.alloc(64, 1 << 40), OverflowError),
+        (lambda p, s: p.alloc(64), TypeError),
+        (lambda p, s: p.free(-16), OverflowError),
+        (lambda p, s: p.free(16.0), TypeError),
+        (lambda p, s: p.put_bytes(s, 0, 0, bytearray(b"x")), TypeError),
+        (lambda p, s: p.put_new(s, 0, 0, b"x", (b"buffer",)), TypeError),
+        (lambda p, s: p.put_new(s, 0, 0, b"x", [object()]), TypeError),
+        (lambda p, s: p.put_new(s, 0, 0, b"x", [b"y"] * 257), ValueError),
+        (lambda p, s: p.take(s, 0), TypeError),
+        (lambda p, s: p.wait(0, 0, 0, "1"), TypeError),
+    ],
+)
+def test_bad_arguments_raise_and_change_nothing(mgr: MemoryManager, call: Any, error: Any) -> None:
+    port, slot = _port(mgr)
+    before = mgr.stats()
+    with pytest.raises(error):
+        call(port, slot)
+    after = mgr.stats()
+    assert (after.used, after.allocations, after.deallocations) == (
+        before.used,
+        before.allocations,
+        before.deallocations,
+    )
+    mgr.check()  # raises CorruptionDetected if the refusal left anything behind
+
+
+def test_statuses_come_back_as_ints(mgr: MemoryManager) -> None:
+    port, slot = _port(mgr)
+    assert port.free(12345) == C.EADDR
+    assert port.put_bytes(slot, 4096, 1, b"x") == C.ENOENT  # no queue there
+    assert port.take(slot, 4096, 1) == (C.ENOENT, None)
+    assert port.wait(4096 + 3, C.QWAIT_NOT_EMPTY, 0, 0) == C.EINVAL
+    assert mgr.stats().used == 0
+
+
+def test_a_port_kept_past_close_meets_the_gate(arena_name: str) -> None:
+    m = MemoryManager.create(arena_name, 16 << 20)
+    try:
+        port, slot = _port(m)
+        att = attachment_of(m)
+        q = shmalloc.Queue(arena=m)
+        ref = q._ref
+        address, oid, control = ref.address, ref.id, q._control
+        del q, ref
+        m.close()
+        assert att.port is None
+        assert port.alloc(64, slot) == C.ECLOSED
+        assert port.free(4096) == C.ECLOSED
+        assert port.put_bytes(slot, address, oid, b"late") == C.ECLOSED
+        assert port.take(slot, address, oid) == (C.ECLOSED, None)
+        assert port.wait(control, C.QWAIT_NOT_EMPTY, 0, 0) == C.ECLOSED
+        with pytest.raises(ValueError, match="closed"):
+            m.allocate(64)
+    finally:
+        m.destroy()
+
+
+class _Alarm(Exception):
+    pass
+
+
+def test_a_signal_handler_runs_during_a_blocked_get(mgr: MemoryManager) -> None:
+    """A get on an empty queue sleeps in C without the GIL; SIGALRM interrupts the sleep and its
+    Python handler's exception comes out of get() (were the handler not run, get would raise
+    Empty after its timeout instead)."""
+    q = shmalloc.Queue(arena=mgr)
+
+    def ring(signum: int, frame: Any) -> None:
+        raise _Alarm
+
+    old = signal.signal(signal.SIGALRM, ring)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(_Alarm):
+            q.get(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    q.put(b"still works")
+    assert q.get(timeout=0) == b"still works"
+
+
+def test_threads_take_into_buffers_of_their_own(mgr: MemoryManager) -> None:
+    """Four threads each put and get their own records (100 B and 10 KiB, copied out of the
+    arena by the take) through one queue; every record comes back whole, none twice."""
+    q = shmalloc.Queue(arena=mgr)
+    n, got, errors = 300, [], []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        try:
+            for i in range(n):
+                size = 100 if i % 2 else 10 << 10
+                q.put(bytes([t]) + i.to_bytes(4, "little") + os.urandom(16) * (size // 16))
+                item = q.get(timeout=30)
+                assert len(item) in (5 + 96, 5 + (10 << 10)), len(item)
+                assert item[5:21] * ((len(item) - 5) // 16) == item[5:]
+                with lock:
+                    got.append(item[:5])
+        except BaseException as e:  # (reported below, in the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(got) == sorted(
+        bytes([t]) + i.to_bytes(4, "little") for t in range(4) for i in range(n)
+    )
+    assert q.empty()
