@@ -75,10 +75,16 @@ int shm_wait(shm_handle_t *h, uint64_t word_offset, uint32_t expected, int64_t t
  * processes on two CPUs then costs no futex round trip (tens of microseconds on a busy host, most
  * of a small item's latency), the way adaptive mutexes spin before they park. Returns 1 when the
  * word changed. No spin with a single usable CPU: the process to change the word cannot run.
- * Between two rounds of pauses the spinner yields its CPU, which the process it waits for may be
+ * Every few rounds of pauses the spinner yields its CPU, which the process it waits for may be
  * queued for on a busy host (pauses alone made a round trip 4x slower there). SHMALLOC_SPIN_NS
  * sets the budget (0: never spin), read once per process. */
 #define SPIN_NS 50000
+/* A round is SPIN_PAUSES pauses and a look at the clock (about 0.5 us with a 30 ns pause); every
+ * SPIN_YIELD_EVERY rounds, a sched_yield (about 0.8 us on a VM, a system call even when nobody
+ * else waits). Rounds of 64 pauses with a yield each let a change wait up to about 3 us to be
+ * seen, and a small round trip paid that on each of its hops. */
+#define SPIN_PAUSES 16
+#define SPIN_YIELD_EVERY 4
 static int spin_budget = -1; /* ns; -1: not known yet (a benign race: every thread finds one) */
 
 int wait_spin(const uint32_t *w, uint32_t expected) {
@@ -94,8 +100,8 @@ int wait_spin(const uint32_t *w, uint32_t expected) {
     if (!budget) return 0;
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
+    for (unsigned round = 1;; round++) {
+        for (int i = 0; i < SPIN_PAUSES; i++) {
             if (__atomic_load_n(w, __ATOMIC_ACQUIRE) != expected) return 1;
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
@@ -105,7 +111,8 @@ int wait_spin(const uint32_t *w, uint32_t expected) {
         }
         clock_gettime(CLOCK_MONOTONIC, &t);
         if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) >= budget) return 0;
-        sched_yield(); /* the process to change the word may be waiting for this CPU */
+        if (round % SPIN_YIELD_EVERY == 0)
+            sched_yield(); /* the process to change the word may be waiting for this CPU */
     }
 }
 
