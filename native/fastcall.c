@@ -29,6 +29,7 @@
 #define STACK_BUFFERS 8  /* a put of at most this many buffers keeps its arrays on the stack */
 #define BYTES_MARK 1     /* first byte of a bytes value's stream (shmalloc/encoding.py) */
 #define STACK_STREAM 512 /* a bytes value up to this size is marked on the stack */
+#define MAX_WAIT_NS (INT64_C(1) << 60) /* a longer wait is this one (36 years) */
 
 /* take()'s answers: (TAKE_*, payload) */
 enum { TAKE_BYTES, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF };
@@ -68,29 +69,6 @@ typedef struct {
     shm_handle_t *h;
 } Port;
 
-static int port_init(Port *self, PyObject *args, PyObject *kw) {
-    PyObject *keep;
-    unsigned long long address;
-    if (kw && PyDict_GET_SIZE(kw)) {
-        PyErr_SetString(PyExc_TypeError, "Port() takes no keyword arguments");
-        return -1;
-    }
-    if (!PyArg_ParseTuple(args, "OK", &keep, &address)) return -1;
-    if (!core.alloc) {
-        PyErr_SetString(PyExc_RuntimeError, "shmalloc._fastcall.bind() was not called");
-        return -1;
-    }
-    Py_INCREF(keep);
-    Py_XSETREF(self->keep, keep);
-    self->h = (shm_handle_t *)(uintptr_t)address;
-    return 0;
-}
-
-static void port_dealloc(Port *self) {
-    Py_XDECREF(self->keep);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 /* Arguments are exact ints in range (cffi's rules: OverflowError, TypeError otherwise). */
 static int arg_u64(PyObject *o, uint64_t *out) {
     if (!PyLong_Check(o)) {
@@ -116,6 +94,36 @@ static int arg_slot(PyObject *o, int32_t *out) {
     }
     *out = (int32_t)v;
     return 0;
+}
+
+/* Port(handle, address): made once, never re-initialised, so h and keep stay fixed while calls
+ * run without the GIL. */
+static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *keep, *at;
+    uint64_t address;
+    if (kw && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "Port() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO", &keep, &at) || arg_u64(at, &address)) return NULL;
+    if (!address) {
+        PyErr_SetString(PyExc_ValueError, "Port() needs the address of a handle, not 0");
+        return NULL;
+    }
+    if (!core.alloc) {
+        PyErr_SetString(PyExc_RuntimeError, "shmalloc._fastcall.bind() was not called");
+        return NULL;
+    }
+    Port *self = (Port *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->keep = Py_NewRef(keep);
+    self->h = (shm_handle_t *)(uintptr_t)address;
+    return (PyObject *)self;
+}
+
+static void port_dealloc(Port *self) {
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int nargs_are(const char *name, Py_ssize_t n, Py_ssize_t want) {
@@ -204,11 +212,14 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
         PyErr_SetString(PyExc_TypeError, "put_new() takes a bytes stream and a list of buffers");
         return NULL;
     }
-    Py_ssize_t nb = PyList_GET_SIZE(list);
-    if (nb > SHM_OBJECT_MAX_BUFFERS) {
+    if (PyList_GET_SIZE(list) > SHM_OBJECT_MAX_BUFFERS) {
         PyErr_SetString(PyExc_ValueError, "too many out-of-band buffers");
         return NULL;
     }
+    /* a snapshot: getting a buffer may run Python code, which may change the list */
+    PyObject *items = PyList_AsTuple(list);
+    if (!items) return NULL;
+    Py_ssize_t nb = PyTuple_GET_SIZE(items);
     Py_buffer stack_views[STACK_BUFFERS];
     const void *stack_ptrs[STACK_BUFFERS];
     uint64_t stack_sizes[STACK_BUFFERS], stack_out[2 + STACK_BUFFERS];
@@ -219,7 +230,10 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
     if (nb > STACK_BUFFERS) {
         size_t each = sizeof(Py_buffer) + sizeof(void *) + 2 * sizeof(uint64_t);
         heap = PyMem_Malloc((size_t)nb * each + 2 * sizeof(uint64_t));
-        if (!heap) return PyErr_NoMemory();
+        if (!heap) {
+            Py_DECREF(items);
+            return PyErr_NoMemory();
+        }
         views = heap;
         ptrs = (const void **)(views + nb);
         sizes = (uint64_t *)(ptrs + nb);
@@ -228,7 +242,7 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
     PyObject *answer = NULL;
     Py_ssize_t got = 0;
     for (; got < nb; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(list, got), &views[got], PyBUF_SIMPLE)) goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(items, got), &views[got], PyBUF_SIMPLE)) goto done;
         ptrs[got] = views[got].buf;
         sizes[got] = (uint64_t)views[got].len;
     }
@@ -240,13 +254,32 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
 done:
     while (got > 0) PyBuffer_Release(&views[--got]);
     PyMem_Free(heap);
+    Py_DECREF(items);
     return answer;
+}
+
+/* (code, payload), the payload's reference stolen; NULL if either is NULL. */
+static PyObject *pair(long code, PyObject *payload) {
+    PyObject *t = payload ? PyTuple_New(2) : NULL;
+    PyObject *c = t ? PyLong_FromLong(code) : NULL;
+    if (!c) {
+        Py_XDECREF(t);
+        Py_XDECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, c);
+    PyTuple_SET_ITEM(t, 1, payload);
+    return t;
 }
 
 /* The view of a taken object: (address, id, pickle, pickle_len, nbytes, flags, ((address,
  * nbytes), ...)), the fields of shmalloc._binding.ObjectView in its order. */
 static PyObject *view_tuple(const uint64_t *out) {
     uint64_t nb = out[SHM_GET_NBUFFERS];
+    if (nb > SHM_OBJECT_MAX_BUFFERS) { /* (the core refuses more: never trust a count twice) */
+        PyErr_SetString(PyExc_RuntimeError, "an object view with too many buffers");
+        return NULL;
+    }
     PyObject *bufs = PyTuple_New((Py_ssize_t)nb);
     if (!bufs) return NULL;
     for (uint64_t i = 0; i < nb; i++) {
@@ -278,21 +311,28 @@ static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
     int rc;
     UNLOCKED(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
                             STREAM_COPY_MAX, &seq));
+    PyObject *payload;
     switch (rc) {
     case SHM_QGET_COPIED: {
         Py_ssize_t len = (Py_ssize_t)out[SHM_GET_PICKLE_LEN];
-        if (len >= 1 && dst[0] == BYTES_MARK)
-            return Py_BuildValue("(iy#)", TAKE_BYTES, dst + 1, len - 1);
-        return Py_BuildValue("(iy#)", TAKE_STREAM, dst, len);
+        int value = len >= 1 && dst[0] == BYTES_MARK;
+        rc = value ? TAKE_BYTES : TAKE_STREAM;
+        payload = PyBytes_FromStringAndSize(dst + value, len - value);
+        break;
     }
     case SHM_QGET_EMPTY:
-        return Py_BuildValue("(ik)", TAKE_EMPTY, (unsigned long)seq);
+        rc = TAKE_EMPTY;
+        payload = PyLong_FromUnsignedLong(seq);
+        break;
     case SHM_QGET_VALUE:
     case SHM_QGET_REF:
-        return Py_BuildValue("(iN)", rc == SHM_QGET_REF ? TAKE_REF : TAKE_VIEW, view_tuple(out));
+        rc = rc == SHM_QGET_REF ? TAKE_REF : TAKE_VIEW;
+        payload = view_tuple(out);
+        break;
     default:
-        return Py_BuildValue("(iO)", rc, Py_None);
+        payload = Py_NewRef(Py_None);
     }
+    return pair(rc, payload);
 }
 
 static int64_t now_ns(void) {
@@ -312,7 +352,12 @@ static PyObject *port_wait(Port *self, PyObject *const *args, Py_ssize_t n) {
     if (nargs_are("wait", n, 4) || arg_u64(args[0], &control) || arg_slot(args[1], &which) ||
         arg_u64(args[2], &seq))
         return NULL;
+    if (seq > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "seq is a 32-bit word's value");
+        return NULL;
+    }
     if ((ns = PyLong_AsLongLong(args[3])) == -1 && PyErr_Occurred()) return NULL;
+    if (ns > MAX_WAIT_NS) ns = MAX_WAIT_NS;
     int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
     for (;;) {
         int rc;
@@ -340,8 +385,7 @@ static PyTypeObject PortType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Port(handle, address): calls into the arena of a cffi handle (shmalloc._binding).",
     .tp_methods = port_methods,
-    .tp_init = (initproc)port_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = port_new,
 };
 
 /* bind(alloc, free, put_new, take, wait): the core functions' addresses, from cffi's

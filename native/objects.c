@@ -337,18 +337,19 @@ int shm_object_publish(shm_handle_t *h, int32_t slot, uint64_t object, int writa
 static int open_found(shm_handle_t *h, int32_t slot, uint64_t off, shm_object_t *o,
                       shm_object_view_t *out, uint64_t *bufs, uint32_t cap) {
     if (o->flags & SHM_OBJ_DELETED) return gone(off + SHM_HDR, "it was deleted");
-    if (o->nbuffers > cap)
-        return err_set(SHM_EINVAL, cap, "room for %u buffers, the object has %u", cap, o->nbuffers);
+    uint32_t nbuffers = __atomic_load_n(&o->nbuffers, __ATOMIC_RELAXED); /* read once: bounds */
+    if (nbuffers > cap)
+        return err_set(SHM_EINVAL, cap, "room for %u buffers, the object has %u", cap, nbuffers);
     if (!holder_bit(o, slot)) holder_set(h, o, slot, 1);
     out->address = off + SHM_HDR;
     out->id = o->id;
-    out->nbuffers = o->nbuffers;
-    out->pickle = off + SHM_HDR + sizeof *o + o->nbuffers * sizeof(shm_objbuf_t);
+    out->nbuffers = nbuffers;
+    out->pickle = off + SHM_HDR + sizeof *o + nbuffers * sizeof(shm_objbuf_t);
     out->pickle_len = o->pickle_len;
     out->nbytes = o->nbytes;
     out->flags = o->flags;
     const shm_objbuf_t *t = obj_table(o);
-    for (uint32_t i = 0; i < o->nbuffers; i++) {
+    for (uint32_t i = 0; i < nbuffers; i++) {
         bufs[2 * i] = t[i].address;
         bufs[2 * i + 1] = t[i].nbytes;
     }

@@ -1,4 +1,4 @@
-"""The boundary to the C core: the only importer of the compiled module ``shmalloc._native``.
+"""The boundary to the C core: the only importer of the compiled modules (_native, _fastcall).
 
 One typed function per C call (the shape of pynacl's bindings). Each checks the call's status
 through one table, ``_EXCEPTIONS``, from status code to exception class; no status is ignored.
@@ -8,6 +8,9 @@ that went to another process), the function says so in its return value and docs
 The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``, ``block_span_raw``,
 ``block_write_raw``) are the compiled functions themselves, re-exported: they return a result
 when >= 0 and a status when < 0, and the caller passes a negative one to :func:`raise_status`.
+The hottest (allocate and free, a Queue's put, take and wait) also have a second door: the
+methods of a :class:`Port` (``shmalloc._fastcall``, native/fastcall.c), which call the same core
+functions without cffi's generic argument conversion; an Attachment keeps one per handle.
 Everything else about the C core's types stays in this module; other modules see ints, bytes
 and the small dataclasses below.
 """
@@ -893,8 +896,6 @@ QPUT_FORCE: int = lib.SHM_QPUT_FORCE
 QWAIT_NOT_EMPTY: int = lib.SHM_QWAIT_NOT_EMPTY
 QWAIT_NOT_FULL: int = lib.SHM_QWAIT_NOT_FULL
 QWAIT_ALL_DONE: int = lib.SHM_QWAIT_ALL_DONE
-_QGET_COPIED: int = lib.SHM_QGET_COPIED
-_QGET_EMPTY: int = lib.SHM_QGET_EMPTY
 
 
 def queue_create(h: Handle, slot: int, maxsize: int, joinable: bool) -> tuple[int, int]:
@@ -908,7 +909,7 @@ def queue_put(
     h: Handle, slot: int, queue: int, queue_id: int, address: int, oid: int, mode: int
 ) -> int | None:
     """Put the object at ``address`` (QPUT_* mode): None when done, else the queue is full and
-    the value of its not_full wait word is returned (sleep on it with :func:`queue_wait`)."""
+    the value of its not_full wait word is returned (sleep on it with ``Port.wait``)."""
     seq = _scratch.seq
     rc = lib.shm_queue_put(h, slot, queue, queue_id, address, oid, mode, seq)
     if rc == lib.SHM_OK:
@@ -916,45 +917,6 @@ def queue_put(
     if rc == lib.SHM_QPUT_FULL:
         return int(seq[0])
     raise_status(rc, address)
-
-
-def queue_put_new(
-    h: Handle, slot: int, queue: int, queue_id: int, data: bytes, bufs: Sequence[Any]
-) -> tuple[int | None, list[int]]:
-    """Queue.put() of a new item in one call: the pickle stream ``data`` and the buffers ``bufs``
-    made into an object and put in the queue: (None, []) when done. A full queue: (the not_full
-    word's value, [header, buffers...]): the unpublished blocks, for :func:`queue_put` with
-    QPUT_NEW once there is room, or to free."""
-    s = _scratch
-    out, seq, n = s.out, s.seq, len(bufs)
-    ptrs, sizes = _put_args(bufs, [b.nbytes for b in bufs]) if n else (ffi.NULL, ffi.NULL)
-    rc = lib.shm_queue_put_new(h, slot, queue, queue_id, data, len(data), n, ptrs, sizes, out, seq)
-    if rc == OK:
-        return None, []
-    if rc == lib.SHM_QPUT_FULL:
-        return int(seq[0]), [out[0], *(ffi.unpack(out + 2, n) if n else [])]
-    raise_status(rc, queue)
-
-
-def queue_take(
-    h: Handle, slot: int, queue: int, queue_id: int
-) -> tuple[ObjectView | None, bytes | None, bool, int]:
-    """Queue.get() in one call: take the oldest item, held by slot from now on: (its view, None,
-    True if the item is a reference rather than a value, 0). A value without out-of-band buffers
-    whose stream is at most STREAM_COPY_MAX bytes comes back as (None, the stream's bytes,
-    False, 0), already dropped. An empty queue: (None, None, False, the not_empty word's
-    value)."""
-    s = _scratch
-    out, seq = s.out, s.seq
-    rc = lib.shm_queue_take(
-        h, slot, queue, queue_id, out, OBJECT_MAX_BUFFERS, s.dst, STREAM_COPY_MAX, seq
-    )
-    if rc == _QGET_COPIED:
-        return None, ffi.buffer(s.dst, out[3])[:], False, 0
-    if rc == _QGET_EMPTY:
-        return None, None, False, int(seq[0])
-    _check(rc, queue)
-    return _view(out), None, rc == lib.SHM_QGET_REF, 0
 
 
 def queue_task_done(h: Handle, queue: int, queue_id: int) -> None:

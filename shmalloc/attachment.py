@@ -319,10 +319,12 @@ class Attachment:
         except BaseException:
             C.handle_reopen(h)
             raise
-        # No thread is inside the C core with this handle now, and none can enter: unmapping is
-        # safe. Python's own reads and writes through the mapping hold the GIL, as this does:
-        # they come before the unmap, or after it and raise ValueError (closed mmap, released
-        # view).
+        # No thread is inside the C core with this handle now, and none can enter, this one
+        # included from here on (a signal handler run in it meanwhile would find the gate shut):
+        # unmapping is safe. Python's own reads and writes through the mapping hold the GIL, as
+        # this does: they come before the unmap, or after it and raise ValueError (closed mmap,
+        # released view).
+        C.handle_closed(h)
         self.mv.release()
         C.release(self.base)
         try:
@@ -336,7 +338,6 @@ class Attachment:
                 f"cannot close arena {self.name!r}: views or arrays into it are still alive; "
                 "release them (view.release(), del array) first"
             ) from None
-        C.handle_closed(h)
         self._set_handle(None)  # its memory goes with its last reference (C.handle_open)
         self.slot = -1
         os.close(self.fd)

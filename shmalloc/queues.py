@@ -199,7 +199,7 @@ class _Base:
         """Prepare ``obj`` (pickled here) and make the first attempt to put it: (None, 0) if it
         went in; else the item (to abandon once done) and the not_full word's value (for
         _retry)."""
-        cls = obj.__class__
+        cls = type(obj)
         if cls is bytes:
             return self._offer_new(obj, None)
         if cls is not ObjectRef:
@@ -239,11 +239,20 @@ class _Base:
         if rc < 0 and rc != C.ETIMEDOUT:
             C.raise_status(rc, self._control)
 
-    def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj``: pickled here, at once (an unpicklable object raises here), then in the
+        queue when this returns. A full queue: wait up to ``timeout`` seconds (None: forever)
+        if ``block``, else raise queue.Full at once."""
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
-        item, seq = self._first_offer(obj)
+        cls = type(obj)  # (_first_offer, with fewer steps: one frame less per call)
+        if cls is bytes:
+            item, seq = self._offer_new(obj, None)
+        elif cls is not ObjectRef:
+            item, seq = self._offer_new(*encoding.encode(obj))
+        else:
+            item, seq = self._first_offer(obj)
         if item is None:  # the common case: in at the first attempt, nothing left to abandon
             return
         try:
@@ -326,7 +335,10 @@ class _Base:
         if taken.ref is None:
             objects._finalize((a.name, taken.view.address, taken.view.id), True, objects._me)
 
-    def _get(self, block: bool, timeout: float | None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The oldest item: its buffers zero-copy, read-only views over the arena. An empty
+        queue: wait up to ``timeout`` seconds (None: forever) if ``block``, else raise
+        queue.Empty at once."""
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
@@ -373,23 +385,11 @@ class Queue(_Base):
     ``maxsize`` <= 0: no bound but the arena's memory. ``arena``: a MemoryManager, or None for
     the per-user default arena of shmalloc.compat."""
 
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``obj``: pickled here, at once (an unpicklable object raises here), then in the
-        queue when this returns. A full queue: wait up to ``timeout`` seconds (None: forever)
-        if ``block``, else raise queue.Full at once."""
-        self._put(obj, block, timeout)
-
     def put_nowait(self, obj: Any) -> None:
-        self._put(obj, False, None)
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """The oldest item: its buffers zero-copy, read-only views over the arena. An empty
-        queue: wait up to ``timeout`` seconds (None: forever) if ``block``, else raise
-        queue.Empty at once."""
-        return self._get(block, timeout)
+        self.put(obj, False)
 
     def get_nowait(self) -> Any:
-        return self._get(False, None)
+        return self.get(False)
 
     def qsize(self) -> int:
         """Items waiting now."""
@@ -504,8 +504,8 @@ class SimpleQueue(_Base):
     def __init__(self, *, arena: MemoryManager | None = None) -> None:
         super().__init__(0, arena=arena)
 
-    def put(self, obj: Any) -> None:
-        self._put(obj, True, None)
+    def put(self, obj: Any) -> None:  # type: ignore[override]
+        super().put(obj)
 
-    def get(self) -> Any:
-        return self._get(True, None)
+    def get(self) -> Any:  # type: ignore[override]
+        return super().get()

@@ -41,6 +41,7 @@ def _port(m: MemoryManager) -> tuple[C.Port, int]:
         (lambda p, s: p.put_new(s, 0, 0, b"x", [b"y"] * 257), ValueError),
         (lambda p, s: p.take(s, 0), TypeError),
         (lambda p, s: p.wait(0, 0, 0, "1"), TypeError),
+        (lambda p, s: p.wait(0, 0, 1 << 32, 0), OverflowError),
     ],
 )
 def test_bad_arguments_raise_and_change_nothing(mgr: MemoryManager, call: Any, error: Any) -> None:
@@ -55,6 +56,19 @@ def test_bad_arguments_raise_and_change_nothing(mgr: MemoryManager, call: Any, e
         before.deallocations,
     )
     mgr.check()  # raises CorruptionDetected if the refusal left anything behind
+
+
+def test_a_port_is_made_once_and_never_without_a_handle(mgr: MemoryManager) -> None:
+    port, _ = _port(mgr)
+    with pytest.raises(TypeError):
+        C.Port.__new__(C.Port)
+    with pytest.raises(ValueError, match="not 0"):
+        C.Port(object(), 0)
+    with pytest.raises(OverflowError):
+        C.Port(object(), -1)
+    port.__init__(object(), 0)  # type: ignore[misc]  # object's: the handle stays the same
+    address = port.alloc(64, attachment_of(mgr).slot)
+    assert address > 0 and port.free(address) > 0
 
 
 def test_statuses_come_back_as_ints(mgr: MemoryManager) -> None:
