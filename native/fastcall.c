@@ -32,7 +32,7 @@
 #define MAX_WAIT_NS (INT64_C(1) << 60) /* a longer wait is this one (36 years) */
 
 /* take()'s answers: (TAKE_*, payload) */
-enum { TAKE_BYTES, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF };
+enum { TAKE_BYTES, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF, TAKE_HELD };
 
 static struct {
     __typeof__(&shm_alloc) alloc;
@@ -297,20 +297,23 @@ static PyObject *view_tuple(const uint64_t *out) {
         (unsigned long long)out[SHM_GET_NBYTES], (unsigned long long)out[SHM_GET_FLAGS], bufs);
 }
 
-/* take(slot, queue, queue_id): Queue.get()'s core call. (TAKE_BYTES, the bytes value) or
- * (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
+/* take(slot, queue, queue_id, copy_only): Queue.get()'s core call. (TAKE_BYTES, the bytes value)
+ * or (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
  * (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now; (TAKE_EMPTY, the not_empty word's
- * value); (a negative status, None). */
+ * value); with copy_only, (TAKE_HELD, None) for an item that would be held, left in the queue;
+ * (a negative status, None). */
 static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
     int32_t slot;
     uint64_t queue, qid, out[SHM_GET_WORDS + 2 * SHM_OBJECT_MAX_BUFFERS];
     uint32_t seq = 0;
-    if (nargs_are("take", n, 3) || queue_args(args, &slot, &queue, &qid)) return NULL;
+    if (nargs_are("take", n, 4) || queue_args(args, &slot, &queue, &qid)) return NULL;
+    int copy_only = PyObject_IsTrue(args[3]);
+    if (copy_only < 0) return NULL;
     char *dst = take_buffer();
     if (!dst) return NULL;
     int rc;
     UNLOCKED(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
-                            STREAM_COPY_MAX, &seq));
+                            STREAM_COPY_MAX, copy_only, &seq));
     PyObject *payload;
     switch (rc) {
     case SHM_QGET_COPIED: {
@@ -320,6 +323,10 @@ static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
         payload = PyBytes_FromStringAndSize(dst + value, len - value);
         break;
     }
+    case SHM_QGET_HELD:
+        rc = TAKE_HELD;
+        payload = Py_NewRef(Py_None);
+        break;
     case SHM_QGET_EMPTY:
         rc = TAKE_EMPTY;
         payload = PyLong_FromUnsignedLong(seq);
@@ -427,7 +434,8 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
         PyModule_AddIntConstant(m, "TAKE_STREAM", TAKE_STREAM) ||
         PyModule_AddIntConstant(m, "TAKE_EMPTY", TAKE_EMPTY) ||
         PyModule_AddIntConstant(m, "TAKE_VIEW", TAKE_VIEW) ||
-        PyModule_AddIntConstant(m, "TAKE_REF", TAKE_REF)) {
+        PyModule_AddIntConstant(m, "TAKE_REF", TAKE_REF) ||
+        PyModule_AddIntConstant(m, "TAKE_HELD", TAKE_HELD)) {
         Py_DECREF(m);
         return NULL;
     }

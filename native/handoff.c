@@ -13,11 +13,13 @@
  *   - killed inside the publish or the queue's put: the journaled step is rolled back, so the same;
  *   - killed after it: a published object held by the dead slot (collection drops the hold), or
  *     an item in the queue (the put is done);
- *   - in a take, killed between the get and the release of a copied item: the item is held by the
- *     dead slot, delivered once, to the dead (queue.get.done), and collection frees it.
- * The arguments are checked once, here or by the steps' own checks; the copies run without the
- * heap lock (the blocks are the caller's own until published) and, from Python, without the GIL.
- * Every entry point passes the gate (SHM_GATE): close never unmaps the segment under a copy. */
+ *   - in a take of an item copied out, killed after the get's step and before the copy's (both
+ *     under one hold of the heap lock, a checkpoint between them): the item is held by the dead
+ *     slot, delivered once, to the dead, and collection frees it; killed after them
+ * (queue.get.done) it is delivered and freed. The arguments are checked once, here or by the steps'
+ * own checks; the copies run without the heap lock (the blocks are the caller's own until
+ * published) and, from Python, without the GIL. Every entry point passes the gate (SHM_GATE): close
+ * never unmaps the segment under a copy. */
 #include <string.h>
 
 #include "shm_internal.h"
@@ -68,12 +70,13 @@ int shm_queue_put_new(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t qu
 }
 
 int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t *out,
-                   uint32_t cap, void *dst, uint64_t dst_cap, uint32_t *seq_out) {
+                   uint32_t cap, void *dst, uint64_t dst_cap, int copy_only, uint32_t *seq_out) {
     SHM_GATE(h);
     shm_object_view_t v;
-    int rc = shm_queue_get(h, slot, queue, queue_id, &v, out + SHM_GET_WORDS, cap, seq_out);
+    int rc = queue_take(h, slot, queue, queue_id, &v, out + SHM_GET_WORDS, cap, dst, dst_cap,
+                        copy_only, seq_out);
     memset(out, 0, SHM_GET_WORDS * sizeof *out);
-    if (rc != SHM_QGET_VALUE && rc != SHM_QGET_REF) return rc;
+    if (rc != SHM_QGET_VALUE && rc != SHM_QGET_REF && rc != SHM_QGET_COPIED) return rc;
     out[SHM_GET_ADDRESS] = v.address;
     out[SHM_GET_ID] = v.id;
     out[SHM_GET_PICKLE] = v.pickle;
@@ -81,10 +84,5 @@ int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue
     out[SHM_GET_NBYTES] = v.nbytes;
     out[SHM_GET_FLAGS] = v.flags;
     out[SHM_GET_NBUFFERS] = v.nbuffers;
-    if (rc != SHM_QGET_VALUE || v.nbuffers || v.pickle_len > dst_cap) return rc;
-    int got = heap_lock(h);
-    if (got != SHM_OK) return rc; /* the item stays held; Python reads it from the segment */
-    got = objects_take_stream(h, slot, v.address, v.id, dst, dst_cap);
-    heap_unlock(h);
-    return got == SHM_OK ? SHM_QGET_COPIED : rc;
+    return rc;
 }

@@ -268,8 +268,11 @@ int shm_queue_put(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_
 
 /* ------------------------------------------------------------------ get */
 
+/* Take the oldest item into out (slot holds it). With copy_max, only an item that queue_take will
+ * copy out (a value without buffers whose stream is at most copy_max bytes) is taken; another is
+ * left in place, nothing changed (SHM_QGET_HELD). */
 static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_object_view_t *out,
-                      uint64_t *bufs, uint32_t cap, uint32_t *seq_out) {
+                      uint64_t *bufs, uint32_t cap, uint64_t copy_max, uint32_t *seq_out) {
     shm_queue_t *q = queue_control(qo);
     while (q->head != q->tail) {
         shm_qcell_t *c = queue_cell(h, qo, q->tail);
@@ -281,8 +284,10 @@ static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_objec
         int gone = rc == SHM_ENOENT || (rc == SHM_OK && (o->flags & SHM_OBJ_DELETED));
         /* Any other failure (a damaged item) is reported with the item left in place: the step
          * changes nothing it cannot finish. */
-        if (!gone &&
-            (rc != SHM_OK || (rc = objects_open_found(h, slot, off, o, out, bufs, cap)) != SHM_OK))
+        if (!gone && rc != SHM_OK) return rc;
+        if (!gone && copy_max && (ref || o->nbuffers || o->pickle_len > copy_max))
+            return SHM_QGET_HELD;
+        if (!gone && (rc = objects_open_found(h, slot, off, o, out, bufs, cap)) != SHM_OK)
             return rc;
         J(h, c);
         c->object = c->id = 0;
@@ -307,9 +312,9 @@ static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_objec
     return SHM_QGET_EMPTY;
 }
 
-int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
-                  shm_object_view_t *out, uint64_t *bufs, uint32_t cap, uint32_t *seq_out) {
-    SHM_GATE(h);
+int queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+               shm_object_view_t *out, uint64_t *bufs, uint32_t cap, void *dst, uint64_t dst_cap,
+               int copy_only, uint32_t *seq_out) {
     memset(out, 0, sizeof *out);
     int rc = proc_live_check(h, slot);
     if (rc != SHM_OK || (rc = heap_lock(h)) != SHM_OK) return rc;
@@ -318,14 +323,27 @@ int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_
     rc = queue_find(h, queue, queue_id, &qo);
     if (rc == SHM_OK) {
         q = queue_control(qo);
-        rc = get_locked(h, slot, qo, out, bufs, cap, seq_out);
+        rc = get_locked(h, slot, qo, out, bufs, cap, copy_only ? dst_cap : 0, seq_out);
+    }
+    if (rc == SHM_QGET_VALUE && dst && !out->nbuffers && out->pickle_len <= dst_cap) {
+        /* read and free in the same hold of the lock: the take is a step of its own, so a
+         * process killed during the copy leaves the item held by its slot, delivered to it */
+        journal_checkpoint(h);
+        if (objects_take_stream(h, slot, out->address, out->id, dst, dst_cap) == SHM_OK)
+            rc = SHM_QGET_COPIED;
     }
     heap_unlock(h);
-    if (rc == SHM_QGET_VALUE || rc == SHM_QGET_REF) {
+    if (rc == SHM_QGET_VALUE || rc == SHM_QGET_REF || rc == SHM_QGET_COPIED) {
         FAULT_POINT(FAULT_QUEUE_GET_DONE);
         wake_if_sleeping(h, &q->not_full, &q->putters, 1);
     }
     return rc;
+}
+
+int shm_queue_get(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+                  shm_object_view_t *out, uint64_t *bufs, uint32_t cap, uint32_t *seq_out) {
+    SHM_GATE(h);
+    return queue_take(h, slot, queue, queue_id, out, bufs, cap, NULL, 0, 0, seq_out);
 }
 
 /* ------------------------------------------------------------------ join, counts, waits */

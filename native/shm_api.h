@@ -379,10 +379,13 @@ int shm_queue_put_new(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t qu
                       uint32_t *seq_out);
 /* Queue.get() in one call: shm_queue_get, the view laid out in out as shm_object_get lays it out;
  * a value without out-of-band buffers whose stream fits in dst_cap bytes is copied to dst and
- * slot's hold dropped at once (SHM_QGET_COPIED). */
+ * slot's hold dropped at once, in the same hold of the heap lock (SHM_QGET_COPIED). With
+ * copy_only, any other item stays in the queue, nothing changed (SHM_QGET_HELD): a caller that
+ * keeps its own count of holds (Python's) takes those under its own lock. */
 #define SHM_QGET_COPIED 3
+#define SHM_QGET_HELD 4
 int shm_queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id, uint64_t *out,
-                   uint32_t cap, void *dst, uint64_t dst_cap, uint32_t *seq_out);
+                   uint32_t cap, void *dst, uint64_t dst_cap, int copy_only, uint32_t *seq_out);
 
 /* npalloc.c: numpy's memory handler over an arena (NEP 49), for one process and one handle.
  * shm_np_new makes one: requests of at least threshold bytes get arena blocks owned by slot,

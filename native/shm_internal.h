@@ -365,5 +365,10 @@ int wait_spin(const uint32_t *w, uint32_t expected);
 
 /* queue.c */
 int queue_release_items(shm_handle_t *h, uint64_t off, shm_object_t *qo);
+/* shm_queue_get, and with dst the copy of a small item's stream and its drop in the same hold of
+ * the heap lock (SHM_QGET_COPIED); with copy_only, SHM_QGET_HELD for any other item. */
+int queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
+               shm_object_view_t *out, uint64_t *bufs, uint32_t cap, void *dst, uint64_t dst_cap,
+               int copy_only, uint32_t *seq_out);
 
 #endif

@@ -28,6 +28,7 @@ from . import errors as E
 from ._fastcall import STREAM_COPY_MAX as STREAM_COPY_MAX  # (re-exported: what other modules see)
 from ._fastcall import TAKE_BYTES as TAKE_BYTES  # port.take's answers
 from ._fastcall import TAKE_EMPTY as TAKE_EMPTY
+from ._fastcall import TAKE_HELD as TAKE_HELD
 from ._fastcall import TAKE_REF as TAKE_REF
 from ._fastcall import TAKE_STREAM as TAKE_STREAM
 from ._fastcall import TAKE_VIEW as TAKE_VIEW

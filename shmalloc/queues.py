@@ -279,7 +279,7 @@ class _Base:
         if port is None:
             raise a.closed_error()
         with objects._critical:
-            got, x = port.take(objects._slot(a), q.address, q.id)
+            got, x = port.take(objects._slot(a), q.address, q.id, False)
             if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
                 return self._held(got, x)
         return _Taken(None, None, x) if got == C.TAKE_STREAM else _Taken(None, None, None, x)
@@ -343,18 +343,20 @@ class _Base:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
         a, q = self._att, self._ref
-        while True:  # _take_one and _retry, with fewer steps
+        while True:  # _retry, with fewer steps
             port = a.port
             if port is None:
                 raise a.closed_error()
-            with objects._critical:
-                got, x = port.take(objects._slot(a), q.address, q.id)
-                if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
-                    taken = self._held(got, x)
-            if got == C.TAKE_BYTES:  # copied out and dropped already (native/handoff.c)
+            got, x = C.TAKE_HELD, None
+            if objects._pid == objects._me:  # (a fork child adopts its parent's holds first)
+                # an item copied out and dropped already, or left in the queue: no hold to count
+                # here, so no module lock (native/queue.c, queue_take)
+                got, x = port.take(objects._slot(a), q.address, q.id, True)
+            if got == C.TAKE_BYTES:
                 return x
             if got == C.TAKE_STREAM:
                 return encoding.decode(x)
+            taken = self._take_one() if got == C.TAKE_HELD else self._held(got, x)
             if not isinstance(taken, int):
                 return self._load(taken)
             left = _time_left(deadline)  # empty: wait

@@ -39,7 +39,7 @@ def _port(m: MemoryManager) -> tuple[C.Port, int]:
         (lambda p, s: p.put_new(s, 0, 0, b"x", (b"buffer",)), TypeError),
         (lambda p, s: p.put_new(s, 0, 0, b"x", [object()]), TypeError),
         (lambda p, s: p.put_new(s, 0, 0, b"x", [b"y"] * 257), ValueError),
-        (lambda p, s: p.take(s, 0), TypeError),
+        (lambda p, s: p.take(s, 0, 0), TypeError),
         (lambda p, s: p.wait(0, 0, 0, "1"), TypeError),
         (lambda p, s: p.wait(0, 0, 1 << 32, 0), OverflowError),
     ],
@@ -75,7 +75,7 @@ def test_statuses_come_back_as_ints(mgr: MemoryManager) -> None:
     port, slot = _port(mgr)
     assert port.free(12345) == C.EADDR
     assert port.put_bytes(slot, 4096, 1, b"x") == C.ENOENT  # no queue there
-    assert port.take(slot, 4096, 1) == (C.ENOENT, None)
+    assert port.take(slot, 4096, 1, False) == (C.ENOENT, None)
     assert port.wait(4096 + 3, C.QWAIT_NOT_EMPTY, 0, 0) == C.EINVAL
     assert mgr.stats().used == 0
 
@@ -94,7 +94,7 @@ def test_a_port_kept_past_close_meets_the_gate(arena_name: str) -> None:
         assert port.alloc(64, slot) == C.ECLOSED
         assert port.free(4096) == C.ECLOSED
         assert port.put_bytes(slot, address, oid, b"late") == C.ECLOSED
-        assert port.take(slot, address, oid) == (C.ECLOSED, None)
+        assert port.take(slot, address, oid, True) == (C.ECLOSED, None)
         assert port.wait(control, C.QWAIT_NOT_EMPTY, 0, 0) == C.ECLOSED
         with pytest.raises(ValueError, match="closed"):
             m.allocate(64)
@@ -157,3 +157,33 @@ def test_threads_take_into_buffers_of_their_own(mgr: MemoryManager) -> None:
         bytes([t]) + i.to_bytes(4, "little") for t in range(4) for i in range(n)
     )
     assert q.empty()
+
+
+def test_a_copy_only_take_leaves_items_to_hold_in_place(mgr: MemoryManager) -> None:
+    """Queue.get first takes without the module lock, asking C for items it copies out only; an
+    item this process would hold (a value with buffers, a large stream, a reference) stays in
+    the queue untouched, for the locked take."""
+    np = pytest.importorskip("numpy")
+    q = shmalloc.Queue(arena=mgr)
+    port, slot = _port(mgr)
+    ref = mgr.put(b"referenced")
+    items = [np.arange(1000.0), b"x" * (C.STREAM_COPY_MAX + 1), ref, b"small"]
+    for item in items:
+        q.put(item)
+    address, oid = q._ref.address, q._ref.id
+    for i, item in enumerate(items[:3]):
+        before = mgr.check()
+        assert port.take(slot, address, oid, True) == (C.TAKE_HELD, None)
+        assert mgr.check() == before and q.qsize() == len(items) - i
+        got = q.get(timeout=0)
+        if isinstance(item, bytes):
+            assert got == item
+        elif isinstance(item, shmalloc.ObjectRef):
+            assert got == item and mgr.get(got) == b"referenced"
+        else:
+            assert (got == item).all() and not got.flags.writeable
+        del got
+    assert port.take(slot, address, oid, True) == (C.TAKE_BYTES, b"small")
+    assert port.take(slot, address, oid, True)[0] == C.TAKE_EMPTY
+    del ref, items, item  # (the loop kept the last one)
+    assert mgr.check().objects == 1  # the queue itself
