@@ -78,7 +78,10 @@ int shm_wait(shm_handle_t *h, uint64_t word_offset, uint32_t expected, int64_t t
  * Every few rounds of pauses the spinner yields its CPU, which the process it waits for may be
  * queued for on a busy host (pauses alone made a round trip 4x slower there). SHMALLOC_SPIN_NS
  * sets the budget (0: never spin), read once per process. */
-#define SPIN_NS 50000
+/* 200 us covers a 1 MiB array's hand-off and its answer: that round trip went from about 300 to
+ * 200 us against a 50 us spin (two futex sleeps and wake-ups less). A waiter that must sleep
+ * anyway burns this much CPU once. */
+#define SPIN_NS 200000
 /* A round is SPIN_PAUSES pauses and a look at the clock (about 0.5 us with a 30 ns pause); every
  * SPIN_YIELD_EVERY rounds, a sched_yield (about 0.8 us on a VM, a system call even when nobody
  * else waits). Rounds of 64 pauses with a yield each let a change wait up to about 3 us to be
