@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = bench.measure(runners, reps, a.trials)
                 row = {f: {m: got[f, m] for m in vias} for f in FIGS}
                 res["handoff"].append({"size": size, "reps": reps, **row})
+            if ray is not None:  # its daemons would share the 2 CPUs with the figures below
+                ray.shutdown()
+                ray = None
             progress(IN_PLACE)
             big = np.random.default_rng(0).standard_normal(max(SIZES) // 8)
             made = Via("in place", cs["shmalloc"], mgr)
