@@ -347,7 +347,8 @@ class _Base:
             port = a.port
             if port is None:
                 raise a.closed_error()
-            got, x = C.TAKE_HELD, None
+            got: int = C.TAKE_HELD
+            x: Any = None
             if objects._pid == objects._me:  # (a fork child adopts its parent's holds first)
                 # an item copied out and dropped already, or left in the queue: no hold to count
                 # here, so no module lock (native/queue.c, queue_take)
@@ -356,13 +357,18 @@ class _Base:
                 return x
             if got == C.TAKE_STREAM:
                 return encoding.decode(x)
-            taken = self._take_one() if got == C.TAKE_HELD else self._held(got, x)
-            if not isinstance(taken, int):
-                return self._load(taken)
-            left = _time_left(deadline)  # empty: wait
+            if got != C.TAKE_EMPTY:
+                taken = self._take_one() if got == C.TAKE_HELD else self._held(got, x)
+                if not isinstance(taken, int):
+                    return self._load(taken)
+                x = taken
+            # empty: wait (_time_left and _sleep, inline: a round trip's every get comes here)
+            left = RECHECK if deadline is None else min(deadline - time.monotonic(), RECHECK)
             if not block or left <= 0:
                 raise Empty
-            self._sleep(C.QWAIT_NOT_EMPTY, taken, left)
+            rc = port.wait(self._control, C.QWAIT_NOT_EMPTY, x, int(left * 1e9))
+            if rc < 0 and rc != C.ETIMEDOUT:
+                C.raise_status(rc, self._control)
 
     # -------------------------------------------------------------- common methods
 
