@@ -68,10 +68,7 @@ def _dtype_code(dtype: Any) -> bytes:
 
 
 def _plain_array(obj: Any) -> str | None:
-    """'C' or 'F' if ``obj`` is an ndarray the array stream can carry, else None."""
-    np = sys.modules.get("numpy")  # never imported here for a value that cannot be an array
-    if np is None or type(obj) is not np.ndarray:
-        return None
+    """'C' or 'F' if the ndarray ``obj`` is one the array stream can carry, else None."""
     dt = obj.dtype
     if dt.hasobject or dt.itemsize == 0:
         return None  # Python objects, empty items: pickle says it all
@@ -91,7 +88,8 @@ def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
         return _BYTES_MARK + obj, []
     if type(obj) in _IN_BAND:  # without the buffer callback
         return pickle.dumps(obj, protocol=5), []
-    order = _plain_array(obj)
+    np = sys.modules.get("numpy")  # never imported here for a value that cannot be an array
+    order = _plain_array(obj) if np is not None and type(obj) is np.ndarray else None
     if order is not None:
         head = array_header(obj.dtype, obj.shape, order)
         raw = memoryview(obj.ravel(order="K").view("u1"))  # its bytes in memory order, no copy

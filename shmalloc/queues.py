@@ -356,7 +356,7 @@ class _Base:
             if got == C.TAKE_BYTES:
                 return x
             if got == C.TAKE_STREAM:
-                return encoding.decode(x)
+                return encoding.decode(x)  # (a pickle or a small array)
             if got != C.TAKE_EMPTY:
                 taken = self._take_one() if got == C.TAKE_HELD else self._held(got, x)
                 if not isinstance(taken, int):
