@@ -12,9 +12,13 @@
  * A Port keeps the cffi handle object alive, so the handle's memory outlives any call made
  * through it; a call after close() meets the core's gate (SHM_ECLOSED), as through cffi.
  *
- * Every core call runs without the GIL, as cffi's do: a call may wait for a lock that a stopped
- * or paused process holds, and the process's other threads (and its signal handlers) must go on
- * meanwhile. A take copies into a buffer of its thread's own. */
+ * A core call runs without the GIL, as cffi's do, whenever another Python thread exists (in any
+ * interpreter): a call may wait for a lock that a stopped or paused process holds, and the other
+ * threads must go on meanwhile. In a process whose only Python thread is this one, nobody could
+ * use the GIL meanwhile, and letting it go and taking it back (two mutex round trips and a
+ * condition signal, about 850 instructions) cost more than a small allocation: the call keeps it.
+ * A thread started meanwhile from C waits for it until the call returns. A wait always lets it go.
+ * A take copies into a buffer of its thread's own. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
@@ -48,6 +52,24 @@ static struct {
         Py_BEGIN_ALLOW_THREADS; \
         call;                   \
         Py_END_ALLOW_THREADS;   \
+    } while (0)
+
+/* 1 if this is the only Python thread of the only interpreter. The lists change under the
+ * runtime's own lock, not the GIL: a thread being added as this reads them waits for the GIL. */
+static int only_thread(void) {
+    PyInterpreterState *first = PyInterpreterState_Head();
+    return first && !PyInterpreterState_Next(first) &&
+           !PyThreadState_Next(PyInterpreterState_ThreadHead(first));
+}
+
+/* The core call `call`, without the GIL unless this is the only Python thread. */
+#define CALL(call)           \
+    do {                     \
+        if (only_thread()) { \
+            call;            \
+        } else {             \
+            UNLOCKED(call);  \
+        }                    \
     } while (0)
 
 /* Each thread's buffer for the streams take() copies out (freed when the thread ends). */
@@ -139,7 +161,7 @@ static PyObject *port_alloc(Port *self, PyObject *const *args, Py_ssize_t n) {
     if (nargs_are("alloc", n, 2) || arg_u64(args[0], &size) || arg_slot(args[1], &slot))
         return NULL;
     int64_t r;
-    UNLOCKED(r = core.alloc(self->h, size, 0, slot));
+    CALL(r = core.alloc(self->h, size, 0, slot));
     return PyLong_FromLongLong(r);
 }
 
@@ -148,7 +170,7 @@ static PyObject *port_free(Port *self, PyObject *arg) {
     uint64_t address;
     if (arg_u64(arg, &address)) return NULL;
     int64_t r;
-    UNLOCKED(r = core.free(self->h, address));
+    CALL(r = core.free(self->h, address));
     return PyLong_FromLongLong(r);
 }
 
@@ -192,8 +214,8 @@ static PyObject *port_put_bytes(Port *self, PyObject *const *args, Py_ssize_t n)
     stream[0] = BYTES_MARK;
     memcpy(stream + 1, PyBytes_AS_STRING(args[3]), (size_t)len);
     int rc;
-    UNLOCKED(rc = core.put_new(self->h, slot, queue, qid, stream, (uint64_t)len + 1, 0, NULL, NULL,
-                               out, &seq));
+    CALL(rc = core.put_new(self->h, slot, queue, qid, stream, (uint64_t)len + 1, 0, NULL, NULL, out,
+                           &seq));
     if (stream != small) PyMem_RawFree(stream);
     return put_answer(rc, out, 0, seq);
 }
@@ -247,9 +269,9 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
         sizes[got] = (uint64_t)views[got].len;
     }
     int rc;
-    UNLOCKED(rc = core.put_new(self->h, slot, queue, qid, PyBytes_AS_STRING(stream),
-                               (uint64_t)PyBytes_GET_SIZE(stream), (uint32_t)nb, ptrs, sizes, out,
-                               &seq));
+    CALL(rc = core.put_new(self->h, slot, queue, qid, PyBytes_AS_STRING(stream),
+                           (uint64_t)PyBytes_GET_SIZE(stream), (uint32_t)nb, ptrs, sizes, out,
+                           &seq));
     answer = put_answer(rc, out, (uint32_t)nb, seq);
 done:
     while (got > 0) PyBuffer_Release(&views[--got]);
@@ -312,8 +334,8 @@ static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
     char *dst = take_buffer();
     if (!dst) return NULL;
     int rc;
-    UNLOCKED(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
-                            STREAM_COPY_MAX, copy_only, &seq));
+    CALL(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
+                        STREAM_COPY_MAX, copy_only, &seq));
     PyObject *payload;
     switch (rc) {
     case SHM_QGET_COPIED: {
