@@ -195,15 +195,10 @@ class _Base:
         seq, blocks = r
         return _Item(blocks[0], 0, C.QPUT_NEW, [*blocks[1:], blocks[0]]), seq
 
-    def _first_offer(self, obj: Any) -> tuple[_Item | None, int]:
-        """Prepare ``obj`` (pickled here) and make the first attempt to put it: (None, 0) if it
-        went in; else the item (to abandon once done) and the not_full word's value (for
-        _retry)."""
-        cls = type(obj)
-        if cls is bytes:
-            return self._offer_new(obj, None)
-        if cls is not ObjectRef:
-            return self._offer_new(*encoding.encode(obj))
+    def _offer_ref(self, obj: ObjectRef) -> tuple[_Item | None, int]:
+        """put()'s first attempt for an ObjectRef (the object itself if it is of this arena, else
+        the reference pickled): (None, 0) if it went in; else the item (to abandon once done)
+        and the not_full word's value (for _retry)."""
         item, bufs, data = self._prepare(obj)
         if item.mode == C.QPUT_NEW:
             return self._offer_new(data, bufs)
@@ -246,13 +241,13 @@ class _Base:
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
-        cls = type(obj)  # (_first_offer, with fewer steps: one frame less per call)
-        if cls is bytes:
+        cls = type(obj)
+        if cls is bytes:  # its stream is made in C (native/fastcall.c)
             item, seq = self._offer_new(obj, None)
         elif cls is not ObjectRef:
             item, seq = self._offer_new(*encoding.encode(obj))
         else:
-            item, seq = self._first_offer(obj)
+            item, seq = self._offer_ref(obj)
         if item is None:  # the common case: in at the first attempt, nothing left to abandon
             return
         try:
