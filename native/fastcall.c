@@ -31,7 +31,7 @@
 
 #define STREAM_COPY_MAX (64 << 10) /* a take copies a buffer-less stream up to this size */
 #define STACK_BUFFERS 8  /* a put of at most this many buffers keeps its arrays on the stack */
-#define BYTES_MARK 1     /* first byte of a bytes value's stream (shmalloc/encoding.py) */
+#define BYTES_MARK 1     /* first byte of a bytes value's stream (its one definition) */
 #define STACK_STREAM 512 /* a bytes value up to this size is marked on the stack */
 #define MAX_WAIT_NS (INT64_C(1) << 60) /* a longer wait is this one (36 years) */
 
@@ -92,11 +92,14 @@ typedef struct {
 } Port;
 
 /* Arguments are exact ints in range (cffi's rules: OverflowError, TypeError otherwise). */
+static int arg_int(PyObject *o) {
+    if (PyLong_Check(o)) return 0;
+    PyErr_Format(PyExc_TypeError, "an integer is required, not %.100s", Py_TYPE(o)->tp_name);
+    return -1;
+}
+
 static int arg_u64(PyObject *o, uint64_t *out) {
-    if (!PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "an integer is required, not %.100s", Py_TYPE(o)->tp_name);
-        return -1;
-    }
+    if (arg_int(o)) return -1;
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     *out = v;
@@ -104,10 +107,7 @@ static int arg_u64(PyObject *o, uint64_t *out) {
 }
 
 static int arg_slot(PyObject *o, int32_t *out) {
-    if (!PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "an integer is required, not %.100s", Py_TYPE(o)->tp_name);
-        return -1;
-    }
+    if (arg_int(o)) return -1;
     long v = PyLong_AsLong(o);
     if (v == -1 && PyErr_Occurred()) return -1;
     if (v < INT32_MIN || v > INT32_MAX) {
@@ -452,6 +452,7 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) ||
         PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
+        PyModule_AddIntConstant(m, "BYTES_MARK", BYTES_MARK) ||
         PyModule_AddIntConstant(m, "TAKE_BYTES", TAKE_BYTES) ||
         PyModule_AddIntConstant(m, "TAKE_STREAM", TAKE_STREAM) ||
         PyModule_AddIntConstant(m, "TAKE_EMPTY", TAKE_EMPTY) ||

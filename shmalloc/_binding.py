@@ -25,6 +25,7 @@ from functools import cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from . import errors as E
+from ._fastcall import BYTES_MARK as BYTES_MARK  # first byte of a bytes value's stream
 from ._fastcall import STREAM_COPY_MAX as STREAM_COPY_MAX  # (re-exported: what other modules see)
 from ._fastcall import TAKE_BYTES as TAKE_BYTES  # port.take's answers
 from ._fastcall import TAKE_EMPTY as TAKE_EMPTY
@@ -653,7 +654,6 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.out = ffi.new("uint64_t[]", GET_WORDS + 2 * OBJECT_MAX_BUFFERS)
-        self.pairs = self.out + GET_WORDS
         self.dst = ffi.new("char[]", STREAM_COPY_MAX)
         self.seq = ffi.new("uint32_t *")
 

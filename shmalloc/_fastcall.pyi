@@ -2,6 +2,7 @@
 from typing import Any
 
 STREAM_COPY_MAX: int
+BYTES_MARK: int
 TAKE_BYTES: int
 TAKE_STREAM: int
 TAKE_EMPTY: int

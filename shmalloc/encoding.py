@@ -32,7 +32,8 @@ __all__ = ["INLINE_BELOW", "array_header", "decode", "encode", "numpy"]
 INLINE_BELOW = 1024  # out-of-band buffers smaller than this go in the stream (one block)
 
 _ARRAY = 0  # first byte of an array stream
-_BYTES = 1  # first byte of a bytes stream; the bytes follow
+_BYTES = C.BYTES_MARK  # first byte of a bytes stream (defined in native/fastcall.c, which
+# makes and reads those streams in Queue.put and get); the bytes follow
 _BYTES_MARK = bytes([_BYTES])
 # byte 0, the dtype's length, order ('C' or 'F'), number of dimensions; then the dtype (its
 # string, or its pickle where the string loses something: a structured dtype), then one

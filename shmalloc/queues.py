@@ -357,13 +357,10 @@ class _Base:
                 if not isinstance(taken, int):
                     return self._load(taken)
                 x = taken
-            # empty: wait (_time_left and _sleep, inline: a round trip's every get comes here)
-            left = RECHECK if deadline is None else min(deadline - time.monotonic(), RECHECK)
+            left = _time_left(deadline)  # empty: wait
             if not block or left <= 0:
                 raise Empty
-            rc = port.wait(self._control, C.QWAIT_NOT_EMPTY, x, int(left * 1e9))
-            if rc < 0 and rc != C.ETIMEDOUT:
-                C.raise_status(rc, self._control)
+            self._sleep(C.QWAIT_NOT_EMPTY, x, left)
 
     # -------------------------------------------------------------- common methods
 

@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 import pytest
+from in_threads import run_in_threads
 
 from shmalloc import MemoryManager, OutOfMemory
 
@@ -220,56 +221,45 @@ def test_contended_small_classes_fork(mgr: MemoryManager) -> None:
 def test_threads_in_one_process_share_the_arena(mgr: MemoryManager) -> None:
     """The C core runs without the GIL: four threads of one process allocate, verify and free
     concurrently, handing blocks to each other."""
-    import threading
-
     nthreads, ops = 4, 3000
     boxes: list[queue.Queue[Any]] = [queue.Queue() for _ in range(nthreads)]
-    errors: list[str] = []
     counts = [0] * nthreads
 
     def run(index: int) -> None:
-        try:
-            rng = random.Random(index)
-            live: dict[int, bytes] = {}
-            for i in range(ops):
-                r = rng.random()
-                if r < 0.5 and len(live) < 64:
-                    n = rng.randint(1, 20000)
-                    a = mgr.allocate(n)
-                    assert a not in live
-                    data = _fill((index << 40) | i, n)
-                    mgr.write(a, data)
-                    live[a] = data
-                    counts[index] += 1
-                elif r < 0.8 and live:
-                    a = rng.choice(list(live))
-                    d = live.pop(a)
-                    assert mgr.read(a, len(d)) == d
-                    mgr.deallocate(a)
-                elif live:
-                    a = rng.choice(list(live))
-                    boxes[(index + 1) % nthreads].put((a, live.pop(a)))
-                try:
-                    a, d = boxes[index].get_nowait()
-                except queue.Empty:
-                    continue
+        rng = random.Random(index)
+        live: dict[int, bytes] = {}
+        for i in range(ops):
+            r = rng.random()
+            if r < 0.5 and len(live) < 64:
+                n = rng.randint(1, 20000)
+                a = mgr.allocate(n)
+                assert a not in live
+                data = _fill((index << 40) | i, n)
+                mgr.write(a, data)
+                live[a] = data
+                counts[index] += 1
+            elif r < 0.8 and live:
+                a = rng.choice(list(live))
+                d = live.pop(a)
                 assert mgr.read(a, len(d)) == d
                 mgr.deallocate(a)
-            for a, d in live.items():
-                assert mgr.read(a, len(d)) == d
-                mgr.deallocate(a)
-        except BaseException as e:  # collected and asserted on below
-            errors.append(f"thread {index}: {e!r}")
+            elif live:
+                a = rng.choice(list(live))
+                boxes[(index + 1) % nthreads].put((a, live.pop(a)))
+            try:
+                a, d = boxes[index].get_nowait()
+            except queue.Empty:
+                continue
+            assert mgr.read(a, len(d)) == d
+            mgr.deallocate(a)
+        for a, d in live.items():
+            assert mgr.read(a, len(d)) == d
+            mgr.deallocate(a)
 
     mgr.deallocate(
         mgr.allocate(1)
     )  # join the process table first (the race for that has its own test)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(nthreads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(run, nthreads)
     # blocks still in the boxes were handed over after their receiver finished
     for box in boxes:
         while not box.empty():

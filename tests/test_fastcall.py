@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+from in_threads import run_in_threads
 
 import shmalloc
 from shmalloc import MemoryManager
@@ -131,28 +132,20 @@ def test_threads_take_into_buffers_of_their_own(mgr: MemoryManager) -> None:
     """Four threads each put and get their own records (100 B and 10 KiB, copied out of the
     arena by the take) through one queue; every record comes back whole, none twice."""
     q = shmalloc.Queue(arena=mgr)
-    n, got, errors = 300, [], []
+    n, got = 300, []
     lock = threading.Lock()
 
     def work(t: int) -> None:
-        try:
-            for i in range(n):
-                size = 100 if i % 2 else 10 << 10
-                q.put(bytes([t]) + i.to_bytes(4, "little") + os.urandom(16) * (size // 16))
-                item = q.get(timeout=30)
-                assert len(item) in (5 + 96, 5 + (10 << 10)), len(item)
-                assert item[5:21] * ((len(item) - 5) // 16) == item[5:]
-                with lock:
-                    got.append(item[:5])
-        except BaseException as e:  # (reported below, in the test's thread)
-            errors.append(e)
+        for i in range(n):
+            size = 100 if i % 2 else 10 << 10
+            q.put(bytes([t]) + i.to_bytes(4, "little") + os.urandom(16) * (size // 16))
+            item = q.get(timeout=30)
+            assert len(item) in (5 + 96, 5 + (10 << 10)), len(item)
+            assert item[5:21] * ((len(item) - 5) // 16) == item[5:]
+            with lock:
+                got.append(item[:5])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work, 4)
     assert sorted(got) == sorted(
         bytes([t]) + i.to_bytes(4, "little") for t in range(4) for i in range(n)
     )

@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
+from in_threads import run_in_threads
 
 np = pytest.importorskip("numpy")
 
@@ -129,26 +129,17 @@ def test_a_full_arena_falls_back_to_numpy(arena_name: str) -> None:
 
 def test_threads_allocate_lend_and_free_at_once(mgr: MemoryManager, alloc: ArenaAllocator) -> None:
     base = mgr.stats().used
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
-        try:
-            with alloc.active():
-                for i in range(40):
-                    a = np.full(MiB // 8 + seed, float(i))
-                    ref = alloc.lend(a) if i % 2 else None
-                    view = mgr.get(ref) if ref is not None else a
-                    assert view[-1] == i and alloc.owns(a)
-                    del a, ref, view
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+        with alloc.active():
+            for i in range(40):
+                a = np.full(MiB // 8 + seed, float(i))
+                ref = alloc.lend(a) if i % 2 else None
+                view = mgr.get(ref) if ref is not None else a
+                assert view[-1] == i and alloc.owns(a)
+                del a, ref, view
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work, 4)
     st = alloc.stats()
     assert st.arena_allocs == 160 and st.lent == 80 and st.arena_blocks == 0 and not st.fallbacks
     assert live(mgr) == 0 and mgr.stats().used == base
