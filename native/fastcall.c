@@ -5,12 +5,16 @@
  * as the allocation it asks for), releases and retakes the GIL, and leaves Python to turn the
  * out-parameters into objects. This module calls the same core functions, found through the
  * addresses that bind() is given once (cffi's ffi.addressof, shmalloc/_binding.py), with
- * METH_FASTCALL methods of a Port: one process's handle to one arena. It holds no state of the
- * core's and adds no mechanism: each method is one core call and the Python objects of its
- * answer.
+ * METH_FASTCALL methods of three types:
+ *   Port      one process's handle to one arena: a Queue's put, take and wait;
+ *   Fields    the C base of an Attachment: its port, slot and collector, as C members;
+ *   Manager   the C base of MemoryManager: allocate() and deallocate().
+ * It holds no state of the core's and adds no mechanism: each method is one core call and the
+ * Python objects of its answer.
  *
  * A Port keeps the cffi handle object alive, so the handle's memory outlives any call made
- * through it; a call after close() meets the core's gate (SHM_ECLOSED), as through cffi.
+ * through it (a caller holds a reference to the Port for the call); a call after close() meets
+ * the core's gate (SHM_ECLOSED), as through cffi.
  *
  * A core call runs without the GIL, as cffi's do, whenever another Python thread exists (in any
  * interpreter): a call may wait for a lock that a stopped or paused process holds, and the other
@@ -21,6 +25,7 @@
  * A take copies into a buffer of its thread's own. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -152,26 +157,6 @@ static int nargs_are(const char *name, Py_ssize_t n, Py_ssize_t want) {
     if (n == want) return 0;
     PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, n);
     return -1;
-}
-
-/* alloc(size, slot): shm_alloc's raw answer (an address with flag bits, or a status). */
-static PyObject *port_alloc(Port *self, PyObject *const *args, Py_ssize_t n) {
-    uint64_t size;
-    int32_t slot;
-    if (nargs_are("alloc", n, 2) || arg_u64(args[0], &size) || arg_slot(args[1], &slot))
-        return NULL;
-    int64_t r;
-    CALL(r = core.alloc(self->h, size, 0, slot));
-    return PyLong_FromLongLong(r);
-}
-
-/* free(address): shm_free's raw answer (the usable size, or a status). */
-static PyObject *port_free(Port *self, PyObject *arg) {
-    uint64_t address;
-    if (arg_u64(arg, &address)) return NULL;
-    int64_t r;
-    CALL(r = core.free(self->h, address));
-    return PyLong_FromLongLong(r);
 }
 
 /* What a put answers: None when the item is in; (the not_full word's value, [header, buffers...])
@@ -398,8 +383,6 @@ static PyObject *port_wait(Port *self, PyObject *const *args, Py_ssize_t n) {
 }
 
 static PyMethodDef port_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))port_alloc, METH_FASTCALL, NULL},
-    {"free", (PyCFunction)port_free, METH_O, NULL},
     {"put_bytes", (PyCFunction)(void (*)(void))port_put_bytes, METH_FASTCALL, NULL},
     {"put_new", (PyCFunction)(void (*)(void))port_put_new, METH_FASTCALL, NULL},
     {"take", (PyCFunction)(void (*)(void))port_take, METH_FASTCALL, NULL},
@@ -415,6 +398,241 @@ static PyTypeObject PortType = {
     .tp_doc = "Port(handle, address): calls into the arena of a cffi handle (shmalloc._binding).",
     .tp_methods = port_methods,
     .tp_new = port_new,
+};
+
+/* ---- Fields: what the hot pair reads of an attachment (the base of its Python class) ----
+ *
+ * shmalloc.attachment.Attachment keeps its port, slot and collector here, as C members: one
+ * place, which Python reads and writes as attributes and allocate()'s C half reads without an
+ * attribute lookup (two lookups per call cost more than the core's own work). */
+
+typedef struct {
+    PyObject_HEAD PyObject *port; /* the Port of its handle, or None (NULL) once closed */
+    PyObject *collector;          /* the event callback, or None (NULL) */
+    int slot;                     /* this process's slot in the process table, or -1 */
+} Fields;
+
+static PyObject *fields_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Fields *self = (Fields *)PyType_GenericNew(type, args, kw);
+    if (self) self->slot = -1;
+    return (PyObject *)self;
+}
+
+static int fields_traverse(Fields *self, visitproc visit, void *arg) {
+    Py_VISIT(self->port);
+    Py_VISIT(self->collector);
+    return 0;
+}
+
+static int fields_clear(Fields *self) {
+    Py_CLEAR(self->port);
+    Py_CLEAR(self->collector);
+    return 0;
+}
+
+static void fields_dealloc(Fields *self) {
+    PyObject_GC_UnTrack(self);
+    fields_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef fields_members[] = {
+    {"port", T_OBJECT, offsetof(Fields, port), 0, "the Port of the handle; None once closed"},
+    {"collector", T_OBJECT, offsetof(Fields, collector), 0, "the event callback, or None"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *fields_get_slot(Fields *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->slot);
+}
+
+/* A slot is -1 or an index: anything else is refused, never truncated into another slot. */
+static int fields_set_slot(Fields *self, PyObject *value, void *closure) {
+    (void)closure;
+    long v;
+    if (!value || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "slot must be an int");
+        return -1;
+    }
+    if ((v = PyLong_AsLong(value)) == -1 && PyErr_Occurred()) return -1;
+    if (v < -1 || v > INT32_MAX) {
+        PyErr_Format(PyExc_OverflowError, "slot %ld is neither -1 nor an index", v);
+        return -1;
+    }
+    self->slot = (int)v;
+    return 0;
+}
+
+static PyGetSetDef fields_getset[] = {
+    {"slot", (getter)fields_get_slot, (setter)fields_set_slot,
+     "this process's slot in the process table, -1 until claimed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject FieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.Fields",
+    .tp_basicsize = sizeof(Fields),
+    .tp_dealloc = (destructor)fields_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An attachment's port, slot and collector (the base of shmalloc's Attachment).",
+    .tp_traverse = (traverseproc)fields_traverse,
+    .tp_clear = (inquiry)fields_clear,
+    .tp_members = fields_members,
+    .tp_getset = fields_getset,
+    .tp_new = fields_new,
+};
+
+/* ---- Manager: the C half of shmalloc.MemoryManager (its base class) ----
+ *
+ * allocate() and deallocate() are the API's hottest pair; as Python methods their frames cost
+ * more than the core call. Here they are C methods that do the common case (one exact int
+ * argument, a slot claimed, no collector) with one core call, and hand everything else to the
+ * Python methods _allocate, _alloc_result and _deallocate, which hold the rules. */
+
+typedef struct {
+    PyObject_HEAD PyObject *state; /* the shmalloc.attachment.Attachment (the _state member) */
+} Manager;
+
+static PyObject *str_allocate, *str_alloc_result, *str_deallocate;
+
+/* The attachment's port (a new reference: a close in another thread meanwhile drops the
+ * attachment's) and slot, if it is open and no collector wants events; NULL otherwise. */
+static Port *quiet_port(Manager *self, int32_t *slot) {
+    PyObject *state = self->state;
+    if (!state || !PyObject_TypeCheck(state, &FieldsType)) return NULL;
+    Fields *f = (Fields *)state;
+    if ((f->collector && f->collector != Py_None) || !f->port || !Py_IS_TYPE(f->port, &PortType))
+        return NULL;
+    *slot = f->slot;
+    return (Port *)Py_NewRef(f->port);
+}
+
+/* allocate(size, pid=None, *, align=None) */
+static PyObject *manager_allocate(Manager *self, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    Port *port;
+    int32_t slot;
+    if (n == 1 && !kwnames && PyLong_CheckExact(args[0]) && (port = quiet_port(self, &slot))) {
+        uint64_t size = PyLong_AsUnsignedLongLong(args[0]);
+        if ((size == (uint64_t)-1 && PyErr_Occurred()) || !size || slot < 0) {
+            PyErr_Clear(); /* not a positive size in range, or no slot yet: the Python method */
+            Py_DECREF(port);
+        } else {
+            int64_t r;
+            CALL(r = core.alloc(port->h, size, 0, slot));
+            Py_DECREF(port);
+            if (r > 0 && r <= SHM_ALLOC_ADDRESS_MASK) return PyLong_FromLongLong(r);
+            PyObject *raw = PyLong_FromLongLong(r);
+            if (!raw) return NULL;
+            PyObject *call[] = {(PyObject *)self, raw, args[0], Py_None};
+            PyObject *res = PyObject_VectorcallMethod(str_alloc_result, call,
+                                                      4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            Py_DECREF(raw);
+            return res;
+        }
+    }
+    /* args[-1] may not be ours to use: pass self in a fresh array */
+    PyObject *stack[8], **call = stack;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n + nkw + 1 > 8 && !(call = PyMem_Malloc((size_t)(n + nkw + 1) * sizeof(PyObject *))))
+        return PyErr_NoMemory();
+    call[0] = (PyObject *)self;
+    memcpy(call + 1, args, (size_t)(n + nkw) * sizeof(PyObject *));
+    PyObject *res = PyObject_VectorcallMethod(str_allocate, call, (size_t)n + 1, kwnames);
+    if (call != stack) PyMem_Free(call);
+    return res;
+}
+
+/* deallocate(address) */
+static PyObject *manager_deallocate(Manager *self, PyObject *arg) {
+    Port *port;
+    int32_t slot;
+    PyObject *raw = Py_NewRef(Py_None); /* the core's answer; None: the core was not called */
+    if (PyLong_CheckExact(arg) && (port = quiet_port(self, &slot))) {
+        uint64_t address = PyLong_AsUnsignedLongLong(arg);
+        if (address == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* negative or huge: InvalidAddress, from the Python method */
+        } else {
+            int64_t r;
+            CALL(r = core.free(port->h, address));
+            Py_DECREF(raw);
+            if (r >= 0) {
+                Py_DECREF(port);
+                return PyLong_FromLongLong(r);
+            }
+            if (!(raw = PyLong_FromLongLong(r))) {
+                Py_DECREF(port);
+                return NULL;
+            }
+        }
+        Py_DECREF(port);
+    }
+    PyObject *call[] = {(PyObject *)self, raw, arg};
+    PyObject *res = PyObject_VectorcallMethod(str_deallocate, call,
+                                              3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(raw);
+    return res;
+}
+
+static PyObject *manager_get_state(Manager *self, void *closure) {
+    (void)closure;
+    if (self->state) return Py_NewRef(self->state);
+    PyErr_SetString(PyExc_AttributeError, "_state");
+    return NULL;
+}
+
+static int manager_set_state(Manager *self, PyObject *value, void *closure) {
+    (void)closure;
+    Py_XSETREF(self->state, Py_XNewRef(value));
+    return 0;
+}
+
+static int manager_traverse(Manager *self, visitproc visit, void *arg) {
+    Py_VISIT(self->state);
+    return 0;
+}
+
+static int manager_clear(Manager *self) {
+    Py_CLEAR(self->state);
+    return 0;
+}
+
+static void manager_dealloc(Manager *self) {
+    PyObject_GC_UnTrack(self);
+    manager_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef manager_methods[] = {
+    {"allocate", (PyCFunction)(void (*)(void))manager_allocate, METH_FASTCALL | METH_KEYWORDS,
+     "allocate($self, size, pid=None, *, align=None)\n--\n\n"
+     "Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or\n"
+     "``align``-aligned). The block is accounted to ``pid`` (default: this process)."},
+    {"deallocate", (PyCFunction)manager_deallocate, METH_O,
+     "deallocate($self, address, /)\n--\n\n"
+     "Free the block at ``address`` (from any process); return its usable size."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef manager_getset[] = {
+    {"_state", (getter)manager_get_state, (setter)manager_set_state,
+     "this process's attachment (shmalloc.attachment.Attachment)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ManagerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.Manager",
+    .tp_basicsize = sizeof(Manager),
+    .tp_dealloc = (destructor)manager_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C half of shmalloc.MemoryManager: its allocate() and deallocate().",
+    .tp_traverse = (traverseproc)manager_traverse,
+    .tp_clear = (inquiry)manager_clear,
+    .tp_methods = manager_methods,
+    .tp_getset = manager_getset,
+    .tp_new = PyType_GenericNew,
 };
 
 /* bind(alloc, free, put_new, take, wait): the core functions' addresses, from cffi's
@@ -447,10 +665,18 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__fastcall(void) {
     if (pthread_key_create(&take_key, free)) return PyErr_NoMemory();
-    if (PyType_Ready(&PortType) < 0) return NULL;
+    if (PyType_Ready(&PortType) < 0 || PyType_Ready(&FieldsType) < 0 ||
+        PyType_Ready(&ManagerType) < 0)
+        return NULL;
+    if (!(str_allocate = PyUnicode_InternFromString("_allocate")) ||
+        !(str_alloc_result = PyUnicode_InternFromString("_alloc_result")) ||
+        !(str_deallocate = PyUnicode_InternFromString("_deallocate")))
+        return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) ||
+        PyModule_AddObjectRef(m, "Fields", (PyObject *)&FieldsType) ||
+        PyModule_AddObjectRef(m, "Manager", (PyObject *)&ManagerType) ||
         PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
         PyModule_AddIntConstant(m, "BYTES_MARK", BYTES_MARK) ||
         PyModule_AddIntConstant(m, "TAKE_BYTES", TAKE_BYTES) ||

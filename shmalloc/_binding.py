@@ -8,9 +8,11 @@ that went to another process), the function says so in its return value and docs
 The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``, ``block_span_raw``,
 ``block_write_raw``) are the compiled functions themselves, re-exported: they return a result
 when >= 0 and a status when < 0, and the caller passes a negative one to :func:`raise_status`.
-The hottest (allocate and free, a Queue's put, take and wait) also have a second door: the
-methods of a :class:`Port` (``shmalloc._fastcall``, native/fastcall.c), which call the same core
-functions without cffi's generic argument conversion; an Attachment keeps one per handle.
+The hottest also have a second door (``shmalloc._fastcall``, native/fastcall.c), which calls the
+same core functions without cffi's generic argument conversion: a Queue's put, take and wait are
+methods of a :class:`Port`, which an Attachment keeps per handle; allocate and deallocate are C
+methods of :class:`Manager`, MemoryManager's base, reading the Attachment's C base
+(:class:`Fields`: port, slot, collector).
 Everything else about the C core's types stays in this module; other modules see ints, bytes
 and the small dataclasses below.
 """
@@ -33,6 +35,8 @@ from ._fastcall import TAKE_HELD as TAKE_HELD
 from ._fastcall import TAKE_REF as TAKE_REF
 from ._fastcall import TAKE_STREAM as TAKE_STREAM
 from ._fastcall import TAKE_VIEW as TAKE_VIEW
+from ._fastcall import Fields as Fields  # Attachment's base: port, slot, collector
+from ._fastcall import Manager as Manager  # MemoryManager's base: allocate, deallocate
 from ._fastcall import Port as Port
 from ._fastcall import bind as _bind_fastcall
 from ._native import ffi, lib

@@ -148,17 +148,24 @@ def own_arena_mode(name: str) -> int:
     return stat.S_IMODE(st.st_mode) | 0o600
 
 
-class Attachment:
+class Attachment(C.Fields):
     """One process's view of an arena. Made by :meth:`create` or :meth:`open`."""
+
+    # port, slot and collector are members of the C base (C.Fields): allocate()'s C half reads
+    # them without a lookup.
+    __slots__ = (
+        "name", "capacity", "h", "fd", "slot_pid", "pressure_callbacks", "mm", "base", "mv",
+        "__weakref__",
+    )  # fmt: skip
 
     name: str
     capacity: int
     h: C.Handle  # None once closed
-    port: C.Port | None  # the hot calls' door to ``h`` (native/fastcall.c); None once closed
+    # port: the hot calls' door to ``h`` (native/fastcall.c), None once closed
+    # slot: this process's slot in the process table, -1 until the first allocation
+    # collector: the callback of this process's events, or None
     fd: int  # the segment's descriptor, open while attached
-    slot: int  # this process's slot in the process table, -1 until the first allocation
     slot_pid: int  # the pid that claimed ``slot`` (a fork child has another)
-    collector: Callable[[Event], None] | None
     pressure_callbacks: list[Callable[[], None]]
 
     def __init__(self, name: str) -> None:

@@ -3,15 +3,15 @@
 The manager is a façade. Python holds no allocator state: every question goes to the C core,
 which reads the segment. What is local to this process (the mapping, the handle, the slot) lives
 in one :class:`~shmalloc.attachment.Attachment`; the methods below call the plain modules that act
-on it (access, ownership, tracking, collection). Only allocate and deallocate, the hot pair, call
-the C core directly from here.
+on it (access, ownership, tracking, collection). Only allocate and deallocate, the hot pair, are
+not Python methods: they are the C methods of the base class, ``C.Manager`` (native/fastcall.c),
+which call the core in the common case and the Python halves below otherwise.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import time
 import warnings
 from collections.abc import Callable
 from types import TracebackType
@@ -30,14 +30,12 @@ from .tracking import MemoryBlock, ProcessInfo
 __all__ = ["DEFAULT_CAPACITY", "MemoryManager", "attachment_of", "validate_name"]
 
 DEFAULT_CAPACITY = 1 << 30
-_now = time.time
 _alloc = C.alloc_raw
 _free = C.free_raw
 _FLAGS = C.ADDRESS_MASK + 1  # raw allocation results at or above this carry flag bits
-_EINVAL = C.EINVAL
 
 
-class MemoryManager:
+class MemoryManager(C.Manager):
     """A shared-memory arena. ``MemoryManager()`` creates a new one with a unique name.
 
     Use :meth:`create` for a named arena and :meth:`attach` to join one from another process.
@@ -180,29 +178,11 @@ class MemoryManager:
 
     # ---------------------------------------------------------------- allocation
 
-    def allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int:
-        """Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or
-        ``align``-aligned). The block is accounted to ``pid`` (default: this process)."""
-        st = self._state
-        port = st.port  # (native/fastcall.c) None once closed
-        if size.__class__ is int and pid is None and align is None and port is not None:
-            slot = st.slot  # read once: another thread may claim it meanwhile
-            try:
-                r = port.alloc(size, slot)
-            except OverflowError:  # a negative or huge size
-                return self._allocate_slow(size, pid, align)
-            if 0 < r < _FLAGS:
-                collector = st.collector
-                if collector is not None:
-                    pid = process.current_pid()
-                    fields = {"address": r, "size": size, "pid": pid}
-                    collector(Event(events.ALLOCATED, pid, _now(), fields))
-                return r
-            if r != _EINVAL or slot >= 0:  # EINVAL with no slot yet: take the slow path
-                return self._alloc_result(r, size, None)
-        return self._allocate_slow(size, pid, align)
+    # allocate(size, pid=None, *, align=None) and deallocate(address) are C methods (C.Manager,
+    # native/fastcall.c): the common case is one core call there, and the rest comes here.
 
-    def _allocate_slow(self, size: int, pid: int | None, align: int | None) -> int:
+    def _allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int:
+        """allocate() whenever its C half does not call the core itself."""
         size = check_int(size, "size")
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -232,28 +212,18 @@ class MemoryManager:
             st.emit(events.ALLOCATED, address=r, size=size, pid=pid or process.current_pid())
         return r
 
-    def deallocate(self, address: int) -> int:
-        """Free the block at ``address`` (from any process); return its usable size."""
+    def _deallocate(self, r: int | None, address: int) -> int:
+        """deallocate() with the core's answer ``r`` from its C half, or None if it did not call
+        the core."""
         st = self._state
-        port = st.port  # (native/fastcall.c) None once closed
-        if address.__class__ is int and port is not None:
-            try:
-                r = port.free(address)
-            except OverflowError:  # a negative or huge address
-                r = self._deallocate_slow(address)
-        else:
-            r = self._deallocate_slow(address)
+        if r is None:
+            address = access.checked_address(address)  # InvalidAddress if it is no offset
+            r = int(_free(st.handle(), address))
         if r < 0:
             C.raise_status(r, address)
-        collector = st.collector
-        if collector is not None:
-            fields = {"address": address, "size": r}
-            collector(Event(events.DEALLOCATED, process.current_pid(), _now(), fields))
+        if st.collector is not None:
+            st.emit(events.DEALLOCATED, address=address, size=r)
         return r
-
-    def _deallocate_slow(self, address: object) -> int:
-        address = access.checked_address(address)  # InvalidAddress if it cannot be an offset
-        return int(_free(self._state.handle(), address))
 
     def allocate_guarded(self, size: int, pid: int | None = None) -> MemoryGuard:
         """Allocate a block that is freed when the returned guard's ``with`` block ends."""

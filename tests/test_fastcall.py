@@ -1,13 +1,17 @@
 """The hot calls' second door (native/fastcall.c, shmalloc._fastcall): a Port's methods check
 their arguments as cffi does and change nothing when refusing; a Port used after its arena is
-closed meets the gate instead of unmapped memory; a queue's wait runs signal handlers; and each
-thread copies what it takes into a buffer of its own."""
+closed meets the gate instead of unmapped memory; a queue's wait runs signal handlers; each
+thread copies what it takes into a buffer of its own; and allocate/deallocate, C methods of
+MemoryManager's base, take every form of their signature and leave all but the common case to
+their Python halves."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -29,13 +33,10 @@ def _port(m: MemoryManager) -> tuple[C.Port, int]:
 @pytest.mark.parametrize(
     ("call", "error"),
     [
-        (lambda p, s: p.alloc(-1, s), OverflowError),
-        (lambda p, s: p.alloc(1 << 64, s), OverflowError),
-        (lambda p, s: p.alloc("64", s), TypeError),
-        (lambda p, s: p.alloc(64, 1 << 40), OverflowError),
-        (lambda p, s: p.alloc(64), TypeError),
-        (lambda p, s: p.free(-16), OverflowError),
-        (lambda p, s: p.free(16.0), TypeError),
+        (lambda p, s: p.put_bytes(s, 0, 0), TypeError),
+        (lambda p, s: p.put_bytes(1 << 40, 0, 0, b"x"), OverflowError),
+        (lambda p, s: p.put_bytes(s, -1, 0, b"x"), OverflowError),
+        (lambda p, s: p.put_bytes(s, 0, 0.0, b"x"), TypeError),
         (lambda p, s: p.put_bytes(s, 0, 0, bytearray(b"x")), TypeError),
         (lambda p, s: p.put_new(s, 0, 0, b"x", (b"buffer",)), TypeError),
         (lambda p, s: p.put_new(s, 0, 0, b"x", [object()]), TypeError),
@@ -68,13 +69,11 @@ def test_a_port_is_made_once_and_never_without_a_handle(mgr: MemoryManager) -> N
     with pytest.raises(OverflowError):
         C.Port(object(), -1)
     port.__init__(object(), 0)  # type: ignore[misc]  # object's: the handle stays the same
-    address = port.alloc(64, attachment_of(mgr).slot)
-    assert address > 0 and port.free(address) > 0
+    assert port.put_bytes(attachment_of(mgr).slot, 4096, 1, b"x") == C.ENOENT  # still the arena
 
 
 def test_statuses_come_back_as_ints(mgr: MemoryManager) -> None:
     port, slot = _port(mgr)
-    assert port.free(12345) == C.EADDR
     assert port.put_bytes(slot, 4096, 1, b"x") == C.ENOENT  # no queue there
     assert port.take(slot, 4096, 1, False) == (C.ENOENT, None)
     assert port.wait(4096 + 3, C.QWAIT_NOT_EMPTY, 0, 0) == C.EINVAL
@@ -92,13 +91,13 @@ def test_a_port_kept_past_close_meets_the_gate(arena_name: str) -> None:
         del q, ref
         m.close()
         assert att.port is None
-        assert port.alloc(64, slot) == C.ECLOSED
-        assert port.free(4096) == C.ECLOSED
         assert port.put_bytes(slot, address, oid, b"late") == C.ECLOSED
         assert port.take(slot, address, oid, True) == (C.ECLOSED, None)
         assert port.wait(control, C.QWAIT_NOT_EMPTY, 0, 0) == C.ECLOSED
         with pytest.raises(ValueError, match="closed"):
             m.allocate(64)
+        with pytest.raises(ValueError, match="closed"):
+            m.deallocate(4096)
     finally:
         m.destroy()
 
@@ -180,3 +179,78 @@ def test_a_copy_only_take_leaves_items_to_hold_in_place(mgr: MemoryManager) -> N
     assert port.take(slot, address, oid, True)[0] == C.TAKE_EMPTY
     del ref, items, item  # (the loop kept the last one)
     assert mgr.check().objects == 1  # the queue itself
+
+
+def test_allocate_takes_every_form_of_its_signature(mgr: MemoryManager) -> None:
+    """allocate() and deallocate() are C methods (C.Manager); what their C half does not do
+    itself (keywords, a pid, an alignment) reaches the Python half with the arguments as given."""
+    sig = inspect.signature(MemoryManager.allocate)
+    assert list(sig.parameters) == ["self", "size", "pid", "align"]
+    assert sig.parameters["align"].kind is inspect.Parameter.KEYWORD_ONLY
+    addresses = [
+        mgr.allocate(64),
+        mgr.allocate(size=64),
+        mgr.allocate(64, None),
+        mgr.allocate(64, pid=os.getpid()),
+        mgr.allocate(100, align=4096),
+    ]
+    assert addresses[4] % 4096 == 0
+    assert len(set(addresses)) == len(addresses)
+    bad_calls = [
+        ((), TypeError),
+        ((64, None, None), TypeError),
+        ((0,), ValueError),
+        ((True,), TypeError),
+    ]
+    for bad, error in bad_calls:  # (an int subclass: the Python half checks it)
+        with pytest.raises(error):
+            mgr.allocate(*bad)
+    with pytest.raises(TypeError):
+        mgr.allocate(64, colour="red")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        mgr.deallocate()  # type: ignore[call-arg]
+    sizes = [mgr.size_of(a) for a in addresses]
+    assert [mgr.deallocate(a) for a in addresses] == sizes
+    assert mgr.stats().used == 0
+
+
+def test_the_c_half_alone_is_harmless() -> None:
+    """A bare C.Manager has no attachment and no Python half: its methods raise, not crash."""
+    bare = C.Manager()
+    with pytest.raises(AttributeError):
+        bare.allocate(64)
+    with pytest.raises(AttributeError):
+        bare.deallocate(4096)
+    bare._state = object()  # type: ignore[attr-defined]  # not an attachment: never read as one
+    with pytest.raises(AttributeError):
+        bare.allocate(64)
+
+
+def test_the_fields_the_c_half_reads_keep_their_types(mgr: MemoryManager) -> None:
+    """An attachment's slot is an int from -1 up, and a port that is not a Port is not used."""
+    mgr.deallocate(mgr.allocate(64))  # this process has its slot now
+    att = attachment_of(mgr)
+    with pytest.raises(TypeError):
+        att.slot = "0"  # type: ignore[assignment]
+    for bad in (1 << 40, -2):
+        with pytest.raises(OverflowError):
+            att.slot = bad  # never truncated into another slot
+    assert att.slot >= 0
+    port = att.port
+    att.port = object()  # type: ignore[assignment]  # not a Port: the C half leaves it to Python
+    assert mgr.deallocate(mgr.allocate(64)) >= 64
+    att.port = port
+
+
+def test_a_manager_is_freed_by_its_last_reference(arena_name: str) -> None:
+    """The C half holds the attachment, and nothing holds the manager back: dropping the last
+    reference frees it at once (no cycle left for the cyclic collector)."""
+    m = MemoryManager.create(arena_name, 16 << 20)
+    m.deallocate(m.allocate(64))
+    att = attachment_of(m)
+    gone = weakref.ref(m)
+    m.destroy()
+    m.close()
+    del m
+    assert gone() is None
+    assert att.closed
