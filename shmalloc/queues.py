@@ -347,7 +347,8 @@ class _Base:
             if objects._pid == objects._me:  # (a fork child adopts its parent's holds first)
                 # an item copied out and dropped already, or left in the queue: no hold to count
                 # here, so no module lock (native/queue.c, queue_take)
-                got, x = port.take(objects._slot(a), q.address, q.id, True)
+                slot = a.slot
+                got, x = port.take(slot if slot >= 0 else slot_for(a, None), q.address, q.id, True)
             if got == C.TAKE_BYTES:
                 return x
             if got == C.TAKE_STREAM:
