@@ -6,9 +6,12 @@
  * out-parameters into objects. This module calls the same core functions, found through the
  * addresses that bind() is given once (cffi's ffi.addressof, shmalloc/_binding.py), with
  * METH_FASTCALL methods of three types:
- *   Port      one process's handle to one arena: a Queue's put, take and wait;
- *   Fields    the C base of an Attachment: its port, slot and collector, as C members;
- *   Manager   the C base of MemoryManager: allocate() and deallocate().
+ *   Port       one process's handle to one arena: a queue's put, take and wait, all arguments
+ *              given (the Python halves' calls);
+ *   Fields     the C base of an Attachment: its port, slot and collector, as C members;
+ *   Manager    the C base of MemoryManager: allocate() and deallocate();
+ *   QueueBase  the C base of the queues: put() and get(), their first attempt.
+ * The last two do the common case and leave the rest to the Python methods of their subclasses.
  * It holds no state of the core's and adds no mechanism: each method is one core call and the
  * Python objects of its answer.
  *
@@ -30,6 +33,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "shm_layout.h"
 #include "shm_api.h"
@@ -177,44 +181,53 @@ static PyObject *put_answer(int rc, const uint64_t *out, uint32_t nbuffers, uint
     return Py_BuildValue("(kN)", (unsigned long)seq, blocks);
 }
 
-static int queue_args(PyObject *const *args, int32_t *slot, uint64_t *queue, uint64_t *qid) {
-    return arg_slot(args[0], slot) || arg_u64(args[1], queue) || arg_u64(args[2], qid) ? -1 : 0;
+/* A queue's (slot, queue, queue_id): where an item goes or comes from, and for whom. */
+typedef struct {
+    int32_t slot;
+    uint64_t queue, qid;
+} Place;
+
+static int place_args(PyObject *const *args, Place *at) {
+    return arg_slot(args[0], &at->slot) || arg_u64(args[1], &at->queue) ||
+                   arg_u64(args[2], &at->qid)
+               ? -1
+               : 0;
 }
 
-/* put_bytes(slot, queue, queue_id, value): Queue.put() of a bytes value, its stream (BYTES_MARK
- * and the bytes) made here. Answers as put_new. */
-static PyObject *port_put_bytes(Port *self, PyObject *const *args, Py_ssize_t n) {
-    int32_t slot;
-    uint64_t queue, qid, out[2];
+/* Queue.put() of a bytes value, its stream (BYTES_MARK and the bytes) made here. */
+static PyObject *put_bytes(Port *self, const Place *at, PyObject *value) {
+    uint64_t out[2];
     uint32_t seq = 0;
-    if (nargs_are("put_bytes", n, 4) || queue_args(args, &slot, &queue, &qid)) return NULL;
-    if (!PyBytes_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "put_bytes() takes a bytes value");
-        return NULL;
-    }
-    Py_ssize_t len = PyBytes_GET_SIZE(args[3]);
+    Py_ssize_t len = PyBytes_GET_SIZE(value);
     char small[STACK_STREAM + 1];
     char *stream = len <= STACK_STREAM ? small : PyMem_RawMalloc((size_t)len + 1);
     if (!stream) return PyErr_NoMemory();
     stream[0] = BYTES_MARK;
-    memcpy(stream + 1, PyBytes_AS_STRING(args[3]), (size_t)len);
+    memcpy(stream + 1, PyBytes_AS_STRING(value), (size_t)len);
     int rc;
-    CALL(rc = core.put_new(self->h, slot, queue, qid, stream, (uint64_t)len + 1, 0, NULL, NULL, out,
-                           &seq));
+    CALL(rc = core.put_new(self->h, at->slot, at->queue, at->qid, stream, (uint64_t)len + 1, 0,
+                           NULL, NULL, out, &seq));
     if (stream != small) PyMem_RawFree(stream);
     return put_answer(rc, out, 0, seq);
+}
+
+/* put_bytes(slot, queue, queue_id, value): put_bytes() above. Answers as put_new. */
+static PyObject *port_put_bytes(Port *self, PyObject *const *args, Py_ssize_t n) {
+    Place at;
+    if (nargs_are("put_bytes", n, 4) || place_args(args, &at)) return NULL;
+    if (!PyBytes_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "put_bytes() takes a bytes value");
+        return NULL;
+    }
+    return put_bytes(self, &at, args[3]);
 }
 
 /* put_new(slot, queue, queue_id, stream, buffers): Queue.put() of a new item in one core call,
  * the pickle stream (bytes) and its out-of-band buffers (a list of contiguous buffers) made into
  * an object and put in the queue. None when it is in; (seq, blocks) when the queue is full; a
  * negative status. */
-static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
-    int32_t slot;
-    uint64_t queue, qid;
+static PyObject *put_new(Port *self, const Place *at, PyObject *stream, PyObject *list) {
     uint32_t seq = 0;
-    if (nargs_are("put_new", n, 5) || queue_args(args, &slot, &queue, &qid)) return NULL;
-    PyObject *stream = args[3], *list = args[4];
     if (!PyBytes_CheckExact(stream) || !PyList_CheckExact(list)) {
         PyErr_SetString(PyExc_TypeError, "put_new() takes a bytes stream and a list of buffers");
         return NULL;
@@ -254,7 +267,7 @@ static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
         sizes[got] = (uint64_t)views[got].len;
     }
     int rc;
-    CALL(rc = core.put_new(self->h, slot, queue, qid, PyBytes_AS_STRING(stream),
+    CALL(rc = core.put_new(self->h, at->slot, at->queue, at->qid, PyBytes_AS_STRING(stream),
                            (uint64_t)PyBytes_GET_SIZE(stream), (uint32_t)nb, ptrs, sizes, out,
                            &seq));
     answer = put_answer(rc, out, (uint32_t)nb, seq);
@@ -263,6 +276,12 @@ done:
     PyMem_Free(heap);
     Py_DECREF(items);
     return answer;
+}
+
+static PyObject *port_put_new(Port *self, PyObject *const *args, Py_ssize_t n) {
+    Place at;
+    if (nargs_are("put_new", n, 5) || place_args(args, &at)) return NULL;
+    return put_new(self, &at, args[3], args[4]);
 }
 
 /* (code, payload), the payload's reference stolen; NULL if either is NULL. */
@@ -304,22 +323,15 @@ static PyObject *view_tuple(const uint64_t *out) {
         (unsigned long long)out[SHM_GET_NBYTES], (unsigned long long)out[SHM_GET_FLAGS], bufs);
 }
 
-/* take(slot, queue, queue_id, copy_only): Queue.get()'s core call. (TAKE_BYTES, the bytes value)
- * or (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
- * (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now; (TAKE_EMPTY, the not_empty word's
- * value); with copy_only, (TAKE_HELD, None) for an item that would be held, left in the queue;
- * (a negative status, None). */
-static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
-    int32_t slot;
-    uint64_t queue, qid, out[SHM_GET_WORDS + 2 * SHM_OBJECT_MAX_BUFFERS];
+/* take(): the payload (a new reference, or NULL and an exception) and its TAKE_* code (or a
+ * negative status) in *code. */
+static PyObject *take(Port *self, const Place *at, int copy_only, long *code) {
+    uint64_t out[SHM_GET_WORDS + 2 * SHM_OBJECT_MAX_BUFFERS];
     uint32_t seq = 0;
-    if (nargs_are("take", n, 4) || queue_args(args, &slot, &queue, &qid)) return NULL;
-    int copy_only = PyObject_IsTrue(args[3]);
-    if (copy_only < 0) return NULL;
     char *dst = take_buffer();
     if (!dst) return NULL;
     int rc;
-    CALL(rc = core.take(self->h, slot, queue, qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
+    CALL(rc = core.take(self->h, at->slot, at->queue, at->qid, out, SHM_OBJECT_MAX_BUFFERS, dst,
                         STREAM_COPY_MAX, copy_only, &seq));
     PyObject *payload;
     switch (rc) {
@@ -346,7 +358,23 @@ static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
     default:
         payload = Py_NewRef(Py_None);
     }
-    return pair(rc, payload);
+    *code = rc;
+    return payload;
+}
+
+/* take(slot, queue, queue_id, copy_only): Queue.get()'s core call. (TAKE_BYTES, the bytes value)
+ * or (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
+ * (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now; (TAKE_EMPTY, the not_empty word's
+ * value); with copy_only, (TAKE_HELD, None) for an item that would be held, left in the queue;
+ * (a negative status, None). */
+static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
+    Place at;
+    long code;
+    if (nargs_are("take", n, 4) || place_args(args, &at)) return NULL;
+    int copy_only = PyObject_IsTrue(args[3]);
+    if (copy_only < 0) return NULL;
+    PyObject *payload = take(self, &at, copy_only, &code);
+    return payload ? pair(code, payload) : NULL;
 }
 
 static int64_t now_ns(void) {
@@ -399,6 +427,21 @@ static PyTypeObject PortType = {
     .tp_methods = port_methods,
     .tp_new = port_new,
 };
+
+/* self.name(*args, **kw): a Python half, with this call's arguments. */
+static PyObject *python_half(PyObject *self, PyObject *name, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *stack[8], **call = stack;
+    if (n + nkw + 1 > 8 && !(call = PyMem_Malloc((size_t)(n + nkw + 1) * sizeof(PyObject *))))
+        return PyErr_NoMemory();
+    call[0] = self;
+    memcpy(call + 1, args, (size_t)(n + nkw) * sizeof(PyObject *));
+    PyObject *res = PyObject_VectorcallMethod(name, call, (size_t)n + 1, kwnames);
+    if (call != stack) PyMem_Free(call);
+    return res;
+}
 
 /* ---- Fields: what the hot pair reads of an attachment (the base of its Python class) ----
  *
@@ -533,16 +576,7 @@ static PyObject *manager_allocate(Manager *self, PyObject *const *args, size_t n
             return res;
         }
     }
-    /* args[-1] may not be ours to use: pass self in a fresh array */
-    PyObject *stack[8], **call = stack;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (n + nkw + 1 > 8 && !(call = PyMem_Malloc((size_t)(n + nkw + 1) * sizeof(PyObject *))))
-        return PyErr_NoMemory();
-    call[0] = (PyObject *)self;
-    memcpy(call + 1, args, (size_t)(n + nkw) * sizeof(PyObject *));
-    PyObject *res = PyObject_VectorcallMethod(str_allocate, call, (size_t)n + 1, kwnames);
-    if (call != stack) PyMem_Free(call);
-    return res;
+    return python_half((PyObject *)self, str_allocate, args, nargsf, kwnames);
 }
 
 /* deallocate(address) */
@@ -635,6 +669,166 @@ static PyTypeObject ManagerType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---- QueueBase: the C half of shmalloc's queues (the base of shmalloc.queues._Base) ----
+ *
+ * put(obj) and get() with their defaults (block, no timeout) make their first attempt here, as
+ * allocate() does: one core call, with the item's stream made by the queues' encode() (or here,
+ * for a bytes value) and a copied-out stream given to their decode(). Anything else (keywords,
+ * an ObjectRef, a full or empty queue, a held item, a status) goes to the Python methods _put,
+ * _put_answered, _get and _get_answered. */
+
+typedef struct {
+    PyObject_HEAD PyObject *att; /* "_att": the Attachment (a Fields) */
+    unsigned long long address;  /* "_address", "_id": the queue object's */
+    unsigned long long id;
+    long pid;    /* "_pid": the process that last adopted its fork parent's holds (0: none) */
+    char closed; /* "_closed": close() was called in this process */
+} QueueBase;
+
+static PyObject *codec_encode, *codec_decode, *ref_type; /* bind_queues() */
+static PyObject *str_put, *str_put_answered, *str_get, *str_get_answered;
+static long me; /* getpid(), kept by the fork handler below */
+
+static void after_fork_in_child(void) { me = (long)getpid(); }
+
+/* The queue's port (a new reference) and place, if put and get may run here; NULL otherwise:
+ * closed, no attachment, no slot yet, or a fork child before it adopted its parent's holds. */
+static Port *queue_port(QueueBase *self, Place *at) {
+    if (self->closed || self->pid != me || !self->att ||
+        !PyObject_TypeCheck(self->att, &FieldsType))
+        return NULL;
+    Fields *f = (Fields *)self->att;
+    if (f->slot < 0 || !f->port || !Py_IS_TYPE(f->port, &PortType)) return NULL;
+    at->slot = f->slot;
+    at->queue = self->address;
+    at->qid = self->id;
+    return (Port *)Py_NewRef(f->port);
+}
+
+/* put(obj, block=True, timeout=None) */
+static PyObject *queue_put(QueueBase *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames) {
+    Place at;
+    Port *port;
+    PyObject *obj = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    if (!obj || !codec_encode || Py_IS_TYPE(obj, (PyTypeObject *)ref_type) ||
+        !(port = queue_port(self, &at)))
+        return python_half((PyObject *)self, str_put, args, nargsf, kwnames);
+    PyObject *answer;
+    if (PyBytes_CheckExact(obj)) {
+        answer = put_bytes(port, &at, obj);
+    } else {
+        PyObject *made = PyObject_CallOneArg(codec_encode, obj); /* raises for an unpicklable */
+        if (made && (!PyTuple_CheckExact(made) || PyTuple_GET_SIZE(made) != 2)) {
+            PyErr_SetString(PyExc_TypeError, "encode() must answer (stream, buffers)");
+            Py_CLEAR(made);
+        }
+        answer = made ? put_new(port, &at, PyTuple_GET_ITEM(made, 0), PyTuple_GET_ITEM(made, 1))
+                      : NULL;
+        Py_XDECREF(made);
+    }
+    Py_DECREF(port);
+    if (!answer || answer == Py_None) return answer;
+    PyObject *call[] = {(PyObject *)self, answer};
+    PyObject *res = PyObject_VectorcallMethod(str_put_answered, call,
+                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(answer);
+    return res;
+}
+
+/* get(block=True, timeout=None) */
+static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames) {
+    Place at;
+    Port *port;
+    if (PyVectorcall_NARGS(nargsf) || kwnames || !codec_decode || !(port = queue_port(self, &at)))
+        return python_half((PyObject *)self, str_get, args, nargsf, kwnames);
+    long code;
+    PyObject *x = take(port, &at, 1, &code);
+    Py_DECREF(port);
+    if (!x || code == TAKE_BYTES) return x;
+    PyObject *res;
+    if (code == TAKE_STREAM) {
+        res = PyObject_CallOneArg(codec_decode, x);
+    } else {
+        PyObject *got = PyLong_FromLong(code);
+        PyObject *call[] = {(PyObject *)self, got, x};
+        res = got ? PyObject_VectorcallMethod(str_get_answered, call,
+                                              3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                  : NULL;
+        Py_XDECREF(got);
+    }
+    Py_DECREF(x);
+    return res;
+}
+
+static int queue_traverse(QueueBase *self, visitproc visit, void *arg) {
+    Py_VISIT(self->att);
+    return 0;
+}
+
+static int queue_clear(QueueBase *self) {
+    Py_CLEAR(self->att);
+    return 0;
+}
+
+static void queue_dealloc(QueueBase *self) {
+    PyObject_GC_UnTrack(self);
+    queue_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef queue_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))queue_put, METH_FASTCALL | METH_KEYWORDS,
+     "put($self, obj, block=True, timeout=None)\n--\n\n"
+     "Put ``obj``: pickled here, at once (an unpicklable object raises here), then in the\n"
+     "queue when this returns. A full queue: wait up to ``timeout`` seconds (None: forever)\n"
+     "if ``block``, else raise queue.Full at once."},
+    {"get", (PyCFunction)(void (*)(void))queue_get, METH_FASTCALL | METH_KEYWORDS,
+     "get($self, block=True, timeout=None)\n--\n\n"
+     "The oldest item: its buffers zero-copy, read-only views over the arena. An empty\n"
+     "queue: wait up to ``timeout`` seconds (None: forever) if ``block``, else raise\n"
+     "queue.Empty at once."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef queue_members[] = {
+    {"_att", T_OBJECT, offsetof(QueueBase, att), 0, "this process's attachment"},
+    {"_address", T_ULONGLONG, offsetof(QueueBase, address), 0, "the queue object's address"},
+    {"_id", T_ULONGLONG, offsetof(QueueBase, id), 0, "the queue object's id"},
+    {"_pid", T_LONG, offsetof(QueueBase, pid), 0, "the process that adopted its parent's holds"},
+    {"_closed", T_BOOL, offsetof(QueueBase, closed), 0, "close() was called in this process"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject QueueBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.QueueBase",
+    .tp_basicsize = sizeof(QueueBase),
+    .tp_dealloc = (destructor)queue_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C half of shmalloc's queues: the first attempt of put() and get().",
+    .tp_traverse = (traverseproc)queue_traverse,
+    .tp_clear = (inquiry)queue_clear,
+    .tp_methods = queue_methods,
+    .tp_members = queue_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* bind_queues(encode, decode, ObjectRef): what put() and get() call (shmalloc.encoding), and the
+ * type they leave to Python. */
+static PyObject *bind_queues(PyObject *module, PyObject *const *args, Py_ssize_t n) {
+    (void)module;
+    if (nargs_are("bind_queues", n, 3)) return NULL;
+    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyType_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "bind_queues(encode, decode, ObjectRef)");
+        return NULL;
+    }
+    Py_XSETREF(codec_encode, Py_NewRef(args[0]));
+    Py_XSETREF(codec_decode, Py_NewRef(args[1]));
+    Py_XSETREF(ref_type, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 /* bind(alloc, free, put_new, take, wait): the core functions' addresses, from cffi's
  * ffi.addressof. */
 static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t n) {
@@ -653,6 +847,7 @@ static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t n) {
 
 static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, NULL},
+    {"bind_queues", (PyCFunction)(void (*)(void))bind_queues, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -666,17 +861,24 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__fastcall(void) {
     if (pthread_key_create(&take_key, free)) return PyErr_NoMemory();
     if (PyType_Ready(&PortType) < 0 || PyType_Ready(&FieldsType) < 0 ||
-        PyType_Ready(&ManagerType) < 0)
+        PyType_Ready(&ManagerType) < 0 || PyType_Ready(&QueueBaseType) < 0)
         return NULL;
+    me = (long)getpid();
+    if (pthread_atfork(NULL, NULL, after_fork_in_child)) return PyErr_NoMemory();
     if (!(str_allocate = PyUnicode_InternFromString("_allocate")) ||
         !(str_alloc_result = PyUnicode_InternFromString("_alloc_result")) ||
-        !(str_deallocate = PyUnicode_InternFromString("_deallocate")))
+        !(str_deallocate = PyUnicode_InternFromString("_deallocate")) ||
+        !(str_put = PyUnicode_InternFromString("_put")) ||
+        !(str_put_answered = PyUnicode_InternFromString("_put_answered")) ||
+        !(str_get = PyUnicode_InternFromString("_get")) ||
+        !(str_get_answered = PyUnicode_InternFromString("_get_answered")))
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) ||
         PyModule_AddObjectRef(m, "Fields", (PyObject *)&FieldsType) ||
         PyModule_AddObjectRef(m, "Manager", (PyObject *)&ManagerType) ||
+        PyModule_AddObjectRef(m, "QueueBase", (PyObject *)&QueueBaseType) ||
         PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
         PyModule_AddIntConstant(m, "BYTES_MARK", BYTES_MARK) ||
         PyModule_AddIntConstant(m, "TAKE_BYTES", TAKE_BYTES) ||

@@ -9,10 +9,11 @@ The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``, ``block_span_raw
 ``block_write_raw``) are the compiled functions themselves, re-exported: they return a result
 when >= 0 and a status when < 0, and the caller passes a negative one to :func:`raise_status`.
 The hottest also have a second door (``shmalloc._fastcall``, native/fastcall.c), which calls the
-same core functions without cffi's generic argument conversion: a Queue's put, take and wait are
-methods of a :class:`Port`, which an Attachment keeps per handle; allocate and deallocate are C
-methods of :class:`Manager`, MemoryManager's base, reading the Attachment's C base
-(:class:`Fields`: port, slot, collector).
+same core functions without cffi's generic argument conversion: a queue's put, take and wait are
+methods of a :class:`Port`, which an Attachment keeps per handle; MemoryManager's allocate and
+deallocate and a queue's put and get are C methods of their base classes (:class:`Manager`,
+:class:`QueueBase`), which read the Attachment's C base (:class:`Fields`: port, slot,
+collector).
 Everything else about the C core's types stays in this module; other modules see ints, bytes
 and the small dataclasses below.
 """
@@ -38,7 +39,9 @@ from ._fastcall import TAKE_VIEW as TAKE_VIEW
 from ._fastcall import Fields as Fields  # Attachment's base: port, slot, collector
 from ._fastcall import Manager as Manager  # MemoryManager's base: allocate, deallocate
 from ._fastcall import Port as Port
+from ._fastcall import QueueBase as QueueBase  # the queues' base: put, get
 from ._fastcall import bind as _bind_fastcall
+from ._fastcall import bind_queues as bind_queues
 from ._native import ffi, lib
 
 if TYPE_CHECKING:

@@ -44,6 +44,8 @@ from .manager import MemoryManager, attachment_of
 from .objects import ObjectRef
 from .tracking import slot_for
 
+C.bind_queues(encoding.encode, encoding.decode, ObjectRef)  # what put() and get() call in C
+
 __all__ = ["RECHECK", "Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
 
 Empty = _queue.Empty
@@ -104,10 +106,16 @@ class _Taken:
     value: bytes | None = None  # a bytes value itself
 
 
-class _Base:
-    """What the three queues share: the queue object, put and get."""
+class _Base(C.QueueBase):
+    """What the three queues share: the queue object, put and get.
+
+    put() and get() are C methods (C.QueueBase, native/fastcall.c): with their defaults, the
+    first attempt is one core call there, and everything else comes to _put, _put_answered,
+    _get and _get_answered here. What they read (_att, _address, _id, _pid, _closed) are C
+    members of that base."""
 
     _joinable = False
+    _att: Attachment
 
     def __init__(self, maxsize: int = 0, *, arena: MemoryManager | None = None) -> None:
         maxsize = check_int(maxsize, "maxsize")
@@ -125,6 +133,7 @@ class _Base:
             raise ValueError(f"{ref!r} names no attached arena")
         self._ref = ref
         self._att = att
+        self._address, self._id = ref.address, ref.id
         self._closed = False
         info = C.queue_info(att.handle(), ref.address, ref.id)
         self._maxsize = info.maxsize
@@ -138,7 +147,7 @@ class _Base:
 
     def __repr__(self) -> str:
         bound = f" maxsize={self._maxsize}" if self._maxsize else ""
-        return f"<shmalloc.{type(self).__name__} {self._ref.arena}:{self._ref.address:#x}{bound}>"
+        return f"<shmalloc.{type(self).__name__} {self._ref.arena}:{self._address:#x}{bound}>"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -146,7 +155,7 @@ class _Base:
 
     def _info(self) -> C.QueueInfo:
         with objects._critical:  # (in a fork child, first hold what the parent held)
-            return C.queue_info(self._att.handle(), self._ref.address, self._ref.id)
+            return C.queue_info(self._att.handle(), self._address, self._id)
 
     # -------------------------------------------------------------- put
 
@@ -163,9 +172,7 @@ class _Base:
         """One attempt to put ``item``: None when it went in, else the not_full word to wait on."""
         a = self._att
         with objects._critical:  # a fork child holds the queue from its first call on
-            seq = C.queue_put(
-                a.handle(), slot_for(a, None), self._ref.address, self._ref.id, *_args(item)
-            )
+            seq = C.queue_put(a.handle(), slot_for(a, None), self._address, self._id, *_args(item))
         if seq is None:
             item.unpublished = []  # published: the queue holds it now
         return seq
@@ -175,9 +182,8 @@ class _Base:
         from its stream ``data`` and buffers ``bufs``, or from a bytes value ``data`` when
         ``bufs`` is None. (None, 0) when it went in. If the queue is full, the object stays
         made, unpublished: (its item, for _offer, the not_full word's value)."""
-        a, q = self._att, self._ref
-        if objects._pid != objects._me:
-            objects.after_fork_adopted()  # (the copy runs outside the module's lock)
+        a = self._att
+        self._adopted()  # (the copy runs outside the module's lock)
         port = a.port
         if port is None:
             raise a.closed_error()
@@ -185,15 +191,26 @@ class _Base:
         if slot < 0:
             slot = slot_for(a, None)
         if bufs is None:
-            r = port.put_bytes(slot, q.address, q.id, data)
+            r = port.put_bytes(slot, self._address, self._id, data)
         else:
-            r = port.put_new(slot, q.address, q.id, data, bufs)
+            r = port.put_new(slot, self._address, self._id, data, bufs)
+        return self._offered(r)
+
+    def _offered(self, r: None | int | tuple[int, list[int]]) -> tuple[_Item | None, int]:
+        """A first attempt's answer (port.put_new's): (None, 0) when the item went in; the item
+        made and left unpublished, and the not_full word's value, when the queue is full."""
         if r is None:
             return None, 0
         if isinstance(r, int):
-            C.raise_status(r, q.address)
+            C.raise_status(r, self._address)
         seq, blocks = r
         return _Item(blocks[0], 0, C.QPUT_NEW, [*blocks[1:], blocks[0]]), seq
+
+    def _adopted(self) -> None:
+        """In a fork child, first hold what the parent held (objects.after_fork_adopted); the C
+        half of put and get then skips this check until the next fork (_pid is this process)."""
+        objects.after_fork_adopted()
+        self._pid = objects._me
 
     def _offer_ref(self, obj: ObjectRef) -> tuple[_Item | None, int]:
         """put()'s first attempt for an ObjectRef (the object itself if it is of this arena, else
@@ -234,10 +251,8 @@ class _Base:
         if rc < 0 and rc != C.ETIMEDOUT:
             C.raise_status(rc, self._control)
 
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``obj``: pickled here, at once (an unpicklable object raises here), then in the
-        queue when this returns. A full queue: wait up to ``timeout`` seconds (None: forever)
-        if ``block``, else raise queue.Full at once."""
+    def _put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """put() whenever its C half does not make the first attempt itself."""
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
@@ -248,6 +263,16 @@ class _Base:
             item, seq = self._offer_new(*encoding.encode(obj))
         else:
             item, seq = self._offer_ref(obj)
+        self._put_rest(item, seq, deadline, block)
+
+    def _put_answered(self, r: int | tuple[int, list[int]]) -> None:
+        """put(obj) after its C half's first attempt answered ``r`` (as port.put_new)."""
+        item, seq = self._offered(r)
+        self._put_rest(item, seq, None, True)
+
+    def _put_rest(self, item: _Item | None, seq: int, deadline: float | None, block: bool) -> None:
+        """After a first attempt: nothing if the item went in (None); else wait for room and
+        offer it again, and free its blocks if it never goes in."""
         if item is None:  # the common case: in at the first attempt, nothing left to abandon
             return
         try:
@@ -269,12 +294,12 @@ class _Base:
 
     def _take_one(self) -> _Taken | int:
         """One attempt to take an item: the item, or the not_empty word's value to wait on."""
-        a, q = self._att, self._ref
+        a = self._att
         port = a.port
         if port is None:
             raise a.closed_error()
         with objects._critical:
-            got, x = port.take(objects._slot(a), q.address, q.id, False)
+            got, x = port.take(objects._slot(a), self._address, self._id, False)
             if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
                 return self._held(got, x)
         return _Taken(None, None, x) if got == C.TAKE_STREAM else _Taken(None, None, None, x)
@@ -285,7 +310,7 @@ class _Base:
         if got == C.TAKE_EMPTY:
             return int(x)
         if got < 0:
-            C.raise_status(got, self._ref.address)
+            C.raise_status(got, self._address)
         a, view = self._att, C.new_view(x)
         if got == C.TAKE_REF:
             return _Taken(view, objects._held_ref(a, view.address, view.id, view.nbytes, None))
@@ -313,16 +338,15 @@ class _Base:
         if stream is not None:  # dropped when taken: the same value, as a new object
             h, slot = a.handle(), objects._slot(a)
             address, oid, _ = C.object_put(h, slot, stream, [], None, False)
-            q = self._ref
-            C.queue_put(h, slot, q.address, q.id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
+            C.queue_put(h, slot, self._address, self._id, address, oid, C.QPUT_VALUE | C.QPUT_FORCE)
             C.object_release(h, slot, address, oid)
             return
         assert taken.view is not None
         C.queue_put(
             a.handle(),
             slot_for(a, None),
-            self._ref.address,
-            self._ref.id,
+            self._address,
+            self._id,
             taken.view.address,
             taken.view.id,
             mode | C.QPUT_FORCE,
@@ -330,25 +354,34 @@ class _Base:
         if taken.ref is None:
             objects._finalize((a.name, taken.view.address, taken.view.id), True, objects._me)
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """The oldest item: its buffers zero-copy, read-only views over the arena. An empty
-        queue: wait up to ``timeout`` seconds (None: forever) if ``block``, else raise
-        queue.Empty at once."""
+    def _get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """get() whenever its C half does not make the first attempt itself."""
         if self._closed:
             self._check_open()
         deadline = None if timeout is None else _deadline(block, timeout)
-        a, q = self._att, self._ref
-        while True:  # _retry, with fewer steps
-            port = a.port
-            if port is None:
-                raise a.closed_error()
-            got: int = C.TAKE_HELD
-            x: Any = None
-            if objects._pid == objects._me:  # (a fork child adopts its parent's holds first)
-                # an item copied out and dropped already, or left in the queue: no hold to count
-                # here, so no module lock (native/queue.c, queue_take)
-                slot = a.slot
-                got, x = port.take(slot if slot >= 0 else slot_for(a, None), q.address, q.id, True)
+        self._adopted()
+        got, x = self._take_copy()
+        return self._get_rest(got, x, deadline, block)
+
+    def _get_answered(self, got: int, x: Any) -> Any:
+        """get() after its C half's first take answered ``(got, x)`` (as port.take), the item
+        not copied out."""
+        return self._get_rest(got, x, None, True)
+
+    def _take_copy(self) -> tuple[int, Any]:
+        """One take that copies a small item out (dropped already: no hold to count here, so no
+        module lock; native/queue.c, queue_take), or leaves a held one in the queue."""
+        a = self._att
+        port = a.port
+        if port is None:
+            raise a.closed_error()
+        slot = a.slot
+        return port.take(slot if slot >= 0 else slot_for(a, None), self._address, self._id, True)
+
+    def _get_rest(self, got: int, x: Any, deadline: float | None, block: bool) -> Any:
+        """From a take's answer ``(got, x)``: the item, taking it held if it must be, or waiting
+        for one while the queue is empty."""
+        while True:
             if got == C.TAKE_BYTES:
                 return x
             if got == C.TAKE_STREAM:
@@ -362,6 +395,7 @@ class _Base:
             if not block or left <= 0:
                 raise Empty
             self._sleep(C.QWAIT_NOT_EMPTY, x, left)
+            got, x = self._take_copy()
 
     # -------------------------------------------------------------- common methods
 
@@ -488,7 +522,7 @@ class JoinableQueue(Queue):
         """One item taken by get() is processed; ValueError if called more times than items
         were put."""
         self._check_open()
-        C.queue_task_done(self._att.handle(), self._ref.address, self._ref.id)
+        C.queue_task_done(self._att.handle(), self._address, self._id)
 
     def join(self) -> None:
         """Wait until every item ever put has been marked task_done()."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
+import queue
 import signal
 import threading
 import weakref
@@ -254,3 +256,55 @@ def test_a_manager_is_freed_by_its_last_reference(arena_name: str) -> None:
     del m
     assert gone() is None
     assert att.closed
+
+
+def test_queue_put_and_get_take_every_form_of_their_signatures(mgr: MemoryManager) -> None:
+    """put() and get() are C methods (C.QueueBase); what their C half does not do itself
+    (keywords, block, timeout, an ObjectRef) reaches the Python half with the arguments as
+    given, and an unpicklable item raises at once, changing nothing."""
+    assert list(inspect.signature(shmalloc.Queue.put).parameters) == [
+        "self",
+        "obj",
+        "block",
+        "timeout",
+    ]
+    assert list(inspect.signature(shmalloc.Queue.get).parameters) == ["self", "block", "timeout"]
+    q = shmalloc.Queue(arena=mgr)
+    ref = mgr.put(b"by reference")
+    q.put(b"one")
+    q.put("two", True, None)
+    q.put(obj=3.0)
+    q.put((4, "four"), block=False)
+    q.put(ref, timeout=5)
+    with pytest.raises(TypeError):
+        q.put()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        q.put(1, colour="red")  # type: ignore[call-arg]
+    used = mgr.stats().used
+    with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+        q.put(lambda: None)
+    assert mgr.stats().used == used
+    assert q.get() == b"one"
+    assert q.get(True, None) == "two"
+    assert q.get(timeout=5) == 3.0
+    assert q.get(block=False) == (4, "four")
+    got = q.get(False, 0)
+    assert isinstance(got, shmalloc.ObjectRef) and mgr.get(got) == b"by reference"
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0)
+    del got, ref
+    q.close()
+    with pytest.raises(ValueError, match="closed"):
+        q.put(b"late")
+    with pytest.raises(ValueError, match="closed"):
+        q.get()
+
+
+def test_the_queue_c_half_alone_is_harmless() -> None:
+    bare = C.QueueBase()
+    with pytest.raises(AttributeError):
+        bare.put(b"x")
+    with pytest.raises(AttributeError):
+        bare.get()
+    with pytest.raises(TypeError):
+        C.bind_queues(1, 2, 3)  # type: ignore[arg-type]

@@ -431,6 +431,43 @@ def test_producers_and_consumers_killed_mid_stream(
     assert_no_leak(mgr)
 
 
+def fork_child_first_hand_off(mgr: MemoryManager, q: Queue, a: Any, handed: Any, go: Any) -> None:
+    mgr.deallocate(mgr.allocate(64))  # its slot claimed by an allocation, not a queue call
+    q.put(b"from the child")  # its first hand-off, through put's C half: adopts first
+    handed.set()
+    assert go.wait(TIMEOUT)
+    assert a.sum() == sum(range(1000))  # the inherited view: intact, the parent's reuse aside
+    assert q.get(timeout=TIMEOUT) == b"from the child"
+
+
+def test_a_fork_child_holds_what_it_inherited_before_its_first_fast_put(
+    mgr: MemoryManager,
+) -> None:
+    """put() and get() run in C, which must not skip a fork child's adoption of its parent's
+    holds: here the child's slot exists before its first queue call."""
+    ctx = mp.get_context("fork")
+    q = Queue(arena=mgr)
+    q.put(np.arange(1000.0))
+    a = q.get()  # a read-only view over the arena, held by this process
+    handed, go = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=fork_child_first_hand_off, args=(mgr, q, a, handed, go))
+    p.start()
+    assert handed.wait(TIMEOUT)
+    del q, a
+    gc.collect()
+    # the child's holds keep the queue and the array's object
+    assert objects.object_stats(attachment_of(mgr)).live == 3  # and the child's item
+    junk = [mgr.allocate(8000) for _ in range(64)]  # would reuse the array's block, were it free
+    for at in junk:
+        mgr.write(at, b"\xff" * 8000)
+    go.set()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0
+    for at in junk:
+        mgr.deallocate(at)
+    assert_no_leak(mgr)
+
+
 def fork_child_keeps_queue(q: Queue, handed: Any, go: Any) -> None:
     q.qsize()  # its first call: from now on it holds the queue it inherited
     handed.set()
