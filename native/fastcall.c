@@ -383,6 +383,22 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* shm_queue_wait for at most ns nanoseconds (-1: no limit), running the Python signal handlers
+ * when a signal interrupts it and waiting again for the time left: its status, or WAIT_RAISED
+ * when a handler raised. */
+#define WAIT_RAISED INT32_MIN
+static int wait_word(Port *self, uint64_t control, int32_t which, uint32_t seq, long long ns) {
+    if (ns > MAX_WAIT_NS) ns = MAX_WAIT_NS;
+    int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
+    for (;;) {
+        int rc;
+        UNLOCKED(rc = core.wait(self->h, control, which, seq, ns));
+        if (rc != SHM_EINTR) return rc;
+        if (PyErr_CheckSignals() < 0) return WAIT_RAISED;
+        if (deadline >= 0 && (ns = deadline - now_ns()) < 0) ns = 0;
+    }
+}
+
 /* wait(control, which, seq, ns): shm_queue_wait, sleeping at most ns nanoseconds (-1: no limit)
  * while the queue's word `which` holds seq. A signal's interruption runs the Python handlers
  * (which may raise) and waits again for the time left. SHM_OK (woken, or the word changed),
@@ -399,15 +415,8 @@ static PyObject *port_wait(Port *self, PyObject *const *args, Py_ssize_t n) {
         return NULL;
     }
     if ((ns = PyLong_AsLongLong(args[3])) == -1 && PyErr_Occurred()) return NULL;
-    if (ns > MAX_WAIT_NS) ns = MAX_WAIT_NS;
-    int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
-    for (;;) {
-        int rc;
-        UNLOCKED(rc = core.wait(self->h, control, which, (uint32_t)seq, ns));
-        if (rc != SHM_EINTR) return PyLong_FromLong(rc);
-        if (PyErr_CheckSignals() < 0) return NULL;
-        if (deadline >= 0 && (ns = deadline - now_ns()) < 0) ns = 0;
-    }
+    int rc = wait_word(self, control, which, (uint32_t)seq, ns);
+    return rc == WAIT_RAISED ? NULL : PyLong_FromLong(rc);
 }
 
 static PyMethodDef port_methods[] = {
@@ -681,11 +690,13 @@ typedef struct {
     PyObject_HEAD PyObject *att; /* "_att": the Attachment (a Fields) */
     unsigned long long address;  /* "_address", "_id": the queue object's */
     unsigned long long id;
+    unsigned long long control; /* "_control": the address of its control struct (wait words) */
     long pid;    /* "_pid": the process that last adopted its fork parent's holds (0: none) */
     char closed; /* "_closed": close() was called in this process */
 } QueueBase;
 
 static PyObject *codec_encode, *codec_decode, *ref_type; /* bind_queues() */
+static long long recheck_ns = 1000000000; /* bind_queues(): a blocked get's longest sleep */
 static PyObject *str_put, *str_put_answered, *str_get, *str_get_answered;
 static long me; /* getpid(), kept by the fork handler below */
 
@@ -736,7 +747,8 @@ static PyObject *queue_put(QueueBase *self, PyObject *const *args, size_t nargsf
     return res;
 }
 
-/* get(block=True, timeout=None) */
+/* get(block=True, timeout=None): with its defaults, taken and waited for here while the queue
+ * is empty (each sleep at most RECHECK seconds, as the Python half's). */
 static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf,
                            PyObject *kwnames) {
     Place at;
@@ -744,7 +756,21 @@ static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf
     if (PyVectorcall_NARGS(nargsf) || kwnames || !codec_decode || !(port = queue_port(self, &at)))
         return python_half((PyObject *)self, str_get, args, nargsf, kwnames);
     long code;
-    PyObject *x = take(port, &at, 1, &code);
+    PyObject *x;
+    while ((x = take(port, &at, 1, &code)) && code == TAKE_EMPTY) {
+        uint32_t seq = (uint32_t)PyLong_AsUnsignedLong(x);
+        Py_DECREF(x);
+        int rc = wait_word(port, self->control, SHM_QWAIT_NOT_EMPTY, seq, recheck_ns);
+        if (rc == WAIT_RAISED) {
+            x = NULL;
+            break;
+        }
+        if (rc < 0 && rc != SHM_ETIMEDOUT) { /* the Python half raises it */
+            code = rc;
+            x = Py_NewRef(Py_None);
+            break;
+        }
+    }
     Py_DECREF(port);
     if (!x || code == TAKE_BYTES) return x;
     PyObject *res;
@@ -796,6 +822,7 @@ static PyMemberDef queue_members[] = {
     {"_att", T_OBJECT, offsetof(QueueBase, att), 0, "this process's attachment"},
     {"_address", T_ULONGLONG, offsetof(QueueBase, address), 0, "the queue object's address"},
     {"_id", T_ULONGLONG, offsetof(QueueBase, id), 0, "the queue object's id"},
+    {"_control", T_ULONGLONG, offsetof(QueueBase, control), 0, "its control struct's address"},
     {"_pid", T_LONG, offsetof(QueueBase, pid), 0, "the process that adopted its parent's holds"},
     {"_closed", T_BOOL, offsetof(QueueBase, closed), 0, "close() was called in this process"},
     {NULL, 0, 0, 0, NULL},
@@ -814,18 +841,22 @@ static PyTypeObject QueueBaseType = {
     .tp_new = PyType_GenericNew,
 };
 
-/* bind_queues(encode, decode, ObjectRef): what put() and get() call (shmalloc.encoding), and the
- * type they leave to Python. */
+/* bind_queues(encode, decode, ObjectRef, recheck): what put() and get() call (shmalloc.encoding),
+ * the type they leave to Python, and a blocked get's longest sleep in seconds. */
 static PyObject *bind_queues(PyObject *module, PyObject *const *args, Py_ssize_t n) {
     (void)module;
-    if (nargs_are("bind_queues", n, 3)) return NULL;
-    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyType_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "bind_queues(encode, decode, ObjectRef)");
+    if (nargs_are("bind_queues", n, 4)) return NULL;
+    double recheck = PyFloat_AsDouble(args[3]);
+    if (recheck == -1.0 && PyErr_Occurred()) return NULL;
+    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyType_Check(args[2]) ||
+        !(recheck > 0 && recheck < 1e9)) {
+        PyErr_SetString(PyExc_TypeError, "bind_queues(encode, decode, ObjectRef, seconds > 0)");
         return NULL;
     }
     Py_XSETREF(codec_encode, Py_NewRef(args[0]));
     Py_XSETREF(codec_decode, Py_NewRef(args[1]));
     Py_XSETREF(ref_type, Py_NewRef(args[2]));
+    recheck_ns = (long long)(recheck * 1e9);
     Py_RETURN_NONE;
 }
 

@@ -13,7 +13,11 @@ TAKE_HELD: int
 
 def bind(alloc: int, free: int, put_new: int, take: int, wait: int, /) -> None: ...
 def bind_queues(
-    encode: Callable[[Any], tuple[bytes, list[Any]]], decode: Callable[[Any], Any], ref: type, /
+    encode: Callable[[Any], tuple[bytes, list[Any]]],
+    decode: Callable[[Any], Any],
+    ref: type,
+    recheck: float,
+    /,
 ) -> None: ...
 
 class Port:
@@ -40,6 +44,7 @@ class QueueBase:
     _att: Fields
     _address: int
     _id: int
+    _control: int
     _pid: int
     _closed: bool
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None: ...

@@ -44,13 +44,13 @@ from .manager import MemoryManager, attachment_of
 from .objects import ObjectRef
 from .tracking import slot_for
 
-C.bind_queues(encoding.encode, encoding.decode, ObjectRef)  # what put() and get() call in C
-
 __all__ = ["RECHECK", "Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
 
 Empty = _queue.Empty
 Full = _queue.Full
 RECHECK = 1.0  # longest single sleep of a blocked put or get (see the module's docstring)
+
+C.bind_queues(encoding.encode, encoding.decode, ObjectRef, RECHECK)  # what put and get use in C
 
 
 def _arena(arena: MemoryManager | None) -> Attachment:

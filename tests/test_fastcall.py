@@ -108,11 +108,15 @@ class _Alarm(Exception):
     pass
 
 
-def test_a_signal_handler_runs_during_a_blocked_get(mgr: MemoryManager) -> None:
-    """A get on an empty queue sleeps in C without the GIL; SIGALRM interrupts the sleep and its
-    Python handler's exception comes out of get() (were the handler not run, get would raise
-    Empty after its timeout instead)."""
+@pytest.mark.parametrize("forever", [False, True], ids=["timeout", "no-timeout"])
+def test_a_signal_handler_runs_during_a_blocked_get(mgr: MemoryManager, forever: bool) -> None:
+    """A get on an empty queue sleeps in C without the GIL (get() without arguments waits in its
+    C half, get(timeout=) in the Python half); SIGALRM interrupts the sleep and its Python
+    handler's exception comes out of get() (were the handler not run, get would raise Empty
+    after its timeout, or never return)."""
     q = shmalloc.Queue(arena=mgr)
+    q.put(b"first")  # the C half's fast path needs this process's slot and _pid set
+    assert q.get() == b"first"
 
     def ring(signum: int, frame: Any) -> None:
         raise _Alarm
@@ -121,7 +125,7 @@ def test_a_signal_handler_runs_during_a_blocked_get(mgr: MemoryManager) -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(_Alarm):
-            q.get(timeout=30)
+            q.get() if forever else q.get(timeout=30)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -307,4 +311,6 @@ def test_the_queue_c_half_alone_is_harmless() -> None:
     with pytest.raises(AttributeError):
         bare.get()
     with pytest.raises(TypeError):
-        C.bind_queues(1, 2, 3)  # type: ignore[arg-type]
+        C.bind_queues(1, 2, 3, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        C.bind_queues(len, len, int, 0.0)
