@@ -393,8 +393,10 @@ static int wait_word(Port *self, uint64_t control, int32_t which, uint32_t seq, 
     for (;;) {
         int rc;
         UNLOCKED(rc = core.wait(self->h, control, which, seq, ns));
-        if (rc != SHM_EINTR) return rc;
+        /* a signal that came during the spin, not the sleep, is handled here too: a get()
+         * looping in C would otherwise never run its handler (Ctrl-C) */
         if (PyErr_CheckSignals() < 0) return WAIT_RAISED;
+        if (rc != SHM_EINTR) return rc;
         if (deadline >= 0 && (ns = deadline - now_ns()) < 0) ns = 0;
     }
 }

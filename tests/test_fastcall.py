@@ -108,27 +108,44 @@ class _Alarm(Exception):
     pass
 
 
-@pytest.mark.parametrize("forever", [False, True], ids=["timeout", "no-timeout"])
-def test_a_signal_handler_runs_during_a_blocked_get(mgr: MemoryManager, forever: bool) -> None:
+@pytest.mark.parametrize(
+    ("forever", "after"),
+    [(False, 0.05), (True, 0.05), (True, 0.0001)],
+    ids=["timeout", "no-timeout", "no-timeout-during-the-spin"],
+)
+def test_a_signal_handler_runs_during_a_blocked_get(
+    mgr: MemoryManager, forever: bool, after: float
+) -> None:
     """A get on an empty queue sleeps in C without the GIL (get() without arguments waits in its
     C half, get(timeout=) in the Python half); SIGALRM interrupts the sleep and its Python
     handler's exception comes out of get() (were the handler not run, get would raise Empty
-    after its timeout, or never return)."""
+    after its timeout, or wait for the item a thread puts after 20 s). A signal that comes
+    while the wait still spins, before it sleeps, is handled too (by the next RECHECK)."""
     q = shmalloc.Queue(arena=mgr)
     q.put(b"first")  # the C half's fast path needs this process's slot and _pid set
     assert q.get() == b"first"
+    fired = threading.Event()
+
+    def rescue() -> None:  # a get that missed the signal returns this (and the test fails)
+        fired.set()
+        q.put(b"guard")
+
+    guard = threading.Timer(20, rescue)
+    guard.start()
 
     def ring(signum: int, frame: Any) -> None:
         raise _Alarm
 
     old = signal.signal(signal.SIGALRM, ring)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        signal.setitimer(signal.ITIMER_REAL, after)
         with pytest.raises(_Alarm):
             q.get() if forever else q.get(timeout=30)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        guard.cancel()
+    assert not fired.is_set(), "get() ran the handler only once the guard's item came"
     q.put(b"still works")
     assert q.get(timeout=0) == b"still works"
 
