@@ -392,9 +392,11 @@ static int wait_word(Port *self, uint64_t control, int32_t which, uint32_t seq, 
     int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
     for (;;) {
         int rc;
+        /* a signal that came before the wait or during its spin (which the sleep that follows
+         * does not notice) is handled before and after it: a get() looping in C would
+         * otherwise never run its handler (Ctrl-C) */
+        if (PyErr_CheckSignals() < 0) return WAIT_RAISED;
         UNLOCKED(rc = core.wait(self->h, control, which, seq, ns));
-        /* a signal that came during the spin, not the sleep, is handled here too: a get()
-         * looping in C would otherwise never run its handler (Ctrl-C) */
         if (PyErr_CheckSignals() < 0) return WAIT_RAISED;
         if (rc != SHM_EINTR) return rc;
         if (deadline >= 0 && (ns = deadline - now_ns()) < 0) ns = 0;
@@ -448,7 +450,7 @@ static PyObject *python_half(PyObject *self, PyObject *name, PyObject *const *ar
     if (n + nkw + 1 > 8 && !(call = PyMem_Malloc((size_t)(n + nkw + 1) * sizeof(PyObject *))))
         return PyErr_NoMemory();
     call[0] = self;
-    memcpy(call + 1, args, (size_t)(n + nkw) * sizeof(PyObject *));
+    if (n + nkw) memcpy(call + 1, args, (size_t)(n + nkw) * sizeof(PyObject *)); /* args: NULL */
     PyObject *res = PyObject_VectorcallMethod(name, call, (size_t)n + 1, kwnames);
     if (call != stack) PyMem_Free(call);
     return res;
@@ -591,30 +593,26 @@ static PyObject *manager_allocate(Manager *self, PyObject *const *args, size_t n
 }
 
 /* deallocate(address) */
-static PyObject *manager_deallocate(Manager *self, PyObject *arg) {
+static PyObject *manager_deallocate(Manager *self, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
     Port *port;
     int32_t slot;
-    PyObject *raw = Py_NewRef(Py_None); /* the core's answer; None: the core was not called */
-    if (PyLong_CheckExact(arg) && (port = quiet_port(self, &slot))) {
-        uint64_t address = PyLong_AsUnsignedLongLong(arg);
-        if (address == (uint64_t)-1 && PyErr_Occurred()) {
-            PyErr_Clear(); /* negative or huge: InvalidAddress, from the Python method */
-        } else {
-            int64_t r;
-            CALL(r = core.free(port->h, address));
-            Py_DECREF(raw);
-            if (r >= 0) {
-                Py_DECREF(port);
-                return PyLong_FromLongLong(r);
-            }
-            if (!(raw = PyLong_FromLongLong(r))) {
-                Py_DECREF(port);
-                return NULL;
-            }
-        }
+    PyObject *arg = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    if (!arg || !PyLong_CheckExact(arg) || !(port = quiet_port(self, &slot)))
+        return python_half((PyObject *)self, str_deallocate, args, nargsf, kwnames);
+    uint64_t address = PyLong_AsUnsignedLongLong(arg);
+    if (address == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* negative or huge: InvalidAddress, from the Python half */
         Py_DECREF(port);
+        return python_half((PyObject *)self, str_deallocate, args, nargsf, kwnames);
     }
-    PyObject *call[] = {(PyObject *)self, raw, arg};
+    int64_t r;
+    CALL(r = core.free(port->h, address));
+    Py_DECREF(port);
+    if (r >= 0) return PyLong_FromLongLong(r);
+    PyObject *raw = PyLong_FromLongLong(r); /* _deallocate(address, r): the core's refusal */
+    if (!raw) return NULL;
+    PyObject *call[] = {(PyObject *)self, arg, raw};
     PyObject *res = PyObject_VectorcallMethod(str_deallocate, call,
                                               3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_DECREF(raw);
@@ -655,8 +653,8 @@ static PyMethodDef manager_methods[] = {
      "allocate($self, size, pid=None, *, align=None)\n--\n\n"
      "Allocate ``size`` bytes; return the block's address (an offset, 16-byte aligned or\n"
      "``align``-aligned). The block is accounted to ``pid`` (default: this process)."},
-    {"deallocate", (PyCFunction)manager_deallocate, METH_O,
-     "deallocate($self, address, /)\n--\n\n"
+    {"deallocate", (PyCFunction)(void (*)(void))manager_deallocate, METH_FASTCALL | METH_KEYWORDS,
+     "deallocate($self, address)\n--\n\n"
      "Free the block at ``address`` (from any process); return its usable size."},
     {NULL, NULL, 0, NULL},
 };
@@ -699,7 +697,8 @@ typedef struct {
 
 static PyObject *codec_encode, *codec_decode, *ref_type; /* bind_queues() */
 static long long recheck_ns = 1000000000; /* bind_queues(): a blocked get's longest sleep */
-static PyObject *str_put, *str_put_answered, *str_get, *str_get_answered;
+static PyObject *str_put, *str_put_answered, *str_put_encoded, *str_get, *str_get_answered,
+    *str_wait_failed;
 static long me; /* getpid(), kept by the fork handler below */
 
 static void after_fork_in_child(void) { me = (long)getpid(); }
@@ -727,18 +726,28 @@ static PyObject *queue_put(QueueBase *self, PyObject *const *args, size_t nargsf
     if (!obj || !codec_encode || Py_IS_TYPE(obj, (PyTypeObject *)ref_type) ||
         !(port = queue_port(self, &at)))
         return python_half((PyObject *)self, str_put, args, nargsf, kwnames);
-    PyObject *answer;
+    PyObject *answer, *made = NULL;
     if (PyBytes_CheckExact(obj)) {
         answer = put_bytes(port, &at, obj);
     } else {
-        PyObject *made = PyObject_CallOneArg(codec_encode, obj); /* raises for an unpicklable */
+        /* encode() runs Python code (reducers, other threads meanwhile: a refused close gives
+         * the slot back): the port and slot are read again once it is done */
+        Py_DECREF(port);
+        made = PyObject_CallOneArg(codec_encode, obj); /* raises for an unpicklable object */
         if (made && (!PyTuple_CheckExact(made) || PyTuple_GET_SIZE(made) != 2)) {
             PyErr_SetString(PyExc_TypeError, "encode() must answer (stream, buffers)");
             Py_CLEAR(made);
         }
-        answer = made ? put_new(port, &at, PyTuple_GET_ITEM(made, 0), PyTuple_GET_ITEM(made, 1))
-                      : NULL;
-        Py_XDECREF(made);
+        if (!made) return NULL;
+        if (!(port = queue_port(self, &at))) { /* the Python half, without a second pickling */
+            PyObject *call[] = {(PyObject *)self, made};
+            answer = PyObject_VectorcallMethod(str_put_encoded, call,
+                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            Py_DECREF(made);
+            return answer;
+        }
+        answer = put_new(port, &at, PyTuple_GET_ITEM(made, 0), PyTuple_GET_ITEM(made, 1));
+        Py_DECREF(made);
     }
     Py_DECREF(port);
     if (!answer || answer == Py_None) return answer;
@@ -768,9 +777,15 @@ static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf
             break;
         }
         if (rc < 0 && rc != SHM_ETIMEDOUT) { /* the Python half raises it */
-            code = rc;
-            x = Py_NewRef(Py_None);
-            break;
+            Py_DECREF(port);
+            PyObject *status = PyLong_FromLong(rc);
+            PyObject *call[] = {(PyObject *)self, status};
+            PyObject *res = status ? PyObject_VectorcallMethod(str_wait_failed, call,
+                                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                               NULL)
+                                   : NULL;
+            Py_XDECREF(status);
+            return res;
         }
     }
     Py_DECREF(port);
@@ -850,9 +865,12 @@ static PyObject *bind_queues(PyObject *module, PyObject *const *args, Py_ssize_t
     if (nargs_are("bind_queues", n, 4)) return NULL;
     double recheck = PyFloat_AsDouble(args[3]);
     if (recheck == -1.0 && PyErr_Occurred()) return NULL;
-    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyType_Check(args[2]) ||
-        !(recheck > 0 && recheck < 1e9)) {
-        PyErr_SetString(PyExc_TypeError, "bind_queues(encode, decode, ObjectRef, seconds > 0)");
+    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyType_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "bind_queues(encode, decode, ObjectRef, seconds)");
+        return NULL;
+    }
+    if (!(recheck > 0 && recheck < 1e9)) {
+        PyErr_SetString(PyExc_ValueError, "bind_queues(): seconds must be positive");
         return NULL;
     }
     Py_XSETREF(codec_encode, Py_NewRef(args[0]));
@@ -903,6 +921,8 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
         !(str_deallocate = PyUnicode_InternFromString("_deallocate")) ||
         !(str_put = PyUnicode_InternFromString("_put")) ||
         !(str_put_answered = PyUnicode_InternFromString("_put_answered")) ||
+        !(str_put_encoded = PyUnicode_InternFromString("_put_encoded")) ||
+        !(str_wait_failed = PyUnicode_InternFromString("_wait_failed")) ||
         !(str_get = PyUnicode_InternFromString("_get")) ||
         !(str_get_answered = PyUnicode_InternFromString("_get_answered")))
         return NULL;

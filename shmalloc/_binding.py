@@ -768,9 +768,10 @@ def object_open(h: Handle, slot: int, address: int, oid: int) -> ObjectView:
 
 def object_release(h: Handle, slot: int, address: int, oid: int) -> bool | None:
     """Drop slot's reference: True if that freed the object, False if not, None if slot held
-    none (or the object is gone)."""
+    none (or the object is gone), or if ``h`` is closing (a finalizer that runs during close: the
+    reference stays the slot's, reclaimed with it)."""
     rc = lib.shm_object_release(h, slot, address, oid)
-    if rc == lib.SHM_ENOENT:
+    if rc == lib.SHM_ENOENT or rc == lib.SHM_ECLOSED:
         return None
     return _check(rc, address) == 1
 

@@ -37,6 +37,7 @@ class Fields:
     collector: Callable[[Any], None] | None
 
 class Manager:
+    _state: Fields
     def allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int: ...
     def deallocate(self, address: int, /) -> int: ...
 

@@ -212,7 +212,7 @@ class MemoryManager(C.Manager):
             st.emit(events.ALLOCATED, address=r, size=size, pid=pid or process.current_pid())
         return r
 
-    def _deallocate(self, r: int | None, address: int) -> int:
+    def _deallocate(self, address: int, r: int | None = None) -> int:
         """deallocate() with the core's answer ``r`` from its C half, or None if it did not call
         the core."""
         st = self._state

@@ -50,7 +50,8 @@ Empty = _queue.Empty
 Full = _queue.Full
 RECHECK = 1.0  # longest single sleep of a blocked put or get (see the module's docstring)
 
-C.bind_queues(encoding.encode, encoding.decode, ObjectRef, RECHECK)  # what put and get use in C
+# what put and get use in C; RECHECK is read here once (get()'s C half sleeps as long)
+C.bind_queues(encoding.encode, encoding.decode, ObjectRef, RECHECK)
 
 
 def _arena(arena: MemoryManager | None) -> Attachment:
@@ -139,11 +140,9 @@ class _Base(C.QueueBase):
         self._maxsize = info.maxsize
         self._control = info.control
 
-    def __getstate__(self) -> ObjectRef:
-        return self._ref  # pickled with a transit ticket: the queue lives until unpickled
-
-    def __setstate__(self, ref: ObjectRef) -> None:
-        self._setup(ref)
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the reference pickles with a transit ticket: the queue lives until unpickled
+        return _rebuilt, (type(self), self._ref)
 
     def __repr__(self) -> str:
         bound = f" maxsize={self._maxsize}" if self._maxsize else ""
@@ -187,9 +186,7 @@ class _Base(C.QueueBase):
         port = a.port
         if port is None:
             raise a.closed_error()
-        slot = a.slot
-        if slot < 0:
-            slot = slot_for(a, None)
+        slot = objects._slot(a)
         if bufs is None:
             r = port.put_bytes(slot, self._address, self._id, data)
         else:
@@ -249,7 +246,11 @@ class _Base(C.QueueBase):
             raise self._att.closed_error()
         rc = port.wait(self._control, word, seq, int(left * 1e9))
         if rc < 0 and rc != C.ETIMEDOUT:
-            C.raise_status(rc, self._control)
+            self._wait_failed(rc)
+
+    def _wait_failed(self, rc: int) -> None:
+        """Raise for a wait's status ``rc`` (also get()'s C half's)."""
+        C.raise_status(rc, self._control)
 
     def _put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """put() whenever its C half does not make the first attempt itself."""
@@ -264,6 +265,11 @@ class _Base(C.QueueBase):
         else:
             item, seq = self._offer_ref(obj)
         self._put_rest(item, seq, deadline, block)
+
+    def _put_encoded(self, made: tuple[bytes, list[memoryview]]) -> None:
+        """put(obj) after its C half encoded ``obj`` and then found it may not put it itself."""
+        item, seq = self._offer_new(*made)
+        self._put_rest(item, seq, None, True)
 
     def _put_answered(self, r: int | tuple[int, list[int]]) -> None:
         """put(obj) after its C half's first attempt answered ``r`` (as port.put_new)."""
@@ -375,8 +381,7 @@ class _Base(C.QueueBase):
         port = a.port
         if port is None:
             raise a.closed_error()
-        slot = a.slot
-        return port.take(slot if slot >= 0 else slot_for(a, None), self._address, self._id, True)
+        return port.take(objects._slot(a), self._address, self._id, True)
 
     def _get_rest(self, got: int, x: Any, deadline: float | None, block: bool) -> Any:
         """From a take's answer ``(got, x)``: the item, taking it held if it must be, or waiting
@@ -407,6 +412,13 @@ class _Base(C.QueueBase):
         """This process will not put or get any more (they raise ValueError from now on). The
         queue stays for the other processes; it goes when the last one drops it."""
         self._closed = True
+
+
+def _rebuilt(cls: type[_Base], ref: ObjectRef) -> _Base:
+    """A queue unpickled: another handle to the queue object ``ref``."""
+    q = cls.__new__(cls)
+    q._setup(ref)
+    return q
 
 
 def _args(item: _Item) -> tuple[int, int, int]:

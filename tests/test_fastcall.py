@@ -7,7 +7,10 @@ their Python halves."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import inspect
+import operator
 import os
 import pickle
 import queue
@@ -120,7 +123,7 @@ def test_a_signal_handler_runs_during_a_blocked_get(
     C half, get(timeout=) in the Python half); SIGALRM interrupts the sleep and its Python
     handler's exception comes out of get() (were the handler not run, get would raise Empty
     after its timeout, or wait for the item a thread puts after 20 s). A signal that comes
-    while the wait still spins, before it sleeps, is handled too (by the next RECHECK)."""
+    while the wait still spins, before it sleeps, is handled when that sleep ends (RECHECK)."""
     q = shmalloc.Queue(arena=mgr)
     q.put(b"first")  # the C half's fast path needs this process's slot and _pid set
     assert q.get() == b"first"
@@ -233,7 +236,9 @@ def test_allocate_takes_every_form_of_its_signature(mgr: MemoryManager) -> None:
     with pytest.raises(TypeError):
         mgr.deallocate()  # type: ignore[call-arg]
     sizes = [mgr.size_of(a) for a in addresses]
-    assert [mgr.deallocate(a) for a in addresses] == sizes
+    assert [mgr.deallocate(a) for a in addresses[1:]] == sizes[1:]
+    assert mgr.deallocate(address=addresses[0]) == sizes[0]
+    assert list(inspect.signature(MemoryManager.deallocate).parameters) == ["self", "address"]
     assert mgr.stats().used == 0
 
 
@@ -261,8 +266,10 @@ def test_the_fields_the_c_half_reads_keep_their_types(mgr: MemoryManager) -> Non
     assert att.slot >= 0
     port = att.port
     att.port = object()  # type: ignore[assignment]  # not a Port: the C half leaves it to Python
-    assert mgr.deallocate(mgr.allocate(64)) >= 64
-    att.port = port
+    try:
+        assert mgr.deallocate(mgr.allocate(64)) >= 64
+    finally:
+        att.port = port
 
 
 def test_a_manager_is_freed_by_its_last_reference(arena_name: str) -> None:
@@ -291,6 +298,8 @@ def test_queue_put_and_get_take_every_form_of_their_signatures(mgr: MemoryManage
     ]
     assert list(inspect.signature(shmalloc.Queue.get).parameters) == ["self", "block", "timeout"]
     q = shmalloc.Queue(arena=mgr)
+    q.put(b"warm-up")  # (the first call of a queue object is the Python half's)
+    assert q.get() == b"warm-up"
     ref = mgr.put(b"by reference")
     q.put(b"one")
     q.put("two", True, None)
@@ -329,5 +338,60 @@ def test_the_queue_c_half_alone_is_harmless() -> None:
         bare.get()
     with pytest.raises(TypeError):
         C.bind_queues(1, 2, 3, 1.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         C.bind_queues(len, len, int, 0.0)
+
+
+def test_a_signal_pending_as_get_begins_is_handled_at_once(mgr: MemoryManager) -> None:
+    """A signal already pending when get() starts (sent from C, with no bytecode between the
+    send and the call to run its handler) is handled before get() waits."""
+    q = shmalloc.Queue(arena=mgr)
+    q.put(b"first")
+    assert q.get() == b"first"
+    kill = functools.partial(ctypes.CDLL(None).kill, os.getpid(), signal.SIGALRM)
+    fired = threading.Event()
+
+    def rescue() -> None:  # a get that missed the signal returns this (and the test fails)
+        fired.set()
+        q.put(b"guard")
+
+    def ring(signum: int, frame: Any) -> None:
+        raise _Alarm
+
+    old = signal.signal(signal.SIGALRM, ring)
+    guard = threading.Timer(20, rescue)
+    guard.start()
+    try:
+        with pytest.raises(_Alarm):
+            list(map(operator.call, [kill, q.get]))  # C calls both, back to back
+    finally:
+        guard.cancel()
+        signal.signal(signal.SIGALRM, old)
+    assert not fired.is_set(), "get() ran the handler only once the guard's item came"
+
+
+def test_a_default_put_on_a_full_queue_waits_for_room(mgr: MemoryManager) -> None:
+    """put(obj) on a full queue: its C half's attempt is refused, the Python half waits for room
+    (woken by a get in another thread) and puts the item it made, once."""
+    q = shmalloc.Queue(1, arena=mgr)
+    q.put("warm-up")
+    assert q.get() == "warm-up"
+    q.put((1, "first"))
+    second = threading.Thread(target=q.put, args=((2, "second"),))
+    second.start()
+    assert q.get() == (1, "first")
+    second.join()
+    assert q.get() == (2, "second")
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0)
+    del q
+    assert mgr.stats().used == 0
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_queue_pickles_with_every_protocol(mgr: MemoryManager, protocol: int) -> None:
+    q = shmalloc.JoinableQueue(arena=mgr)
+    other = pickle.loads(pickle.dumps(q, protocol))
+    assert type(other) is shmalloc.JoinableQueue
+    other.put(b"through the copy")
+    assert q.get(timeout=5) == b"through the copy"
