@@ -151,8 +151,8 @@ def own_arena_mode(name: str) -> int:
 class Attachment(C.Fields):
     """One process's view of an arena. Made by :meth:`create` or :meth:`open`."""
 
-    # port, slot and collector are members of the C base (C.Fields): allocate()'s C half reads
-    # them without a lookup.
+    # port, slot and collector are members of the C base (C.Fields): the C halves of allocate,
+    # deallocate and a queue's put and get read them without a lookup.
     __slots__ = (
         "name", "capacity", "h", "fd", "slot_pid", "pressure_callbacks", "mm", "base", "mv",
         "__weakref__",

@@ -111,9 +111,9 @@ class _Base(C.QueueBase):
     """What the three queues share: the queue object, put and get.
 
     put() and get() are C methods (C.QueueBase, native/fastcall.c): with their defaults, the
-    first attempt is one core call there, and everything else comes to _put, _put_answered,
-    _get and _get_answered here. What they read (_att, _address, _id, _pid, _closed) are C
-    members of that base."""
+    first attempt is one core call there (and a blocked get() waits there), and everything else
+    comes to _put, _put_encoded, _put_answered, _get, _get_answered and _wait_failed here. What
+    they read (_att, _address, _id, _control, _pid, _closed) are C members of that base."""
 
     _joinable = False
     _att: Attachment
