@@ -17,6 +17,7 @@ import os
 import pickle
 import queue
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -343,7 +344,14 @@ def test_joinable_join_waits_for_other_processes(mgr: MemoryManager, method: str
         w.start()
     for i in range(20):
         q.put(i)
-    q.join()
+    # join() has no timeout (as multiprocessing's): wait for it in a thread, so that a worker
+    # that dies (a crash, a sanitizer's abort) fails this test instead of hanging the run
+    joiner = threading.Thread(target=q.join, daemon=True)
+    joiner.start()
+    joiner.join(TIMEOUT)
+    assert not joiner.is_alive(), (
+        f"join() never returned; workers' exit codes: {[w.exitcode for w in workers]}"
+    )
     assert q._info().unfinished == 0
     for _ in workers:
         q.put(None)
