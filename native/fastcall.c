@@ -456,11 +456,12 @@ static PyObject *python_half(PyObject *self, PyObject *name, PyObject *const *ar
     return res;
 }
 
-/* ---- Fields: what the hot pair reads of an attachment (the base of its Python class) ----
+/* ---- Fields: what the C halves read of an attachment (the base of its Python class) ----
  *
  * shmalloc.attachment.Attachment keeps its port, slot and collector here, as C members: one
- * place, which Python reads and writes as attributes and allocate()'s C half reads without an
- * attribute lookup (two lookups per call cost more than the core's own work). */
+ * place, which Python reads and writes as attributes and the C halves below (allocate,
+ * deallocate, a queue's put and get) read without an attribute lookup (two lookups per call
+ * cost more than the core's own work). */
 
 typedef struct {
     PyObject_HEAD PyObject *port; /* the Port of its handle, or None (NULL) once closed */
