@@ -1,7 +1,7 @@
 """The only cffi build script: compiles the C core into ``shmalloc._native`` (API mode).
 
 setuptools runs it through ``cffi_modules`` in setup.py; nobody runs it by hand. setup.py also
-builds ``shmalloc._fastcall`` (native/fastcall.c, the hot calls as CPython methods, see there)
+builds ``shmalloc._fastcall`` (native/fastcall.c and halves.c, the hot calls as CPython methods)
 from ``FASTCALL``, with the same flags. The cdef is
 the text of the two parser-clean headers, so the layout and the API are declared exactly once.
 ``SHMALLOC_DEBUG`` (0..3, see shm_internal.h) and ``SHMALLOC_SANITIZE=1`` in the environment select
@@ -86,7 +86,7 @@ ffibuilder.set_source(
 
 FASTCALL = {
     "name": "shmalloc._fastcall",
-    "sources": [str((HERE / "fastcall.c").relative_to(HERE.parent))],
+    "sources": [str((HERE / s).relative_to(HERE.parent)) for s in ("fastcall.c", "halves.c")],
     "include_dirs": [str(HERE.relative_to(HERE.parent))],
     "extra_compile_args": _args,
     "extra_link_args": _link,

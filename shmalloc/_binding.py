@@ -8,12 +8,12 @@ that went to another process), the function says so in its return value and docs
 The hot paths (``alloc_raw``, ``free_raw``, ``block_size_raw``, ``block_span_raw``,
 ``block_write_raw``) are the compiled functions themselves, re-exported: they return a result
 when >= 0 and a status when < 0, and the caller passes a negative one to :func:`raise_status`.
-The hottest also have a second door (``shmalloc._fastcall``, native/fastcall.c), which calls the
-same core functions without cffi's generic argument conversion: a queue's put, take and wait are
-methods of a :class:`Port`, which an Attachment keeps per handle; MemoryManager's allocate and
-deallocate and a queue's put and get are C methods of their base classes (:class:`Manager`,
-:class:`QueueBase`), which read the Attachment's C base (:class:`Fields`: port, slot,
-collector).
+The hottest also have a second door (``shmalloc._fastcall``, native/fastcall.c and halves.c),
+which calls the same core functions without cffi's generic argument conversion: a queue's put,
+take and wait are methods of a :class:`Port`, which an Attachment keeps per handle;
+MemoryManager's allocate and deallocate and a queue's put and get are C methods of their base
+classes (:class:`Manager`, :class:`QueueBase`), which read the Attachment's C base
+(:class:`Fields`: port, slot, collector).
 Everything else about the C core's types stays in this module; other modules see ints, bytes
 and the small dataclasses below.
 """

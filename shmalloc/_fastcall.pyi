@@ -1,4 +1,4 @@
-# The types of native/fastcall.c (the module shmalloc._fastcall); see there.
+# The types of native/fastcall.c and native/halves.c (the module shmalloc._fastcall); see there.
 from collections.abc import Callable
 from typing import Any
 

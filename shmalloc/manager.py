@@ -4,7 +4,7 @@ The manager is a façade. Python holds no allocator state: every question goes t
 which reads the segment. What is local to this process (the mapping, the handle, the slot) lives
 in one :class:`~shmalloc.attachment.Attachment`; the methods below call the plain modules that act
 on it (access, ownership, tracking, collection). Only allocate and deallocate, the hot pair, are
-not Python methods: they are the C methods of the base class, ``C.Manager`` (native/fastcall.c),
+not Python methods: they are the C methods of the base class, ``C.Manager`` (native/halves.c),
 which call the core in the common case and the Python halves below otherwise.
 """
 
@@ -179,7 +179,7 @@ class MemoryManager(C.Manager):
     # ---------------------------------------------------------------- allocation
 
     # allocate(size, pid=None, *, align=None) and deallocate(address) are C methods (C.Manager,
-    # native/fastcall.c): the common case is one core call there, and the rest comes here.
+    # native/halves.c): the common case is one core call there, and the rest comes here.
 
     def _allocate(self, size: int, pid: int | None = None, *, align: int | None = None) -> int:
         """allocate() whenever its C half does not call the core itself."""

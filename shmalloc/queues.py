@@ -110,7 +110,7 @@ class _Taken:
 class _Base(C.QueueBase):
     """What the three queues share: the queue object, put and get.
 
-    put() and get() are C methods (C.QueueBase, native/fastcall.c): with their defaults, the
+    put() and get() are C methods (C.QueueBase, native/halves.c): with their defaults, the
     first attempt is one core call there (and a blocked get() waits there), and everything else
     comes to _put, _put_encoded, _put_answered, _get, _get_answered and _wait_failed here. What
     they read (_att, _address, _id, _control, _pid, _closed) are C members of that base."""

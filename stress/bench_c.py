@@ -85,7 +85,8 @@ def _build(
 def build_core() -> tuple[Path, dict[str, Any]]:
     """bench_c.c with the C core, built as native/build_ffi.py builds the core (release)."""
     native = bench.REPO_ROOT / "native"
-    core = runpy.run_path(str(native / "build_ffi.py"))["SOURCES"]  # (not fastcall.c: CPython's)
+    # (not fastcall.c and halves.c: they are CPython's)
+    core = runpy.run_path(str(native / "build_ffi.py"))["SOURCES"]
     sources = [*(native / s for s in core), C_SOURCE]
     return _build("bench_c", "cc", [*CORE_FLAGS, f"-I{native}"], sources, ["-lpthread"])
 
