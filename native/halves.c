@@ -257,9 +257,10 @@ static PyTypeObject ManagerType = {
  *
  * put(obj) and get() with their defaults (block, no timeout) make their first attempt here, as
  * allocate() does: one core call, with the item's stream made by the queues' encode() (or here,
- * for a bytes value) and a copied-out stream given to their decode(). Anything else (keywords,
- * an ObjectRef, a full or empty queue, a held item, a status) goes to the Python methods _put,
- * _put_answered, _get and _get_answered. */
+ * for a bytes value) and a copied-out stream given to their decode(); get() waits here while
+ * the queue is empty. Anything else (keywords, an ObjectRef, a full queue, a held item, a
+ * status) goes to the Python methods _put, _put_encoded, _put_answered, _get, _get_answered and
+ * _wait_failed. */
 
 typedef struct {
     PyObject_HEAD PyObject *att; /* "_att": the Attachment (a Fields) */
