@@ -114,6 +114,41 @@ static PyTypeObject FieldsType = {
     .tp_new = fields_new,
 };
 
+/* The Port of the attachment `att` (a new reference: a close in another thread meanwhile drops
+ * the attachment's) and its slot; NULL unless `att` is an attachment (a Fields) with a Port and,
+ * if `quiet`, no collector that wants events. */
+static Port *attached_port(PyObject *att, int quiet, int32_t *slot) {
+    if (!att || !PyObject_TypeCheck(att, &FieldsType)) return NULL;
+    Fields *f = (Fields *)att;
+    if (!f->port || !Py_IS_TYPE(f->port, &PortType) ||
+        (quiet && f->collector && f->collector != Py_None))
+        return NULL;
+    *slot = f->slot;
+    return (Port *)Py_NewRef(f->port);
+}
+
+/* Manager and QueueBase each hold one object, first after the header (the attachment): one
+ * traverse, clear and dealloc serve both (their structs are checked against this one below). */
+typedef struct {
+    PyObject_HEAD PyObject *held;
+} Holder;
+
+static int holder_traverse(Holder *self, visitproc visit, void *arg) {
+    Py_VISIT(self->held);
+    return 0;
+}
+
+static int holder_clear(Holder *self) {
+    Py_CLEAR(self->held);
+    return 0;
+}
+
+static void holder_dealloc(Holder *self) {
+    PyObject_GC_UnTrack(self);
+    holder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
 /* ---- Manager: the C half of shmalloc.MemoryManager (its base class) ----
  *
  * allocate() and deallocate() are the API's hottest pair; as Python methods their frames cost
@@ -124,20 +159,9 @@ static PyTypeObject FieldsType = {
 typedef struct {
     PyObject_HEAD PyObject *state; /* the shmalloc.attachment.Attachment (the _state member) */
 } Manager;
+_Static_assert(offsetof(Manager, state) == offsetof(Holder, held), "Manager is a Holder");
 
 static PyObject *str_allocate, *str_alloc_result, *str_deallocate;
-
-/* The attachment's port (a new reference: a close in another thread meanwhile drops the
- * attachment's) and slot, if it is open and no collector wants events; NULL otherwise. */
-static Port *quiet_port(Manager *self, int32_t *slot) {
-    PyObject *state = self->state;
-    if (!state || !PyObject_TypeCheck(state, &FieldsType)) return NULL;
-    Fields *f = (Fields *)state;
-    if ((f->collector && f->collector != Py_None) || !f->port || !Py_IS_TYPE(f->port, &PortType))
-        return NULL;
-    *slot = f->slot;
-    return (Port *)Py_NewRef(f->port);
-}
 
 /* allocate(size, pid=None, *, align=None) */
 static PyObject *manager_allocate(Manager *self, PyObject *const *args, size_t nargsf,
@@ -145,7 +169,8 @@ static PyObject *manager_allocate(Manager *self, PyObject *const *args, size_t n
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     Port *port;
     int32_t slot;
-    if (n == 1 && !kwnames && PyLong_CheckExact(args[0]) && (port = quiet_port(self, &slot))) {
+    if (n == 1 && !kwnames && PyLong_CheckExact(args[0]) &&
+        (port = attached_port(self->state, 1, &slot))) {
         uint64_t size = PyLong_AsUnsignedLongLong(args[0]);
         if ((size == (uint64_t)-1 && PyErr_Occurred()) || !size || slot < 0) {
             PyErr_Clear(); /* not a positive size in range, or no slot yet: the Python method */
@@ -173,7 +198,7 @@ static PyObject *manager_deallocate(Manager *self, PyObject *const *args, size_t
     Port *port;
     int32_t slot;
     PyObject *arg = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
-    if (!arg || !PyLong_CheckExact(arg) || !(port = quiet_port(self, &slot)))
+    if (!arg || !PyLong_CheckExact(arg) || !(port = attached_port(self->state, 1, &slot)))
         return python_half((PyObject *)self, str_deallocate, args, nargsf, kwnames);
     uint64_t address = PyLong_AsUnsignedLongLong(arg);
     if (address == (uint64_t)-1 && PyErr_Occurred()) {
@@ -194,35 +219,6 @@ static PyObject *manager_deallocate(Manager *self, PyObject *const *args, size_t
     return res;
 }
 
-static PyObject *manager_get_state(Manager *self, void *closure) {
-    (void)closure;
-    if (self->state) return Py_NewRef(self->state);
-    PyErr_SetString(PyExc_AttributeError, "_state");
-    return NULL;
-}
-
-static int manager_set_state(Manager *self, PyObject *value, void *closure) {
-    (void)closure;
-    Py_XSETREF(self->state, Py_XNewRef(value));
-    return 0;
-}
-
-static int manager_traverse(Manager *self, visitproc visit, void *arg) {
-    Py_VISIT(self->state);
-    return 0;
-}
-
-static int manager_clear(Manager *self) {
-    Py_CLEAR(self->state);
-    return 0;
-}
-
-static void manager_dealloc(Manager *self) {
-    PyObject_GC_UnTrack(self);
-    manager_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMethodDef manager_methods[] = {
     {"allocate", (PyCFunction)(void (*)(void))manager_allocate, METH_FASTCALL | METH_KEYWORDS,
      "allocate($self, size, pid=None, *, align=None)\n--\n\n"
@@ -234,22 +230,22 @@ static PyMethodDef manager_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef manager_getset[] = {
-    {"_state", (getter)manager_get_state, (setter)manager_set_state,
-     "this process's attachment (shmalloc.attachment.Attachment)", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
+static PyMemberDef manager_members[] = {
+    {"_state", T_OBJECT_EX, offsetof(Manager, state), 0,
+     "this process's attachment (shmalloc.attachment.Attachment)"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject ManagerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.Manager",
     .tp_basicsize = sizeof(Manager),
-    .tp_dealloc = (destructor)manager_dealloc,
+    .tp_dealloc = (destructor)holder_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The C half of shmalloc.MemoryManager: its allocate() and deallocate().",
-    .tp_traverse = (traverseproc)manager_traverse,
-    .tp_clear = (inquiry)manager_clear,
+    .tp_traverse = (traverseproc)holder_traverse,
+    .tp_clear = (inquiry)holder_clear,
     .tp_methods = manager_methods,
-    .tp_getset = manager_getset,
+    .tp_members = manager_members,
     .tp_new = PyType_GenericNew,
 };
 
@@ -270,6 +266,7 @@ typedef struct {
     long pid;    /* "_pid": the process that last adopted its fork parent's holds (0: none) */
     char closed; /* "_closed": close() was called in this process */
 } QueueBase;
+_Static_assert(offsetof(QueueBase, att) == offsetof(Holder, held), "QueueBase is a Holder");
 
 static PyObject *codec_encode, *codec_decode, *ref_type; /* bind_queues() */
 static long long recheck_ns = 1000000000; /* bind_queues(): a blocked get's longest sleep */
@@ -282,15 +279,12 @@ static void after_fork_in_child(void) { me = (long)getpid(); }
 /* The queue's port (a new reference) and place, if put and get may run here; NULL otherwise:
  * closed, no attachment, no slot yet, or a fork child before it adopted its parent's holds. */
 static Port *queue_port(QueueBase *self, Place *at) {
-    if (self->closed || self->pid != me || !self->att ||
-        !PyObject_TypeCheck(self->att, &FieldsType))
-        return NULL;
-    Fields *f = (Fields *)self->att;
-    if (f->slot < 0 || !f->port || !Py_IS_TYPE(f->port, &PortType)) return NULL;
-    at->slot = f->slot;
+    if (self->closed || self->pid != me) return NULL;
+    Port *port = attached_port(self->att, 0, &at->slot);
+    if (port && at->slot < 0) Py_CLEAR(port);
     at->queue = self->address;
     at->qid = self->id;
-    return (Port *)Py_NewRef(f->port);
+    return port;
 }
 
 /* put(obj, block=True, timeout=None) */
@@ -381,22 +375,6 @@ static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf
     return res;
 }
 
-static int queue_traverse(QueueBase *self, visitproc visit, void *arg) {
-    Py_VISIT(self->att);
-    return 0;
-}
-
-static int queue_clear(QueueBase *self) {
-    Py_CLEAR(self->att);
-    return 0;
-}
-
-static void queue_dealloc(QueueBase *self) {
-    PyObject_GC_UnTrack(self);
-    queue_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMethodDef queue_methods[] = {
     {"put", (PyCFunction)(void (*)(void))queue_put, METH_FASTCALL | METH_KEYWORDS,
      "put($self, obj, block=True, timeout=None)\n--\n\n"
@@ -424,11 +402,11 @@ static PyMemberDef queue_members[] = {
 static PyTypeObject QueueBaseType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmalloc._fastcall.QueueBase",
     .tp_basicsize = sizeof(QueueBase),
-    .tp_dealloc = (destructor)queue_dealloc,
+    .tp_dealloc = (destructor)holder_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The C half of shmalloc's queues: the first attempt of put() and get().",
-    .tp_traverse = (traverseproc)queue_traverse,
-    .tp_clear = (inquiry)queue_clear,
+    .tp_traverse = (traverseproc)holder_traverse,
+    .tp_clear = (inquiry)holder_clear,
     .tp_methods = queue_methods,
     .tp_members = queue_members,
     .tp_new = PyType_GenericNew,

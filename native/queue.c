@@ -268,9 +268,14 @@ int shm_queue_put(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_
 
 /* ------------------------------------------------------------------ get */
 
+/* An item queue_take copies out into a buffer of cap bytes: a value (not a reference) without
+ * out-of-band buffers whose stream fits. */
+static int copied_out(int ref, uint32_t nbuffers, uint64_t pickle_len, uint64_t cap) {
+    return !ref && !nbuffers && pickle_len <= cap;
+}
+
 /* Take the oldest item into out (slot holds it). With copy_max, only an item that queue_take will
- * copy out (a value without buffers whose stream is at most copy_max bytes) is taken; another is
- * left in place, nothing changed (SHM_QGET_HELD). */
+ * copy out (copied_out) is taken; another is left in place, nothing changed (SHM_QGET_HELD). */
 static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_object_view_t *out,
                       uint64_t *bufs, uint32_t cap, uint64_t copy_max, uint32_t *seq_out) {
     shm_queue_t *q = queue_control(qo);
@@ -285,7 +290,7 @@ static int get_locked(shm_handle_t *h, int32_t slot, shm_object_t *qo, shm_objec
         /* Any other failure (a damaged item) is reported with the item left in place: the step
          * changes nothing it cannot finish. */
         if (!gone && rc != SHM_OK) return rc;
-        if (!gone && copy_max && (ref || o->nbuffers || o->pickle_len > copy_max))
+        if (!gone && copy_max && !copied_out(ref, o->nbuffers, o->pickle_len, copy_max))
             return SHM_QGET_HELD;
         if (!gone && (rc = objects_open_found(h, slot, off, o, out, bufs, cap)) != SHM_OK)
             return rc;
@@ -325,7 +330,7 @@ int queue_take(shm_handle_t *h, int32_t slot, uint64_t queue, uint64_t queue_id,
         q = queue_control(qo);
         rc = get_locked(h, slot, qo, out, bufs, cap, copy_only ? dst_cap : 0, seq_out);
     }
-    if (rc == SHM_QGET_VALUE && dst && !out->nbuffers && out->pickle_len <= dst_cap) {
+    if (rc == SHM_QGET_VALUE && dst && copied_out(0, out->nbuffers, out->pickle_len, dst_cap)) {
         /* read and free in the same hold of the lock: the take is a step of its own, so a
          * process killed during the copy leaves the item held by its slot, delivered to it */
         journal_checkpoint(h);

@@ -301,6 +301,13 @@ class Attachment(C.Fields):
             raise self.closed_error()
         return h
 
+    def open_port(self) -> C.Port:
+        """The Port of the handle (native/fastcall.c); ValueError once closed in this process."""
+        port = self.port
+        if port is None:
+            raise self.closed_error()
+        return port
+
     def closed_error(self) -> ValueError:
         """The error of a call on an arena closed in this process (also by another thread while
         the call ran: the mapping's views are then released under it)."""

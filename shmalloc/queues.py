@@ -183,9 +183,7 @@ class _Base(C.QueueBase):
         made, unpublished: (its item, for _offer, the not_full word's value)."""
         a = self._att
         self._adopted()  # (the copy runs outside the module's lock)
-        port = a.port
-        if port is None:
-            raise a.closed_error()
+        port = a.open_port()
         slot = objects._slot(a)
         if bufs is None:
             r = port.put_bytes(slot, self._address, self._id, data)
@@ -241,9 +239,7 @@ class _Base(C.QueueBase):
 
     def _sleep(self, word: int, seq: int, left: float) -> None:
         """Sleep up to ``left`` seconds while the queue's ``word`` (C.QWAIT_*) holds ``seq``."""
-        port = self._att.port
-        if port is None:
-            raise self._att.closed_error()
+        port = self._att.open_port()
         rc = port.wait(self._control, word, seq, int(left * 1e9))
         if rc < 0 and rc != C.ETIMEDOUT:
             self._wait_failed(rc)
@@ -301,9 +297,7 @@ class _Base(C.QueueBase):
     def _take_one(self) -> _Taken | int:
         """One attempt to take an item: the item, or the not_empty word's value to wait on."""
         a = self._att
-        port = a.port
-        if port is None:
-            raise a.closed_error()
+        port = a.open_port()
         with objects._critical:
             got, x = port.take(objects._slot(a), self._address, self._id, False)
             if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
@@ -378,9 +372,7 @@ class _Base(C.QueueBase):
         """One take that copies a small item out (dropped already: no hold to count here, so no
         module lock; native/queue.c, queue_take), or leaves a held one in the queue."""
         a = self._att
-        port = a.port
-        if port is None:
-            raise a.closed_error()
+        port = a.open_port()
         return port.take(objects._slot(a), self._address, self._id, True)
 
     def _get_rest(self, got: int, x: Any, deadline: float | None, block: bool) -> Any:
