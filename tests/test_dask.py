@@ -105,7 +105,11 @@ def test_local_cluster_arrays_and_frames_match_plain_dask(cluster: Any) -> None:
 def test_task_results_go_in_without_a_copy(cluster: Any) -> None:
     client, _, _ = cluster
     x = da.random.RandomState(4).random((2048, 2048), chunks=(512, 512))  # 2 MiB chunks
-    got = (x + x.T).sum().compute()
+    # the chunks made on one worker, the sum on another: every chunk moves (left to the
+    # scheduler, a starved host can run the whole graph on one worker and move nothing)
+    maker, summer = list(reports(client))[:2]
+    xp = x.persist(workers=[maker])
+    got = (xp + xp.T).sum().compute(workers=[summer])
     with dask.config.set(scheduler="sync"):
         want = (x + x.T).sum().compute()
     assert got == pytest.approx(want)
