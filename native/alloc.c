@@ -46,7 +46,7 @@ static int64_t alloc_locked(shm_handle_t *h, uint64_t size, uint64_t align, uint
     uint64_t got = block_at(h, off)->size - SHM_HDR;
     A_ADD(&c->allocations, 1);
     proc_charge(h, owner, got);
-    heap_note_peak(h);
+    heap_note_peak(h, (int)owner - 1);
     int rose = 0;
     pressure_update(h, &rose);
     return (int64_t)(off + SHM_HDR) | heap_result_flags(h, owner, rose);

@@ -299,7 +299,7 @@ static int refill(shm_handle_t *h, int slot, unsigned k, int *rose) {
     if (made) {
         rc = SHM_OK;
         pressure_update(h, rose);
-        heap_note_peak(h);
+        heap_note_peak(h, slot);
     }
     heap_unlock(h);
     return rc;

@@ -173,11 +173,14 @@ uint64_t heap_cache_sum(const shm_handle_t *h, size_t field) {
 }
 
 /* Raise the arena's peak to what users hold now: the heap's use less what sits in caches. The
- * cache path does not keep this peak; the heap path and refills do (heap lock held). */
-void heap_note_peak(shm_handle_t *h) {
+ * cache path does not keep this peak; the heap path and refills do (heap lock held). slot is the
+ * caller's, or -1: what its own cache holds is subtracted first, which settles the common case
+ * (one process caching, the others' caches empty) without summing every slot's. */
+void heap_note_peak(shm_handle_t *h, int slot) {
     shm_counters_t *c = &h->arena->counters;
-    uint64_t used = A_LOAD(&c->used);
-    if (used <= A_LOAD(&c->peak)) return; /* used less cached is lower still: no sum to make */
+    uint64_t used = A_LOAD(&c->used), peak = A_LOAD(&c->peak);
+    if (used <= peak) return; /* used less cached is lower still: no sum to make */
+    if (slot >= 0 && A_LOAD(&h->arena->caches[slot].cached_bytes) >= used - peak) return;
     a_raise_max(&c->peak, used - heap_cache_sum(h, offsetof(shm_cache_t, cached_bytes)));
 }
 

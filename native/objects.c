@@ -617,7 +617,7 @@ static int issue_locked(shm_handle_t *h, uint64_t object, uint64_t id, uint64_t 
     if (rc == SHM_ENOMEM || rc == SHM_ENOSPC) return alloc_oom_report(h, sizeof(shm_ticket_t));
     if (rc != SHM_OK) return rc;
     A_ADD(&h->arena->counters.allocations, 1);
-    heap_note_peak(h);
+    heap_note_peak(h, -1);
     pressure_update(h, NULL);
     shm_objects_t *s = section(h);
     uint64_t timeout = s->transit_timeout_ns ? s->transit_timeout_ns : DEFAULT_TRANSIT_NS;

@@ -174,7 +174,7 @@ static int queue_grow(shm_handle_t *h, shm_object_t *o, int forced) {
     if (rc == SHM_ENOMEM || rc == SHM_ENOSPC) return alloc_oom_report(h, RING_BYTES(ncap));
     if (rc != SHM_OK) return rc;
     A_ADD(&h->arena->counters.allocations, 1);
-    heap_note_peak(h);
+    heap_note_peak(h, -1);
     pressure_update(h, NULL);
     /* a fresh block: its bytes need no journal (a rollback gives the whole block back) */
     shm_qcell_t *nring = (shm_qcell_t *)(void *)(h->base + noff + SHM_HDR);

@@ -147,7 +147,9 @@ static inline void journal_save(shm_handle_t *h, const void *p, uint64_t len) {
     uint64_t *rec = (uint64_t *)(void *)(j->log + used);
     rec[0] = (uint64_t)((const uint8_t *)p - h->base);
     rec[1] = len;
-    if (LIKELY(len % 8 == 0 && ((uintptr_t)p & 7) == 0)) {
+    if (__builtin_constant_p(len)) {
+        __builtin_memcpy(rec + 2, p, len); /* a known size: inlined as a few wide moves */
+    } else if (LIKELY(len % 8 == 0 && ((uintptr_t)p & 7) == 0)) {
         const uint64_t *src = p; /* every range we save is whole aligned words: no memcpy call */
         for (uint64_t i = 0; i < len / 8; i++) rec[2 + i] = src[i];
     } else {
@@ -276,7 +278,7 @@ int heap_carve(shm_handle_t *h, uint64_t need, uint64_t align, uint32_t owner, u
                uint64_t room, uint64_t *off_out);
 int heap_release_block(shm_handle_t *h, uint64_t off, uint32_t tomb, uint64_t *merged_end);
 uint64_t heap_cache_sum(const shm_handle_t *h, size_t field);
-void heap_note_peak(shm_handle_t *h);
+void heap_note_peak(shm_handle_t *h, int slot);
 int64_t heap_result_flags(shm_handle_t *h, uint32_t owner, int rose);
 void pressure_update(shm_handle_t *h, int *rose);
 

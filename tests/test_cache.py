@@ -63,6 +63,22 @@ def test_cached_bytes_and_peak_seen_through_the_cache(mgr: MemoryManager) -> Non
     assert mgr.cached_bytes == 0
 
 
+def test_a_heap_allocation_raises_the_peak_to_live_bytes_not_cached_ones(
+    mgr: MemoryManager,
+) -> None:
+    addrs = [mgr.allocate(100) for _ in range(10)]
+    for a in addrs:
+        mgr.deallocate(a)
+    p0 = mgr.stats().peak
+    assert mgr.cached_bytes > 0 and p0 > 0
+    small = mgr.allocate(p0 // 2)  # heap or cache: below the peak either way
+    assert mgr.stats().peak == p0
+    mgr.deallocate(small)
+    big = mgr.allocate(1 << 20)  # the heap path, with this process's cache not empty
+    assert mgr.stats().peak == mgr.size_of(big) > p0
+    mgr.deallocate(big)
+
+
 def test_collect_returns_the_cache_and_everything_merges(mgr: MemoryManager) -> None:
     addrs = [mgr.allocate(n) for n in (16, 100, 1000, 5000, 20000, 60000) for _ in range(20)]
     for a in addrs:
