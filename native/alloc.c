@@ -214,7 +214,7 @@ int64_t shm_block_write(shm_handle_t *h, uint64_t address, uint64_t offset, cons
     SHM_GATE(h);
     if (UNLIKELY(n == UINT64_MAX)) return err_set(SHM_EINVAL, address, "no data is that long");
     int64_t r = block_span(h, address, offset, n, 1);
-    if (r > 0) memcpy(h->base + address + offset, data, (size_t)r);
+    if (r > 0) copy_in(h->base + address + offset, data, (size_t)r);
     return r;
 }
 

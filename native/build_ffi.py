@@ -20,6 +20,7 @@ SOURCES = [
     "block.c",
     "cache.c",
     "check.c",
+    "copy.c",
     "error.c",
     "fault.c",
     "freelist.c",

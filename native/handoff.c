@@ -33,7 +33,7 @@ static int fill_new(shm_handle_t *h, int32_t slot, const void *pickle, uint64_t 
     if (rc != SHM_OK) return rc;
     if (pickle_len) memcpy(h->base + out[1], pickle, pickle_len);
     for (uint32_t i = 0; bufs && i < nbuffers; i++)
-        if (bufs[i] && sizes[i]) memcpy(h->base + out[2 + i], bufs[i], sizes[i]);
+        if (bufs[i] && sizes[i]) copy_in(h->base + out[2 + i], bufs[i], sizes[i]);
     FAULT_POINT(FAULT_OBJECT_FILLED);
     return SHM_OK;
 }

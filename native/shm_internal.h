@@ -312,6 +312,9 @@ void proc_free_slot(shm_handle_t *h, int slot);
 /* check.c */
 int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
+/* copy.c: memcpy, split over the usable cores when n is large */
+void copy_in(void *dst, const void *src, size_t n);
+
 /* cache.c */
 #define CACHE_MAX_BLOCK ((uint64_t)65536)
 #define CACHE_MAX_USABLE (CACHE_MAX_BLOCK - SHM_HDR)

@@ -113,6 +113,37 @@ def test_round_trip_and_zero_copy(mgr: MemoryManager) -> None:
         assert mgr.get(mgr.put(plain)) == plain
 
 
+@pytest.mark.parametrize("cores", ["all", "one"])
+def test_a_large_buffer_goes_in_whole_however_its_copy_is_split(
+    mgr: MemoryManager, cores: str
+) -> None:
+    # 16 MiB and up is copied in one part per usable core (native/copy.c); the odd length leaves
+    # the last part longer than the others. Pinned to one core, the copy is a single memcpy.
+    blob = np.random.default_rng(3).integers(0, 256, 20 * MiB + 13, dtype=np.uint8)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if cores == "one":
+                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
+            got = mgr.get(ref := mgr.put(blob))
+            assert _shares_arena(mgr, got) and np.array_equal(got, blob)
+            del got
+            mgr.delete(ref)
+            address = mgr.allocate(blob.nbytes + 8)
+            assert mgr.write(address, blob, offset=8) == blob.nbytes
+            assert mgr.read(address, blob.nbytes, offset=8) == blob.tobytes()
+            mgr.deallocate(address)
+        except BaseException as e:  # reported by the test's thread below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
 def test_a_reference_is_small_hashable_and_picklable(mgr: MemoryManager) -> None:
     ref = mgr.put(np.zeros(MiB // 8), name="a-rather-long-name-for-an-object-0123456789")
     data = pickle.dumps(ref)
