@@ -29,12 +29,13 @@
  * A take copies into a buffer of its thread's own. */
 #include "fastcall.h"
 
+#include <marshal.h>
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
 
 #define STACK_BUFFERS 8  /* a put of at most this many buffers keeps its arrays on the stack */
-#define STACK_STREAM 512 /* a bytes value up to this size is marked on the stack */
+#define STACK_STREAM 512 /* a value's stream up to this size is made on the stack */
 #define MAX_WAIT_NS (INT64_C(1) << 60) /* a longer wait is this one (36 years) */
 
 struct fc_core fc_core;
@@ -141,21 +142,68 @@ static int place_args(PyObject *const *args, Place *at) {
                : 0;
 }
 
-/* Queue.put() of a bytes value, its stream (BYTES_MARK and the bytes) made here. */
-PyObject *fc_put_bytes(Port *self, const Place *at, PyObject *value) {
+/* A builtin scalar of an exact type, whose marshal round trip is itself. */
+static int scalar(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    return t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || o == Py_None ||
+           t == &PyBool_Type || t == &PyComplex_Type;
+}
+
+/* 1 if value's stream is marshal's format: a scalar, or an exact tuple, list or dict of them.
+ * marshal is pickle's cost at a fraction for these (no pickler to make, no memo), and reads
+ * them back as the same types and values. It would turn any other buffer into bytes and refuse
+ * subclasses, so nothing else goes that way; no Python code runs for these types. */
+int fc_marshallable(PyObject *value) {
+    if (scalar(value)) return 1;
+    if (PyTuple_CheckExact(value) || PyList_CheckExact(value)) {
+        PyObject **items = PySequence_Fast_ITEMS(value);
+        for (Py_ssize_t i = 0; i < Py_SIZE(value); i++)
+            if (!scalar(items[i])) return 0;
+        return 1;
+    }
+    if (PyDict_CheckExact(value)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(value, &pos, &k, &v))
+            if (!scalar(k) || !scalar(v)) return 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* Queue.put() of a bytes value or a marshallable one, its stream (its mark and the bytes, or
+ * marshal's format) made here. */
+PyObject *fc_put_value(Port *self, const Place *at, PyObject *value) {
+    PyObject *made = NULL;
+    char mark = BYTES_MARK;
+    if (!PyBytes_CheckExact(value)) {
+        if (!(made = PyMarshal_WriteObjectToString(value, MARSHAL_VERSION))) return NULL;
+        mark = MARSHAL_MARK;
+    }
+    PyObject *data = made ? made : value;
     uint64_t out[2];
     uint32_t seq = 0;
-    Py_ssize_t len = PyBytes_GET_SIZE(value);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
     char small[STACK_STREAM + 1];
     char *stream = len <= STACK_STREAM ? small : PyMem_RawMalloc((size_t)len + 1);
-    if (!stream) return PyErr_NoMemory();
-    stream[0] = BYTES_MARK;
-    memcpy(stream + 1, PyBytes_AS_STRING(value), (size_t)len);
+    if (!stream) {
+        Py_XDECREF(made);
+        return PyErr_NoMemory();
+    }
+    stream[0] = mark;
+    memcpy(stream + 1, PyBytes_AS_STRING(data), (size_t)len);
+    Py_XDECREF(made);
     int rc;
     CALL(rc = fc_core.put_new(self->h, at->slot, at->queue, at->qid, stream, (uint64_t)len + 1, 0,
                               NULL, NULL, out, &seq));
     if (stream != small) PyMem_RawFree(stream);
     return put_answer(rc, out, 0, seq);
+}
+
+/* marshallable(value): fc_marshallable() above (shmalloc.encoding asks it). */
+static PyObject *marshallable(PyObject *module, PyObject *value) {
+    (void)module;
+    return PyBool_FromLong(fc_marshallable(value));
 }
 
 /* put_bytes(slot, queue, queue_id, value): put_bytes() above. Answers as put_new. */
@@ -166,7 +214,7 @@ static PyObject *port_put_bytes(Port *self, PyObject *const *args, Py_ssize_t n)
         PyErr_SetString(PyExc_TypeError, "put_bytes() takes a bytes value");
         return NULL;
     }
-    return fc_put_bytes(self, &at, args[3]);
+    return fc_put_value(self, &at, args[3]);
 }
 
 /* put_new(slot, queue, queue_id, stream, buffers): Queue.put() of a new item in one core call,
@@ -284,9 +332,12 @@ PyObject *fc_take(Port *self, const Place *at, int copy_only, long *code) {
     switch (rc) {
     case SHM_QGET_COPIED: {
         Py_ssize_t len = (Py_ssize_t)out[SHM_GET_PICKLE_LEN];
-        int value = len >= 1 && dst[0] == BYTES_MARK;
-        rc = value ? TAKE_BYTES : TAKE_STREAM;
-        payload = PyBytes_FromStringAndSize(dst + value, len - value);
+        char mark = len >= 1 ? dst[0] : 0;
+        rc = mark == BYTES_MARK || mark == MARSHAL_MARK ? TAKE_VALUE : TAKE_STREAM;
+        if (mark == MARSHAL_MARK)
+            payload = PyMarshal_ReadObjectFromString(dst + 1, len - 1);
+        else
+            payload = PyBytes_FromStringAndSize(dst + (rc == TAKE_VALUE), len - (rc == TAKE_VALUE));
         break;
     }
     case SHM_QGET_HELD:
@@ -309,11 +360,11 @@ PyObject *fc_take(Port *self, const Place *at, int copy_only, long *code) {
     return payload;
 }
 
-/* take(slot, queue, queue_id, copy_only): Queue.get()'s core call. (TAKE_BYTES, the bytes value)
- * or (TAKE_STREAM, the stream to decode): copied out, this process's hold dropped already;
- * (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now; (TAKE_EMPTY, the not_empty word's
- * value); with copy_only, (TAKE_HELD, None) for an item that would be held, left in the queue;
- * (a negative status, None). */
+/* take(slot, queue, queue_id, copy_only): Queue.get()'s core call. (TAKE_VALUE, the value, for a
+ * bytes or a marshalled value's stream) or (TAKE_STREAM, the stream to decode): copied out, this
+ * process's hold dropped already; (TAKE_VIEW or TAKE_REF, the view tuple): held by slot now;
+ * (TAKE_EMPTY, the not_empty word's value); with copy_only, (TAKE_HELD, None) for an item that
+ * would be held, left in the queue; (a negative status, None). */
 static PyObject *port_take(Port *self, PyObject *const *args, Py_ssize_t n) {
     Place at;
     long code;
@@ -406,6 +457,7 @@ static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t n) {
 static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, NULL},
     {"bind_queues", (PyCFunction)(void (*)(void))fc_bind_queues, METH_FASTCALL, NULL},
+    {"marshallable", marshallable, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -424,7 +476,9 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) || fc_halves_ready(m) ||
         PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
         PyModule_AddIntConstant(m, "BYTES_MARK", BYTES_MARK) ||
-        PyModule_AddIntConstant(m, "TAKE_BYTES", TAKE_BYTES) ||
+        PyModule_AddIntConstant(m, "MARSHAL_MARK", MARSHAL_MARK) ||
+        PyModule_AddIntConstant(m, "MARSHAL_VERSION", MARSHAL_VERSION) ||
+        PyModule_AddIntConstant(m, "TAKE_VALUE", TAKE_VALUE) ||
         PyModule_AddIntConstant(m, "TAKE_STREAM", TAKE_STREAM) ||
         PyModule_AddIntConstant(m, "TAKE_EMPTY", TAKE_EMPTY) ||
         PyModule_AddIntConstant(m, "TAKE_VIEW", TAKE_VIEW) ||

@@ -15,11 +15,19 @@
 #define FC_HIDDEN __attribute__((visibility("hidden")))
 
 #define STREAM_COPY_MAX (64 << 10) /* a take copies a buffer-less stream up to this size */
-#define BYTES_MARK 1               /* first byte of a bytes value's stream (its one definition) */
-#define WAIT_RAISED INT32_MIN      /* fc_wait_word(): a signal handler raised */
+/* The first byte of a value's stream that this module makes and reads itself (shmalloc.encoding
+ * reads them too; their one definition): a bytes value's (the bytes follow), or a marshalled
+ * one's (fc_marshallable; marshal's format, version MARSHAL_VERSION, follows). A pickle stream
+ * starts with 0x80, an array's with 0. */
+#define BYTES_MARK 1
+#define MARSHAL_MARK 2
+/* Version 2 has no references: flat values need none, and version 3's cost a table per call.
+ * Every Python since 2.5 reads it, whichever wrote it. */
+#define MARSHAL_VERSION 2
+#define WAIT_RAISED INT32_MIN /* fc_wait_word(): a signal handler raised */
 
 /* fc_take()'s answers: (TAKE_*, payload) */
-enum { TAKE_BYTES, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF, TAKE_HELD };
+enum { TAKE_VALUE, TAKE_STREAM, TAKE_EMPTY, TAKE_VIEW, TAKE_REF, TAKE_HELD };
 
 /* The core functions, from the addresses bind() is given (shmalloc/_binding.py). */
 struct fc_core {
@@ -71,7 +79,8 @@ typedef struct {
 } Place;
 
 /* A queue's core calls (fastcall.c), as the Port's methods make them. */
-FC_HIDDEN PyObject *fc_put_bytes(Port *self, const Place *at, PyObject *value);
+FC_HIDDEN int fc_marshallable(PyObject *value);
+FC_HIDDEN PyObject *fc_put_value(Port *self, const Place *at, PyObject *value);
 FC_HIDDEN PyObject *fc_put_new(Port *self, const Place *at, PyObject *stream, PyObject *list);
 FC_HIDDEN PyObject *fc_take(Port *self, const Place *at, int copy_only, long *code);
 FC_HIDDEN int fc_wait_word(Port *self, uint64_t control, int32_t which, uint32_t seq, long long ns);

@@ -253,7 +253,8 @@ static PyTypeObject ManagerType = {
  *
  * put(obj) and get() with their defaults (block, no timeout) make their first attempt here, as
  * allocate() does: one core call, with the item's stream made by the queues' encode() (or here,
- * for a bytes value) and a copied-out stream given to their decode(); get() waits here while
+ * for a bytes value and a marshallable one) and a copied-out stream given to their decode()
+ * (or read here, for those two); get() waits here while
  * the queue is empty. Anything else (keywords, an ObjectRef, a full queue, a held item, a
  * status) goes to the Python methods _put, _put_encoded, _put_answered, _get, _get_answered and
  * _wait_failed. */
@@ -297,8 +298,8 @@ static PyObject *queue_put(QueueBase *self, PyObject *const *args, size_t nargsf
         !(port = queue_port(self, &at)))
         return python_half((PyObject *)self, str_put, args, nargsf, kwnames);
     PyObject *answer, *made = NULL;
-    if (PyBytes_CheckExact(obj)) {
-        answer = fc_put_bytes(port, &at, obj);
+    if (PyBytes_CheckExact(obj) || fc_marshallable(obj)) { /* no Python code runs for these */
+        answer = fc_put_value(port, &at, obj);
     } else {
         /* encode() runs Python code (reducers, other threads meanwhile: a refused close gives
          * the slot back): the port and slot are read again once it is done */
@@ -359,7 +360,7 @@ static PyObject *queue_get(QueueBase *self, PyObject *const *args, size_t nargsf
         }
     }
     Py_DECREF(port);
-    if (!x || code == TAKE_BYTES) return x;
+    if (!x || code == TAKE_VALUE) return x;
     PyObject *res;
     if (code == TAKE_STREAM) {
         res = PyObject_CallOneArg(codec_decode, x);

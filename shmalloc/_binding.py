@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from . import errors as E
 from ._fastcall import BYTES_MARK as BYTES_MARK  # first byte of a bytes value's stream
+from ._fastcall import MARSHAL_MARK as MARSHAL_MARK  # ... and of a marshalled value's
+from ._fastcall import MARSHAL_VERSION as MARSHAL_VERSION
 from ._fastcall import STREAM_COPY_MAX as STREAM_COPY_MAX  # (re-exported: what other modules see)
-from ._fastcall import TAKE_BYTES as TAKE_BYTES  # port.take's answers
-from ._fastcall import TAKE_EMPTY as TAKE_EMPTY
+from ._fastcall import TAKE_EMPTY as TAKE_EMPTY  # port.take's answers
 from ._fastcall import TAKE_HELD as TAKE_HELD
 from ._fastcall import TAKE_REF as TAKE_REF
 from ._fastcall import TAKE_STREAM as TAKE_STREAM
+from ._fastcall import TAKE_VALUE as TAKE_VALUE
 from ._fastcall import TAKE_VIEW as TAKE_VIEW
 from ._fastcall import Fields as Fields  # Attachment's base: port, slot, collector
 from ._fastcall import Manager as Manager  # MemoryManager's base: allocate, deallocate
@@ -42,6 +44,7 @@ from ._fastcall import Port as Port
 from ._fastcall import QueueBase as QueueBase  # the queues' base: put, get
 from ._fastcall import bind as _bind_fastcall
 from ._fastcall import bind_queues as bind_queues
+from ._fastcall import marshallable as marshallable  # is a value's stream marshal's format
 from ._native import ffi, lib
 
 if TYPE_CHECKING:

@@ -4,13 +4,16 @@ from typing import Any
 
 STREAM_COPY_MAX: int
 BYTES_MARK: int
-TAKE_BYTES: int
+MARSHAL_MARK: int
+MARSHAL_VERSION: int
+TAKE_VALUE: int
 TAKE_STREAM: int
 TAKE_EMPTY: int
 TAKE_VIEW: int
 TAKE_REF: int
 TAKE_HELD: int
 
+def marshallable(value: Any, /) -> bool: ...
 def bind(alloc: int, free: int, put_new: int, take: int, wait: int, /) -> None: ...
 def bind_queues(
     encode: Callable[[Any], tuple[bytes, list[Any]]],

@@ -300,7 +300,7 @@ class _Base(C.QueueBase):
         port = a.open_port()
         with objects._critical:
             got, x = port.take(objects._slot(a), self._address, self._id, False)
-            if got != C.TAKE_BYTES and got != C.TAKE_STREAM:
+            if got != C.TAKE_VALUE and got != C.TAKE_STREAM:
                 return self._held(got, x)
         return _Taken(None, None, x) if got == C.TAKE_STREAM else _Taken(None, None, None, x)
 
@@ -379,7 +379,7 @@ class _Base(C.QueueBase):
         """From a take's answer ``(got, x)``: the item, taking it held if it must be, or waiting
         for one while the queue is empty."""
         while True:
-            if got == C.TAKE_BYTES:
+            if got == C.TAKE_VALUE:
                 return x
             if got == C.TAKE_STREAM:
                 return encoding.decode(x)  # (a pickle or a small array)

@@ -1,6 +1,6 @@
 """How values become streams: a plain numpy array takes the array header (no pickle), bytes a
-marker byte, anything else pickle 5; all come back equal, arrays as read-only views over the
-arena, through put/get and through a Queue."""
+marker byte, scalars and flat containers of them marshal's format, anything else pickle 5; all
+come back equal, arrays as read-only views over the arena, through put/get and through a Queue."""
 
 from __future__ import annotations
 
@@ -86,6 +86,66 @@ def test_bytes_skip_pickle_and_come_back_equal(mgr: MemoryManager, size: int) ->
         assert stream[:1] == b"\x80", "not a pickle stream"
         back = mgr.get(mgr.put(other))
         assert type(back) is type(other) and back == other
+
+
+class Level(int):
+    """An int subclass: pickled, so that it comes back as itself."""
+
+
+MARSHALLED = {
+    "float": 9.5,
+    "negative zero": -0.0,
+    "nan": float("nan"),
+    "big int": -(1 << 200),
+    "bool": True,
+    "none": None,
+    "complex": 1 - 2.5j,
+    "str with a lone surrogate": "caf\u00e9 \ud800",
+    "tuple": (7, "job", 2.5, None, False),
+    "empty tuple": (),
+    "list": [1, 2.0, "three"],
+    "dict": {"id": 3, 4: "four", None: 1.5},
+}
+
+NOT_MARSHALLED = {
+    "int subclass": Level(3),
+    "numpy scalar": np.float64(2.5),
+    "nested tuple": (1, (2, 3)),
+    "tuple with bytes": (1, b"x"),
+    "list with a bytearray": [bytearray(b"ab")],
+    "dict with a tuple key": {(1, 2): 3},
+    "set": {1, 2},
+}
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """Same types all the way down, and the same values (a NaN is its own like)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_alike(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_alike(a[k], b[k]) for k in a)
+    return repr(a) == repr(b)
+
+
+def test_scalars_and_flat_containers_of_them_are_marshalled(mgr: MemoryManager) -> None:
+    """Their stream is byte 2 and marshal's format (made and read in C by Queue's put and get,
+    in Python by encode/decode); each comes back as the same types and values whichever way."""
+    q = shmalloc.Queue(arena=mgr)
+    for name, value in MARSHALLED.items():
+        stream, bufs = encoding.encode(value)
+        assert stream[:1] == b"\x02" and not bufs, name
+        q.put(value)  # C's half
+        q.put(value, timeout=10)  # the Python half
+        backs = [mgr.get(mgr.put(value)), q.get(), q.get(timeout=10)]
+        assert all(_alike(back, value) for back in backs), (name, backs)
+    for name, value in NOT_MARSHALLED.items():
+        stream, _ = encoding.encode(value)
+        assert stream[:1] == b"\x80", f"{name}: not a pickle stream"
+        q.put(value)
+        assert _alike(q.get(), value) and _alike(mgr.get(mgr.put(value)), value), name
+    del q
 
 
 def test_arrays_through_a_queue(mgr: MemoryManager) -> None:

@@ -201,7 +201,7 @@ def test_a_copy_only_take_leaves_items_to_hold_in_place(mgr: MemoryManager) -> N
         else:
             assert (got == item).all() and not got.flags.writeable
         del got
-    assert port.take(slot, address, oid, True) == (C.TAKE_BYTES, b"small")
+    assert port.take(slot, address, oid, True) == (C.TAKE_VALUE, b"small")
     assert port.take(slot, address, oid, True)[0] == C.TAKE_EMPTY
     del ref, items, item  # (the loop kept the last one)
     assert mgr.check().objects == 1  # the queue itself
