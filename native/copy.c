@@ -10,7 +10,9 @@
  * Why threads made per copy, not a pool: nothing outlives the call, so there is nothing for a
  * fork to inherit half-made, nothing to shut down at exit, and no state to guard. A thread costs
  * tens of microseconds to start; the smallest split copy takes milliseconds. The helpers start
- * with every signal blocked, so signals still go to the process's own threads, and do nothing but
+ * with every signal blocked but those a fault raises, so signals sent to the process still go to
+ * its own threads (a fault in a helper, such as reading a truncated file, is reported as one in
+ * the caller would be), and do nothing but
  * the copy: the caller waits for them before it returns, so the bytes are all in when the call
  * ends, as with memcpy. If a helper cannot be started, the caller copies its part itself. A
  * process killed mid-copy takes its helpers with it; the block is then what any unfinished copy
@@ -34,6 +36,10 @@ typedef struct {
     const void *src;
     size_t n;
 } copy_part_t;
+
+/* Raised by a fault in the thread that makes it: never blocked (a blocked one would kill the
+ * process without running its handler: faulthandler's traceback, ASan's report). */
+static const int fault_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS};
 
 static void *copy_part(void *arg) {
     const copy_part_t *p = arg;
@@ -67,6 +73,8 @@ void copy_in(void *dst, const void *src, size_t n) {
     }
     sigset_t all, old;
     sigfillset(&all);
+    for (size_t i = 0; i < sizeof fault_signals / sizeof *fault_signals; i++)
+        sigdelset(&all, fault_signals[i]);
     int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
     for (int i = 1; i < parts && masked; i++)
         started[i] = pthread_create(&tid[i], NULL, copy_part, &part[i]) == 0;

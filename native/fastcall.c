@@ -34,8 +34,8 @@
 #include <string.h>
 #include <time.h>
 
-#define STACK_BUFFERS 8  /* a put of at most this many buffers keeps its arrays on the stack */
-#define STACK_STREAM 512 /* a value's stream up to this size is made on the stack */
+#define STACK_BUFFERS 8 /* a put of at most this many buffers keeps its arrays on the stack */
+#define STACK_STREAM MARSHAL_MAX       /* a value's stream up to this size is made on the stack */
 #define MAX_WAIT_NS (INT64_C(1) << 60) /* a longer wait is this one (36 years) */
 
 struct fc_core fc_core;
@@ -142,31 +142,64 @@ static int place_args(PyObject *const *args, Place *at) {
                : 0;
 }
 
-/* A builtin scalar of an exact type, whose marshal round trip is itself. */
-static int scalar(PyObject *o) {
+/* An upper bound of the bytes marshal (version 2) writes for a builtin scalar of an exact type,
+ * whose round trip is itself; -1 for anything else, and for an int beyond 64 bits (pickle's). */
+static Py_ssize_t scalar_bound(PyObject *o) {
     PyTypeObject *t = Py_TYPE(o);
-    return t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || o == Py_None ||
-           t == &PyBool_Type || t == &PyComplex_Type;
+    if (o == Py_None || t == &PyBool_Type) return 1;
+    if (t == &PyFloat_Type) return 9;
+    if (t == &PyComplex_Type) return 17;
+    if (t == &PyLong_Type) {
+        int overflow;
+        (void)PyLong_AsLongLongAndOverflow(o, &overflow); /* an exact int: cannot fail */
+        return overflow ? -1 : 15; /* at most 5 digits of 15 bits, their count and the type */
+    }
+    if (t == &PyUnicode_Type) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(o) < 0) { /* a legacy string that cannot be made ready: pickle's */
+            PyErr_Clear();
+            return -1;
+        }
+#endif
+        Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+        int per = PyUnicode_IS_ASCII(o)                       ? 1
+                  : PyUnicode_KIND(o) == PyUnicode_1BYTE_KIND ? 2
+                  : PyUnicode_KIND(o) == PyUnicode_2BYTE_KIND ? 3
+                                                              : 4; /* UTF-8 bytes a char */
+        return n > MARSHAL_MAX ? -1 : 5 + n * per;
+    }
+    return -1;
 }
 
-/* 1 if value's stream is marshal's format: a scalar, or an exact tuple, list or dict of them.
- * marshal is pickle's cost at a fraction for these (no pickler to make, no memo), and reads
- * them back as the same types and values. It would turn any other buffer into bytes and refuse
- * subclasses, so nothing else goes that way; no Python code runs for these types. */
+/* 1 if value's stream is marshal's format (MARSHAL_MARK): a scalar, or an exact tuple, list or
+ * dict of them, whose stream takes at most MARSHAL_MAX bytes. marshal costs a fraction of
+ * pickle for these (no pickler to make, no memo) and reads them back as the same types and
+ * values. It would turn any other buffer into bytes and refuses subclasses, so nothing else goes
+ * that way. Version 2 keeps no references, so an object that a container holds twice is
+ * written twice (and read back as two equal objects): the bound keeps such a stream small.
+ * Neither this check nor marshal's writing runs Python code for these types. */
 int fc_marshallable(PyObject *value) {
-    if (scalar(value)) return 1;
+    Py_ssize_t total = scalar_bound(value);
+    if (total >= 0) return total <= MARSHAL_MAX;
     if (PyTuple_CheckExact(value) || PyList_CheckExact(value)) {
         PyObject **items = PySequence_Fast_ITEMS(value);
-        for (Py_ssize_t i = 0; i < Py_SIZE(value); i++)
-            if (!scalar(items[i])) return 0;
-        return 1;
+        total = 5;
+        for (Py_ssize_t i = 0; i < Py_SIZE(value) && total <= MARSHAL_MAX; i++) {
+            Py_ssize_t one = scalar_bound(items[i]);
+            if (one < 0) return 0;
+            total += one;
+        }
+        return total <= MARSHAL_MAX;
     }
     if (PyDict_CheckExact(value)) {
-        Py_ssize_t pos = 0;
+        Py_ssize_t pos = 0, k_one, v_one;
         PyObject *k, *v;
-        while (PyDict_Next(value, &pos, &k, &v))
-            if (!scalar(k) || !scalar(v)) return 0;
-        return 1;
+        total = 2;
+        while (total <= MARSHAL_MAX && PyDict_Next(value, &pos, &k, &v)) {
+            if ((k_one = scalar_bound(k)) < 0 || (v_one = scalar_bound(v)) < 0) return 0;
+            total += k_one + v_one;
+        }
+        return total <= MARSHAL_MAX;
     }
     return 0;
 }
@@ -200,10 +233,22 @@ PyObject *fc_put_value(Port *self, const Place *at, PyObject *value) {
     return put_answer(rc, out, 0, seq);
 }
 
-/* marshallable(value): fc_marshallable() above (shmalloc.encoding asks it). */
-static PyObject *marshallable(PyObject *module, PyObject *value) {
+/* marshal_stream(value): value's stream (MARSHAL_MARK and marshal's format) if fc_marshallable()
+ * takes it, else None; checked and written in one call, so that no other thread can change a
+ * container in between (shmalloc.encoding asks it). */
+static PyObject *marshal_stream(PyObject *module, PyObject *value) {
     (void)module;
-    return PyBool_FromLong(fc_marshallable(value));
+    if (!fc_marshallable(value)) Py_RETURN_NONE;
+    PyObject *made = PyMarshal_WriteObjectToString(value, MARSHAL_VERSION);
+    if (!made) return NULL;
+    PyObject *stream = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(made) + 1);
+    if (stream) {
+        PyBytes_AS_STRING(stream)[0] = MARSHAL_MARK;
+        memcpy(PyBytes_AS_STRING(stream) + 1, PyBytes_AS_STRING(made),
+               (size_t)PyBytes_GET_SIZE(made));
+    }
+    Py_DECREF(made);
+    return stream;
 }
 
 /* put_bytes(slot, queue, queue_id, value): put_bytes() above. Answers as put_new. */
@@ -333,11 +378,17 @@ PyObject *fc_take(Port *self, const Place *at, int copy_only, long *code) {
     case SHM_QGET_COPIED: {
         Py_ssize_t len = (Py_ssize_t)out[SHM_GET_PICKLE_LEN];
         char mark = len >= 1 ? dst[0] : 0;
-        rc = mark == BYTES_MARK || mark == MARSHAL_MARK ? TAKE_VALUE : TAKE_STREAM;
-        if (mark == MARSHAL_MARK)
-            payload = PyMarshal_ReadObjectFromString(dst + 1, len - 1);
-        else
-            payload = PyBytes_FromStringAndSize(dst + (rc == TAKE_VALUE), len - (rc == TAKE_VALUE));
+        if (mark == MARSHAL_MARK && len - 1 <= MARSHAL_MAX) {
+            /* read from a copy: the objects it makes may start a collection, whose finalizers
+             * may take from a queue on this thread, into dst */
+            char copy[MARSHAL_MAX];
+            memcpy(copy, dst + 1, (size_t)(len - 1));
+            rc = TAKE_VALUE;
+            payload = PyMarshal_ReadObjectFromString(copy, len - 1);
+            break;
+        }
+        rc = mark == BYTES_MARK ? TAKE_VALUE : TAKE_STREAM; /* (any other stream: decode()'s) */
+        payload = PyBytes_FromStringAndSize(dst + (rc == TAKE_VALUE), len - (rc == TAKE_VALUE));
         break;
     }
     case SHM_QGET_HELD:
@@ -457,7 +508,7 @@ static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t n) {
 static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, NULL},
     {"bind_queues", (PyCFunction)(void (*)(void))fc_bind_queues, METH_FASTCALL, NULL},
-    {"marshallable", marshallable, METH_O, NULL},
+    {"marshal_stream", marshal_stream, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -477,7 +528,6 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
         PyModule_AddIntConstant(m, "STREAM_COPY_MAX", STREAM_COPY_MAX) ||
         PyModule_AddIntConstant(m, "BYTES_MARK", BYTES_MARK) ||
         PyModule_AddIntConstant(m, "MARSHAL_MARK", MARSHAL_MARK) ||
-        PyModule_AddIntConstant(m, "MARSHAL_VERSION", MARSHAL_VERSION) ||
         PyModule_AddIntConstant(m, "TAKE_VALUE", TAKE_VALUE) ||
         PyModule_AddIntConstant(m, "TAKE_STREAM", TAKE_STREAM) ||
         PyModule_AddIntConstant(m, "TAKE_EMPTY", TAKE_EMPTY) ||

@@ -24,6 +24,8 @@
 /* Version 2 has no references: flat values need none, and version 3's cost a table per call.
  * Every Python since 2.5 reads it, whichever wrote it. */
 #define MARSHAL_VERSION 2
+#define MARSHAL_MAX 1024 /* the longest marshalled stream (fc_marshallable), its mark not counted \
+                          */
 #define WAIT_RAISED INT32_MIN /* fc_wait_word(): a signal handler raised */
 
 /* fc_take()'s answers: (TAKE_*, payload) */

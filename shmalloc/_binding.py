@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 from . import errors as E
 from ._fastcall import BYTES_MARK as BYTES_MARK  # first byte of a bytes value's stream
 from ._fastcall import MARSHAL_MARK as MARSHAL_MARK  # ... and of a marshalled value's
-from ._fastcall import MARSHAL_VERSION as MARSHAL_VERSION
 from ._fastcall import STREAM_COPY_MAX as STREAM_COPY_MAX  # (re-exported: what other modules see)
 from ._fastcall import TAKE_EMPTY as TAKE_EMPTY  # port.take's answers
 from ._fastcall import TAKE_HELD as TAKE_HELD
@@ -44,7 +43,7 @@ from ._fastcall import Port as Port
 from ._fastcall import QueueBase as QueueBase  # the queues' base: put, get
 from ._fastcall import bind as _bind_fastcall
 from ._fastcall import bind_queues as bind_queues
-from ._fastcall import marshallable as marshallable  # is a value's stream marshal's format
+from ._fastcall import marshal_stream as marshal_stream  # a value's stream, if marshalled
 from ._native import ffi, lib
 
 if TYPE_CHECKING:

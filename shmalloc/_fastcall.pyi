@@ -5,7 +5,6 @@ from typing import Any
 STREAM_COPY_MAX: int
 BYTES_MARK: int
 MARSHAL_MARK: int
-MARSHAL_VERSION: int
 TAKE_VALUE: int
 TAKE_STREAM: int
 TAKE_EMPTY: int
@@ -13,7 +12,7 @@ TAKE_VIEW: int
 TAKE_REF: int
 TAKE_HELD: int
 
-def marshallable(value: Any, /) -> bool: ...
+def marshal_stream(value: Any, /) -> bytes | None: ...
 def bind(alloc: int, free: int, put_new: int, take: int, wait: int, /) -> None: ...
 def bind_queues(
     encode: Callable[[Any], tuple[bytes, list[Any]]],

@@ -11,11 +11,13 @@ its data is its one buffer, or follows the header when small. Pickling an array 
 
 A ``bytes`` value, the records programs pass most, skips pickle too: its stream is byte 1 and
 its bytes (pickling and unpickling 100 bytes cost more than the rest of a Queue's put and get).
-So does a builtin scalar (an int, float, complex, str, bool or None, of exactly that type), or a
-tuple, list or dict of them (the messages, answers and small results): its stream is byte 2 and
-``marshal``'s format, which reads back the same types and values for a third to a half of
-pickle's cost (no pickler to make, no memo). Queue's C half makes and reads these two kinds
-itself (native/fastcall.c, which decides which values are marshalled).
+So does a builtin scalar (an int up to 64 bits, float, complex, str, bool or None, of exactly
+that type), or a tuple, list or dict of them (the messages, answers and small results), whose
+stream takes at most 1 KiB: its stream is byte 2 and ``marshal``'s format (version 2), which
+reads back the same types and values for a third to a half of pickle's cost (no pickler to make,
+no memo). An object such a container holds twice comes back as two equal objects. Queue's C
+half makes and reads these two kinds itself (native/fastcall.c decides which values are
+marshalled).
 
 An array stream starts with byte 0, a bytes stream with byte 1, a marshalled one with byte 2,
 which no pickle stream does (they start with PROTO, 0x80).
@@ -42,7 +44,6 @@ _BYTES = C.BYTES_MARK  # first byte of a bytes stream (defined in native/fastcal
 # makes and reads those streams in Queue.put and get); the bytes follow
 _BYTES_MARK = bytes([_BYTES])
 _MARSHAL = C.MARSHAL_MARK  # first byte of a marshalled value's stream (as _BYTES)
-_MARSHAL_MARK = bytes([_MARSHAL])
 # byte 0, the dtype's length, order ('C' or 'F'), number of dimensions; then the dtype (its
 # string, or its pickle where the string loses something: a structured dtype), then one
 # little-endian int64 per dimension
@@ -92,8 +93,9 @@ def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
     pickle."""
     if type(obj) is bytes:
         return _BYTES_MARK + obj, []
-    if C.marshallable(obj):
-        return _MARSHAL_MARK + marshal.dumps(obj, C.MARSHAL_VERSION), []
+    stream = C.marshal_stream(obj)  # (checked and written in one call: no thread between)
+    if stream is not None:
+        return stream, []
     np = sys.modules.get("numpy")  # never imported here for a value that cannot be an array
     order = _plain_array(obj) if np is not None and type(obj) is np.ndarray else None
     if order is not None:

@@ -96,6 +96,9 @@ class _Item:
                 C.free_raw(h, at)
 
 
+_NO_VALUE: Any = object()  # _Taken.value when the item is not a value read in C (None may be one)
+
+
 @dataclass(slots=True)
 class _Taken:
     """An item taken out of a queue, held by this process: a reference, or a value to load
@@ -103,8 +106,8 @@ class _Taken:
 
     view: C.ObjectView | None  # None: ``stream`` or ``value`` is set, copied out
     ref: ObjectRef | None
-    stream: bytes | None = None  # the value's pickle stream
-    value: bytes | None = None  # a bytes value itself
+    stream: bytes | None = None  # the value's stream, to decode
+    value: Any = _NO_VALUE  # the value itself (a bytes or a marshalled one, read in C)
 
 
 class _Base(C.QueueBase):
@@ -318,7 +321,7 @@ class _Base(C.QueueBase):
         return _Taken(view, None)
 
     def _load(self, taken: _Taken) -> Any:
-        if taken.value is not None:
+        if taken.value is not _NO_VALUE:
             return taken.value
         if taken.ref is not None:
             return taken.ref
@@ -333,7 +336,7 @@ class _Base(C.QueueBase):
         mode = C.QPUT_REF if taken.ref is not None else C.QPUT_VALUE
         a = self._att
         stream = taken.stream
-        if taken.value is not None:
+        if taken.value is not _NO_VALUE:
             stream = encoding.encode(taken.value)[0]
         if stream is not None:  # dropped when taken: the same value, as a new object
             h, slot = a.handle(), objects._slot(a)

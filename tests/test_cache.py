@@ -71,12 +71,15 @@ def test_a_heap_allocation_raises_the_peak_to_live_bytes_not_cached_ones(
         mgr.deallocate(a)
     p0 = mgr.stats().peak
     assert mgr.cached_bytes > 0 and p0 > 0
-    small = mgr.allocate(p0 // 2)  # heap or cache: below the peak either way
-    assert mgr.stats().peak == p0
-    mgr.deallocate(small)
     big = mgr.allocate(1 << 20)  # the heap path, with this process's cache not empty
-    assert mgr.stats().peak == mgr.size_of(big) > p0
+    assert mgr.stats().peak == mgr.size_of(big) > p0  # the cache's bytes are not live ones
     mgr.deallocate(big)
+    again = mgr.allocate(1 << 20)  # used less this cache's bytes is the peak: no sum needed
+    assert mgr.stats().peak == mgr.size_of(again)
+    bigger = mgr.allocate(2 << 20)  # above it: summed, and raised to the live bytes
+    assert mgr.stats().peak == mgr.size_of(again) + mgr.size_of(bigger)
+    mgr.deallocate(again)
+    mgr.deallocate(bigger)
 
 
 def test_collect_returns_the_cache_and_everything_merges(mgr: MemoryManager) -> None:

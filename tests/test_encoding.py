@@ -96,7 +96,7 @@ MARSHALLED = {
     "float": 9.5,
     "negative zero": -0.0,
     "nan": float("nan"),
-    "big int": -(1 << 200),
+    "int of 64 bits": -(1 << 63),
     "bool": True,
     "none": None,
     "complex": 1 - 2.5j,
@@ -115,6 +115,10 @@ NOT_MARSHALLED = {
     "list with a bytearray": [bytearray(b"ab")],
     "dict with a tuple key": {(1, 2): 3},
     "set": {1, 2},
+    "int beyond 64 bits": 1 << 64,
+    "str over 1 KiB": "x" * 1100,
+    "list of one str many times": ["y" * 300] * 10,  # marshal would write it 10 times
+    "dict of 200 items": {i: float(i) for i in range(200)},
 }
 
 
@@ -145,6 +149,9 @@ def test_scalars_and_flat_containers_of_them_are_marshalled(mgr: MemoryManager) 
         assert stream[:1] == b"\x80", f"{name}: not a pickle stream"
         q.put(value)
         assert _alike(q.get(), value) and _alike(mgr.get(mgr.put(value)), value), name
+    q.put(["z" * 100_000] * 1000)  # 100 MB if each were written out: one string, pickled
+    back = q.get()
+    assert len(back) == 1000 and back[0] is back[999] and back[0] == "z" * 100_000
     del q
 
 

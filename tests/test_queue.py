@@ -19,6 +19,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ def test_an_item_taken_as_a_get_is_cancelled_goes_back_whole(mgr: MemoryManager)
     arena, or a reference."""
     q = Queue(arena=mgr)
     ref = mgr.put("by reference")
-    items: list[Any] = ["small", np.arange(1000), ref]
+    items: list[Any] = ["small", np.arange(1000), ref, None, b"", {"k": 1}]
     for x in items:
         q.put(x)
     for _ in range(len(items)):
@@ -212,7 +213,73 @@ def test_an_item_taken_as_a_get_is_cancelled_goes_back_whole(mgr: MemoryManager)
         q._untake(box.pop())
     back = [q.get_nowait() for _ in range(len(items))]
     assert back[0] == "small" and np.array_equal(back[1], items[1]) and back[2] == ref
+    assert back[3:] == [None, b"", {"k": 1}]
     del q, ref, back, items, x
+    assert_no_leak(mgr)
+
+
+def test_falsy_values_come_out_of_every_get(mgr: MemoryManager) -> None:
+    """None, 0, "", (), b"": values read in C, each delivered once, by every kind of get."""
+    q = Queue(arena=mgr)
+    values: list[Any] = [None, 0, "", (), b"", False, 0.0]
+
+    async def by_get_async() -> list[Any]:
+        return [await q.get_async() for _ in values]
+
+    gets: list[Callable[[], list[Any]]] = [
+        lambda: [q.get() for _ in values],
+        lambda: [q.get(timeout=TIMEOUT) for _ in values],
+        lambda: [q.get_nowait() for _ in values],
+        lambda: asyncio.run(by_get_async()),
+    ]
+    for get in gets:
+        for v in values:
+            q.put(v)
+        back = get()
+        assert back == values and [type(b) for b in back] == [type(v) for v in values]
+        assert q.empty()
+    del q
+    assert_no_leak(mgr)
+
+
+def test_a_finalizer_that_gets_during_a_get_takes_the_next_item(mgr: MemoryManager) -> None:
+    """Reading a small value may start a collection, whose finalizers may get from the same
+    queue on the same thread: each get still delivers its own item."""
+    q = Queue(arena=mgr)
+    nested: list[Any] = []
+    outer = {"in": False}
+
+    class Finalized:
+        def __del__(self) -> None:
+            if outer["in"]:
+                outer["in"] = False
+                nested.append(q.get())
+
+    threshold, hits = gc.get_threshold(), 0
+    try:
+        for i in range(50):
+            first, second = list(range(i, i + 40)), [-i] * 40  # read as lists: collections
+            q.put(first)
+            q.put(second)
+            gc.collect()
+            f = Finalized()
+            f.me = f  # type: ignore[attr-defined]
+            del f  # cyclic garbage, found by the next collection
+            outer["in"] = True
+            gc.set_threshold(1)
+            got = q.get()
+            gc.set_threshold(*threshold)
+            outer["in"] = False
+            gc.collect()
+            hits += bool(nested)
+            rest = nested.pop() if nested else q.get()
+            # a collection before the outer take lets the finalizer take the first item
+            assert (got, rest) == (first, second) or (got, rest) == (second, first), i
+            assert q.empty()
+    finally:
+        gc.set_threshold(*threshold)
+    assert hits > 0, "no finalizer ran inside a get: the test did not test"
+    del q
     assert_no_leak(mgr)
 
 
