@@ -21,11 +21,11 @@
  * starts with 0x80, an array's with 0. */
 #define BYTES_MARK 1
 #define MARSHAL_MARK 2
-/* Version 2 has no references: flat values need none, and version 3's cost a table per call.
- * Every Python since 2.5 reads it, whichever wrote it. */
+/* Version 2 keeps no references (an object written twice is written whole twice, which
+ * MARSHAL_MAX bounds); version 3's cost a table per call. Every Python 3 reads it. */
 #define MARSHAL_VERSION 2
-#define MARSHAL_MAX 1024 /* the longest marshalled stream (fc_marshallable), its mark not counted \
-                          */
+/* The longest marshalled stream (fc_marshallable), its mark not counted. */
+#define MARSHAL_MAX 1024
 #define WAIT_RAISED INT32_MIN /* fc_wait_word(): a signal handler raised */
 
 /* fc_take()'s answers: (TAKE_*, payload) */

@@ -223,19 +223,19 @@ def test_falsy_values_come_out_of_every_get(mgr: MemoryManager) -> None:
     q = Queue(arena=mgr)
     values: list[Any] = [None, 0, "", (), b"", False, 0.0]
 
-    async def by_get_async() -> list[Any]:
+    async def by_get_async(q: Queue) -> list[Any]:
         return [await q.get_async() for _ in values]
 
-    gets: list[Callable[[], list[Any]]] = [
-        lambda: [q.get() for _ in values],
-        lambda: [q.get(timeout=TIMEOUT) for _ in values],
-        lambda: [q.get_nowait() for _ in values],
-        lambda: asyncio.run(by_get_async()),
+    gets: list[Callable[[Queue], list[Any]]] = [
+        lambda q: [q.get() for _ in values],
+        lambda q: [q.get(timeout=TIMEOUT) for _ in values],
+        lambda q: [q.get_nowait() for _ in values],
+        lambda q: asyncio.run(by_get_async(q)),
     ]
     for get in gets:
         for v in values:
             q.put(v)
-        back = get()
+        back = get(q)
         assert back == values and [type(b) for b in back] == [type(v) for v in values]
         assert q.empty()
     del q
@@ -247,13 +247,13 @@ def test_a_finalizer_that_gets_during_a_get_takes_the_next_item(mgr: MemoryManag
     queue on the same thread: each get still delivers its own item."""
     q = Queue(arena=mgr)
     nested: list[Any] = []
-    outer = {"in": False}
+    outer: dict[str, Any] = {"in": False, "q": q}
 
     class Finalized:
         def __del__(self) -> None:
             if outer["in"]:
                 outer["in"] = False
-                nested.append(q.get())
+                nested.append(outer["q"].get())
 
     threshold, hits = gc.get_threshold(), 0
     try:
@@ -279,7 +279,7 @@ def test_a_finalizer_that_gets_during_a_get_takes_the_next_item(mgr: MemoryManag
     finally:
         gc.set_threshold(*threshold)
     assert hits > 0, "no finalizer ran inside a get: the test did not test"
-    del q
+    del q, outer["q"]
     assert_no_leak(mgr)
 
 
