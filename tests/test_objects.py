@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -142,6 +144,38 @@ def test_a_large_buffer_goes_in_whole_however_its_copy_is_split(
     t.join()
     if errors:
         raise errors[0]
+
+
+_FAULTING_PUT = """
+import mmap, os, sys
+import numpy as np
+from shmalloc import MemoryManager
+path, name = sys.argv[1], sys.argv[2]
+with open(path, "wb") as f:
+    f.truncate(32 << 20)
+with open(path, "r+b") as f:
+    mm = mmap.mmap(f.fileno(), 32 << 20)
+    f.truncate(8 << 20)  # the second half's pages are gone: reading them raises SIGBUS
+src = np.frombuffer(mm, dtype=np.uint8)
+mgr = MemoryManager.attach(name)
+print("putting", flush=True)
+mgr.put(src)  # two parts: the caller copies the first, a helper thread faults on the second
+"""
+
+
+def test_a_fault_in_a_copy_helper_is_reported_like_one_in_the_caller(
+    mgr: MemoryManager, tmp_path: Any
+) -> None:
+    """A large copy's helper threads leave the fault signals unblocked: a helper that reads a
+    truncated file gets SIGBUS, and faulthandler reports it before the process dies (a blocked
+    SIGBUS would kill the process silently)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable core: the copy is not split")
+    path = str(tmp_path / "truncated")
+    args = [sys.executable, "-X", "faulthandler", "-c", _FAULTING_PUT, path, mgr.name]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == -signal.SIGBUS, (run.returncode, run.stderr[-2000:])
+    assert "putting" in run.stdout and "Fatal Python error: Bus error" in run.stderr
 
 
 def test_a_reference_is_small_hashable_and_picklable(mgr: MemoryManager) -> None:
