@@ -6,8 +6,10 @@
  *     ownership), so a plain copy moves three bytes over the memory bus for each byte copied;
  *     streaming stores write whole lines without reading them, two for one. glibc streams only
  *     above 3/4 of the shared cache it is told of, and a VM is told of its host's whole L3
- *     (256 MiB here: a threshold of 192 MiB). A copy of COPY_LARGE bytes or more cannot be in any
- *     cache a reader would find it in, so it is streamed (SSE2, on x86-64; elsewhere memcpy).
+ *     (256 MiB here: a threshold of 192 MiB). A copy of COPY_LARGE bytes or more is streamed
+ *     (SSE2, on x86-64; elsewhere memcpy). The trade: its lines are not left in the cache, so a
+ *     reader that comes at once reads them from memory; for a block this large, most of them
+ *     would have left the writer's caches anyway.
  *   - More cores. One core does not saturate the bus on such a copy, so it is cut into one part
  *     per usable core, up to COPY_MAX_PARTS parts of at least COPY_PART_MIN bytes each: the
  *     caller copies the first part, short-lived helper threads the others. Ray's object store
@@ -105,12 +107,20 @@ void copy_in(void *dst, const void *src, size_t n) {
     copy_part_t part[COPY_MAX_PARTS];
     pthread_t tid[COPY_MAX_PARTS];
     int started[COPY_MAX_PARTS] = {0};
-    size_t step = (n / (size_t)parts) & ~(size_t)63; /* parts start on cache lines */
+    /* part i starts at the first destination cache line from i/parts of the way on: no line is
+     * written by two threads (each part is millions of bytes, so none is empty) */
+    size_t step = n / (size_t)parts, at = 0;
     for (int i = 0; i < parts; i++) {
-        size_t at = step * (size_t)i;
-        part[i] = (copy_part_t){(char *)dst + at, (const char *)src + at,
-                                i == parts - 1 ? n - at : step};
+        size_t end = n;
+        if (i < parts - 1)
+            end = (size_t)((((uintptr_t)dst + step * (size_t)(i + 1) + 63) & ~(uintptr_t)63) -
+                           (uintptr_t)dst);
+        part[i] = (copy_part_t){(char *)dst + at, (const char *)src + at, end - at};
+        at = end;
     }
+    /* the helpers read part[] on this stack: this thread is not cancelled until they are joined */
+    int cancel;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
     sigset_t all, old;
     sigfillset(&all);
     for (size_t i = 0; i < sizeof fault_signals / sizeof *fault_signals; i++)
@@ -126,4 +136,5 @@ void copy_in(void *dst, const void *src, size_t n) {
         else
             copy_part(&part[i]);
     }
+    pthread_setcancelstate(cancel, NULL);
 }

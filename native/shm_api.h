@@ -180,7 +180,8 @@ int64_t shm_block_size(shm_handle_t *h, uint64_t address, int for_write);
 int64_t shm_block_span(shm_handle_t *h, uint64_t address, uint64_t offset, uint64_t n,
                        int for_write);
 /* Copy n bytes of data into the block at address, from offset (checked as shm_block_span with
- * for_write): n, or a status. */
+ * for_write): n, or a status. data must not overlap the block's bytes it goes to (a large copy is
+ * made in parts, by several threads). */
 int64_t shm_block_write(shm_handle_t *h, uint64_t address, uint64_t offset, const void *data,
                         uint64_t n);
 int shm_block_seal(shm_handle_t *h, uint64_t address);

@@ -312,7 +312,7 @@ void proc_free_slot(shm_handle_t *h, int slot);
 /* check.c */
 int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
-/* copy.c: memcpy; when n is large, streamed and split over the usable cores */
+/* copy.c: memcpy (no overlap); when n is large, streamed and split over the usable cores */
 void copy_in(void *dst, const void *src, size_t n);
 
 /* cache.c */
