@@ -160,11 +160,12 @@ with open(path, "wb") as f:
     f.truncate(32 << 20)
 with open(path, "r+b") as f:
     mm = mmap.mmap(f.fileno(), 32 << 20)
-    f.truncate(16 << 20)  # the second half's pages are gone: reading them raises SIGBUS
+    f.truncate((16 << 20) + 4096)  # pages past these are gone: reading them raises SIGBUS
 src = np.frombuffer(mm, dtype=np.uint8)
 mgr = MemoryManager.attach(name)
 print("putting", flush=True)
-mgr.put(src)  # in 2-4 parts: the caller's (the first) is all readable, a helper's faults
+mgr.put(src)  # in 2-4 parts: the caller's (the first, up to 16 MiB and a cache line) is all
+# readable, and a helper's part faults
 """
 
 
