@@ -85,12 +85,11 @@ static void *copy_part(void *arg) {
     return NULL;
 }
 
-/* The cores this thread may run on, at most COPY_MAX_PARTS. */
-static int usable_cores(void) {
+int usable_cores(void) {
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
     int n = CPU_COUNT(&set);
-    return n < 1 ? 1 : n > COPY_MAX_PARTS ? COPY_MAX_PARTS : n;
+    return n < 1 ? 1 : n;
 }
 
 void copy_in(void *dst, const void *src, size_t n) {
@@ -99,6 +98,7 @@ void copy_in(void *dst, const void *src, size_t n) {
         return;
     }
     int parts = usable_cores();
+    if (parts > COPY_MAX_PARTS) parts = COPY_MAX_PARTS;
     if ((size_t)parts > n / COPY_PART_MIN) parts = (int)(n / COPY_PART_MIN);
     if (parts <= 1) {
         stream_copy(dst, src, n);

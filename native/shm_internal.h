@@ -314,6 +314,7 @@ int check_locked(shm_handle_t *h, shm_check_report_t *out, int full);
 
 /* copy.c: memcpy (no overlap); when n is large, streamed and split over the usable cores */
 void copy_in(void *dst, const void *src, size_t n);
+int usable_cores(void); /* the CPUs this thread may run on (its affinity), at least 1 */
 
 /* cache.c */
 #define CACHE_MAX_BLOCK ((uint64_t)65536)

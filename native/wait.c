@@ -93,8 +93,7 @@ static int spin_budget = -1; /* ns; -1: not known yet (a benign race: every thre
 int wait_spin(const uint32_t *w, uint32_t expected) {
     int budget = __atomic_load_n(&spin_budget, __ATOMIC_RELAXED);
     if (budget < 0) {
-        cpu_set_t set;
-        int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+        int cpus = usable_cores();
         const char *env = getenv("SHMALLOC_SPIN_NS"); /* 0: never spin */
         long asked = env && *env ? strtol(env, NULL, 10) : SPIN_NS;
         budget = cpus > 1 && asked > 0 ? (int)(asked < 1000000 ? asked : 1000000) : 0;
